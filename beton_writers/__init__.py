@@ -1,0 +1,17 @@
+"""Dataset -> .beton writers; every beton gets a sidecar (NAME.meta.json, NAME.labels.npy).
+
+ffcv is imported only when a beton is written or read, never at package import.
+"""
+import os
+
+# libtbb (pulled in by OpenCV) makes numba choose its TBB layer, which breaks ffcv's forking writer.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+
+from .cifar import write_cifar  # noqa: E402
+from .common import BetonError, ImageOptions, read_labels, read_sidecar, sidecar_paths, write_arrays  # noqa: E402
+from .imagefolder import write_imagefolder  # noqa: E402
+from .synthetic import PlantedSpec, write_synthetic  # noqa: E402
+from .verify import BetonRecords, verify_beton  # noqa: E402
+
+__all__ = ["BetonError", "BetonRecords", "ImageOptions", "PlantedSpec", "read_labels", "read_sidecar",
+           "sidecar_paths", "verify_beton", "write_arrays", "write_cifar", "write_imagefolder", "write_synthetic"]

@@ -1,0 +1,182 @@
+"""Planted synthetic source/target data whose source->target influence is known by construction.
+
+Every image is smooth coloured noise with a few *motifs* pasted at random places. A motif is a fixed
+m x m pattern of +1/-1 with exactly as many of each, drawn in a random colour: all motifs share the same
+pixel statistics and a motif at a uniform random place adds nothing to any pixel's mean, so raw pixels
+(and any linear model on them) cannot tell classes apart; a network must learn to detect the pattern.
+
+- Target class t (T classes): motif f_t, plus one distractor motif. Every image of every class gets a
+  distractor drawn from a small bank that defines no class, so no class is recognised by motif count.
+- Source "twin" of t: motif f_t plus a distractor. A backbone trained on it detects f_t, which the
+  target head needs: the twin's influence on target class t is positive.
+- Source "unrelated" classes: their own motif g_k plus a distractor: no planted influence.
+- Source "misleading" class for target t (optional): a cue motif a_t. On the target, a_t is a shortcut
+  that holds on the training split (every class-t training image carries it) and conflicts on the test
+  split (class-t test images lack it; class-(t+1) test images carry it). A backbone that has learned a_t
+  lets the head lean on the shortcut, which lowers the test margins of classes t and t+1: negative
+  influence on both.
+
+The ground truth lies in every sidecar's `extra.planted`, with source class indices in beton order.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import BetonError, ImageOptions, write_arrays
+
+NO_MOTIF = -1
+SPLITS = ("source_train", "source_val", "target_train", "target_test")
+
+
+@dataclass(frozen=True)
+class PlantedSpec:
+    num_targets: int = 5
+    num_unrelated: int = 10
+    num_misleading: int = 1
+    num_distractors: int = 4
+    resolution: int = 32
+    source_train_per_class: int = 200
+    source_val_per_class: int = 50
+    target_train_per_class: int = 200
+    target_test_per_class: int = 100
+    motif_amplitude: float = 0.8
+    noise: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.resolution <= 64 or self.resolution % 4:
+            raise BetonError(f"resolution {self.resolution} must be a multiple of 4 in 16..64")
+        if self.num_targets < 2 or self.num_unrelated < 1 or self.num_distractors < 1:
+            raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
+        if not 0 <= self.num_misleading <= self.num_targets:
+            raise BetonError(f"num_misleading {self.num_misleading} must be in 0..{self.num_targets}")
+
+    @property
+    def motif_size(self) -> int:
+        return max(4, 2 * round(self.resolution / 10))  # even, so a mirrored motif stays balanced
+
+    @property
+    def num_sources(self) -> int:
+        return self.num_targets + self.num_unrelated + self.num_misleading
+
+
+def make_motifs(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct size x size patterns with equal numbers of +1 and -1, left-right symmetric
+    so that random flips (a standard augmentation) keep every class feature intact."""
+    half = size * (size // 2)
+    base = np.array([1.0] * (half // 2) + [-1.0] * (half // 2))
+    motifs: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    while len(motifs) < count:
+        left = rng.permutation(base).reshape(size, size // 2)
+        if left.tobytes() not in seen:
+            seen.add(left.tobytes())
+            motifs.append(np.concatenate([left, left[:, ::-1]], axis=1))
+    return np.stack(motifs)
+
+
+def render(slots: np.ndarray, motifs: np.ndarray, spec: PlantedSpec, rng: np.random.Generator) -> np.ndarray:
+    """Images (n, R, R, 3) uint8; slots[i] lists the motif ids pasted into image i (NO_MOTIF: none)."""
+    n, res, m = len(slots), spec.resolution, motifs.shape[1]
+    coarse = rng.normal(0.0, 0.15, size=(n, res // 4, res // 4, 3))
+    images = coarse.repeat(4, axis=1).repeat(4, axis=2)
+    images += rng.uniform(0.25, 0.75, size=(n, 1, 1, 3)) + rng.normal(0.0, spec.noise, size=images.shape)
+    rows = np.arange(n)[:, None, None]
+    offsets = np.arange(m)
+    for ids in slots.T:
+        present = ids != NO_MOTIF
+        y, x = rng.integers(0, res - m + 1, size=(2, n))
+        colour = rng.uniform(0.5, 1.0, size=(n, 1, 1, 3)) * spec.motif_amplitude
+        patch = motifs[np.where(present, ids, 0)][..., None] * colour * present[:, None, None, None]
+        images[rows, (y[:, None] + offsets)[:, :, None], (x[:, None] + offsets)[:, None, :]] += patch
+    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, Any]:
+    """Source classes in a shuffled order, with their motifs, and the ground truth."""
+    T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
+    # motif ids: targets' features 0..T-1, unrelated T..T+U-1, cues T+U..T+U+K-1
+    kinds = [("twin", t) for t in range(T)] + [("unrelated", k) for k in range(U)] + \
+            [("misleading", t) for t in range(K)]
+    order = rng.permutation(len(kinds))
+    sources = [kinds[i] for i in order]
+    motif_of = {"twin": lambda t: t, "unrelated": lambda k: T + k, "misleading": lambda t: T + U + t}
+    names = {"twin": "twin-of-target{}", "unrelated": "unrelated{}", "misleading": "misleading-for-target{}"}
+    expected_sign = np.zeros((len(sources), T), np.int64)
+    for s, (kind, i) in enumerate(sources):
+        if kind == "twin":
+            expected_sign[s, i] = 1
+        elif kind == "misleading":
+            expected_sign[s, [i, (i + 1) % T]] = -1
+    return {
+        "source_names": [names[kind].format(i) for kind, i in sources],
+        "source_motif": [motif_of[kind](i) for kind, i in sources],
+        "target_names": [f"target{t}" for t in range(T)],
+        "twin": {str(t): sources.index(("twin", t)) for t in range(T)},
+        "misleading": [{"source": sources.index(("misleading", t)), "target": t, "conflict_target": (t + 1) % T}
+                       for t in range(K)],
+        "unrelated": [sources.index(("unrelated", k)) for k in range(U)],
+        "expected_sign": expected_sign.tolist(),
+    }
+
+
+def _slots(labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: PlantedSpec,
+           rng: np.random.Generator) -> np.ndarray:
+    """Per image: its class feature, a random distractor, and an extra motif (or none)."""
+    first = spec.num_targets + spec.num_unrelated + spec.num_misleading
+    distractor = rng.integers(first, first + spec.num_distractors, size=len(labels))
+    return np.stack([feature[labels], distractor, extra], axis=1)
+
+
+def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
+    """All four splits as arrays, {split: (images, labels)}, plus 'design' (the ground truth) and
+    'motifs' (by id: targets' features 0..T-1, unrelated T..T+U-1, then cues, then distractors)."""
+    rng = np.random.default_rng(seed)
+    T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
+    motifs = make_motifs(T + U + K + spec.num_distractors, spec.motif_size, rng)
+    design = _planted_design(spec, rng)
+    cue_of_target = np.full(T, NO_MOTIF)
+    cue_of_target[:K] = T + U + np.arange(K)
+    # class (t+1)'s test images carry the cue that class t's training images carry
+    conflict_cue = np.roll(cue_of_target, 1)
+
+    splits: dict[str, Any] = {"design": design, "motifs": motifs}
+    source_feature = np.asarray(design["source_motif"])
+    for split, per_class in (("source_train", spec.source_train_per_class), ("source_val", spec.source_val_per_class)):
+        labels = np.repeat(np.arange(spec.num_sources), per_class)
+        slots = _slots(labels, source_feature, np.full(len(labels), NO_MOTIF), spec, rng)
+        splits[split] = (render(slots, motifs, spec, rng), labels)
+    target_feature = np.arange(T)
+    for split, per_class, cue in (("target_train", spec.target_train_per_class, cue_of_target),
+                                  ("target_test", spec.target_test_per_class, conflict_cue)):
+        labels = np.repeat(np.arange(T), per_class)
+        slots = _slots(labels, target_feature, cue[labels], spec, rng)
+        splits[split] = (render(slots, motifs, spec, rng), labels)
+    return splits
+
+
+def write_synthetic(
+    outdir: str | Path,
+    *,
+    seed: int = 0,
+    spec: PlantedSpec = PlantedSpec(),
+    options: ImageOptions = ImageOptions(write_mode="raw"),
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write OUTDIR/{source_train,source_val,target_train,target_test}.beton; returns their paths."""
+    outdir = Path(outdir)
+    data = make_planted(spec, seed)
+    design = data["design"]
+    planted = {"seed": seed, "spec": asdict(spec), **design}
+    paths = {}
+    for split in SPLITS:
+        images, labels = data[split]
+        names = design["source_names"] if split.startswith("source") else design["target_names"]
+        paths[split] = outdir / f"{split}.beton"
+        write_arrays(images, labels, paths[split], class_names=names, options=options,
+                     origin=f"planted-synthetic(seed={seed}):{split}", extra={"planted": planted, "split": split},
+                     overwrite=overwrite)
+    return paths

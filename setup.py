@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ffcv-transfer",
+    version="0.1.0",
+    description="High-throughput FFCV training engine for a data-based view of transfer learning",
+    packages=find_packages(include=["ffcv_transfer", "ffcv_transfer.*", "beton_writers", "beton_writers.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "ffcv==1.0.2",
+        "numpy",
+        "numba",
+        "fastargs",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["cupy-cuda12x"],
+        "slurm": ["submitit>=1.5"],
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["ffcv-transfer=ffcv_transfer.cli:main"]},
+)

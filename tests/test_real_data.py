@@ -1,0 +1,68 @@
+"""Real archives from the shared data folder (--data-dir or $FFCV_TRANSFER_DATA) through the ImageFolder
+writer, read back with ffcv's Loader and checked against the archive itself."""
+import io
+import tarfile
+from pathlib import PurePosixPath
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beton_writers import ImageOptions, read_sidecar, verify_beton, write_imagefolder
+
+from .conftest import read_with_loader
+
+RAW = ImageOptions(write_mode="raw", num_workers=2)
+
+
+def archive_truth(archive, subdir, classes=None):
+    """(class folder, decoded RGB image) of every image under subdir, in ImageFolder order, read with
+    tarfile and PIL independently of the writer."""
+    found = []
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            path = PurePosixPath(member.name)
+            if member.isfile() and path.parent.parent == PurePosixPath(subdir):
+                if classes is None or path.parent.name in classes:
+                    image = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                    found.append((path.parent.name, path.name, image))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [c for c, _, _ in found], np.stack([im for _, _, im in found])
+
+
+def test_cifar10_test_split_from_archive(data_dir, tmp_path):
+    archive = data_dir / "cifar10-jpg.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"{archive} absent")
+    out = tmp_path / "cifar10_test.beton"
+    meta = write_imagefolder(archive, out, subdir="cifar10/test", options=RAW)
+    folders, images = archive_truth(archive, "cifar10/test")
+    names = sorted(set(folders))
+    assert names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert meta["num_examples"] == 10_000 and meta["class_counts"] == [1000] * 10
+    assert meta["class_names"] == names and meta["wnids"] is None
+    loaded_images, loaded_labels = read_with_loader(out, batch_size=500)
+    np.testing.assert_array_equal(loaded_labels, [names.index(f) for f in folders])
+    np.testing.assert_array_equal(loaded_images, images)
+    verify_beton(out, progress=False)
+
+
+def test_tiny_imagenet_class_subset_from_archive(data_dir, tmp_path):
+    archive = data_dir / "tiny-imagenet-200-300pc-jpg.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"{archive} absent")
+    with tarfile.open(archive, "r:gz") as tar:
+        all_wnids = tar.extractfile("tiny-imagenet/wnids.txt").read().decode().split()
+    assert len(all_wnids) == 200
+    subset = sorted(all_wnids)[::40]  # 5 classes spread over the index range
+    out = tmp_path / "tiny_subset.beton"
+    meta = write_imagefolder(archive, out, subdir="tiny-imagenet/train", classes=subset, options=RAW)
+    folders, images = archive_truth(archive, "tiny-imagenet/train", set(subset))
+    assert meta["wnids"] == subset and meta["num_examples"] == len(folders) == 1500
+    assert meta["class_counts"] == [300] * 5
+    assert meta["extra"]["imagenet1k_index"] == sorted(meta["extra"]["imagenet1k_index"])
+    assert meta["class_names"][0] != subset[0]  # an ImageNet short name, not the wnid
+    loaded_images, loaded_labels = read_with_loader(out, batch_size=250)
+    np.testing.assert_array_equal(loaded_labels, [subset.index(f) for f in folders])
+    np.testing.assert_array_equal(loaded_images, images)
+    assert read_sidecar(out)["resolution"]["height"] == {"min": 64, "max": 64, "mean": 64.0}

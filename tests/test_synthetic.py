@@ -1,0 +1,107 @@
+"""Planted synthetic data: deterministic, ground truth consistent, and the planted features present
+but invisible to a linear model on raw pixels."""
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from beton_writers import BetonError, BetonRecords, ImageOptions, PlantedSpec, read_sidecar, verify_beton
+from beton_writers.synthetic import SPLITS, make_planted, write_synthetic
+
+SMALL = PlantedSpec(num_targets=4, num_unrelated=5, num_misleading=1, source_train_per_class=40,
+                    source_val_per_class=10, target_train_per_class=150, target_test_per_class=100)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted(SMALL, seed=3)
+
+
+def motif_scores(images, motifs):
+    """Best match of each motif anywhere in each image: the oracle a trained detector approximates."""
+    grey = images.astype(np.float64).sum(-1)
+    grey -= grey.mean(axis=(1, 2), keepdims=True)
+    windows = sliding_window_view(grey, motifs.shape[1:], axis=(1, 2))  # n, y, x, m, m
+    return np.einsum("nyxij,kij->nkyx", windows, motifs).max(axis=(2, 3))
+
+
+def test_seeded_and_deterministic():
+    a, b, c = make_planted(SMALL, 3), make_planted(SMALL, 3), make_planted(SMALL, 4)
+    for split in SPLITS:
+        np.testing.assert_array_equal(a[split][0], b[split][0])
+        assert not np.array_equal(a[split][0], c[split][0])
+    assert a["design"] == b["design"]
+
+
+def test_ground_truth_is_consistent(planted):
+    design, T = planted["design"], SMALL.num_targets
+    signs = np.array(design["expected_sign"])
+    assert signs.shape == (SMALL.num_sources, T)
+    for t in range(T):
+        twin = design["twin"][str(t)]
+        assert design["source_motif"][twin] == t and signs[twin, t] == 1
+        assert design["source_names"][twin] == f"twin-of-target{t}"
+    (mis,) = design["misleading"]
+    assert signs[mis["source"], mis["target"]] == signs[mis["source"], mis["conflict_target"]] == -1
+    assert (signs[design["unrelated"]] == 0).all() and (signs == 1).sum() == T
+    labels = planted["source_train"][1]
+    assert np.bincount(labels).tolist() == [SMALL.source_train_per_class] * SMALL.num_sources
+
+
+def test_motifs_are_balanced_symmetric_and_distinct(planted):
+    motifs = planted["motifs"]
+    assert (motifs.sum(axis=(1, 2)) == 0).all() and (np.abs(motifs) == 1).all()
+    np.testing.assert_array_equal(motifs, motifs[:, :, ::-1])  # flips keep every feature
+    assert len({m.tobytes() for m in motifs}) == len(motifs)
+
+
+def test_raw_pixels_do_not_separate_targets_but_the_planted_motif_does(planted):
+    (train_x, train_y), (test_x, test_y) = planted["target_train"], planted["target_test"]
+    T = SMALL.num_targets
+
+    # the best ridge classifier on raw pixels (regularisation chosen on the test split itself) is near chance
+    def pixels(x):
+        return x.reshape(len(x), -1).astype(np.float64) / 255
+
+    a, b = pixels(train_x), pixels(test_x)
+    mean = a.mean(0)
+    a, b = a - mean, b - mean
+    onehot = np.eye(T)[train_y]
+    best = max(((b @ np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ onehot)).argmax(1) == test_y).mean()
+               for lam in (1.0, 100.0, 10_000.0))
+    assert best < 1 / T + 0.1
+
+    # matching the class motifs recovers the label almost always
+    scores = motif_scores(test_x, planted["motifs"][:T])
+    assert (scores.argmax(1) == test_y).mean() > 0.95
+
+
+def test_misleading_cue_holds_on_train_and_conflicts_on_test(planted):
+    (mis,) = planted["design"]["misleading"]
+    T, U = SMALL.num_targets, SMALL.num_unrelated
+    cue = planted["motifs"][T + U : T + U + 1]
+    threshold = 0.5 * motif_scores(planted["target_train"][0][:50], cue).max()
+    for split, carriers in (("target_train", mis["target"]), ("target_test", mis["conflict_target"])):
+        images, labels = planted[split]
+        has_cue = motif_scores(images, cue)[:, 0] > threshold
+        assert has_cue[labels == carriers].mean() > 0.95
+        assert has_cue[labels != carriers].mean() < 0.05
+
+
+def test_write_synthetic_betons_carry_the_ground_truth(tmp_path, planted):
+    paths = write_synthetic(tmp_path, seed=3, spec=SMALL, options=ImageOptions(write_mode="raw", num_workers=2))
+    assert set(paths) == set(SPLITS)
+    for split, beton in paths.items():
+        meta = read_sidecar(beton)
+        assert meta["extra"]["planted"]["twin"] == planted["design"]["twin"]
+        assert meta["extra"]["planted"]["seed"] == 3 and meta["extra"]["split"] == split
+        verify_beton(beton, progress=False)
+    records = BetonRecords(paths["target_test"])
+    np.testing.assert_array_equal(records.image(17), planted["target_test"][0][17])
+    assert read_sidecar(paths["source_train"])["class_names"] == planted["design"]["source_names"]
+
+
+def test_bad_spec_is_rejected():
+    with pytest.raises(BetonError, match="resolution 30"):
+        PlantedSpec(resolution=30)
+    with pytest.raises(BetonError, match="num_misleading 6"):
+        PlantedSpec(num_targets=5, num_misleading=6)
