@@ -20,6 +20,7 @@ The ground truth lies in every sidecar's `extra.planted`, with source class indi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,24 @@ class PlantedSpec:
     noise: float = 0.08
 
     def __post_init__(self) -> None:
-        if not 16 <= self.resolution <= 64 or self.resolution % 4:
-            raise BetonError(f"resolution {self.resolution} must be a multiple of 4 in 16..64")
+        if not 16 <= self.resolution <= 64 or self.resolution % 8:
+            raise BetonError(f"resolution {self.resolution} must be a multiple of 8 in 16..64")
         if self.num_targets < 2 or self.num_unrelated < 1 or self.num_distractors < 1:
             raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
         if not 0 <= self.num_misleading <= self.num_targets:
             raise BetonError(f"num_misleading {self.num_misleading} must be in 0..{self.num_targets}")
+        half = self.motif_size * self.motif_size // 2
+        if math.comb(half, half // 2) < self.num_motifs:
+            raise BetonError(f"{self.num_motifs} classes and distractors need more distinct motifs than "
+                             f"{self.resolution} px allows; raise the resolution")
 
     @property
     def motif_size(self) -> int:
-        return max(4, 2 * round(self.resolution / 10))  # even, so a mirrored motif stays balanced
+        return self.resolution // 4
+
+    @property
+    def num_motifs(self) -> int:
+        return self.num_targets + self.num_unrelated + self.num_misleading + self.num_distractors
 
     @property
     def num_sources(self) -> int:
@@ -64,7 +73,7 @@ class PlantedSpec:
 
 
 def make_motifs(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` distinct size x size patterns with equal numbers of +1 and -1, left-right symmetric
+    """`count` distinct size x size patterns (size even) with equal numbers of +1 and -1, left-right symmetric
     so that random flips (a standard augmentation) keep every class feature intact."""
     half = size * (size // 2)
     base = np.array([1.0] * (half // 2) + [-1.0] * (half // 2))
@@ -136,7 +145,7 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     'motifs' (by id: targets' features 0..T-1, unrelated T..T+U-1, then cues, then distractors)."""
     rng = np.random.default_rng(seed)
     T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
-    motifs = make_motifs(T + U + K + spec.num_distractors, spec.motif_size, rng)
+    motifs = make_motifs(spec.num_motifs, spec.motif_size, rng)
     design = _planted_design(spec, rng)
     cue_of_target = np.full(T, NO_MOTIF)
     cue_of_target[:K] = T + U + np.arange(K)

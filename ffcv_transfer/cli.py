@@ -75,6 +75,28 @@ def cmd_verify(args: argparse.Namespace) -> None:
               + ("" if summary["decoded"] else " (images not decoded)"))
 
 
+def cmd_store_status(args: argparse.Namespace) -> None:
+    from .store import ResultStore, format_status
+
+    print(format_status(ResultStore(args.store).status(), args.store))
+
+
+def cmd_influence(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .influence import influence_from_store
+
+    result = influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend,
+                                  chunk=args.chunk, stderr=args.stderr, progress=True)
+    influence, stderr = result if args.stderr else (result, None)
+    np.save(args.out, influence)
+    print(f"wrote {args.out}: influence {influence.shape[0]} classes x {influence.shape[1]} outputs")
+    if stderr is not None:
+        stderr_path = args.out.removesuffix(".npy") + ".stderr.npy"
+        np.save(stderr_path, stderr)
+        print(f"wrote {stderr_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffcv-transfer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=int, default=5, help="target classes")
     p.add_argument("--unrelated", type=int, default=10, help="unrelated source classes")
     p.add_argument("--misleading", type=int, default=1, help="misleading source classes (0..targets)")
-    p.add_argument("--resolution", type=int, default=32, help="image side, a multiple of 4 in 16..64")
+    p.add_argument("--resolution", type=int, default=32, help="image side, a multiple of 8 in 16..64")
     p.add_argument("--source-train-per-class", type=int, default=200)
     p.add_argument("--source-val-per-class", type=int, default=50)
     p.add_argument("--target-train-per-class", type=int, default=200)
@@ -115,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("betons", nargs="+", metavar="NAME.beton")
     p.add_argument("--no-decode", action="store_true", help="check header, sizes and labels, not every image")
     p.set_defaults(run=cmd_verify)
+
+    store = commands.add_parser("store", help="inspect a results store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    p = store_commands.add_parser("status", help="completed / claimed / pending / failed rows, failure reasons")
+    p.add_argument("store", metavar="DIR")
+    p.set_defaults(run=cmd_store_status)
+
+    p = commands.add_parser("influence", help="class influence from a results store")
+    p.add_argument("store", metavar="DIR")
+    p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
+    p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
+    p.add_argument("--chunk", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
+    p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
+    p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
+    p.set_defaults(run=cmd_influence)
     return parser
 
 
@@ -122,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from beton_writers.common import BetonError
 
+    from .influence import InfluenceError
+    from .store import StoreError
+
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
-    except BetonError as e:
+    except (BetonError, StoreError, InfluenceError) as e:
         print(f"ffcv-transfer: error: {e}", file=sys.stderr)
         return 2
     return 0

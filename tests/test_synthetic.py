@@ -101,7 +101,9 @@ def test_write_synthetic_betons_carry_the_ground_truth(tmp_path, planted):
 
 
 def test_bad_spec_is_rejected():
-    with pytest.raises(BetonError, match="resolution 30"):
-        PlantedSpec(resolution=30)
+    with pytest.raises(BetonError, match="resolution 28"):
+        PlantedSpec(resolution=28)
+    with pytest.raises(BetonError, match="need more distinct motifs"):
+        PlantedSpec(resolution=16, num_unrelated=70)
     with pytest.raises(BetonError, match="num_misleading 6"):
         PlantedSpec(num_targets=5, num_misleading=6)

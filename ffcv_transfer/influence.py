@@ -1,0 +1,410 @@
+"""Influence of source classes (or examples) on target outputs, from random-subset inclusion masks.
+
+    infl[c, j] = mean(Y[i, j] over models i with M[i, c] = 1) - mean(Y[i, j] over models with M[i, c] = 0)
+
+With S = M^T Y, n_c = M^T 1 and column totals t = 1^T Y this is S/n_c - (t - S)/(N - n_c): one GEMM and
+cheap corrections. Outputs are shifted by a per-column constant (the first chunk's mean) before the
+GEMM; influence is invariant to the shift, and without it the difference of two large, close means
+loses most of float32's precision. Chunk partial sums are accumulated in float64.
+
+Imports numpy alone; numba, torch and cupy are used only by their backends.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import numpy as np
+
+BACKENDS = ("numpy", "numba", "torch", "cupy")
+DEFAULT_CHUNK = 4096
+
+
+class InfluenceError(ValueError):
+    """Inputs that cannot give influences: shapes, dtypes, non-finite outputs."""
+
+
+def available_backends() -> list[str]:
+    found = ["numpy"]
+    try:
+        import numba  # noqa: F401
+
+        found.append("numba")
+    except ImportError:
+        pass
+    try:
+        import torch  # noqa: F401
+
+        found.append("torch")
+    except ImportError:
+        pass
+    if _cuda_cupy():
+        found.append("cupy")
+    return found
+
+
+def _cuda_cupy() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no cupy, no driver or no device all mean "not available"
+        return False
+
+
+def _cuda_torch() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto`: a GPU when there is one (cupy, then torch), else numpy's BLAS, which beats the numba
+    kernel on CPU (benchmarks/bench_influence.py)."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise InfluenceError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
+        return backend
+    if _cuda_cupy():
+        return "cupy"
+    if _cuda_torch():
+        return "torch"
+    return "numpy"
+
+
+# ---------------------------------------------------------------- backends: where the GEMM runs
+
+class _NumpyOps:
+    """Host arrays; S += M^T Y by BLAS dgemm. float64 because sgemm's float32 accumulation alone
+    misses the 1e-6 accuracy target (2.8e-6 measured with OpenBLAS on 1,001 models)."""
+
+    name = "numpy"
+
+    def put(self, array: np.ndarray) -> Any:
+        return array
+
+    def host(self, array: Any) -> np.ndarray:
+        return np.asarray(array)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, np.float64)
+
+    def center(self, outputs: Any, shift: Any) -> Any:
+        return outputs.astype(np.float64) - shift
+
+    def colsum(self, array: Any) -> Any:
+        return array.sum(axis=0, dtype=np.float64)
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        return masks.T.astype(np.float64) @ values
+
+
+class _NumbaOps(_NumpyOps):
+    """Host arrays; masked row sums by a parallel numba kernel (adds, no multiplies)."""
+
+    name = "numba"
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        out = np.zeros((masks.shape[1], values.shape[1]), np.float64)
+        _numba_kernel()(np.ascontiguousarray(masks, dtype=np.uint8), np.ascontiguousarray(values), out)
+        return out
+
+
+_KERNEL = None
+
+
+def _numba_kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def masked_sums(masks, values, out):  # pragma: no cover - compiled
+            n, classes = masks.shape
+            width = values.shape[1]
+            class_block, col_block = 32, 512
+            class_tiles = (classes + class_block - 1) // class_block
+            col_tiles = (width + col_block - 1) // col_block
+            for tile in numba.prange(class_tiles * col_tiles):
+                c0 = (tile // col_tiles) * class_block
+                j0 = (tile % col_tiles) * col_block
+                c1, j1 = min(c0 + class_block, classes), min(j0 + col_block, width)
+                acc = np.zeros((c1 - c0, j1 - j0), np.float64)
+                for i in range(n):
+                    for c in range(c0, c1):
+                        if masks[i, c]:
+                            for j in range(j0, j1):
+                                acc[c - c0, j - j0] += values[i, j]
+                out[c0:c1, j0:j1] += acc
+
+        _KERNEL = masked_sums
+    return _KERNEL
+
+
+class _TorchOps:
+    """torch tensors on CUDA when available, else CPU (float64 GEMM, as numpy). On CUDA the float32 values are split
+    into two float16 halves (hi + lo, ~22 bits) multiplied on tensor cores with float32 accumulation and
+    output: masks are exact in float16, so this keeps float32 accuracy at tensor-core speed."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def put(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def host(self, array: Any) -> np.ndarray:
+        return array.cpu().numpy()
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.torch.zeros(shape, dtype=self.torch.float64, device=self.device)
+
+    def center(self, outputs: Any, shift: Any) -> Any:
+        if self.device.type == "cpu":
+            return outputs.double() - shift
+        return outputs.float() - shift.float()
+
+    def colsum(self, array: Any) -> Any:
+        return array.sum(dim=0, dtype=self.torch.float64)
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        torch = self.torch
+        if self.device.type == "cpu":
+            return masks.T.double() @ values
+        left = masks.T.half()
+        # values ~= (hi + lo) / scale: a per-column power of two puts the largest magnitude near 2^10,
+        # so that lo keeps its precision (fp16 max is 65504)
+        scale = torch.exp2(10 - torch.floor(torch.log2(values.abs().amax(0).clamp_min(1e-30))))
+        scaled = values * scale
+        hi = scaled.half()
+        lo = (scaled - hi.float()).half()
+        out = torch.mm(left, hi, out_dtype=torch.float32).double()
+        out += torch.mm(left, lo, out_dtype=torch.float32).double()
+        return out / scale.double()
+
+
+class _CupyOps(_NumpyOps):
+    """cupy arrays, accumulators kept on the GPU; the same hi/lo float16 split as the torch backend,
+    multiplied by cublasSgemmEx (float16 inputs, float32 accumulation and output)."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.cp = cupy
+
+    def put(self, array: np.ndarray) -> Any:
+        return self.cp.asarray(array)
+
+    def host(self, array: Any) -> np.ndarray:
+        return self.cp.asnumpy(array)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.cp.zeros(shape, self.cp.float64)
+
+    def center(self, outputs: Any, shift: Any) -> Any:
+        return outputs.astype(self.cp.float32) - shift.astype(self.cp.float32)
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        cp = self.cp
+        left = cp.ascontiguousarray(masks, dtype=cp.float16)
+        scale = cp.exp2(10 - cp.floor(cp.log2(cp.maximum(cp.abs(values).max(0), 1e-30)))).astype(cp.float32)
+        scaled = values * scale
+        hi = scaled.astype(cp.float16)
+        lo = (scaled - hi.astype(cp.float32)).astype(cp.float16)
+        return (_sgemm_ex_at_b(left, hi, cp) + _sgemm_ex_at_b(left, lo, cp)) / scale.astype(cp.float64)
+
+
+def _sgemm_ex_at_b(a: Any, b: Any, cp: Any) -> Any:
+    """A^T B for row-major float16 A (n, C) and B (n, T) -> float64 (C, T), float32-accumulated."""
+    from cupy.cuda import cublas, device
+
+    n, classes = a.shape
+    width = b.shape[1]
+    out = cp.empty((classes, width), cp.float32)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    cuda_r_16f, cuda_r_32f = 2, 0
+    # column-major view: out^T (T x C) = B_cm (T x n) @ A_cm^T (n x C)
+    cublas.sgemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, classes, n,
+                   one.ctypes.data, b.data.ptr, cuda_r_16f, width, a.data.ptr, cuda_r_16f, classes,
+                   zero.ctypes.data, out.data.ptr, cuda_r_32f, width)
+    return out.astype(cp.float64)
+
+
+def _make_ops(backend: str) -> Any:
+    return {"numpy": _NumpyOps, "numba": _NumbaOps, "torch": _TorchOps, "cupy": _CupyOps}[backend]()
+
+
+# ---------------------------------------------------------------- the accumulator
+
+class InfluenceAccumulator:
+    """Streaming class influence: `update(mask_chunk, output_chunk)` any number of times, then `result()`.
+
+    Memory is O(C x T) plus one chunk; on GPU backends the accumulators stay on the device.
+    """
+
+    def __init__(self, num_classes: int, num_outputs: int, *, backend: str = "auto", stderr: bool = False):
+        self.num_classes, self.num_outputs, self.stderr = num_classes, num_outputs, stderr
+        self.backend = resolve_backend(backend)
+        self.ops = _make_ops(self.backend)
+        self.models = 0
+        self.shift: Any = None
+        self.counts = np.zeros(num_classes, np.int64)
+        self.sums = self.ops.zeros((num_classes, num_outputs))
+        self.totals = self.ops.zeros((num_outputs,))
+        if stderr:
+            self.square_sums = self.ops.zeros((num_classes, num_outputs))
+            self.square_totals = self.ops.zeros((num_outputs,))
+
+    def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
+        """Add models: masks (n, C) 0/1, outputs (n, T) float; `rows` names them in error messages."""
+        masks, outputs = _check_chunk(masks, outputs, self.num_classes, self.num_outputs)
+        _check_finite(outputs, rows if rows is not None else range(self.models, self.models + len(masks)))
+        if len(masks) == 0:
+            return
+        ops = self.ops
+        if self.shift is None:
+            self.shift = ops.put(outputs.mean(axis=0, dtype=np.float64))
+        device_masks = ops.put(masks)
+        centered = ops.center(ops.put(outputs), self.shift)
+        self.sums += ops.masked_sums(device_masks, centered)
+        self.totals += ops.colsum(centered)
+        if self.stderr:
+            squares = centered * centered
+            self.square_sums += ops.masked_sums(device_masks, squares)
+            self.square_totals += ops.colsum(squares)
+        self.counts += masks.sum(axis=0, dtype=np.int64)
+        self.models += len(masks)
+
+    def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Influences [C, T] float32 (and their standard errors when `stderr`); NaN for a class that
+        every model or no model included, with one warning naming those classes."""
+        total = self.models
+        n_in = self.counts.astype(np.float64)[:, None]
+        n_out = total - n_in
+        sums, totals = self.ops.host(self.sums), self.ops.host(self.totals)[None, :]
+        degenerate = (self.counts == 0) | (self.counts == total)
+        if degenerate.any():
+            classes = np.flatnonzero(degenerate)
+            shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
+            warnings.warn(f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
+                          RuntimeWarning, stacklevel=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean_in, mean_out = sums / n_in, (totals - sums) / n_out
+            influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
+            if not self.stderr:
+                return influence
+            squares, square_totals = self.ops.host(self.square_sums), self.ops.host(self.square_totals)[None, :]
+            var_in = (squares - sums * mean_in) / (n_in - 1)
+            var_out = ((square_totals - squares) - (totals - sums) * mean_out) / (n_out - 1)
+            stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
+            stderr = np.where((n_in < 2) | (n_out < 2), np.nan, stderr).astype(np.float32)
+        return influence, stderr
+
+
+def _check_finite(outputs: np.ndarray, rows: Iterable[int]) -> None:
+    bad = ~np.isfinite(outputs).all(axis=1)
+    if bad.any():
+        names = np.asarray(list(rows))[bad]
+        shown = ", ".join(map(str, names[:20])) + (" ..." if len(names) > 20 else "")
+        raise InfluenceError(f"non-finite outputs in {len(names)} model row(s): {shown}")
+
+
+def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    masks, outputs = np.asarray(masks), np.asarray(outputs)
+    if masks.ndim != 2 or outputs.ndim != 2:
+        raise InfluenceError(f"masks and outputs must be 2-D, got shapes {masks.shape} and {outputs.shape}")
+    if masks.shape[0] != outputs.shape[0]:
+        raise InfluenceError(f"{masks.shape[0]} mask rows but {outputs.shape[0]} output rows")
+    if masks.shape[1] != num_classes or outputs.shape[1] != num_outputs:
+        raise InfluenceError(f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), "
+                             f"got {masks.shape} and {outputs.shape}")
+    if outputs.dtype not in (np.float16, np.float32, np.float64):
+        raise InfluenceError(f"outputs must be float16/32/64, got {outputs.dtype}")
+    if masks.dtype != np.bool_:
+        if not (np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
+            raise InfluenceError(f"masks must be bool or 0/1 numbers, got {masks.dtype}")
+        if not np.isin(masks, (0, 1)).all():
+            raise InfluenceError("masks must hold only 0 and 1")
+        masks = masks.astype(np.bool_)
+    return masks, outputs
+
+
+def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
+                    stderr: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
+
+    masks: (N, C) 0/1 (bool or numbers), model i trained on class c iff masks[i, c];
+    outputs: (N, T) float16/32/64, e.g. margins on the target test set. With `stderr`, also the
+    difference-of-means standard errors sqrt(var_in/n_in + var_out/n_out).
+    """
+    masks, outputs = np.asarray(masks), np.asarray(outputs)
+    if masks.ndim != 2 or outputs.ndim != 2:
+        raise InfluenceError(f"masks and outputs must be 2-D, got shapes {masks.shape} and {outputs.shape}")
+    if chunk < 1:
+        raise InfluenceError(f"chunk must be positive, got {chunk}")
+    _check_finite(outputs, range(len(outputs)))  # name every bad row, not just the first chunk's
+    accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
+    for start in range(0, max(len(masks), 1), chunk):
+        accumulator.update(masks[start:start + chunk], outputs[start:start + chunk])
+    return accumulator.result()
+
+
+def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *,
+                      block: int = 65536, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """Influence [E, T] of each of E source *examples*, from bit-packed example masks.
+
+    packed_masks: (N, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1); processed in blocks of
+    `block` examples so memory stays O(N x block). `out` may be a (E, T) float32 memmap for large E.
+    """
+    packed_masks = np.asarray(packed_masks)
+    if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
+        raise InfluenceError(f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} "
+                             f"{packed_masks.shape}")
+    if packed_masks.shape[1] != (num_examples + 7) // 8:
+        raise InfluenceError(f"{num_examples} examples need {(num_examples + 7) // 8} packed bytes per row, "
+                             f"got {packed_masks.shape[1]}")
+    if block % 8:
+        raise InfluenceError(f"block must be a multiple of 8, got {block}")
+    if out is None:
+        out = np.empty((num_examples, np.shape(outputs)[1]), np.float32)
+    for start in range(0, num_examples, block):
+        stop = min(start + block, num_examples)
+        masks = np.unpackbits(packed_masks[:, start // 8:(stop + 7) // 8], axis=1, count=stop - start).view(np.bool_)
+        out[start:stop] = class_influence(masks, outputs, backend=backend, chunk=chunk)
+    return out
+
+
+def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str = "masks", backend: str = "auto",
+                         chunk: int = DEFAULT_CHUNK, stderr: bool = False, progress: bool = False
+                         ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Class influence on `key` over the completed, non-failed rows of a results store, streamed
+    `chunk` rows at a time (memory bounded by the chunk)."""
+    from .store import ResultStore
+
+    store = ResultStore(store_dir)
+    rows = store.completed_rows()
+    if len(rows) == 0:
+        raise InfluenceError(f"{store_dir}: no completed rows yet")
+    accumulator: InfluenceAccumulator | None = None
+    chunks = store.iter_chunks([mask_key, key], chunk=chunk)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, total=-(-len(rows) // chunk), desc="influence", unit=" chunk")
+    for part, values in chunks:
+        masks, outputs = values[mask_key], values[key].reshape(len(part), -1)
+        if accumulator is None:
+            accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
+        accumulator.update(masks, outputs, rows=part)
+    assert accumulator is not None
+    return accumulator.result()

@@ -1,0 +1,354 @@
+"""A results store that thousands of training runs write into, safely, from many processes and hosts.
+
+One directory:
+
+    spec.json            rows, the per-row schema (name -> shape, dtype), claim expiry
+    fixed/NAME.npy       arrays known before training, one entry per row (e.g. the class masks)
+    shards/WORKER.rows   one append-only file per writer process: fixed-size records
+                         (magic, row, crc32 of the payload, payload); nobody else writes there
+    claims/ROW.claim     who is training a row (created with O_EXCL; refreshed by heartbeats)
+    failed/ROW.json      why a row failed (e.g. "NaN loss at epoch 3")
+
+A row is complete once its record is fully written and fsync'ed; a reader accepts a record only if its
+magic, length and crc32 check, so a writer killed mid-record (SIGKILL, lost host) leaves nothing a
+reader can see, and the row can be claimed again once its claim expires. Writers never share a file, so
+page-granular writes on a shared file system cannot corrupt a neighbour. Should two writers ever
+complete the same row (an expired claim taken over while its owner was still alive), readers keep the
+first record in (shard name, offset) order, so a row is never counted twice.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import uuid
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+STORE_FORMAT = "ffcv-transfer/store"
+STORE_VERSION = 1
+MAGIC = b"FTR1"
+HEADER = np.dtype([("magic", "S4"), ("crc", "<u4"), ("row", "<u8")])
+
+
+class StoreError(Exception):
+    """A store that cannot be created, opened or written as asked; the message names the file."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """Open with `ResultStore(path)`; make with `ResultStore.create(path, num_rows, schema, fixed=...)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        spec_path = self.path / "spec.json"
+        if not spec_path.exists():
+            raise StoreError(f"{spec_path}: no store here (spec.json missing)")
+        try:
+            spec = json.loads(spec_path.read_text())
+            self.num_rows = int(spec["num_rows"])
+            self.claim_ttl_s = float(spec["claim_ttl_s"])
+            self.schema = {name: (tuple(entry["shape"]), np.dtype(entry["dtype"]))
+                           for name, entry in spec["schema"].items()}
+            self.fixed_names = list(spec.get("fixed", []))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{spec_path}: not a valid store spec ({type(e).__name__}: {e})") from None
+        if spec.get("format") != STORE_FORMAT:
+            raise StoreError(f"{spec_path}: not an ffcv-transfer store spec")
+        self.record_dtype = np.dtype(HEADER.descr + [(name, dtype, shape) for name, (shape, dtype) in
+                                                      self.schema.items()])
+        self.payload_offset = HEADER.itemsize
+
+    @classmethod
+    def create(cls, path: str | Path, num_rows: int, schema: dict[str, tuple[tuple[int, ...], Any]], *,
+               fixed: dict[str, np.ndarray] | None = None, claim_ttl_s: float = 1800.0) -> "ResultStore":
+        """Make an empty store for `num_rows` rows, each holding the arrays of `schema`
+        (name -> (shape, dtype)); `fixed` arrays (first axis = rows) are stored once, up front."""
+        path = Path(path)
+        if (path / "spec.json").exists():
+            raise StoreError(f"{path}: a store already exists here")
+        if num_rows < 1:
+            raise StoreError(f"{path}: a store needs at least one row, got {num_rows}")
+        fixed = fixed or {}
+        for name, array in fixed.items():
+            if len(array) != num_rows:
+                raise StoreError(f"{path}: fixed array {name!r} has {len(array)} rows, the store {num_rows}")
+            if name in schema:
+                raise StoreError(f"{path}: {name!r} is both a fixed array and a per-row field")
+        entries = {}
+        for name, (shape, dtype) in schema.items():
+            entries[name] = {"shape": [int(s) for s in np.atleast_1d(shape)] if shape != () else [],
+                             "dtype": np.dtype(dtype).str}
+        for sub in ("fixed", "shards", "claims", "failed"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        for name, array in fixed.items():
+            with open(path / "fixed" / f"{name}.npy", "wb") as f:
+                np.save(f, np.asarray(array))
+        spec = {"format": STORE_FORMAT, "version": STORE_VERSION, "num_rows": num_rows, "schema": entries,
+                "fixed": sorted(fixed), "claim_ttl_s": claim_ttl_s, "created": _now()}
+        _atomic_write(path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+        return cls(path)
+
+    # ------------------------------------------------------------ reading
+
+    def fixed(self, name: str) -> np.ndarray:
+        file = self.path / "fixed" / f"{name}.npy"
+        if name not in self.fixed_names:
+            raise StoreError(f"{self.path}: no fixed array {name!r} (have: {', '.join(self.fixed_names) or 'none'})")
+        try:
+            array = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{file}: unreadable ({e})") from None
+        if len(array) != self.num_rows:
+            raise StoreError(f"{file}: {len(array)} rows, the store has {self.num_rows}")
+        return array
+
+    def _shards(self) -> list[Path]:
+        return sorted((self.path / "shards").glob("*.rows"))
+
+    def _valid_records(self, shard: Path, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(records memmap, boolean mask of records that are complete and intact)."""
+        size = shard.stat().st_size
+        count = size // self.record_dtype.itemsize
+        if count == 0:
+            return np.zeros(0, self.record_dtype), np.zeros(0, bool)
+        records = np.memmap(shard, dtype=self.record_dtype, mode="r", shape=(count,))
+        ok = (records["magic"] == MAGIC) & (records["row"] < self.num_rows)
+        if verify:
+            raw = np.memmap(shard, dtype=np.uint8, mode="r", shape=(count, self.record_dtype.itemsize))
+            crcs = records["crc"]
+            for i in np.flatnonzero(ok):
+                ok[i] = zlib.crc32(raw[i, self.payload_offset:]) == crcs[i]
+        return records, ok
+
+    def _index(self, verify: bool = True) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray]:
+        """(rows, shard record arrays, shard of each row, record of each row), rows sorted, each row's
+        first intact record in (shard name, offset) order."""
+        shards, rows, shard_ids, record_ids = [], [], [], []
+        for shard in self._shards():
+            records, ok = self._valid_records(shard, verify)
+            found = np.flatnonzero(ok)
+            rows.append(records["row"][found].astype(np.int64))
+            shard_ids.append(np.full(len(found), len(shards)))
+            record_ids.append(found)
+            shards.append(records)
+        if not rows:
+            empty = np.zeros(0, np.int64)
+            return empty, [], empty, empty
+        rows_all = np.concatenate(rows)
+        # stable sort keeps (shard, offset) order among duplicates; keep the first of each row
+        order = np.argsort(rows_all, kind="stable")
+        rows_all = rows_all[order]
+        first = np.ones(len(rows_all), bool)
+        first[1:] = rows_all[1:] != rows_all[:-1]
+        keep = order[first]
+        return rows_all[first], shards, np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep]
+
+    def completed_rows(self, verify: bool = True) -> np.ndarray:
+        return self._index(verify)[0]
+
+    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
+                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Completed rows in row order, `chunk` at a time: (rows, {name: array}); fixed arrays too.
+        Memory is bounded by the chunk."""
+        names = list(names)
+        for name in names:
+            if name not in self.schema and name not in self.fixed_names:
+                have = ", ".join([*self.schema, *self.fixed_names])
+                raise StoreError(f"{self.path}: no field {name!r} (have: {have})")
+        rows, shards, shard_ids, record_ids = self._index()
+        if skip_failed:
+            keep = ~np.isin(rows, list(self.failures()))
+            rows, shard_ids, record_ids = rows[keep], shard_ids[keep], record_ids[keep]
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            out = {}
+            for name in names:
+                if name in self.fixed_names:
+                    out[name] = np.asarray(self.fixed(name)[rows[part]])
+                    continue
+                shape, dtype = self.schema[name]
+                values = np.empty((len(rows[part]), *shape), dtype)
+                for s in np.unique(shard_ids[part]):
+                    here = shard_ids[part] == s
+                    values[here] = shards[s][name][record_ids[part][here]]
+                out[name] = values
+            yield rows[part], out
+
+    def read(self, names: Iterable[str], skip_failed: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """All completed rows at once: (rows, {name: array})."""
+        names = list(names)
+        parts = list(self.iter_chunks(names, chunk=max(self.num_rows, 1), skip_failed=skip_failed))
+        if not parts:
+            return np.zeros(0, np.int64), {n: np.zeros((0, *self._shape_of(n))) for n in names}
+        return parts[0]
+
+    def _shape_of(self, name: str) -> tuple[int, ...]:
+        return self.schema[name][0] if name in self.schema else self.fixed(name).shape[1:]
+
+    def failures(self) -> dict[int, str]:
+        found = {}
+        for file in (self.path / "failed").glob("*.json"):
+            try:
+                found[int(file.stem)] = json.loads(file.read_text())["reason"]
+            except (ValueError, KeyError, json.JSONDecodeError):
+                raise StoreError(f"{file}: unreadable failure record") from None
+        return found
+
+    def claims(self) -> dict[int, dict[str, Any]]:
+        """row -> claim (worker, host, pid, age_s, stale) for rows being trained."""
+        found, now = {}, time.time()
+        for file in (self.path / "claims").glob("*.claim"):
+            try:
+                info = json.loads(file.read_text())
+                age = now - file.stat().st_mtime
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue  # released or being written right now
+            found[int(file.stem)] = {**info, "age_s": age, "stale": age > self.claim_ttl_s}
+        return found
+
+    def status(self) -> dict[str, Any]:
+        """Counts of completed, claimed (live claims), pending and failed rows, and failure reasons."""
+        failures = self.failures()
+        failed = set(failures)
+        completed = set(self.completed_rows().tolist()) - failed
+        live = {r for r, c in self.claims().items() if not c["stale"]} - completed - failed
+        return {"rows": self.num_rows, "completed": len(completed), "claimed": len(live), "failed": len(failed),
+                "pending": self.num_rows - len(completed | failed | live),
+                "failure_reasons": dict(Counter(failures.values()).most_common())}
+
+    def writer(self, worker: str | None = None) -> "StoreWriter":
+        return StoreWriter(self, worker)
+
+
+class StoreWriter:
+    """One writer process's handle: claims rows, appends completed rows to its own shard."""
+
+    def __init__(self, store: ResultStore, worker: str | None = None):
+        self.store = store
+        self.worker = worker or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.shard_path = store.path / "shards" / f"{self.worker}.rows"
+        self._shard: Any = None
+        self.held: set[int] = set()
+
+    def _claim_file(self, row: int) -> Path:
+        return self.store.path / "claims" / f"{row}.claim"
+
+    def _claim_body(self) -> bytes:
+        return json.dumps({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": _now()}).encode()
+
+    def claim(self, count: int = 1, rows: Iterable[int] | None = None) -> list[int]:
+        """Claim up to `count` pending rows (from `rows`, default all) in row order."""
+        store = self.store
+        done = set(store.completed_rows().tolist()) | set(store.failures())
+        claimed = []
+        candidates = range(store.num_rows) if rows is None else rows
+        for row in candidates:
+            if len(claimed) == count:
+                break
+            if row in done or row in self.held:
+                continue
+            if self._try_claim(int(row)):
+                claimed.append(int(row))
+        return claimed
+
+    def _try_claim(self, row: int) -> bool:
+        file = self._claim_file(row)
+        try:
+            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                stale = time.time() - file.stat().st_mtime > self.store.claim_ttl_s
+            except FileNotFoundError:
+                return False  # just released: leave it to the next round
+            if not stale:
+                return False
+            _atomic_write(file, self._claim_body())  # take over an expired claim...
+            if json.loads(file.read_text())["worker"] != self.worker:
+                return False  # ...unless another writer took it over at the same time
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._claim_body())
+        self.held.add(row)
+        return True
+
+    def heartbeat(self) -> None:
+        """Refresh this writer's claims so that they do not expire while it is still working."""
+        for row in self.held:
+            try:
+                os.utime(self._claim_file(row))
+            except FileNotFoundError:
+                pass
+
+    def release(self, row: int) -> None:
+        self._claim_file(row).unlink(missing_ok=True)
+        self.held.discard(row)
+
+    def write(self, row: int, **values: Any) -> None:
+        """Append row's values (every schema field) durably; then the row counts as complete."""
+        store = self.store
+        if not 0 <= row < store.num_rows:
+            raise StoreError(f"{store.path}: row {row} outside 0..{store.num_rows - 1}")
+        missing, extra = set(store.schema) - set(values), set(values) - set(store.schema)
+        if missing or extra:
+            raise StoreError(f"{store.path}: row {row} fields mismatch (missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)})")
+        record = np.zeros(1, store.record_dtype)
+        for name, (shape, dtype) in store.schema.items():
+            value = np.asarray(values[name])
+            if value.shape != shape:
+                raise StoreError(f"{store.path}: field {name!r} of row {row} has shape {value.shape}, "
+                                 f"expected {shape}")
+            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+                raise StoreError(f"{store.path}: field {name!r} of row {row} is {value.dtype}, expected {dtype}")
+            record[name] = value
+        record["magic"], record["row"] = MAGIC, row
+        record["crc"] = zlib.crc32(record.tobytes()[store.payload_offset:])
+        if self._shard is None:
+            self._shard = open(self.shard_path, "ab", buffering=0)
+        self._shard.write(record.tobytes())  # one write call: a crash leaves a short or bad-crc tail
+        os.fsync(self._shard.fileno())
+        self.release(row)
+
+    def fail(self, row: int, reason: str) -> None:
+        """Mark a row failed (e.g. diverged); failed rows are not claimed again and are skipped by readers."""
+        body = json.dumps({"reason": reason, "worker": self.worker, "time": _now()}).encode()
+        _atomic_write(self.store.path / "failed" / f"{row}.json", body)
+        self.release(row)
+
+    def close(self) -> None:
+        for row in list(self.held):
+            self.release(row)
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+
+
+def format_status(status: dict[str, Any], path: str | Path) -> str:
+    lines = [f"store {path}: {status['rows']} rows",
+             f"  completed {status['completed']:>8}",
+             f"  claimed   {status['claimed']:>8}",
+             f"  pending   {status['pending']:>8}",
+             f"  failed    {status['failed']:>8}"]
+    for reason, count in status["failure_reasons"].items():
+        lines.append(f"    {count:>6} x {reason}")
+    return "\n".join(lines)

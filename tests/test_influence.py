@@ -1,0 +1,144 @@
+"""Influence kernel against float64 references, hand-computed cases and closed forms."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from ffcv_transfer.influence import (InfluenceAccumulator, InfluenceError, available_backends, class_influence,
+                                     example_influence, influence_from_store)
+from ffcv_transfer.store import ResultStore
+
+BACKENDS = available_backends()
+
+
+def reference(masks, outputs):
+    """The definition, in float64, one class at a time."""
+    m, y = np.asarray(masks, bool), np.asarray(outputs, np.float64)
+    return np.stack([y[m[:, c]].mean(0) - y[~m[:, c]].mean(0) for c in range(m.shape[1])])
+
+
+def relative_error(result, expected):
+    return np.linalg.norm(result - expected) / np.linalg.norm(expected)
+
+
+def random_case(rng, n, classes, width, dtype=np.float16):
+    masks = rng.random((n, classes)) < 0.5
+    # margins-like outputs: a large common mean makes the naive difference of means lose precision
+    outputs = 3.0 + rng.normal(size=(n, width)) + 0.3 * masks[:, :1]
+    return masks, outputs.astype(dtype)
+
+
+def test_hand_computed_three_models_two_classes():
+    masks = np.array([[1, 0], [0, 1], [1, 1]])
+    outputs = np.array([[1.0, 0.0], [2.0, 3.0], [4.0, -1.0]], np.float32)
+    # class 0: in = models 0, 2; out = model 1.  class 1: in = models 1, 2; out = model 0.
+    expected = np.array([[(1 + 4) / 2 - 2, (0 - 1) / 2 - 3], [(2 + 4) / 2 - 1, (3 - 1) / 2 - 0]])
+    for backend in BACKENDS:
+        np.testing.assert_allclose(class_influence(masks, outputs, backend=backend), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_random_cases_match_float64_reference(backend, dtype):
+    rng = np.random.default_rng(0)
+    for n, classes, width, chunk in [(101, 7, 13, 1000), (257, 33, 5, 64), (300, 3, 40, 299), (96, 11, 17, 7)]:
+        masks, outputs = random_case(rng, n, classes, width, dtype)
+        result = class_influence(masks, outputs, backend=backend, chunk=chunk)
+        assert result.dtype == np.float32 and result.shape == (classes, width)
+        assert relative_error(result, reference(masks, outputs)) < 1e-6
+
+
+def test_chunk_boundaries_and_streaming_agree():
+    rng = np.random.default_rng(1)
+    masks, outputs = random_case(rng, 200, 9, 6, np.float32)
+    expected = reference(masks, outputs)
+    for chunk in (1, 2, 199, 200, 201):
+        assert relative_error(class_influence(masks, outputs, chunk=chunk, backend="numpy"), expected) < 1e-6
+    accumulator = InfluenceAccumulator(9, 6, backend="numpy")
+    for start, stop in [(0, 3), (3, 3), (3, 150), (150, 200)]:  # uneven pieces, one empty
+        accumulator.update(masks[start:stop].astype(np.uint8), outputs[start:stop])
+    assert relative_error(accumulator.result(), expected) < 1e-6
+
+
+def test_class_in_every_model_or_none_gives_nan_and_one_warning():
+    rng = np.random.default_rng(2)
+    masks, outputs = random_case(rng, 50, 6, 4)
+    masks[:, 1], masks[:, 4] = True, False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = class_influence(masks, outputs, backend="numpy")
+    assert len(caught) == 1 and "2 class(es)" in str(caught[0].message) and ": 1, 4" in str(caught[0].message)
+    assert np.isnan(result[[1, 4]]).all() and np.isfinite(result[[0, 2, 3, 5]]).all()
+
+
+def test_non_finite_outputs_name_the_model_rows():
+    rng = np.random.default_rng(3)
+    masks, outputs = random_case(rng, 30, 4, 5, np.float32)
+    outputs[7, 2], outputs[21, 0] = np.nan, np.inf
+    with pytest.raises(InfluenceError, match=r"2 model row\(s\): 7, 21"):
+        class_influence(masks, outputs, chunk=10)
+
+
+def test_shape_and_dtype_errors_are_clear():
+    masks, outputs = np.ones((5, 3), bool), np.zeros((5, 2), np.float32)
+    with pytest.raises(InfluenceError, match="5 mask rows but 4 output rows"):
+        class_influence(masks, outputs[:4])
+    with pytest.raises(InfluenceError, match="must be 2-D"):
+        class_influence(masks[0], outputs)
+    with pytest.raises(InfluenceError, match="float16/32/64"):
+        class_influence(masks, outputs.astype(np.int32))
+    with pytest.raises(InfluenceError, match="only 0 and 1"):
+        class_influence(np.full((5, 3), 2), outputs)
+    with pytest.raises(InfluenceError, match="backend 'gpu'"):
+        class_influence(masks, outputs, backend="gpu")
+    accumulator = InfluenceAccumulator(3, 2)
+    with pytest.raises(InfluenceError, match=r"expected masks \(n, 3\) and outputs \(n, 2\)"):
+        accumulator.update(np.ones((2, 4), bool), np.zeros((2, 2)))
+
+
+def test_standard_error_matches_closed_form_and_bootstrap():
+    rng = np.random.default_rng(4)
+    masks, outputs = random_case(rng, 400, 3, 2, np.float64)
+    influence, stderr = class_influence(masks, outputs, stderr=True, chunk=150)
+    y = outputs.astype(np.float64)
+    for c in range(3):
+        inside, outside = y[masks[:, c]], y[~masks[:, c]]
+        closed = np.sqrt(inside.var(0, ddof=1) / len(inside) + outside.var(0, ddof=1) / len(outside))
+        np.testing.assert_allclose(stderr[c], closed, rtol=1e-5)
+    boot = []
+    for _ in range(1000):
+        pick = rng.integers(0, 400, 400)
+        boot.append(class_influence(masks[pick], outputs[pick], backend="numpy"))
+    np.testing.assert_allclose(np.std(boot, axis=0), stderr, rtol=0.15)
+
+
+def test_example_influence_from_packed_masks_matches_unpacked():
+    rng = np.random.default_rng(5)
+    masks, outputs = random_case(rng, 120, 45, 6, np.float32)  # 45 examples: not a multiple of 8
+    packed = np.packbits(masks, axis=1)
+    result = example_influence(packed, outputs, 45, block=16, chunk=50, backend="numpy")
+    assert relative_error(result, reference(masks, outputs)) < 1e-6
+    with pytest.raises(InfluenceError, match="45 examples need 6 packed bytes"):
+        example_influence(packed[:, :5], outputs, 45)
+
+
+def test_influence_from_store_streams_completed_rows(tmp_path):
+    rng = np.random.default_rng(6)
+    masks, outputs = random_case(rng, 60, 8, 10)
+    store = ResultStore.create(tmp_path / "store", 60, {"margins": ((10,), np.float16)}, fixed={"masks": masks})
+    writers = [store.writer(), store.writer()]
+    done = [r for r in rng.permutation(60) if r % 7]  # rows 0, 7, 14, ... never finish
+    for k, row in enumerate(done):
+        writers[k % 2].write(int(row), margins=outputs[row])
+    writers[0].fail(int(done[0]), "NaN loss at epoch 3")
+    used = np.array(sorted(done[1:]))
+    result = influence_from_store(tmp_path / "store", "margins", chunk=16, backend="numpy")
+    assert relative_error(result, reference(masks[used], outputs[used])) < 1e-6
+
+
+def test_kernel_and_store_import_without_torch_or_ffcv():
+    code = ("import sys, ffcv_transfer.influence, ffcv_transfer.store; "
+            "sys.exit(bool({'torch', 'ffcv', 'cupy'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
