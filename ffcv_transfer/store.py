@@ -305,29 +305,37 @@ class StoreWriter:
 
     def write(self, row: int, **values: Any) -> None:
         """Append row's values (every schema field) durably; then the row counts as complete."""
+        self.write_many([row], **{name: np.asarray(value)[None] for name, value in values.items()})
+
+    def write_many(self, rows: Iterable[int], **values: Any) -> None:
+        """Append several rows at once (values stacked along a first axis) with a single fsync."""
         store = self.store
-        if not 0 <= row < store.num_rows:
-            raise StoreError(f"{store.path}: row {row} outside 0..{store.num_rows - 1}")
+        rows = np.asarray(list(rows), dtype=np.int64)
+        bad = rows[(rows < 0) | (rows >= store.num_rows)]
+        if len(bad):
+            raise StoreError(f"{store.path}: row {bad[0]} outside 0..{store.num_rows - 1}")
         missing, extra = set(store.schema) - set(values), set(values) - set(store.schema)
         if missing or extra:
-            raise StoreError(f"{store.path}: row {row} fields mismatch (missing {sorted(missing)}, "
+            raise StoreError(f"{store.path}: rows {rows[:5].tolist()} fields mismatch (missing {sorted(missing)}, "
                              f"unknown {sorted(extra)})")
-        record = np.zeros(1, store.record_dtype)
+        records = np.zeros(len(rows), store.record_dtype)
         for name, (shape, dtype) in store.schema.items():
             value = np.asarray(values[name])
-            if value.shape != shape:
-                raise StoreError(f"{store.path}: field {name!r} of row {row} has shape {value.shape}, "
-                                 f"expected {shape}")
+            if value.shape != (len(rows), *shape):
+                raise StoreError(f"{store.path}: field {name!r} of rows {rows[:5].tolist()} has shape "
+                                 f"{value.shape[1:]}, expected {shape}")
             if not np.can_cast(value.dtype, dtype, casting="same_kind"):
-                raise StoreError(f"{store.path}: field {name!r} of row {row} is {value.dtype}, expected {dtype}")
-            record[name] = value
-        record["magic"], record["row"] = MAGIC, row
-        record["crc"] = zlib.crc32(record.tobytes()[store.payload_offset:])
+                raise StoreError(f"{store.path}: field {name!r} is {value.dtype}, expected {dtype}")
+            records[name] = value
+        records["magic"], records["row"] = MAGIC, rows
+        raw = records.view(np.uint8).reshape(len(rows), -1)
+        records["crc"] = [zlib.crc32(raw[i, store.payload_offset:]) for i in range(len(rows))]
         if self._shard is None:
             self._shard = open(self.shard_path, "ab", buffering=0)
-        self._shard.write(record.tobytes())  # one write call: a crash leaves a short or bad-crc tail
+        self._shard.write(records.tobytes())  # one write call: a crash leaves a short or bad-crc tail
         os.fsync(self._shard.fileno())
-        self.release(row)
+        for row in rows:
+            self.release(int(row))
 
     def fail(self, row: int, reason: str) -> None:
         """Mark a row failed (e.g. diverged); failed rows are not claimed again and are skipped by readers."""

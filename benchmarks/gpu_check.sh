@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
+# wheels in .whl/ (ffcv from ../shared/device, pytest), run the CUDA-specific tests, then the benchmarks
+# at real sizes. Results (JSON, logs) go to the folder given as $1 or $GPU_CHECK_OUT; a table prints last.
+#
+#   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
+#   --dry-run: small sizes and the current environment (no wheel install); runs on CPU too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${GPU_CHECK_OUT:-gpu-check}
+sizes=(paper large)
+dry_run=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) sizes=(small); dry_run=1 ;;
+    *) out=$arg ;;
+  esac
+done
+mkdir -p "$out"
+python=${PYTHON:-python3}
+
+if [ $dry_run = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+  $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: wheel install failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+$python - <<'PY' | tee "$out/device.txt"
+import numpy, numba, torch
+from ffcv_transfer.influence import available_backends
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, GPU: {gpu}")
+print(f"influence backends: {available_backends()}")
+PY
+
+status=0
+$python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_influence.py tests/test_store.py 2>&1 | tee "$out/tests.log" | tail -3
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+$python benchmarks/bench_influence.py --sizes "${sizes[@]}" --out "$out/influence.json" 2>"$out/bench_influence.log" \
+  | tee "$out/influence_table.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+exit $status
