@@ -187,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["paper", "large"], choices=list(SIZES))
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
-    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=8192, help="models per chunk (default: 8192)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-outputs", type=int, default=200,
                         help="on CPU, run the baseline on this many target columns and scale to T")

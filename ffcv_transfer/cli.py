@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
-    p.add_argument("--chunk", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
+    p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")
     p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
     p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
     p.set_defaults(run=cmd_influence)

@@ -13,12 +13,12 @@ Imports numpy alone; numba, torch and cupy are used only by their backends.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
 BACKENDS = ("numpy", "numba", "torch", "cupy")
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = 8192
 # GPU GEMMs accumulate in float32 over at most this many models, then in float64 (H200, 50,000 models,
 # one global shift: 4,096 gave 2.2e-6 relative error, above the 1e-6 target)
 GPU_ROW_BLOCK = 2048
@@ -81,7 +81,33 @@ def resolve_backend(backend: str) -> str:
 
 # ---------------------------------------------------------------- backends: where the GEMM runs
 
-class _NumpyOps:
+class ChunkSums(NamedTuple):
+    """One chunk's sums, relative to `mean` (the column means subtracted before summing)."""
+
+    mean: Any
+    sums: Any  # M^T (Y - mean), (C, T)
+    column_sums: Any  # 1^T (Y - mean), (T,)
+    square_sums: Any = None  # M^T (Y - mean)^2, when asked for
+    square_column_sums: Any = None
+
+
+class _Ops:
+    """Where the arithmetic runs; subclasses give put/host/zeros/center/colsum/finite/masked_sums."""
+
+    def centered_sums(self, masks: Any, outputs: Any, squares: bool) -> ChunkSums | None:
+        """The chunk's sums, or None if it holds a non-finite output (which makes a column mean non-finite)."""
+        centered, mean = self.center(outputs)
+        if not self.finite(mean):
+            return None
+        sums = ChunkSums(mean, self.masked_sums(masks, centered), self.colsum(centered))
+        if squares:
+            centered *= centered
+            sums = sums._replace(square_sums=self.masked_sums(masks, centered),
+                                 square_column_sums=self.colsum(centered))
+        return sums
+
+
+class _NumpyOps(_Ops):
     """Host arrays; S += M^T Y by BLAS dgemm. float64 because sgemm's float32 accumulation alone
     misses the 1e-6 accuracy target (2.8e-6 measured with OpenBLAS on 1,001 models)."""
 
@@ -100,11 +126,15 @@ class _NumpyOps:
         """(outputs minus their column means, those means as subtracted, in float64)."""
         values = outputs.astype(np.float64)
         mean = values.mean(axis=0)
-        values -= mean
+        with np.errstate(invalid="ignore"):  # inf - inf: reported as a non-finite mean instead
+            values -= mean
         return values, mean
 
     def colsum(self, array: Any) -> Any:
         return array.sum(axis=0, dtype=np.float64)
+
+    def finite(self, array: Any) -> bool:
+        return bool(np.isfinite(array).all())
 
     def masked_sums(self, masks: Any, values: Any) -> Any:
         return masks.T.astype(np.float64) @ values
@@ -152,7 +182,7 @@ def _numba_kernel():
     return _KERNEL
 
 
-class _TorchOps:
+class _TorchOps(_Ops):
     """torch tensors on CUDA when available, else CPU (float64 GEMM, as numpy). On CUDA the float32 values are split
     into two float16 halves (hi + lo, ~22 bits) multiplied on tensor cores with float32 accumulation and
     output: masks are exact in float16, so this keeps float32 accuracy at tensor-core speed."""
@@ -182,6 +212,9 @@ class _TorchOps:
     def colsum(self, array: Any) -> Any:
         return array.sum(dim=0, dtype=self.torch.float64)
 
+    def finite(self, array: Any) -> bool:
+        return bool(self.torch.isfinite(array).all())
+
     def masked_sums(self, masks: Any, values: Any) -> Any:
         torch = self.torch
         if self.device.type == "cpu":
@@ -202,8 +235,10 @@ class _TorchOps:
 
 
 class _CupyOps(_NumpyOps):
-    """cupy arrays, accumulators kept on the GPU; the same hi/lo float16 split as the torch backend,
-    multiplied by cublasSgemmEx (float16 inputs, float32 accumulation and output)."""
+    """cupy arrays, accumulators kept on the GPU. Outputs are centred and split into float16 halves
+    hi + lo (~22 bits) by one fused kernel; the class masks get an extra all-ones column so that a
+    single GEMM per row block (cublasSgemmEx: float16 in, float32 accumulation and output) yields the
+    class sums and the column sums together, from the same rounded values."""
 
     name = "cupy"
 
@@ -211,6 +246,10 @@ class _CupyOps(_NumpyOps):
         import cupy
 
         self.cp = cupy
+        self.split = cupy.ElementwiseKernel(
+            "T y, float32 mean, float32 scale", "float16 hi, float16 lo",
+            "float v = ((float)y - mean) * scale; hi = (float16)v; lo = (float16)(v - (float)hi);",
+            "ffcv_transfer_split_hi_lo")
 
     def put(self, array: np.ndarray) -> Any:
         return self.cp.asarray(array)
@@ -226,36 +265,61 @@ class _CupyOps(_NumpyOps):
         mean = (values.sum(axis=0, dtype=self.cp.float64) / len(values)).astype(self.cp.float32)
         return values - mean, mean.astype(self.cp.float64)
 
+    def _scale(self, peak: Any) -> Any:
+        """Per-column power of two putting the largest magnitude near 2^10, so that lo keeps its
+        precision (float16 max is 65504)."""
+        cp = self.cp
+        return cp.exp2(10 - cp.floor(cp.log2(cp.maximum(peak, 1e-30)))).astype(cp.float32)
+
+    def _hilo_gemm(self, masks: Any, values: Any, mean: Any, scale: Any, with_ones: bool) -> Any:
+        """[masks | 1]^T ((values - mean) * scale) / scale in float64, float32-accumulated per row block."""
+        cp = self.cp
+        n, classes = masks.shape
+        width = classes + 1 if with_ones else classes
+        left = cp.zeros((n, -(-width // 8) * 8), cp.float16)  # padded: tensor cores like multiples of 8
+        left[:, :classes] = masks
+        if with_ones:
+            left[:, classes] = 1
+        hi, lo = self.split(values, mean, scale)
+        out = cp.zeros((left.shape[1], values.shape[1]), cp.float64)
+        block = cp.empty(out.shape, cp.float32)
+        for start in range(0, n, GPU_ROW_BLOCK):
+            rows = slice(start, start + GPU_ROW_BLOCK)
+            _sgemm_ex_at_b(left[rows], hi[rows], block, accumulate=False)
+            _sgemm_ex_at_b(left[rows], lo[rows], block, accumulate=True)
+            out += block
+        return out[:width] / scale.astype(cp.float64)
+
     def masked_sums(self, masks: Any, values: Any) -> Any:
         cp = self.cp
-        left = cp.ascontiguousarray(masks, dtype=cp.float16)
-        scale = cp.exp2(10 - cp.floor(cp.log2(cp.maximum(cp.abs(values).max(0), 1e-30)))).astype(cp.float32)
-        scaled = values * scale
-        hi = scaled.astype(cp.float16)
-        lo = (scaled - hi.astype(cp.float32)).astype(cp.float16)
-        out = cp.zeros((left.shape[1], values.shape[1]), cp.float64)
-        for start in range(0, len(values), GPU_ROW_BLOCK):
-            rows = slice(start, start + GPU_ROW_BLOCK)
-            out += _sgemm_ex_at_b(left[rows], hi[rows], cp) + _sgemm_ex_at_b(left[rows], lo[rows], cp)
-        return out / scale.astype(cp.float64)
+        zero = cp.zeros(values.shape[1], cp.float32)
+        return self._hilo_gemm(masks, values, zero, self._scale(cp.abs(values).max(0)), with_ones=False)
+
+    def centered_sums(self, masks: Any, outputs: Any, squares: bool) -> ChunkSums | None:
+        if squares:
+            return super().centered_sums(masks, outputs, squares)
+        cp = self.cp
+        mean = (outputs.sum(axis=0, dtype=cp.float64) / len(outputs)).astype(cp.float32)
+        if not self.finite(mean):
+            return None
+        peak = cp.maximum(outputs.max(0).astype(cp.float32) - mean, mean - outputs.min(0).astype(cp.float32))
+        both = self._hilo_gemm(masks, outputs, mean, self._scale(peak), with_ones=True)
+        return ChunkSums(mean.astype(cp.float64), both[:-1], both[-1])
 
 
-def _sgemm_ex_at_b(a: Any, b: Any, cp: Any) -> Any:
-    """A^T B for row-major float16 A (n, C) and B (n, T) -> float32 (C, T), float32-accumulated."""
+def _sgemm_ex_at_b(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+    """out (float32, (C', T)) (+)= A^T B for row-major float16 A (n, C') and B (n, T), float32-accumulated."""
     from cupy.cuda import device
     from cupy_backends.cuda.libs import cublas
 
     n, classes = a.shape
     width = b.shape[1]
-    out = cp.empty((classes, width), cp.float32)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    alpha, beta = np.ones(1, np.float32), np.full(1, float(accumulate), np.float32)
     cuda_r_16f, cuda_r_32f = 2, 0
-    # column-major view: out^T (T x C) = B_cm (T x n) @ A_cm^T (n x C)
-    head = (device.get_cublas_handle(), cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, classes, n)
-    tail = (out.data.ptr, cuda_r_32f, width)
-    operands = (b.data.ptr, cuda_r_16f, width, a.data.ptr, cuda_r_16f, classes)
-    cublas.sgemmEx(*head, one.ctypes.data, *operands, zero.ctypes.data, *tail)  # alpha, beta: host pointers
-    return out
+    # column-major view: out^T (T x C') = B_cm (T x n) @ A_cm^T (n x C')
+    cublas.sgemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, classes, n,
+                   alpha.ctypes.data, b.data.ptr, cuda_r_16f, width, a.data.ptr, cuda_r_16f, classes,
+                   beta.ctypes.data, out.data.ptr, cuda_r_32f, width)  # alpha, beta: host pointers
 
 
 def _make_ops(backend: str) -> Any:
@@ -277,6 +341,8 @@ class InfluenceAccumulator:
         self.models = 0
         self.seen = 0  # rows passed to update(), including rejected ones
         self.bad_rows: list[int] = []
+        self.moves: list[tuple[np.ndarray, np.ndarray]] = []
+        self.square_moves: list[tuple[np.ndarray, np.ndarray]] = []
         self.shift: Any = None
         self.counts = self.ops.zeros((num_classes,))
         self.sums = self.ops.zeros((num_classes, num_outputs))
@@ -288,33 +354,46 @@ class InfluenceAccumulator:
     def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
         """Add models: masks (n, C) 0/1, outputs (n, T) float; `rows` names them in error messages."""
         masks, outputs = _check_chunk(masks, outputs, self.num_classes, self.num_outputs)
-        bad = _non_finite_rows(outputs)
-        if bad.any():  # reported by result(), so that one pass names every bad row
+        if len(masks) and not self._accumulate(self.ops.put(masks), self.ops.put(outputs)):
+            # reported by result(), so that one pass names every bad row
+            bad = _non_finite_rows(outputs)
             names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + len(masks)))
             self.bad_rows.extend(names[bad].tolist())
-        elif len(masks):
-            self.update_device(self.ops.put(masks), self.ops.put(outputs))
         self.seen += len(masks)
 
     def update_device(self, masks: Any, outputs: Any) -> None:
         """`update` for arrays already in the backend's memory (e.g. on the GPU), without input checks."""
+        if not self._accumulate(masks, outputs):
+            raise InfluenceError("non-finite outputs in this chunk")
+        self.seen += len(masks)
+
+    def _accumulate(self, masks: Any, outputs: Any) -> bool:
+        """Add a chunk; False (and nothing added) if it holds a non-finite output."""
         ops, n = self.ops, len(masks)
         # Sums are kept relative to the first chunk's column means (the shift); each chunk is centred on
         # its own means, which keeps float32 partial sums small, and moved to the shift exactly.
-        centered, mean = ops.center(outputs)
+        chunk = ops.centered_sums(masks, outputs, self.stderr)
+        if chunk is None:
+            return False
         if self.shift is None:
-            self.shift = mean
-        delta = (mean - self.shift)[None, :]
-        counts = ops.colsum(masks)[:, None]
-        sums, column_sums = ops.masked_sums(masks, centered), ops.colsum(centered)[None, :]
-        self.sums += sums + counts * delta
-        self.totals += column_sums[0] + n * delta[0]
+            self.shift = chunk.mean
+        delta = chunk.mean - self.shift
+        counts = ops.colsum(masks)
+        self.sums += chunk.sums
+        self.moves.append((ops.host(counts), ops.host(delta)))  # sums += outer(counts, delta), in result()
+        self.totals += chunk.column_sums + n * delta
         if self.stderr:
-            squares = centered * centered
-            self.square_sums += ops.masked_sums(masks, squares) + 2 * delta * sums + counts * delta * delta
-            self.square_totals += ops.colsum(squares) + 2 * delta[0] * column_sums[0] + n * delta[0] * delta[0]
-        self.counts += counts[:, 0]
+            self.square_sums += chunk.square_sums + 2 * delta[None, :] * chunk.sums
+            self.square_moves.append((ops.host(counts), ops.host(delta * delta)))
+            self.square_totals += chunk.square_column_sums + 2 * delta * chunk.column_sums + n * delta * delta
+        self.counts += counts
         self.models += n
+        return True
+
+    def _moved(self, sums: Any, moves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Host sums plus the per-chunk shift corrections sum_k outer(counts_k, delta_k), as one GEMM."""
+        counts, deltas = (np.stack(part) for part in zip(*moves))
+        return self.ops.host(sums) + counts.T @ deltas
 
     def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Influences [C, T] float32 (and their standard errors when `stderr`); NaN for a class that
@@ -328,7 +407,7 @@ class InfluenceAccumulator:
         counts = self.ops.host(self.counts)
         n_in = counts[:, None]
         n_out = total - n_in
-        sums, totals = self.ops.host(self.sums), self.ops.host(self.totals)[None, :]
+        sums, totals = self._moved(self.sums, self.moves), self.ops.host(self.totals)[None, :]
         degenerate = (counts == 0) | (counts == total)
         if degenerate.any():
             classes = np.flatnonzero(degenerate)
@@ -340,7 +419,8 @@ class InfluenceAccumulator:
             influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
             if not self.stderr:
                 return influence
-            squares, square_totals = self.ops.host(self.square_sums), self.ops.host(self.square_totals)[None, :]
+            squares = self._moved(self.square_sums, self.square_moves)
+            square_totals = self.ops.host(self.square_totals)[None, :]
             var_in = (squares - sums * mean_in) / (n_in - 1)
             var_out = ((square_totals - squares) - (totals - sums) * mean_out) / (n_out - 1)
             stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
@@ -423,23 +503,31 @@ def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str 
                          chunk: int = DEFAULT_CHUNK, stderr: bool = False, progress: bool = False
                          ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Class influence on `key` over the completed, non-failed rows of a results store, streamed
-    `chunk` rows at a time (memory bounded by the chunk)."""
+    `chunk` rows at a time (memory bounded by a few chunks); the next chunk is read from disk while
+    the current one is being computed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
     from .store import ResultStore
 
     store = ResultStore(store_dir)
-    rows = store.completed_rows()
-    if len(rows) == 0:
+    total = len(store.completed_rows())
+    if total == 0:
         raise InfluenceError(f"{store_dir}: no completed rows yet")
-    accumulator: InfluenceAccumulator | None = None
     chunks = store.iter_chunks([mask_key, key], chunk=chunk)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, total=-(-len(rows) // chunk), desc="influence", unit=" chunk")
-    for part, values in chunks:
-        masks, outputs = values[mask_key], values[key].reshape(len(part), -1)
-        if accumulator is None:
-            accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
-        accumulator.update(masks, outputs, rows=part)
-    assert accumulator is not None
+    accumulator: InfluenceAccumulator | None = None
+    with ThreadPoolExecutor(1) as reader, tqdm(total=total, desc="influence", unit=" models",
+                                               disable=not progress) as bar:
+        pending = reader.submit(next, chunks, None)
+        while (item := pending.result()) is not None:
+            pending = reader.submit(next, chunks, None)
+            part, values = item
+            masks, outputs = values[mask_key], values[key].reshape(len(part), -1)
+            if accumulator is None:
+                accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
+            accumulator.update(masks, outputs, rows=part)
+            bar.update(len(part))
+    if accumulator is None:
+        raise InfluenceError(f"{store_dir}: every completed row is marked failed")
     return accumulator.result()

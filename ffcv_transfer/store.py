@@ -6,6 +6,7 @@ One directory:
     fixed/NAME.npy       arrays known before training, one entry per row (e.g. the class masks)
     shards/WORKER.rows   one append-only file per writer process: fixed-size records
                          (magic, row, crc32 of the payload, payload); nobody else writes there
+    shards/WORKER.checked   readers' verdicts on the records already crc-checked (shards only grow)
     claims/ROW.claim     who is training a row (created with O_EXCL; refreshed by heartbeats)
     failed/ROW.json      why a row failed (e.g. "NaN loss at epoch 3")
 
@@ -45,12 +46,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -124,27 +126,35 @@ class ResultStore:
     def _shards(self) -> list[Path]:
         return sorted((self.path / "shards").glob("*.rows"))
 
-    def _valid_records(self, shard: Path, verify: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(records memmap, boolean mask of records that are complete and intact)."""
-        size = shard.stat().st_size
-        count = size // self.record_dtype.itemsize
+    def _valid_records(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(records memmap, boolean mask of records that are complete and intact).
+
+        Shards only grow, so the verdicts on records already checked are kept beside the shard
+        (NAME.checked) and only new records pay for their crc32."""
+        count = shard.stat().st_size // self.record_dtype.itemsize
         if count == 0:
             return np.zeros(0, self.record_dtype), np.zeros(0, bool)
         records = np.memmap(shard, dtype=self.record_dtype, mode="r", shape=(count,))
-        ok = (records["magic"] == MAGIC) & (records["row"] < self.num_rows)
-        if verify:
-            raw = np.memmap(shard, dtype=np.uint8, mode="r", shape=(count, self.record_dtype.itemsize))
-            crcs = records["crc"]
-            for i in np.flatnonzero(ok):
-                ok[i] = zlib.crc32(raw[i, self.payload_offset:]) == crcs[i]
+        cache = shard.with_suffix(".checked")
+        try:
+            known = np.fromfile(cache, dtype=np.bool_)[:count]
+        except (FileNotFoundError, ValueError):
+            known = np.zeros(0, np.bool_)
+        ok = np.concatenate([known, (records["magic"][len(known):] == MAGIC) & (records["row"][len(known):] < self.num_rows)])
+        raw = np.memmap(shard, dtype=np.uint8, mode="r", shape=(count, self.record_dtype.itemsize))
+        crcs = records["crc"]
+        for i in np.flatnonzero(ok[len(known):]) + len(known):
+            ok[i] = zlib.crc32(raw[i, self.payload_offset:]) == crcs[i]
+        if count > len(known):
+            _atomic_write(cache, ok.tobytes(), durable=False)
         return records, ok
 
-    def _index(self, verify: bool = True) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray]:
+    def _index(self) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray]:
         """(rows, shard record arrays, shard of each row, record of each row), rows sorted, each row's
         first intact record in (shard name, offset) order."""
         shards, rows, shard_ids, record_ids = [], [], [], []
         for shard in self._shards():
-            records, ok = self._valid_records(shard, verify)
+            records, ok = self._valid_records(shard)
             found = np.flatnonzero(ok)
             rows.append(records["row"][found].astype(np.int64))
             shard_ids.append(np.full(len(found), len(shards)))
@@ -162,8 +172,8 @@ class ResultStore:
         keep = order[first]
         return rows_all[first], shards, np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep]
 
-    def completed_rows(self, verify: bool = True) -> np.ndarray:
-        return self._index(verify)[0]
+    def completed_rows(self) -> np.ndarray:
+        return self._index()[0]
 
     def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
