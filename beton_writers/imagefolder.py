@@ -1,17 +1,21 @@
 """ImageFolder trees (`ROOT/<class or wnid>/<image>`, the ImageNet layout) -> beton.
 
 SRC is a folder or a .tar/.tar.gz/.tgz archive holding one; `subdir` picks the ImageFolder root inside
-it (e.g. `cifar10/test` or `train`). Archives are streamed once and only the chosen folder is
-extracted, into a temporary folder beside the output that is removed afterwards.
+it (e.g. `cifar10/test` or `train`). An archive is streamed once: the chosen images are appended to a
+single temporary pack file beside the output (one sequential write, not one file per image; removed
+afterwards) and the writer's workers read them back by offset.
 """
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import tempfile
+from collections import defaultdict
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +26,7 @@ from .common import BetonError, ImageOptions, write_beton
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WNID = re.compile(r"^n\d{8}$")
+TOP = PurePosixPath(".")
 
 
 @lru_cache(maxsize=1)
@@ -36,54 +41,76 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+class Tree:
+    """Folders and image files of a folder or an archive, by path relative to its top; `where[path]`
+    tells how to read a file: a Path on disk, or (offset, size) in the pack file."""
 
+    def __init__(self, label: str, in_archive: bool):
+        self.label, self.in_archive = label, in_archive
+        self.subdirs: dict[PurePosixPath, set[str]] = defaultdict(set)
+        self.images: dict[PurePosixPath, list[str]] = defaultdict(list)
+        self.where: dict[PurePosixPath, Any] = {}
 
-def find_root(folder: Path, label: str) -> Path:
-    """Descend through single sub-folders to the folder whose sub-folders hold images."""
-    while True:
-        subdirs = _visible_dirs(folder)
-        if not subdirs:
-            raise BetonError(f"{label}: no class folders in {folder}")
-        if any(_is_image(p) for d in subdirs for p in d.iterdir()):
-            return folder
-        if len(subdirs) > 1:
-            names = ", ".join(d.name for d in subdirs[:8])
-            raise BetonError(f"{label}: {folder.name}/ holds folders of folders ({names}); "
-                             f"choose the ImageFolder root with --subdir")
-        folder = subdirs[0]
+    def add_dir(self, path: PurePosixPath) -> None:
+        while path != TOP and not path.name.startswith("."):
+            self.subdirs[path.parent].add(path.name)
+            path = path.parent
 
+    def add_image(self, path: PurePosixPath, where: Any) -> None:
+        self.add_dir(path.parent)
+        self.images[path.parent].append(path.name)
+        self.where[path] = where
 
-def scan_imagefolder(root: Path, label: str, classes: Sequence[str] | None = None
-                     ) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Image files sorted by class then file name, their labels, and the sorted class folder names
-    (only `classes`, when given)."""
-    files: list[Path] = []
-    labels: list[int] = []
-    class_dirs = _visible_dirs(root)
-    if classes is not None:
-        missing = sorted(set(classes) - {d.name for d in class_dirs})
-        if missing:
-            raise BetonError(f"{label}: no class folder(s) {', '.join(missing[:10])}")
-        class_dirs = [d for d in class_dirs if d.name in set(classes)]
-    for index, class_dir in enumerate(class_dirs):
-        images = sorted(p for p in class_dir.iterdir() if p.is_file() and _is_image(p))
-        if not images:
-            raise BetonError(f"{label}: class folder {class_dir.name}/ holds no images "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        files += images
-        labels += [index] * len(images)
-    return files, np.asarray(labels, np.int64), [d.name for d in class_dirs]
+    def origin(self, folder: PurePosixPath) -> str:
+        """How to name `folder` in messages and the sidecar: ARCHIVE:PATH or a filesystem path."""
+        if folder == TOP:
+            return self.label
+        return f"{self.label}:{folder}" if self.in_archive else str(Path(self.label) / folder)
+
+    def find_root(self, start: PurePosixPath) -> PurePosixPath:
+        """Descend through single sub-folders to the folder whose sub-folders hold images."""
+        folder = start
+        while True:
+            subdirs = sorted(self.subdirs.get(folder, ()))
+            shown = self.origin(folder)
+            if not subdirs:
+                raise BetonError(f"{shown}: no class folders")
+            if any(self.images.get(folder / d) for d in subdirs):
+                return folder
+            if len(subdirs) > 1:
+                raise BetonError(f"{shown}: holds folders of folders ({', '.join(subdirs[:8])}); "
+                                 f"choose the ImageFolder root with --subdir")
+            folder = folder / subdirs[0]
+
+    def scan(self, root: PurePosixPath, classes: Sequence[str] | None
+             ) -> tuple[list[PurePosixPath], np.ndarray, list[str]]:
+        """Image paths sorted by class then file name, their labels, and the sorted class folder names
+        (only `classes`, when given)."""
+        names = sorted(self.subdirs.get(root, ()))
+        if classes is not None:
+            missing = sorted(set(classes) - set(names))
+            if missing:
+                raise BetonError(f"{self.origin(root)}: no class folder(s) {', '.join(missing[:10])}")
+            names = [n for n in names if n in set(classes)]
+        files: list[PurePosixPath] = []
+        labels: list[int] = []
+        for index, name in enumerate(names):
+            images = sorted(self.images.get(root / name, ()))
+            if not images:
+                raise BetonError(f"{self.origin(root)}: class folder {name}/ holds no images "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += [root / name / image for image in images]
+            labels += [index] * len(images)
+        return files, np.asarray(labels, np.int64), names
 
 
 class ImageFolderSource:
-    def __init__(self, files: list[Path], labels: np.ndarray, root: Path, shown_root: str):
-        self.files, self.labels, self.root, self.shown_root = files, labels, root, shown_root
+    def __init__(self, tree: Tree, files: list[PurePosixPath], labels: np.ndarray, pack_fd: int | None):
+        self.tree, self.files, self.labels, self.pack_fd = tree, files, labels, pack_fd
 
     def __len__(self) -> int:
         return len(self.files)
@@ -91,54 +118,76 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         from PIL import Image
 
-        with Image.open(self.files[index]) as image:
+        where = self.tree.where[self.files[index]]
+        handle = where if self.pack_fd is None else BytesIO(os.pread(self.pack_fd, where[1], where[0]))
+        with Image.open(handle) as image:
             return np.asarray(image.convert("RGB")), int(self.labels[index])
 
     def describe(self, index: int) -> str:
-        return f"{self.shown_root}/{self.files[index].relative_to(self.root)}"
+        return self.tree.origin(self.files[index])
+
+
+def _folder_tree(src: Path) -> Tree:
+    tree = Tree(str(src), in_archive=False)
+    for folder, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        relative = PurePosixPath(Path(folder).relative_to(src).as_posix())
+        tree.add_dir(relative)
+        for name in filenames:
+            if _is_image(name):
+                tree.add_image(relative / name, Path(folder) / name)
+    return tree
 
 
 @contextmanager
-def materialize(src: Path, subdir: str | None, workdir: Path, classes: Sequence[str] | None = None
-                ) -> Iterator[tuple[Path, str]]:
-    """Yield (local folder, name to show in messages) for a folder or an archive's sub-folder.
-    From an archive with `subdir` given, only the class folders in `classes` (if given) are extracted."""
+def open_tree(src: Path, subdir: str | None, workdir: Path, classes: Sequence[str] | None = None
+              ) -> Iterator[tuple[Tree, PurePosixPath, int | None]]:
+    """Yield (tree, the folder `subdir` names in it, pack file descriptor or None) for a folder or
+    an archive. From an archive with `subdir` given, only the class folders in `classes` are packed."""
+    start = PurePosixPath(subdir.strip("/")) if subdir else TOP
     if src.is_dir():
-        folder = src / subdir if subdir else src
-        if not folder.is_dir():
+        if not (src / start).is_dir():
             raise BetonError(f"{src}: no folder {subdir!r} inside")
-        yield folder, str(folder)
+        yield _folder_tree(src / start), TOP, None
         return
     if not src.exists():
         raise BetonError(f"{src}: no such file or folder")
     if not is_archive(src):
         raise BetonError(f"{src}: neither a folder nor a .tar/.tar.gz/.tgz archive")
-    prefix = PurePosixPath(subdir.strip("/")) if subdir else None
-    wanted = set(classes) if classes is not None and prefix else None
+    wanted = set(classes) if classes is not None and subdir else None
 
     def keep(inside: PurePosixPath) -> bool:
-        if prefix is None:
-            return True
-        if inside != prefix and prefix not in inside.parents:
+        if start == TOP:
+            parts = inside.parts
+        elif inside == start or start in inside.parents:
+            parts = inside.relative_to(start).parts
+        else:
             return False
-        parts = inside.relative_to(prefix).parts
         return wanted is None or not parts or parts[0] in wanted
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=workdir) as tmp:
+
+    tree = Tree(str(src), in_archive=True)
+    with tempfile.TemporaryFile(prefix=".pack-", dir=workdir) as pack:
         from tqdm import tqdm
 
         try:
-            with tarfile.open(src, "r|*") as archive, tqdm(desc=f"extract {src.name}", unit=" files") as bar:
+            with tarfile.open(src, "r|*") as archive, tqdm(desc=f"read {src.name}", unit=" images") as bar:
                 for member in archive:
-                    inside = PurePosixPath(member.name.lstrip("./"))
-                    if keep(inside):
-                        archive.extract(member, tmp, filter="data")
-                        bar.update(member.isfile())
+                    inside = PurePosixPath(member.name.lstrip("./") or ".")
+                    if not keep(inside):
+                        continue
+                    if member.isdir():
+                        tree.add_dir(inside)
+                    elif member.isfile() and _is_image(inside.name):
+                        data = archive.extractfile(member).read()
+                        tree.add_image(inside, (pack.tell(), len(data)))
+                        pack.write(data)
+                        bar.update()
         except (tarfile.TarError, EOFError, OSError) as e:
             raise BetonError(f"{src}: unreadable archive ({e})") from None
-        folder = Path(tmp) / prefix if prefix else Path(tmp)
-        if not folder.is_dir():
+        if start != TOP and not tree.subdirs.get(start):
             raise BetonError(f"{src}: no folder {subdir!r} inside the archive")
-        yield folder, f"{src}:{prefix}" if prefix else str(src)
+        pack.flush()
+        yield tree, start, pack.fileno()
 
 
 def write_imagefolder(
@@ -159,15 +208,15 @@ def write_imagefolder(
     """
     src, out = Path(src), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with materialize(src, subdir, out.parent, classes) as (folder, shown):
-        root = find_root(folder, shown)
-        shown_root = shown if root == folder else f"{shown}/{root.relative_to(folder)}"
-        files, labels, folder_names = scan_imagefolder(root, shown_root, classes)
+    with open_tree(src, subdir, out.parent, classes) as (tree, start, pack_fd):
+        root = tree.find_root(start)
+        files, labels, folder_names = tree.scan(root, classes)
+        origin = tree.origin(root)
         wnids = folder_names if all(WNID.match(n) for n in folder_names) else None
         known = imagenet1k_classes()
         class_names = [known[n][1] if n in known else n for n in folder_names] if wnids else folder_names
         extra = {"folder_names": folder_names}
         if wnids:
             extra["imagenet1k_index"] = [known[n][0] if n in known else None for n in folder_names]
-        return write_beton(ImageFolderSource(files, labels, root, shown_root), out, class_names=class_names,
-                           wnids=wnids, options=options, origin=shown_root, extra=extra, overwrite=overwrite)
+        return write_beton(ImageFolderSource(tree, files, labels, pack_fd), out, class_names=class_names,
+                           wnids=wnids, options=options, origin=origin, extra=extra, overwrite=overwrite)
