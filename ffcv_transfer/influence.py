@@ -12,6 +12,7 @@ Imports numpy alone; numba, torch and cupy are used only by their backends.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Iterable, NamedTuple
 
@@ -123,11 +124,22 @@ class _NumpyOps(_Ops):
         return np.zeros(shape, np.float64)
 
     def center(self, outputs: Any) -> tuple[Any, Any]:
-        """(outputs minus their column means, those means as subtracted, in float64)."""
-        values = outputs.astype(np.float64)
-        mean = values.mean(axis=0)
-        with np.errstate(invalid="ignore"):  # inf - inf: reported as a non-finite mean instead
-            values -= mean
+        """(outputs minus their column means, those means as subtracted, in float64). Row blocks in
+        threads: numpy releases the GIL in these loops, and the conversion from float16 is slow."""
+        values = np.empty(outputs.shape, np.float64)
+        blocks = [slice(start, start + HOST_BLOCK) for start in range(0, len(outputs), HOST_BLOCK)]
+
+        def convert(rows: slice) -> np.ndarray:
+            np.copyto(values[rows], outputs[rows])
+            return values[rows].sum(axis=0)
+
+        def subtract(rows: slice) -> None:
+            with np.errstate(invalid="ignore"):  # inf - inf: reported as a non-finite mean instead
+                values[rows] -= mean
+
+        pool = _host_pool()
+        mean = sum(pool.map(convert, blocks)) / len(outputs)
+        list(pool.map(subtract, blocks))
         return values, mean
 
     def colsum(self, array: Any) -> Any:
@@ -138,6 +150,19 @@ class _NumpyOps(_Ops):
 
     def masked_sums(self, masks: Any, values: Any) -> Any:
         return masks.T.astype(np.float64) @ values
+
+
+HOST_BLOCK = 1024  # rows per thread task in host-side elementwise work
+_POOL = None
+
+
+def _host_pool() -> Any:
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="influence")
+    return _POOL
 
 
 class _NumbaOps(_NumpyOps):
@@ -345,10 +370,10 @@ class InfluenceAccumulator:
         self.square_moves: list[tuple[np.ndarray, np.ndarray]] = []
         self.shift: Any = None
         self.counts = self.ops.zeros((num_classes,))
-        self.sums = self.ops.zeros((num_classes, num_outputs))
+        self.sums: Any = None  # the first chunk's sums are adopted, later ones added
         self.totals = self.ops.zeros((num_outputs,))
         if stderr:
-            self.square_sums = self.ops.zeros((num_classes, num_outputs))
+            self.square_sums: Any = None
             self.square_totals = self.ops.zeros((num_outputs,))
 
     def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
@@ -379,11 +404,12 @@ class InfluenceAccumulator:
             self.shift = chunk.mean
         delta = chunk.mean - self.shift
         counts = ops.colsum(masks)
-        self.sums += chunk.sums
+        self.sums = chunk.sums if self.sums is None else _add(self.sums, chunk.sums)
         self.moves.append((ops.host(counts), ops.host(delta)))  # sums += outer(counts, delta), in result()
         self.totals += chunk.column_sums + n * delta
         if self.stderr:
-            self.square_sums += chunk.square_sums + 2 * delta[None, :] * chunk.sums
+            square_sums = chunk.square_sums + 2 * delta[None, :] * chunk.sums
+            self.square_sums = square_sums if self.square_sums is None else _add(self.square_sums, square_sums)
             self.square_moves.append((ops.host(counts), ops.host(delta * delta)))
             self.square_totals += chunk.square_column_sums + 2 * delta * chunk.column_sums + n * delta * delta
         self.counts += counts
@@ -415,10 +441,14 @@ class InfluenceAccumulator:
             warnings.warn(f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
                           RuntimeWarning, stacklevel=2)
         with np.errstate(divide="ignore", invalid="ignore"):
-            mean_in, mean_out = sums / n_in, (totals - sums) / n_out
-            influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
+            # S/n_in - (t - S)/n_out = S * N/(n_in n_out) - t/n_out, in two passes over [C, T]
+            factor = np.where(degenerate[:, None], np.nan, total / (n_in * n_out))
+            influence = sums * factor
+            influence -= totals * (1 / n_out)
+            influence = influence.astype(np.float32)
             if not self.stderr:
                 return influence
+            mean_in, mean_out = sums / n_in, (totals - sums) / n_out
             squares = self._moved(self.square_sums, self.square_moves)
             square_totals = self.ops.host(self.square_totals)[None, :]
             var_in = (squares - sums * mean_in) / (n_in - 1)
@@ -426,6 +456,11 @@ class InfluenceAccumulator:
             stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
             stderr = np.where((n_in < 2) | (n_out < 2), np.nan, stderr).astype(np.float32)
         return influence, stderr
+
+
+def _add(total: Any, part: Any) -> Any:
+    total += part
+    return total
 
 
 def _non_finite_rows(outputs: np.ndarray) -> np.ndarray:
