@@ -31,12 +31,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+pip_install() {  # quiet, without the warnings about this machine's absent local package indexes
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  "${pip[@]}" torch
+  pip_install torch
 else
-  "${pip[@]}" torch==2.13.0   # the CPU build; a plain `torch` would pull a multi-GB CUDA build
+  pip_install torch==2.13.0   # the CPU build; a plain `torch` would pull a multi-GB CUDA build
 fi
 
 # ffcv builds from source against OpenCV core+imgproc through a small pkg-config stand-in.
@@ -44,9 +47,9 @@ shim=$venv/opencv-shim
 mkdir -p "$shim"
 cp -r scripts/opencv-shim/opencv2 "$shim/"
 sed "s#@SHIM@#$shim#" scripts/opencv-shim/opencv4.pc.in > "$shim/opencv4.pc"
-"${pip[@]}" -c constraints.txt numpy numba pillow setuptools wheel
-PKG_CONFIG_PATH=$shim${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} "${pip[@]}" -c constraints.txt --no-build-isolation ffcv==1.0.2
-"${pip[@]}" -c constraints.txt -e ".[dev]"
+pip_install -c constraints.txt numpy numba pillow setuptools wheel
+PKG_CONFIG_PATH=$shim${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} pip_install -c constraints.txt --no-build-isolation ffcv==1.0.2
+pip_install -c constraints.txt -e ".[dev]"
 
 echo "$inputs_hash" > "$stamp"
 echo "setup: ready ($venv)"

@@ -8,6 +8,7 @@ import pytest
 
 from ffcv_transfer.influence import (InfluenceAccumulator, InfluenceError, available_backends, class_influence,
                                      example_influence, influence_from_store)
+from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.store import ResultStore
 
 BACKENDS = available_backends()
@@ -134,8 +135,12 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
         writers[k % 2].write(int(row), margins=outputs[row])
     writers[0].fail(int(done[0]), "NaN loss at epoch 3")
     used = np.array(sorted(done[1:]))
+    expected = reference(masks[used], outputs[used])
     result = influence_from_store(tmp_path / "store", "margins", chunk=16, backend="numpy")
-    assert relative_error(result, reference(masks[used], outputs[used])) < 1e-6
+    assert relative_error(result, expected) < 1e-6
+    out = tmp_path / "infl.npy"
+    assert cli_main(["influence", str(tmp_path / "store"), "--backend", "numpy", "--stderr", "--out", str(out)]) == 0
+    assert relative_error(np.load(out), expected) < 1e-6 and np.load(tmp_path / "infl.stderr.npy").shape == (8, 10)
 
 
 def test_kernel_and_store_import_without_torch_or_ffcv():

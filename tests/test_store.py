@@ -79,6 +79,19 @@ def test_torn_and_corrupt_records_are_invisible_and_rows_reclaimable(tmp_path):
     assert store.writer("w3").claim(10) == [2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 
 
+def test_heartbeats_keep_claims_alive_and_silence_lets_them_expire(tmp_path):
+    store, _ = make_store(tmp_path / "s", ttl=0.4)
+    owner, other = store.writer("owner"), store.writer("other")
+    assert owner.claim(1) == [0]
+    for _ in range(3):
+        time.sleep(0.2)
+        owner.heartbeat()
+        assert 0 not in other.claim(1, rows=[0])
+    time.sleep(0.6)  # the owner went silent
+    assert other.claim(1, rows=[0]) == [0]
+    assert store.claims()[0]["worker"] == "other"
+
+
 def worker(path, seed):
     rng = np.random.default_rng(seed)
     writer = ResultStore(path).writer()
