@@ -1,0 +1,79 @@
+"""ffcv Loaders over source and target betons. Batches come out as normalised, channels-last float
+tensors on the chosen device (CPU or CUDA), labels as int64; the class subset to load is found from the
+beton's sidecar labels, without reading the beton."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# ImageNet statistics on the 0..255 scale, as in libffcv/ffcv-imagenet
+MEAN = np.array([0.485, 0.456, 0.406]) * 255
+STD = np.array([0.229, 0.224, 0.225]) * 255
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 1024
+    num_workers: int = 0  # 0: one per CPU core
+    order: str = "random"  # quasi_random: for betons larger than memory, with os_cache off
+    os_cache: bool = True
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order {self.order!r} is not one of {', '.join(ORDERS)}")
+
+
+def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Positions in the beton of the examples whose label is in `classes` (from NAME.labels.npy)."""
+    from beton_writers.common import read_labels
+
+    return np.flatnonzero(np.isin(read_labels(beton), np.asarray(classes)))
+
+
+def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
+    """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
+    end_ramp, rounded down to a multiple of `step`."""
+    value = np.interp(epoch, [start_ramp, end_ramp], [start, end])
+    return int(value // step) * step
+
+
+class ImageLoader:
+    """Iterate for (images, labels). Training: random-resized-crop + flip; evaluation: centre crop."""
+
+    def __init__(self, beton: str | Path, *, train: bool, resolution: int, config: LoaderConfig = LoaderConfig(),
+                 device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
+                 crop_ratio: float = 224 / 256):
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        self.device = torch.device(device)
+        size = (resolution, resolution)
+        self.decoder = RandomResizedCropRGBImageDecoder(size) if train else CenterCropRGBImageDecoder(size, crop_ratio)
+        image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
+            [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
+        label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        indices = None if classes is None else class_indices(beton, classes)
+        self.loader = Loader(str(beton), batch_size=config.batch_size, num_workers=config.num_workers or os.cpu_count(),
+                             order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
+                             drop_last=config.drop_last, indices=indices,
+                             pipelines={"image": image, "label": label})
+        self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def set_resolution(self, resolution: int) -> None:
+        self.decoder.output_size = (resolution, resolution)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield (images.float() - self.mean) / self.std, labels.long()
