@@ -45,18 +45,20 @@ def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: i
 
 
 class ImageLoader:
-    """Iterate for (images, labels). Training: random-resized-crop + flip; evaluation: centre crop."""
+    """Iterate for (images, labels). Training: random-resized-crop (area fraction in `crop_scale`) +
+    flip; evaluation: centre crop of `crop_ratio` of the shorter side."""
 
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, config: LoaderConfig = LoaderConfig(),
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
-                 crop_ratio: float = 224 / 256):
+                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0)):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         self.device = torch.device(device)
         size = (resolution, resolution)
-        self.decoder = RandomResizedCropRGBImageDecoder(size) if train else CenterCropRGBImageDecoder(size, crop_ratio)
+        self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train
+                        else CenterCropRGBImageDecoder(size, crop_ratio))
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
             [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
