@@ -24,6 +24,7 @@ class LoaderConfig:
     order: str = "random"  # quasi_random: for betons larger than memory, with os_cache off
     os_cache: bool = True
     drop_last: bool = True
+    seed: int | None = None  # of the example order (flips stay random)
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -65,7 +66,7 @@ class ImageLoader:
         indices = None if classes is None else class_indices(beton, classes)
         self.loader = Loader(str(beton), batch_size=config.batch_size, num_workers=config.num_workers or os.cpu_count(),
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
-                             drop_last=config.drop_last, indices=indices,
+                             drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines={"image": image, "label": label})
         self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)

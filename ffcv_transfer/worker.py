@@ -3,7 +3,7 @@ loader, transfer each to the target (cached features), and write the outputs; ro
 diverged are marked failed with the reason. Run it any number of times, in any number of processes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -56,8 +56,7 @@ class WorkerConfig:
 
 
 def _eval_loader(beton: str, config: WorkerConfig, classes: Sequence[int] | None = None) -> ImageLoader:
-    loader = LoaderConfig(batch_size=config.loader.batch_size, num_workers=config.loader.num_workers,
-                          order="sequential", os_cache=config.loader.os_cache, drop_last=False)
+    loader = replace(config.loader, order="sequential", drop_last=False)
     return ImageLoader(beton, train=False, resolution=config.resolution, config=loader, device=config.device,
                        classes=classes, crop_ratio=1.0)
 
