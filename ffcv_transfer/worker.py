@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .data import ImageLoader, LoaderConfig
 from .models import build_model

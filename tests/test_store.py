@@ -80,14 +80,14 @@ def test_torn_and_corrupt_records_are_invisible_and_rows_reclaimable(tmp_path):
 
 
 def test_heartbeats_keep_claims_alive_and_silence_lets_them_expire(tmp_path):
-    store, _ = make_store(tmp_path / "s", ttl=0.4)
+    store, _ = make_store(tmp_path / "s", ttl=1.0)
     owner, other = store.writer("owner"), store.writer("other")
     assert owner.claim(1) == [0]
-    for _ in range(3):
-        time.sleep(0.2)
+    for _ in range(3):  # heartbeats 0.4 s apart keep a 1 s claim alive for 1.2 s in all
+        time.sleep(0.4)
         owner.heartbeat()
         assert 0 not in other.claim(1, rows=[0])
-    time.sleep(0.6)  # the owner went silent
+    time.sleep(1.3)  # the owner went silent
     assert other.claim(1, rows=[0]) == [0]
     assert store.claims()[0]["worker"] == "other"
 
