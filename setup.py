@@ -13,6 +13,7 @@ setup(
         "numpy",
         "numba",
         "fastargs",
+        "pyyaml",
         "pillow",
         "tqdm",
     ],

@@ -97,6 +97,82 @@ def cmd_influence(args: argparse.Namespace) -> None:
         print(f"wrote {stderr_path}")
 
 
+def parse_settings(tokens: list[str]) -> dict[str, str]:
+    """`--section.name=value` or `--section.name value` tokens -> {"section.name": "value"}."""
+    from .config import ConfigError
+
+    settings, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            raise ConfigError(f"command line: unexpected argument {token!r} (settings look like --source.epochs=4)")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens):
+            key, value = token[2:], tokens[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"command line: setting {token} has no value")
+        settings[key] = value
+    return settings
+
+
+def parse_rows(text: str) -> list[int]:
+    """'0-63,100,120-127' -> [0, ..., 63, 100, 120, ..., 127]."""
+    from .config import ConfigError
+
+    rows: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            rows.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(f"--models {text!r}: expected row ranges like 0-63,100") from None
+    return rows
+
+
+def _experiment(args: argparse.Namespace, config: str | None):
+    from .config import load_experiment
+
+    return load_experiment(config, parse_settings(args.settings))
+
+
+def cmd_settings(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import describe_settings
+
+    if args.config is None and not args.settings:
+        print(describe_settings())
+    else:
+        print(yaml.safe_dump(_experiment(args, args.config).to_dict(), sort_keys=False), end="")
+
+
+def cmd_masks(args: argparse.Namespace) -> None:
+    from .worker import create_experiment_store
+
+    store = create_experiment_store(args.store, _experiment(args, args.config))
+    masks = store.fixed("masks")
+    print(f"wrote {args.store}: {masks.shape[0]} models x {masks.shape[1]} source classes "
+          f"({masks.sum(1).min()} classes each), {store.schema['margins'][0][0]} target test examples")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .store import ResultStore, format_status
+    from .worker import EXPERIMENT_FILE, run_worker
+
+    if args.k is not None:
+        args.settings += [f"--run.models_per_process={args.k}"]
+    experiment = _experiment(args, args.config or str(Path(args.store) / EXPERIMENT_FILE))
+    rows = parse_rows(args.models) if args.models else None
+    written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress)
+    print(f"this worker wrote {written} rows")
+    print(format_status(ResultStore(args.store).status(), args.store))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffcv-transfer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="DIR")
     p.set_defaults(run=cmd_store_status)
 
+    settings = "Any setting can be overridden as --section.name=value; `ffcv-transfer settings` lists them all."
+    p = commands.add_parser("settings", help="list every experiment setting, or print a config fully resolved")
+    p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")
+    p.set_defaults(run=cmd_settings, takes_settings=True)
+
+    p = commands.add_parser("masks", help="draw the random class subsets and create the results store",
+                            epilog=settings)
+    p.add_argument("--config", required=True, help="experiment YAML (see rs_configs/)")
+    p.add_argument("--store", required=True, metavar="DIR", help="results store to create")
+    p.set_defaults(run=cmd_masks, takes_settings=True)
+
+    p = commands.add_parser("train", help="train, transfer and record pending models of a store (K at a time)",
+                            epilog=settings)
+    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
+    p.add_argument("--models", help="only these rows, e.g. 0-63,100 (default: all pending)")
+    p.add_argument("--k", type=int, help="models per process (run.models_per_process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train, takes_settings=True)
+
     p = commands.add_parser("influence", help="class influence from a results store")
     p.add_argument("store", metavar="DIR")
     p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
@@ -157,16 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_settings", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.settings = extra
     from beton_writers.common import BetonError
 
+    from .config import ConfigError
     from .influence import InfluenceError
     from .store import StoreError
 
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
-    except (BetonError, StoreError, InfluenceError) as e:
+    except (BetonError, StoreError, InfluenceError, ConfigError) as e:
         print(f"ffcv-transfer: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .options import check_choice, option
+
 # ImageNet statistics on the 0..255 scale, as in libffcv/ffcv-imagenet
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -19,16 +21,17 @@ ORDERS = ("random", "quasi_random", "sequential")
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    batch_size: int = 1024
-    num_workers: int = 0  # 0: one per CPU core
-    order: str = "random"  # quasi_random: for betons larger than memory, with os_cache off
-    os_cache: bool = True
-    drop_last: bool = True
-    seed: int | None = None  # of the example order (flips stay random)
+    num_workers: int = option(0, "decoding threads; 0: one per CPU core")
+    order: str = option("random", "example order; quasi_random (with os_cache false) for betons larger "
+                        "than memory", ORDERS)
+    os_cache: bool = option(True, "read the beton through the OS page cache (it fits in memory)")
+    drop_last: bool = option(True, "drop the last incomplete training batch")
+    seed: int | None = option(None, "seed of the example order (flips stay random)")
 
     def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise ValueError(f"order {self.order!r} is not one of {', '.join(ORDERS)}")
+        check_choice("loader.order", self.order, ORDERS)
+        if self.order == "quasi_random" and self.os_cache:
+            raise ValueError("loader.order quasi_random needs loader.os_cache false (ffcv pages the beton itself)")
 
 
 def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -40,16 +43,19 @@ def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.
 
 def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
     """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
-    end_ramp, rounded down to a multiple of `step`."""
-    value = np.interp(epoch, [start_ramp, end_ramp], [start, end])
-    return int(value // step) * step
+    end_ramp, rounded down to a multiple of `step` (and kept within start..end)."""
+    if start == end:
+        return start
+    value = int(np.interp(epoch, [start_ramp, end_ramp], [start, end]) // step) * step
+    return int(np.clip(value, min(start, end), max(start, end)))
 
 
 class ImageLoader:
     """Iterate for (images, labels). Training: random-resized-crop (area fraction in `crop_scale`) +
     flip; evaluation: centre crop of `crop_ratio` of the shorter side."""
 
-    def __init__(self, beton: str | Path, *, train: bool, resolution: int, config: LoaderConfig = LoaderConfig(),
+    def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
+                 config: LoaderConfig = LoaderConfig(),
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
                  crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0)):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
@@ -64,7 +70,7 @@ class ImageLoader:
             [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
         indices = None if classes is None else class_indices(beton, classes)
-        self.loader = Loader(str(beton), batch_size=config.batch_size, num_workers=config.num_workers or os.cpu_count(),
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=config.num_workers or os.cpu_count(),
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines={"image": image, "label": label})

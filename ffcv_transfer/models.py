@@ -2,11 +2,26 @@
 a width multiplier for cheap runs, and optional BlurPool (as in FFCV's ResNet recipe)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import check_choice, option
+
 STEMS = ("imagenet", "small")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    stem: str = option("imagenet", "imagenet: 7x7/2 conv + max-pool (128-224 px); small: 3x3/1 conv (16-64 px)",
+                       STEMS)
+    width: float = option(1.0, "channel multiplier (1: the standard 64-128-256-512)")
+    blurpool: bool = option(False, "anti-aliased strided convolutions, as in FFCV's recipe")
+
+    def __post_init__(self) -> None:
+        check_choice("model.stem", self.stem, STEMS)
 
 
 class BlurPoolConv2d(nn.Module):
@@ -45,8 +60,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes: int, *, stem: str = "imagenet", width: float = 1.0, blurpool: bool = False):
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem {stem!r} is not one of {', '.join(STEMS)}")
+        check_choice("stem", stem, STEMS)
         if width <= 0 or num_classes < 1:
             raise ValueError(f"need width > 0 and num_classes >= 1, got {width} and {num_classes}")
         widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]

@@ -56,6 +56,20 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def _owner_is_dead(claim: dict[str, Any]) -> bool:
+    """A claim made on this host by a process that no longer exists (killed, crashed) is stale at once;
+    claims from other hosts can only expire."""
+    if claim.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+
 class ResultStore:
     """Open with `ResultStore(path)`; make with `ResultStore.create(path, num_rows, schema, fixed=...)`."""
 
@@ -232,17 +246,20 @@ class ResultStore:
                 age = now - file.stat().st_mtime
             except (FileNotFoundError, json.JSONDecodeError):
                 continue  # released or being written right now
-            found[int(file.stem)] = {**info, "age_s": age, "stale": age > self.claim_ttl_s}
+            found[int(file.stem)] = {**info, "age_s": age, "stale": age > self.claim_ttl_s or _owner_is_dead(info)}
         return found
 
     def status(self) -> dict[str, Any]:
-        """Counts of completed, claimed (live claims), pending and failed rows, and failure reasons."""
+        """Counts of completed, claimed (live claims), pending and failed rows, failure reasons, and
+        `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one)."""
         failures = self.failures()
         failed = set(failures)
-        completed = set(self.completed_rows().tolist()) - failed
+        rows = self.completed_rows()
+        completed = set(rows.tolist()) - failed
         live = {r for r, c in self.claims().items() if not c["stale"]} - completed - failed
+        records = sum(int(self._valid_records(shard)[1].sum()) for shard in self._shards())
         return {"rows": self.num_rows, "completed": len(completed), "claimed": len(live), "failed": len(failed),
-                "pending": self.num_rows - len(completed | failed | live),
+                "pending": self.num_rows - len(completed | failed | live), "duplicates": records - len(rows),
                 "failure_reasons": dict(Counter(failures.values()).most_common())}
 
     def writer(self, worker: str | None = None) -> "StoreWriter":
@@ -287,9 +304,10 @@ class StoreWriter:
             fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                stale = time.time() - file.stat().st_mtime > self.store.claim_ttl_s
-            except FileNotFoundError:
-                return False  # just released: leave it to the next round
+                stale = (time.time() - file.stat().st_mtime > self.store.claim_ttl_s
+                         or _owner_is_dead(json.loads(file.read_text())))
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False  # just released or being written: leave it to the next round
             if not stale:
                 return False
             _atomic_write(file, self._claim_body())  # take over an expired claim...
@@ -367,6 +385,8 @@ def format_status(status: dict[str, Any], path: str | Path) -> str:
              f"  claimed   {status['claimed']:>8}",
              f"  pending   {status['pending']:>8}",
              f"  failed    {status['failed']:>8}"]
+    if status["duplicates"]:
+        lines.append(f"  duplicate records {status['duplicates']} (rows trained twice; readers keep the first)")
     for reason, count in status["failure_reasons"].items():
         lines.append(f"    {count:>6} x {reason}")
     return "\n".join(lines)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import check_choice, option
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -25,17 +27,19 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class OptimConfig:
     """Defaults: the reference ImageNet recipe (MadryLab/data-transfer)."""
 
-    epochs: int = 16
-    lr: float = 0.5
-    lr_peak_epoch: float = 2.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    label_smoothing: float = 0.1
-    precision: str = "bf16"
+    batch_size: int = option(1024, "examples per step, shared by all K models (each trains on its classes' part)")
+    epochs: int = option(16, "passes over the data")
+    lr: float = option(0.5, "peak learning rate of the cyclic schedule")
+    lr_peak_epoch: float = option(2.0, "epoch at which the linear warm-up reaches the peak")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-5, "L2 penalty on all parameters except BatchNorm's")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    precision: str = option("bf16", "autocast dtype (fp16 adds a gradient scaler)", PRECISIONS)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"need batch_size >= 1 and epochs >= 1, got {self.batch_size} and {self.epochs}")
         if not 0 <= self.lr_peak_epoch <= self.epochs:
             raise ValueError(f"lr_peak_epoch {self.lr_peak_epoch} must lie in 0..epochs ({self.epochs})")
 
@@ -52,11 +56,12 @@ def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter except BatchNorm's."""
+    """Weight decay on every trainable parameter except BatchNorm's."""
     batchnorm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters()}
-    decay = [p for p in model.parameters() if id(p) not in batchnorm]
-    no_decay = [p for p in model.parameters() if id(p) in batchnorm]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) not in batchnorm]
+    no_decay = [p for p in trainable if id(p) in batchnorm]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -71,13 +76,14 @@ class FusedTrainer:
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
         self.membership = torch.as_tensor(class_masks, device=self.device)
+        self.takes_every_class = bool(class_masks.all())
         self.optimizers = [torch.optim.SGD(param_groups(m, config.weight_decay), lr=0.0, momentum=config.momentum)
                            for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
         self.failed: dict[int, str] = {}
         self.step = 0
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         dtype = PRECISIONS[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -91,26 +97,31 @@ class FusedTrainer:
         for images, labels in batches:
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, (model, optimizer, scaler, rows) in enumerate(
-                    zip(self.models, self.optimizers, self.scalers, route(labels, self.membership))):
-                if k in self.failed or len(rows) == 0:
+                    zip(self.models, self.optimizers, self.scalers, self._parts(labels))):
+                part = labels[rows]
+                if k in self.failed or len(part) == 0:
                     continue
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with self._autocast():
-                    loss = F.cross_entropy(model(images[rows]), labels[rows],
-                                           label_smoothing=self.config.label_smoothing)
+                with self.autocast():
+                    loss = F.cross_entropy(model(images[rows]), part, label_smoothing=self.config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sums[k] += loss.detach().float() * len(rows)  # checked once per epoch: no sync per step
-                counts[k] += len(rows)
+                loss_sums[k] += loss.detach().float() * len(part)  # checked once per epoch: no sync per step
+                counts[k] += len(part)
             self.step += 1
         means = (loss_sums / counts.clamp_min(1)).tolist()
         for k, mean in enumerate(means):
             if k not in self.failed and not np.isfinite(mean):
                 self.failed[k] = f"non-finite loss at epoch {epoch}"
         return means
+
+    def _parts(self, labels: torch.Tensor) -> list[torch.Tensor] | list[slice]:
+        """Per model, the batch positions it trains on (the whole batch, without a copy, when every model
+        takes every class, as in transfer)."""
+        return [slice(None)] * len(self.models) if self.takes_every_class else route(labels, self.membership)
 
     @torch.no_grad()
     def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -120,12 +131,32 @@ class FusedTrainer:
         for model in self.models:
             model.eval()
         for images, labels in batches:
-            for k, (model, rows) in enumerate(zip(self.models, route(labels, self.membership))):
-                if len(rows) == 0:
+            for k, (model, rows) in enumerate(zip(self.models, self._parts(labels))):
+                part = labels[rows]
+                if len(part) == 0:
                     continue
-                with self._autocast():
+                with self.autocast():
                     logits = model(images[rows]).float()
                 logits[:, ~self.membership[k]] = -torch.inf
-                correct[k] += (logits.argmax(1) == labels[rows]).sum()
-                counts[k] += len(rows)
+                correct[k] += (logits.argmax(1) == part).sum()
+                counts[k] += len(part)
         return (correct / counts.clamp_min(1)).tolist()
+
+
+@dataclass(frozen=True)
+class SourceConfig(OptimConfig):
+    """Source training: the optimiser recipe plus progressive resizing and augmentation."""
+
+    min_res: int = option(160, "training resolution until start_ramp")
+    max_res: int = option(192, "training resolution from end_ramp on")
+    start_ramp: int = option(11, "epoch at which the resolution starts to grow")
+    end_ramp: int = option(13, "epoch at which it reaches max_res")
+    val_res: int = option(256, "resolution of the source validation images")
+    val_crop_ratio: float = option(224 / 256, "centre-crop fraction of the shorter side for validation")
+    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop (1: flips only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.crop_min_scale <= 1 or not 0 < self.val_crop_ratio <= 1:
+            raise ValueError(f"crop_min_scale {self.crop_min_scale} and val_crop_ratio {self.val_crop_ratio} "
+                             "must lie in (0, 1]")

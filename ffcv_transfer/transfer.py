@@ -1,25 +1,49 @@
 """Transfer of source models to the target task, and what the store records per target test example:
 margin (correct-class logit minus the largest other), correctness and prediction.
 
-Mode here: `cached_features`: each backbone in eval mode, features of the target train and test sets
-computed once (one pass of each loader for all K models), then a linear head fitted on them. Far
-cheaper than the reference fixed-feature transfer (which trains the head through the frozen backbone
-with augmentation and BatchNorm in train mode): a documented change of semantics.
+Modes (`transfer.mode`):
+- `fixed_feature` (the reference): a new linear head trained through the frozen backbone with SGD on
+  augmented target images, BatchNorm in train mode (its running statistics adapt to the target).
+- `full_finetune`: a new head and every backbone parameter trained on the target.
+- `cached_features`: each backbone in eval mode, target train and test features computed once, a linear
+  head fitted on them by L-BFGS. Far cheaper, but a change of semantics: no augmentation, no BatchNorm
+  adaptation, an exactly optimised head.
+All K models share each pass of the target loaders.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import check_choice, option
+from .train import FusedTrainer, OptimConfig
+
+MODES = ("fixed_feature", "full_finetune", "cached_features")
+
 
 @dataclass(frozen=True)
-class HeadConfig:
-    weight_decay: float = 5e-4
-    max_iter: int = 200  # L-BFGS iterations on the full (cached) training features
+class TransferConfig(OptimConfig):
+    """Defaults: the reference CIFAR-10 transfer (15 epochs, peak LR 0.1 at epoch 5, wd 5e-4, 224 px)."""
+
+    mode: str = option("fixed_feature", "how each source model is transferred", MODES)
+    resolution: int = option(224, "target images are resized (upsampled) to this many pixels")
+    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
+                                   "the head (1: flips only)")
+    batch_size: int = option(512, "target examples per step, shared by all K models")
+    epochs: int = option(15, "passes over the target training set (fixed_feature, full_finetune)")
+    lr: float = option(0.1, "peak learning rate (fixed_feature, full_finetune)")
+    lr_peak_epoch: float = option(5.0, "epoch of the learning-rate peak (fixed_feature, full_finetune)")
+    weight_decay: float = option(5e-4, "L2 penalty (all modes; cached_features: on the head's weights)")
+    head_max_iter: int = option(200, "L-BFGS iterations of the cached_features head")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("transfer.mode", self.mode, MODES)
 
 
 @dataclass
@@ -37,31 +61,43 @@ def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct - others.max(1).values
 
 
+def outputs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> TransferOutputs:
+    predictions = logits.argmax(1)
+    is_correct = predictions == labels
+    return TransferOutputs(margins_of(logits, labels), is_correct, predictions, float(is_correct.float().mean()))
+
+
 @torch.no_grad()
-def extract_features(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Penultimate features of every model over one pass of `batches`: ([K x (N, D)], labels (N,))."""
+def _one_pass(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              apply: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     for model in models:
         model.eval()
-    features: list[list[torch.Tensor]] = [[] for _ in models]
+    results: list[list[torch.Tensor]] = [[] for _ in models]
     labels = []
     for images, batch_labels in batches:
         for k, model in enumerate(models):
-            features[k].append(model.features(images).float())
+            results[k].append(apply(model, images).float())
         labels.append(batch_labels)
-    return [torch.cat(f) for f in features], torch.cat(labels)
+    return [torch.cat(r) for r in results], torch.cat(labels)
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, config: HeadConfig) -> nn.Module:
+def extract_features(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Penultimate features of every model over one pass of `batches`: ([K x (N, D)], labels (N,))."""
+    return _one_pass(models, batches, lambda model, images: model.features(images))
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    weight_decay: float, max_iter: int) -> nn.Module:
     """Multinomial logistic regression on standardised features, L2-penalised, by full-batch L-BFGS."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     linear = nn.Linear(features.shape[1], num_classes).to(features.device)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=config.max_iter, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
     standardised = (features - mean) / std
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(linear(standardised), labels) + config.weight_decay * linear.weight.square().sum()
+        loss = F.cross_entropy(linear(standardised), labels) + weight_decay * linear.weight.square().sum()
         loss.backward()
         return loss
 
@@ -80,17 +116,37 @@ class _Standardise(nn.Module):
 
 
 def transfer_cached_features(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
-                             num_classes: int, config: HeadConfig = HeadConfig()) -> list[TransferOutputs]:
+                             num_classes: int, config: TransferConfig) -> list[TransferOutputs]:
     """Fit a linear head per model on its cached target-train features; outputs on the target test set."""
     train_features, train_labels = extract_features(models, train_batches)
     test_features, test_labels = extract_features(models, test_batches)
     outputs = []
     for train_k, test_k in zip(train_features, test_features):
-        head = fit_linear_head(train_k, train_labels, num_classes, config)
+        head = fit_linear_head(train_k, train_labels, num_classes, config.weight_decay, config.head_max_iter)
         with torch.no_grad():
-            logits = head(test_k)
-        predictions = logits.argmax(1)
-        is_correct = predictions == test_labels
-        outputs.append(TransferOutputs(margins_of(logits, test_labels), is_correct, predictions,
-                                       float(is_correct.float().mean())))
+            outputs.append(outputs_from_logits(head(test_k), test_labels))
     return outputs
+
+
+def transfer_by_training(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
+                         num_classes: int, config: TransferConfig, steps_per_epoch: int,
+                         device: str | torch.device = "cpu") -> tuple[list[TransferOutputs], dict[int, str]]:
+    """fixed_feature or full_finetune: replace each model's head with a new `num_classes`-way linear layer
+    and train all K in lockstep on the same target batches. Returns the test outputs and the models whose
+    loss diverged (index -> reason)."""
+    if config.mode == "cached_features":
+        raise ValueError("transfer_by_training trains the head: use transfer_cached_features for cached_features")
+    for model in models:
+        model.requires_grad_(config.mode == "full_finetune")
+        model.fc = nn.Linear(model.fc.in_features, num_classes).to(device)  # trainable
+    every_class = np.ones((len(models), num_classes), bool)
+    trainer = FusedTrainer(list(models), every_class, config, steps_per_epoch, device=device)
+    for epoch in range(config.epochs):
+        trainer.train_epoch(train_batches, epoch)
+    logits, labels = _one_pass(models, test_batches, lambda model, images: _logits(model, images, trainer))
+    return [outputs_from_logits(l, labels) for l in logits], trainer.failed
+
+
+def _logits(model: nn.Module, images: torch.Tensor, trainer: FusedTrainer) -> torch.Tensor:
+    with trainer.autocast():
+        return model(images)

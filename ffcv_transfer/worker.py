@@ -1,106 +1,181 @@
 """The worker: claim pending rows of a store, train their source models K at a time on one shared
-loader, transfer each to the target (cached features), and write the outputs; rows whose model
-diverged are marked failed with the reason. Run it any number of times, in any number of processes."""
+loader, transfer each to the target, and write the outputs; rows whose model diverged are marked failed
+with the reason. Run it any number of times, in any number of processes: completed rows are skipped and
+rows of a killed worker are taken over."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .data import ImageLoader, LoaderConfig
+from .config import ConfigError, Experiment
+from .data import ImageLoader, resolution_at
+from .masks import create_store, random_class_masks
 from .models import build_model
 from .store import ResultStore
-from .train import FusedTrainer, OptimConfig
-from .transfer import HeadConfig, TransferOutputs, transfer_cached_features
+from .train import FusedTrainer
+from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
 
-OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}
-
-
-def random_class_masks(num_models: int, num_classes: int, alpha: float, seed: int) -> np.ndarray:
-    """(N, C) bool: each model includes exactly round(alpha * C) classes drawn without replacement."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha {alpha} must lie strictly between 0 and 1")
-    rng = np.random.default_rng(seed)
-    chosen = np.argsort(rng.random((num_models, num_classes)), axis=1)[:, : round(alpha * num_classes)]
-    masks = np.zeros((num_models, num_classes), bool)
-    np.put_along_axis(masks, chosen, True, axis=1)
-    return masks
+SPLITS = ("source_train", "source_val", "target_train", "target_test")
 
 
-def create_store(path: str | Path, masks: np.ndarray, num_target_test: int) -> ResultStore:
-    """A store with one row per model: its class mask (fixed), then per target test example its margin,
-    correctness and prediction, plus source and target accuracy."""
-    schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
-    schema |= {"source_acc": ((), "float32"), "target_acc": ((), "float32")}
-    return ResultStore.create(path, len(masks), schema, fixed={"masks": masks})
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    source_train: str
-    source_val: str
-    target_train: str
-    target_test: str
-    resolution: int = 32
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    stem: str = "small"
-    width: float = 0.125
-    models_per_process: int = 8
-    device: str = "cpu"
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-
-
-def _eval_loader(beton: str, config: WorkerConfig, classes: Sequence[int] | None = None) -> ImageLoader:
-    loader = replace(config.loader, order="sequential", drop_last=False)
-    return ImageLoader(beton, train=False, resolution=config.resolution, config=loader, device=config.device,
-                       classes=classes, crop_ratio=1.0)
-
-
-def train_rows(store: ResultStore, rows: Sequence[int], config: WorkerConfig
-               ) -> tuple[dict[int, str], list[float], list[TransferOutputs]]:
-    """Train and transfer the models of `rows`: (failures by row, source accuracies, transfer outputs)."""
+def read_sidecars(experiment: Experiment) -> dict[str, dict]:
+    """Every split's sidecar; a missing beton is an error that names it."""
     from beton_writers.common import read_sidecar
 
+    sidecars = {}
+    for split in SPLITS:
+        path = experiment.data.path(split)
+        if not path.is_file():
+            raise ConfigError(f"{path}: data.{split} does not exist (data.root is {experiment.data.root!r})")
+        sidecars[split] = read_sidecar(path)
+    return sidecars
+
+
+def check_inputs(store: ResultStore, experiment: Experiment) -> None:
+    """The betons exist and match the store's masks and output columns; errors name the file."""
+    sidecars = read_sidecars(experiment)
+    num_classes = store.fixed("masks").shape[1]
+    for split in ("source_train", "source_val"):
+        if sidecars[split]["num_classes"] != num_classes:
+            raise ConfigError(f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
+                              f"masks of store {store.path} cover {num_classes}")
+    num_test = store.schema["margins"][0][0]
+    if sidecars["target_test"]["num_examples"] != num_test:
+        raise ConfigError(f"{experiment.data.path('target_test')}: {sidecars['target_test']['num_examples']} "
+                          f"examples, but store {store.path} has {num_test} output columns")
+
+
+def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
+            crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None
+            ) -> ImageLoader:
+    loader = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
+    return ImageLoader(experiment.data.path(split), train=train, resolution=resolution, batch_size=batch_size,
+                       config=loader, device=experiment.run.device, classes=classes,
+                       crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio)
+
+
+def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
+               on_epoch: Callable[[str], None] = lambda stage: None
+               ) -> tuple[dict[int, str], dict[int, tuple[float, TransferOutputs]]]:
+    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row)."""
+    source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed("masks")[list(rows)])
-    num_source = masks.shape[1]
-    num_target = read_sidecar(config.target_train)["num_classes"]
     union = np.flatnonzero(masks.any(axis=0))
-    train = ImageLoader(config.source_train, train=True, resolution=config.resolution, config=config.loader,
-                        device=config.device, classes=union, crop_scale=config.crop_scale)
-    models = [build_model(num_source, stem=config.stem, width=config.width, device=config.device) for _ in rows]
-    trainer = FusedTrainer(models, masks, config.optim, steps_per_epoch=len(train), device=config.device)
-    for epoch in range(config.optim.epochs):
+    train = _loader(experiment, "source_train", train=True, resolution=source.min_res, batch_size=source.batch_size,
+                    crop_min_scale=source.crop_min_scale, classes=union)
+    models = [build_model(masks.shape[1], **asdict(experiment.model), device=device) for _ in rows]
+    trainer = FusedTrainer(models, masks, source, steps_per_epoch=len(train), device=device)
+    for epoch in range(source.epochs):
+        train.set_resolution(resolution_at(epoch, source.min_res, source.max_res, source.start_ramp, source.end_ramp))
         trainer.train_epoch(train, epoch)
-    source_acc = trainer.accuracy(_eval_loader(config.source_val, config, union))
-    outputs = transfer_cached_features(models, _eval_loader(config.target_train, config),
-                                       _eval_loader(config.target_test, config), num_target, config.head)
-    return {rows[k]: reason for k, reason in trainer.failed.items()}, source_acc, outputs
+        on_epoch(f"source epoch {epoch + 1}/{source.epochs}")
+    failures = {rows[k]: f"source training: {reason}" for k, reason in trainer.failed.items()}
+    alive = [k for k in range(len(rows)) if rows[k] not in failures]
+    if not alive:
+        return failures, {}
+    source_acc = trainer.accuracy(_loader(experiment, "source_val", train=False, resolution=source.val_res,
+                                          batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
+                                          classes=union))
+    outputs, transfer_failures = _transfer([models[k] for k in alive], experiment, on_epoch)
+    failures |= {rows[alive[k]]: f"transfer: {reason}" for k, reason in transfer_failures.items()}
+    results = {rows[k]: (source_acc[k], out) for k, out in zip(alive, outputs) if rows[k] not in failures}
+    return failures, results
 
 
-def run_worker(store_dir: str | Path, config: WorkerConfig, rows: Sequence[int] | None = None) -> int:
+def _transfer(models: list, experiment: Experiment, on_epoch: Callable[[str], None]
+              ) -> tuple[list[TransferOutputs], dict[int, str]]:
+    from beton_writers.common import read_sidecar
+
+    config = experiment.transfer
+    num_classes = read_sidecar(experiment.data.path("target_train"))["num_classes"]
+    test = _loader(experiment, "target_test", train=False, resolution=config.resolution,
+                   batch_size=config.batch_size)
+    if config.mode == "cached_features":
+        train = _loader(experiment, "target_train", train=False, resolution=config.resolution,
+                        batch_size=config.batch_size)
+        outputs = transfer_cached_features(models, train, test, num_classes, config)
+        on_epoch("transfer (cached features)")
+        return outputs, {}
+    train = _loader(experiment, "target_train", train=True, resolution=config.resolution,
+                    batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
+    outputs, failed = transfer_by_training(models, _Reporting(train, on_epoch, config.epochs), test, num_classes,
+                                           config, steps_per_epoch=len(train), device=experiment.run.device)
+    return outputs, failed
+
+
+class _Reporting:
+    """A loader that reports each finished pass (for the progress bar and the claims' heartbeat)."""
+
+    def __init__(self, loader: ImageLoader, on_epoch: Callable[[str], None], epochs: int):
+        self.loader, self.on_epoch, self.epochs, self.passes = loader, on_epoch, epochs, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        self.passes += 1
+        self.on_epoch(f"transfer epoch {self.passes}/{self.epochs}")
+
+
+def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,
+               progress: bool = True) -> int:
     """Claim and complete rows K at a time until none is pending; returns how many were written."""
+    from tqdm import tqdm
+
     store = ResultStore(store_dir)
+    check_inputs(store, experiment)
     writer = store.writer()
-    written = 0
+    todo = _pending(store, rows)
+    bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
+    start, written = time.monotonic(), 0
+
+    def on_epoch(stage: str) -> None:
+        writer.heartbeat()
+        bar.set_description(f"rows {claimed[0]}-{claimed[-1]}: {stage}", refresh=True)
+
     try:
-        while claimed := writer.claim(config.models_per_process, rows=rows):
-            failures, source_acc, outputs = train_rows(store, claimed, config)
-            good = [k for k, row in enumerate(claimed) if row not in failures]
+        while claimed := writer.claim(experiment.run.models_per_process, rows=rows):
+            failures, results = train_rows(store, claimed, experiment, on_epoch)
             for row, reason in failures.items():
                 writer.fail(row, reason)
-            if good:
+            if results:
+                done = sorted(results)
                 writer.write_many(
-                    [claimed[k] for k in good],
-                    margins=np.stack([outputs[k].margins.cpu().numpy() for k in good]).astype(np.float16),
-                    is_correct=np.stack([outputs[k].is_correct.cpu().numpy() for k in good]),
-                    predictions=np.stack([outputs[k].predictions.cpu().numpy() for k in good]).astype(np.int16),
-                    source_acc=np.array([source_acc[k] for k in good], np.float32),
-                    target_acc=np.array([outputs[k].accuracy for k in good], np.float32))
-                written += len(good)
+                    done,
+                    margins=np.stack([results[r][1].margins.cpu().numpy() for r in done]).astype(np.float16),
+                    is_correct=np.stack([results[r][1].is_correct.cpu().numpy() for r in done]),
+                    predictions=np.stack([results[r][1].predictions.cpu().numpy() for r in done]).astype(np.int16),
+                    source_acc=np.array([results[r][0] for r in done], np.float32),
+                    target_acc=np.array([results[r][1].accuracy for r in done], np.float32))
+                written += len(done)
+            bar.update(len(claimed))
+            per_hour = 3600 * bar.n / (time.monotonic() - start)
+            bar.set_postfix_str(f"{per_hour:.1f} models/h, {len(failures)} failed", refresh=True)
     finally:
         writer.close()
+        bar.close()
     return written
+
+
+def _pending(store: ResultStore, rows: Sequence[int] | None) -> list[int]:
+    done = set(store.completed_rows().tolist()) | set(store.failures())
+    return [r for r in (range(store.num_rows) if rows is None else rows) if r not in done]
+
+
+EXPERIMENT_FILE = "experiment.yaml"
+
+
+def create_experiment_store(path: str | Path, experiment: Experiment) -> ResultStore:
+    """Draw the experiment's class masks, create its store, and save the resolved config beside them
+    (`ffcv-transfer train --store DIR` reads it back)."""
+    sidecars = read_sidecars(experiment)
+    num_classes, num_test = sidecars["source_train"]["num_classes"], sidecars["target_test"]["num_examples"]
+    m = experiment.masks
+    store = create_store(path, random_class_masks(m.num_models, num_classes, m.alpha, m.seed), num_test)
+    experiment.save(store.path / EXPERIMENT_FILE)
+    return store

@@ -24,8 +24,8 @@ def collect(loader):
 
 
 def test_eval_loader_returns_stored_images_normalised(betons):
-    config = LoaderConfig(batch_size=25, order="sequential", drop_last=False, num_workers=2)
-    loader = ImageLoader(betons["source_val"], train=False, resolution=32, config=config, classes=[1, 4],
+    config = LoaderConfig(order="sequential", drop_last=False, num_workers=2)
+    loader = ImageLoader(betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4],
                          crop_ratio=1.0)
     images, labels = collect(loader)
     arrays, truth = make_planted(SPEC, seed=2)["source_val"]
@@ -39,8 +39,9 @@ def test_eval_loader_returns_stored_images_normalised(betons):
 
 def test_train_loader_crops_subsets_and_resizes(betons):
     classes = [0, 2, 5]
-    config = LoaderConfig(batch_size=64, order="random", num_workers=2)
-    loader = ImageLoader(betons["source_train"], train=True, resolution=24, config=config, classes=classes)
+    config = LoaderConfig(order="random", num_workers=2)
+    loader = ImageLoader(betons["source_train"], train=True, resolution=24, batch_size=64, config=config,
+                         classes=classes)
     n = len(class_indices(betons["source_train"], classes))
     assert n == 300 and len(loader) == n // 64
     images, labels = collect(loader)
@@ -53,3 +54,4 @@ def test_train_loader_crops_subsets_and_resizes(betons):
 def test_progressive_resizing_schedule():
     assert [resolution_at(e, 160, 192, 10, 13) for e in (0, 10, 11, 12, 13, 15)] == [160, 160, 160, 160, 192, 192]
     assert [resolution_at(e, 64, 128, 0, 4) for e in (0, 1, 2, 4)] == [64, 64, 96, 128]
+    assert resolution_at(3, 24, 24, 0, 5) == 24 and resolution_at(0, 40, 72, 0, 1) == 40  # never below start

@@ -1,15 +1,18 @@
 """Results store: round trips, crash safety under SIGKILL with 8 processes, clear errors."""
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from ffcv_transfer.cli import main as cli_main
-from ffcv_transfer.store import ResultStore, StoreError
+from ffcv_transfer.store import ResultStore, StoreError, format_status
 
 SCHEMA = {"margins": ((50,), np.float16), "predictions": ((50,), np.int16), "source_acc": ((), np.float32)}
 
@@ -90,6 +93,30 @@ def test_heartbeats_keep_claims_alive_and_silence_lets_them_expire(tmp_path):
     time.sleep(1.3)  # the owner went silent
     assert other.claim(1, rows=[0]) == [0]
     assert store.claims()[0]["worker"] == "other"
+
+
+def test_claims_of_dead_processes_on_this_host_are_taken_over_at_once(tmp_path):
+    store, _ = make_store(tmp_path / "s", ttl=3600)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    owner = store.writer("killed")
+    assert owner.claim(2) == [0, 1]
+    claim = tmp_path / "s" / "claims" / "0.claim"
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "pid": dead_pid}))  # as if its owner had died
+    assert store.claims()[0]["stale"] and not store.claims()[1]["stale"]
+    assert store.writer("next").claim(2) == [0, 2]  # row 1's owner (this process) is alive: not taken
+    other_host = tmp_path / "s" / "claims" / "3.claim"
+    other_host.write_text(json.dumps({"worker": "far", "host": "elsewhere", "pid": dead_pid, "since": "now"}))
+    assert 3 not in store.writer("third").claim(5)  # another host's claim can only expire
+
+
+def test_status_counts_rows_written_twice(tmp_path):
+    store, _ = make_store(tmp_path / "s")
+    store.writer("a").write(4, **values_of(4))
+    store.writer("b").write(4, **values_of(4))
+    status = store.status()
+    assert status["completed"] == 1 and status["duplicates"] == 1
+    assert "duplicate records 1" in format_status(status, tmp_path / "s")
 
 
 def worker(path, seed):

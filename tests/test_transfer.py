@@ -1,9 +1,11 @@
-"""Cached-feature transfer: margins by hand, one loader pass for all models, informative features
-transfer and uninformative ones do not."""
+"""Transfer: margins by hand; cached features (one loader pass for all models, informative features
+transfer and uninformative ones do not); fixed-feature and full fine-tuning (what they train)."""
+import pytest
 import torch
 from torch import nn
 
-from ffcv_transfer.transfer import HeadConfig, extract_features, margins_of, transfer_cached_features
+from ffcv_transfer.transfer import (TransferConfig, extract_features, margins_of, transfer_by_training,
+                                    transfer_cached_features)
 
 
 def test_margins_by_hand():
@@ -51,9 +53,53 @@ def test_one_loader_pass_serves_every_model():
 
 def test_informative_features_transfer_and_noise_does_not():
     train, test = CountingBatches(colour_batches(1)), CountingBatches(colour_batches(2))
-    good, noise = transfer_cached_features([MeanColour(), Noise()], train, test, 3, HeadConfig(max_iter=100))
+    good, noise = transfer_cached_features([MeanColour(), Noise()], train, test, 3, TransferConfig(mode="cached_features", head_max_iter=100))
     assert train.passes == test.passes == 1
     assert good.accuracy > 0.85 and noise.accuracy < 0.5
     assert good.margins.mean() > noise.margins.mean()
     torch.testing.assert_close(good.is_correct, good.margins > 0)
     assert good.predictions.shape == (300,) and good.accuracy == float(good.is_correct.float().mean())
+
+
+class TinyNet(nn.Module):
+    """A backbone with BatchNorm and a `fc` head, the interface transfer_by_training needs."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def features(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def trained_transfer(mode):
+    models = [TinyNet(0), TinyNet(1)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    train, test = CountingBatches(colour_batches(3)), CountingBatches(colour_batches(4))
+    config = TransferConfig(mode=mode, epochs=6, lr=0.2, lr_peak_epoch=1, batch_size=50, precision="fp32")
+    outputs, failed = transfer_by_training(models, train, test, 3, config, steps_per_epoch=len(train.batches))
+    assert train.passes == 6 and test.passes == 1 and failed == {}  # every pass served both models
+    return models, before, outputs
+
+
+def test_fixed_feature_trains_only_a_new_head_with_batchnorm_in_train_mode():
+    models, before, outputs = trained_transfer("fixed_feature")
+    for model, old, out in zip(models, before, outputs):
+        assert model.fc.out_features == 3 and out.accuracy > 0.8
+        torch.testing.assert_close(model.conv.weight, old["conv.weight"], rtol=0, atol=0)  # frozen
+        torch.testing.assert_close(model.bn.weight, old["bn.weight"], rtol=0, atol=0)
+        assert not torch.allclose(model.bn.running_mean, old["bn.running_mean"])  # BN statistics adapted
+        torch.testing.assert_close(out.is_correct, out.margins > 0)
+
+
+def test_full_finetune_trains_the_backbone_too():
+    models, before, outputs = trained_transfer("full_finetune")
+    for model, old, out in zip(models, before, outputs):
+        assert not torch.allclose(model.conv.weight, old["conv.weight"]) and out.accuracy > 0.8
+    with pytest.raises(ValueError, match="use transfer_cached_features"):
+        transfer_by_training(models, [], [], 3, TransferConfig(mode="cached_features"), steps_per_epoch=1)

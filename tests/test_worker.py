@@ -1,15 +1,43 @@
-"""The worker's mechanics on planted betons: masks, store schema, claiming, writing, resuming.
-(Whether the models learn enough for influences to recover the planted ground truth is issue 4's
-end-to-end test, still to come.)"""
+"""The worker's mechanics on planted betons: masks, store schema, claiming, writing, resuming after a
+kill -9, and a diverging model marked failed and left out of the influences. (Whether the models learn
+enough for the influences to recover the planted ground truth is the end-to-end test.)"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from beton_writers import ImageOptions, PlantedSpec, read_sidecar
 from beton_writers.synthetic import write_synthetic
-from ffcv_transfer.data import LoaderConfig
+from ffcv_transfer import worker as worker_module
+from ffcv_transfer.config import ConfigError, load_experiment
+from ffcv_transfer.influence import class_influence, influence_from_store
+from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.store import ResultStore
-from ffcv_transfer.train import OptimConfig
-from ffcv_transfer.worker import WorkerConfig, create_store, random_class_masks, run_worker
+from ffcv_transfer.worker import EXPERIMENT_FILE, create_experiment_store, run_worker
+
+SPEC = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
+                   source_val_per_class=10, target_train_per_class=20, target_test_per_class=10)
+CONFIG = Path(__file__).parent.parent / "rs_configs" / "demo_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted") / "data"
+    write_synthetic(out, seed=0, spec=SPEC, options=ImageOptions(write_mode="raw", num_workers=2))
+    return out
+
+
+def settings(data, **extra):
+    """demo_cpu.yaml shrunk to seconds: 1 epoch at 16 px on the small planted set."""
+    return {"data.root": str(data), "masks.num_models": 4, "source.epochs": 1, "source.lr_peak_epoch": 0.5,
+            "source.batch_size": 32, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
+            "transfer.resolution": 16, "transfer.head_max_iter": 20, "run.models_per_process": 4, **extra}
 
 
 def test_random_class_masks_have_exact_subset_sizes():
@@ -21,24 +49,78 @@ def test_random_class_masks_have_exact_subset_sizes():
         random_class_masks(3, 4, 1.0, seed=0)
 
 
-def test_worker_fills_the_store_and_resumes(tmp_path):
-    spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, source_train_per_class=40,
-                       source_val_per_class=10, target_train_per_class=20, target_test_per_class=10)
-    paths = write_synthetic(tmp_path / "data", seed=0, spec=spec, options=ImageOptions(write_mode="raw", num_workers=2))
-    masks = random_class_masks(3, spec.num_sources, 0.5, seed=0)
-    num_test = read_sidecar(paths["target_test"])["num_examples"]
-    create_store(tmp_path / "store", masks, num_test)
-    config = WorkerConfig(*(str(paths[s]) for s in ("source_train", "source_val", "target_train", "target_test")),
-                          models_per_process=3, loader=LoaderConfig(batch_size=32, num_workers=2),
-                          optim=OptimConfig(epochs=1, lr=0.05, lr_peak_epoch=0.5, precision="fp32"))
-    assert run_worker(tmp_path / "store", config) == 3
-    assert run_worker(tmp_path / "store", config) == 0  # nothing pending: a restarted worker does no work
-    store = ResultStore(tmp_path / "store")
+def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, monkeypatch):
+    experiment = load_experiment(CONFIG, settings(data))
+    store = create_experiment_store(tmp_path / "store", experiment)
+    assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
+    built = []
+
+    def build_model(*args, **kwargs):  # the second model built returns NaN logits: its loss diverges
+        model = real_build_model(*args, **kwargs)
+        if len(built) == 1:
+            model.register_forward_hook(lambda module, inputs, output: output * torch.nan)
+        built.append(model)
+        return model
+
+    real_build_model = worker_module.build_model
+    monkeypatch.setattr(worker_module, "build_model", build_model)
+    assert run_worker(store.path, experiment, progress=False) == 3
+    assert run_worker(store.path, experiment, progress=False) == 0  # nothing pending: no work
+    status = store.status()
+    assert (status["completed"], status["failed"], status["duplicates"]) == (3, 1, 0)
+    assert store.failures() == {1: "source training: non-finite loss at epoch 0"}
+
+    masks = store.fixed("masks")
+    num_test = read_sidecar(data / "target_test.beton")["num_examples"]
     rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc"])
-    assert rows.tolist() == [0, 1, 2] and store.status()["completed"] == 3
-    np.testing.assert_array_equal(values["masks"], masks)
+    assert rows.tolist() == [0, 2, 3]
+    np.testing.assert_array_equal(values["masks"], masks[[0, 2, 3]])
     assert values["margins"].shape == (3, num_test) and np.isfinite(values["margins"]).all()
     np.testing.assert_array_equal(values["is_correct"], values["margins"] > 0)
     np.testing.assert_allclose(values["target_acc"], values["is_correct"].mean(1), atol=1e-6)
     assert ((0 <= values["source_acc"]) & (values["source_acc"] <= 1)).all()
-    assert set(np.unique(values["predictions"])) <= set(range(spec.num_targets))
+    assert set(np.unique(values["predictions"])) <= set(range(SPEC.num_targets))
+    # the failed row is left out of the influences: they equal those of the three good rows alone
+    with pytest.warns(RuntimeWarning, match="included in every model or in none"):  # 3 rows: some classes are
+        expected = class_influence(values["masks"], values["margins"].astype(np.float64))
+        found = influence_from_store(store.path, "margins", progress=False)
+    np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_inputs_that_do_not_match_the_store_are_refused(data, tmp_path):
+    experiment = load_experiment(CONFIG, settings(data))
+    create_experiment_store(tmp_path / "store", experiment)
+    with pytest.raises(ConfigError, match=r"nowhere/source_train.beton: data.source_train does not exist"):
+        run_worker(tmp_path / "store", load_experiment(CONFIG, settings(tmp_path / "nowhere")), progress=False)
+    mismatch = load_experiment(CONFIG, settings(data, **{"data.target_test": "source_val.beton"}))
+    with pytest.raises(ConfigError, match=r"source_val.beton: \d+ examples, but store .* has \d+ output columns"):
+        run_worker(tmp_path / "store", mismatch, progress=False)
+
+
+def test_kill_9_mid_run_then_resume_completes_every_row_once(data, tmp_path):
+    """`ffcv-transfer masks` then `train` with K=2 over 4 rows; SIGKILL once the first 2 rows are
+    written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
+    store_dir = tmp_path / "store"
+    cli = [sys.executable, "-m", "ffcv_transfer.cli"]
+    overrides = [f"--{key}={value}" for key, value in settings(data, **{"run.models_per_process": 2}).items()]
+    subprocess.run([*cli, "masks", "--config", str(CONFIG), "--store", str(store_dir), *overrides], check=True)
+    process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = ResultStore(store_dir)
+    try:
+        deadline = time.monotonic() + 600
+        while store.status()["completed"] < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the worker ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    before = store.status()
+    assert before["completed"] == 2 and before["pending"] + before["claimed"] == 2
+    experiment = load_experiment(store_dir / EXPERIMENT_FILE)
+    assert run_worker(store_dir, experiment, progress=False) == 2
+    after = store.status()
+    assert (after["completed"], after["failed"], after["duplicates"], after["claimed"]) == (4, 0, 0, 0)
+    assert not list((store_dir / "claims").glob("*.claim"))

@@ -1,0 +1,74 @@
+"""Experiment configs: the YAML files in rs_configs/ load, the paper config is the reference recipe,
+command-line settings override files, and bad settings are errors that name the file and the setting."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ffcv_transfer.cli import parse_rows, parse_settings
+from ffcv_transfer.config import ConfigError, load_experiment
+
+CONFIGS = Path(__file__).parent.parent / "rs_configs"
+DATA = {"data.source_train": "s.beton", "data.source_val": "v.beton", "data.target_train": "t.beton",
+        "data.target_test": "u.beton"}
+
+
+@pytest.mark.parametrize("name", ["paper_imagenet_cifar10", "imagenet64_cheap", "tinyimagenet_cifar10", "demo_cpu"])
+def test_every_shipped_config_loads(name):
+    experiment = load_experiment(CONFIGS / f"{name}.yaml")
+    assert experiment.data.path("source_train").name.endswith(".beton")
+
+
+def test_paper_config_is_the_reference_recipe():
+    e = load_experiment(CONFIGS / "paper_imagenet_cifar10.yaml")
+    s, t = e.source, e.transfer
+    assert (e.model.stem, e.model.width, e.masks.alpha) == ("imagenet", 1.0, 0.5)
+    assert (s.epochs, s.batch_size, s.lr, s.lr_peak_epoch, s.weight_decay) == (16, 1024, 0.5, 2, 5e-5)
+    assert (s.min_res, s.max_res, s.precision) == (160, 192, "bf16")
+    assert (t.epochs, t.lr, t.lr_peak_epoch, t.weight_decay, t.resolution) == (15, 0.1, 5, 5e-4, 224)
+
+
+def test_command_line_overrides_file_and_types_are_parsed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source_train: a.beton, source_val: b.beton, target_train: c.beton, target_test: d.beton, "
+                    "root: /data}\nsource: {epochs: 4, lr: 0.2}\nloader: {os_cache: false}\n")
+    e = load_experiment(path, parse_settings(["--source.epochs=7", "--run.models_per_process", "3",
+                                              "--loader.os_cache=no"]))
+    assert (e.source.epochs, e.source.lr, e.run.models_per_process, e.loader.os_cache) == (7, 0.2, 3, False)
+    assert str(e.data.path("target_test")) == "/data/d.beton"
+    e.save(tmp_path / "saved.yaml")
+    assert load_experiment(tmp_path / "saved.yaml") == e  # a saved config reads back identical
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"source.epoch": "3"}, r"unknown setting\(s\) source.epoch \(did you mean source.epochs\?\)"),
+    ({"source.precision": "fp8"}, r"source.precision: expected One of"),
+    ({"source.epochs": "many"}, r"source.epochs: expected a int, got 'many'"),
+    ({"loader.os_cache": "maybe"}, r"loader.os_cache: expected a bool"),
+    ({"masks.alpha": "1.0"}, r"masks.alpha 1.0 must lie strictly between 0 and 1"),
+    ({"loader.order": "quasi_random"}, r"quasi_random needs loader.os_cache false"),
+])
+def test_bad_settings_name_the_file_and_the_setting(tmp_path, settings, message):
+    tree = {}
+    for key, value in {**DATA, **settings}.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=rf"bad.yaml: .*{message}"):
+        load_experiment(path)
+
+
+def test_missing_and_malformed_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="data.source_train is required"):
+        load_experiment(None, {"source.epochs": 2})
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected sections"):
+        load_experiment(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="nothing.yaml: cannot read"):
+        load_experiment(tmp_path / "nothing.yaml")
+    with pytest.raises(ConfigError, match="unexpected argument 'epochs'"):
+        parse_settings(["epochs"])
+    assert parse_rows("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
+    with pytest.raises(ConfigError, match="--models 'a-b'"):
+        parse_rows("a-b")
