@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .data import LoaderConfig
+from .grouped import GroupedTrainer
 from .masks import MaskConfig
 from .models import ModelConfig
 from .options import check_choice, option
-from .train import SourceConfig
+from .train import FusedTrainer, SourceConfig
 from .transfer import TransferConfig
 
-BACKENDS = ("sequential",)
+BACKENDS = {"sequential": FusedTrainer, "grouped": GroupedTrainer}  # the source-training fusion backends
 
 
 class ConfigError(Exception):
@@ -49,10 +50,11 @@ class DataConfig:
 class RunConfig:
     device: str = option("cpu", "cpu, cuda or cuda:N (one device per worker process)")
     models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
-    backend: str = option("sequential", "how the K models run on each batch", BACKENDS)
+    backend: str = option("sequential", "how the K models run on each batch: one after another, or as one "
+                          "grouped network", tuple(BACKENDS))
 
     def __post_init__(self) -> None:
-        check_choice("run.backend", self.backend, BACKENDS)
+        check_choice("run.backend", self.backend, tuple(BACKENDS))
         if self.models_per_process < 1:
             raise ValueError(f"run.models_per_process must be >= 1, got {self.models_per_process}")
 

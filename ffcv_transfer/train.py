@@ -65,8 +65,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class FusedTrainer:
-    """Train `models[k]` on the classes in `class_masks[k]` from one shared stream of batches."""
+class LockstepTrainer:
+    """What the fusion backends share: K models, their class masks, the step count, failures."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
                  steps_per_epoch: int, device: str | torch.device = "cpu"):
@@ -77,15 +77,35 @@ class FusedTrainer:
         self.device = torch.device(device)
         self.membership = torch.as_tensor(class_masks, device=self.device)
         self.takes_every_class = bool(class_masks.all())
-        self.optimizers = [torch.optim.SGD(param_groups(m, config.weight_decay), lr=0.0, momentum=config.momentum)
-                           for m in models]
-        self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
         self.failed: dict[int, str] = {}
         self.step = 0
 
     def autocast(self) -> torch.autocast:
         dtype = PRECISIONS[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        return own_class_accuracy(self.models, self.membership, batches, self.autocast)
+
+    def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
+        """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
+        means = (loss_sums / counts.clamp_min(1)).tolist()
+        for k, mean in enumerate(means):
+            if k not in self.failed and not np.isfinite(mean):
+                self.failed[k] = f"non-finite loss at epoch {epoch}"
+        return means
+
+
+class FusedTrainer(LockstepTrainer):
+    """The `sequential` backend: each batch is routed, then the K models step one after another on their
+    sub-batches, each with its own optimiser (and gradient scaler for fp16)."""
+
+    def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
+                 steps_per_epoch: int, device: str | torch.device = "cpu"):
+        super().__init__(models, class_masks, config, steps_per_epoch, device)
+        self.optimizers = [torch.optim.SGD(param_groups(m, config.weight_decay), lr=0.0, momentum=config.momentum)
+                           for m in models]
+        self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
         """One pass over `batches` (images already normalised, on the device); returns each model's
@@ -97,7 +117,8 @@ class FusedTrainer:
         for images, labels in batches:
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, (model, optimizer, scaler, rows) in enumerate(
-                    zip(self.models, self.optimizers, self.scalers, self._parts(labels))):
+                    zip(self.models, self.optimizers, self.scalers,
+                        parts_of(labels, self.membership, self.takes_every_class))):
                 part = labels[rows]
                 if k in self.failed or len(part) == 0:
                     continue
@@ -112,35 +133,35 @@ class FusedTrainer:
                 loss_sums[k] += loss.detach().float() * len(part)  # checked once per epoch: no sync per step
                 counts[k] += len(part)
             self.step += 1
-        means = (loss_sums / counts.clamp_min(1)).tolist()
-        for k, mean in enumerate(means):
-            if k not in self.failed and not np.isfinite(mean):
-                self.failed[k] = f"non-finite loss at epoch {epoch}"
-        return means
+        return self._mean_losses(loss_sums, counts, epoch)
 
-    def _parts(self, labels: torch.Tensor) -> list[torch.Tensor] | list[slice]:
-        """Per model, the batch positions it trains on (the whole batch, without a copy, when every model
-        takes every class, as in transfer)."""
-        return [slice(None)] * len(self.models) if self.takes_every_class else route(labels, self.membership)
 
-    @torch.no_grad()
-    def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        """Each model's accuracy on the examples of its own classes, choosing among its classes only."""
-        correct = torch.zeros(len(self.models), device=self.device)
-        counts = torch.zeros(len(self.models), device=self.device)
-        for model in self.models:
-            model.eval()
-        for images, labels in batches:
-            for k, (model, rows) in enumerate(zip(self.models, self._parts(labels))):
-                part = labels[rows]
-                if len(part) == 0:
-                    continue
-                with self.autocast():
-                    logits = model(images[rows]).float()
-                logits[:, ~self.membership[k]] = -torch.inf
-                correct[k] += (logits.argmax(1) == part).sum()
-                counts[k] += len(part)
-        return (correct / counts.clamp_min(1)).tolist()
+@torch.no_grad()
+def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
+                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast) -> list[float]:
+    """Each model's accuracy on the examples of its own classes, choosing among its classes only."""
+    device = membership.device
+    correct = torch.zeros(len(models), device=device)
+    counts = torch.zeros(len(models), device=device)
+    every_class = bool(membership.all())
+    for model in models:
+        model.eval()
+    for images, labels in batches:
+        for k, (model, rows) in enumerate(zip(models, parts_of(labels, membership, every_class))):
+            part = labels[rows]
+            if len(part) == 0:
+                continue
+            with autocast():
+                logits = model(images[rows]).float()
+            logits[:, ~membership[k]] = -torch.inf
+            correct[k] += (logits.argmax(1) == part).sum()
+            counts[k] += len(part)
+    return (correct / counts.clamp_min(1)).tolist()
+
+
+def parts_of(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
+    """route(), or the whole batch without a copy for every model when each takes every class (transfer)."""
+    return [slice(None)] * len(membership) if every_class else route(labels, membership)
 
 
 @dataclass(frozen=True)

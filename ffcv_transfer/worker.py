@@ -11,12 +11,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import ConfigError, Experiment
+from .config import BACKENDS, ConfigError, Experiment
 from .data import ImageLoader, resolution_at
 from .masks import create_store, random_class_masks
 from .models import build_model
 from .store import ResultStore
-from .train import FusedTrainer
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
 
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
@@ -68,7 +67,7 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
     train = _loader(experiment, "source_train", train=True, resolution=source.min_res, batch_size=source.batch_size,
                     crop_min_scale=source.crop_min_scale, classes=union)
     models = [build_model(masks.shape[1], **asdict(experiment.model), device=device) for _ in rows]
-    trainer = FusedTrainer(models, masks, source, steps_per_epoch=len(train), device=device)
+    trainer = BACKENDS[experiment.run.backend](models, masks, source, steps_per_epoch=len(train), device=device)
     for epoch in range(source.epochs):
         train.set_resolution(resolution_at(epoch, source.min_res, source.max_res, source.start_ramp, source.end_ramp))
         trainer.train_epoch(train, epoch)

@@ -98,11 +98,12 @@ def test_inputs_that_do_not_match_the_store_are_refused(data, tmp_path):
 
 
 def test_kill_9_mid_run_then_resume_completes_every_row_once(data, tmp_path):
-    """`ffcv-transfer masks` then `train` with K=2 over 4 rows; SIGKILL once the first 2 rows are
-    written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
+    """`ffcv-transfer masks` then `train` (grouped backend) with K=2 over 4 rows; SIGKILL once the first
+    2 rows are written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
-    overrides = [f"--{key}={value}" for key, value in settings(data, **{"run.models_per_process": 2}).items()]
+    overrides = [f"--{key}={value}" for key, value in
+                 settings(data, **{"run.models_per_process": 2, "run.backend": "grouped"}).items()]
     subprocess.run([*cli, "masks", "--config", str(CONFIG), "--store", str(store_dir), *overrides], check=True)
     process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,179 @@
+"""The `grouped` fusion backend (HFTA-style): the K models become one network whose convolutions have
+K times the groups, whose BatchNorm keeps per-model statistics, and whose head is a batched matmul, so
+each step is one forward and one backward instead of K.
+
+Each model still sees exactly its own classes' examples: the sub-batches are padded to the longest and
+stacked along channels (model k's images in channel block k); a per-example weight marks the real ones,
+and BatchNorm statistics and losses count only those. With SGD (elementwise, with the same learning
+rate for all), one optimiser over the stacked parameters equals K separate optimisers. The models agree
+with the sequential backend up to floating-point summation order, except in two corners: a model
+with no example in a batch still gets a momentum and weight-decay step here (sequential skips it), and
+fp16 shares one gradient scaler among the K models.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import BlurPoolConv2d
+from .train import LockstepTrainer, OptimConfig, lr_at, param_groups, route
+
+
+class _Weights:
+    """The per-example weights (n, K) of the batch being processed, shared by every grouped BatchNorm."""
+
+    value: torch.Tensor | None = None
+
+
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """K BatchNorms side by side; in training, statistics over the weighted (real) examples only."""
+
+    def __init__(self, sources: list[nn.BatchNorm2d], weights: _Weights):
+        first = sources[0]
+        super().__init__(len(sources) * first.num_features, first.eps, first.momentum, device=first.weight.device,
+                         dtype=first.weight.dtype)
+        self.models, self.weights = len(sources), weights
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(self, name).copy_(torch.cat([getattr(s, name) for s in sources]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))  # statistics in float32 at least, as BatchNorm does
+        w = self.weights.value.repeat_interleave(self.num_features // self.models, dim=1)[:, :, None, None]
+        count = w.sum(0).flatten() * x.shape[2] * x.shape[3]
+        mean = (x * w).sum((0, 2, 3)) / count.clamp_min(1)
+        centred = x - mean[None, :, None, None]
+        var = (centred.square() * w).sum((0, 2, 3)) / count.clamp_min(1)
+        var = torch.where(count > 0, var, 1.0)  # a model without examples: keep its (padding) activations tame
+        with torch.no_grad():
+            seen = count > 1  # channels of models without examples keep their running statistics
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean[seen] += self.momentum * (mean.detach()[seen] - self.running_mean[seen])
+            self.running_var[seen] += self.momentum * (unbiased.detach()[seen] - self.running_var[seen])
+        scale = (self.weight / torch.sqrt(var + self.eps))[None, :, None, None]
+        return (centred * scale + self.bias[None, :, None, None]).to(dtype)
+
+
+class GroupedLinear(nn.Module):
+    """K linear heads: (n, K * D) -> (n, K, C)."""
+
+    def __init__(self, sources: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([s.weight.detach() for s in sources]).clone())  # (K, C, D)
+        self.bias = nn.Parameter(torch.stack([s.bias.detach() for s in sources]).clone())  # (K, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, _, d = self.weight.shape
+        return torch.einsum("nkd,kcd->nkc", x.reshape(len(x), k, d), self.weight) + self.bias
+
+
+def _grouped_conv(sources: list[nn.Conv2d]) -> nn.Conv2d:
+    first, k = sources[0], len(sources)
+    conv = nn.Conv2d(k * first.in_channels, k * first.out_channels, first.kernel_size, first.stride, first.padding,
+                     first.dilation, k * first.groups, first.bias is not None, device=first.weight.device,
+                     dtype=first.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([s.weight for s in sources]))
+        if first.bias is not None:
+            conv.bias.copy_(torch.cat([s.bias for s in sources]))
+    return conv
+
+
+def _stack(sources: list[nn.Module], weights: _Weights) -> nn.Module:
+    """One module doing the work of `sources` (identical architectures) on channel-stacked inputs."""
+    first = sources[0]
+    if isinstance(first, nn.Conv2d):
+        return _grouped_conv(sources)
+    if isinstance(first, nn.BatchNorm2d):
+        return GroupedBatchNorm2d(sources, weights)
+    if isinstance(first, nn.Linear):
+        return GroupedLinear(sources)
+    if isinstance(first, BlurPoolConv2d):
+        stacked = BlurPoolConv2d(_grouped_conv([s.conv for s in sources]))
+        stacked.blur = torch.cat([s.blur for s in sources])
+        return stacked
+    if any(True for _ in first.parameters(recurse=False)) or any(True for _ in first.buffers(recurse=False)):
+        raise TypeError(f"grouped backend: no grouped version of {type(first).__name__}")
+    import copy
+
+    stacked = copy.copy(first)  # same class and settings (ReLU, pooling, containers); children replaced
+    stacked._modules = {name: _stack([s._modules[name] for s in sources], weights)
+                        for name in first._modules}
+    return stacked
+
+
+def _unstack(stacked: nn.Module, targets: list[nn.Module]) -> None:
+    """Copy the trained stacked parameters and statistics back into the K separate models."""
+    k = len(targets)
+    with torch.no_grad():
+        for name, tensor in stacked.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            for i, target in enumerate(targets):
+                own = target.state_dict()[name]
+                own.copy_(tensor.reshape(k, *own.shape)[i])  # model i's block along the first axis
+
+
+class GroupedTrainer(LockstepTrainer):
+    """The `grouped` backend: same interface as train.FusedTrainer, the K models trained as one grouped
+    network (copied back into `models` after every epoch)."""
+
+    def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
+                 steps_per_epoch: int, device: str | torch.device = "cpu"):
+        super().__init__(models, class_masks, config, steps_per_epoch, device)
+        self.weights = _Weights()
+        self.network = _stack(models, self.weights).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(param_groups(self.network, config.weight_decay), lr=0.0,
+                                         momentum=config.momentum)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+
+    def _pack(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches."""
+        parts = route(labels, self.membership)
+        longest = max(len(p) for p in parts)
+        index = torch.zeros(len(parts), longest, dtype=torch.long, device=self.device)
+        weights = torch.zeros(longest, len(parts), device=self.device)
+        for k, rows in enumerate(parts):
+            index[k, :len(rows)] = rows
+            index[k, len(rows):] = rows[0] if len(rows) else 0  # padding repeats a real image of the model
+            weights[:len(rows), k] = 1.0
+        n, c, h, w = images.shape
+        packed = images[index.flatten()].reshape(len(parts), longest, c, h, w).transpose(0, 1)
+        packed = packed.reshape(longest, len(parts) * c, h, w).contiguous(memory_format=torch.channels_last)
+        return packed, labels[index].T, weights
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
+        k = len(self.models)
+        loss_sums = torch.zeros(k, device=self.device)
+        counts = torch.zeros(k, device=self.device)
+        self.network.train()
+        for images, labels in batches:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step / self.steps_per_epoch, self.config)
+            packed, packed_labels, weights = self._pack(images, labels)
+            self.weights.value = weights
+            alive = torch.ones(k, device=self.device)
+            alive[list(self.failed)] = 0.0
+            with self.autocast():
+                logits = self.network(packed)  # (n, K, C)
+                losses = F.cross_entropy(logits.permute(0, 2, 1), packed_labels, reduction="none",
+                                         label_smoothing=self.config.label_smoothing)  # (n, K)
+            per_model = torch.where(weights > 0, losses, 0.0).sum(0) / weights.sum(0).clamp_min(1)
+            total = per_model[alive.bool()].sum()  # a diverged model's NaN must not reach the others
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss_sums += per_model.detach() * weights.sum(0)
+            counts += weights.sum(0)
+            self.step += 1
+        self.weights.value = None
+        _unstack(self.network, self.models)
+        return self._mean_losses(loss_sums, counts, epoch)
