@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+
+from bench_common import machine, run_in_subprocess, torch_cuda
 
 SIZES = {"small": (2_000, 200, 1_000), "paper": (7_540, 1_000, 10_000), "large": (50_000, 1_000, 10_000)}
 
@@ -205,7 +205,7 @@ def main() -> None:
     from ffcv_transfer.influence import available_backends
 
     backends = args.backends or available_backends()
-    gpu = "cupy" in available_backends() or _torch_cuda()
+    gpu = "cupy" in available_backends() or torch_cuda()
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as store_dir:
         for size in args.sizes:
@@ -216,16 +216,13 @@ def main() -> None:
             if size != "paper":  # streamed from a store on disk
                 plan += ["store-build"] + [f"store-{b}" for b in backends if b != "numba"]
             for case in plan:
-                command = [sys.executable, __file__, "--case", case, "--size", size, "--store-dir", store_dir,
-                           "--chunk", str(args.chunk), "--repeats", str(args.repeats),
-                           "--baseline-outputs", str(args.baseline_outputs)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    rows.append({"case": case, "size": size, "error": done.stderr.strip().splitlines()[-1:]})
-                    print(f"{size} {case}: FAILED {done.stderr.strip()[-500:]}", file=sys.stderr)
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                if result:
+                result = run_in_subprocess(__file__, ["--case", case, "--size", size, "--store-dir", store_dir,
+                                                      "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+                                                      "--baseline-outputs", str(args.baseline_outputs)],
+                                           f"{size} {case}")
+                if "error" in result:
+                    rows.append({"case": case, "size": size, **result})
+                elif result:
                     rows.append(result)
                     print(f"{size:6s} {case:16s} {result['seconds'] * 1e3:10.1f} ms", file=sys.stderr)
 
@@ -235,28 +232,10 @@ def main() -> None:
         for r in rows:
             if r["size"] == size and "seconds" in r and base:
                 r["speedup_vs_baseline"] = base / r["seconds"]
-    report = {"machine": _machine(), "chunk": args.chunk, "results": rows}
+    report = {"machine": machine(), "chunk": args.chunk, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print_table(report)
-
-
-def _torch_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def _machine() -> dict:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    if _torch_cuda():
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def print_table(report: dict) -> None:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
-# wheels in .whl/ (ffcv from ../shared/device, pytest), run the CUDA-specific tests, then the benchmarks
-# at real sizes. Results (JSON, logs) go to the folder given as $1 or $GPU_CHECK_OUT; a table prints last.
+# wheels in .whl/ (ffcv, fastargs, ... from ../shared/device; pytest, pyyaml, tqdm), run the tests that have
+# CUDA cases (influence backends against numpy, AMP channels-last training steps, grouped against
+# sequential), then bench_influence.py and bench_train.py at real sizes. Results (JSON, logs) go to the
+# folder given as $1 or $GPU_CHECK_OUT; the tables print last.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes and the current environment (no wheel install); runs on CPU too.
@@ -9,10 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu-check}
 sizes=(paper large)
+train=(--size real --device cuda --ks 2 8)
 dry_run=0
 for arg in "$@"; do
   case $arg in
-    --dry-run) sizes=(small); dry_run=1 ;;
+    --dry-run) sizes=(small); train=(--size tiny --device cpu --ks 2 --backends grouped); dry_run=1 ;;
     *) out=$arg ;;
   esac
 done
@@ -36,10 +39,15 @@ print(f"influence backends: {available_backends()}")
 PY
 
 status=0
-$python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_influence.py tests/test_store.py 2>&1 | tee "$out/tests.log" | tail -3
+$python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_influence.py tests/test_store.py \
+  tests/test_train.py tests/test_transfer.py 2>&1 | tee "$out/tests.log" | tail -4
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 $python benchmarks/bench_influence.py --sizes "${sizes[@]}" --out "$out/influence.json" 2>"$out/bench_influence.log" \
-  | tee "$out/influence_table.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+  > "$out/influence_table.txt"
+[ $? = 0 ] || status=1
+$python benchmarks/bench_train.py "${train[@]}" --out "$out/train.json" 2>"$out/bench_train.log" \
+  > "$out/train_table.txt"
+[ $? = 0 ] || status=1
+cat "$out/influence_table.txt" "$out/train_table.txt"
 exit $status

@@ -46,6 +46,8 @@ class PlantedSpec:
     target_test_per_class: int = 100
     motif_amplitude: float = 0.8
     noise: float = 0.08
+    background_class: bool = False  # an extra, last target class "background" without a class motif
+    misleading_conflict: bool = True  # the cue of target t also sits on class-(t+1) test images
 
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= 64 or self.resolution % 8:
@@ -114,19 +116,19 @@ def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, An
     sources = [kinds[i] for i in order]
     motif_of = {"twin": lambda t: t, "unrelated": lambda k: T + k, "misleading": lambda t: T + U + t}
     names = {"twin": "twin-of-target{}", "unrelated": "unrelated{}", "misleading": "misleading-for-target{}"}
-    expected_sign = np.zeros((len(sources), T), np.int64)
+    expected_sign = np.zeros((len(sources), T + spec.background_class), np.int64)
     for s, (kind, i) in enumerate(sources):
         if kind == "twin":
             expected_sign[s, i] = 1
         elif kind == "misleading":
-            expected_sign[s, [i, (i + 1) % T]] = -1
+            expected_sign[s, [i, (i + 1) % T] if spec.misleading_conflict else i] = -1
     return {
         "source_names": [names[kind].format(i) for kind, i in sources],
         "source_motif": [motif_of[kind](i) for kind, i in sources],
-        "target_names": [f"target{t}" for t in range(T)],
+        "target_names": [f"target{t}" for t in range(T)] + (["background"] if spec.background_class else []),
         "twin": {str(t): sources.index(("twin", t)) for t in range(T)},
-        "misleading": [{"source": sources.index(("misleading", t)), "target": t, "conflict_target": (t + 1) % T}
-                       for t in range(K)],
+        "misleading": [{"source": sources.index(("misleading", t)), "target": t,
+                        "conflict_target": (t + 1) % T if spec.misleading_conflict else None} for t in range(K)],
         "unrelated": [sources.index(("unrelated", k)) for k in range(U)],
         "expected_sign": expected_sign.tolist(),
     }
@@ -149,8 +151,8 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     design = _planted_design(spec, rng)
     cue_of_target = np.full(T, NO_MOTIF)
     cue_of_target[:K] = T + U + np.arange(K)
-    # class (t+1)'s test images carry the cue that class t's training images carry
-    conflict_cue = np.roll(cue_of_target, 1)
+    # class (t+1)'s test images carry the cue that class t's training images carry (or none does)
+    conflict_cue = np.roll(cue_of_target, 1) if spec.misleading_conflict else np.full(T, NO_MOTIF)
 
     splits: dict[str, Any] = {"design": design, "motifs": motifs}
     source_feature = np.asarray(design["source_motif"])
@@ -158,10 +160,14 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
         labels = np.repeat(np.arange(spec.num_sources), per_class)
         slots = _slots(labels, source_feature, np.full(len(labels), NO_MOTIF), spec, rng)
         splits[split] = (render(slots, motifs, spec, rng), labels)
-    target_feature = np.arange(T)
+    # a background class (optional, label T) has neither a class motif nor a cue, so a target class
+    # cannot be recognised by elimination (none of the other targets' motifs), only by its own motif
+    classes = T + spec.background_class
+    target_feature = np.append(np.arange(T), NO_MOTIF)
+    cue_of_target, conflict_cue = np.append(cue_of_target, NO_MOTIF), np.append(conflict_cue, NO_MOTIF)
     for split, per_class, cue in (("target_train", spec.target_train_per_class, cue_of_target),
                                   ("target_test", spec.target_test_per_class, conflict_cue)):
-        labels = np.repeat(np.arange(T), per_class)
+        labels = np.repeat(np.arange(classes), per_class)
         slots = _slots(labels, target_feature, cue[labels], spec, rng)
         splits[split] = (render(slots, motifs, spec, rng), labels)
     return splits

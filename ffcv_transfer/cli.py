@@ -60,7 +60,9 @@ def cmd_write_synthetic(args: argparse.Namespace) -> None:
                        resolution=args.resolution, source_train_per_class=args.source_train_per_class,
                        source_val_per_class=args.source_val_per_class,
                        target_train_per_class=args.target_train_per_class,
-                       target_test_per_class=args.target_test_per_class)
+                       target_test_per_class=args.target_test_per_class, motif_amplitude=args.motif_amplitude,
+                       noise=args.noise, background_class=args.background_class,
+                       misleading_conflict=not args.no_conflict)
     for split, path in write_synthetic(args.outdir, seed=args.seed, spec=spec, options=_image_options(args),
                                        overwrite=args.overwrite).items():
         print(f"{split:13s} {path}")
@@ -206,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-val-per-class", type=int, default=50)
     p.add_argument("--target-train-per-class", type=int, default=200)
     p.add_argument("--target-test-per-class", type=int, default=100)
+    p.add_argument("--motif-amplitude", type=float, default=0.8, help="motif contrast (default: 0.8)")
+    p.add_argument("--noise", type=float, default=0.08, help="pixel noise (default: 0.08)")
+    p.add_argument("--background-class", action="store_true",
+                   help="add a target class without a class motif (no recognition by elimination)")
+    p.add_argument("--no-conflict", action="store_true",
+                   help="the misleading cue is absent from every target test image (default: on class t+1's)")
     _add_image_options(p, "raw")
     p.set_defaults(run=cmd_write_synthetic)
 

@@ -87,6 +87,25 @@ def test_misleading_cue_holds_on_train_and_conflicts_on_test(planted):
         assert has_cue[labels != carriers].mean() < 0.05
 
 
+def test_background_class_and_cue_without_conflict():
+    spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=1, source_train_per_class=10,
+                       source_val_per_class=5, target_train_per_class=60, target_test_per_class=60,
+                       background_class=True, misleading_conflict=False)
+    planted = make_planted(spec, seed=5)
+    design, T = planted["design"], spec.num_targets
+    assert design["target_names"][-1] == "background" and np.array(design["expected_sign"]).shape == (6, T + 1)
+    (mis,) = design["misleading"]
+    assert mis["conflict_target"] is None and np.array(design["expected_sign"])[mis["source"]].tolist() == [-1, 0, 0, 0]
+    class_motifs, cue = planted["motifs"][:T], planted["motifs"][T + 2: T + 3]
+    train_x, train_y = planted["target_train"]
+    test_x, test_y = planted["target_test"]
+    threshold = 0.5 * motif_scores(train_x[:50], cue).max()
+    assert (motif_scores(test_x, cue)[:, 0] < threshold).all()  # no test image carries the cue
+    best = motif_scores(test_x, class_motifs).max(1)
+    assert best[test_y == T].max() < best[test_y < T].min()  # background images carry no class motif
+    assert np.bincount(test_y).tolist() == [60] * (T + 1)
+
+
 def test_write_synthetic_betons_carry_the_ground_truth(tmp_path, planted):
     paths = write_synthetic(tmp_path, seed=3, spec=SMALL, options=ImageOptions(write_mode="raw", num_workers=2))
     assert set(paths) == set(SPLITS)

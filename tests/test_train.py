@@ -10,6 +10,7 @@ from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model
 from ffcv_transfer.train import FusedTrainer, OptimConfig, lr_at, param_groups, route
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 SPEC = PlantedSpec(num_targets=4, num_unrelated=4, num_misleading=0, source_train_per_class=200,
                    source_val_per_class=50, target_train_per_class=10, target_test_per_class=10)
 
@@ -119,7 +120,8 @@ def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_c
     assert np.isfinite(losses[0])
 
 
-def test_grouped_backend_matches_sequential_per_model(planted):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_grouped_backend_matches_sequential_per_model(planted, device):
     """Same seeds, same batches, in float64 (so that only the order of summation differs): after three
     steps every parameter and BatchNorm statistic of each model, and each model's loss, agree between
     the backends to 1e-9 relative."""
@@ -131,10 +133,12 @@ def test_grouped_backend_matches_sequential_per_model(planted):
     runs = []
     for trainer_class in (FusedTrainer, GroupedTrainer):
         torch.manual_seed(0)
-        models = [build_model(classes, stem="small", width=0.125, blurpool=True).double() for _ in range(3)]
+        models = [build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double()
+                  for _ in range(3)]
         initial = models[0].stem[0].weight.clone()
-        trainer = trainer_class(models, masks, config, steps_per_epoch=3)
-        data = [(x.double(), y) for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))]
+        trainer = trainer_class(models, masks, config, steps_per_epoch=3, device=device)
+        data = [(x.to(device, torch.float64), y.to(device))
+                for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))]
         runs.append((models, trainer.train_epoch(data, 0)))
         assert (models[0].stem[0].weight - initial).abs().max() > 1e-3  # the models did train
     (sequential, seq_losses), (grouped, grp_losses) = runs
@@ -143,3 +147,21 @@ def test_grouped_backend_matches_sequential_per_model(planted):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             if x.is_floating_point():
                 assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("trainer_class", [FusedTrainer, GroupedTrainer])
+def test_mixed_precision_channels_last_steps(planted, device, trainer_class):
+    """bf16 autocast on channels-last models and batches: finite losses and parameters that move."""
+    (train_x, train_y) = planted["source_train"]
+    models = [build_model(SPEC.num_sources, stem="small", width=0.125, device=device) for _ in range(2)]
+    assert models[0].stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    before = models[1].stem[0].weight.detach().clone()
+    masks = random_class_masks(2, SPEC.num_sources, 0.5, seed=0)
+    trainer = trainer_class(models, masks, OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.2, precision="bf16"),
+                            steps_per_epoch=2, device=device)
+    pick = np.random.default_rng(0).choice(len(train_y), 256, replace=False)
+    losses = trainer.train_epoch([(x.to(device), y.to(device)) for x, y in
+                                  batches(train_x[pick], train_y[pick], 128)], epoch=0)
+    assert all(np.isfinite(losses)) and not trainer.failed
+    assert (models[1].stem[0].weight - before).abs().max() > 0

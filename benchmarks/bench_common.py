@@ -1,0 +1,35 @@
+"""What the benchmark scripts share: the machine description and running one case in its own process."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    if torch_cuda():
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_in_subprocess(script: str, arguments: list[str], label: str) -> dict:
+    """Run `script --case ...` in a fresh process; its last stdout line is the JSON result (or an error row)."""
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True)
+    if done.returncode:
+        print(f"{label}: FAILED {done.stderr.strip()[-800:]}", file=sys.stderr)
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,228 @@
+"""Training-engine benchmark: source models per hour, end to end (source training + transfer + eval),
+JSON + a table.
+
+Data: a synthetic ImageNet-shaped source beton whose JPEG decode cost is realistic (smooth multi-scale
+"natural-looking" images, 400 px on the long side, JPEG quality 90, not noise) and a CIFAR-shaped
+target (32 px, raw). Cases, each in its own process (own ffcv loader, own JIT warm-up):
+
+  reference     one model with its own loader over its own classes (MadryLab/data-transfer's way: one
+                model per process)
+  K=<k> <backend>   k models with random class halves on ONE shared loader over the union of their
+                classes, fused by the `sequential` or `grouped` backend
+
+Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
+fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
+measured rates it extrapolates to the full recipe (16 source epochs over ImageNet's 1.28M images at
+alpha 0.5, 15 transfer epochs over CIFAR-10's 50k, 10k evaluated): an extrapolation at the benchmark's
+resolution, reported as such.
+
+    python benchmarks/bench_train.py                                   # tiny, CPU, a few minutes
+    python benchmarks/bench_train.py --size real --device cuda         # on a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import machine, run_in_subprocess
+
+SIZES = {  # classes, images per class, long side, train res, target res, batch, width, ks
+    "tiny": dict(classes=8, per_class=40, long_side=400, res=64, target_res=64, batch=64, width=0.25, ks=[1, 2, 4],
+                 target_per_class=40),
+    "real": dict(classes=64, per_class=160, long_side=400, res=160, target_res=224, batch=1024, width=1.0,
+                 ks=[1, 2, 4, 8], target_per_class=500),
+}
+RECIPE = dict(source_images=1_281_167, alpha=0.5, source_epochs=16, target_train=50_000, target_epochs=15,
+              target_test=10_000)
+
+
+def natural_images(count: int, long_side: int, seed: int) -> np.ndarray:
+    """(count, 3/4 long_side, long_side, 3) uint8: sums of smooth random fields at 8 scales (2 to 256 cells),
+    amplitudes falling as scale^-0.7, so that JPEG sizes resemble ImageNet photographs resized to 400 px
+    (~40 KB at quality 90)."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(seed)
+    height = long_side * 3 // 4
+    out = np.empty((count, height, long_side, 3), np.uint8)
+    for start in range(0, count, 64):
+        n = min(64, count - start)
+        image = torch.zeros(n, 3, height, long_side)
+        for octave in range(1, 9):
+            cells = 2 ** octave
+            coarse = torch.randn(n, 3, cells * 3 // 4 + 1, cells + 1, generator=generator)
+            image += F.interpolate(coarse, size=(height, long_side), mode="bicubic", align_corners=False) / octave ** 0.7
+        image = (image - image.mean((1, 2, 3), keepdim=True)) / image.std((1, 2, 3), keepdim=True)
+        out[start:start + n] = (image * 45 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def write_data(folder: Path, size: dict) -> dict:
+    from beton_writers.common import ImageOptions, write_arrays
+    from beton_writers.verify import BetonRecords
+
+    folder.mkdir(parents=True, exist_ok=True)
+    c, per = size["classes"], size["per_class"]
+    started = time.perf_counter()
+    write_arrays(natural_images(c * per, size["long_side"], 0), np.repeat(np.arange(c), per),
+                          folder / "source.beton", options=ImageOptions(write_mode="jpg", jpeg_quality=90))
+    target_labels = np.repeat(np.arange(10), size["target_per_class"])
+    for split, seed in (("target_train", 1), ("target_test", 2)):
+        small = natural_images(len(target_labels), 32, seed)[:, :32, :32]
+        write_arrays(np.ascontiguousarray(small), target_labels, folder / f"{split}.beton")
+    return {"source_bytes_per_image": float(BetonRecords(folder / "source.beton").sizes.mean()),
+            "write_s": time.perf_counter() - started}
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ffcv_transfer.config import BACKENDS
+    from ffcv_transfer.data import ImageLoader, LoaderConfig
+    from ffcv_transfer.masks import random_class_masks
+    from ffcv_transfer.models import build_model
+    from ffcv_transfer.transfer import TransferConfig, transfer_by_training
+    from ffcv_transfer.train import OptimConfig
+
+    size, folder, k = SIZES[args.size], Path(args.data), args.k
+    device = torch.device(args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    masks = random_class_masks(k, size["classes"], 0.5, seed=k)
+    union = np.flatnonzero(masks.any(0))
+    loader = ImageLoader(folder / "source.beton", train=True, resolution=size["res"], batch_size=size["batch"],
+                         config=LoaderConfig(), device=device, classes=union)
+    models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
+    optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision,
+                        batch_size=size["batch"])
+    trainer = BACKENDS[args.backend](models, masks, optim, steps_per_epoch=len(loader), device=device)
+
+    def timed(step) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    warmup = timed(lambda: trainer.train_epoch(loader, 0))
+    source_s = sum(timed(lambda: trainer.train_epoch(loader, e + 1)) for e in range(args.epochs)) / args.epochs
+    decoded = len(loader) * size["batch"]
+
+    target = TransferConfig(mode="fixed_feature", resolution=size["target_res"], batch_size=size["batch"],
+                            epochs=args.epochs + 1, lr_peak_epoch=1, precision=precision)
+    train = ImageLoader(folder / "target_train.beton", train=True, resolution=size["target_res"],
+                        batch_size=size["batch"], device=device)
+    test = ImageLoader(folder / "target_test.beton", train=False, resolution=size["target_res"],
+                       batch_size=size["batch"], crop_ratio=1.0,
+                       config=LoaderConfig(order="sequential", drop_last=False), device=device)
+    passes = _PassTimer(train, device)
+    transfer_by_training(models, passes, test, 10, target, steps_per_epoch=len(train), device=device)
+    target_epoch_s = float(np.mean(passes.seconds[1:]))  # the first pass includes JIT compilation
+    target_images = len(train) * size["batch"]
+
+    per_image_source = source_s / decoded  # seconds per decoded source image, all k models served
+    per_image_target = target_epoch_s / target_images
+    recipe_union = RECIPE["source_images"] * (1 - (1 - RECIPE["alpha"]) ** k)
+    recipe_s = (RECIPE["source_epochs"] * recipe_union * per_image_source
+                + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target)
+    return {"case": "reference" if args.reference else f"K={k} {args.backend}", "k": k, "backend": args.backend,
+            "device": str(device), "precision": precision, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
+            "decoded_images_per_epoch": decoded, "source_images_per_s": decoded / source_s,
+            "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
+            "target_epoch_s": target_epoch_s, "target_images_per_s": target_images / target_epoch_s,
+            "recipe_models_per_hour": 3600 * k / recipe_s}
+
+
+class _PassTimer:
+    """Wraps a loader and records the duration of each full pass."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.seconds = loader, device, []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        import torch
+
+        started = time.perf_counter()
+        yield from self.loader
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", nargs="+", default=["sequential", "grouped"])
+    parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--out", default="benchmarks/results/train-cpu.json")
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+
+    size = SIZES[args.size]
+    plan = [(1, "sequential", True)] + [(k, b, False) for k in (args.ks or size["ks"]) for b in args.backends
+                                         if k > 1 or b == "grouped"]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_data(Path(folder), size)
+        print(f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source JPEG, written in "
+              f"{data['write_s']:.0f} s", file=sys.stderr)
+        for k, backend, reference in plan:
+            extra = ["--reference"] if reference else []
+            result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
+                                                  folder, "--k", str(k), "--backend", backend,
+                                                  "--epochs", str(args.epochs), *extra], f"K={k} {backend}")
+            rows.append({"k": k, "backend": backend, **result})
+            if "error" not in result:
+                print(f"{result['case']:16s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
+                      file=sys.stderr)
+    base = next((r["recipe_models_per_hour"] for r in rows if r.get("case") == "reference"), None)
+    for r in rows:
+        if base and "recipe_models_per_hour" in r:
+            r["vs_reference"] = r["recipe_models_per_hour"] / base
+    report = {"machine": machine(), "size": args.size, "size_settings": size, "recipe": RECIPE, "data": data,
+              "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    s = report["size_settings"]
+    print(f"\nmachine: {report['machine']}")
+    print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} JPEGs "
+          f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB, {s['long_side']} px long side) trained at "
+          f"{s['res']} px, width {s['width']}, batch {s['batch']}; transfer at {s['target_res']} px")
+    print(f"{'case':16s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
+          f"{'x reference':>11s}")
+    for r in report["results"]:
+        if "error" in r:
+            print(f"K={r['k']} {r['backend']:12s} failed: {r['error']}")
+            continue
+        print(f"{r['case']:16s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
+              f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} {r.get('vs_reference', 1):11.2f}")
+    print("* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
+          "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions")
+
+
+if __name__ == "__main__":
+    main()
