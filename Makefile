@@ -13,8 +13,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/ffcv-transfer write synthetic $(DEMO_OUT)/data --overwrite
-	.venv/bin/ffcv-transfer verify $(DEMO_OUT)/data/*.beton
+	.venv/bin/ffcv-transfer demo --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest tests

@@ -151,6 +151,15 @@ def cmd_settings(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(_experiment(args, args.config).to_dict(), sort_keys=False), end="")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEMO_CONFIG, format_findings, run_demo
+
+    findings = run_demo(args.out, config=args.config or DEMO_CONFIG, overrides=parse_settings(args.settings),
+                        seed=args.seed, progress=not args.no_progress)
+    print(format_findings(findings))
+    print(f"\nfindings: {args.out}/findings.json")
+
+
 def cmd_masks(args: argparse.Namespace) -> None:
     from .worker import create_experiment_store
 
@@ -232,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("settings", help="list every experiment setting, or print a config fully resolved")
     p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")
     p.set_defaults(run=cmd_settings, takes_settings=True)
+
+    p = commands.add_parser("demo", help="the whole pipeline on planted synthetic data (minutes on a CPU)",
+                            epilog=settings)
+    p.add_argument("--out", default="out/demo", help="output folder; rerunning resumes (default: out/demo)")
+    p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_demo, takes_settings=True)
 
     p = commands.add_parser("masks", help="draw the random class subsets and create the results store",
                             epilog=settings)
