@@ -50,7 +50,9 @@ def test_random_class_masks_have_exact_subset_sizes():
 
 
 def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, monkeypatch):
-    experiment = load_experiment(CONFIG, settings(data))
+    experiment = load_experiment(CONFIG, settings(data, **{  # the reference transfer: a head trained by SGD
+        "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
+        "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0}))
     store = create_experiment_store(tmp_path / "store", experiment)
     assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
     built = []
