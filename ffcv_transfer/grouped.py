@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import BlurPoolConv2d
-from .train import LockstepTrainer, OptimConfig, lr_at, param_groups, route
+from .train import LockstepTrainer, OptimConfig, lr_at, param_groups
 
 
 class _Weights:
@@ -136,37 +136,38 @@ class GroupedTrainer(LockstepTrainer):
 
     def _pack(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches."""
-        parts = route(labels, self.membership)
-        longest = max(len(p) for p in parts)
-        index = torch.zeros(len(parts), longest, dtype=torch.long, device=self.device)
-        weights = torch.zeros(longest, len(parts), device=self.device)
-        for k, rows in enumerate(parts):
-            index[k, :len(rows)] = rows
-            index[k, len(rows):] = rows[0] if len(rows) else 0  # padding repeats a real image of the model
-            weights[:len(rows), k] = 1.0
-        n, c, h, w = images.shape
-        packed = images[index.flatten()].reshape(len(parts), longest, c, h, w).transpose(0, 1)
-        packed = packed.reshape(longest, len(parts) * c, h, w).contiguous(memory_format=torch.channels_last)
+        member = self.membership[:, labels]  # (K, B)
+        counts = member.sum(1)
+        longest = int(counts.max())  # the one host sync per batch
+        # each model's rows in batch order, then the rest; positions past its count are padding and repeat
+        # its first row (a real image of its own, so padded activations stay ordinary)
+        order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :longest]
+        real = torch.arange(longest, device=self.device)[None, :] < counts[:, None]  # (K, n_max)
+        index = torch.where(real, order, order[:, :1])
+        weights = real.T.to(torch.float32)
+        k, (n, c, h, w) = len(member), images.shape
+        packed = images[index.flatten()].reshape(k, longest, c, h, w).transpose(0, 1)
+        packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=torch.channels_last)
         return packed, labels[index].T, weights
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
         k = len(self.models)
         loss_sums = torch.zeros(k, device=self.device)
         counts = torch.zeros(k, device=self.device)
+        alive = torch.ones(k, dtype=torch.bool, device=self.device)
+        alive[list(self.failed)] = False  # failures are decided at the end of an epoch
         self.network.train()
         for images, labels in batches:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step / self.steps_per_epoch, self.config)
             packed, packed_labels, weights = self._pack(images, labels)
             self.weights.value = weights
-            alive = torch.ones(k, device=self.device)
-            alive[list(self.failed)] = 0.0
             with self.autocast():
                 logits = self.network(packed)  # (n, K, C)
                 losses = F.cross_entropy(logits.permute(0, 2, 1), packed_labels, reduction="none",
                                          label_smoothing=self.config.label_smoothing)  # (n, K)
             per_model = torch.where(weights > 0, losses, 0.0).sum(0) / weights.sum(0).clamp_min(1)
-            total = per_model[alive.bool()].sum()  # a diverged model's NaN must not reach the others
+            total = torch.where(alive, per_model, 0.0).sum()  # a diverged model's NaN must not reach the others
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
