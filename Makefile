@@ -16,7 +16,7 @@ demo: setup
 	.venv/bin/ffcv-transfer demo --out $(DEMO_OUT)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: setup
 	$(PY) benchmarks/bench_writers.py --out benchmarks/results/writers.json

@@ -16,6 +16,7 @@ setup(
         "pyyaml",
         "pillow",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x"],

@@ -86,10 +86,10 @@ class Tree:
                                  f"choose the ImageFolder root with --subdir")
             folder = folder / subdirs[0]
 
-    def scan(self, root: PurePosixPath, classes: Sequence[str] | None
+    def scan(self, root: PurePosixPath, classes: Sequence[str] | None, per_class: int | None = None
              ) -> tuple[list[PurePosixPath], np.ndarray, list[str]]:
         """Image paths sorted by class then file name, their labels, and the sorted class folder names
-        (only `classes`, when given)."""
+        (only `classes`, when given; only the first `per_class` images of each, when given)."""
         names = sorted(self.subdirs.get(root, ()))
         if classes is not None:
             missing = sorted(set(classes) - set(names))
@@ -99,7 +99,7 @@ class Tree:
         files: list[PurePosixPath] = []
         labels: list[int] = []
         for index, name in enumerate(names):
-            images = sorted(self.images.get(root / name, ()))
+            images = sorted(self.images.get(root / name, ()))[:per_class]
             if not images:
                 raise BetonError(f"{self.origin(root)}: class folder {name}/ holds no images "
                                  f"({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -196,12 +196,14 @@ def write_imagefolder(
     *,
     subdir: str | None = None,
     classes: Sequence[str] | None = None,
+    per_class: int | None = None,
     options: ImageOptions = ImageOptions(),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write an ImageFolder tree (folder or archive) to `out`; returns the sidecar dict.
 
-    `classes` restricts the beton to those class folders (labels then index the sorted subset).
+    `classes` restricts the beton to those class folders (labels then index the sorted subset);
+    `per_class` keeps the first images of each class by file name.
     Labels index the sorted class folder names. When the folder names are ImageNet wnids, the sidecar
     also holds their ImageNet short names and standard ImageNet-1k indices (sorted wnids are the
     standard order, so all 1,000 wnids get labels 0..999 in the standard order).
@@ -210,12 +212,12 @@ def write_imagefolder(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open_tree(src, subdir, out.parent, classes) as (tree, start, pack_fd):
         root = tree.find_root(start)
-        files, labels, folder_names = tree.scan(root, classes)
+        files, labels, folder_names = tree.scan(root, classes, per_class)
         origin = tree.origin(root)
         wnids = folder_names if all(WNID.match(n) for n in folder_names) else None
         known = imagenet1k_classes()
         class_names = [known[n][1] if n in known else n for n in folder_names] if wnids else folder_names
-        extra = {"folder_names": folder_names}
+        extra = {"folder_names": folder_names} | ({"per_class": per_class} if per_class else {})
         if wnids:
             extra["imagenet1k_index"] = [known[n][0] if n in known else None for n in folder_names]
         return write_beton(ImageFolderSource(tree, files, labels, pack_fd), out, class_names=class_names,

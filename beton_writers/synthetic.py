@@ -16,6 +16,24 @@ pixel statistics and a motif at a uniform random place adds nothing to any pixel
   lets the head lean on the shortcut, which lowers the test margins of classes t and t+1: negative
   influence on both.
 
+Siblings (optional, `sibling_flips` > 0): each target motif f_t, and each misleading cue a_t, gets a
+near-copy (a few pixels swapped) that joins the distractor bank, so it appears on images of every
+class, the background included. Telling f_t from its sibling then takes a detector trained for it (the
+twin's), not generic motif features: without its twin a target class is hard to recognise, and without
+the misleading class the cue is no shortcut. Both influences then stand out from the noise of training
+(docs/measurements.md).
+
+Leaked copies (optional, for example-level influence): `leaks` target test images of the target classes
+are copied into the source training set, labelled with the twin of their own class (a leak: expected to
+raise that test image's margin), and `mislabelled_leaks` more labelled with the twin of another target
+class (expected to lower it). Copy kinds cycle through `leak_kinds`: "exact", "downsampled" (to half
+size by area averaging, then bilinear back up; `leak_downsample` sets the fraction) and "crop" (a random
+crop of `leak_crop` of each side, resized back up). The copies are appended after the regular source
+training images (their indices are unchanged), and
+`extra.planted.leaks` lists them: source index, target test index, kind, role, source class. With
+`atypical_leaks` the leaked test images are first re-rendered without their class motif (two distractors
+instead): atypical images of their class that only a model trained on their copy can place.
+
 The ground truth lies in every sidecar's `extra.planted`, with source class indices in beton order.
 """
 from __future__ import annotations
@@ -31,6 +49,7 @@ from .common import BetonError, ImageOptions, write_arrays
 
 NO_MOTIF = -1
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
+LEAK_KINDS = ("exact", "downsampled", "crop")
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,13 @@ class PlantedSpec:
     noise: float = 0.08
     background_class: bool = False  # an extra, last target class "background" without a class motif
     misleading_conflict: bool = True  # the cue of target t also sits on class-(t+1) test images
+    sibling_flips: int = 0  # > 0: each target motif and cue gets a near-copy distractor (this many +/- swaps)
+    leaks: int = 0  # target test images copied into source_train, labelled with their own class's twin
+    mislabelled_leaks: int = 0  # more copies, labelled with the twin of another target class
+    leak_kinds: tuple[str, ...] = LEAK_KINDS  # how the copies are made, in turn
+    atypical_leaks: bool = False  # the leaked test images lose their class motif (before being copied)
+    leak_downsample: float = 0.5  # "downsampled" copies: side fraction of the intermediate image
+    leak_crop: float = 0.875  # "crop" copies: side fraction of the crop
 
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= 64 or self.resolution % 8:
@@ -56,6 +82,17 @@ class PlantedSpec:
             raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
         if not 0 <= self.num_misleading <= self.num_targets:
             raise BetonError(f"num_misleading {self.num_misleading} must be in 0..{self.num_targets}")
+        if not 0 <= self.sibling_flips <= self.motif_size ** 2 // 4:
+            raise BetonError(f"sibling_flips {self.sibling_flips} must be in 0..{self.motif_size ** 2 // 4}")
+        if self.leaks < 0 or self.mislabelled_leaks < 0:
+            raise BetonError("leaks and mislabelled_leaks must be >= 0")
+        if self.leaks + self.mislabelled_leaks > self.num_targets * self.target_test_per_class:
+            raise BetonError(f"{self.leaks + self.mislabelled_leaks} leaked copies, but only "
+                             f"{self.num_targets * self.target_test_per_class} target test images of target classes")
+        if not (0 < self.leak_downsample < 1 and 0 < self.leak_crop < 1):
+            raise BetonError(f"leak_downsample {self.leak_downsample} and leak_crop {self.leak_crop} must lie in (0, 1)")
+        if not self.leak_kinds or set(self.leak_kinds) - set(LEAK_KINDS):
+            raise BetonError(f"leak_kinds {self.leak_kinds} must be a non-empty selection of {', '.join(LEAK_KINDS)}")
         half = self.motif_size * self.motif_size // 2
         if math.comb(half, half // 2) < self.num_motifs:
             raise BetonError(f"{self.num_motifs} classes and distractors need more distinct motifs than "
@@ -67,7 +104,11 @@ class PlantedSpec:
 
     @property
     def num_motifs(self) -> int:
-        return self.num_targets + self.num_unrelated + self.num_misleading + self.num_distractors
+        return self.num_targets + self.num_unrelated + self.num_misleading + self.num_distractor_bank
+
+    @property
+    def num_distractor_bank(self) -> int:
+        return self.num_distractors + ((self.num_targets + self.num_misleading) if self.sibling_flips else 0)
 
     @property
     def num_sources(self) -> int:
@@ -87,6 +128,18 @@ def make_motifs(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
             seen.add(left.tobytes())
             motifs.append(np.concatenate([left, left[:, ::-1]], axis=1))
     return np.stack(motifs)
+
+
+def sibling(motif: np.ndarray, flips: int, rng: np.random.Generator) -> np.ndarray:
+    """A near-copy of a motif: `flips` +1 and `flips` -1 pixels of its left half swapped (mirrored on the
+    right), so it keeps the balance and the symmetry of every motif."""
+    size = motif.shape[0]
+    left = motif[:, : size // 2].ravel().copy()
+    plus = rng.choice(np.flatnonzero(left > 0), flips, replace=False)
+    minus = rng.choice(np.flatnonzero(left < 0), flips, replace=False)
+    left[plus], left[minus] = -1.0, 1.0
+    left = left.reshape(size, size // 2)
+    return np.concatenate([left, left[:, ::-1]], axis=1)
 
 
 def render(slots: np.ndarray, motifs: np.ndarray, spec: PlantedSpec, rng: np.random.Generator) -> np.ndarray:
@@ -138,8 +191,9 @@ def _slots(labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: Pla
            rng: np.random.Generator) -> np.ndarray:
     """Per image: its class feature, a random distractor, and an extra motif (or none)."""
     first = spec.num_targets + spec.num_unrelated + spec.num_misleading
-    distractor = rng.integers(first, first + spec.num_distractors, size=len(labels))
-    return np.stack([feature[labels], distractor, extra], axis=1)
+    distractors = rng.integers(first, first + spec.num_distractor_bank, size=(2, len(labels)))
+    # an image without a class motif (background) gets a second distractor in its place
+    return np.stack([np.where(feature[labels] == NO_MOTIF, distractors[1], feature[labels]), distractors[0], extra], 1)
 
 
 def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
@@ -148,6 +202,9 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
     motifs = make_motifs(spec.num_motifs, spec.motif_size, rng)
+    if spec.sibling_flips:  # the last T + K motifs: near-copies of the targets' features and of the cues
+        originals = list(range(T)) + list(range(T + U, T + U + K))
+        motifs[-(T + K):] = [sibling(motifs[i], spec.sibling_flips, rng) for i in originals]
     design = _planted_design(spec, rng)
     cue_of_target = np.full(T, NO_MOTIF)
     cue_of_target[:K] = T + U + np.arange(K)
@@ -170,7 +227,56 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
         labels = np.repeat(np.arange(classes), per_class)
         slots = _slots(labels, target_feature, cue[labels], spec, rng)
         splits[split] = (render(slots, motifs, spec, rng), labels)
+    design["leaks"] = []
+    if spec.leaks or spec.mislabelled_leaks:  # its own random stream: the other images stay as without leaks
+        splits["source_train"], splits["target_test"], design["leaks"] = _plant_leaks(
+            splits["source_train"], splits["target_test"], design, motifs, spec, np.random.default_rng([seed, 1]))
     return splits
+
+
+def copy_image(image: np.ndarray, kind: str, rng: np.random.Generator, downsample: float = 0.5,
+               crop: float = 0.875) -> np.ndarray:
+    """A near-duplicate of an H x W x 3 uint8 image: "exact", "downsampled" (to `downsample` of each side
+    by area averaging, bilinear back up) or "crop" (a random crop of `crop` of each side, bilinear back up)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    if kind == "exact":
+        return image.copy()
+    picture = Image.fromarray(image)
+    if kind == "downsampled":
+        small = picture.resize((round(width * downsample), round(height * downsample)), Image.Resampling.BOX)
+        return np.asarray(small.resize((width, height), Image.Resampling.BILINEAR))
+    if kind == "crop":
+        h, w = round(height * crop), round(width * crop)
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        return np.asarray(picture.crop((x, y, x + w, y + h)).resize((width, height), Image.Resampling.BILINEAR))
+    raise BetonError(f"unknown copy kind {kind!r} (one of {', '.join(LEAK_KINDS)})")
+
+
+def _plant_leaks(source: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], design: dict[str, Any],
+                 motifs: np.ndarray, spec: PlantedSpec, rng: np.random.Generator
+                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[dict]]:
+    """Source training images and labels with the copies appended, the target test split (its leaked
+    images re-rendered without their class motif if `atypical_leaks`), and the record of each copy."""
+    (images, labels), (test_images, test_labels) = source, test
+    T = spec.num_targets
+    chosen = rng.choice(np.flatnonzero(test_labels < T), spec.leaks + spec.mislabelled_leaks, replace=False)
+    if spec.atypical_leaks:
+        slots = _slots(np.zeros(len(chosen), np.int64), np.array([NO_MOTIF]), np.full(len(chosen), NO_MOTIF), spec, rng)
+        test_images = test_images.copy()
+        test_images[chosen] = render(slots, motifs, spec, rng)
+    copies, copy_labels, records = [], [], []
+    for n, j in enumerate(chosen):
+        kind, target = spec.leak_kinds[n % len(spec.leak_kinds)], int(test_labels[j])
+        twin_of = target if n < spec.leaks else (target + 1 + int(rng.integers(T - 1))) % T
+        copies.append(copy_image(test_images[j], kind, rng, spec.leak_downsample, spec.leak_crop))
+        copy_labels.append(design["twin"][str(twin_of)])
+        records.append({"source": len(images) + n, "target_test": int(j), "kind": kind,
+                        "role": "leak" if n < spec.leaks else "mislabelled", "source_class": copy_labels[-1],
+                        "target_class": target, "twin_of": twin_of, "atypical": spec.atypical_leaks})
+    return ((np.concatenate([images, np.stack(copies)]), np.concatenate([labels, copy_labels])),
+            (test_images, test_labels), records)
 
 
 def write_synthetic(

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Callable
 
+from .cli_findings import add_parsers as add_findings_parsers
+
 DATA_ENV = "FFCV_TRANSFER_DATA"
 
 
@@ -42,7 +44,7 @@ def cmd_write_imagefolder(args: argparse.Namespace) -> None:
     from beton_writers.imagefolder import write_imagefolder
 
     classes = args.classes.split(",") if args.classes else None
-    _print_summary(write_imagefolder(args.src, args.out, subdir=args.subdir, classes=classes,
+    _print_summary(write_imagefolder(args.src, args.out, subdir=args.subdir, classes=classes, per_class=args.per_class,
                                      options=_image_options(args), overwrite=args.overwrite))
 
 
@@ -62,7 +64,7 @@ def cmd_write_synthetic(args: argparse.Namespace) -> None:
                        target_train_per_class=args.target_train_per_class,
                        target_test_per_class=args.target_test_per_class, motif_amplitude=args.motif_amplitude,
                        noise=args.noise, background_class=args.background_class,
-                       misleading_conflict=not args.no_conflict)
+                       misleading_conflict=not args.no_conflict, sibling_flips=args.sibling_flips)
     for split, path in write_synthetic(args.outdir, seed=args.seed, spec=spec, options=_image_options(args),
                                        overwrite=args.overwrite).items():
         print(f"{split:13s} {path}")
@@ -120,7 +122,7 @@ def parse_settings(tokens: list[str]) -> dict[str, str]:
     return settings
 
 
-def parse_rows(text: str) -> list[int]:
+def parse_rows(text: str, option: str = "--models") -> list[int]:
     """'0-63,100,120-127' -> [0, ..., 63, 100, 120, ..., 127]."""
     from .config import ConfigError
 
@@ -130,7 +132,7 @@ def parse_rows(text: str) -> list[int]:
             first, _, last = part.partition("-")
             rows.extend(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise ConfigError(f"--models {text!r}: expected row ranges like 0-63,100") from None
+        raise ConfigError(f"{option} {text!r}: expected ranges like 0-63,100") from None
     return rows
 
 
@@ -152,18 +154,25 @@ def cmd_settings(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEMO_CONFIG, format_findings, run_demo
+    import os
 
-    findings = run_demo(args.out, config=args.config or DEMO_CONFIG, overrides=parse_settings(args.settings),
-                        seed=args.seed, progress=not args.no_progress)
+    from .demo import TinySize, format_findings, run_demo
+
+    data_dir = args.data_dir or os.environ.get(DATA_ENV) or "../shared/data"
+    findings = run_demo(args.out, data=args.data, config=args.config, overrides=parse_settings(args.settings),
+                        seed=args.seed, counterfactual_seeds=args.counterfactual_seeds, data_dir=data_dir,
+                        tiny=TinySize(args.classes, args.per_class, args.target_per_class),
+                        progress=not args.no_progress)
     print(format_findings(findings))
     print(f"\nfindings: {args.out}/findings.json")
 
 
 def cmd_masks(args: argparse.Namespace) -> None:
+    from .leakage import create_example_store
     from .worker import create_experiment_store
 
-    store = create_experiment_store(args.store, _experiment(args, args.config))
+    create = create_example_store if args.examples else create_experiment_store
+    store = create(args.store, _experiment(args, args.config))
     masks = store.fixed("masks")
     print(f"wrote {args.store}: {masks.shape[0]} models x {masks.shape[1]} source classes "
           f"({masks.sum(1).min()} classes each), {store.schema['margins'][0][0]} target test examples")
@@ -179,9 +188,46 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.settings += [f"--run.models_per_process={args.k}"]
     experiment = _experiment(args, args.config or str(Path(args.store) / EXPERIMENT_FILE))
     rows = parse_rows(args.models) if args.models else None
-    written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress)
+    written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress, label=args.label)
     print(f"this worker wrote {written} rows")
     print(format_status(ResultStore(args.store).status(), args.store))
+
+
+LOCAL_OPTIONS = ("gpus", "workers")
+SLURM_SIZES = ("tasks", "parallelism", "time_min", "partition", "gpus_per_task", "cpus_per_task")  # SlurmOptions
+SLURM_OPTIONS = (*SLURM_SIZES, "sbatch", "no_wait")
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .launch import SlurmOptions, launch_local, launch_slurm
+    from .store import ResultStore, format_status
+    from .worker import EXPERIMENT_FILE
+
+    foreign = [name for name in (SLURM_OPTIONS if args.executor == "local" else LOCAL_OPTIONS)
+               if getattr(args, name) not in (None, False)]
+    if foreign:
+        hint = " (a SLURM task gets its GPUs with --gpus-per-task)" if "gpus" in foreign else ""
+        raise ConfigError(f"{', '.join('--' + name.replace('_', '-') for name in foreign)}: not an option of "
+                          f"--executor {args.executor}{hint}")
+    ResultStore(args.store)  # a missing store is named before its experiment.yaml is looked for
+    if args.k is not None:
+        args.settings += [f"--run.models_per_process={args.k}"]
+    experiment = _experiment(args, args.config or str(Path(args.store) / EXPERIMENT_FILE))
+    common = {"log_dir": args.log_dir, "max_rounds": args.max_rounds, "poll_s": args.poll_s}
+    if args.executor == "local":
+        gpus = parse_rows(args.gpus, "--gpus") if args.gpus is not None else None
+        status = launch_local(args.store, experiment, gpus=gpus, workers=args.workers, **common)
+    else:
+        pairs = [item.split("=", 1) for item in args.sbatch or []]
+        if not all(len(pair) == 2 and all(pair) for pair in pairs):
+            raise ConfigError(f"--sbatch {' '.join(args.sbatch)}: expected KEY=VALUE, e.g. --sbatch account=abc")
+        sizes = {name: getattr(args, name) for name in SLURM_SIZES if getattr(args, name) is not None}
+        status = launch_slurm(args.store, experiment, SlurmOptions(**sizes, sbatch=dict(pairs)),
+                              wait=not args.no_wait, **common)
+    print(format_status(status, args.store))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output NAME.beton")
     p.add_argument("--subdir", help="ImageFolder root inside SRC, e.g. cifar10/test or train")
     p.add_argument("--classes", help="comma-separated class folder names to keep (default: all)")
+    p.add_argument("--per-class", type=int, help="keep the first N images of each class by file name (default: all)")
     _add_image_options(p, "proportion")
     p.set_defaults(run=cmd_write_imagefolder)
 
@@ -223,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a target class without a class motif (no recognition by elimination)")
     p.add_argument("--no-conflict", action="store_true",
                    help="the misleading cue is absent from every target test image (default: on class t+1's)")
+    p.add_argument("--sibling-flips", type=int, default=0,
+                   help="give each target motif a near-copy distractor with this many pixel swaps (default: 0, none)")
     _add_image_options(p, "raw")
     p.set_defaults(run=cmd_write_synthetic)
 
@@ -242,11 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")
     p.set_defaults(run=cmd_settings, takes_settings=True)
 
-    p = commands.add_parser("demo", help="the whole pipeline on planted synthetic data (minutes on a CPU)",
+    p = commands.add_parser("demo", help="the whole pipeline, from data to an HTML report (minutes on a CPU)",
                             epilog=settings)
     p.add_argument("--out", default="out/demo", help="output folder; rerunning resumes (default: out/demo)")
-    p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml)")
+    p.add_argument("--data", default="planted", choices=["planted", "tiny-imagenet"],
+                   help="planted synthetic data made on the fly (default), or the real small replica "
+                   "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
+    p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
+    p.add_argument("--counterfactual-seeds", type=int, default=3,
+                   help="retrain this many times with all classes, without the most negative class and without a "
+                   "random one (default: 3; 0 skips)")
+    group = p.add_argument_group("--data tiny-imagenet")
+    group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
+    group.add_argument("--classes", type=int, default=20, help="first Tiny-ImageNet classes by wnid (default: 20)")
+    group.add_argument("--per-class", type=int, default=100, help="training images per source class (default: 100)")
+    group.add_argument("--target-per-class", type=int, default=200,
+                       help="CIFAR-10 training images per class; half as many test images (default: 200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_demo, takes_settings=True)
 
@@ -254,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=settings)
     p.add_argument("--config", required=True, help="experiment YAML (see rs_configs/)")
     p.add_argument("--store", required=True, metavar="DIR", help="results store to create")
+    p.add_argument("--examples", action="store_true", help="random subsets of the source examples instead of "
+                   "classes (example-level influence; `ffcv-transfer leakage` reads the store)")
     p.set_defaults(run=cmd_masks, takes_settings=True)
 
     p = commands.add_parser("train", help="train, transfer and record pending models of a store (K at a time)",
@@ -263,7 +326,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="only these rows, e.g. 0-63,100 (default: all pending)")
     p.add_argument("--k", type=int, help="models per process (run.models_per_process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--label", help="first part of this worker's name in `store status` (e.g. gpu0)")
     p.set_defaults(run=cmd_train, takes_settings=True)
+
+    p = commands.add_parser("launch", help="run many workers over one store: one per GPU, several on the CPU, "
+                            "or a SLURM job array", epilog=settings)
+    p.add_argument("--store", required=True, metavar="DIR", help="results store (made by `masks`)")
+    p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local", help="where workers run (default: local)")
+    p.add_argument("--k", type=int, help="models per worker process (run.models_per_process)")
+    p.add_argument("--max-rounds", type=int, default=3,
+                   help="start workers again while rows are pending after all have ended (default: 3 rounds)")
+    p.add_argument("--log-dir", help="worker logs (default: DIR/launches/TIME-EXECUTOR)")
+    p.add_argument("--poll-s", type=float, default=10, help="seconds between progress checks (default: 10)")
+    group = p.add_argument_group("--executor local")
+    group.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3 or 0-3: one worker per GPU")
+    group.add_argument("--workers", type=int, help="workers on run.device (default 1); CPU workers share the "
+                       "cores, OMP_NUM_THREADS = cores // workers each")
+    group = p.add_argument_group("--executor slurm (submitit; timed-out or preempted tasks requeue and resume)")
+    group.add_argument("--tasks", type=int, help="array tasks, each one worker (default: 1)")
+    group.add_argument("--parallelism", type=int, help="array tasks running at once (default: all)")
+    group.add_argument("--time-min", type=int, help="time limit per task in minutes (default: 60)")
+    group.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    group.add_argument("--gpus-per-task", type=int, help="GPUs per task (default: 0; run.device becomes cuda)")
+    group.add_argument("--cpus-per-task", type=int, help="CPUs per task, also its OMP_NUM_THREADS (default: 1)")
+    group.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                       help="any other sbatch option, repeatable: --sbatch account=abc --sbatch mem=32G")
+    group.add_argument("--no-wait", action="store_true", help="submit and return (no further rounds)")
+    p.set_defaults(run=cmd_launch, takes_settings=True)
 
     p = commands.add_parser("influence", help="class influence from a results store")
     p.add_argument("store", metavar="DIR")
@@ -274,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
     p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
     p.set_defaults(run=cmd_influence)
+
+    add_findings_parsers(commands, settings)
     return parser
 
 
@@ -287,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError
     from .influence import InfluenceError
+    from .launch import LaunchError
     from .store import StoreError
 
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
-    except (BetonError, StoreError, InfluenceError, ConfigError) as e:
+    except (BetonError, StoreError, InfluenceError, ConfigError, LaunchError) as e:
         print(f"ffcv-transfer: error: {e}", file=sys.stderr)
         return 2
     return 0

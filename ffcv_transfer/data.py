@@ -50,17 +50,41 @@ def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: i
     return int(np.clip(value, min(start, end), max(start, end)))
 
 
+def _index_decoder():
+    """An ffcv decoder for a scalar field that outputs each sample's index in the beton instead of the
+    field's value (ffcv passes the sample ids to every decoder); used on the label field a second time."""
+    from ffcv.fields.basics import IntDecoder
+
+    class IndexDecoder(IntDecoder):
+        def generate_code(self):
+            def decoder(indices, destination, metadata, storage_state):
+                for ix, sample_id in enumerate(indices):
+                    destination[ix] = sample_id
+                return destination[:len(indices)]
+
+            return decoder
+
+    return IndexDecoder()
+
+
 class ImageLoader:
-    """Iterate for (images, labels). Training: random-resized-crop (area fraction in `crop_scale`) +
-    flip; evaluation: centre crop of `crop_ratio` of the shorter side."""
+    """Iterate for (images, labels), or (images, labels, indices) with `with_indices` (each example's
+    position in the beton, int64: what example masks route on). Training: random-resized-crop (area
+    fraction in `crop_scale`) + flip; evaluation: centre crop of `crop_ratio` of the shorter side.
+    `classes` loads the examples of those classes, `indices` exactly those examples (not both)."""
 
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
                  config: LoaderConfig = LoaderConfig(),
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
-                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0)):
+                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        if classes is not None and indices is not None:
+            raise ValueError("give classes or indices, not both")
 
         self.device = torch.device(device)
         size = (resolution, resolution)
@@ -69,11 +93,19 @@ class ImageLoader:
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
             [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
-        indices = None if classes is None else class_indices(beton, classes)
+        if classes is not None:
+            indices = class_indices(beton, classes)
+        elif indices is not None:
+            indices = np.sort(np.asarray(indices, np.int64))
+        pipelines = {"image": image, "label": label}
+        self.with_indices = with_indices
+        if with_indices:  # the label field decoded a second time, into the sample index
+            pipelines["index"] = PipelineSpec("label", decoder=_index_decoder(),
+                                              transforms=[ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)])
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=config.num_workers or os.cpu_count(),
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
-                             pipelines={"image": image, "label": label})
+                             pipelines=pipelines)
         self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
@@ -83,6 +115,6 @@ class ImageLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            yield (images.float() - self.mean) / self.std, labels.long()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for images, labels, *index in self.loader:
+            yield ((images.float() - self.mean) / self.std, labels.long(), *(i.long() for i in index))

@@ -1,44 +1,102 @@
 """The main job on the embedded default: planted synthetic data generated on the fly, then masks ->
-train -> transfer -> store -> influence -> findings. Rerunning with the same --out resumes: the data
-and finished rows are kept."""
+train -> transfer -> store -> influence -> findings -> counterfactual retraining -> HTML report.
+Rerunning with the same --out resumes: the data and finished rows are kept."""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "rs_configs" / "demo_cpu.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "rs_configs"
+DEMO_CONFIG = CONFIGS / "demo_cpu.yaml"
+TINY_CONFIG = CONFIGS / "tinyimagenet_demo_cpu.yaml"
+DATASETS = {"planted": DEMO_CONFIG, "tiny-imagenet": TINY_CONFIG}
+TINY_ARCHIVE, CIFAR_ARCHIVE = "tiny-imagenet-200-300pc-jpg.tar.gz", "cifar10-jpg.tar.gz"
 
 
 def demo_spec():
-    """4 targets (plus a background class, so a target is recognised by its own motif, not by elimination),
-    their 4 twins, 2 unrelated source classes and 1 misleading one."""
+    """4 targets plus a background class (so a target is recognised by its own motif, not by elimination),
+    their 4 twins, 2 unrelated source classes and 1 misleading one; each target motif has a sibling
+    distractor, so that recognising a target takes its twin's detector."""
     from beton_writers.synthetic import PlantedSpec
 
     return PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=1, resolution=32, source_train_per_class=150,
                        source_val_per_class=30, target_train_per_class=100, target_test_per_class=50,
-                       motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False)
+                       motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False,
+                       sibling_flips=4)
 
 
-def run_demo(out: str | Path, config: str | Path = DEMO_CONFIG, overrides: Mapping[str, Any] | None = None,
-             seed: int = 0, progress: bool = True) -> dict:
+def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class: int, target_per_class: int) -> None:
+    """The real small replica's betons in `out`: the first `classes` Tiny-ImageNet-200 wnids (`per_class`
+    training images each, all their validation images) -> CIFAR-10 (`target_per_class` training and
+    `target_per_class // 2` test images per class), from the shared archives."""
+    import tarfile
+
+    from beton_writers import ImageOptions
+    from beton_writers.imagefolder import write_imagefolder
+
+    data_dir = Path(data_dir)
+    archives = {name: data_dir / name for name in (TINY_ARCHIVE, CIFAR_ARCHIVE)}
+    missing = [str(path) for path in archives.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--data tiny-imagenet needs {', '.join(missing)} (pass --data-dir or set "
+                                "FFCV_TRANSFER_DATA to the shared data folder)")
+    with tarfile.open(archives[TINY_ARCHIVE], "r|*") as archive:
+        member = next(m for m in archive if m.name.endswith("tiny-imagenet/wnids.txt"))
+        wnids = sorted(archive.extractfile(member).read().decode().split())[:classes]
+    options = ImageOptions(write_mode="jpg", max_resolution=64)
+    for name, subdir, chosen, count in (("tiny_train", "tiny-imagenet/train", wnids, per_class),
+                                        ("tiny_val", "tiny-imagenet/val", wnids, None),
+                                        ("cifar10_train", "cifar10/train", None, target_per_class),
+                                        ("cifar10_test", "cifar10/test", None, max(target_per_class // 2, 1))):
+        archive = archives[TINY_ARCHIVE if name.startswith("tiny") else CIFAR_ARCHIVE]
+        write_imagefolder(archive, out / f"{name}.beton", subdir=subdir, classes=chosen, per_class=count,
+                          options=options, overwrite=True)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """How much of the real data `--data tiny-imagenet` uses."""
+
+    classes: int = 20
+    per_class: int = 100
+    target_per_class: int = 200
+
+
+def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
+             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 3,
+             data_dir: str | Path | None = None, tiny: TinySize = TinySize(), progress: bool = True) -> dict:
+    """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
+    `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
+    from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
+    the most negative class and one without a random class (`counterfactual_seeds` 0 skips it)."""
     from beton_writers import ImageOptions, read_sidecar
+    from beton_writers.common import read_labels
     from beton_writers.synthetic import write_synthetic
 
     from .analyses import influence_by_target_class, rank_sources
     from .config import load_experiment
+    from .counterfactual import accuracy_by_removal, removal_design, run_removals
     from .influence import influence_from_store
+    from .names import display_names
+    from .report import write_report
     from .store import ResultStore
     from .worker import create_experiment_store, run_worker
 
+    if data not in DATASETS:
+        raise ValueError(f"--data {data!r}: choose one of {', '.join(DATASETS)}")
     out, started = Path(out), time.monotonic()
-    data = out / "data"
-    if not (data / "target_test.beton").exists():
-        write_synthetic(data, seed=seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
-    experiment = load_experiment(config, {"data.root": str(data), **(overrides or {})})
+    experiment = load_experiment(config or DATASETS[data], {"data.root": str(out / "data"), **(overrides or {})})
+    target_test = experiment.data.path("target_test")
+    if not target_test.exists():
+        if data == "planted":
+            write_synthetic(out / "data", seed=seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
+        else:
+            write_tiny_imagenet(out / "data", data_dir, tiny.classes, tiny.per_class, tiny.target_per_class)
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
         create_experiment_store(store_dir, experiment)
@@ -46,16 +104,26 @@ def run_demo(out: str | Path, config: str | Path = DEMO_CONFIG, overrides: Mappi
     influence = influence_from_store(store_dir, "margins", progress=progress)
     np.save(out / "influence.npy", influence)
 
-    planted = read_sidecar(data / "target_test.beton")["extra"]["planted"]
-    labels = np.load(data / "target_test.labels.npy")
-    targets = planted["target_names"]
-    by_class = influence_by_target_class(influence, labels, len(targets))
-    ranking = rank_sources(by_class, planted["source_names"], targets)
+    source, target = read_sidecar(experiment.data.path("source_train")), read_sidecar(target_test)
+    source_names = display_names(source["class_names"], source.get("wnids"))
+    by_class = influence_by_target_class(influence, read_labels(target_test), target["num_classes"])
     status = ResultStore(store_dir).status()
-    findings = {"store": str(store_dir), "models": status["completed"], "failed": status["failed"],
-                "seconds": round(time.monotonic() - started, 1), "ranking": ranking,
-                "ground_truth": {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")},
-                "checks": _checks(by_class, planted)}
+    findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
+                "ranking": rank_sources(by_class, source_names, target["class_names"])}
+    if planted := target.get("extra", {}).get("planted"):
+        findings["ground_truth"] = {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")}
+        findings["checks"] = _checks(by_class, planted)
+    counterfactual_dir = None
+    if counterfactual_seeds:
+        counterfactual_dir = out / "counterfactual"
+        masks, removals = removal_design(influence.mean(1), [1], counterfactual_seeds, ["most_negative", "random"])
+        baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, progress))
+        findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
+                                      **{kind: float(np.mean(by_k[1])) for kind, by_k in curves.items()},
+                                      "removed_first": source_names[int(np.argmin(influence.mean(1)))]}
+    findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
+                                          progress=progress))
+    findings["seconds"] = round(time.monotonic() - started, 1)
     (out / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")
     return findings
 
@@ -69,16 +137,23 @@ def _checks(by_class: np.ndarray, planted: dict) -> dict:
 
 
 def format_findings(findings: dict) -> str:
-    names = [f"target{t}" for t in sorted(findings["ground_truth"]["twin"], key=int)]
+    """Per target class its most positive and most negative source class (and, on planted data, whether
+    the planted twin came out on top), the counterfactual and the report's path."""
+    checks = findings.get("checks")
     lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s; "
              f"store {findings['store']}", "",
-             f"{'target':10s} {'most positive source class':34s} {'most negative source class':34s} planted twin"]
-    for name in names:
-        ranked = findings["ranking"][name]
+             f"{'target':12s} {'most positive source class':34s} {'most negative source class':34s}"
+             + (" planted twin" if checks else "")]
+    for name, ranked in findings["ranking"].items():
         t = name.removeprefix("target")
-        ok = "on top" if findings["checks"]["twin_on_top"][t] else "NOT on top"
-        lines.append(f"{name:10s} {ranked[0]['source']:24s} {ranked[0]['influence']:+9.2f} "
-                     f"{ranked[-1]['source']:24s} {ranked[-1]['influence']:+9.2f} {ok}")
-    for target, negative in findings["checks"]["misleading_negative"].items():
+        twin = "" if not checks or t not in checks["twin_on_top"] else \
+            " on top" if checks["twin_on_top"][t] else " NOT on top"
+        lines.append(f"{name:12s} {ranked[0]['source']:24s} {ranked[0]['influence']:+9.2f} "
+                     f"{ranked[-1]['source']:24s} {ranked[-1]['influence']:+9.2f}{twin}")
+    for target, negative in (checks or {}).get("misleading_negative", {}).items():
         lines.append(f"misleading class for target{target}: {'negative' if negative else 'NOT negative'}")
+    if cf := findings.get("counterfactual"):
+        lines.append(f"counterfactual target accuracy: all classes {cf['all_classes']:.3f}, without the most negative "
+                     f"class ({cf['removed_first']}) {cf['most_negative']:.3f}, without a random class {cf['random']:.3f}")
+    lines.append(f"report: {findings['report']}")
     return "\n".join(lines)

@@ -126,17 +126,19 @@ class GroupedTrainer(LockstepTrainer):
     network (copied back into `models` after every epoch)."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu"):
-        super().__init__(models, class_masks, config, steps_per_epoch, device)
+                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
+        super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
         self.weights = _Weights()
         self.network = _stack(models, self.weights).to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(param_groups(self.network, config.weight_decay), lr=0.0,
                                          momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
-    def _pack(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches."""
-        member = self.membership[:, labels]  # (K, B)
+    def _pack(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches
+        (routed on `keys`: the labels unless masks are over examples)."""
+        member = self.membership[:, labels if keys is None else keys]  # (K, B)
         counts = member.sum(1)
         longest = int(counts.max())  # the one host sync per batch
         # each model's rows in batch order, then the rest; positions past its count are padding and repeat
@@ -145,7 +147,7 @@ class GroupedTrainer(LockstepTrainer):
         real = torch.arange(longest, device=self.device)[None, :] < counts[:, None]  # (K, n_max)
         index = torch.where(real, order, order[:, :1])
         weights = real.T.to(torch.float32)
-        k, (n, c, h, w) = len(member), images.shape
+        k, (_, c, h, w) = len(member), images.shape
         packed = images[index.flatten()].reshape(k, longest, c, h, w).transpose(0, 1)
         packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=torch.channels_last)
         return packed, labels[index].T, weights
@@ -157,10 +159,11 @@ class GroupedTrainer(LockstepTrainer):
         alive = torch.ones(k, dtype=torch.bool, device=self.device)
         alive[list(self.failed)] = False  # failures are decided at the end of an epoch
         self.network.train()
-        for images, labels in batches:
+        for batch in batches:
+            images, labels, keys = self.keys_of(batch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step / self.steps_per_epoch, self.config)
-            packed, packed_labels, weights = self._pack(images, labels)
+            packed, packed_labels, weights = self._pack(images, labels, keys)
             self.weights.value = weights
             with self.autocast():
                 logits = self.network(packed)  # (n, K, C)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import option
+from .options import check_choice, option
 from .store import ResultStore
+
+DESIGNS = ("random", "orthogonal")
 
 OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}
 
@@ -17,8 +19,15 @@ class MaskConfig:
     num_models: int = option(64, "source models (rows of the store)")
     alpha: float = option(0.5, "fraction of the source classes in each model's training set")
     seed: int = option(0, "seed of the random subsets")
+    design: str = option("random", "random: each model a uniform random subset (the paper); orthogonal: "
+                         "a two-level orthogonal design (num_models a power of two, alpha 0.5) in which "
+                         "every class is in exactly half the models and the classes are pairwise balanced",
+                         DESIGNS)
 
     def __post_init__(self) -> None:
+        check_choice("masks.design", self.design, DESIGNS)
+        if self.design == "orthogonal" and self.alpha != 0.5:
+            raise ValueError(f"masks.design orthogonal needs masks.alpha 0.5, got {self.alpha}")
         if self.num_models < 1:
             raise ValueError(f"masks.num_models must be >= 1, got {self.num_models}")
         if not 0 < self.alpha < 1:
@@ -36,9 +45,58 @@ def random_class_masks(num_models: int, num_classes: int, alpha: float, seed: in
     return masks
 
 
-def create_store(path: str | Path, masks: np.ndarray, num_target_test: int) -> ResultStore:
+def orthogonal_class_masks(num_models: int, num_classes: int, seed: int) -> np.ndarray:
+    """(N, C) bool, columns of a two-level orthogonal design: each class is in exactly N/2 models and,
+    for any two classes, each of the four in/out combinations occurs in exactly N/4 models. So the
+    included-minus-excluded mean of one class is not shifted by the additive effects of the others,
+    which random subsets only achieve on average. With C <= N/2 the columns are the odd parities of
+    log2(N) base factors (a resolution IV design): neither is it shifted by two-class interactions.
+
+    Column j is the parity of (model index AND a bit pattern s_j); patterns of odd weight come first.
+    Of several random choices of patterns and of which half holds each class (up to 256, fewer for big
+    designs, whose subset sizes concentrate anyway), the one whose models' subset sizes stay closest to
+    C/2 is kept, so that no model trains on no class or on all of them where that can be avoided."""
+    bits = num_models.bit_length() - 1
+    if num_models < 4 or num_models != 1 << bits:
+        raise ValueError(f"an orthogonal design needs a power of two >= 4 models, got {num_models}")
+    if num_classes > num_models - 1:
+        raise ValueError(f"an orthogonal design of {num_models} models holds at most {num_models - 1} classes, "
+                         f"got {num_classes}; raise masks.num_models")
+    rng = np.random.default_rng(seed)
+    patterns = np.arange(1, num_models)
+    odd = np.bitwise_count(patterns) % 2 == 1
+    best, spread = None, np.inf
+    for _ in range(max(1, min(256, 2 ** 22 // (num_models * num_classes)))):
+        chosen = np.concatenate([rng.permutation(patterns[odd]), rng.permutation(patterns[~odd])])[:num_classes]
+        masks = (np.bitwise_count(np.arange(num_models)[:, None] & chosen) % 2 == 1) ^ (rng.random(num_classes) < 0.5)
+        deviation = np.abs(masks.sum(1) - num_classes / 2).max()
+        if deviation < spread:
+            best, spread = masks, deviation
+    return best[rng.permutation(num_models)]
+
+
+def class_masks(config: MaskConfig, num_classes: int) -> np.ndarray:
+    if config.design == "orthogonal":
+        return orthogonal_class_masks(config.num_models, num_classes, config.seed)
+    return random_class_masks(config.num_models, num_classes, config.alpha, config.seed)
+
+
+def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
+                 extra_fixed: dict[str, np.ndarray] | None = None) -> ResultStore:
     """A store with one row per model: its class mask (fixed), then per target test example its margin,
     correctness and prediction, plus source and target accuracy."""
     schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
     schema |= {"source_acc": ((), "float32"), "target_acc": ((), "float32")}
-    return ResultStore.create(path, len(masks), schema, fixed={"masks": masks})
+    return ResultStore.create(path, len(masks), schema, fixed={"masks": masks, **(extra_fixed or {})})
+
+
+def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int) -> np.ndarray:
+    """(N, E) bool over source *examples* (example-level influence): each model includes exactly
+    round(alpha * E) examples drawn without replacement. Store it packed: np.packbits(masks, axis=1)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha {alpha} must lie strictly between 0 and 1")
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((num_models, num_examples), bool)
+    for row in masks:
+        row[rng.choice(num_examples, round(alpha * num_examples), replace=False)] = True
+    return masks

@@ -56,6 +56,12 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def worker_name(label: str | None = None) -> str:
+    """A writer name unique to this process (it names the writer's shard file), after an optional label
+    saying which launcher's worker this is (e.g. "slurm-12_3", "gpu1")."""
+    return "-".join(filter(None, [label, socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:8]]))
+
+
 def _owner_is_dead(claim: dict[str, Any]) -> bool:
     """A claim made on this host by a process that no longer exists (killed, crashed) is stale at once;
     claims from other hosts can only expire."""
@@ -250,17 +256,33 @@ class ResultStore:
         return found
 
     def status(self) -> dict[str, Any]:
-        """Counts of completed, claimed (live claims), pending and failed rows, failure reasons, and
-        `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one)."""
+        """Counts of completed, claimed (live claims), pending and failed rows, failure reasons,
+        `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one),
+        and `workers`: per writer, the rows it has written and the live claims it holds."""
         failures = self.failures()
         failed = set(failures)
         rows = self.completed_rows()
         completed = set(rows.tolist()) - failed
-        live = {r for r, c in self.claims().items() if not c["stale"]} - completed - failed
-        records = sum(int(self._valid_records(shard)[1].sum()) for shard in self._shards())
+        live = {r: c["worker"] for r, c in self.claims().items() if not c["stale"] and r not in completed | failed}
+        written = {shard.stem: int(self._valid_records(shard)[1].sum()) for shard in self._shards()}
+        holding = Counter(live.values())
+        workers = {name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
+                   for name in sorted(set(written) | set(holding))}
         return {"rows": self.num_rows, "completed": len(completed), "claimed": len(live), "failed": len(failed),
-                "pending": self.num_rows - len(completed | failed | live), "duplicates": records - len(rows),
+                "pending": self.num_rows - len(completed | failed | set(live)),
+                "duplicates": sum(written.values()) - len(rows), "workers": workers,
                 "failure_reasons": dict(Counter(failures.values()).most_common())}
+
+    def release_claims(self, worker_prefix: str) -> int:
+        """Drop the claims of every writer whose name starts with `worker_prefix`, for a caller that knows
+        they have all ended (e.g. every task of a finished job array, on whatever hosts they ran, where
+        their claims would otherwise only expire after `claim_ttl_s`); returns how many."""
+        released = 0
+        for row, claim in self.claims().items():
+            if claim.get("worker", "").startswith(worker_prefix):
+                (self.path / "claims" / f"{row}.claim").unlink(missing_ok=True)
+                released += 1
+        return released
 
     def writer(self, worker: str | None = None) -> "StoreWriter":
         return StoreWriter(self, worker)
@@ -271,7 +293,7 @@ class StoreWriter:
 
     def __init__(self, store: ResultStore, worker: str | None = None):
         self.store = store
-        self.worker = worker or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.worker = worker or worker_name()
         self.shard_path = store.path / "shards" / f"{self.worker}.rows"
         self._shard: Any = None
         self.held: set[int] = set()
@@ -379,7 +401,8 @@ class StoreWriter:
             self._shard = None
 
 
-def format_status(status: dict[str, Any], path: str | Path) -> str:
+def format_status(status: dict[str, Any], path: str | Path, max_workers: int = 20) -> str:
+    """The counts, failure reasons, then the workers: those holding claims first, then by rows written."""
     lines = [f"store {path}: {status['rows']} rows",
              f"  completed {status['completed']:>8}",
              f"  claimed   {status['claimed']:>8}",
@@ -389,4 +412,15 @@ def format_status(status: dict[str, Any], path: str | Path) -> str:
         lines.append(f"  duplicate records {status['duplicates']} (rows trained twice; readers keep the first)")
     for reason, count in status["failure_reasons"].items():
         lines.append(f"    {count:>6} x {reason}")
+    workers = sorted(status["workers"].items(), key=lambda item: (-item[1]["claimed"], -item[1]["written"], item[0]))
+    if workers:
+        active = sum(1 for _, counts in workers if counts["claimed"])
+        lines.append(f"  workers {len(workers)} ({active} holding claims): claimed / written rows")
+        width = max(len(name) for name, _ in workers[:max_workers])
+        lines += [f"    {name:<{width}} {counts['claimed']:>6} {counts['written']:>8}"
+                  for name, counts in workers[:max_workers]]
+        if len(workers) > max_workers:
+            rest = [counts for _, counts in workers[max_workers:]]
+            lines.append(f"    ... {len(rest)} more: {sum(c['claimed'] for c in rest)} claimed, "
+                         f"{sum(c['written'] for c in rest)} written")
     return "\n".join(lines)

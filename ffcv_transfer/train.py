@@ -6,6 +6,11 @@ momentum, weight decay on non-BatchNorm parameters, a cyclic learning rate stepp
 label smoothing, its own BatchNorm statistics, and mixed precision. Models keep full C-way heads
 (labels stay global); accuracy on a model's own classes ignores the logits of the others.
 
+Masks over source *examples* instead of classes (example-level influence): pass `example_labels` (the
+label of each of the E examples the (K, E) masks cover) and give batches a third element, each example's
+index in the beton (`ImageLoader(..., with_indices=True)`); routing then keys on that index while the
+loss still uses the labels. Accuracy counts a model's classes as those it has any example of.
+
 Backend here: `sequential` (the K models one after another on their sub-batches).
 """
 from __future__ import annotations
@@ -51,7 +56,8 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
 
 def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
     """For each of K models, the positions in the batch of the examples whose class it trains on.
-    membership: (K, C) bool; labels: (B,) int."""
+    membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
+    indices.)"""
     return [torch.nonzero(row, as_tuple=True)[0] for row in membership[:, labels]]
 
 
@@ -66,10 +72,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class LockstepTrainer:
-    """What the fusion backends share: K models, their class masks, the step count, failures."""
+    """What the fusion backends share: K models, their class masks, the step count, failures.
+
+    With `example_labels` (E,), the masks are (K, E) over examples: batches must carry each example's
+    index as a third element, and `class_membership` holds the classes each model has examples of."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu"):
+                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
         class_masks = np.asarray(class_masks, bool)
         if class_masks.ndim != 2 or len(class_masks) != len(models):
             raise ValueError(f"need one mask row per model: {len(models)} models, masks {class_masks.shape}")
@@ -77,15 +86,37 @@ class LockstepTrainer:
         self.device = torch.device(device)
         self.membership = torch.as_tensor(class_masks, device=self.device)
         self.takes_every_class = bool(class_masks.all())
+        self.by_example = example_labels is not None
+        self.class_membership = self.membership
+        if self.by_example:
+            example_labels = np.asarray(example_labels, np.int64)
+            if example_labels.shape != (class_masks.shape[1],):
+                raise ValueError(f"example masks {class_masks.shape} need one label per example, "
+                                 f"got {example_labels.shape}")
+            num_classes = int(example_labels.max()) + 1 if len(example_labels) else 0
+            has_class = np.zeros((len(models), num_classes), bool)
+            for k, row in enumerate(class_masks):
+                has_class[k, example_labels[row]] = True
+            self.class_membership = torch.as_tensor(has_class, device=self.device)
         self.failed: dict[int, str] = {}
         self.step = 0
+
+    def keys_of(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, routing keys): the labels, or with example masks the batch's example indices."""
+        images, labels = batch[0], batch[1]
+        if not self.by_example:
+            return images, labels, labels
+        if len(batch) < 3:
+            raise ValueError("example masks route on example indices: batches need a third element "
+                             "(ImageLoader(..., with_indices=True))")
+        return images, labels, batch[2].to(self.device, torch.long)
 
     def autocast(self) -> torch.autocast:
         dtype = PRECISIONS[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        return own_class_accuracy(self.models, self.membership, batches, self.autocast)
+        return own_class_accuracy(self.models, self.class_membership, batches, self.autocast)
 
     def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
         """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
@@ -101,8 +132,8 @@ class FusedTrainer(LockstepTrainer):
     sub-batches, each with its own optimiser (and gradient scaler for fp16)."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu"):
-        super().__init__(models, class_masks, config, steps_per_epoch, device)
+                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
+        super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
         self.optimizers = [torch.optim.SGD(param_groups(m, config.weight_decay), lr=0.0, momentum=config.momentum)
                            for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
@@ -114,11 +145,12 @@ class FusedTrainer(LockstepTrainer):
         counts = torch.zeros(len(self.models), device=self.device)
         for model in self.models:
             model.train()
-        for images, labels in batches:
+        for batch in batches:
+            images, labels, keys = self.keys_of(batch)
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, (model, optimizer, scaler, rows) in enumerate(
                     zip(self.models, self.optimizers, self.scalers,
-                        parts_of(labels, self.membership, self.takes_every_class))):
+                        parts_of(keys, self.membership, self.takes_every_class))):
                 part = labels[rows]
                 if k in self.failed or len(part) == 0:
                     continue
@@ -146,7 +178,7 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
     every_class = bool(membership.all())
     for model in models:
         model.eval()
-    for images, labels in batches:
+    for images, labels, *_ in batches:
         for k, (model, rows) in enumerate(zip(models, parts_of(labels, membership, every_class))):
             part = labels[rows]
             if len(part) == 0:

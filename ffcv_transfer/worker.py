@@ -13,9 +13,10 @@ import numpy as np
 
 from .config import BACKENDS, ConfigError, Experiment
 from .data import ImageLoader, resolution_at
-from .masks import create_store, random_class_masks
+from .leakage import EXAMPLE_MASKS, example_masks_of
+from .masks import class_masks, create_store
 from .models import build_model
-from .store import ResultStore
+from .store import ResultStore, worker_name
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
 
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
@@ -42,6 +43,11 @@ def check_inputs(store: ResultStore, experiment: Experiment) -> None:
         if sidecars[split]["num_classes"] != num_classes:
             raise ConfigError(f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
                               f"masks of store {store.path} cover {num_classes}")
+    if EXAMPLE_MASKS in store.fixed_names:
+        bits, examples = store.fixed(EXAMPLE_MASKS).shape[1] * 8, sidecars["source_train"]["num_examples"]
+        if not bits - 8 < examples <= bits:
+            raise ConfigError(f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
+                              f"of store {store.path} cover {bits - 7}..{bits}")
     num_test = store.schema["margins"][0][0]
     if sidecars["target_test"]["num_examples"] != num_test:
         raise ConfigError(f"{experiment.data.path('target_test')}: {sidecars['target_test']['num_examples']} "
@@ -49,25 +55,38 @@ def check_inputs(store: ResultStore, experiment: Experiment) -> None:
 
 
 def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
-            crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None
-            ) -> ImageLoader:
+            crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
+            indices: np.ndarray | None = None) -> ImageLoader:
     loader = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
     return ImageLoader(experiment.data.path(split), train=train, resolution=resolution, batch_size=batch_size,
                        config=loader, device=experiment.run.device, classes=classes,
-                       crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio)
+                       crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio,
+                       indices=indices, with_indices=indices is not None)
 
 
 def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
                on_epoch: Callable[[str], None] = lambda stage: None
                ) -> tuple[dict[int, str], dict[int, tuple[float, TransferOutputs]]]:
-    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row)."""
+    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row).
+    A store with example masks (leakage.create_example_store) trains each model on its examples."""
     source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed("masks")[list(rows)])
     union = np.flatnonzero(masks.any(axis=0))
-    train = _loader(experiment, "source_train", train=True, resolution=source.min_res, batch_size=source.batch_size,
-                    crop_min_scale=source.crop_min_scale, classes=union)
     models = [build_model(masks.shape[1], **asdict(experiment.model), device=device) for _ in rows]
-    trainer = BACKENDS[experiment.run.backend](models, masks, source, steps_per_epoch=len(train), device=device)
+    backend = BACKENDS[experiment.run.backend]
+    if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
+        from beton_writers.common import read_labels
+
+        labels = read_labels(experiment.data.path("source_train"))
+        examples = example_masks_of(store, len(labels), rows)
+        train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
+                        batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
+                        indices=np.flatnonzero(examples.any(axis=0)))
+        trainer = backend(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
+    else:
+        train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
+                        batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
+        trainer = backend(models, masks, source, steps_per_epoch=len(train), device=device)
     for epoch in range(source.epochs):
         train.set_resolution(resolution_at(epoch, source.min_res, source.max_res, source.start_ramp, source.end_ramp))
         trainer.train_epoch(train, epoch)
@@ -122,13 +141,14 @@ class _Reporting:
 
 
 def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,
-               progress: bool = True) -> int:
-    """Claim and complete rows K at a time until none is pending; returns how many were written."""
+               progress: bool = True, label: str | None = None) -> int:
+    """Claim and complete rows K at a time until none is pending; returns how many were written.
+    `label` starts this worker's name in the store (`store status` lists workers by name)."""
     from tqdm import tqdm
 
     store = ResultStore(store_dir)
     check_inputs(store, experiment)
-    writer = store.writer()
+    writer = store.writer(worker_name(label))
     todo = _pending(store, rows)
     bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
     start, written = time.monotonic(), 0
@@ -174,7 +194,6 @@ def create_experiment_store(path: str | Path, experiment: Experiment) -> ResultS
     (`ffcv-transfer train --store DIR` reads it back)."""
     sidecars = read_sidecars(experiment)
     num_classes, num_test = sidecars["source_train"]["num_classes"], sidecars["target_test"]["num_examples"]
-    m = experiment.masks
-    store = create_store(path, random_class_masks(m.num_models, num_classes, m.alpha, m.seed), num_test)
+    store = create_store(path, class_masks(experiment.masks, num_classes), num_test)
     experiment.save(store.path / EXPERIMENT_FILE)
     return store

@@ -3,6 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
+
+from beton_writers import ImageOptions, PlantedSpec
+from beton_writers.synthetic import write_synthetic
 
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
@@ -23,6 +27,26 @@ def data_dir(request) -> Path:
     return path
 
 
+# A planted data set small enough for a worker to train a model in seconds (tests of the engine's mechanics)
+TINY_SPEC = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
+                        source_val_per_class=10, target_train_per_class=20, target_test_per_class=10)
+DEMO_CONFIG = Path(__file__).parent.parent / "rs_configs" / "demo_cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("planted") / "data"
+    write_synthetic(out, seed=0, spec=TINY_SPEC, options=ImageOptions(write_mode="raw", num_workers=2))
+    return out
+
+
+def tiny_settings(data: Path, **extra) -> dict:
+    """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px."""
+    return {"data.root": str(data), "masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
+            "source.batch_size": 32, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
+            "transfer.resolution": 16, "transfer.head_max_iter": 20, "run.models_per_process": 4, **extra}
+
+
 def read_with_loader(beton: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Every record in beton order through ffcv's Loader (fixed-size images)."""
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -35,3 +59,16 @@ def read_with_loader(beton: Path, batch_size: int = 256) -> tuple[np.ndarray, np
         images.append(np.array(batch_images))
         labels.append(np.array(batch_labels).reshape(-1))
     return np.concatenate(images), np.concatenate(labels)
+
+
+class IdRecorder(nn.Module):
+    """Records the example ids (pixel 0 of channel 0) of every training batch it is given."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.fc, self.seen = nn.Linear(1, classes), []
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x[:, 0, 0, 0].long().tolist()
+        return self.fc(x[:, :1, 0, 0])

@@ -13,7 +13,8 @@ DATA = {"data.source_train": "s.beton", "data.source_val": "v.beton", "data.targ
         "data.target_test": "u.beton"}
 
 
-@pytest.mark.parametrize("name", ["paper_imagenet_cifar10", "imagenet64_cheap", "tinyimagenet_cifar10", "demo_cpu"])
+@pytest.mark.parametrize("name", ["paper_imagenet_cifar10", "imagenet64_cheap", "tinyimagenet_cifar10", "demo_cpu",
+                                  "tinyimagenet_demo_cpu"])
 def test_every_shipped_config_loads(name):
     experiment = load_experiment(CONFIGS / f"{name}.yaml")
     assert experiment.data.path("source_train").name.endswith(".beton")

@@ -1,12 +1,13 @@
 """End to end on planted synthetic data, through the main job (`ffcv-transfer demo`): write betons ->
-masks -> train 16 small models on one shared ffcv loader -> cached-feature transfer -> store ->
-influence -> findings. About 4 minutes on 2 CPU cores.
+32 orthogonal class masks -> train the 32 small models on one shared ffcv loader -> cached-feature
+transfer -> store -> influence -> findings -> counterfactual retraining -> HTML report. About 9 minutes
+on 2 CPU cores: the suite's longest test, and the one that checks the science.
 
-What it asserts: every stage ran and agrees with the next (store complete, findings consistent with the
-saved influence matrix), the models learned their source classes, transfer beats chance, and each
-planted twin helps its own target more than it helps the other targets on average. Not asserted,
-because it does not yet hold reliably at this size (docs/measurements.md): that every twin is its
-target's single most positive source class."""
+Asserted against the planted ground truth, at the strength it holds run after run (docs/measurements.md):
+each twin raises its own target's margins (its influence there is positive), and it is its target's
+single most positive source class for at least 3 of the 4 targets. All 4 came out on top in each of
+three runs at this size, but the weakest target's lead (1.1-3.4 margin units) is within two standard
+errors of zero, so "all 4" would fail now and then on another machine's floating point."""
 import json
 
 import numpy as np
@@ -17,28 +18,36 @@ from ffcv_transfer.demo import format_findings, run_demo
 from ffcv_transfer.store import ResultStore
 
 
-def test_demo_runs_end_to_end_and_twins_help_their_targets(tmp_path):
-    findings = run_demo(tmp_path, overrides={"masks.num_models": 16, "run.models_per_process": 16}, progress=False)
+def test_demo_recovers_the_planted_influences(tmp_path):
+    findings = run_demo(tmp_path, progress=False)
+    saved = json.loads((tmp_path / "findings.json").read_text())
     data = tmp_path / "data"
     planted = read_sidecar(data / "target_test.beton")["extra"]["planted"]
     store = ResultStore(tmp_path / "store")
     status = store.status()
-    assert status["completed"] + status["failed"] == 16 and status["failed"] <= 1 and status["duplicates"] == 0
+    assert status["completed"] + status["failed"] == 32 and status["failed"] <= 1 and status["duplicates"] == 0
     _, values = store.read(["source_acc", "target_acc"])
-    num_targets = len(planted["target_names"])
     assert np.median(values["source_acc"]) > 0.8  # own ~3-4 classes; chance ~0.3
-    assert values["target_acc"].mean() > 2 / num_targets  # chance 1/5
 
     influence = np.load(tmp_path / "influence.npy")
     labels = np.load(data / "target_test.labels.npy")
-    by_class = influence_by_target_class(influence, labels, num_targets)
-    for t, twin in planted["twin"].items():  # per target class means, computed independently here
+    by_class = influence_by_target_class(influence, labels, len(planted["target_names"]))
+    on_top = []
+    for t, twin in planted["twin"].items():
         np.testing.assert_allclose(by_class[:, int(t)], influence[:, labels == int(t)].mean(1), rtol=1e-5)
-        others = [k for k in range(len(planted["twin"])) if k != int(t)]
-        assert by_class[twin, int(t)] > by_class[twin, others].mean(), (t, by_class[twin].round(2).tolist())
+        assert by_class[twin, int(t)] > 0, (t, by_class[:, int(t)].round(2).tolist())
+        on_top.append(np.argmax(by_class[:, int(t)]) == twin)
+    assert sum(on_top) >= 3, by_class.round(2).tolist()
+    assert saved["checks"]["twin_on_top"] == {t: bool(top) for t, top in zip(planted["twin"], on_top)}
 
-    saved = json.loads((tmp_path / "findings.json").read_text())
+    removal = ResultStore(tmp_path / "counterfactual")
+    assert removal.status()["completed"] + removal.status()["failed"] == 9  # 3 seeds x (all, -1 negative, -1 random)
+    assert findings["counterfactual"]["removed_first"] == planted["source_names"][int(np.argmin(influence.mean(1)))]
+
     for name, ranked in saved["ranking"].items():
         column = planted["target_names"].index(name)
         assert [r["index"] for r in ranked] == np.argsort(-by_class[:, column], kind="stable").tolist()
-    assert saved["models"] == status["completed"] and "target3" in format_findings(findings)
+    assert saved["models"] == status["completed"]
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("<img") > 5 and "Counterfactuals" in report and "target3" in format_findings(findings)
+

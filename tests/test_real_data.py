@@ -66,3 +66,22 @@ def test_tiny_imagenet_class_subset_from_archive(data_dir, tmp_path):
     np.testing.assert_array_equal(loaded_labels, [subset.index(f) for f in folders])
     np.testing.assert_array_equal(loaded_images, images)
     assert read_sidecar(out)["resolution"]["height"] == {"min": 64, "max": 64, "mean": 64.0}
+
+
+def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
+    """`ffcv-transfer demo --data tiny-imagenet`, shrunk to seconds of training: real ImageNet classes
+    (named from their wnids) -> CIFAR-10, through to the report."""
+    from ffcv_transfer.demo import TinySize, format_findings, run_demo
+
+    settings = {"masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
+                "source.batch_size": 32,
+                "run.models_per_process": 4, "transfer.head_max_iter": 20}
+    findings = run_demo(tmp_path, data="tiny-imagenet", overrides=settings, counterfactual_seeds=0, data_dir=data_dir,
+                        tiny=TinySize(classes=4, per_class=20, target_per_class=20), progress=False)
+    source = read_sidecar(tmp_path / "data" / "tiny_train.beton")
+    target = read_sidecar(tmp_path / "data" / "cifar10_test.beton")
+    assert source["num_classes"] == 4 and source["num_examples"] == 80 and target["num_examples"] == 100
+    assert findings["models"] == 4 and set(findings["ranking"]) == set(target["class_names"])
+    named = {entry["source"] for entry in findings["ranking"]["cat"]}
+    assert named == set(source["class_names"]) and not any(name.startswith("n0") for name in named)
+    assert (tmp_path / "report.html").stat().st_size > 10_000 and "cat" in format_findings(findings)

@@ -179,3 +179,21 @@ def test_missing_and_corrupt_store_files_are_named(tmp_path):
     with pytest.raises(StoreError, match=r"3.json: unreadable failure record"):
         store.status()
     assert cli_main(["store", "status", str(tmp_path / "nowhere")]) == 2
+
+
+def test_status_per_worker_and_releasing_the_claims_of_ended_workers(tmp_path):
+    store, _ = make_store(tmp_path / "s", ttl=3600)
+    first, second, later = store.writer("slurm-7_0"), store.writer("slurm-7_1"), store.writer("slurm-8_0")
+    assert first.claim(3) == [0, 1, 2] and second.claim(2) == [3, 4] and later.claim(1) == [5]
+    first.write(0, **values_of(0))
+    status = store.status()
+    assert status["workers"] == {"slurm-7_0": {"written": 1, "claimed": 2}, "slurm-7_1": {"written": 0, "claimed": 2},
+                                 "slurm-8_0": {"written": 0, "claimed": 1}}
+    text = format_status(status, tmp_path / "s", max_workers=2)
+    assert "workers 3 (3 holding claims)" in text and "... 1 more: 1 claimed, 0 written" in text
+    assert text.index("slurm-7_0") < text.index("slurm-7_1") and "slurm-8_0" not in text
+    # job array 7 has ended (its tasks were killed on some host): its claims go, array 8's stay
+    assert store.release_claims("slurm-7_") == 4
+    after = store.status()
+    assert (after["completed"], after["claimed"], after["pending"]) == (1, 1, 18)
+    assert store.writer("next").claim(5) == [1, 2, 3, 4, 6]

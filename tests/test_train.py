@@ -2,13 +2,14 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from beton_writers.synthetic import PlantedSpec, make_planted
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model
 from ffcv_transfer.train import FusedTrainer, OptimConfig, lr_at, param_groups, route
+
+from .conftest import IdRecorder
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 SPEC = PlantedSpec(num_targets=4, num_unrelated=4, num_misleading=0, source_train_per_class=200,
@@ -28,19 +29,6 @@ def test_route_gives_each_model_exactly_its_examples_once_per_epoch():
     for k in range(5):
         expected = np.flatnonzero(masks[k][labels])
         assert sorted(seen[k]) == expected.tolist() and len(set(seen[k])) == len(seen[k])
-
-
-class IdRecorder(nn.Module):
-    """Records the example ids (pixel 0 of channel 0) of every training batch it is given."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.fc, self.seen = nn.Linear(1, classes), []
-
-    def forward(self, x):
-        if self.training:
-            self.seen += x[:, 0, 0, 0].long().tolist()
-        return self.fc(x[:, :1, 0, 0])
 
 
 def test_each_model_sees_all_and_only_its_classes_examples_once_per_epoch():
@@ -123,8 +111,8 @@ def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_c
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_grouped_backend_matches_sequential_per_model(planted, device):
     """Same seeds, same batches, in float64 (so that only the order of summation differs): after three
-    steps every parameter and BatchNorm statistic of each model, and each model's loss, agree between
-    the backends to 1e-9 relative."""
+    steps every parameter and BatchNorm statistic of each model agrees between the backends to 1e-9
+    relative, and each model's epoch loss (accumulated in float32) to 1e-6."""
     (train_x, train_y) = planted["source_train"]
     pick = np.random.default_rng(0).choice(len(train_y), 384, replace=False)  # every class in every batch
     classes = SPEC.num_sources
@@ -142,7 +130,7 @@ def test_grouped_backend_matches_sequential_per_model(planted, device):
         runs.append((models, trainer.train_epoch(data, 0)))
         assert (models[0].stem[0].weight - initial).abs().max() > 1e-3  # the models did train
     (sequential, seq_losses), (grouped, grp_losses) = runs
-    np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-9)
+    np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-6)  # epoch losses are summed in float32
     for a, b in zip(sequential, grouped):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             if x.is_floating_point():

@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from beton_writers import ImageOptions, PlantedSpec, read_sidecar
-from beton_writers.synthetic import write_synthetic
+from beton_writers import read_sidecar
 from ffcv_transfer import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
 from ffcv_transfer.influence import class_influence, influence_from_store
@@ -21,23 +19,7 @@ from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.store import ResultStore
 from ffcv_transfer.worker import EXPERIMENT_FILE, create_experiment_store, run_worker
 
-SPEC = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
-                   source_val_per_class=10, target_train_per_class=20, target_test_per_class=10)
-CONFIG = Path(__file__).parent.parent / "rs_configs" / "demo_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("planted") / "data"
-    write_synthetic(out, seed=0, spec=SPEC, options=ImageOptions(write_mode="raw", num_workers=2))
-    return out
-
-
-def settings(data, **extra):
-    """demo_cpu.yaml shrunk to seconds: 1 epoch at 16 px on the small planted set."""
-    return {"data.root": str(data), "masks.num_models": 4, "source.epochs": 1, "source.lr_peak_epoch": 0.5,
-            "source.batch_size": 32, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
-            "transfer.resolution": 16, "transfer.head_max_iter": 20, "run.models_per_process": 4, **extra}
+from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
 
 def test_random_class_masks_have_exact_subset_sizes():
@@ -49,8 +31,8 @@ def test_random_class_masks_have_exact_subset_sizes():
         random_class_masks(3, 4, 1.0, seed=0)
 
 
-def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, monkeypatch):
-    experiment = load_experiment(CONFIG, settings(data, **{  # the reference transfer: a head trained by SGD
+def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_path, monkeypatch):
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{  # the reference transfer: SGD head
         "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
         "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0}))
     store = create_experiment_store(tmp_path / "store", experiment)
@@ -73,7 +55,7 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, m
     assert store.failures() == {1: "source training: non-finite loss at epoch 0"}
 
     masks = store.fixed("masks")
-    num_test = read_sidecar(data / "target_test.beton")["num_examples"]
+    num_test = read_sidecar(tiny_data / "target_test.beton")["num_examples"]
     rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc"])
     assert rows.tolist() == [0, 2, 3]
     np.testing.assert_array_equal(values["masks"], masks[[0, 2, 3]])
@@ -81,7 +63,7 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, m
     np.testing.assert_array_equal(values["is_correct"], values["margins"] > 0)
     np.testing.assert_allclose(values["target_acc"], values["is_correct"].mean(1), atol=1e-6)
     assert ((0 <= values["source_acc"]) & (values["source_acc"] <= 1)).all()
-    assert set(np.unique(values["predictions"])) <= set(range(SPEC.num_targets))
+    assert set(np.unique(values["predictions"])) <= set(range(TINY_SPEC.num_targets))
     # the failed row is left out of the influences: they equal those of the three good rows alone
     with pytest.warns(RuntimeWarning, match="included in every model or in none"):  # 3 rows: some classes are
         expected = class_influence(values["masks"], values["margins"].astype(np.float64))
@@ -89,24 +71,25 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(data, tmp_path, m
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-def test_inputs_that_do_not_match_the_store_are_refused(data, tmp_path):
-    experiment = load_experiment(CONFIG, settings(data))
+def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data))
     create_experiment_store(tmp_path / "store", experiment)
     with pytest.raises(ConfigError, match=r"nowhere/source_train.beton: data.source_train does not exist"):
-        run_worker(tmp_path / "store", load_experiment(CONFIG, settings(tmp_path / "nowhere")), progress=False)
-    mismatch = load_experiment(CONFIG, settings(data, **{"data.target_test": "source_val.beton"}))
+        run_worker(tmp_path / "store", load_experiment(DEMO_CONFIG, tiny_settings(tmp_path / "nowhere")),
+                   progress=False)
+    mismatch = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"data.target_test": "source_val.beton"}))
     with pytest.raises(ConfigError, match=r"source_val.beton: \d+ examples, but store .* has \d+ output columns"):
         run_worker(tmp_path / "store", mismatch, progress=False)
 
 
-def test_kill_9_mid_run_then_resume_completes_every_row_once(data, tmp_path):
+def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path):
     """`ffcv-transfer masks` then `train` (grouped backend) with K=2 over 4 rows; SIGKILL once the first
     2 rows are written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
     overrides = [f"--{key}={value}" for key, value in
-                 settings(data, **{"run.models_per_process": 2, "run.backend": "grouped"}).items()]
-    subprocess.run([*cli, "masks", "--config", str(CONFIG), "--store", str(store_dir), *overrides], check=True)
+                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.backend": "grouped"}).items()]
+    subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store_dir), *overrides], check=True)
     process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = ResultStore(store_dir)

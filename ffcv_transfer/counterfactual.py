@@ -1,0 +1,98 @@
+"""Counterfactuals: retrain on the full source set minus chosen classes and see what the target gains.
+
+The paper's test of the influences: drop the k most negative source classes (by mean influence over the
+target test set) and target accuracy rises; drop the k most positive and it falls; k random classes are
+the control. Each row of a counterfactual store is one model with its removal recorded beside its mask
+(fixed array `removal`: kind, k, seed), trained by the same worker as any experiment.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .masks import create_store
+
+KINDS = ("none", "most_negative", "most_positive", "random", "chosen")
+
+
+def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
+                   kinds: Sequence[str] = ("most_negative", "most_positive", "random")) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (rows, C) and removals (rows, 3: kind index, k, seed): for each seed, one model on every class
+    and one per (kind, k) without its k classes. `scores`: each source class's mean influence."""
+    scores = np.asarray(scores, float)
+    num_classes = len(scores)
+    unknown = [kind for kind in kinds if kind not in KINDS[1:4]]
+    if unknown:
+        raise ValueError(f"unknown removal kinds {unknown}; choose from {list(KINDS[1:4])}")
+    if not ks or min(ks) < 1 or max(ks) >= num_classes:
+        raise ValueError(f"each k must lie in 1..{num_classes - 1} (the source set has {num_classes} classes), got {list(ks)}")
+    if seeds < 1:
+        raise ValueError(f"need at least one seed, got {seeds}")
+    ascending = np.argsort(scores, kind="stable")
+    masks, removals = [], []
+    for seed in range(seeds):
+        masks.append(np.ones(num_classes, bool))
+        removals.append((0, 0, seed))
+        rng = np.random.default_rng(seed)
+        for kind in kinds:
+            for k in ks:
+                removed = {"most_negative": ascending[:k], "most_positive": ascending[::-1][:k],
+                           "random": rng.choice(num_classes, k, replace=False)}[kind]
+                masks.append(~np.isin(np.arange(num_classes), removed))
+                removals.append((KINDS.index(kind), k, seed))
+    return np.stack(masks), np.array(removals, np.int64)
+
+
+def without_class_design(num_classes: int, source_class: int, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """`repeats` models on every class and `repeats` without `source_class` (the debugging check)."""
+    if not 0 <= source_class < num_classes:
+        raise ValueError(f"source class {source_class} is not in 0..{num_classes - 1}")
+    without = np.ones(num_classes, bool)
+    without[source_class] = False
+    masks = np.stack([np.ones(num_classes, bool)] * repeats + [without] * repeats)
+    removals = np.array([(0, 0, r) for r in range(repeats)] + [(KINDS.index("chosen"), 1, r) for r in range(repeats)])
+    return masks, removals
+
+
+def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.ndarray, progress: bool = True):
+    """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
+    the experiment's recipe; returns the store."""
+    from .store import ResultStore
+    from .worker import EXPERIMENT_FILE, read_sidecars, run_worker
+
+    path = Path(path)
+    if not (path / "spec.json").exists():
+        num_test = read_sidecars(experiment)["target_test"]["num_examples"]
+        create_store(path, masks, num_test, extra_fixed={"removal": removals})
+        experiment.save(path / EXPERIMENT_FILE)
+    store = ResultStore(path)
+    if not np.array_equal(store.fixed("masks"), masks):
+        raise ValueError(f"{path}: holds a different removal design; choose another folder")
+    run_worker(path, experiment, progress=progress)
+    return store
+
+
+def accuracy_by_removal(store) -> tuple[list[float], dict[str, dict[int, list[float]]]]:
+    """(target accuracy of the full-source models, {kind: {k: accuracies}}) over completed rows."""
+    rows, values = store.read(["target_acc"])
+    removals = store.fixed("removal")[rows]
+    baseline: list[float] = []
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (kind, k, _), accuracy in zip(removals, values["target_acc"].tolist()):
+        if kind == 0:
+            baseline.append(accuracy)
+        else:
+            curves[KINDS[kind]][int(k)].append(accuracy)
+    return baseline, {kind: dict(by_k) for kind, by_k in curves.items()}
+
+
+def correct_by_removal(store, example: int) -> dict[str, float]:
+    """How often target test example `example` is predicted correctly, with and without the chosen class."""
+    rows, values = store.read(["is_correct"])
+    kinds = store.fixed("removal")[rows][:, 0]
+    correct = values["is_correct"][:, example]
+    return {"with": float(correct[kinds == 0].mean()), "without": float(correct[kinds == KINDS.index("chosen")].mean()),
+            "models": int(len(rows))}

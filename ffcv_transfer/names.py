@@ -1,0 +1,56 @@
+"""Readable class names for findings: the beton's own names, ImageNet short names for wnids (the writer
+stores them), WordNet words for other wnids, or a user-given file."""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+WNID = re.compile(r"^n\d{8}$")
+DATA_ENV = "FFCV_TRANSFER_DATA"
+WORDNET_WORDS = Path("imagenet-meta") / "wordnet30_words.txt.gz"
+
+
+def read_names_file(path: str | Path) -> dict[str, str]:
+    """KEY<TAB>NAME per line (WordNet's words.txt format; .gz allowed): KEY a class name or a wnid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such names file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    names = {}
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            key, sep, name = line.rstrip("\n").partition("\t")
+            if not sep or not name.strip():
+                raise ValueError(f"{path}:{number}: expected KEY<TAB>NAME, got {line.strip()!r}")
+            names[key.strip()] = name.strip()
+    return names
+
+
+def default_wordnet_words() -> Path | None:
+    """WordNet's words file in the shared data folder ($FFCV_TRANSFER_DATA), when there is one."""
+    root = os.environ.get(DATA_ENV)
+    path = Path(root) / WORDNET_WORDS if root else None
+    return path if path and path.is_file() else None
+
+
+def display_names(class_names: Sequence[str], wnids: Sequence[str] | None = None,
+                  names_file: str | Path | None = None) -> list[str]:
+    """One label per class: the user's file first (keyed by class name or wnid), then WordNet's first
+    lemma for a wnid the beton writer could not name, else the beton's own name."""
+    user = read_names_file(names_file) if names_file else {}
+    words = {}
+    if any(WNID.match(name) for name in class_names) and (path := default_wordnet_words()):
+        words = read_names_file(path)
+    labels = []
+    for k, name in enumerate(class_names):
+        keys = [name] + ([wnids[k]] if wnids else [])
+        label = next((user[key] for key in keys if key in user), None)
+        if label is None and name in words:
+            label = words[name].split(",")[0]
+        labels.append(label or name)
+    return labels

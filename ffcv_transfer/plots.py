@@ -1,0 +1,88 @@
+"""Figures for the findings (matplotlib, no display needed): influence bar charts, image grids and the
+counterfactual accuracy-versus-k plot. Each function writes one PNG and returns its path."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def influence_bars(path: str | Path, names: Sequence[str], values: np.ndarray, k: int, title: str) -> Path:
+    """The k most positive and k most negative classes as horizontal bars, most positive on top."""
+    values = np.asarray(values, float)
+    order = np.argsort(-values, kind="stable")
+    shown = order if len(order) <= 2 * k else np.concatenate([order[:k], order[-k:]])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.28 * len(shown)))
+    y = np.arange(len(shown))[::-1]
+    ax.barh(y, values[shown], color=["#2a9d4b" if v >= 0 else "#c8383c" for v in values[shown]])
+    ax.set_yticks(y, [names[i] for i in shown], fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("influence (mean target margin with the class minus without)")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def image_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[str], title: str,
+               columns: int = 8) -> Path:
+    """Images (H x W x 3 uint8) in a grid with a caption under each."""
+    if not len(images):
+        raise ValueError(f"{path}: no images to show")
+    rows = -(-len(images) // columns)
+    columns = min(columns, len(images))
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def accuracy_versus_removed(path: str | Path, curves: Mapping[str, Mapping[int, Sequence[float]]],
+                            baseline: Sequence[float], title: str) -> Path:
+    """Target accuracy against the number of source classes removed, one line per way of choosing them
+    (mean and standard error over seeds); the full source set as a dashed band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    if len(baseline):
+        mean, err = np.mean(baseline), _stderr(baseline)
+        ax.axhline(mean, color="grey", linestyle="--", label=f"all classes ({len(baseline)} models)")
+        ax.axhspan(mean - err, mean + err, color="grey", alpha=0.15)
+    for offset, (label, by_k) in zip(np.linspace(-0.08, 0.08, max(len(curves), 1)), curves.items()):
+        ks = sorted(by_k)
+        ax.errorbar(np.add(ks, offset), [np.mean(by_k[k]) for k in ks], yerr=[_stderr(by_k[k]) for k in ks],
+                    marker="o", capsize=3, label=f"without the k {label.replace('_', ' ')}")
+    every_k = sorted({k for by_k in curves.values() for k in by_k})
+    if every_k:
+        ax.set_xticks(every_k)
+        ax.set_xlim(every_k[0] - 0.5, every_k[-1] + 0.5)
+    ax.set_xlabel("source classes removed (k)")
+    ax.set_ylabel("target test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _stderr(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0

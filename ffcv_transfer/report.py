@@ -1,0 +1,217 @@
+"""`ffcv-transfer report STORE`: one self-contained HTML page of the findings (figures embedded as PNG
+data, no external files): rankings with bar charts, the planted ground truth when there is one,
+subpopulations, explained mistakes, counterfactuals and leaks when they were run, the config and the
+store's status."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .analyses import explain_example, influence_by_target_class, subpopulation, top_and_bottom
+from .plots import accuracy_versus_removed, image_grid, influence_bars
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;
+color:#555}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.ok{color:#1d7a37}.bad{color:#b3261e}
+.grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{flex:1 1 480px}"""
+
+
+@dataclass
+class Page:
+    """An HTML page built section by section; figures are read from disk and embedded."""
+
+    title: str
+    parts: list[str] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+
+    def text(self, text: str) -> None:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def figures(self, paths: Sequence[Path], captions: Sequence[str]) -> None:
+        items = [f'<figure><img alt="{html.escape(c)}" src="data:image/png;base64,'
+                 f'{base64.b64encode(Path(p).read_bytes()).decode()}"><figcaption>{html.escape(c)}</figcaption>'
+                 f"</figure>" for p, c in zip(paths, captions)]
+        self.parts.append(f'<div class="grid">{"".join(items)}</div>')
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+
+    def preformatted(self, text: str) -> None:
+        self.parts.append(f"<pre>{html.escape(text)}</pre>")
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        body = "\n".join(self.parts)
+        path.write_text(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}'
+                        f"</title><style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>\n{body}\n"
+                        "</body></html>\n")
+        return path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return f'<span class="{"ok" if value else "bad"}">{"yes" if value else "no"}</span>'
+    if isinstance(value, float):
+        return f"{value:+.3f}"
+    return html.escape(str(value))
+
+
+@dataclass
+class Findings:
+    """What the report shows, computed from a store (see `gather`)."""
+
+    store: Path
+    influence: np.ndarray  # (C_source, T)
+    labels: np.ndarray  # (T,) target test labels
+    mean_margins: np.ndarray  # (T,) over models
+    source_names: list[str]
+    target_names: list[str]
+    betons: dict[str, Path]
+    planted: dict | None
+
+
+def gather(store_dir: str | Path, names_file: str | Path | None = None, progress: bool = False) -> Findings:
+    from beton_writers.common import read_labels
+    from .influence import influence_from_store
+    from .names import display_names
+    from .store import ResultStore
+    from .worker import EXPERIMENT_FILE, read_sidecars
+    from .config import load_experiment
+
+    store_dir = Path(store_dir)
+    experiment_file = store_dir / EXPERIMENT_FILE
+    if not experiment_file.is_file():
+        raise FileNotFoundError(f"{experiment_file}: not found; is {store_dir} a store made by `ffcv-transfer masks`?")
+    experiment = load_experiment(experiment_file)
+    sidecars = read_sidecars(experiment)
+    store = ResultStore(store_dir)
+    if not len(store.completed_rows()):
+        raise ValueError(f"{store_dir}: no completed rows yet; run `ffcv-transfer train --store {store_dir}`")
+    influence = influence_from_store(str(store_dir), "margins", progress=progress)
+    _, values = store.read(["margins"])
+    source = sidecars["source_train"]
+    return Findings(store=store_dir, influence=influence,
+                    labels=read_labels(experiment.data.path("target_test")),
+                    mean_margins=values["margins"].astype(np.float64).mean(0),
+                    source_names=display_names(source["class_names"], source.get("wnids"), names_file),
+                    target_names=list(sidecars["target_test"]["class_names"]),
+                    betons={split: experiment.data.path(split) for split in sidecars},
+                    planted=sidecars["target_test"].get("extra", {}).get("planted"))
+
+
+def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
+                 counterfactual_dir: str | Path | None = None, names_file: str | Path | None = None,
+                 progress: bool = False) -> Path:
+    """Write the report (default STORE/report.html, figures in a folder beside it); returns its path."""
+    from beton_writers.verify import BetonRecords
+    from .store import ResultStore, format_status
+
+    found = gather(store_dir, names_file, progress)
+    out = Path(out) if out else found.store / "report.html"
+    figures = out.parent / f"{out.stem}_figures"
+    page = Page(f"ffcv-transfer findings: {found.store.name}")
+    status = ResultStore(found.store).status()
+    page.text(f"{status['completed']} models completed ({status['failed']} failed) in store {found.store}; "
+              f"{found.influence.shape[0]} source classes, {found.influence.shape[1]} target test examples. "
+              "Influence of a source class on a target example: its mean margin over the models trained with "
+              "the class minus over those without.")
+
+    by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
+    overall = found.influence.mean(1)
+    page.heading("Most helpful and most harmful source classes")
+    paths = [influence_bars(figures / "overall.png", found.source_names, overall, k, "whole target test set")]
+    paths += [influence_bars(figures / f"target_{t}.png", found.source_names, by_class[:, t], k, f"target class {name}")
+              for t, name in enumerate(found.target_names)]
+    page.figures(paths, ["mean over all target test examples"] +
+                 [f"mean over the test examples of {name}" for name in found.target_names])
+    best = top_and_bottom(overall, found.source_names, k)
+    page.table(["most positive", "influence", "most negative", "influence"],
+               [(p["source"], p["influence"], n["source"], n["influence"])
+                for p, n in zip(best["positive"], best["negative"])])
+    if found.planted:
+        _planted_section(page, found, by_class)
+
+    target_images, source_images = BetonRecords(found.betons["target_test"]), BetonRecords(found.betons["source_val"])
+    _subpopulations(page, found, overall, target_images, figures, k)
+    _mistakes(page, found, target_images, source_images, figures)
+    if counterfactual_dir and (Path(counterfactual_dir) / "spec.json").exists():
+        _counterfactual_section(page, Path(counterfactual_dir), figures)
+    page.heading("Run")
+    page.preformatted(format_status(status, found.store))
+    page.preformatted((found.store / "experiment.yaml").read_text())
+    return page.write(out)
+
+
+def _planted_section(page: Page, found: Findings, by_class: np.ndarray) -> None:
+    planted = found.planted
+    page.heading("Planted ground truth (synthetic data)")
+    page.text("Each target class has a source 'twin' that shares its visual feature: it should be the target's "
+              "most positive source class. A misleading class teaches a shortcut that fails on the test set: "
+              "it should be negative for its target.")
+    rows = []
+    for t, twin in sorted(planted["twin"].items(), key=lambda item: int(item[0])):
+        top = int(np.argmax(by_class[:, int(t)]))
+        rows.append((found.target_names[int(t)], found.source_names[twin], float(by_class[twin, int(t)]),
+                     found.source_names[top], top == twin))
+    page.table(["target class", "planted twin", "twin's influence", "most positive class", "twin on top"], rows)
+    for m in planted["misleading"]:
+        value = float(by_class[m["source"], m["target"]])
+        page.text(f"{found.source_names[m['source']]} on {found.target_names[m['target']]}: {value:+.3f} "
+                  f"({'negative, as planted' if value < 0 else 'NOT negative'})")
+
+
+def _subpopulations(page: Page, found: Findings, overall: np.ndarray, images, figures: Path, k: int) -> None:
+    page.heading("Subpopulations: the target images each helpful source class influences most")
+    paths, captions = [], []
+    for c in np.argsort(-overall, kind="stable")[:min(3, k)]:
+        chosen = subpopulation(found.influence, int(c), 8)
+        paths.append(image_grid(figures / f"subpopulation_{c}.png", [images.image(int(j)) for j in chosen],
+                                [f"#{j} {found.target_names[found.labels[j]]}\n{found.influence[c, j]:+.2f}" for j in chosen],
+                                f"most influenced by {found.source_names[c]}"))
+        captions.append(f"source class {found.source_names[c]}")
+    page.figures(paths, captions)
+
+
+def _mistakes(page: Page, found: Findings, target_images, source_images, figures: Path, count: int = 3) -> None:
+    page.heading("Explaining mistakes: target examples and their most negative source classes")
+    worst = np.argsort(found.mean_margins, kind="stable")[:count]
+    rows, paths, captions = [], [], []
+    for j in worst:
+        negative = explain_example(found.influence, int(j), 3)
+        rows.append((int(j), found.target_names[found.labels[j]], float(found.mean_margins[j]),
+                     ", ".join(f"{found.source_names[c]} ({found.influence[c, j]:+.2f})" for c in negative)))
+        shown = [target_images.image(int(j))] + [source_images.image(int(i)) for c in negative
+                                                 for i in np.flatnonzero(source_images.labels == c)[:3]]
+        names = [f"target #{j}"] + [found.source_names[c] for c in negative for _ in range(3)]
+        paths.append(image_grid(figures / f"mistake_{j}.png", shown, names, f"target example {j} and its most "
+                                "negative source classes", columns=5))
+        captions.append(f"target example {j}")
+    page.table(["example", "true class", "mean margin", "most negative source classes"], rows)
+    page.figures(paths, captions)
+
+
+def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
+    from .counterfactual import accuracy_by_removal
+    from .store import ResultStore
+
+    baseline, curves = accuracy_by_removal(ResultStore(path))
+    page.heading("Counterfactuals: retrained without chosen source classes")
+    plot = accuracy_versus_removed(figures / "counterfactual.png", curves, baseline,
+                                   "target accuracy after removing k source classes")
+    page.figures([plot], [f"store {path}"])
+    page.table(["removed", "k", "models", "mean target accuracy"],
+               [("none", 0, len(baseline), float(np.mean(baseline)))] +
+               [(kind, k, len(accs), float(np.mean(accs))) for kind, by_k in curves.items() for k, accs in sorted(by_k.items())])
+    (figures / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1))

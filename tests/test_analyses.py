@@ -1,0 +1,107 @@
+"""Mask designs, counterfactual designs and their summaries, and class names: checked against hand-computed
+cases and brute-force references (no training)."""
+import gzip
+import itertools
+
+import numpy as np
+import pytest
+
+from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, removal_design,
+                                          without_class_design)
+from ffcv_transfer.masks import create_store, orthogonal_class_masks
+from ffcv_transfer.names import display_names, read_names_file
+
+
+@pytest.mark.parametrize("models,classes", [(16, 7), (16, 8), (32, 20), (64, 63)])
+def test_orthogonal_masks_balance_every_class_and_pair(models, classes):
+    signs = orthogonal_class_masks(models, classes, seed=models).astype(float) * 2 - 1
+    np.testing.assert_array_equal(signs.sum(0), 0)  # each class in exactly half the models
+    np.testing.assert_array_equal(signs.T @ signs, models * np.eye(classes))  # every pair balanced
+    if classes <= models // 2:  # resolution IV: no main effect aliased with a two-class interaction
+        worst = max(abs((signs[:, i] * signs[:, j]) @ signs[:, k])
+                    for i, j in itertools.combinations(range(classes), 2) for k in range(classes))
+        assert worst == 0
+    assert len({row.tobytes() for row in signs}) == models  # no model trained twice
+    sizes = (signs > 0).sum(1)
+    assert 0 < sizes.min() and sizes.max() < classes  # no model on no class, none on all of them
+
+
+def test_orthogonal_design_removes_the_other_classes_from_each_estimate():
+    """Outputs additive in the classes: included-minus-excluded means give each effect exactly."""
+    masks = orthogonal_class_masks(16, 9, seed=3)
+    effects = np.random.default_rng(0).normal(size=9)
+    outputs = masks @ effects
+    estimate = [outputs[masks[:, c]].mean() - outputs[~masks[:, c]].mean() for c in range(9)]
+    np.testing.assert_allclose(estimate, effects, atol=1e-12)
+
+
+def test_orthogonal_design_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="power of two"):
+        orthogonal_class_masks(24, 5, seed=0)
+    with pytest.raises(ValueError, match="at most 15 classes"):
+        orthogonal_class_masks(16, 16, seed=0)
+
+
+def test_removal_design_removes_the_chosen_classes():
+    scores = np.array([0.3, -2.0, 1.5, -0.5, 0.0, 2.5])
+    masks, removals = removal_design(scores, [1, 2], seeds=2)
+    assert len(masks) == len(removals) == 2 * (1 + 3 * 2)
+    removed = {tuple(r): set(np.flatnonzero(~m).tolist()) for m, r in zip(masks, removals)}
+    for seed in range(2):
+        assert removed[(0, 0, seed)] == set()
+        assert removed[(KINDS.index("most_negative"), 1, seed)] == {1}
+        assert removed[(KINDS.index("most_negative"), 2, seed)] == {1, 3}
+        assert removed[(KINDS.index("most_positive"), 2, seed)] == {5, 2}
+        assert len(removed[(KINDS.index("random"), 2, seed)]) == 2
+    with pytest.raises(ValueError, match="1..5"):
+        removal_design(scores, [6], seeds=1)
+    with pytest.raises(ValueError, match="unknown removal kinds"):
+        removal_design(scores, [1], seeds=1, kinds=["worst"])
+
+
+def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
+    masks, removals = removal_design(np.arange(5.0), [1, 3], seeds=2, kinds=["most_negative", "random"])
+    store = create_store(tmp_path / "cf", masks, 4, extra_fixed={"removal": removals})
+    accuracy = np.arange(len(masks), dtype=np.float32) / 100
+    writer = store.writer()
+    done = [r for r in range(len(masks)) if r != 3]  # one row unfinished: left out
+    writer.write_many(done, margins=np.zeros((len(done), 4), np.float16), is_correct=np.zeros((len(done), 4), bool),
+                      predictions=np.zeros((len(done), 4), np.int16), source_acc=np.ones(len(done), np.float32),
+                      target_acc=accuracy[done])
+    baseline, curves = accuracy_by_removal(store)
+    expected = {}
+    for row in done:
+        kind, k, _ = removals[row]
+        expected.setdefault((KINDS[kind], int(k)), []).append(float(accuracy[row]))
+    assert sorted(baseline) == sorted(expected.pop(("none", 0)))
+    assert {(kind, k): sorted(v) for kind, by_k in curves.items() for k, v in by_k.items()} == \
+        {key: sorted(v) for key, v in expected.items()}
+
+
+def test_correct_by_removal_compares_models_with_and_without_the_class(tmp_path):
+    masks, removals = without_class_design(5, 2, repeats=3)
+    assert masks[:3].all() and (masks[3:].sum(1) == 4).all() and not masks[3:, 2].any()
+    store = create_store(tmp_path / "check", masks, 2, extra_fixed={"removal": removals})
+    correct = np.array([[1, 0], [1, 1], [0, 0], [0, 1], [0, 1], [1, 1]], bool)  # example 0: 2/3 with, 1/3 without
+    store.writer().write_many(range(6), margins=np.zeros((6, 2), np.float16), is_correct=correct,
+                              predictions=np.zeros((6, 2), np.int16), source_acc=np.ones(6, np.float32),
+                              target_acc=np.ones(6, np.float32))
+    assert correct_by_removal(store, 0) == {"with": 2 / 3, "without": 1 / 3, "models": 6}
+    assert correct_by_removal(store, 1) == {"with": 1 / 3, "without": 1.0, "models": 6}
+
+
+def test_display_names_prefer_the_users_file_then_wordnet(tmp_path, monkeypatch):
+    meta = tmp_path / "imagenet-meta"
+    meta.mkdir()
+    with gzip.open(meta / "wordnet30_words.txt.gz", "wt") as f:
+        f.write("n00000001\tthing one, first thing\nn00000002\tthing two\n")
+    monkeypatch.setenv("FFCV_TRANSFER_DATA", str(tmp_path))
+    names = ["goldfish", "n00000001", "n00000002", "cat"]
+    assert display_names(names, ["n01443537", "n00000001", "n00000002", None]) == \
+        ["goldfish", "thing one", "thing two", "cat"]
+    user = tmp_path / "names.tsv"
+    user.write_text("# my names\ncat\tkitty\nn00000002\tsecond\n")
+    assert display_names(names, names_file=user) == ["goldfish", "thing one", "second", "kitty"]
+    user.write_text("cat kitty\n")
+    with pytest.raises(ValueError, match=r"names.tsv:1: expected KEY<TAB>NAME"):
+        read_names_file(user)

@@ -1,0 +1,299 @@
+"""Example-level influence and leakage: copies of target test images planted in the source set (exact,
+downsampled, cropped-and-resized) are found as near-duplicates with large influence, through example
+masks that the trainers route on example indices."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from beton_writers import ImageOptions, PlantedSpec, read_sidecar
+from beton_writers.synthetic import make_planted, write_synthetic
+from ffcv_transfer import leakage
+from ffcv_transfer.data import MEAN, STD
+from ffcv_transfer.grouped import GroupedTrainer
+from ffcv_transfer.influence import example_influence
+from ffcv_transfer.masks import random_example_masks
+from ffcv_transfer.models import build_model
+from ffcv_transfer.train import FusedTrainer, OptimConfig, SourceConfig
+from ffcv_transfer.transfer import TransferConfig, transfer_cached_features
+
+from .conftest import IdRecorder
+from .test_synthetic import motif_scores
+
+NEAR_DUP = PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=0, resolution=32, source_train_per_class=60,
+                       source_val_per_class=5, target_train_per_class=5, target_test_per_class=25,
+                       background_class=True, misleading_conflict=False, leaks=24, mislabelled_leaks=6)
+
+
+@pytest.fixture(scope="module")
+def near_dup():
+    return make_planted(NEAR_DUP, seed=5)
+
+
+def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
+    plain = make_planted(PlantedSpec(**{**NEAR_DUP.__dict__, "leaks": 0, "mislabelled_leaks": 0}), seed=5)
+    (images, labels), (test_images, test_labels) = near_dup["source_train"], near_dup["target_test"]
+    regular = len(plain["source_train"][1])
+    for split in ("source_train", "source_val", "target_train", "target_test"):  # the other images are unchanged
+        np.testing.assert_array_equal(near_dup[split][0][:regular if split == "source_train" else None],
+                                      plain[split][0])
+    leaks, twin = near_dup["design"]["leaks"], near_dup["design"]["twin"]
+    assert [leak["source"] for leak in leaks] == list(range(regular, len(labels))) and len(leaks) == 30
+    assert len({leak["target_test"] for leak in leaks}) == 30
+    assert [leak["kind"] for leak in leaks[:3]] == ["exact", "downsampled", "crop"]
+    for leak in leaks:
+        j, e = leak["target_test"], leak["source"]
+        assert leak["target_class"] == test_labels[j] < NEAR_DUP.num_targets  # never the background class
+        assert labels[e] == leak["source_class"] == twin[str(leak["twin_of"])]
+        assert (leak["twin_of"] == leak["target_class"]) == (leak["role"] == "leak")
+        assert np.array_equal(images[e], test_images[j]) == (leak["kind"] == "exact")
+    atypical = make_planted(PlantedSpec(**{**NEAR_DUP.__dict__, "atypical_leaks": True}), seed=5)
+    leaked = np.zeros(len(test_labels), bool)
+    leaked[[leak["target_test"] for leak in leaks]] = True
+    np.testing.assert_array_equal(atypical["target_test"][0][~leaked], test_images[~leaked])
+    assert all(not np.array_equal(a, b) for a, b in zip(atypical["target_test"][0][leaked], test_images[leaked]))
+    scores = motif_scores(atypical["target_test"][0], atypical["motifs"][:NEAR_DUP.num_targets])
+    own = scores[np.arange(len(test_labels)), np.minimum(test_labels, NEAR_DUP.num_targets - 1)]
+    typical = ~leaked & (test_labels < NEAR_DUP.num_targets)
+    assert own[leaked].max() < np.quantile(own[typical], 0.05)  # the class motif is gone from leaked images
+    for leak in atypical["design"]["leaks"][:3]:  # copies of the re-rendered (motif-less) images
+        assert leak["atypical"]
+        if leak["kind"] == "exact":
+            np.testing.assert_array_equal(atypical["source_train"][0][leak["source"]],
+                                          atypical["target_test"][0][leak["target_test"]])
+
+
+def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup):
+    """All source x target pairs: every planted copy scores >= 0.93 aligned similarity (threshold 0.9),
+    no unrelated pair comes near (measured max 0.66 on this seed); the perceptual hash catches exact and
+    downsampled copies (<= 10 bits) and no unrelated pair."""
+    (images, _), (test_images, _) = near_dup["source_train"], near_dup["target_test"]
+    banks = np.stack([leakage.crop_bank(x) for x in test_images])  # (T, B, D)
+    thumbs = np.concatenate([leakage.thumbnails(x) for x in images])  # (E, D)
+    source_banks = np.stack([leakage.crop_bank(x) for x in images])
+    target_thumbs = np.concatenate([leakage.thumbnails(x) for x in test_images])
+    scores = np.maximum(np.einsum("tbd,ed->etb", banks, thumbs).max(-1),
+                        np.einsum("ebd,td->etb", source_banks, target_thumbs).max(-1))
+    planted = np.zeros(scores.shape, bool)
+    for leak in near_dup["design"]["leaks"]:
+        planted[leak["source"], leak["target_test"]] = True
+    assert scores[planted].min() >= 0.93, scores[planted].min()
+    assert scores[~planted].max() < 0.75, scores[~planted].max()
+    for leak in near_dup["design"]["leaks"][:6]:  # the pairwise function agrees with the bulk computation
+        e, j = leak["source"], leak["target_test"]
+        found = leakage.near_duplicate(images[e], test_images[j])
+        assert found["duplicate"] and found["similarity"] == pytest.approx(scores[e, j], abs=1e-3)
+        if leak["kind"] != "crop":
+            assert found["hash_distance"] <= leakage.MAX_HASH_DISTANCE
+    hashes = np.stack([leakage.perceptual_hash(x) for x in images])
+    target_hashes = np.stack([leakage.perceptual_hash(x) for x in test_images])
+    mirrored = np.stack([leakage.perceptual_hash(x[:, ::-1]) for x in test_images])
+    bits = np.minimum((hashes[:, None] != target_hashes[None]).sum(-1), (hashes[:, None] != mirrored[None]).sum(-1))
+    assert bits[~planted].min() > leakage.MAX_HASH_DISTANCE
+    mirror = images[near_dup["design"]["leaks"][0]["source"]][:, ::-1]
+    assert leakage.near_duplicate(mirror, test_images[near_dup["design"]["leaks"][0]["target_test"]])["similarity"] > 0.99
+
+
+def test_example_masks_route_each_model_exactly_its_examples():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, 300)
+    images = torch.zeros(300, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(300.0)
+    masks = random_example_masks(3, 300, 0.5, seed=0)
+    assert (masks.sum(1) == 150).all()
+    models = [IdRecorder(6) for _ in range(3)]
+    trainer = FusedTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
+                           example_labels=labels)
+    np.testing.assert_array_equal(trainer.class_membership.numpy(), leakage.classes_of(masks, labels, 6))
+    with pytest.raises(ValueError, match="third element"):
+        trainer.train_epoch([(images[:8], torch.as_tensor(labels[:8]))], 0)
+    for model in models:
+        model.seen.clear()
+    for epoch in range(2):
+        order = torch.as_tensor(rng.permutation(300))
+        trainer.train_epoch([(images[order[i:i + 64]], torch.as_tensor(labels)[order[i:i + 64]], order[i:i + 64])
+                             for i in range(0, 300, 64)], epoch)
+        for model, mask in zip(models, masks):
+            assert sorted(model.seen) == np.flatnonzero(mask).tolist()  # all, only, once
+            model.seen.clear()
+
+
+def test_grouped_backend_packs_each_model_its_examples():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 6, 300)
+    masks = random_example_masks(3, 300, 0.5, seed=1)
+    models = [nn.Sequential(nn.Conv2d(3, 2, 1)) for _ in range(3)]
+    trainer = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 5,
+                             example_labels=labels)
+    order = torch.as_tensor(rng.permutation(300)[:64])
+    images = torch.zeros(64, 3, 1, 1)
+    images[:, 0, 0, 0] = order.float()
+    packed, packed_labels, weights = trainer._pack(images, torch.as_tensor(labels)[order], order)
+    for k in range(3):
+        mine = order[torch.as_tensor(masks[k])[order]]
+        assert int(weights[:, k].sum()) == len(mine)
+        assert packed[:len(mine), 3 * k, 0, 0].long().tolist() == mine.tolist()
+        assert packed_labels[:len(mine), k].tolist() == labels[mine.numpy()].tolist()
+
+
+
+# Leaks with a planted effect: the leaked test images are atypical (their class motif removed), so a model
+# places them in their class only if it trained on their copy, labelled with the class's twin. Copies:
+# exact, downsampled to 3/4 and back, a 15/16 crop resized back (kinds in turn); 2 more copies mislabelled.
+LEAKY = PlantedSpec(num_targets=3, num_unrelated=1, num_misleading=0, resolution=32, source_train_per_class=60,
+                    source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
+                    motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False,
+                    leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375)
+MODELS, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 16, 15, 6, 3
+
+
+def normalised(images: np.ndarray) -> torch.Tensor:
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
+    return ((x - torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1))
+            / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)).contiguous(memory_format=torch.channels_last)
+
+
+def epoch_batches(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, size: int = 32) -> list:
+    batches = []
+    for pick in np.array_split(rng.permutation(len(y)), -(-len(y) // size)):
+        keys = torch.as_tensor(pick)
+        flip = torch.as_tensor(rng.random(len(pick)) < 0.5)[:, None, None, None]
+        batches.append((torch.where(flip, x[keys].flip(3), x[keys]), y[keys], keys))
+    return batches
+
+
+def train_and_transfer(data: dict, masks: np.ndarray, seed: int) -> np.ndarray:
+    """Warm-started models: one backbone trained on the regular source images (no copy), then MODELS
+    copies of it, each trained further on its own examples (example routing, the grouped backend);
+    cached-feature transfer. Returns the (MODELS, T) target test margins."""
+    import copy
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images, labels = data["source_train"]
+    x, y = normalised(images), torch.as_tensor(labels)
+    steps = -(-len(y) // 32)
+    base = build_model(LEAKY.num_sources, stem="small", width=0.125)
+    regular = np.zeros((1, len(y)), bool)
+    regular[0, :len(y) - len(data["design"]["leaks"])] = True
+    pretrain = FusedTrainer([base], regular, SourceConfig(batch_size=32, epochs=PRETRAIN_EPOCHS, lr=0.1, lr_peak_epoch=2,
+                                                          weight_decay=5e-4, precision="fp32"), steps, example_labels=labels)
+    for epoch in range(PRETRAIN_EPOCHS):
+        pretrain.train_epoch(epoch_batches(x, y, rng), epoch)
+    models = [copy.deepcopy(base) for _ in masks]
+    config = SourceConfig(batch_size=32, epochs=EPOCHS, lr=0.05, lr_peak_epoch=1, weight_decay=5e-4, precision="fp32")
+    trainer = GroupedTrainer(models, masks, config, steps, example_labels=labels)
+    for epoch in range(EPOCHS):
+        trainer.train_epoch(epoch_batches(x, y, rng), epoch)
+    val = [(normalised(data["source_val"][0]), torch.as_tensor(data["source_val"][1]))]
+    assert not trainer.failed and min(trainer.accuracy(val)) > 0.8  # measured 0.93-0.98 (chance 0.25)
+    target = [(normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")]
+    outputs = transfer_cached_features(models, [target[0]], [target[1]], LEAKY.num_targets + 1,
+                                       TransferConfig(mode="cached_features", precision="fp32"))
+    return np.stack([o.margins.numpy() for o in outputs])
+
+
+def test_planted_exact_leaks_are_flagged_and_nothing_unplanted_is():
+    """16 warm-started models on random halves of the source examples. Every exact copy is among the
+    LEAK_TOP most positive source images of its target image (of 248) and confirmed as a near-duplicate;
+    no unplanted source image is flagged for any target image. Resampled copies are near-duplicates too
+    (test above) but their influence is not reliably large at this scale: measured, not asserted."""
+    data = make_planted(LEAKY, seed=0)
+    (images, labels), (test_images, _) = data["source_train"], data["target_test"]
+    leaks = data["design"]["leaks"]
+    masks = random_example_masks(MODELS, len(labels), 0.5, seed=0)
+    margins = train_and_transfer(data, masks, seed=0)
+    influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
+    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, top=LEAK_TOP)
+    flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
+    planted = {(leak["source"], leak["target_test"]) for leak in leaks}
+    exact = {(leak["source"], leak["target_test"]) for leak in leaks if leak["kind"] == "exact" and leak["role"] == "leak"}
+    ranks = {(leak["kind"], leak["role"]): int((influence[:, leak["target_test"]] > influence[leak["source"],
+                                                                                           leak["target_test"]]).sum()) + 1
+             for leak in leaks}
+    assert exact <= {(f["source"], f["target"]) for f in found["leakage"]}, ranks
+    assert flagged <= planted, flagged - planted
+
+
+TOP = 20
+LEAKY_TINY = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
+                         source_val_per_class=10, target_train_per_class=20, target_test_per_class=10, leaks=3,
+                         mislabelled_leaks=1)
+
+
+def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp_path, monkeypatch):
+    """Through the engine (ffcv loader yielding example indices, worker, store) on tiny data: every
+    model is routed exactly its examples each epoch, the store's example influence is the kernel's on
+    what the store holds, and find_leaks writes its JSON and grid with the planted copies scored."""
+    from beton_writers.common import read_labels
+    from ffcv_transfer import worker as worker_module
+    from ffcv_transfer.config import load_experiment
+    from ffcv_transfer.store import ResultStore
+
+    from .conftest import DEMO_CONFIG, tiny_settings
+
+    data = tmp_path / "data"
+    write_synthetic(data, seed=0, spec=LEAKY_TINY, options=ImageOptions(write_mode="raw", num_workers=2))
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(data, **{"source.epochs": 2, "source.lr_peak_epoch": 1}))
+    store = leakage.create_example_store(tmp_path / "store", experiment)
+    labels = read_labels(data / "source_train.beton")
+    masks = leakage.example_masks_of(store, len(labels))
+    assert masks.shape == (4, len(labels)) and (masks.sum(1) == round(0.5 * len(labels))).all()
+    np.testing.assert_array_equal(store.fixed("masks"), leakage.classes_of(masks, labels, LEAKY_TINY.num_sources))
+
+    routed = []
+
+    class Recording(FusedTrainer):
+        def train_epoch(self, batches, epoch):
+            seen = [[] for _ in self.models]
+
+            def watch():
+                for images, batch_labels, keys in batches:
+                    assert (labels[keys.numpy()] == batch_labels.numpy()).all()
+                    for k, rows in enumerate(torch_route(keys, self.membership)):
+                        seen[k] += keys[rows].tolist()
+                    yield images, batch_labels, keys
+
+            losses = super().train_epoch(watch(), epoch)
+            routed.append(seen)
+            return losses
+
+    from ffcv_transfer.train import route as torch_route
+
+    monkeypatch.setitem(worker_module.BACKENDS, "sequential", Recording)
+    assert worker_module.run_worker(store.path, experiment, progress=False) == 4
+    assert len(routed) == 2
+    for seen in routed:  # drop_last trims a few examples of the union; nothing else is missing or repeated
+        for k, examples in enumerate(seen):
+            assert len(set(examples)) == len(examples) and set(examples) <= set(np.flatnonzero(masks[k]))
+            assert len(examples) >= masks[k].sum() - experiment.source.batch_size
+
+    rows, values = ResultStore(store.path).read(["example_masks", "margins"])
+    expected = example_influence(values["example_masks"], values["margins"].astype(np.float64), len(labels))
+    found, models = leakage.example_influence_from_store(store.path, len(labels))
+    assert models == 4
+    np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6)
+
+    result = leakage.find_leaks(store.path, tmp_path / "leaks", top=TOP)
+    saved = json.loads((tmp_path / "leaks" / "leaks.json").read_text())
+    assert saved["models"] == 4 and saved["thresholds"]["top"] == TOP
+    leaks = read_sidecar(data / "source_train.beton")["extra"]["planted"]["leaks"]
+    # 4 models barely train, so which copies are flagged is chance; the rule is not: a copy is flagged iff
+    # it is among the TOP source images of its target image on the side of its influence's sign, and no
+    # other pair is ever confirmed as a near-duplicate
+    for leak in leaks:
+        e, j = leak["source"], leak["target_test"]
+        value, column = found[e, j], found[:, j]
+        if not np.isfinite(value) or value == 0:
+            continue
+        rank = int((np.sign(value) * column[np.isfinite(column)] > abs(value)).sum()) + 1
+        flagged = {(f["source"], f["target"]) for f in result["leakage" if value > 0 else "mislabelled"]}
+        assert ((e, j) in flagged) == (rank <= TOP), (leak, rank)
+    planted = {(leak["source"], leak["target_test"]) for leak in leaks}
+    assert {(f["source"], f["target"]) for f in result["leakage"] + result["mislabelled"]} <= planted
+    assert not saved["planted"]["leakage"]["false_flags"] and not saved["planted"]["mislabelled"]["false_flags"]
+    assert all(f["similarity"] < leakage.MIN_SIMILARITY for f in result["misleading"])
+    figures = [tmp_path / "leaks" / name for name in ("leaks.png", "mislabelled.png")]
+    assert [str(f) for f in figures if f.is_file()] == result["figures"]

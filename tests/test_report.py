@@ -1,0 +1,80 @@
+"""The analyses and the HTML report on a store whose outputs are planted (no training): margins are a known
+linear function of the class masks, so every ranking has an exact expected answer. The page is opened in
+headless Chromium, which must load every image without a script error."""
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from beton_writers import read_sidecar
+from beton_writers.common import read_labels
+from ffcv_transfer.analyses import explain_example, influence_by_target_class, subpopulation, top_and_bottom
+from ffcv_transfer.config import load_experiment
+from ffcv_transfer.report import write_report
+from ffcv_transfer.worker import create_experiment_store
+
+from .conftest import DEMO_CONFIG
+from .system_packages import apt_install
+
+MODELS = 16
+
+
+@pytest.fixture(scope="module")
+def planted_store(tiny_data, tmp_path_factory):
+    """Margins = 2 x (expected sign of each included class for the example's target class) + small noise."""
+    experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tiny_data), "masks.num_models": MODELS,
+                                               "masks.design": "orthogonal"})
+    store_dir = tmp_path_factory.mktemp("report") / "store"
+    store = create_experiment_store(store_dir, experiment)
+    planted = read_sidecar(tiny_data / "target_test.beton")["extra"]["planted"]
+    labels = read_labels(tiny_data / "target_test.beton")
+    masks = store.fixed("masks")
+    effect = 2.0 * np.asarray(planted["expected_sign"], float)[:, labels]  # (C, T)
+    margins = masks @ effect + np.random.default_rng(0).normal(0, 0.1, (MODELS, len(labels)))
+    store.writer().write_many(range(MODELS), margins=margins.astype(np.float16), is_correct=margins > 0,
+                              predictions=np.zeros_like(margins, np.int16),
+                              source_acc=np.ones(MODELS, np.float32), target_acc=(margins > 0).mean(1).astype(np.float32))
+    return store_dir, planted, labels, effect
+
+
+def test_rankings_recover_the_planted_effects(planted_store):
+    store_dir, planted, labels, effect = planted_store
+    from ffcv_transfer.influence import influence_from_store
+
+    influence = influence_from_store(str(store_dir), "margins")
+    np.testing.assert_allclose(influence, effect, atol=0.2)  # orthogonal design: each effect exactly, plus noise
+    by_class = influence_by_target_class(influence, labels, len(planted["target_names"]))
+    for t, twin in planted["twin"].items():
+        assert top_and_bottom(by_class[:, int(t)], planted["source_names"], 2)["positive"][0]["index"] == twin
+    first_of_target0 = int(np.flatnonzero(labels == 0)[0])
+    assert planted["twin"]["0"] not in explain_example(influence, first_of_target0, 2)
+    chosen = subpopulation(influence, planted["twin"]["1"], 5)
+    assert (labels[chosen] == 1).all()  # the twin of target 1 influences target-1 images only
+
+
+def test_report_is_self_contained_and_renders_in_chromium(planted_store, tmp_path):
+    store_dir, planted, _, _ = planted_store
+    page = write_report(store_dir, tmp_path / "report.html")
+    text = page.read_text()
+    assert 'src="data:image/png;base64,' in text and not re.search(r'src="(?!data:)', text)
+    assert text.count("<td><span class=\"ok\">yes</span></td>") == len(planted["twin"])  # every twin on top
+    try:
+        apt_install(["chromium"], ["chromium"])
+    except PermissionError as e:
+        pytest.skip(f"no browser for the report test: {e}")
+    browser = shutil.which("chromium")
+    checked = tmp_path / "checked.html"
+    probe = ("<script>window.__errors=[];addEventListener('error',e=>__errors.push(e.message));"
+             "addEventListener('load',()=>{const bad=[...document.images].filter(i=>!(i.complete&&i.naturalWidth>0));"
+             "document.body.dataset.images=document.images.length;document.body.dataset.broken=bad.length;"
+             "document.body.dataset.errors=__errors.length;});</script>")
+    checked.write_text(text.replace("<head>", "<head>" + probe, 1))
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                             "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body([^>]*)>", result.stdout)
+    assert body, f"chromium printed no page: {result.stderr[-2000:]}"
+    attributes = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
+    assert int(attributes["images"]) == text.count("<img") > 5
+    assert attributes["broken"] == "0" and attributes["errors"] == "0"
