@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
     p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
-    p.add_argument("--counterfactual-seeds", type=int, default=3,
+    p.add_argument("--counterfactual-seeds", type=int, default=2,
                    help="retrain this many times with all classes, without the most negative class and without a "
-                   "random one (default: 3; 0 skips)")
+                   "random one (default: 2; 0 skips)")
     group = p.add_argument_group("--data tiny-imagenet")
     group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
     group.add_argument("--classes", type=int, default=20, help="first Tiny-ImageNet classes by wnid (default: 20)")

@@ -68,7 +68,7 @@ class TinySize:
 
 
 def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
-             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 3,
+             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 2,
              data_dir: str | Path | None = None, tiny: TinySize = TinySize(), progress: bool = True) -> dict:
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10

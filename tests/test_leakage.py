@@ -146,7 +146,7 @@ LEAKY = PlantedSpec(num_targets=3, num_unrelated=1, num_misleading=0, resolution
                     source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
                     motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False,
                     leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375)
-MODELS, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 16, 15, 6, 3
+MODELS, PRETRAIN_CANDIDATES, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 16, 3, 15, 6, 3
 
 
 def normalised(images: np.ndarray) -> torch.Tensor:
@@ -175,19 +175,23 @@ def train_and_transfer(data: dict, masks: np.ndarray, seed: int) -> np.ndarray:
     images, labels = data["source_train"]
     x, y = normalised(images), torch.as_tensor(labels)
     steps = -(-len(y) // 32)
-    base = build_model(LEAKY.num_sources, stem="small", width=0.125)
-    regular = np.zeros((1, len(y)), bool)
-    regular[0, :len(y) - len(data["design"]["leaks"])] = True
-    pretrain = FusedTrainer([base], regular, SourceConfig(batch_size=32, epochs=PRETRAIN_EPOCHS, lr=0.1, lr_peak_epoch=2,
-                                                          weight_decay=5e-4, precision="fp32"), steps, example_labels=labels)
+    val = [(normalised(data["source_val"][0]), torch.as_tensor(data["source_val"][1]))]
+    regular = np.zeros((PRETRAIN_CANDIDATES, len(y)), bool)
+    regular[:, :len(y) - len(data["design"]["leaks"])] = True
+    candidates = [build_model(LEAKY.num_sources, stem="small", width=0.125) for _ in regular]
+    pretrain = FusedTrainer(candidates, regular, SourceConfig(batch_size=32, epochs=PRETRAIN_EPOCHS, lr=0.1,
+                                                              lr_peak_epoch=2, weight_decay=5e-4, precision="fp32"),
+                            steps, example_labels=labels)
     for epoch in range(PRETRAIN_EPOCHS):
         pretrain.train_epoch(epoch_batches(x, y, rng), epoch)
+    # the warm start is the best of a few pretrained backbones on validation (a single short run from scratch
+    # on 240 images sometimes fails to learn, and every model would inherit it)
+    base = candidates[int(np.argmax(pretrain.accuracy(val)))]
     models = [copy.deepcopy(base) for _ in masks]
     config = SourceConfig(batch_size=32, epochs=EPOCHS, lr=0.05, lr_peak_epoch=1, weight_decay=5e-4, precision="fp32")
     trainer = GroupedTrainer(models, masks, config, steps, example_labels=labels)
     for epoch in range(EPOCHS):
         trainer.train_epoch(epoch_batches(x, y, rng), epoch)
-    val = [(normalised(data["source_val"][0]), torch.as_tensor(data["source_val"][1]))]
     assert not trainer.failed and min(trainer.accuracy(val)) > 0.8  # measured 0.93-0.98 (chance 0.25)
     target = [(normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")]
     outputs = transfer_cached_features(models, [target[0]], [target[1]], LEAKY.num_targets + 1,
