@@ -297,7 +297,12 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
         assert ((e, j) in flagged) == (rank <= TOP), (leak, rank)
     planted = {(leak["source"], leak["target_test"]) for leak in leaks}
     assert {(f["source"], f["target"]) for f in result["leakage"] + result["mislabelled"]} <= planted
-    assert not saved["planted"]["leakage"]["false_flags"] and not saved["planted"]["mislabelled"]["false_flags"]
+    # the sign of a copy's influence is chance here, so a copy may be flagged under the other finding: the
+    # JSON's false flags must be exactly those (no unplanted pair is flagged: asserted above)
+    for finding, role in (("leakage", "leak"), ("mislabelled", "mislabelled")):
+        other_role = {(leak["source"], leak["target_test"]) for leak in leaks if leak["role"] != role}
+        flagged = {(f["source"], f["target"]) for f in result[finding]}
+        assert [tuple(pair) for pair in saved["planted"][finding]["false_flags"]] == sorted(flagged & other_role)
     assert all(f["similarity"] < leakage.MIN_SIMILARITY for f in result["misleading"])
     figures = [tmp_path / "leaks" / name for name in ("leaks.png", "mislabelled.png")]
     assert [str(f) for f in figures if f.is_file()] == result["figures"]
