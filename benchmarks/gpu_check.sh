@@ -6,7 +6,7 @@
 # folder given as $1 or $GPU_CHECK_OUT; the tables print last.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
-#   --dry-run: small sizes and the current environment (no wheel install); runs on CPU too.
+#   --dry-run: small sizes and the current environment (.venv when there is one; no wheel install); runs on CPU too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu-check}
@@ -21,6 +21,9 @@ for arg in "$@"; do
 done
 mkdir -p "$out"
 python=${PYTHON:-python3}
+if [ $dry_run = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+  python=.venv/bin/python  # the dry run checks this checkout's environment
+fi
 
 if [ $dry_run = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
   $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \

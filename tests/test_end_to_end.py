@@ -5,9 +5,9 @@ minutes on 2 CPU cores: the suite's longest test, and the one that checks the sc
 
 Asserted against the planted ground truth, at the strength it holds run after run (docs/measurements.md):
 each twin raises its own target's margins (its influence there is positive), and it is its target's
-single most positive source class for at least 3 of the 4 targets. All 4 came out on top in each of
-three runs at this size, but the weakest target's lead (1.1-3.4 margin units) is within two standard
-errors of zero, so "all 4" would fail now and then on another machine's floating point."""
+single most positive source class for at least 3 of the 4 targets. All 4 came out on top in 3 of 4
+runs at this size; the weakest target's lead (1.1-3.4 margin units when on top) is within two standard
+errors of zero, so "all 4" fails now and then on another machine's floating point."""
 import json
 
 import numpy as np
