@@ -174,7 +174,10 @@ def hash_distance(a: np.ndarray, b: np.ndarray) -> int:
 def near_duplicate(a: np.ndarray, b: np.ndarray, min_similarity: float = MIN_SIMILARITY,
                    max_hash_distance: int = MAX_HASH_DISTANCE) -> dict[str, Any]:
     """{"similarity", "hash_distance", "duplicate"}: a duplicate when either test passes."""
-    score, bits = similarity(a, b), hash_distance(a, b)
+    return _verdict(similarity(a, b), hash_distance(a, b), min_similarity, max_hash_distance)
+
+
+def _verdict(score: float, bits: int, min_similarity: float, max_hash_distance: int) -> dict[str, Any]:
     return {"similarity": round(score, 4), "hash_distance": bits,
             "duplicate": bool(score >= min_similarity or bits <= max_hash_distance)}
 
@@ -212,8 +215,7 @@ class _Pixels:
             if score < self.min_similarity:  # the other direction: the target a crop of the source image
                 score = max(score, float((self.bank("source", e) @ t_thumb).max()))
             bits = int(min((s_hash != t_hash).sum(), (s_hash != t_mirror).sum()))
-            self.checked[e, j] = {"similarity": round(score, 4), "hash_distance": bits,
-                                  "duplicate": bool(score >= self.min_similarity or bits <= self.max_hash_distance)}
+            self.checked[e, j] = _verdict(score, bits, self.min_similarity, self.max_hash_distance)
         return self.checked[e, j]
 
 
