@@ -48,8 +48,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from beton_writers.verify import BetonRecords
 
     from .analyses import explain_example
-    from .plots import image_grid
-    from .report import gather
+    from .report import explanation_grid, gather
 
     found, out = gather(args.store, args.names), _out(args)
     j = args.example
@@ -60,11 +59,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     for c in negative:
         print(f"  {found.source_names[c]:30s} {found.influence[c, j]:+8.3f}")
     target_images, source_images = BetonRecords(found.betons["target_test"]), BetonRecords(found.betons["source_val"])
-    shown = [target_images.image(j)] + [source_images.image(int(i)) for c in negative
-                                        for i in (source_images.labels == c).nonzero()[0][:4]]
-    captions = [f"target #{j}"] + [found.source_names[c] for c in negative
-                                   for _ in (source_images.labels == c).nonzero()[0][:4]]
-    print(f"images: {image_grid(out / f'explain_{j}.png', shown, captions, f'target {j} ({target})', columns=5)}")
+    grid = explanation_grid(out / f"explain_{j}.png", found, j, negative, target_images, source_images, per_class=4)
+    print(f"images: {grid}")
     if args.check:
         _check_without(args, found, j, int(negative[0]), out)
 

@@ -192,14 +192,23 @@ def _mistakes(page: Page, found: Findings, target_images, source_images, figures
         negative = explain_example(found.influence, int(j), 3)
         rows.append((int(j), found.target_names[found.labels[j]], float(found.mean_margins[j]),
                      ", ".join(f"{found.source_names[c]} ({found.influence[c, j]:+.2f})" for c in negative)))
-        shown = [target_images.image(int(j))] + [source_images.image(int(i)) for c in negative
-                                                 for i in np.flatnonzero(source_images.labels == c)[:3]]
-        names = [f"target #{j}"] + [found.source_names[c] for c in negative for _ in range(3)]
-        paths.append(image_grid(figures / f"mistake_{j}.png", shown, names, f"target example {j} and its most "
-                                "negative source classes", columns=5))
+        paths.append(explanation_grid(figures / f"mistake_{j}.png", found, int(j), negative, target_images,
+                                      source_images, per_class=3))
         captions.append(f"target example {j}")
     page.table(["example", "true class", "mean margin", "most negative source classes"], rows)
     page.figures(paths, captions)
+
+
+def explanation_grid(path: Path, found: Findings, example: int, classes: Sequence[int], target_images,
+                     source_images, per_class: int) -> Path:
+    """Target test example `example` followed by `per_class` source images of each of `classes`."""
+    shown, captions = [target_images.image(example)], [f"target #{example}"]
+    for c in classes:
+        for i in np.flatnonzero(source_images.labels == c)[:per_class]:
+            shown.append(source_images.image(int(i)))
+            captions.append(found.source_names[c])
+    return image_grid(path, shown, captions, f"target example {example} and its most negative source classes",
+                      columns=5)
 
 
 def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
