@@ -8,7 +8,8 @@ target (32 px, raw). Cases, each in its own process (own ffcv loader, own JIT wa
   reference     one model with its own loader over its own classes (MadryLab/data-transfer's way: one
                 model per process)
   K=<k> <backend>   k models with random class halves on ONE shared loader over the union of their
-                classes, fused by the `sequential` or `grouped` backend
+                classes, fused by the `sequential` or `grouped` backend (`grouped+compile`: torch.compile'd,
+                its compilation in the warm-up epoch)
 
 Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
@@ -101,7 +102,9 @@ def run_case(args: argparse.Namespace) -> dict:
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
     optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision,
                         batch_size=size["batch"])
-    trainer = BACKENDS[args.backend](models, masks, optim, steps_per_epoch=len(loader), device=device)
+    backend, _, compiled = args.backend.partition("+")
+    options = {"compile": "default"} if compiled else {}
+    trainer = BACKENDS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
 
     def timed(step) -> float:
         if device.type == "cuda":
@@ -180,7 +183,7 @@ def main() -> None:
 
     size = SIZES[args.size]
     plan = [(1, "sequential", True)] + [(k, b, False) for k in (args.ks or size["ks"]) for b in args.backends
-                                         if k > 1 or b == "grouped"]
+                                         if k > 1 or b.startswith("grouped")]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder), size)

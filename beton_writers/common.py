@@ -34,6 +34,7 @@ class ImageOptions:
 
     write_mode: str = "proportion"
     max_resolution: int | None = None
+    square: bool = False  # centre-crop to a square first: with max_resolution, one image size (resident loader)
     jpeg_quality: int = 90
     compress_probability: float = 0.5
     smart_threshold: int | None = None
@@ -138,6 +139,10 @@ class _GuardedSource:
             image = np.ascontiguousarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
                 raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
+            if self.options.square:
+                side = min(image.shape[:2])
+                top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+                image = np.ascontiguousarray(image[top:top + side, left:left + side])
             stored = np.array(image.shape[:2])
             if self.options.max_resolution and stored.max() > self.options.max_resolution:
                 stored = (stored * (self.options.max_resolution / stored.max())).astype(int)

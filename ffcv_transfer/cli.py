@@ -13,7 +13,7 @@ DATA_ENV = "FFCV_TRANSFER_DATA"
 def _image_options(args: argparse.Namespace):
     from beton_writers.common import ImageOptions
 
-    return ImageOptions(write_mode=args.write_mode, max_resolution=args.max_resolution,
+    return ImageOptions(write_mode=args.write_mode, max_resolution=args.max_resolution, square=args.square,
                         jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                         smart_threshold=args.smart_threshold, num_workers=args.num_workers,
                         chunk_size=args.chunk_size)
@@ -25,6 +25,9 @@ def _add_image_options(parser: argparse.ArgumentParser, write_mode: str) -> None
                        help=f"how images are stored (default: {write_mode})")
     group.add_argument("--max-resolution", type=int, default=None,
                        help="resize so the longer side is at most this (default: keep)")
+    group.add_argument("--square", action="store_true",
+                       help="centre-crop each image to a square first (with --max-resolution: one image size, "
+                            "which loader.backend resident needs)")
     group.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
     group.add_argument("--compress-probability", type=float, default=0.5,
                        help="share of images JPEG-compressed in 'proportion' mode (default: 0.5)")

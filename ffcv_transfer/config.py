@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .data import LoaderConfig
-from .grouped import GroupedTrainer
+from .grouped import COMPILE_MODES, GroupedTrainer
 from .masks import MaskConfig
 from .models import ModelConfig
 from .options import check_choice, option
@@ -52,9 +52,15 @@ class RunConfig:
     models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
     backend: str = option("sequential", "how the K models run on each batch: one after another, or as one "
                           "grouped network", tuple(BACKENDS))
+    compile: str = option("none", "torch.compile the grouped network (reduce-overhead: with CUDA graphs), "
+                          "static shapes; backend grouped only", COMPILE_MODES)
 
     def __post_init__(self) -> None:
         check_choice("run.backend", self.backend, tuple(BACKENDS))
+        check_choice("run.compile", self.compile, COMPILE_MODES)
+        if self.compile != "none" and self.backend != "grouped":
+            raise ValueError(f"run.compile {self.compile} needs run.backend grouped (the sequential backend's "
+                             "sub-batches change size every step)")
         if self.models_per_process < 1:
             raise ValueError(f"run.models_per_process must be >= 1, got {self.models_per_process}")
 

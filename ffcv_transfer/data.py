@@ -17,10 +17,13 @@ from .options import check_choice, option
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
 ORDERS = ("random", "quasi_random", "sequential")
+LOADER_BACKENDS = ("ffcv", "resident")
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    backend: str = option("ffcv", "ffcv: decode every epoch; resident: the beton's pixels held in device memory, "
+                          "crops and flips on the device (low resolution, one image size)", LOADER_BACKENDS)
     num_workers: int = option(0, "decoding threads; 0: one per CPU core")
     order: str = option("random", "example order; quasi_random (with os_cache false) for betons larger "
                         "than memory", ORDERS)
@@ -30,6 +33,7 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         check_choice("loader.order", self.order, ORDERS)
+        check_choice("loader.backend", self.backend, LOADER_BACKENDS)
         if self.order == "quasi_random" and self.os_cache:
             raise ValueError("loader.order quasi_random needs loader.os_cache false (ffcv pages the beton itself)")
 

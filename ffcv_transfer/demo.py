@@ -89,7 +89,11 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
 
     if data not in DATASETS:
         raise ValueError(f"--data {data!r}: choose one of {', '.join(DATASETS)}")
-    out, started = Path(out), time.monotonic()
+    out, started, stages = Path(out), time.monotonic(), {}
+
+    def lap(stage: str) -> None:  # seconds since the previous stage ended
+        stages[stage] = round(time.monotonic() - started - sum(stages.values()), 1)
+
     experiment = load_experiment(config or DATASETS[data], {"data.root": str(out / "data"), **(overrides or {})})
     target_test = experiment.data.path("target_test")
     if not target_test.exists():
@@ -97,10 +101,12 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
             write_synthetic(out / "data", seed=seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
         else:
             write_tiny_imagenet(out / "data", data_dir, tiny.classes, tiny.per_class, tiny.target_per_class)
+    lap("data")
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
         create_experiment_store(store_dir, experiment)
     run_worker(store_dir, experiment, progress=progress)
+    lap("train")
     influence = influence_from_store(store_dir, "margins", progress=progress)
     np.save(out / "influence.npy", influence)
 
@@ -121,9 +127,11 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
         findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
                                       **{kind: float(np.mean(by_k[1])) for kind, by_k in curves.items()},
                                       "removed_first": source_names[int(np.argmin(influence.mean(1)))]}
+        lap("counterfactual")
     findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
                                           progress=progress))
-    findings["seconds"] = round(time.monotonic() - started, 1)
+    lap("report")
+    findings["seconds"], findings["stage_seconds"] = round(time.monotonic() - started, 1), stages
     (out / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")
     return findings
 
@@ -140,8 +148,9 @@ def format_findings(findings: dict) -> str:
     """Per target class its most positive and most negative source class (and, on planted data, whether
     the planted twin came out on top), the counterfactual and the report's path."""
     checks = findings.get("checks")
-    lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s; "
-             f"store {findings['store']}", "",
+    stages = ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in findings["stage_seconds"].items())
+    lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s "
+             f"({stages}); store {findings['store']}", "",
              f"{'target':12s} {'most positive source class':34s} {'most negative source class':34s}"
              + (" planted twin" if checks else "")]
     for name, ranked in findings["ranking"].items():

@@ -9,6 +9,10 @@ rate for all), one optimiser over the stacked parameters equals K separate optim
 with the sequential backend up to floating-point summation order, except in two corners: a model
 with no example in a batch still gets a momentum and weight-decay step here (sequential skips it), and
 fp16 shares one gradient scaler among the K models.
+
+`compile` runs the grouped network through torch.compile (inductor; "reduce-overhead" adds CUDA graphs)
+with static shapes: the padded sub-batch length is rounded up to a multiple of batch_size / 8, so each
+resolution compiles at most 8 shapes instead of one per batch (padding rows carry weight 0).
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from torch import nn
 
 from .models import BlurPoolConv2d
 from .train import LockstepTrainer, OptimConfig, lr_at, param_groups
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
 
 
 class _Weights:
@@ -126,10 +133,22 @@ class GroupedTrainer(LockstepTrainer):
     network (copied back into `models` after every epoch)."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
+                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None,
+                 compile: str = "none"):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
         self.weights = _Weights()
         self.network = _stack(models, self.weights).to(memory_format=torch.channels_last)
+        self.forward = self.network
+        self.pad_to = 1
+        if compile != "none":
+            from torch import _dynamo
+
+            # every (resolution, padded length) pair is its own static graph: more than dynamo's default limit
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 8 * SHAPE_BUCKETS)
+            self.forward = torch.compile(self.network, mode=None if compile == "default" else compile, dynamic=False)
+            self.pad_to = max(1, -(-config.batch_size // SHAPE_BUCKETS))
         self.optimizer = torch.optim.SGD(param_groups(self.network, config.weight_decay), lr=0.0,
                                          momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -141,6 +160,7 @@ class GroupedTrainer(LockstepTrainer):
         member = self.membership[:, labels if keys is None else keys]  # (K, B)
         counts = member.sum(1)
         longest = int(counts.max())  # the one host sync per batch
+        longest = min(-(-longest // self.pad_to) * self.pad_to, member.shape[1])
         # each model's rows in batch order, then the rest; positions past its count are padding and repeat
         # its first row (a real image of its own, so padded activations stay ordinary)
         order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :longest]
@@ -166,7 +186,7 @@ class GroupedTrainer(LockstepTrainer):
             packed, packed_labels, weights = self._pack(images, labels, keys)
             self.weights.value = weights
             with self.autocast():
-                logits = self.network(packed)  # (n, K, C)
+                logits = self.forward(packed)  # (n, K, C)
                 losses = F.cross_entropy(logits.permute(0, 2, 1), packed_labels, reduction="none",
                                          label_smoothing=self.config.label_smoothing)  # (n, K)
             per_model = torch.where(weights > 0, losses, 0.0).sum(0) / weights.sum(0).clamp_min(1)

@@ -4,18 +4,22 @@ with the reason. Run it any number of times, in any number of processes: complet
 rows of a killed worker are taken over."""
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .config import BACKENDS, ConfigError, Experiment
-from .data import ImageLoader, resolution_at
+from .data import ImageLoader, class_indices, resolution_at
 from .leakage import EXAMPLE_MASKS, example_masks_of
 from .masks import class_masks, create_store
 from .models import build_model
+from .resident import ResidentLoader
 from .store import ResultStore, worker_name
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
 
@@ -54,14 +58,37 @@ def check_inputs(store: ResultStore, experiment: Experiment) -> None:
                           f"examples, but store {store.path} has {num_test} output columns")
 
 
+LOADER_CACHE_SIZE = 8
+_loaders: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
+
+
 def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
             crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
-            indices: np.ndarray | None = None) -> ImageLoader:
-    loader = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
-    return ImageLoader(experiment.data.path(split), train=train, resolution=resolution, batch_size=batch_size,
-                       config=loader, device=experiment.run.device, classes=classes,
-                       crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio,
-                       indices=indices, with_indices=indices is not None)
+            indices: np.ndarray | None = None) -> ImageLoader | ResidentLoader:
+    """An ImageLoader (loader.backend ffcv) or ResidentLoader over `split`, reused if this process made one
+    with the same arguments and examples: a new ffcv Loader JIT-compiles its pipeline in its first epoch
+    (27 s on 2 CPU cores), which every group of K models would pay again, and the demo's counterfactual
+    after the main run."""
+    beton = experiment.data.path(split)
+    config = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
+    with_indices = indices is not None
+    examples = np.sort(np.asarray(indices, np.int64)) if with_indices else \
+        class_indices(beton, classes) if classes is not None else None
+    written = beton.stat()
+    key = (str(beton.resolve()), written.st_mtime_ns, written.st_size, train, batch_size, config,
+           experiment.run.device, crop_min_scale, crop_ratio, with_indices,
+           None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
+    if key not in _loaders:
+        kind = ResidentLoader if config.backend == "resident" else ImageLoader
+        _loaders[key] = kind(beton, train=train, resolution=resolution, batch_size=batch_size,
+                             config=config, device=experiment.run.device, indices=examples,
+                             crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio, with_indices=with_indices)
+        if len(_loaders) > LOADER_CACHE_SIZE:
+            _loaders.popitem(last=False)
+    _loaders.move_to_end(key)
+    loader = _loaders[key]
+    loader.set_resolution(resolution)
+    return loader
 
 
 def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
@@ -74,6 +101,8 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
     union = np.flatnonzero(masks.any(axis=0))
     models = [build_model(masks.shape[1], **asdict(experiment.model), device=device) for _ in rows]
     backend = BACKENDS[experiment.run.backend]
+    if experiment.run.compile != "none":  # validated: the grouped backend
+        backend = partial(backend, compile=experiment.run.compile)
     if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
         from beton_writers.common import read_labels
 

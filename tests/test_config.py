@@ -48,6 +48,8 @@ def test_command_line_overrides_file_and_types_are_parsed(tmp_path):
     ({"loader.os_cache": "maybe"}, r"loader.os_cache: expected a bool"),
     ({"masks.alpha": "1.0"}, r"masks.alpha 1.0 must lie strictly between 0 and 1"),
     ({"loader.order": "quasi_random"}, r"quasi_random needs loader.os_cache false"),
+    ({"run.compile": "default"}, r"run.compile default needs run.backend grouped"),
+    ({"loader.backend": "gpu"}, r"loader.backend: expected One of"),
 ])
 def test_bad_settings_name_the_file_and_the_setting(tmp_path, settings, message):
     tree = {}

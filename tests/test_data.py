@@ -1,12 +1,15 @@
-"""ffcv loaders over planted betons: the evaluation pipeline returns the stored pixels normalised;
-the training pipeline crops, flips, follows progressive resizing and loads only the chosen classes."""
+"""Loaders over planted betons (ffcv's and the device-resident one): the evaluation pipeline returns
+the stored pixels normalised; the training pipeline crops, flips, follows progressive resizing and loads
+only the chosen classes."""
 import numpy as np
 import pytest
 import torch
 
 from beton_writers import ImageOptions, PlantedSpec
 from beton_writers.synthetic import make_planted, write_synthetic
+from beton_writers.common import BetonError
 from ffcv_transfer.data import MEAN, STD, ImageLoader, LoaderConfig, class_indices, resolution_at
+from ffcv_transfer.resident import ResidentLoader
 
 SPEC = PlantedSpec(num_targets=3, num_unrelated=3, num_misleading=0, source_train_per_class=100,
                    source_val_per_class=20, target_train_per_class=20, target_test_per_class=20)
@@ -23,17 +26,21 @@ def collect(loader):
     return torch.cat(images), torch.cat(labels)
 
 
-def test_eval_loader_returns_stored_images_normalised(betons):
+def normalised(arrays: np.ndarray) -> torch.Tensor:
+    return (torch.as_tensor(arrays).permute(0, 3, 1, 2).double() - torch.as_tensor(MEAN).view(1, 3, 1, 1)) \
+        / torch.as_tensor(STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("kind", [ImageLoader, ResidentLoader])
+def test_eval_loader_returns_stored_images_normalised(betons, kind):
     config = LoaderConfig(order="sequential", drop_last=False, num_workers=2)
-    loader = ImageLoader(betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4],
-                         crop_ratio=1.0)
+    loader = kind(betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4],
+                  crop_ratio=1.0)
     images, labels = collect(loader)
     arrays, truth = make_planted(SPEC, seed=2)["source_val"]
     keep = np.isin(truth, [1, 4])
-    expected = (torch.as_tensor(arrays[keep]).permute(0, 3, 1, 2).double() - torch.as_tensor(MEAN).view(1, 3, 1, 1)) \
-        / torch.as_tensor(STD).view(1, 3, 1, 1)
     np.testing.assert_array_equal(labels.numpy(), truth[keep])
-    torch.testing.assert_close(images.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images.double(), normalised(arrays[keep]), rtol=0, atol=1e-5)
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -55,3 +62,52 @@ def test_progressive_resizing_schedule():
     assert [resolution_at(e, 160, 192, 10, 13) for e in (0, 10, 11, 12, 13, 15)] == [160, 160, 160, 160, 192, 192]
     assert [resolution_at(e, 64, 128, 0, 4) for e in (0, 1, 2, 4)] == [64, 64, 96, 128]
     assert resolution_at(3, 24, 24, 0, 5) == 24 and resolution_at(0, 40, 72, 0, 1) == 40  # never below start
+
+
+def test_resident_loader_halves_by_area_and_flips_whole_images(betons):
+    """Evaluation at half the stored size: the 2 x 2 means (what ffcv's area resize gives). Training with
+    crops of the whole area: each image once per epoch, itself or its mirror, in random order."""
+    arrays, truth = make_planted(SPEC, seed=2)["source_train"]
+    config = LoaderConfig(order="sequential", drop_last=False)
+    half = ResidentLoader(betons["source_train"], train=False, resolution=16, batch_size=64, config=config,
+                          crop_ratio=1.0)
+    images, _ = collect(half)
+    pooled = normalised(arrays).reshape(len(arrays), 3, 16, 2, 16, 2).mean((3, 5))
+    torch.testing.assert_close(images.double(), pooled, rtol=0, atol=1e-5)
+
+    picked = class_indices(betons["source_train"], [0, 3])
+    train = ResidentLoader(betons["source_train"], train=True, resolution=32, batch_size=64, crop_scale=(1.0, 1.0),
+                           config=LoaderConfig(seed=0), indices=picked, with_indices=True)
+    assert len(train) == len(picked) // 64
+    images, labels, indices = (torch.cat(parts) for parts in zip(*train))
+    assert len(set(indices.tolist())) == len(indices) == len(train) * 64 and set(indices.tolist()) <= set(picked)
+    assert indices.tolist() != sorted(indices.tolist())
+    np.testing.assert_array_equal(labels.numpy(), truth[indices.numpy()])
+    stored = normalised(arrays[indices.numpy()])
+    same = (images.double() - stored).abs().amax((1, 2, 3)) < 1e-5
+    mirrored = (images.double() - stored.flip(3)).abs().amax((1, 2, 3)) < 1e-5
+    assert (same | mirrored).all() and 0.3 < mirrored.float().mean() < 0.7
+    train.set_resolution(24)
+    assert next(iter(train))[0].shape == (64, 3, 24, 24)
+
+
+def test_resident_loader_refuses_images_of_several_sizes_and_square_writes_fix_it(tmp_path):
+    from PIL import Image
+
+    from beton_writers.imagefolder import write_imagefolder
+
+    rng = np.random.default_rng(0)
+    pictures = {"a": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "b": rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)}
+    for name, picture in pictures.items():
+        (tmp_path / "src" / name).mkdir(parents=True)
+        Image.fromarray(picture).save(tmp_path / "src" / name / "x.png")
+    write_imagefolder(tmp_path / "src", tmp_path / "mixed.beton", options=ImageOptions(write_mode="raw"))
+    with pytest.raises(BetonError, match="mixed.beton: images of 2 sizes"):
+        ResidentLoader(tmp_path / "mixed.beton", train=False, resolution=16, batch_size=2)
+    write_imagefolder(tmp_path / "src", tmp_path / "square.beton",
+                      options=ImageOptions(write_mode="raw", square=True, max_resolution=16))
+    loader = ResidentLoader(tmp_path / "square.beton", train=False, resolution=16, batch_size=2, crop_ratio=1.0,
+                            config=LoaderConfig(order="sequential", drop_last=False))
+    images, labels = collect(loader)
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+    torch.testing.assert_close(images[1:].double(), normalised(pictures["b"][None, :, 4:20]), rtol=0, atol=1e-5)

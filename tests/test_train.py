@@ -1,4 +1,6 @@
 """The fused K-model loop: exact routing, the schedule, learning on planted data, divergence."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -111,15 +113,16 @@ def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_c
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_grouped_backend_matches_sequential_per_model(planted, device):
     """Same seeds, same batches, in float64 (so that only the order of summation differs): after three
-    steps every parameter and BatchNorm statistic of each model agrees between the backends to 1e-9
-    relative, and each model's epoch loss (accumulated in float32) to 1e-6."""
+    steps every parameter and BatchNorm statistic of each model agrees between the backends, eager and
+    compiled (torch.compile, sub-batches padded to static lengths), to 1e-9 relative, and each model's
+    epoch loss (accumulated in float32) to 1e-6."""
     (train_x, train_y) = planted["source_train"]
     pick = np.random.default_rng(0).choice(len(train_y), 384, replace=False)  # every class in every batch
     classes = SPEC.num_sources
     masks = random_class_masks(3, classes, 0.5, seed=2)
     config = OptimConfig(epochs=1, lr=0.2, lr_peak_epoch=0.3, weight_decay=5e-4, precision="fp32")
     runs = []
-    for trainer_class in (FusedTrainer, GroupedTrainer):
+    for trainer_class in (FusedTrainer, GroupedTrainer, partial(GroupedTrainer, compile="default")):
         torch.manual_seed(0)
         models = [build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double()
                   for _ in range(3)]
@@ -129,12 +132,33 @@ def test_grouped_backend_matches_sequential_per_model(planted, device):
                 for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))]
         runs.append((models, trainer.train_epoch(data, 0)))
         assert (models[0].stem[0].weight - initial).abs().max() > 1e-3  # the models did train
-    (sequential, seq_losses), (grouped, grp_losses) = runs
-    np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-6)  # epoch losses are summed in float32
-    for a, b in zip(sequential, grouped):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            if x.is_floating_point():
-                assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
+    (sequential, seq_losses), *others = runs
+    for grouped, grp_losses in others:
+        np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-6)  # epoch losses are summed in float32
+        for a, b in zip(sequential, grouped):
+            for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+                if x.is_floating_point():
+                    assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
+
+
+def test_compiled_grouped_backend_pads_to_static_lengths():
+    masks = random_class_masks(3, 6, 0.5, seed=0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)) for _ in range(3)]
+    eager = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5)
+    compiled = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5,
+                              compile="default")
+    lengths = set()
+    for seed in range(20):
+        labels = torch.as_tensor(np.random.default_rng(seed).integers(0, 6, 64))
+        images = torch.zeros(64, 3, 1, 1)
+        plain, (packed, _, weights) = eager._pack(images, labels), compiled._pack(images, labels)
+        assert len(packed) % 8 == 0 and len(plain[0]) <= len(packed) < len(plain[0]) + 8
+        np.testing.assert_array_equal(weights[:len(plain[2])], plain[2])  # the same real rows, then padding
+        assert weights[len(plain[2]):].sum() == 0
+        lengths.add(len(packed))
+    assert len(lengths) <= 8
+    with pytest.raises(ValueError, match="compile"):
+        GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 5, compile="fastest")
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -34,7 +34,7 @@ def test_random_class_masks_have_exact_subset_sizes():
 def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_path, monkeypatch):
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{  # the reference transfer: SGD head
         "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
-        "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0}))
+        "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0, "run.models_per_process": 2}))
     store = create_experiment_store(tmp_path / "store", experiment)
     assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
     built = []
@@ -48,7 +48,24 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
 
     real_build_model = worker_module.build_model
     monkeypatch.setattr(worker_module, "build_model", build_model)
+    loaders = []
+
+    def loader(*args, **kwargs):
+        made = real_loader(*args, **kwargs)
+        loaders.append((args[1], kwargs["train"], made))
+        return made
+
+    real_loader = worker_module._loader
+    monkeypatch.setattr(worker_module, "_loader", loader)
     assert run_worker(store.path, experiment, progress=False) == 3
+    # two groups of K = 2: the second reuses the first's target loaders (no second JIT compilation), and its
+    # source loaders where its union of classes is the same
+    assert len(loaders) == 8
+    for (split, train, first), (split_2, train_2, second) in zip(loaders[:4], loaders[4:]):
+        assert (split, train) == (split_2, train_2)
+        masks = store.fixed("masks")
+        same_examples = split.startswith("target") or (masks[:2].any(0) == masks[2:].any(0)).all()
+        assert (first is second) == same_examples, split
     assert run_worker(store.path, experiment, progress=False) == 0  # nothing pending: no work
     status = store.status()
     assert (status["completed"], status["failed"], status["duplicates"]) == (3, 1, 0)
@@ -110,3 +127,32 @@ def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path
     after = store.status()
     assert (after["completed"], after["failed"], after["duplicates"], after["claimed"]) == (4, 0, 0, 0)
     assert not list((store_dir / "claims").glob("*.claim"))
+
+
+def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tiny_data, tmp_path):
+    """loader.backend resident: the cached-feature transfer of the same models through it equals the one
+    through ffcv's loaders (the same stored pixels), and the worker completes a store with it."""
+    from dataclasses import replace
+
+    from ffcv_transfer.models import build_model
+    from ffcv_transfer.resident import ResidentLoader
+
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.backend": "grouped"}))
+    resident = replace(experiment, loader=replace(experiment.loader, backend="resident"))
+    torch.manual_seed(0)
+    models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
+    outputs = []
+    for e in (experiment, resident):
+        torch.manual_seed(1)  # the same initial heads (L-BFGS stops after 20 iterations here)
+        outputs.append(worker_module._transfer(models, e, lambda stage: None)[0])
+    by_ffcv, by_resident = outputs
+    for a, b in zip(by_ffcv, by_resident):
+        np.testing.assert_allclose(b.margins.numpy(), a.margins.numpy(), rtol=1e-3, atol=1e-3)
+    assert isinstance(worker_module._loader(resident, "target_test", train=False, resolution=16, batch_size=8),
+                      ResidentLoader)
+
+    store = create_experiment_store(tmp_path / "store", resident)
+    assert run_worker(store.path, resident, progress=False) == 4
+    rows, values = store.read(["margins", "is_correct", "source_acc"])
+    assert len(rows) == 4 and np.isfinite(values["margins"]).all()
+    np.testing.assert_array_equal(values["is_correct"], values["margins"] > 0)

@@ -1,0 +1,119 @@
+"""A device-resident loader for low-resolution recipes: the beton's images are read once into device
+memory (uint8, one tensor per beton and device, shared by every loader over it), and each batch is
+gathered, cropped, flipped, resized and normalised on the device. No decoding per epoch and no ffcv
+pipeline: 64 px ImageNet is ~16 GB of pixels, which fits beside the models in an H100's memory.
+
+Same interface as data.ImageLoader. Training crops are random-resized (area fraction in `crop_scale`,
+aspect ratio 3/4..4/3) with a random flip; evaluation takes the centre crop of `crop_ratio` of the shorter
+side; both resample bilinearly (ffcv resizes with OpenCV's area filter: equal for crops at the stored
+size, softer when shrinking much). Every image of a beton must have the same size."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import MEAN, STD, LoaderConfig, class_indices
+
+_pixels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def resident_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, H, W, 3) uint8, labels (N,) int64) of every record, on `device`, read once per process."""
+    from beton_writers.common import BetonError
+    from beton_writers.verify import BetonRecords
+
+    beton = Path(beton)
+    written = beton.stat()
+    key = (str(beton.resolve()), written.st_mtime_ns, written.st_size, str(device))
+    if key not in _pixels:
+        records = BetonRecords(beton)
+        sizes = {(int(h), int(w)) for h, w in zip(records.images["height"], records.images["width"])}
+        if len(sizes) != 1:
+            raise BetonError(f"{beton}: images of {len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); the resident "
+                             "loader needs one size: write the beton with --square --max-resolution R")
+        (height, width), = sizes
+        images = torch.empty((len(records), height, width, 3), dtype=torch.uint8, device=device)
+        chunk = 4096
+        for start in range(0, len(records), chunk):  # via host memory in chunks, not all of it at once
+            stop = min(start + chunk, len(records))
+            images[start:stop] = torch.from_numpy(np.stack([records.image(i) for i in range(start, stop)]))
+        _pixels[key] = images, torch.as_tensor(records.labels, device=device)
+    return _pixels[key]
+
+
+class ResidentLoader:
+    """Iterate for (images, labels), or (images, labels, indices) with `with_indices`: normalised,
+    channels-last float32 images on the device. `classes` or `indices` select the examples."""
+
+    def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
+                 config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
+                 classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
+                 with_indices: bool = False):
+        if classes is not None and indices is not None:
+            raise ValueError("give classes or indices, not both")
+        self.device = torch.device(device)
+        self.images, self.labels = resident_pixels(beton, self.device)
+        if classes is not None:
+            indices = class_indices(beton, classes)
+        selected = np.arange(len(self.labels)) if indices is None else np.sort(np.asarray(indices, np.int64))
+        self.examples = torch.as_tensor(selected, device=self.device)
+        self.train, self.batch_size, self.resolution = train, batch_size, resolution
+        self.crop_ratio, self.crop_scale, self.with_indices = crop_ratio, crop_scale, with_indices
+        self.order, self.drop_last = config.order, config.drop_last
+        self.generator = torch.Generator(device=self.device)
+        if config.seed is None:
+            self.generator.seed()  # non-deterministic, and the global RNG untouched
+        else:
+            self.generator.manual_seed(config.seed)
+        self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def set_resolution(self, resolution: int) -> None:
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        whole, rest = divmod(len(self.examples), self.batch_size)
+        return whole if self.drop_last or not rest else whole + 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        examples = self.examples
+        if self.order != "sequential":
+            examples = examples[torch.randperm(len(examples), generator=self.generator, device=self.device)]
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            picked = examples[start:start + self.batch_size]
+            pixels = self.images[picked].permute(0, 3, 1, 2).float()
+            images = F.grid_sample(pixels, self._grid(len(picked), *pixels.shape[2:]), mode="bilinear",
+                                   padding_mode="border", align_corners=False)
+            images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            yield (images, self.labels[picked]) + ((picked,) if self.with_indices else ())
+
+    def _grid(self, n: int, height: int, width: int) -> torch.Tensor:
+        """Sampling grids of the crops: (n, R, R, 2) in grid_sample's [-1, 1] coordinates."""
+        if self.train:
+            area = height * width * self._uniform(n, *self.crop_scale)
+            ratio = torch.exp(self._uniform(n, math.log(3 / 4), math.log(4 / 3)))
+            crop_w, crop_h = torch.sqrt(area * ratio) / width, torch.sqrt(area / ratio) / height
+            fits = (crop_w <= 1) & (crop_h <= 1)  # else the whole image (torchvision's fallback, after one draw)
+            crop_w, crop_h = torch.where(fits, crop_w, 1.0), torch.where(fits, crop_h, 1.0)  # fractions of the sides
+            centre_x = (1 - crop_w) * (2 * self._uniform(n, 0, 1) - 1)  # the crop stays inside the image
+            centre_y = (1 - crop_h) * (2 * self._uniform(n, 0, 1) - 1)
+            flip = torch.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        else:
+            side = self.crop_ratio * min(height, width)
+            crop_w = torch.full((n,), side / width, device=self.device)
+            crop_h = torch.full((n,), side / height, device=self.device)
+            centre_x = centre_y = torch.zeros(n, device=self.device)
+            flip = torch.ones(n, device=self.device)
+        zero = torch.zeros(n, device=self.device)
+        theta = torch.stack([torch.stack([crop_w * flip, zero, centre_x], 1),
+                             torch.stack([zero, crop_h, centre_y], 1)], 1)
+        return F.affine_grid(theta, [n, 3, self.resolution, self.resolution], align_corners=False)
+
+    def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=self.generator, device=self.device)
