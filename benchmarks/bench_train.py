@@ -196,7 +196,7 @@ def main() -> None:
                                                   "--epochs", str(args.epochs), *extra], f"K={k} {backend}")
             rows.append({"k": k, "backend": backend, **result})
             if "error" not in result:
-                print(f"{result['case']:16s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
+                print(f"{result['case']:20s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
                       file=sys.stderr)
     base = next((r["recipe_models_per_hour"] for r in rows if r.get("case") == "reference"), None)
     for r in rows:
@@ -215,13 +215,13 @@ def print_table(report: dict) -> None:
     print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} JPEGs "
           f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB, {s['long_side']} px long side) trained at "
           f"{s['res']} px, width {s['width']}, batch {s['batch']}; transfer at {s['target_res']} px")
-    print(f"{'case':16s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
+    print(f"{'case':20s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
           f"{'x reference':>11s}")
     for r in report["results"]:
         if "error" in r:
             print(f"K={r['k']} {r['backend']:12s} failed: {r['error']}")
             continue
-        print(f"{r['case']:16s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
+        print(f"{r['case']:20s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
               f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} {r.get('vs_reference', 1):11.2f}")
     print("* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
           "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions")

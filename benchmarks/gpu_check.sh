@@ -2,8 +2,9 @@
 # One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
 # wheels in .whl/ (ffcv, fastargs, ... from ../shared/device; pytest, pyyaml, tqdm), run the tests that have
 # CUDA cases (influence backends against numpy, AMP channels-last training steps, grouped against
-# sequential), then bench_influence.py and bench_train.py at real sizes. Results (JSON, logs) go to the
-# folder given as $1 or $GPU_CHECK_OUT; the tables print last.
+# sequential, eager and compiled), then bench_influence.py, bench_train.py and bench_loaders.py at real sizes,
+# and bench_train.py's compiled grouped case last. Results (JSON, logs) go to the folder given as $1 or
+# $GPU_CHECK_OUT, step by step (a call that runs out of time keeps the finished steps); the tables print last.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes and the current environment (.venv when there is one; no wheel install); runs on CPU too.
@@ -13,10 +14,11 @@ out=${GPU_CHECK_OUT:-gpu-check}
 sizes=(paper large)
 train=(--size real --device cuda --ks 2 8)
 compile_ks=(--ks 8)
+loaders=(--size real --device cuda)
 dry_run=0
 for arg in "$@"; do
   case $arg in
-    --dry-run) sizes=(small); train=(--size tiny --device cpu --ks 2 --backends grouped); compile_ks=(--ks 2); dry_run=1 ;;
+    --dry-run) sizes=(small); train=(--size tiny --device cpu --ks 2 --backends grouped); compile_ks=(--ks 2); loaders=(--size tiny --device cpu --epochs 1); dry_run=1 ;;
     *) out=$arg ;;
   esac
 done
@@ -53,9 +55,12 @@ $python benchmarks/bench_influence.py --sizes "${sizes[@]}" --out "$out/influenc
 $python benchmarks/bench_train.py "${train[@]}" --out "$out/train.json" 2>"$out/bench_train.log" \
   > "$out/train_table.txt"
 [ $? = 0 ] || status=1
+$python benchmarks/bench_loaders.py "${loaders[@]}" --out "$out/loaders.json" 2>"$out/bench_loaders.log" \
+  > "$out/loaders_table.txt"
+[ $? = 0 ] || status=1
 # last, as it may not fit the call's time: the compiled grouped backend (compilation in the warm-up epoch)
 $python benchmarks/bench_train.py "${train[@]}" "${compile_ks[@]}" --backends grouped+compile --out "$out/train_compile.json" \
   2>"$out/bench_train_compile.log" > "$out/train_compile_table.txt"
 [ $? = 0 ] || status=1
-cat "$out/influence_table.txt" "$out/train_table.txt" "$out/train_compile_table.txt"
+cat "$out/influence_table.txt" "$out/train_table.txt" "$out/loaders_table.txt" "$out/train_compile_table.txt"
 exit $status

@@ -1,0 +1,111 @@
+"""Loader benchmark: images per second delivered as normalised device tensors by ffcv's pipeline
+(`loader.backend: ffcv`) and by the device-resident loader (`resident`), on one raw beton of square
+low-resolution images (the resident loader's use case, e.g. 64 px ImageNet), JSON + a table.
+
+Each case runs in its own process: construction (the resident loader reads the beton into device memory
+here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. Training pipelines
+(random-resized crop + flip) and evaluation pipelines (centre crop), at the stored resolution.
+
+    python benchmarks/bench_loaders.py                                   # tiny, CPU, about a minute
+    python benchmarks/bench_loaders.py --size real --device cuda         # on a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import machine, run_in_subprocess
+
+SIZES = {"tiny": dict(images=4096, res=64, batch=256), "real": dict(images=131072, res=64, batch=1024)}
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ffcv_transfer.data import ImageLoader, LoaderConfig
+    from ffcv_transfer.resident import ResidentLoader
+
+    size, device = SIZES[args.size], torch.device(args.device)
+    kind = ResidentLoader if args.loader == "resident" else ImageLoader
+    config = LoaderConfig() if args.train else LoaderConfig(order="sequential", drop_last=False)
+
+    def synchronise() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def epoch() -> tuple[float, int]:
+        started, count = time.perf_counter(), 0
+        for images, *_ in loader:
+            count += len(images)
+        synchronise()
+        return time.perf_counter() - started, count
+
+    started = time.perf_counter()
+    loader = kind(Path(args.data) / "images.beton", train=args.train, resolution=size["res"],
+                  batch_size=size["batch"], config=config, device=device, crop_ratio=1.0)
+    synchronise()
+    construct_s = time.perf_counter() - started
+    first_s, _ = epoch()
+    timed = [epoch() for _ in range(args.epochs)]
+    seconds, images = sum(t for t, _ in timed), sum(n for _, n in timed)
+    return {"case": f"{args.loader} {'train' if args.train else 'eval'}", "device": str(device),
+            "construct_s": construct_s, "first_epoch_s": first_s, "images_per_s": images / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the first")
+    parser.add_argument("--out", default="benchmarks/results/loaders-cpu.json")
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--loader", help=argparse.SUPPRESS)
+    parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+
+    from beton_writers.common import ImageOptions, write_arrays
+
+    size = SIZES[args.size]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (size["images"], size["res"], size["res"], 3), dtype=np.uint8)
+        write_arrays(pixels, rng.integers(0, 100, size["images"]), Path(folder) / "images.beton",
+                     options=ImageOptions(write_mode="raw"))
+        for loader in ("ffcv", "resident"):
+            for train in (True, False):
+                extra = ["--train"] if train else []
+                result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device,
+                                                      "--data", folder, "--loader", loader,
+                                                      "--epochs", str(args.epochs), *extra], f"{loader} {train}")
+                rows.append({"loader": loader, "train": train, **result})
+    report = {"machine": machine(), "size": args.size, "size_settings": size, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    s = report["size_settings"]
+    print(f"\nmachine: {report['machine']}")
+    print(f"size {report['size']}: {s['images']} raw {s['res']} px images, batch {s['batch']}")
+    print(f"{'case':16s} {'construct s':>12s} {'first epoch s':>14s} {'img/s':>10s}")
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['loader']} {'train' if r['train'] else 'eval'}: failed: {r['error']}")
+            continue
+        print(f"{r['case']:16s} {r['construct_s']:12.1f} {r['first_epoch_s']:14.1f} {r['images_per_s']:10.0f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
