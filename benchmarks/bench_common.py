@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the machine description and running one case in its own process."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -33,3 +34,15 @@ def run_in_subprocess(script: str, arguments: list[str], label: str) -> dict:
         print(f"{label}: FAILED {done.stderr.strip()[-800:]}", file=sys.stderr)
         return {"error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def case_parser(doc: str, sizes: dict, out: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: --size, --device, --out, and the hidden --case/--data with which
+    it runs one case in a subprocess (`run_in_subprocess`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--size", choices=sizes, default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    return parser

@@ -1,6 +1,8 @@
-"""Loader benchmark: images per second delivered as normalised device tensors by ffcv's pipeline
-(`loader.backend: ffcv`) and by the device-resident loader (`resident`), on one raw beton of square
-low-resolution images (the resident loader's use case, e.g. 64 px ImageNet), JSON + a table.
+"""Loader benchmark: ffcv's pipeline against the device-resident loader in images/s, JSON + a table.
+
+Images per second delivered as normalised device tensors by ffcv (`loader.backend: ffcv`) and by the
+resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
+use case, e.g. 64 px ImageNet).
 
 Each case runs in its own process: construction (the resident loader reads the beton into device memory
 here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. Training pipelines
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import machine, run_in_subprocess
+from bench_common import case_parser, machine, run_in_subprocess
 
 SIZES = {"tiny": dict(images=4096, res=64, batch=256), "real": dict(images=131072, res=64, batch=1024)}
 
@@ -59,15 +61,10 @@ def run_case(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--device", default="cpu")
+    parser = case_parser(__doc__, SIZES, "benchmarks/results/loaders-cpu.json")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the first")
-    parser.add_argument("--out", default="benchmarks/results/loaders-cpu.json")
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--loader", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args)))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import machine, run_in_subprocess
+from bench_common import case_parser, machine, run_in_subprocess
 
 SIZES = {  # classes, images per class, long side, train res, target res, batch, width, ks
     "tiny": dict(classes=8, per_class=40, long_side=400, res=64, target_res=64, batch=64, width=0.25, ks=[1, 2, 4],
@@ -164,18 +164,13 @@ class _PassTimer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--device", default="cpu")
+    parser = case_parser(__doc__, SIZES, "benchmarks/results/train-cpu.json")
     parser.add_argument("--backends", nargs="+", default=["sequential", "grouped"])
     parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
-    parser.add_argument("--out", default="benchmarks/results/train-cpu.json")
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args)))
