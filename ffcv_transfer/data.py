@@ -45,6 +45,27 @@ def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.
     return np.flatnonzero(np.isin(read_labels(beton), np.asarray(classes)))
 
 
+def select_examples(beton: str | Path, classes: Sequence[int] | np.ndarray | None = None,
+                    indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+    """The sorted beton positions a loader reads: those of `classes`, or `indices`, or None for all."""
+    if classes is not None and indices is not None:
+        raise ValueError("give classes or indices, not both")
+    if classes is not None:
+        return class_indices(beton, classes)
+    return None if indices is None else np.sort(np.asarray(indices, np.int64))
+
+
+def beton_identity(beton: str | Path) -> tuple[str, int, int]:
+    """(resolved path, mtime, size): what process-level caches of a beton's loaders and pixels key on."""
+    written = Path(beton).stat()
+    return str(Path(beton).resolve()), written.st_mtime_ns, written.st_size
+
+
+def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) float32 tensors on `device`."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+
+
 def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
     """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
     end_ramp, rounded down to a multiple of `step` (and kept within start..end)."""
@@ -87,9 +108,7 @@ class ImageLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        if classes is not None and indices is not None:
-            raise ValueError("give classes or indices, not both")
-
+        indices = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         size = (resolution, resolution)
         self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train
@@ -97,10 +116,6 @@ class ImageLoader:
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
             [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
-        if classes is not None:
-            indices = class_indices(beton, classes)
-        elif indices is not None:
-            indices = np.sort(np.asarray(indices, np.int64))
         pipelines = {"image": image, "label": label}
         self.with_indices = with_indices
         if with_indices:  # the label field decoded a second time, into the sample index
@@ -110,8 +125,7 @@ class ImageLoader:
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines=pipelines)
-        self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = normalisation(self.device)
 
     def set_resolution(self, resolution: int) -> None:
         self.decoder.output_size = (resolution, resolution)

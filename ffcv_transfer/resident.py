@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import MEAN, STD, LoaderConfig, class_indices
+from .data import LoaderConfig, beton_identity, normalisation, select_examples
 
 _pixels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -27,9 +27,7 @@ def resident_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tens
     from beton_writers.common import BetonError
     from beton_writers.verify import BetonRecords
 
-    beton = Path(beton)
-    written = beton.stat()
-    key = (str(beton.resolve()), written.st_mtime_ns, written.st_size, str(device))
+    key = (*beton_identity(beton), str(device))
     if key not in _pixels:
         records = BetonRecords(beton)
         sizes = {(int(h), int(w)) for h, w in zip(records.images["height"], records.images["width"])}
@@ -55,13 +53,10 @@ class ResidentLoader:
                  classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
                  crop_scale: tuple[float, float] = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
                  with_indices: bool = False):
-        if classes is not None and indices is not None:
-            raise ValueError("give classes or indices, not both")
+        selected = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         self.images, self.labels = resident_pixels(beton, self.device)
-        if classes is not None:
-            indices = class_indices(beton, classes)
-        selected = np.arange(len(self.labels)) if indices is None else np.sort(np.asarray(indices, np.int64))
+        selected = np.arange(len(self.labels)) if selected is None else selected
         self.examples = torch.as_tensor(selected, device=self.device)
         self.train, self.batch_size, self.resolution = train, batch_size, resolution
         self.crop_ratio, self.crop_scale, self.with_indices = crop_ratio, crop_scale, with_indices
@@ -71,8 +66,7 @@ class ResidentLoader:
             self.generator.seed()  # non-deterministic, and the global RNG untouched
         else:
             self.generator.manual_seed(config.seed)
-        self.mean = torch.tensor(MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = normalisation(self.device)
 
     def set_resolution(self, resolution: int) -> None:
         self.resolution = resolution

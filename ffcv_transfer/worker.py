@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import BACKENDS, ConfigError, Experiment
-from .data import ImageLoader, class_indices, resolution_at
+from .data import ImageLoader, beton_identity, resolution_at, select_examples
 from .leakage import EXAMPLE_MASKS, example_masks_of
 from .masks import class_masks, create_store
 from .models import build_model
@@ -72,12 +72,9 @@ def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int,
     beton = experiment.data.path(split)
     config = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
     with_indices = indices is not None
-    examples = np.sort(np.asarray(indices, np.int64)) if with_indices else \
-        class_indices(beton, classes) if classes is not None else None
-    written = beton.stat()
-    key = (str(beton.resolve()), written.st_mtime_ns, written.st_size, train, batch_size, config,
-           experiment.run.device, crop_min_scale, crop_ratio, with_indices,
-           None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
+    examples = select_examples(beton, classes, indices)
+    key = (*beton_identity(beton), train, batch_size, config, experiment.run.device, crop_min_scale, crop_ratio,
+           with_indices, None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
     if key not in _loaders:
         kind = ResidentLoader if config.backend == "resident" else ImageLoader
         _loaders[key] = kind(beton, train=train, resolution=resolution, batch_size=batch_size,
