@@ -2,14 +2,16 @@
 JSON + a table.
 
 Data: a synthetic ImageNet-shaped source beton whose JPEG decode cost is realistic (smooth multi-scale
-"natural-looking" images, 400 px on the long side, JPEG quality 90, not noise) and a CIFAR-shaped
-target (32 px, raw). Cases, each in its own process (own ffcv loader, own JIT warm-up):
+"natural-looking" images, 400 px on the long side, JPEG quality 90, not noise; size real64: 64 px raw
+squares, as the 64 px recipe stores ImageNet) and a CIFAR-shaped target (32 px, raw). Cases, each in its
+own process (own loader, own JIT warm-up):
 
   reference     one model with its own loader over its own classes (MadryLab/data-transfer's way: one
                 model per process)
   K=<k> <backend>   k models with random class halves on ONE shared loader over the union of their
                 classes, fused by the `sequential` or `grouped` backend (`grouped+compile`: torch.compile'd,
-                its compilation in the warm-up epoch)
+                its compilation in the warm-up epoch); with `--loaders resident` also each case on
+                the device-resident loader (pixels read once into device memory, crops on the device)
 
 Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
@@ -19,6 +21,7 @@ resolution, reported as such.
 
     python benchmarks/bench_train.py                                   # tiny, CPU, a few minutes
     python benchmarks/bench_train.py --size real --device cuda         # on a GPU machine
+    python benchmarks/bench_train.py --size real64 --device cuda --loaders ffcv resident
 """
 from __future__ import annotations
 
@@ -33,28 +36,32 @@ import numpy as np
 
 from bench_common import case_parser, machine, run_in_subprocess
 
-SIZES = {  # classes, images per class, long side, train res, target res, batch, width, ks
-    "tiny": dict(classes=8, per_class=40, long_side=400, res=64, target_res=64, batch=64, width=0.25, ks=[1, 2, 4],
-                 target_per_class=40),
-    "real": dict(classes=64, per_class=160, long_side=400, res=160, target_res=224, batch=1024, width=1.0,
-                 ks=[1, 2, 4, 8], target_per_class=500),
+SIZES = {  # source: classes x images per class, generated long side, how it is stored; train and target res
+    "tiny": dict(classes=8, per_class=40, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=64,
+                 target_res=64, batch=64, width=0.25, ks=[1, 2, 4], target_per_class=40),
+    "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
+                 target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
+    # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px
+    "real64": dict(classes=64, per_class=640, long_side=86, source=dict(write_mode="raw", square=True, max_resolution=64),
+                   res=64, target_res=64, batch=1024, width=1.0, ks=[8, 16], target_per_class=500),
 }
 RECIPE = dict(source_images=1_281_167, alpha=0.5, source_epochs=16, target_train=50_000, target_epochs=15,
               target_test=10_000)
 
 
-def natural_images(count: int, long_side: int, seed: int) -> np.ndarray:
+def natural_images(count: int, long_side: int, seed: int, unique: int = 1024) -> np.ndarray:
     """(count, 3/4 long_side, long_side, 3) uint8: sums of smooth random fields at 8 scales (2 to 256 cells),
     amplitudes falling as scale^-0.7, so that JPEG sizes resemble ImageNet photographs resized to 400 px
-    (~40 KB at quality 90)."""
+    (~40 KB at quality 90). Past the first `unique` (generating one costs ~75 ms of CPU at 400 px), each image
+    is one of those rolled by a random offset and maybe mirrored: other bytes, the same decode cost."""
     import torch
     import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(seed)
     height = long_side * 3 // 4
     out = np.empty((count, height, long_side, 3), np.uint8)
-    for start in range(0, count, 64):
-        n = min(64, count - start)
+    for start in range(0, min(count, unique), 64):
+        n = min(64, count - start, unique - start)
         image = torch.zeros(n, 3, height, long_side)
         for octave in range(1, 9):
             cells = 2 ** octave
@@ -62,6 +69,10 @@ def natural_images(count: int, long_side: int, seed: int) -> np.ndarray:
             image += F.interpolate(coarse, size=(height, long_side), mode="bicubic", align_corners=False) / octave ** 0.7
         image = (image - image.mean((1, 2, 3), keepdim=True)) / image.std((1, 2, 3), keepdim=True)
         out[start:start + n] = (image * 45 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    rng = np.random.default_rng(seed)
+    for i in range(unique, count):
+        copy = np.roll(out[rng.integers(unique)], (rng.integers(height), rng.integers(long_side)), axis=(0, 1))
+        out[i] = copy[:, ::-1] if rng.random() < 0.5 else copy
     return out
 
 
@@ -73,7 +84,7 @@ def write_data(folder: Path, size: dict) -> dict:
     c, per = size["classes"], size["per_class"]
     started = time.perf_counter()
     write_arrays(natural_images(c * per, size["long_side"], 0), np.repeat(np.arange(c), per),
-                          folder / "source.beton", options=ImageOptions(write_mode="jpg", jpeg_quality=90))
+                 folder / "source.beton", options=ImageOptions(**size["source"]))
     target_labels = np.repeat(np.arange(10), size["target_per_class"])
     for split, seed in (("target_train", 1), ("target_test", 2)):
         small = natural_images(len(target_labels), 32, seed)[:, :32, :32]
@@ -89,6 +100,7 @@ def run_case(args: argparse.Namespace) -> dict:
     from ffcv_transfer.data import ImageLoader, LoaderConfig
     from ffcv_transfer.masks import random_class_masks
     from ffcv_transfer.models import build_model
+    from ffcv_transfer.resident import ResidentLoader
     from ffcv_transfer.transfer import TransferConfig, transfer_by_training
     from ffcv_transfer.train import OptimConfig
 
@@ -97,8 +109,9 @@ def run_case(args: argparse.Namespace) -> dict:
     precision = "bf16" if device.type == "cuda" else "fp32"
     masks = random_class_masks(k, size["classes"], 0.5, seed=k)
     union = np.flatnonzero(masks.any(0))
-    loader = ImageLoader(folder / "source.beton", train=True, resolution=size["res"], batch_size=size["batch"],
-                         config=LoaderConfig(), device=device, classes=union)
+    Loader = ResidentLoader if args.loader == "resident" else ImageLoader
+    loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=size["batch"],
+                    config=LoaderConfig(), device=device, classes=union)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
     optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision,
                         batch_size=size["batch"])
@@ -121,11 +134,11 @@ def run_case(args: argparse.Namespace) -> dict:
 
     target = TransferConfig(mode="fixed_feature", resolution=size["target_res"], batch_size=size["batch"],
                             epochs=args.epochs + 1, lr_peak_epoch=1, precision=precision)
-    train = ImageLoader(folder / "target_train.beton", train=True, resolution=size["target_res"],
-                        batch_size=size["batch"], device=device)
-    test = ImageLoader(folder / "target_test.beton", train=False, resolution=size["target_res"],
-                       batch_size=size["batch"], crop_ratio=1.0,
-                       config=LoaderConfig(order="sequential", drop_last=False), device=device)
+    train = Loader(folder / "target_train.beton", train=True, resolution=size["target_res"],
+                   batch_size=size["batch"], device=device)
+    test = Loader(folder / "target_test.beton", train=False, resolution=size["target_res"],
+                  batch_size=size["batch"], crop_ratio=1.0,
+                  config=LoaderConfig(order="sequential", drop_last=False), device=device)
     passes = _PassTimer(train, device)
     transfer_by_training(models, passes, test, 10, target, steps_per_epoch=len(train), device=device)
     target_epoch_s = float(np.mean(passes.seconds[1:]))  # the first pass includes JIT compilation
@@ -136,8 +149,8 @@ def run_case(args: argparse.Namespace) -> dict:
     recipe_union = RECIPE["source_images"] * (1 - (1 - RECIPE["alpha"]) ** k)
     recipe_s = (RECIPE["source_epochs"] * recipe_union * per_image_source
                 + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target)
-    return {"case": "reference" if args.reference else f"K={k} {args.backend}", "k": k, "backend": args.backend,
-            "device": str(device), "precision": precision, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
+    case = "reference" if args.reference else f"K={k} {args.backend}" + (" resident" * (args.loader == "resident"))
+    return {"case": case, "k": k, "backend": args.backend, "loader": args.loader, "device": str(device), "precision": precision, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
             "decoded_images_per_epoch": decoded, "source_images_per_s": decoded / source_s,
             "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
             "target_epoch_s": target_epoch_s, "target_images_per_s": target_images / target_epoch_s,
@@ -167,9 +180,12 @@ def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/train-cpu.json")
     parser.add_argument("--backends", nargs="+", default=["sequential", "grouped"])
     parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
+    parser.add_argument("--loaders", nargs="+", default=["ffcv"], choices=["ffcv", "resident"],
+                        help="source and target loaders of the K-model cases (the reference always uses ffcv)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--loader", default="ffcv", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -177,46 +193,50 @@ def main() -> None:
         return
 
     size = SIZES[args.size]
-    plan = [(1, "sequential", True)] + [(k, b, False) for k in (args.ks or size["ks"]) for b in args.backends
-                                         if k > 1 or b.startswith("grouped")]
+    plan = [(1, "sequential", "ffcv", True)] + [(k, b, loader, False) for loader in args.loaders
+                                                for k in (args.ks or size["ks"]) for b in args.backends
+                                                if k > 1 or b.startswith("grouped")]
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder), size)
-        print(f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source JPEG, written in "
+        print(f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source image, written in "
               f"{data['write_s']:.0f} s", file=sys.stderr)
-        for k, backend, reference in plan:
+        for k, backend, loader, reference in plan:
             extra = ["--reference"] if reference else []
             result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
-                                                  folder, "--k", str(k), "--backend", backend,
-                                                  "--epochs", str(args.epochs), *extra], f"K={k} {backend}")
-            rows.append({"k": k, "backend": backend, **result})
+                                                  folder, "--k", str(k), "--backend", backend, "--loader", loader,
+                                                  "--epochs", str(args.epochs), *extra], f"K={k} {backend} {loader}")
+            rows.append({"k": k, "backend": backend, "loader": loader, **result})
             if "error" not in result:
-                print(f"{result['case']:20s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
+                print(f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
                       file=sys.stderr)
-    base = next((r["recipe_models_per_hour"] for r in rows if r.get("case") == "reference"), None)
-    for r in rows:
-        if base and "recipe_models_per_hour" in r:
-            r["vs_reference"] = r["recipe_models_per_hour"] / base
-    report = {"machine": machine(), "size": args.size, "size_settings": size, "recipe": RECIPE, "data": data,
-              "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+            report = {"machine": machine(), "size": args.size, "size_settings": size, "recipe": RECIPE, "data": data,
+                      "results": with_ratios(rows)}
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case: a cut-off run keeps them
     print_table(report)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """The rows, each with its models per hour over the reference case's (`vs_reference`)."""
+    base = next((r["recipe_models_per_hour"] for r in rows if r.get("case") == "reference"), None)
+    return [{**r, "vs_reference": r["recipe_models_per_hour"] / base} if base and "recipe_models_per_hour" in r
+            else r for r in rows]
 
 
 def print_table(report: dict) -> None:
     s = report["size_settings"]
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} JPEGs "
-          f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB, {s['long_side']} px long side) trained at "
+    print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} {s['source']['write_mode']} images "
+          f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB) trained at "
           f"{s['res']} px, width {s['width']}, batch {s['batch']}; transfer at {s['target_res']} px")
-    print(f"{'case':20s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
+    print(f"{'case':24s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
           f"{'x reference':>11s}")
     for r in report["results"]:
         if "error" in r:
-            print(f"K={r['k']} {r['backend']:12s} failed: {r['error']}")
+            print(f"K={r['k']} {r['backend']} {r['loader']}: failed: {r['error']}")
             continue
-        print(f"{r['case']:20s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
+        print(f"{r['case']:24s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
               f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} {r.get('vs_reference', 1):11.2f}")
     print("* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
           "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions")

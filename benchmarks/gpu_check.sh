@@ -1,28 +1,45 @@
 #!/usr/bin/env bash
 # One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
-# wheels in .whl/ (ffcv, fastargs, ... from ../shared/device; pytest, pyyaml, tqdm), run the tests that have
-# CUDA cases (influence backends against numpy, AMP channels-last training steps, grouped against
-# sequential, eager and compiled), then bench_influence.py, bench_train.py and bench_loaders.py at real sizes,
-# and bench_train.py's compiled grouped case last. Results (JSON, logs) go to the folder given as $1 or
-# $GPU_CHECK_OUT, step by step (a call that runs out of time keeps the finished steps); the tables print last.
+# wheels in .whl/ (ffcv, fastargs, ... from ../shared/device), run the tests that have CUDA cases (cupy and
+# torch influence backends against numpy, AMP channels-last training steps, grouped against sequential,
+# eager and compiled), then the benchmarks at real sizes, most wanted first:
+#   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
+#   train64   bench_train.py at 64 px (raw source): the reference against K=16, ffcv and resident loaders
+#   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
+#   loaders   bench_loaders.py: ffcv against the resident loader
+#   influence bench_influence.py at paper size
+# Each step runs under `timeout` with its own limit, cut to what is left of the budget ($GPU_CHECK_BUDGET
+# seconds, default 470: under 8 minutes in all); a step that does not fit is skipped, and every step leaves
+# its files (JSON, logs, tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step
+# ended; the tables print last.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
-#   --dry-run: small sizes and the current environment (.venv when there is one; no wheel install); runs on CPU too.
+#   --dry-run: small sizes on the CPU in the current environment (.venv when there is one; no wheel install),
+#              with 8 times the limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu-check}
-sizes=(paper large)
-train=(--size real --device cuda --ks 2 8)
-compile_ks=(--ks 8)
-loaders=(--size real --device cuda)
+budget=${GPU_CHECK_BUDGET:-470}
+scale=1  # the steps' limits are multiplied by this
+device=cuda
+train=(--size real --ks 8 --epochs 2)
+train64=(--size real64 --ks 16 --backends grouped --loaders ffcv resident --epochs 2)
+compiled=(--size real --ks 8 --backends grouped+compile --epochs 2)
+loaders=(--size real --epochs 2)
+influence=(--sizes paper)
+tests=(-k "cuda or cupy or torch")
 dry_run=0
 for arg in "$@"; do
   case $arg in
-    --dry-run) sizes=(small); train=(--size tiny --device cpu --ks 2 --backends grouped); compile_ks=(--ks 2); loaders=(--size tiny --device cpu --epochs 1); dry_run=1 ;;
+    --dry-run) dry_run=1; device=cpu; budget=${GPU_CHECK_BUDGET:-2400}; scale=8
+               train=(--size tiny --ks 2 --backends grouped); train64=(--size tiny --ks 2 --backends grouped
+               --loaders resident); compiled=(--size tiny --ks 2 --backends grouped+compile)
+               loaders=(--size tiny --epochs 1); influence=(--sizes small) ;;
     *) out=$arg ;;
   esac
 done
 mkdir -p "$out"
+: > "$out/steps.txt"
 python=${PYTHON:-python3}
 if [ $dry_run = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
   python=.venv/bin/python  # the dry run checks this checkout's environment
@@ -36,31 +53,43 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-$python - <<'PY' | tee "$out/device.txt"
+status=0
+# step NAME LIMIT COMMAND...: run COMMAND under timeout (LIMIT seconds, or what is left of the budget) and
+# record how it ended in steps.txt
+step() {
+  local name=$1 limit=$(($2 * scale)) left=$((budget - SECONDS)) started=$SECONDS rc
+  shift 2
+  (( limit > left )) && limit=$left
+  if (( limit < 20 )); then
+    echo "$name: skipped, $left s of the budget left" >> "$out/steps.txt"; status=1; return
+  fi
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  echo "$name: $( ((rc == 0)) && echo ok || { ((rc == 124 || rc == 137)) && echo "cut at its limit" || echo "failed (exit $rc)"; })" \
+       "in $((SECONDS - started)) s (limit $limit s)" >> "$out/steps.txt"
+  ((rc == 0)) || status=1
+}
+
+step device 60 $python -c '
 import numpy, numba, torch
 from ffcv_transfer.influence import available_backends
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, GPU: {gpu}")
-print(f"influence backends: {available_backends()}")
-PY
+print(f"influence backends: {available_backends()}")' > "$out/device.txt" 2>&1
+step tests 120 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
+  tests/test_train.py tests/test_transfer.py > "$out/tests.log" 2>&1
+step train 170 $python benchmarks/bench_train.py "${train[@]}" --device $device --out "$out/train.json" \
+  > "$out/train_table.txt" 2> "$out/train.log"
+step train64 120 $python benchmarks/bench_train.py "${train64[@]}" --device $device --out "$out/train64.json" \
+  > "$out/train64_table.txt" 2> "$out/train64.log"
+step compile 150 $python benchmarks/bench_train.py "${compiled[@]}" --device $device --out "$out/compile.json" \
+  > "$out/compile_table.txt" 2> "$out/compile.log"
+step loaders 60 $python benchmarks/bench_loaders.py "${loaders[@]}" --device $device --out "$out/loaders.json" \
+  > "$out/loaders_table.txt" 2> "$out/loaders.log"
+step influence 120 $python benchmarks/bench_influence.py "${influence[@]}" --out "$out/influence.json" \
+  > "$out/influence_table.txt" 2> "$out/influence.log"
 
-status=0
-$python -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_influence.py tests/test_store.py \
-  tests/test_train.py tests/test_transfer.py 2>&1 | tee "$out/tests.log" | tail -4
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-
-$python benchmarks/bench_influence.py --sizes "${sizes[@]}" --out "$out/influence.json" 2>"$out/bench_influence.log" \
-  > "$out/influence_table.txt"
-[ $? = 0 ] || status=1
-$python benchmarks/bench_train.py "${train[@]}" --out "$out/train.json" 2>"$out/bench_train.log" \
-  > "$out/train_table.txt"
-[ $? = 0 ] || status=1
-$python benchmarks/bench_loaders.py "${loaders[@]}" --out "$out/loaders.json" 2>"$out/bench_loaders.log" \
-  > "$out/loaders_table.txt"
-[ $? = 0 ] || status=1
-# last, as it may not fit the call's time: the compiled grouped backend (compilation in the warm-up epoch)
-$python benchmarks/bench_train.py "${train[@]}" "${compile_ks[@]}" --backends grouped+compile --out "$out/train_compile.json" \
-  2>"$out/bench_train_compile.log" > "$out/train_compile_table.txt"
-[ $? = 0 ] || status=1
-cat "$out/influence_table.txt" "$out/train_table.txt" "$out/loaders_table.txt" "$out/train_compile_table.txt"
+cat "$out/device.txt"; tail -3 "$out/tests.log"
+for table in train train64 compile loaders influence; do cat "$out/${table}_table.txt"; done
+cat "$out/steps.txt"
 exit $status
