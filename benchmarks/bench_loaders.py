@@ -2,7 +2,9 @@
 
 Images per second delivered as normalised device tensors by ffcv (`loader.backend: ffcv`) and by the
 resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
-use case, e.g. 64 px ImageNet).
+use case, e.g. 64 px ImageNet); size jpeg160: bench_train.py's 400x300 JPEGs (~40 KB) cropped to 160 px, the
+paper recipe's decode. `ffcv+omp` is ffcv with numba's OpenMP threading layer instead of the workqueue
+layer that beton_writers picks (to keep TBB from warning at fork).
 
 Each case runs in its own process: construction (the resident loader reads the beton into device memory
 here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. Training pipelines
@@ -10,11 +12,13 @@ here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. 
 
     python benchmarks/bench_loaders.py                                   # tiny, CPU, about a minute
     python benchmarks/bench_loaders.py --size real --device cuda         # on a GPU machine
+    python benchmarks/bench_loaders.py --size jpeg160 --device cuda --loaders ffcv ffcv+omp
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,10 +28,13 @@ import numpy as np
 
 from bench_common import case_parser, machine, run_in_subprocess
 
-SIZES = {"tiny": dict(images=4096, res=64, batch=256), "real": dict(images=131072, res=64, batch=1024)}
+SIZES = {"tiny": dict(images=4096, res=64, batch=256), "real": dict(images=131072, res=64, batch=1024),
+         "jpeg160": dict(images=8192, res=160, batch=1024)}
 
 
 def run_case(args: argparse.Namespace) -> dict:
+    if args.loader == "ffcv+omp":
+        os.environ["NUMBA_THREADING_LAYER"] = "omp"  # before numba's first parallel launch
     import torch
 
     from ffcv_transfer.data import ImageLoader, LoaderConfig
@@ -63,6 +70,7 @@ def run_case(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/loaders-cpu.json")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the first")
+    parser.add_argument("--loaders", nargs="+", default=["ffcv", "resident"], choices=["ffcv", "ffcv+omp", "resident"])
     parser.add_argument("--loader", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,28 +82,34 @@ def main() -> None:
 
     size = SIZES[args.size]
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
-        pixels = rng.integers(0, 256, (size["images"], size["res"], size["res"], 3), dtype=np.uint8)
-        write_arrays(pixels, rng.integers(0, 100, size["images"]), Path(folder) / "images.beton",
-                     options=ImageOptions(write_mode="raw"))
-        for loader in ("ffcv", "resident"):
+        if args.size == "jpeg160":
+            from bench_train import natural_images
+
+            pixels, options = natural_images(size["images"], 400, 0), ImageOptions(write_mode="jpg", jpeg_quality=90)
+        else:
+            pixels = rng.integers(0, 256, (size["images"], size["res"], size["res"], 3), dtype=np.uint8)
+            options = ImageOptions(write_mode="raw")
+        write_arrays(pixels, rng.integers(0, 100, size["images"]), Path(folder) / "images.beton", options=options)
+        for loader in args.loaders:
             for train in (True, False):
                 extra = ["--train"] if train else []
                 result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device,
                                                       "--data", folder, "--loader", loader,
                                                       "--epochs", str(args.epochs), *extra], f"{loader} {train}")
                 rows.append({"loader": loader, "train": train, **result})
-    report = {"machine": machine(), "size": args.size, "size_settings": size, "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+                report = {"machine": machine(), "size": args.size, "size_settings": size, "results": rows}
+                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case
     print_table(report)
 
 
 def print_table(report: dict) -> None:
     s = report["size_settings"]
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: {s['images']} raw {s['res']} px images, batch {s['batch']}")
+    print(f"size {report['size']}: {s['images']} images ({'400x300 JPEGs' if report['size'] == 'jpeg160' else 'raw'}) "
+          f"delivered at {s['res']} px, batch {s['batch']}")
     print(f"{'case':16s} {'construct s':>12s} {'first epoch s':>14s} {'img/s':>10s}")
     for r in report["results"]:
         if "error" in r:

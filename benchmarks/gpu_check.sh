@@ -2,16 +2,19 @@
 # One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
 # wheels in .whl/ (ffcv, fastargs, ... from ../shared/device), run the tests that have CUDA cases (cupy and
 # torch influence backends against numpy, AMP channels-last training steps, grouped against sequential,
-# eager and compiled), then the benchmarks at real sizes, most wanted first:
+# eager and compiled), then the benchmarks, the open questions first:
+#   fusion    bench_fusion.py at 64 px, K=16: the fusion backends on batches already on the GPU (why the
+#             grouped network ran at 0.6x one model there)
+#   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: ffcv with numba's workqueue against its
+#             OpenMP threading layer (the decode capped the 160 px runs at 2.7k img/s)
 #   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
-#   train64   bench_train.py at 64 px (raw source): the reference against K=16, ffcv and resident loaders
+#   train64   bench_train.py at 64 px (raw source): the reference against K=16, sequential and grouped
 #   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
-#   loaders   bench_loaders.py: ffcv against the resident loader
 #   influence bench_influence.py at paper size
 # Each step runs under `timeout` with its own limit, cut to what is left of the budget ($GPU_CHECK_BUDGET
 # seconds, default 470: under 8 minutes in all); a step that does not fit is skipped, and every step leaves
 # its files (JSON, logs, tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step
-# ended; the tables print last.
+# ended; the tables print last. Measured so far: docs/measurements.md.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes on the CPU in the current environment (.venv when there is one; no wheel install),
@@ -22,19 +25,21 @@ out=${GPU_CHECK_OUT:-gpu-check}
 budget=${GPU_CHECK_BUDGET:-470}
 scale=1  # the steps' limits are multiplied by this
 device=cuda
+fusion=(--size real)
+loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
 train=(--size real --ks 8 --epochs 2)
-train64=(--size real64 --ks 16 --backends grouped --loaders ffcv resident --epochs 2)
-compiled=(--size real --ks 8 --backends grouped+compile --epochs 2)
-loaders=(--size real --epochs 2)
+train64=(--size real64 --ks 16 --epochs 2)
+compiled=(--size real --ks 8 --backends grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
 tests=(-k "cuda or cupy or torch")
 dry_run=0
 for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1; device=cpu; budget=${GPU_CHECK_BUDGET:-2400}; scale=8
+               fusion=(--size tiny --cases single grouped); loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
                train=(--size tiny --ks 2 --backends grouped); train64=(--size tiny --ks 2 --backends grouped
-               --loaders resident); compiled=(--size tiny --ks 2 --backends grouped+compile)
-               loaders=(--size tiny --epochs 1); influence=(--sizes small) ;;
+               --loaders resident); compiled=(--size tiny --ks 2 --backends grouped+compile --no-reference)
+               influence=(--sizes small) ;;
     *) out=$arg ;;
   esac
 done
@@ -78,18 +83,20 @@ print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {
 print(f"influence backends: {available_backends()}")' > "$out/device.txt" 2>&1
 step tests 120 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
   tests/test_train.py tests/test_transfer.py > "$out/tests.log" 2>&1
-step train 170 $python benchmarks/bench_train.py "${train[@]}" --device $device --out "$out/train.json" \
+step fusion 170 $python benchmarks/bench_fusion.py "${fusion[@]}" --device $device --out "$out/fusion.json" \
+  > "$out/fusion_table.txt" 2> "$out/fusion.log"
+step loaders 150 $python benchmarks/bench_loaders.py "${loaders[@]}" --device $device --out "$out/loaders.json" \
+  > "$out/loaders_table.txt" 2> "$out/loaders.log"
+step train 200 $python benchmarks/bench_train.py "${train[@]}" --device $device --out "$out/train.json" \
   > "$out/train_table.txt" 2> "$out/train.log"
-step train64 120 $python benchmarks/bench_train.py "${train64[@]}" --device $device --out "$out/train64.json" \
+step train64 200 $python benchmarks/bench_train.py "${train64[@]}" --device $device --out "$out/train64.json" \
   > "$out/train64_table.txt" 2> "$out/train64.log"
 step compile 150 $python benchmarks/bench_train.py "${compiled[@]}" --device $device --out "$out/compile.json" \
   > "$out/compile_table.txt" 2> "$out/compile.log"
-step loaders 60 $python benchmarks/bench_loaders.py "${loaders[@]}" --device $device --out "$out/loaders.json" \
-  > "$out/loaders_table.txt" 2> "$out/loaders.log"
 step influence 120 $python benchmarks/bench_influence.py "${influence[@]}" --out "$out/influence.json" \
   > "$out/influence_table.txt" 2> "$out/influence.log"
 
 cat "$out/device.txt"; tail -3 "$out/tests.log"
-for table in train train64 compile loaders influence; do cat "$out/${table}_table.txt"; done
+for table in fusion loaders train train64 compile influence; do cat "$out/${table}_table.txt"; done
 cat "$out/steps.txt"
 exit $status

@@ -74,16 +74,13 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
     the most negative class and one without a random class (`counterfactual_seeds` 0 skips it)."""
-    from beton_writers import ImageOptions, read_sidecar
-    from beton_writers.common import read_labels
+    from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
     from .analyses import influence_by_target_class, rank_sources
     from .config import load_experiment
     from .counterfactual import accuracy_by_removal, removal_design, run_removals
-    from .influence import influence_from_store
-    from .names import display_names
-    from .report import write_report
+    from .report import gather, write_report
     from .store import ResultStore
     from .worker import create_experiment_store, run_worker
 
@@ -107,29 +104,27 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
         create_experiment_store(store_dir, experiment)
     run_worker(store_dir, experiment, progress=progress)
     lap("train")
-    influence = influence_from_store(store_dir, "margins", progress=progress)
-    np.save(out / "influence.npy", influence)
-
-    source, target = read_sidecar(experiment.data.path("source_train")), read_sidecar(target_test)
-    source_names = display_names(source["class_names"], source.get("wnids"))
-    by_class = influence_by_target_class(influence, read_labels(target_test), target["num_classes"])
+    found = gather(store_dir, progress=progress)
+    np.save(out / "influence.npy", found.influence)
+    by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
     status = ResultStore(store_dir).status()
     findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
-                "ranking": rank_sources(by_class, source_names, target["class_names"])}
-    if planted := target.get("extra", {}).get("planted"):
+                "ranking": rank_sources(by_class, found.source_names, found.target_names)}
+    if planted := found.planted:
         findings["ground_truth"] = {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")}
         findings["checks"] = _checks(by_class, planted)
     counterfactual_dir = None
     if counterfactual_seeds:
         counterfactual_dir = out / "counterfactual"
-        masks, removals = removal_design(influence.mean(1), [1], counterfactual_seeds, ["most_negative", "random"])
+        overall = found.influence.mean(1)
+        masks, removals = removal_design(overall, [1], counterfactual_seeds, ["most_negative", "random"])
         baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, progress))
         findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
                                       **{kind: float(np.mean(by_k[1])) for kind, by_k in curves.items()},
-                                      "removed_first": source_names[int(np.argmin(influence.mean(1)))]}
+                                      "removed_first": found.source_names[int(np.argmin(overall))]}
         lap("counterfactual")
     findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
-                                          progress=progress))
+                                          found=found))
     lap("report")
     findings["seconds"], findings["stage_seconds"] = round(time.monotonic() - started, 1), stages
     (out / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")

@@ -113,12 +113,13 @@ def gather(store_dir: str | Path, names_file: str | Path | None = None, progress
 
 def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
                  counterfactual_dir: str | Path | None = None, names_file: str | Path | None = None,
-                 progress: bool = False) -> Path:
-    """Write the report (default STORE/report.html, figures in a folder beside it); returns its path."""
+                 progress: bool = False, found: Findings | None = None) -> Path:
+    """Write the report (default STORE/report.html, figures in a folder beside it); returns its path.
+    `found`: this store's findings when already gathered (the store is not read again)."""
     from beton_writers.verify import BetonRecords
     from .store import ResultStore, format_status
 
-    found = gather(store_dir, names_file, progress)
+    found = found or gather(store_dir, names_file, progress)
     out = Path(out) if out else found.store / "report.html"
     figures = out.parent / f"{out.stem}_figures"
     page = Page(f"ffcv-transfer findings: {found.store.name}")

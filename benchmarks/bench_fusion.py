@@ -1,0 +1,121 @@
+"""Fusion backends on synthetic batches already in device memory (no loader, no decoding), JSON + a table:
+model-images/s of one ResNet-18 at the full batch (the compute ceiling per model) against K models that
+split each batch by class masks (alpha 0.5), trained by each backend. Cases, each in its own process:
+
+  single            one model over every class (no routing)
+  sequential        the K models one after another on their sub-batches
+  grouped           the K models as one grouped network (weighted BatchNorm over the real rows)
+  grouped+compile   the same through torch.compile (compilation in the untimed warm-up)
+  grouped+plainbn   a diagnostic, not a backend: the grouped network with ordinary BatchNorm over all rows
+                    (padding rows counted, so the statistics are wrong) to price the weighted BatchNorm
+  <case>+cudnn      with torch.backends.cudnn.benchmark (kernels autotuned per shape; the timed steps
+                    cycle through three batches, so every shape has been tuned: the steady state of a
+                    run whose sub-batch lengths come from a few buckets)
+
+    python benchmarks/bench_fusion.py                                   # tiny, CPU, a minute
+    python benchmarks/bench_fusion.py --size real --device cuda         # 64 px, K=16
+    python benchmarks/bench_fusion.py --size real160 --device cuda      # 160 px, K=8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import case_parser, machine, run_in_subprocess
+
+SIZES = {
+    "tiny": dict(res=32, batch=64, width=0.25, k=4, classes=8, steps=6),
+    "real": dict(res=64, batch=1024, width=1.0, k=16, classes=64, steps=12),
+    "real160": dict(res=160, batch=1024, width=1.0, k=8, classes=64, steps=9),
+}
+CASES = ["single", "sequential", "grouped", "grouped+plainbn", "grouped+compile", "single+cudnn", "grouped+cudnn"]
+
+
+def run_case(args) -> dict:
+    import torch
+
+    from ffcv_transfer.grouped import GroupedBatchNorm2d, GroupedTrainer
+    from ffcv_transfer.masks import random_class_masks
+    from ffcv_transfer.models import build_model
+    from ffcv_transfer.train import FusedTrainer, OptimConfig
+
+    size, device = SIZES[args.size], torch.device(args.device)
+    backend, *flags = args.case_name.split("+")
+    torch.backends.cudnn.benchmark = "cudnn" in flags
+    if "plainbn" in flags:
+        GroupedBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
+    k = 1 if backend == "single" else size["k"]
+    masks = np.ones((1, size["classes"]), bool) if k == 1 else random_class_masks(k, size["classes"], 0.5, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(size["batch"], 3, size["res"], size["res"], generator=generator).to(
+                    device, memory_format=torch.channels_last),
+                torch.randint(0, size["classes"], (size["batch"],), generator=generator).to(device))
+               for _ in range(3)]
+    routed = sum(int(masks[:, labels.cpu().numpy()].sum()) for _, labels in batches) / len(batches)
+    models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
+    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=size["batch"],
+                         precision="bf16" if device.type == "cuda" else "fp32")
+    options = {"compile": "default"} if "compile" in flags else {}
+    trainer = (FusedTrainer if backend in ("single", "sequential") else GroupedTrainer)(
+        models, masks, config, steps_per_epoch=size["steps"], device=device, **options)
+
+    def epoch(steps: int, index: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.train_epoch([batches[i % 3] for i in range(steps)], index)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    warmup = epoch(6, 0)
+    seconds = epoch(size["steps"], 1)
+    return {"case": args.case_name, "k": k, "device": str(device), "warmup_s": warmup,
+            "step_ms": 1000 * seconds / size["steps"], "model_images_per_step": routed,
+            "model_images_per_s": routed * size["steps"] / seconds,
+            "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+
+
+def main() -> None:
+    parser = case_parser(__doc__, SIZES, "benchmarks/results/fusion-cpu.json")
+    parser.add_argument("--cases", nargs="+", default=CASES, metavar="CASE", help=f"default: {' '.join(CASES)}")
+    parser.add_argument("--case-name", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+    rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for case in args.cases:
+        result = run_in_subprocess(__file__, ["--case", "--case-name", case, "--size", args.size,
+                                              "--device", args.device], case)
+        rows.append({"case": case, **result})
+        if "error" not in result:
+            print(f"{case:22s} {result['model_images_per_s']:10.0f} model-img/s", file=sys.stderr)
+        report = {"machine": machine(), "size": args.size, "size_settings": SIZES[args.size], "results": rows}
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    s = report["size_settings"]
+    single = next((r["model_images_per_s"] for r in report["results"] if r["case"] == "single"), None)
+    print(f"\nmachine: {report['machine']}")
+    print(f"size {report['size']}: ResNet-18 width {s['width']} at {s['res']} px, batch {s['batch']}, "
+          f"K={s['k']} over {s['classes']} classes at alpha 0.5; synthetic batches in device memory")
+    print(f"{'case':22s} {'step ms':>8s} {'model-img/s':>12s} {'x single':>9s} {'warm-up s':>10s}")
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['case']:22s} failed: {r['error']}")
+            continue
+        ratio = r["model_images_per_s"] / single if single else float("nan")
+        print(f"{r['case']:22s} {r['step_ms']:8.1f} {r['model_images_per_s']:12.0f} {ratio:9.2f} {r['warmup_s']:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
