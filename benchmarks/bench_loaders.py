@@ -2,8 +2,9 @@
 
 Images per second delivered as normalised device tensors by ffcv (`loader.backend: ffcv`) and by the
 resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
-use case, e.g. 64 px ImageNet); size jpeg160: bench_train.py's 400x300 JPEGs (~40 KB) cropped to 160 px, the
-paper recipe's decode. `ffcv+omp` is ffcv with numba's OpenMP threading layer instead of the workqueue
+use case, e.g. 64 px ImageNet). Sizes jpeg160 and paper160 crop bench_train.py's natural-looking 400x300
+images to 160 px: stored as they are in JPEG (~40 KB, bench_train's source), or as paper_imagenet_cifar10.yaml
+writes ImageNet (at most 256 px, half of them JPEG, half raw). `ffcv+omp` is ffcv with numba's OpenMP threading layer instead of the workqueue
 layer that beton_writers picks (to keep TBB from warning at fork).
 
 Each case runs in its own process: construction (the resident loader reads the beton into device memory
@@ -28,8 +29,13 @@ import numpy as np
 
 from bench_common import case_parser, machine, run_in_subprocess
 
-SIZES = {"tiny": dict(images=4096, res=64, batch=256), "real": dict(images=131072, res=64, batch=1024),
-         "jpeg160": dict(images=8192, res=160, batch=1024)}
+SIZES = {  # source: how natural 400x300 images are stored (none: random raw pixels at the resolution)
+    "tiny": dict(images=4096, res=64, batch=256, source=None),
+    "real": dict(images=131072, res=64, batch=1024, source=None),
+    "jpeg160": dict(images=8192, res=160, batch=1024, source=dict(write_mode="jpg", jpeg_quality=90)),
+    "paper160": dict(images=8192, res=160, batch=1024, source=dict(write_mode="proportion", max_resolution=256,
+                                                                   compress_probability=0.5, jpeg_quality=90)),
+}
 
 
 def run_case(args: argparse.Namespace) -> dict:
@@ -85,10 +91,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
-        if args.size == "jpeg160":
+        if size["source"]:
             from bench_train import natural_images
 
-            pixels, options = natural_images(size["images"], 400, 0), ImageOptions(write_mode="jpg", jpeg_quality=90)
+            pixels, options = natural_images(size["images"], 400, 0), ImageOptions(**size["source"])
         else:
             pixels = rng.integers(0, 256, (size["images"], size["res"], size["res"], 3), dtype=np.uint8)
             options = ImageOptions(write_mode="raw")
@@ -108,8 +114,8 @@ def main() -> None:
 def print_table(report: dict) -> None:
     s = report["size_settings"]
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: {s['images']} images ({'400x300 JPEGs' if report['size'] == 'jpeg160' else 'raw'}) "
-          f"delivered at {s['res']} px, batch {s['batch']}")
+    print(f"size {report['size']}: {s['images']} images (stored {s['source'] or 'raw'}) delivered at {s['res']} px, "
+          f"batch {s['batch']}")
     print(f"{'case':16s} {'construct s':>12s} {'first epoch s':>14s} {'img/s':>10s}")
     for r in report["results"]:
         if "error" in r:

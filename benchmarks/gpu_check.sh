@@ -7,6 +7,7 @@
 #             grouped network ran at 0.6x one model there)
 #   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: ffcv with numba's workqueue against its
 #             OpenMP threading layer (the decode capped the 160 px runs at 2.7k img/s)
+#   storage   the same crops from images stored as paper_imagenet_cifar10.yaml writes ImageNet (256 px, half raw)
 #   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
 #   train64   bench_train.py at 64 px (raw source): the reference against K=16, sequential and grouped
 #   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
@@ -27,6 +28,7 @@ scale=1  # the steps' limits are multiplied by this
 device=cuda
 fusion=(--size real)
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
+storage=(--size paper160 --loaders ffcv ffcv+omp --epochs 2)
 train=(--size real --ks 8 --epochs 2)
 train64=(--size real64 --ks 16 --epochs 2)
 compiled=(--size real --ks 8 --backends grouped+compile --no-reference --epochs 2)
@@ -37,6 +39,7 @@ for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1; device=cpu; budget=${GPU_CHECK_BUDGET:-2400}; scale=8
                fusion=(--size tiny --cases single grouped); loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
+               storage=(--size tiny --loaders ffcv --epochs 1)
                train=(--size tiny --ks 2 --backends grouped); train64=(--size tiny --ks 2 --backends grouped
                --loaders resident); compiled=(--size tiny --ks 2 --backends grouped+compile --no-reference)
                influence=(--sizes small) ;;
@@ -87,6 +90,8 @@ step fusion 170 $python benchmarks/bench_fusion.py "${fusion[@]}" --device $devi
   > "$out/fusion_table.txt" 2> "$out/fusion.log"
 step loaders 150 $python benchmarks/bench_loaders.py "${loaders[@]}" --device $device --out "$out/loaders.json" \
   > "$out/loaders_table.txt" 2> "$out/loaders.log"
+step storage 120 $python benchmarks/bench_loaders.py "${storage[@]}" --device $device --out "$out/storage.json" \
+  > "$out/storage_table.txt" 2> "$out/storage.log"
 step train 200 $python benchmarks/bench_train.py "${train[@]}" --device $device --out "$out/train.json" \
   > "$out/train_table.txt" 2> "$out/train.log"
 step train64 200 $python benchmarks/bench_train.py "${train64[@]}" --device $device --out "$out/train64.json" \
@@ -97,6 +102,6 @@ step influence 120 $python benchmarks/bench_influence.py "${influence[@]}" --out
   > "$out/influence_table.txt" 2> "$out/influence.log"
 
 cat "$out/device.txt"; tail -3 "$out/tests.log"
-for table in fusion loaders train train64 compile influence; do cat "$out/${table}_table.txt"; done
+for table in fusion loaders storage train train64 compile influence; do cat "$out/${table}_table.txt"; done
 cat "$out/steps.txt"
 exit $status
