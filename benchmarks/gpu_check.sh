@@ -86,20 +86,20 @@ print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {
 print(f"influence backends: {available_backends()}")' > "$out/device.txt" 2>&1
 step tests 120 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
   tests/test_train.py tests/test_transfer.py > "$out/tests.log" 2>&1
-step fusion 170 $python benchmarks/bench_fusion.py "${fusion[@]}" --device $device --out "$out/fusion.json" \
-  > "$out/fusion_table.txt" 2> "$out/fusion.log"
-step loaders 150 $python benchmarks/bench_loaders.py "${loaders[@]}" --device $device --out "$out/loaders.json" \
-  > "$out/loaders_table.txt" 2> "$out/loaders.log"
-step storage 120 $python benchmarks/bench_loaders.py "${storage[@]}" --device $device --out "$out/storage.json" \
-  > "$out/storage_table.txt" 2> "$out/storage.log"
-step train 200 $python benchmarks/bench_train.py "${train[@]}" --device $device --out "$out/train.json" \
-  > "$out/train_table.txt" 2> "$out/train.log"
-step train64 200 $python benchmarks/bench_train.py "${train64[@]}" --device $device --out "$out/train64.json" \
-  > "$out/train64_table.txt" 2> "$out/train64.log"
-step compile 150 $python benchmarks/bench_train.py "${compiled[@]}" --device $device --out "$out/compile.json" \
-  > "$out/compile_table.txt" 2> "$out/compile.log"
-step influence 120 $python benchmarks/bench_influence.py "${influence[@]}" --out "$out/influence.json" \
-  > "$out/influence_table.txt" 2> "$out/influence.log"
+# bench NAME LIMIT SCRIPT ARGS...: a benchmark step, leaving NAME.json, NAME_table.txt and NAME.log
+bench() {
+  local name=$1 limit=$2 script=$3
+  shift 3
+  step "$name" "$limit" $python "benchmarks/$script" "$@" --out "$out/$name.json" > "$out/${name}_table.txt" \
+    2> "$out/$name.log"
+}
+bench fusion 170 bench_fusion.py "${fusion[@]}" --device $device
+bench loaders 150 bench_loaders.py "${loaders[@]}" --device $device
+bench storage 120 bench_loaders.py "${storage[@]}" --device $device
+bench train 200 bench_train.py "${train[@]}" --device $device
+bench train64 200 bench_train.py "${train64[@]}" --device $device
+bench compile 150 bench_train.py "${compiled[@]}" --device $device
+bench influence 120 bench_influence.py "${influence[@]}"
 
 cat "$out/device.txt"; tail -3 "$out/tests.log"
 for table in fusion loaders storage train train64 compile influence; do cat "$out/${table}_table.txt"; done
