@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 
 def torch_cuda() -> bool:
@@ -46,3 +47,19 @@ def case_parser(doc: str, sizes: dict, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def parse_or_run_case(parser: argparse.ArgumentParser, run_case) -> argparse.Namespace | None:
+    """The parsed options; in a case subprocess (`--case`) instead run the case, print its JSON result for
+    `run_in_subprocess` and return None."""
+    args = parser.parse_args()
+    if not args.case:
+        return args
+    print(json.dumps(run_case(args)))
+    return None
+
+
+def save_report(out: str, report: dict) -> None:
+    """Write the report's JSON to `out` (called after every case, so that a cut-off run keeps them)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")

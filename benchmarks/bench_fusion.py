@@ -19,14 +19,12 @@ split each batch by class masks (alpha 0.5), trained by each backend. Cases, eac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench_common import case_parser, machine, run_in_subprocess
+from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
 
 SIZES = {
     "tiny": dict(res=32, batch=64, width=0.25, k=4, classes=8, steps=6),
@@ -85,12 +83,10 @@ def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/fusion-cpu.json")
     parser.add_argument("--cases", nargs="+", default=CASES, metavar="CASE", help=f"default: {' '.join(CASES)}")
     parser.add_argument("--case-name", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args)))
+    args = parse_or_run_case(parser, run_case)
+    if args is None:
         return
     rows = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
         result = run_in_subprocess(__file__, ["--case", "--case-name", case, "--size", args.size,
                                               "--device", args.device], case)
@@ -98,7 +94,7 @@ def main() -> None:
         if "error" not in result:
             print(f"{case:22s} {result['model_images_per_s']:10.0f} model-img/s", file=sys.stderr)
         report = {"machine": machine(), "size": args.size, "size_settings": SIZES[args.size], "results": rows}
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case
+        save_report(args.out, report)
     print_table(report)
 
 

@@ -18,7 +18,6 @@ here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import case_parser, machine, run_in_subprocess
+from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
 
 SIZES = {  # source: how natural 400x300 images are stored (none: random raw pixels at the resolution)
     "tiny": dict(images=4096, res=64, batch=256, source=None),
@@ -79,16 +78,14 @@ def main() -> None:
     parser.add_argument("--loaders", nargs="+", default=["ffcv", "resident"], choices=["ffcv", "ffcv+omp", "resident"])
     parser.add_argument("--loader", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args)))
+    args = parse_or_run_case(parser, run_case)
+    if args is None:
         return
 
     from beton_writers.common import ImageOptions, write_arrays
 
     size = SIZES[args.size]
     rows = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
         if size["source"]:
@@ -107,7 +104,7 @@ def main() -> None:
                                                       "--epochs", str(args.epochs), *extra], f"{loader} {train}")
                 rows.append({"loader": loader, "train": train, **result})
                 report = {"machine": machine(), "size": args.size, "size_settings": size, "results": rows}
-                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case
+                save_report(args.out, report)
     print_table(report)
 
 

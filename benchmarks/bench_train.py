@@ -26,7 +26,6 @@ resolution, reported as such.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import case_parser, machine, run_in_subprocess
+from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
 
 SIZES = {  # source: classes x images per class, generated long side, how it is stored; train and target res
     "tiny": dict(classes=8, per_class=40, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=64,
@@ -188,9 +187,8 @@ def main() -> None:
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--loader", default="ffcv", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args)))
+    args = parse_or_run_case(parser, run_case)
+    if args is None:
         return
 
     size = SIZES[args.size]
@@ -198,7 +196,6 @@ def main() -> None:
         (k, b, loader, False) for b in args.backends for loader in args.loaders for k in (args.ks or size["ks"])
         if k > 1 or b.startswith("grouped")]
     rows = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder), size)
         print(f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source image, written in "
@@ -214,7 +211,7 @@ def main() -> None:
                       file=sys.stderr)
             report = {"machine": machine(), "size": args.size, "size_settings": size, "recipe": RECIPE, "data": data,
                       "results": with_ratios(rows)}
-            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every case: a cut-off run keeps them
+            save_report(args.out, report)
     print_table(report)
 
 
