@@ -28,6 +28,14 @@ def machine() -> dict:
     return info
 
 
+def shared_batch(per_model: int, masks, labels) -> int:
+    """The batch of a loader shared by the models of `masks` (K, C) over the union of their classes, such
+    that each model's sub-batch averages `per_model` examples (the one-model recipe's batch); `labels` are
+    the examples' classes."""
+    union = masks.any(0)[labels].sum()
+    return int(round(per_model * union / masks[:, labels].sum(1).mean()))
+
+
 def run_in_subprocess(script: str, arguments: list[str], label: str) -> dict:
     """Run `script --case ...` in a fresh process; its last stdout line is the JSON result (or an error row)."""
     done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True)

@@ -1,6 +1,8 @@
 """Fusion backends on synthetic batches already in device memory (no loader, no decoding), JSON + a table:
 model-images/s of one ResNet-18 at the full batch (the compute ceiling per model) against K models that
-split each batch by class masks (alpha 0.5), trained by each backend. Cases, each in its own process:
+split each batch by class masks (alpha 0.5), trained by each backend. The K models' shared batch is sized so
+that each model's sub-batch averages the single model's batch (twice it at alpha 0.5), as a shared loader
+must be to keep the one-model recipe's batch size. Cases, each in its own process:
 
   single            one model over every class (no routing)
   sequential        the K models one after another on their sub-batches
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
+from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
 
 SIZES = {
     "tiny": dict(res=32, batch=64, width=0.25, k=4, classes=8, steps=6),
@@ -49,14 +51,15 @@ def run_case(args) -> dict:
         GroupedBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
     k = 1 if backend == "single" else size["k"]
     masks = np.ones((1, size["classes"]), bool) if k == 1 else random_class_masks(k, size["classes"], 0.5, seed=0)
+    batch = shared_batch(size["batch"], masks, np.arange(size["classes"]))  # classes drawn uniformly
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(size["batch"], 3, size["res"], size["res"], generator=generator).to(
+    batches = [(torch.randn(batch, 3, size["res"], size["res"], generator=generator).to(
                     device, memory_format=torch.channels_last),
-                torch.randint(0, size["classes"], (size["batch"],), generator=generator).to(device))
+                torch.randint(0, size["classes"], (batch,), generator=generator).to(device))
                for _ in range(3)]
     routed = sum(int(masks[:, labels.cpu().numpy()].sum()) for _, labels in batches) / len(batches)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
-    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=size["batch"],
+    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=batch,
                          precision="bf16" if device.type == "cuda" else "fp32")
     options = {"compile": "default"} if "compile" in flags else {}
     trainer = (FusedTrainer if backend in ("single", "sequential") else GroupedTrainer)(
@@ -73,7 +76,7 @@ def run_case(args) -> dict:
 
     warmup = epoch(6, 0)
     seconds = epoch(size["steps"], 1)
-    return {"case": args.case_name, "k": k, "device": str(device), "warmup_s": warmup,
+    return {"case": args.case_name, "k": k, "device": str(device), "batch": batch, "warmup_s": warmup,
             "step_ms": 1000 * seconds / size["steps"], "model_images_per_step": routed,
             "model_images_per_s": routed * size["steps"] / seconds,
             "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
@@ -102,7 +105,7 @@ def print_table(report: dict) -> None:
     s = report["size_settings"]
     single = next((r["model_images_per_s"] for r in report["results"] if r["case"] == "single"), None)
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: ResNet-18 width {s['width']} at {s['res']} px, batch {s['batch']}, "
+    print(f"size {report['size']}: ResNet-18 width {s['width']} at {s['res']} px, batch {s['batch']} per model, "
           f"K={s['k']} over {s['classes']} classes at alpha 0.5; synthetic batches in device memory")
     print(f"{'case':22s} {'step ms':>8s} {'model-img/s':>12s} {'x single':>9s} {'warm-up s':>10s}")
     for r in report["results"]:

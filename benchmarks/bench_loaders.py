@@ -4,8 +4,8 @@ Images per second delivered as normalised device tensors by ffcv (`loader.backen
 resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
 use case, e.g. 64 px ImageNet). Sizes jpeg160 and paper160 crop bench_train.py's natural-looking 400x300
 images to 160 px: stored as they are in JPEG (~40 KB, bench_train's source), or as paper_imagenet_cifar10.yaml
-writes ImageNet (at most 256 px, half of them JPEG, half raw). `ffcv+omp` is ffcv with numba's OpenMP threading layer instead of the workqueue
-layer that beton_writers picks (to keep TBB from warning at fork).
+writes ImageNet (at most 256 px, half of them JPEG, half raw). `ffcv+omp` is ffcv with numba's OpenMP
+threading layer (`loader.threading: omp`) instead of the default workqueue layer.
 
 Each case runs in its own process: construction (the resident loader reads the beton into device memory
 here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. Training pipelines
@@ -18,7 +18,6 @@ here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -38,8 +37,6 @@ SIZES = {  # source: how natural 400x300 images are stored (none: random raw pix
 
 
 def run_case(args: argparse.Namespace) -> dict:
-    if args.loader == "ffcv+omp":
-        os.environ["NUMBA_THREADING_LAYER"] = "omp"  # before numba's first parallel launch
     import torch
 
     from ffcv_transfer.data import ImageLoader, LoaderConfig
@@ -47,7 +44,9 @@ def run_case(args: argparse.Namespace) -> dict:
 
     size, device = SIZES[args.size], torch.device(args.device)
     kind = ResidentLoader if args.loader == "resident" else ImageLoader
-    config = LoaderConfig() if args.train else LoaderConfig(order="sequential", drop_last=False)
+    threading = "omp" if args.loader == "ffcv+omp" else "workqueue"
+    config = (LoaderConfig(threading=threading) if args.train
+              else LoaderConfig(order="sequential", drop_last=False, threading=threading))
 
     def synchronise() -> None:
         if device.type == "cuda":

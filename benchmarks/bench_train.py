@@ -2,7 +2,8 @@
 JSON + a table.
 
 Data: a synthetic ImageNet-shaped source beton whose JPEG decode cost is realistic (smooth multi-scale
-"natural-looking" images, 400 px on the long side, JPEG quality 90, not noise; size real64: 64 px raw
+"natural-looking" images, 400 px on the long side, JPEG quality 90, not noise; size paper: the same
+images stored as paper_imagenet_cifar10.yaml writes ImageNet, at most 256 px, half raw; size real64: 64 px raw
 squares, as the 64 px recipe stores ImageNet) and a CIFAR-shaped target (32 px, raw). Cases, each in its
 own process (own loader, own JIT warm-up):
 
@@ -13,7 +14,9 @@ own process (own loader, own JIT warm-up):
                 its compilation in the warm-up epoch); with `--loaders resident` also each case on
                 the device-resident loader (pixels read once into device memory, crops on the device)
 
-Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
+The shared loader's batch is sized so that each model's sub-batch averages the reference's batch (the
+size's `batch`, about twice it for the union of K >= 4 random halves): the one-model recipe's batch size,
+kept. Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
 measured rates it extrapolates to the full recipe (16 source epochs over ImageNet's 1.28M images at
 alpha 0.5, 15 transfer epochs over CIFAR-10's 50k, 10k evaluated): an extrapolation at the benchmark's
@@ -33,13 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
+from ffcv_transfer.data import THREADING_LAYERS
+
+from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
 
 SIZES = {  # source: classes x images per class, generated long side, how it is stored; train and target res
     "tiny": dict(classes=8, per_class=40, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=64,
                  target_res=64, batch=64, width=0.25, ks=[1, 2, 4], target_per_class=40),
     "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
                  target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
+    # as "real", the images stored as paper_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
+    "paper": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="proportion", max_resolution=256,
+                                                                        compress_probability=0.5, jpeg_quality=90),
+                  res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500),
     # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px
     "real64": dict(classes=64, per_class=640, long_side=86, source=dict(write_mode="raw", square=True, max_resolution=64),
                    res=64, target_res=64, batch=1024, width=1.0, ks=[8, 16], target_per_class=500),
@@ -108,12 +117,13 @@ def run_case(args: argparse.Namespace) -> dict:
     precision = "bf16" if device.type == "cuda" else "fp32"
     masks = random_class_masks(k, size["classes"], 0.5, seed=k)
     union = np.flatnonzero(masks.any(0))
+    batch = shared_batch(size["batch"], masks, np.load(folder / "source.labels.npy"))
     Loader = ResidentLoader if args.loader == "resident" else ImageLoader
-    loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=size["batch"],
-                    config=LoaderConfig(), device=device, classes=union)
+    loader_config = LoaderConfig(threading=args.threading)
+    loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=batch,
+                    config=loader_config, device=device, classes=union)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
-    optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision,
-                        batch_size=size["batch"])
+    optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch)
     backend, _, compiled = args.backend.partition("+")
     options = {"compile": "default"} if compiled else {}
     trainer = BACKENDS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
@@ -129,15 +139,15 @@ def run_case(args: argparse.Namespace) -> dict:
 
     warmup = timed(lambda: trainer.train_epoch(loader, 0))
     source_s = sum(timed(lambda: trainer.train_epoch(loader, e + 1)) for e in range(args.epochs)) / args.epochs
-    decoded = len(loader) * size["batch"]
+    decoded = len(loader) * batch
 
     target = TransferConfig(mode="fixed_feature", resolution=size["target_res"], batch_size=size["batch"],
                             epochs=args.epochs + 1, lr_peak_epoch=1, precision=precision)
     train = Loader(folder / "target_train.beton", train=True, resolution=size["target_res"],
-                   batch_size=size["batch"], device=device)
+                   batch_size=size["batch"], config=loader_config, device=device)
     test = Loader(folder / "target_test.beton", train=False, resolution=size["target_res"],
-                  batch_size=size["batch"], crop_ratio=1.0,
-                  config=LoaderConfig(order="sequential", drop_last=False), device=device)
+                  batch_size=size["batch"], crop_ratio=1.0, device=device,
+                  config=LoaderConfig(order="sequential", drop_last=False, threading=args.threading))
     passes = _PassTimer(train, device)
     transfer_by_training(models, passes, test, 10, target, steps_per_epoch=len(train), device=device)
     target_epoch_s = float(np.mean(passes.seconds[1:]))  # the first pass includes JIT compilation
@@ -149,7 +159,8 @@ def run_case(args: argparse.Namespace) -> dict:
     recipe_s = (RECIPE["source_epochs"] * recipe_union * per_image_source
                 + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target)
     case = "reference" if args.reference else f"K={k} {args.backend}" + (" resident" * (args.loader == "resident"))
-    return {"case": case, "k": k, "backend": args.backend, "loader": args.loader, "device": str(device), "precision": precision, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
+    return {"case": case, "k": k, "backend": args.backend, "loader": args.loader, "device": str(device),
+            "precision": precision, "source_batch": batch, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
             "decoded_images_per_epoch": decoded, "source_images_per_s": decoded / source_s,
             "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
             "target_epoch_s": target_epoch_s, "target_images_per_s": target_images / target_epoch_s,
@@ -182,6 +193,8 @@ def main() -> None:
     parser.add_argument("--loaders", nargs="+", default=["ffcv"], choices=["ffcv", "resident"],
                         help="source and target loaders of the K-model cases (the reference always uses ffcv)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--threading", default="workqueue", choices=THREADING_LAYERS,
+                        help="numba threading layer of the ffcv loaders (loader.threading)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference case (one model, own loader)")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -204,12 +217,14 @@ def main() -> None:
             extra = ["--reference"] if reference else []
             result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
                                                   folder, "--k", str(k), "--backend", backend, "--loader", loader,
-                                                  "--epochs", str(args.epochs), *extra], f"K={k} {backend} {loader}")
+                                                  "--epochs", str(args.epochs), "--threading", args.threading, *extra],
+                                     f"K={k} {backend} {loader}")
             rows.append({"k": k, "backend": backend, "loader": loader, **result})
             if "error" not in result:
                 print(f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
                       file=sys.stderr)
-            report = {"machine": machine(), "size": args.size, "size_settings": size, "recipe": RECIPE, "data": data,
+            report = {"machine": machine(), "size": args.size, "size_settings": size, "threading": args.threading,
+                      "recipe": RECIPE, "data": data,
                       "results": with_ratios(rows)}
             save_report(args.out, report)
     print_table(report)
@@ -227,7 +242,7 @@ def print_table(report: dict) -> None:
     print(f"\nmachine: {report['machine']}")
     print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} {s['source']['write_mode']} images "
           f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB) trained at "
-          f"{s['res']} px, width {s['width']}, batch {s['batch']}; transfer at {s['target_res']} px")
+          f"{s['res']} px, width {s['width']}, batch {s['batch']} per model; transfer at {s['target_res']} px")
     print(f"{'case':24s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
           f"{'x reference':>11s}")
     for r in report["results"]:

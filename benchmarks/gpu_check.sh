@@ -5,17 +5,20 @@
 # eager and compiled), then the benchmarks, the open questions first:
 #   fusion    bench_fusion.py at 64 px, K=16: the fusion backends on batches already on the GPU (why the
 #             grouped network ran at 0.6x one model there)
+#   train64   bench_train.py at 64 px (raw source): the reference against K=16, sequential and grouped
+#   paper     bench_train.py at 160 px, images stored as the paper config writes ImageNet (256 px, half raw),
+#             decoded on numba's OpenMP layer: the reference against K=8 sequential
 #   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: ffcv with numba's workqueue against its
 #             OpenMP threading layer (the decode capped the 160 px runs at 2.7k img/s)
 #   storage   the same crops from images stored as paper_imagenet_cifar10.yaml writes ImageNet (256 px, half raw)
 #   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
-#   train64   bench_train.py at 64 px (raw source): the reference against K=16, sequential and grouped
 #   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
 #   influence bench_influence.py at paper size
 # Each step runs under `timeout` with its own limit, cut to what is left of the budget ($GPU_CHECK_BUDGET
 # seconds, default 470: under 8 minutes in all); a step that does not fit is skipped, and every step leaves
 # its files (JSON, logs, tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step
-# ended; the tables print last. Measured so far: docs/measurements.md.
+# ended; the tables print last. $GPU_CHECK_STEPS (e.g. "device tests fusion") runs only the steps named.
+# Measured so far: docs/measurements.md.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes on the CPU in the current environment (.venv when there is one; no wheel install),
@@ -26,11 +29,12 @@ out=${GPU_CHECK_OUT:-gpu-check}
 budget=${GPU_CHECK_BUDGET:-470}
 scale=1  # the steps' limits are multiplied by this
 device=cuda
-fusion=(--size real)
+fusion=(--size real --cases single sequential grouped grouped+plainbn grouped+compile)
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
 storage=(--size paper160 --loaders ffcv ffcv+omp --epochs 2)
 train=(--size real --ks 8 --epochs 2)
 train64=(--size real64 --ks 16 --epochs 2)
+paper=(--size paper --ks 8 --backends sequential --threading omp --epochs 2)
 compiled=(--size real --ks 8 --backends grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
 tests=(-k "cuda or cupy or torch")
@@ -41,7 +45,8 @@ for arg in "$@"; do
                fusion=(--size tiny --cases single grouped); loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
                storage=(--size tiny --loaders ffcv --epochs 1)
                train=(--size tiny --ks 2 --backends grouped); train64=(--size tiny --ks 2 --backends grouped
-               --loaders resident); compiled=(--size tiny --ks 2 --backends grouped+compile --no-reference)
+               --loaders resident); paper=(--size tiny --ks 2 --backends sequential --threading omp --no-reference)
+               compiled=(--size tiny --ks 2 --backends grouped+compile --no-reference)
                influence=(--sizes small) ;;
     *) out=$arg ;;
   esac
@@ -67,6 +72,7 @@ status=0
 step() {
   local name=$1 limit=$(($2 * scale)) left=$((budget - SECONDS)) started=$SECONDS rc
   shift 2
+  [[ -z ${GPU_CHECK_STEPS:-} || " $GPU_CHECK_STEPS " == *" $name "* ]] || return 0
   (( limit > left )) && limit=$left
   if (( limit < 20 )); then
     echo "$name: skipped, $left s of the budget left" >> "$out/steps.txt"; status=1; return
@@ -94,14 +100,15 @@ bench() {
     2> "$out/$name.log"
 }
 bench fusion 170 bench_fusion.py "${fusion[@]}" --device $device
+bench train64 200 bench_train.py "${train64[@]}" --device $device
+bench paper 200 bench_train.py "${paper[@]}" --device $device
 bench loaders 150 bench_loaders.py "${loaders[@]}" --device $device
 bench storage 120 bench_loaders.py "${storage[@]}" --device $device
 bench train 200 bench_train.py "${train[@]}" --device $device
-bench train64 200 bench_train.py "${train64[@]}" --device $device
 bench compile 150 bench_train.py "${compiled[@]}" --device $device
 bench influence 120 bench_influence.py "${influence[@]}"
 
-cat "$out/device.txt"; tail -3 "$out/tests.log"
-for table in fusion loaders storage train train64 compile influence; do cat "$out/${table}_table.txt"; done
+cat "$out/device.txt" 2>/dev/null; tail -3 "$out/tests.log" 2>/dev/null
+for table in fusion train64 paper loaders storage train compile influence; do cat "$out/${table}_table.txt" 2>/dev/null; done
 cat "$out/steps.txt"
 exit $status

@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     findings = run_demo(args.out, data=args.data, config=args.config, overrides=parse_settings(args.settings),
                         seed=args.seed, counterfactual_seeds=args.counterfactual_seeds, data_dir=data_dir,
                         tiny=TinySize(args.classes, args.per_class, args.target_per_class),
-                        progress=not args.no_progress)
+                        workers=args.workers, progress=not args.no_progress)
     print(format_findings(findings))
     print(f"\nfindings: {args.out}/findings.json")
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counterfactual-seeds", type=int, default=2,
                    help="retrain this many times with all classes, without the most negative class and without a "
                    "random one (default: 2; 0 skips)")
+    p.add_argument("--workers", type=int, help="local worker processes that train the models, the rows and cores "
+                   "split evenly (default: one per core)")
     group = p.add_argument_group("--data tiny-imagenet")
     group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
     group.add_argument("--classes", type=int, default=20, help="first Tiny-ImageNet classes by wnid (default: 20)")

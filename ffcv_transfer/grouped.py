@@ -36,6 +36,52 @@ class _Weights:
     value: torch.Tensor | None = None
 
 
+class _WeightedBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm whose statistics count only the rows with weight 1 in each channel.
+
+    Two reductions give the per-channel weighted mean and E[x^2] (in float32 at least, as BatchNorm's
+    statistics are), one fused F.batch_norm normalises; the backward is BatchNorm's with each channel's
+    own count (on CUDA the kernels of SyncBatchNorm, whose counts are pre-divided in). Padding rows (weight
+    0) pass no gradient back: their losses carry weight 0, so they have none to pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        stats = torch.promote_types(x.dtype, torch.float32)
+        weights = weights.to(stats)  # (n, C)
+        count = weights.sum(0) * (x.shape[2] * x.shape[3])
+        per = count.clamp_min(1)
+        mean = (weights * x.sum((2, 3), dtype=stats)).sum(0) / per
+        squares = torch.linalg.vector_norm(x, 2, dim=(2, 3), dtype=stats).square()
+        var = ((weights * squares).sum(0) / per - mean.square()).clamp_min(0)
+        var = torch.where(count > 0, var, 1.0)  # a model without examples: keep its (padding) activations tame
+        out = F.batch_norm(x, mean, var, gamma, beta, False, 0.0, eps)
+        ctx.save_for_backward(x, weights, gamma, mean, torch.rsqrt(var + eps), per)
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_):
+        x, weights, gamma, mean, invstd, per = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) else grad.contiguous()
+        if x.is_cuda:
+            sum_dy, sum_dy_xmu, grad_gamma, grad_beta = torch.batch_norm_backward_reduce(
+                grad, x, mean, invstd, gamma, True, True, True)
+            one = torch.ones(1, dtype=torch.int32, device=x.device)  # the kernel divides by the counts' sum
+            grad_x = torch.batch_norm_backward_elemt(grad, x, mean, invstd, gamma, sum_dy / per, sum_dy_xmu / per, one)
+        else:
+            g = grad.to(mean.dtype)
+            centred = x.to(mean.dtype) - mean[None, :, None, None]
+            grad_beta, sum_dy_xmu = g.sum((0, 2, 3)), (g * centred).sum((0, 2, 3))
+            grad_gamma = sum_dy_xmu * invstd
+            grad_x = (g - (grad_beta / per)[None, :, None, None]
+                      - centred * (invstd.square() * sum_dy_xmu / per)[None, :, None, None])
+            grad_x = (grad_x * (gamma * invstd)[None, :, None, None]).to(x.dtype)
+        grad_x *= weights[:, :, None, None].to(grad_x.dtype)
+        return grad_x, None, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype), None
+
+
 class GroupedBatchNorm2d(nn.BatchNorm2d):
     """K BatchNorms side by side; in training, statistics over the weighted (real) examples only."""
 
@@ -51,21 +97,14 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))  # statistics in float32 at least, as BatchNorm does
-        w = self.weights.value.repeat_interleave(self.num_features // self.models, dim=1)[:, :, None, None]
-        count = w.sum(0).flatten() * x.shape[2] * x.shape[3]
-        mean = (x * w).sum((0, 2, 3)) / count.clamp_min(1)
-        centred = x - mean[None, :, None, None]
-        var = (centred.square() * w).sum((0, 2, 3)) / count.clamp_min(1)
-        var = torch.where(count > 0, var, 1.0)  # a model without examples: keep its (padding) activations tame
+        weights = self.weights.value.repeat_interleave(self.num_features // self.models, dim=1)
+        out, mean, var, count = _WeightedBatchNorm.apply(x, weights, self.weight, self.bias, self.eps)
         with torch.no_grad():
             seen = count > 1  # channels of models without examples keep their running statistics
             unbiased = var * count / (count - 1).clamp_min(1)
-            self.running_mean[seen] += self.momentum * (mean.detach()[seen] - self.running_mean[seen])
-            self.running_var[seen] += self.momentum * (unbiased.detach()[seen] - self.running_var[seen])
-        scale = (self.weight / torch.sqrt(var + self.eps))[None, :, None, None]
-        return (centred * scale + self.bias[None, :, None, None]).to(dtype)
+            self.running_mean[seen] += self.momentum * (mean[seen] - self.running_mean[seen])
+            self.running_var[seen] += self.momentum * (unbiased[seen] - self.running_var[seen])
+        return out
 
 
 class GroupedLinear(nn.Module):

@@ -119,19 +119,33 @@ class StoreTask:
 
 
 class _Progress:
-    """Prints one line of store counts whenever they change."""
+    """Prints one line of store counts, and of each log's latest line (the workers' stages), whenever
+    they change."""
 
     def __init__(self, store: ResultStore, say: Say):
         self.store, self.say, self.start, self.last = store, say, time.monotonic(), ""
+        self.logs: dict[str, Path] = {}  # worker label -> its log, for the current round
 
     def __call__(self) -> None:
         s = self.store.status()
         holding = sum(1 for counts in s["workers"].values() if counts["claimed"])
         line = (f"{s['completed']}/{s['rows']} completed, {s['claimed']} claimed by {_count(holding, 'worker')}, "
                 f"{s['pending']} pending, {s['failed']} failed")
+        stages = [f"{label}: {stage}" for label, log in self.logs.items() if (stage := _last_line(log))]
+        line = "; ".join([line, *stages])
         if line != self.last:
             self.say(f"[{time.monotonic() - self.start:6.0f} s] {line}")
             self.last = line
+
+
+def _last_line(log: Path) -> str:
+    try:
+        with open(log, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - 400))
+            lines = file.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def _wait_until(done: Callable[[], bool], poll_s: float, progress: _Progress) -> None:
@@ -201,6 +215,7 @@ def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequenc
                                                                   stdout=out, stderr=subprocess.STDOUT)))
             say(f"round {round_no}: {_count(count, 'local worker')} ({', '.join(w.label for w in team[:count])}); "
                 f"logs in {log_dir}")
+            progress.logs = {worker.label: log for worker, log, _ in started}
             _wait_until(lambda: all(process.poll() is not None for _, _, process in started), poll_s, progress)
         finally:
             for _, _, process in started:

@@ -57,8 +57,11 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
 def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
     """For each of K models, the positions in the batch of the examples whose class it trains on.
     membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
-    indices.)"""
-    return [torch.nonzero(row, as_tuple=True)[0] for row in membership[:, labels]]
+    indices.) One host sync for all K (a sync per model would stall the GPU between models)."""
+    member = membership[:, labels]  # (K, B)
+    counts = member.sum(1).tolist()
+    order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)  # each model's rows first, in batch order
+    return [order[k, :count] for k, count in enumerate(counts)]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

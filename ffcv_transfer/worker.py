@@ -182,6 +182,8 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
     def on_epoch(stage: str) -> None:
         writer.heartbeat()
         bar.set_description(f"rows {claimed[0]}-{claimed[-1]}: {stage}", refresh=True)
+        if not progress:  # a line per stage for logs (the local launcher shows each worker's latest)
+            print(f"rows {claimed[0]}-{claimed[-1]}: {stage}", flush=True)
 
     try:
         while claimed := writer.claim(experiment.run.models_per_process, rows=rows):

@@ -1,6 +1,9 @@
 """Loaders over planted betons (ffcv's and the device-resident one): the evaluation pipeline returns
 the stored pixels normalised; the training pipeline crops, flips, follows progressive resizing and loads
 only the chosen classes."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +114,29 @@ def test_resident_loader_refuses_images_of_several_sizes_and_square_writes_fix_i
     images, labels = collect(loader)
     assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
     torch.testing.assert_close(images[1:].double(), normalised(pictures["b"][None, :, 4:20]), rtol=0, atol=1e-5)
+
+
+def test_loader_threading_layer_is_chosen_before_numba_starts_and_refused_after():
+    """loader.threading decides numba's layer while no parallel code has run in the process (beton_writers'
+    environment default notwithstanding); afterwards a different layer warns and changes nothing."""
+    script = """
+import warnings
+import beton_writers, numba, numpy as np
+from ffcv_transfer.data import use_threading_layer
+use_threading_layer("omp")
+@numba.njit(parallel=True)
+def total(x):
+    s = 0.0
+    for i in numba.prange(len(x)):
+        s += x[i]
+    return s
+assert total(np.ones(100)) == 100
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    use_threading_layer("workqueue")
+print(numba.threading_layer(), len(caught), "takes effect in a new process" in str(caught[0].message))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["omp", "1", "True"], done.stderr[-2000:]
+    with pytest.raises(ValueError, match="loader.threading"):
+        LoaderConfig(threading="threads")

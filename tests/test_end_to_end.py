@@ -1,7 +1,8 @@
 """End to end on planted synthetic data, through the main job (`ffcv-transfer demo`): write betons ->
-32 orthogonal class masks -> train the 32 small models on one shared ffcv loader -> cached-feature
-transfer -> store -> influence -> findings -> counterfactual retraining -> HTML report. About 10
-minutes on 2 CPU cores: the suite's longest test, and the one that checks the science.
+32 orthogonal class masks -> train the 32 small models (two local worker processes on 2 cores, each
+training its 16 in lockstep on one shared ffcv loader) -> cached-feature transfer -> store -> influence
+-> findings -> counterfactual retraining -> HTML report. About 6 minutes on 2 CPU cores: the suite's
+longest test, and the one that checks the science.
 
 Asserted against the planted ground truth, at the strength it holds run after run (docs/measurements.md):
 each twin raises its own target's margins (its influence there is positive), and it is its target's
