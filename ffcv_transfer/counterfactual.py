@@ -19,9 +19,11 @@ KINDS = ("none", "most_negative", "most_positive", "random", "chosen")
 
 
 def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
-                   kinds: Sequence[str] = ("most_negative", "most_positive", "random")) -> tuple[np.ndarray, np.ndarray]:
+                   kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
+                   chosen: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Masks (rows, C) and removals (rows, 3: kind index, k, seed): for each seed, one model on every class
-    and one per (kind, k) without its k classes. `scores`: each source class's mean influence."""
+    and one per (kind, k) without its k classes, and with `chosen` one more without those classes (kind
+    "chosen", e.g. a planted harmful class). `scores`: each source class's mean influence."""
     scores = np.asarray(scores, float)
     num_classes = len(scores)
     unknown = [kind for kind in kinds if kind not in KINDS[1:4]]
@@ -43,6 +45,9 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
                            "random": rng.choice(num_classes, k, replace=False)}[kind]
                 masks.append(~np.isin(np.arange(num_classes), removed))
                 removals.append((KINDS.index(kind), k, seed))
+        if len(chosen):
+            masks.append(~np.isin(np.arange(num_classes), chosen))
+            removals.append((KINDS.index("chosen"), len(chosen), seed))
     return np.stack(masks), np.array(removals, np.int64)
 
 

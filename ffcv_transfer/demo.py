@@ -77,8 +77,9 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
-    the most negative class and one without a random class (`counterfactual_seeds` 0 skips it). Models
-    train in `workers` local worker processes (default: one per core), the rows split evenly."""
+    the most negative class, one without a random class and, on planted data, one without the planted
+    harmful class (`counterfactual_seeds` 0 skips it). Models train in `workers` local worker processes
+    (default: one per core), the rows split evenly."""
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
@@ -123,11 +124,15 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     if counterfactual_seeds:
         counterfactual_dir = out / "counterfactual"
         overall = found.influence.mean(1)
-        masks, removals = removal_design(overall, [1], counterfactual_seeds, ["most_negative", "random"])
+        harmful = sorted({m["source"] for m in planted["misleading"]}) if planted else []
+        masks, removals = removal_design(overall, [1], counterfactual_seeds, ["most_negative", "random"], harmful)
         baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, train=train))
         findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
-                                      **{kind: float(np.mean(by_k[1])) for kind, by_k in curves.items()},
+                                      **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1]))
+                                         for kind, by_k in curves.items()},
                                       "removed_first": found.source_names[int(np.argmin(overall))]}
+        if harmful:
+            findings["counterfactual"]["planted_harmful"] = [found.source_names[c] for c in harmful]
         lap("counterfactual")
     findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
                                           found=found))
@@ -180,6 +185,8 @@ def format_findings(findings: dict) -> str:
         lines.append(f"misleading class for target{target}: {'negative' if negative else 'NOT negative'}")
     if cf := findings.get("counterfactual"):
         lines.append(f"counterfactual target accuracy: all classes {cf['all_classes']:.3f}, without the most negative "
-                     f"class ({cf['removed_first']}) {cf['most_negative']:.3f}, without a random class {cf['random']:.3f}")
+                     f"class ({cf['removed_first']}) {cf['most_negative']:.3f}, without a random class {cf['random']:.3f}"
+                     + (f", without the planted harmful {', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}"
+                        if "planted_harmful" in cf else ""))
     lines.append(f"report: {findings['report']}")
     return "\n".join(lines)

@@ -53,6 +53,10 @@ def test_removal_design_removes_the_chosen_classes():
         assert removed[(KINDS.index("most_negative"), 2, seed)] == {1, 3}
         assert removed[(KINDS.index("most_positive"), 2, seed)] == {5, 2}
         assert len(removed[(KINDS.index("random"), 2, seed)]) == 2
+    masks, removals = removal_design(scores, [1], seeds=2, kinds=["random"], chosen=[4, 0])
+    assert [tuple(r) for r in removals] == [(0, 0, 0), (KINDS.index("random"), 1, 0), (KINDS.index("chosen"), 2, 0),
+                                            (0, 0, 1), (KINDS.index("random"), 1, 1), (KINDS.index("chosen"), 2, 1)]
+    assert np.flatnonzero(~masks[2]).tolist() == np.flatnonzero(~masks[5]).tolist() == [0, 4]
     with pytest.raises(ValueError, match="1..5"):
         removal_design(scores, [6], seeds=1)
     with pytest.raises(ValueError, match="unknown removal kinds"):

@@ -42,7 +42,10 @@ def test_demo_recovers_the_planted_influences(tmp_path):
     assert saved["checks"]["twin_on_top"] == {t: bool(top) for t, top in zip(planted["twin"], on_top)}
 
     removal = ResultStore(tmp_path / "counterfactual")
-    assert removal.status()["completed"] + removal.status()["failed"] == 6  # 2 seeds x (all, -1 negative, -1 random)
+    # 2 seeds x (all, without the most negative, without a random class, without the planted harmful one)
+    assert removal.status()["completed"] + removal.status()["failed"] == 8
+    assert findings["counterfactual"]["planted_harmful"] == [planted["source_names"][m["source"]]
+                                                             for m in planted["misleading"]]
     assert findings["counterfactual"]["removed_first"] == planted["source_names"][int(np.argmin(influence.mean(1)))]
 
     for name, ranked in saved["ranking"].items():
