@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
+from bench_common import PAPER_STORAGE, case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
 
 SIZES = {  # source: how natural 400x300 images are stored (none: random raw pixels at the resolution)
     "tiny": dict(images=4096, res=64, batch=256, source=None),
     "real": dict(images=131072, res=64, batch=1024, source=None),
     "jpeg160": dict(images=8192, res=160, batch=1024, source=dict(write_mode="jpg", jpeg_quality=90)),
-    "paper160": dict(images=8192, res=160, batch=1024, source=dict(write_mode="proportion", max_resolution=256,
-                                                                   compress_probability=0.5, jpeg_quality=90)),
+    "paper160": dict(images=8192, res=160, batch=1024, source=PAPER_STORAGE),
 }
 
 

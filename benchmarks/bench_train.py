@@ -38,7 +38,7 @@ import numpy as np
 
 from ffcv_transfer.data import THREADING_LAYERS
 
-from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
+from bench_common import PAPER_STORAGE, case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
 
 SIZES = {  # source: classes x images per class, generated long side, how it is stored; train and target res
     "tiny": dict(classes=8, per_class=40, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=64,
@@ -46,8 +46,7 @@ SIZES = {  # source: classes x images per class, generated long side, how it is 
     "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
                  target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
     # as "real", the images stored as paper_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
-    "paper": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="proportion", max_resolution=256,
-                                                                        compress_probability=0.5, jpeg_quality=90),
+    "paper": dict(classes=64, per_class=160, long_side=400, source=PAPER_STORAGE,
                   res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500),
     # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px
     "real64": dict(classes=64, per_class=640, long_side=86, source=dict(write_mode="raw", square=True, max_resolution=64),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import BlurPoolConv2d
-from .train import LockstepTrainer, OptimConfig, lr_at, param_groups
+from .train import LockstepTrainer, OptimConfig, lr_at, param_groups, rows_first
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
@@ -200,9 +200,9 @@ class GroupedTrainer(LockstepTrainer):
         counts = member.sum(1)
         longest = int(counts.max())  # the one host sync per batch
         longest = min(-(-longest // self.pad_to) * self.pad_to, member.shape[1])
-        # each model's rows in batch order, then the rest; positions past its count are padding and repeat
-        # its first row (a real image of its own, so padded activations stay ordinary)
-        order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :longest]
+        # positions past a model's count are padding and repeat its first row (a real image of its own, so
+        # padded activations stay ordinary)
+        order = rows_first(member)[:, :longest]
         real = torch.arange(longest, device=self.device)[None, :] < counts[:, None]  # (K, n_max)
         index = torch.where(real, order, order[:, :1])
         weights = real.T.to(torch.float32)

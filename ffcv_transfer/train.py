@@ -59,9 +59,14 @@ def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
     membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
     indices.) One host sync for all K (a sync per model would stall the GPU between models)."""
     member = membership[:, labels]  # (K, B)
-    counts = member.sum(1).tolist()
-    order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)  # each model's rows first, in batch order
-    return [order[k, :count] for k, count in enumerate(counts)]
+    order = rows_first(member)
+    return [order[k, :count] for k, count in enumerate(member.sum(1).tolist())]
+
+
+def rows_first(member: torch.Tensor) -> torch.Tensor:
+    """(K, B) positions: row k lists the batch positions that model k trains on (member[k]), in batch
+    order, then the others."""
+    return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
