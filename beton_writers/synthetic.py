@@ -12,16 +12,19 @@ pixel statistics and a motif at a uniform random place adds nothing to any pixel
 - Source "unrelated" classes: their own motif g_k plus a distractor: no planted influence.
 - Source "misleading" class for target t (optional): a cue motif a_t. On the target, a_t is a shortcut
   that holds on the training split (every class-t training image carries it) and conflicts on the test
-  split (class-t test images lack it; class-(t+1) test images carry it). A backbone that has learned a_t
-  lets the head lean on the shortcut, which lowers the test margins of classes t and t+1: negative
-  influence on both.
+  split: class-t test images lack it, and with `misleading_conflict` "next" class-(t+1) test images carry
+  it ("background": the background class's test images, the K cues in turn; "none": no test image). A
+  backbone that has learned a_t lets the head lean on the shortcut, which lowers the test margins of
+  class t and of the carriers: negative influence on both, and wrong predictions on the carriers.
 
 Siblings (optional, `sibling_flips` > 0): each target motif f_t, and each misleading cue a_t, gets a
 near-copy (a few pixels swapped) that joins the distractor bank, so it appears on images of every
 class, the background included. Telling f_t from its sibling then takes a detector trained for it (the
 twin's), not generic motif features: without its twin a target class is hard to recognise, and without
 the misleading class the cue is no shortcut. Both influences then stand out from the noise of training
-(docs/measurements.md).
+(docs/measurements.md). With `cue_decoys` every target image that carries no cue carries a cue's sibling
+instead, so that generic features, which cannot tell a cue from its sibling, find no shortcut at all: the
+shortcut, and the harm it does on the test split, come only with the misleading class's detector.
 
 Leaked copies (optional, for example-level influence): `leaks` target test images of the target classes
 are copied into the source training set, labelled with the twin of their own class (a leak: expected to
@@ -50,6 +53,7 @@ from .common import BetonError, ImageOptions, write_arrays
 NO_MOTIF = -1
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
 LEAK_KINDS = ("exact", "downsampled", "crop")
+CONFLICTS = ("next", "background", "none")  # misleading cue of target t also on: t+1's test images, background's, none
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,9 @@ class PlantedSpec:
     motif_amplitude: float = 0.8
     noise: float = 0.08
     background_class: bool = False  # an extra, last target class "background" without a class motif
-    misleading_conflict: bool = True  # the cue of target t also sits on class-(t+1) test images
+    misleading_conflict: str = "next"  # which test images also carry the cue of target t (CONFLICTS)
     sibling_flips: int = 0  # > 0: each target motif and cue gets a near-copy distractor (this many +/- swaps)
+    cue_decoys: bool = False  # every target image without a cue carries a cue's near-copy (needs sibling_flips)
     leaks: int = 0  # target test images copied into source_train, labelled with their own class's twin
     mislabelled_leaks: int = 0  # more copies, labelled with the twin of another target class
     leak_kinds: tuple[str, ...] = LEAK_KINDS  # how the copies are made, in turn
@@ -80,10 +85,16 @@ class PlantedSpec:
             raise BetonError(f"resolution {self.resolution} must be a multiple of 8 in 16..64")
         if self.num_targets < 2 or self.num_unrelated < 1 or self.num_distractors < 1:
             raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
+        if self.misleading_conflict not in CONFLICTS:
+            raise BetonError(f"misleading_conflict {self.misleading_conflict!r} must be one of {', '.join(CONFLICTS)}")
+        if self.misleading_conflict == "background" and not self.background_class:
+            raise BetonError("misleading_conflict 'background' needs background_class")
         if not 0 <= self.num_misleading <= self.num_targets:
             raise BetonError(f"num_misleading {self.num_misleading} must be in 0..{self.num_targets}")
         if not 0 <= self.sibling_flips <= self.motif_size ** 2 // 4:
             raise BetonError(f"sibling_flips {self.sibling_flips} must be in 0..{self.motif_size ** 2 // 4}")
+        if self.cue_decoys and not (self.sibling_flips and self.num_misleading):
+            raise BetonError("cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the cues' siblings)")
         if self.leaks < 0 or self.mislabelled_leaks < 0:
             raise BetonError("leaks and mislabelled_leaks must be >= 0")
         if self.leaks + self.mislabelled_leaks > self.num_targets * self.target_test_per_class:
@@ -174,17 +185,22 @@ def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, An
         if kind == "twin":
             expected_sign[s, i] = 1
         elif kind == "misleading":
-            expected_sign[s, [i, (i + 1) % T] if spec.misleading_conflict else i] = -1
+            expected_sign[s, [i, _conflict_target(spec, i)] if spec.misleading_conflict != "none" else i] = -1
     return {
         "source_names": [names[kind].format(i) for kind, i in sources],
         "source_motif": [motif_of[kind](i) for kind, i in sources],
         "target_names": [f"target{t}" for t in range(T)] + (["background"] if spec.background_class else []),
         "twin": {str(t): sources.index(("twin", t)) for t in range(T)},
         "misleading": [{"source": sources.index(("misleading", t)), "target": t,
-                        "conflict_target": (t + 1) % T if spec.misleading_conflict else None} for t in range(K)],
+                        "conflict_target": _conflict_target(spec, t)} for t in range(K)],
         "unrelated": [sources.index(("unrelated", k)) for k in range(U)],
         "expected_sign": expected_sign.tolist(),
     }
+
+
+def _conflict_target(spec: PlantedSpec, t: int) -> int | None:
+    """The target class whose test images also carry target t's misleading cue."""
+    return {"next": (t + 1) % spec.num_targets, "background": spec.num_targets, "none": None}[spec.misleading_conflict]
 
 
 def _slots(labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: PlantedSpec,
@@ -209,7 +225,7 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     cue_of_target = np.full(T, NO_MOTIF)
     cue_of_target[:K] = T + U + np.arange(K)
     # class (t+1)'s test images carry the cue that class t's training images carry (or none does)
-    conflict_cue = np.roll(cue_of_target, 1) if spec.misleading_conflict else np.full(T, NO_MOTIF)
+    conflict_cue = np.roll(cue_of_target, 1) if spec.misleading_conflict == "next" else np.full(T, NO_MOTIF)
 
     splits: dict[str, Any] = {"design": design, "motifs": motifs}
     source_feature = np.asarray(design["source_motif"])
@@ -225,7 +241,14 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     for split, per_class, cue in (("target_train", spec.target_train_per_class, cue_of_target),
                                   ("target_test", spec.target_test_per_class, conflict_cue)):
         labels = np.repeat(np.arange(classes), per_class)
-        slots = _slots(labels, target_feature, cue[labels], spec, rng)
+        extra = cue[labels]
+        if split == "target_test" and spec.misleading_conflict == "background" and K:  # the cues in turn
+            background = np.flatnonzero(labels == T)
+            extra[background] = T + U + np.arange(len(background)) % K
+        if spec.cue_decoys:  # the cues' siblings (the last K motifs), in turn, on every image without a cue
+            plain = np.flatnonzero(extra == NO_MOTIF)
+            extra[plain] = len(motifs) - K + np.arange(len(plain)) % K
+        slots = _slots(labels, target_feature, extra, spec, rng)
         splits[split] = (render(slots, motifs, spec, rng), labels)
     design["leaks"] = []
     if spec.leaks or spec.mislabelled_leaks:  # its own random stream: the other images stay as without leaks

@@ -67,7 +67,8 @@ def cmd_write_synthetic(args: argparse.Namespace) -> None:
                        target_train_per_class=args.target_train_per_class,
                        target_test_per_class=args.target_test_per_class, motif_amplitude=args.motif_amplitude,
                        noise=args.noise, background_class=args.background_class,
-                       misleading_conflict=not args.no_conflict, sibling_flips=args.sibling_flips)
+                       misleading_conflict=args.conflict, sibling_flips=args.sibling_flips,
+                       cue_decoys=args.cue_decoys)
     for split, path in write_synthetic(args.outdir, seed=args.seed, spec=spec, options=_image_options(args),
                                        overwrite=args.overwrite).items():
         print(f"{split:13s} {path}")
@@ -271,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.08, help="pixel noise (default: 0.08)")
     p.add_argument("--background-class", action="store_true",
                    help="add a target class without a class motif (no recognition by elimination)")
-    p.add_argument("--no-conflict", action="store_true",
-                   help="the misleading cue is absent from every target test image (default: on class t+1's)")
+    p.add_argument("--conflict", default="next",
+                   help="which test images also carry target t's misleading cue: next (class t+1's, the default), "
+                   "background (the background class's) or none")
     p.add_argument("--sibling-flips", type=int, default=0,
                    help="give each target motif a near-copy distractor with this many pixel swaps (default: 0, none)")
+    p.add_argument("--cue-decoys", action="store_true",
+                   help="every target image without a misleading cue carries the cue's near-copy (needs "
+                   "--sibling-flips): only the misleading class's detector then makes the cue a shortcut")
     _add_image_options(p, "raw")
     p.set_defaults(run=cmd_write_synthetic)
 
@@ -302,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
     p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
-    p.add_argument("--counterfactual-seeds", type=int, default=2,
+    p.add_argument("--counterfactual-seeds", type=int, default=6,
                    help="retrain this many times with all classes, without the most negative class and without a "
-                   "random one (default: 2; 0 skips)")
+                   "random one, the models of a seed from the same initial weights (default: 6; 0 skips)")
     p.add_argument("--workers", type=int, help="local worker processes that train the models, the rows and cores "
                    "split evenly (default: one per core)")
     group = p.add_argument_group("--data tiny-imagenet")

@@ -3,7 +3,9 @@
 The paper's test of the influences: drop the k most negative source classes (by mean influence over the
 target test set) and target accuracy rises; drop the k most positive and it falls; k random classes are
 the control. Each row of a counterfactual store is one model with its removal recorded beside its mask
-(fixed array `removal`: kind, k, seed), trained by the same worker as any experiment.
+(fixed array `removal`: kind, k, seed), trained by the same worker as any experiment. The models of one
+seed start from the same initial weights (the store's init seeds), so arms are compared in pairs: the
+spread of per-model target accuracy across initialisations then cancels out of their differences.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-        create_store(path, masks, num_test, extra_fixed={"removal": removals})
+        create_store(path, masks, num_test, extra_fixed={"removal": removals}, init_seeds=removals[:, 2])
         experiment.save(path / EXPERIMENT_FILE)
     store = ResultStore(path)
     if not np.array_equal(store.fixed("masks"), masks):
@@ -85,18 +87,35 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     return store
 
 
+def accuracy_by_arm(store) -> dict[tuple[str, int], dict[int, float]]:
+    """{(kind, k): {seed: target accuracy}} over the completed rows; the full source set is ("none", 0)."""
+    rows, values = store.read(["target_acc"])
+    arms: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    for (kind, k, seed), accuracy in zip(store.fixed("removal")[rows], values["target_acc"].tolist()):
+        arms[KINDS[kind], int(k)][int(seed)] = accuracy
+    return dict(arms)
+
+
 def accuracy_by_removal(store) -> tuple[list[float], dict[str, dict[int, list[float]]]]:
     """(target accuracy of the full-source models, {kind: {k: accuracies}}) over completed rows."""
-    rows, values = store.read(["target_acc"])
-    removals = store.fixed("removal")[rows]
-    baseline: list[float] = []
-    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (kind, k, _), accuracy in zip(removals, values["target_acc"].tolist()):
-        if kind == 0:
-            baseline.append(accuracy)
-        else:
-            curves[KINDS[kind]][int(k)].append(accuracy)
-    return baseline, {kind: dict(by_k) for kind, by_k in curves.items()}
+    arms = accuracy_by_arm(store)
+    curves: dict[str, dict[int, list[float]]] = defaultdict(dict)
+    for (kind, k), by_seed in arms.items():
+        if kind != "none":
+            curves[kind][k] = list(by_seed.values())
+    return list(arms.get(("none", 0), {}).values()), dict(curves)
+
+
+def paired_gain(store, arm: tuple[str, int], versus: tuple[str, int]) -> dict[str, Any]:
+    """Target accuracy of `arm` minus that of `versus` (each (kind, k)), seed by seed: the models of a
+    seed start from the same weights, so the spread across initialisations cancels. {"per_seed":
+    {seed: gain}, "mean", "stderr"} over the seeds both arms completed (mean None when none did)."""
+    arms = accuracy_by_arm(store)
+    first, second = arms.get(arm, {}), arms.get(versus, {})
+    gains = {seed: first[seed] - second[seed] for seed in sorted(set(first) & set(second))}
+    values = np.array(list(gains.values()))
+    return {"per_seed": gains, "mean": float(values.mean()) if len(values) else None,
+            "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
 
 
 def correct_by_removal(store, example: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -23,14 +23,16 @@ TINY_ARCHIVE, CIFAR_ARCHIVE = "tiny-imagenet-200-300pc-jpg.tar.gz", "cifar10-jpg
 
 def demo_spec():
     """4 targets plus a background class (so a target is recognised by its own motif, not by elimination),
-    their 4 twins, 2 unrelated source classes and 1 misleading one; each target motif has a sibling
-    distractor, so that recognising a target takes its twin's detector."""
+    their 4 twins, 2 unrelated source classes and 1 misleading one, whose cue sits on target 0's training
+    images and on the background's test images (a shortcut that fails on the test set, so removing the
+    misleading class helps); each target motif has a sibling distractor, so that recognising a target
+    takes its twin's detector."""
     from beton_writers.synthetic import PlantedSpec
 
     return PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=1, resolution=32, source_train_per_class=150,
                        source_val_per_class=30, target_train_per_class=100, target_test_per_class=50,
-                       motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False,
-                       sibling_flips=4)
+                       motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="background",
+                       sibling_flips=4, cue_decoys=True)
 
 
 def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class: int, target_per_class: int) -> None:
@@ -71,21 +73,20 @@ class TinySize:
 
 
 def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
-             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 2,
+             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 6,
              data_dir: str | Path | None = None, tiny: TinySize = TinySize(), workers: int | None = None,
              progress: bool = True) -> dict:
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
     the most negative class, one without a random class and, on planted data, one without the planted
-    harmful class (`counterfactual_seeds` 0 skips it). Models train in `workers` local worker processes
+    harmful class where it is not the most negative (`counterfactual_seeds` 0 skips it). Models train in `workers` local worker processes
     (default: one per core), the rows split evenly."""
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
     from .analyses import influence_by_target_class, rank_sources
     from .config import load_experiment
-    from .counterfactual import accuracy_by_removal, removal_design, run_removals
     from .report import gather, write_report
     from .store import ResultStore
     from .worker import create_experiment_store
@@ -119,20 +120,12 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
                 "ranking": rank_sources(by_class, found.source_names, found.target_names)}
     if planted := found.planted:
         findings["ground_truth"] = {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")}
-        findings["checks"] = _checks(by_class, planted)
+        findings["checks"] = _checks(by_class, found.influence.mean(1), planted)
     counterfactual_dir = None
     if counterfactual_seeds:
         counterfactual_dir = out / "counterfactual"
-        overall = found.influence.mean(1)
-        harmful = sorted({m["source"] for m in planted["misleading"]}) if planted else []
-        masks, removals = removal_design(overall, [1], counterfactual_seeds, ["most_negative", "random"], harmful)
-        baseline, curves = accuracy_by_removal(run_removals(counterfactual_dir, experiment, masks, removals, train=train))
-        findings["counterfactual"] = {"all_classes": float(np.mean(baseline)),
-                                      **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1]))
-                                         for kind, by_k in curves.items()},
-                                      "removed_first": found.source_names[int(np.argmin(overall))]}
-        if harmful:
-            findings["counterfactual"]["planted_harmful"] = [found.source_names[c] for c in harmful]
+        findings["counterfactual"] = _counterfactual(counterfactual_dir, experiment, found, counterfactual_seeds,
+                                                     train)
         lap("counterfactual")
     findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
                                           found=found))
@@ -158,12 +151,41 @@ def _train_in_workers(store_dir: Path, experiment, workers: int, progress: bool)
     launch_local(store_dir, experiment, workers=workers, poll_s=2, say=print if progress else lambda text: None)
 
 
-def _checks(by_class: np.ndarray, planted: dict) -> dict:
-    """The planted ground truth against the measured influences."""
+def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[Path, Any], None]) -> dict:
+    """Per seed, models on every source class, without the most negative one, without a random one and,
+    on planted data, without the planted harmful classes (an arm of its own only where they are not the
+    most negative class), the models of a seed from the same initial weights; mean target accuracy per
+    arm and, seed by seed, the gain of removing the planted harmful classes over removing a random one."""
+    from .counterfactual import accuracy_by_removal, paired_gain, removal_design, run_removals
+
+    overall = found.influence.mean(1)
+    removed_first = int(np.argmin(overall))
+    harmful = sorted({m["source"] for m in found.planted["misleading"]}) if found.planted else []
+    own_arm = harmful and harmful != [removed_first]
+    masks, removals = removal_design(overall, [1], seeds, ["most_negative", "random"], harmful if own_arm else ())
+    store = run_removals(path, experiment, masks, removals, train=train)
+    baseline, curves = accuracy_by_removal(store)
+    result = {"seeds": seeds, "all_classes": float(np.mean(baseline)),
+              **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1])) for kind, by_k in curves.items()},
+              "removed_first": found.source_names[removed_first]}
+    if harmful:
+        arm = ("chosen", len(harmful)) if own_arm else ("most_negative", 1)
+        result["planted_harmful"] = [found.source_names[c] for c in harmful]
+        result["planted_harmful_gain_over_random"] = paired_gain(store, arm, ("random", 1))
+    return result
+
+
+def _checks(by_class: np.ndarray, overall: np.ndarray, planted: dict) -> dict:
+    """The planted ground truth against the measured influences: each twin the most positive class of its
+    target; each misleading class negative on its target and on the test images that carry its cue, and
+    the most negative class over the whole test set."""
+    names = planted["target_names"]
     twin_on_top = {t: int(np.nanargmax(by_class[:, int(t)])) == twin for t, twin in planted["twin"].items()}
-    misleading_negative = {str(m["target"]): bool(by_class[m["source"], m["target"]] < 0)
-                           for m in planted["misleading"]}
-    return {"twin_on_top": twin_on_top, "misleading_negative": misleading_negative}
+    misleading_negative = {names[t]: bool(by_class[m["source"], t] < 0) for m in planted["misleading"]
+                           for t in (m["target"], m["conflict_target"]) if t is not None}
+    misleading = {m["source"] for m in planted["misleading"]}
+    return {"twin_on_top": twin_on_top, "misleading_negative": misleading_negative,
+            "misleading_most_negative": bool(misleading and int(np.nanargmin(overall)) in misleading)}
 
 
 def format_findings(findings: dict) -> str:
@@ -182,11 +204,16 @@ def format_findings(findings: dict) -> str:
         lines.append(f"{name:12s} {ranked[0]['source']:24s} {ranked[0]['influence']:+9.2f} "
                      f"{ranked[-1]['source']:24s} {ranked[-1]['influence']:+9.2f}{twin}")
     for target, negative in (checks or {}).get("misleading_negative", {}).items():
-        lines.append(f"misleading class for target{target}: {'negative' if negative else 'NOT negative'}")
+        lines.append(f"misleading class on {target}: {'negative' if negative else 'NOT negative'}")
+    if checks and checks["misleading_negative"]:
+        lines.append(f"misleading class the most negative overall: {'yes' if checks['misleading_most_negative'] else 'NO'}")
     if cf := findings.get("counterfactual"):
-        lines.append(f"counterfactual target accuracy: all classes {cf['all_classes']:.3f}, without the most negative "
-                     f"class ({cf['removed_first']}) {cf['most_negative']:.3f}, without a random class {cf['random']:.3f}"
-                     + (f", without the planted harmful {', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}"
-                        if "planted_harmful" in cf else ""))
+        lines.append(f"counterfactual target accuracy ({cf['seeds']} seeds): all classes {cf['all_classes']:.3f}, "
+                     f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
+                     f"without a random class {cf['random']:.3f}" + (f", without the planted harmful "
+                     f"{', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}" if "chosen" in cf else ""))
+        if (gain := cf.get("planted_harmful_gain_over_random")) and gain["mean"] is not None:
+            lines.append(f"removing the planted harmful class instead of a random one: {gain['mean']:+.3f} target "
+                         f"accuracy (paired by seed, standard error {gain['stderr'] or 0:.3f})")
     lines.append(f"report: {findings['report']}")
     return "\n".join(lines)

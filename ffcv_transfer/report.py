@@ -213,15 +213,22 @@ def explanation_grid(path: Path, found: Findings, example: int, classes: Sequenc
 
 
 def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
-    from .counterfactual import accuracy_by_removal
+    from .counterfactual import accuracy_by_removal, paired_gain
     from .store import ResultStore
 
-    baseline, curves = accuracy_by_removal(ResultStore(path))
+    store = ResultStore(path)
+    baseline, curves = accuracy_by_removal(store)
     page.heading("Counterfactuals: retrained without chosen source classes")
     plot = accuracy_versus_removed(figures / "counterfactual.png", curves, baseline,
                                    "target accuracy after removing k source classes")
     page.figures([plot], [f"store {path}"])
-    page.table(["removed", "k", "models", "mean target accuracy"],
-               [("none", 0, len(baseline), float(np.mean(baseline)))] +
-               [(kind, k, len(accs), float(np.mean(accs))) for kind, by_k in curves.items() for k, accs in sorted(by_k.items())])
+    rows = []
+    for kind, by_k in curves.items():
+        for k, accuracies in sorted(by_k.items()):
+            gain = paired_gain(store, (kind, k), ("none", 0))
+            rows.append((kind, k, len(accuracies), float(np.mean(accuracies)),
+                         "" if gain["mean"] is None else f"{gain['mean']:+.4f} ± {gain['stderr'] or 0:.4f}"))
+    page.table(["removed", "k", "models", "mean target accuracy",
+                "change against all classes, seed by seed (± standard error)"],
+               [("none", 0, len(baseline), float(np.mean(baseline)), "")] + rows)
     (figures / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1))

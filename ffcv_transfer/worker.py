@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from .config import BACKENDS, ConfigError, Experiment
 from .data import ImageLoader, beton_identity, resolution_at, select_examples
 from .leakage import EXAMPLE_MASKS, example_masks_of
-from .masks import class_masks, create_store
+from .masks import class_masks, create_store, init_seed
 from .models import build_model
 from .resident import ResidentLoader
 from .store import ResultStore, worker_name
@@ -96,7 +97,10 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
     source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed("masks")[list(rows)])
     union = np.flatnonzero(masks.any(axis=0))
-    models = [build_model(masks.shape[1], **asdict(experiment.model), device=device) for _ in rows]
+    models = []
+    for row in rows:  # each model's initial weights from its row's seed, whatever else this process ran
+        torch.manual_seed(init_seed(store, row, experiment.masks.seed))
+        models.append(build_model(masks.shape[1], **asdict(experiment.model), device=device))
     backend = BACKENDS[experiment.run.backend]
     if experiment.run.compile != "none":  # validated: the grouped backend
         backend = partial(backend, compile=experiment.run.compile)

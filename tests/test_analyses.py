@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, removal_design,
+from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, paired_gain, removal_design,
                                           without_class_design)
 from ffcv_transfer.masks import create_store, orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
@@ -80,6 +80,13 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     assert sorted(baseline) == sorted(expected.pop(("none", 0)))
     assert {(kind, k): sorted(v) for kind, by_k in curves.items() for k, v in by_k.items()} == \
         {key: sorted(v) for key, v in expected.items()}
+    # rows per seed: none, most_negative 1 and 3, random 1 and 3; row 3 (random 1, seed 0) is unfinished
+    gain = paired_gain(store, ("random", 1), ("none", 0))
+    assert gain["per_seed"] == {1: pytest.approx(accuracy[8] - accuracy[5])} and gain["stderr"] is None
+    gain = paired_gain(store, ("most_negative", 1), ("random", 3))
+    assert gain["per_seed"] == pytest.approx({0: accuracy[1] - accuracy[4], 1: accuracy[6] - accuracy[9]})
+    assert gain["mean"] == pytest.approx(-0.03) and gain["stderr"] == pytest.approx(0, abs=1e-7)
+    assert paired_gain(store, ("chosen", 1), ("none", 0)) == {"per_seed": {}, "mean": None, "stderr": None}
 
 
 def test_correct_by_removal_compares_models_with_and_without_the_class(tmp_path):

@@ -24,7 +24,7 @@ from .test_synthetic import motif_scores
 
 NEAR_DUP = PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=0, resolution=32, source_train_per_class=60,
                        source_val_per_class=5, target_train_per_class=5, target_test_per_class=25,
-                       background_class=True, misleading_conflict=False, leaks=24, mislabelled_leaks=6)
+                       background_class=True, misleading_conflict="none", leaks=24, mislabelled_leaks=6)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_grouped_backend_packs_each_model_its_examples():
 # exact, downsampled to 3/4 and back, a 15/16 crop resized back (kinds in turn); 2 more copies mislabelled.
 LEAKY = PlantedSpec(num_targets=3, num_unrelated=1, num_misleading=0, resolution=32, source_train_per_class=60,
                     source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
-                    motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict=False,
+                    motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="none",
                     leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375)
 MODELS, PRETRAIN_CANDIDATES, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 16, 3, 15, 6, 3
 

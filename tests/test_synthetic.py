@@ -87,23 +87,44 @@ def test_misleading_cue_holds_on_train_and_conflicts_on_test(planted):
         assert has_cue[labels != carriers].mean() < 0.05
 
 
-def test_background_class_and_cue_without_conflict():
+@pytest.mark.parametrize("conflict", ["none", "background"])
+def test_background_class_and_where_the_cue_conflicts(conflict):
     spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=1, source_train_per_class=10,
                        source_val_per_class=5, target_train_per_class=60, target_test_per_class=60,
-                       background_class=True, misleading_conflict=False)
+                       background_class=True, misleading_conflict=conflict)
     planted = make_planted(spec, seed=5)
     design, T = planted["design"], spec.num_targets
     assert design["target_names"][-1] == "background" and np.array(design["expected_sign"]).shape == (6, T + 1)
     (mis,) = design["misleading"]
-    assert mis["conflict_target"] is None and np.array(design["expected_sign"])[mis["source"]].tolist() == [-1, 0, 0, 0]
+    carrier = {"none": None, "background": T}[conflict]
+    assert mis["conflict_target"] == carrier
+    assert np.array(design["expected_sign"])[mis["source"]].tolist() == [-1, 0, 0, -(carrier == T)]
     class_motifs, cue = planted["motifs"][:T], planted["motifs"][T + 2: T + 3]
-    train_x, train_y = planted["target_train"]
-    test_x, test_y = planted["target_test"]
+    train_x, test_x, test_y = planted["target_train"][0], *planted["target_test"]
     threshold = 0.5 * motif_scores(train_x[:50], cue).max()
-    assert (motif_scores(test_x, cue)[:, 0] < threshold).all()  # no test image carries the cue
+    # the cue (found by template matching, which a pasted motif overlapping it can spoil) on target 0's
+    # training images only, and on the test images of the carriers only (none, or the background's)
+    for (images, labels), carriers in ((planted["target_train"], 0), (planted["target_test"], carrier)):
+        has_cue = motif_scores(images, cue)[:, 0] > threshold
+        assert carriers is None or has_cue[labels == carriers].mean() > 0.95
+        assert has_cue[labels != carriers].mean() < 0.05
     best = motif_scores(test_x, class_motifs).max(1)
     assert best[test_y == T].max() < best[test_y < T].min()  # background images carry no class motif
     assert np.bincount(test_y).tolist() == [60] * (T + 1)
+
+
+def test_cue_decoys_put_the_cues_sibling_on_every_image_without_the_cue():
+    spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=1, source_train_per_class=10,
+                       source_val_per_class=5, target_train_per_class=60, target_test_per_class=60,
+                       background_class=True, misleading_conflict="background", sibling_flips=4, cue_decoys=True)
+    planted = make_planted(spec, seed=5)
+    T = spec.num_targets
+    cue, decoy = planted["motifs"][T + 2: T + 3], planted["motifs"][-1:]
+    assert (cue != decoy).sum() == 4 * spec.sibling_flips  # a near-copy: 2 x flips pixels swapped, mirrored
+    for (images, labels), carriers in ((planted["target_train"], 0), (planted["target_test"], T)):
+        scores = motif_scores(images, np.concatenate([cue, decoy]))
+        cue_wins = scores[:, 0] > scores[:, 1]  # a random distractor can be the decoy too: not always
+        assert cue_wins[labels == carriers].mean() > 0.85 and cue_wins[labels != carriers].mean() < 0.02
 
 
 def test_write_synthetic_betons_carry_the_ground_truth(tmp_path, planted):
@@ -124,5 +145,11 @@ def test_bad_spec_is_rejected():
         PlantedSpec(resolution=28)
     with pytest.raises(BetonError, match="need more distinct motifs"):
         PlantedSpec(resolution=16, num_unrelated=70)
+    with pytest.raises(BetonError, match="misleading_conflict 'sideways' must be one of next, background, none"):
+        PlantedSpec(misleading_conflict="sideways")
+    with pytest.raises(BetonError, match="'background' needs background_class"):
+        PlantedSpec(misleading_conflict="background")
+    with pytest.raises(BetonError, match="cue_decoys needs sibling_flips > 0"):
+        PlantedSpec(cue_decoys=True)
     with pytest.raises(BetonError, match="num_misleading 6"):
         PlantedSpec(num_targets=5, num_misleading=6)

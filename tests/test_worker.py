@@ -14,8 +14,9 @@ import torch
 from beton_writers import read_sidecar
 from ffcv_transfer import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
+from ffcv_transfer.counterfactual import removal_design, run_removals
 from ffcv_transfer.influence import class_influence, influence_from_store
-from ffcv_transfer.masks import random_class_masks
+from ffcv_transfer.masks import create_store, init_seed, random_class_masks
 from ffcv_transfer.store import ResultStore
 from ffcv_transfer.worker import EXPERIMENT_FILE, create_experiment_store, run_worker
 
@@ -37,10 +38,11 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
         "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0, "run.models_per_process": 2}))
     store = create_experiment_store(tmp_path / "store", experiment)
     assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
-    built = []
+    built, initial = [], []
 
     def build_model(*args, **kwargs):  # the second model built returns NaN logits: its loss diverges
         model = real_build_model(*args, **kwargs)
+        initial.append(([p.detach().clone() for p in model.parameters()], args, kwargs))
         if len(built) == 1:
             model.register_forward_hook(lambda module, inputs, output: output * torch.nan)
         built.append(model)
@@ -66,6 +68,12 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
         masks = store.fixed("masks")
         same_examples = split.startswith("target") or (masks[:2].any(0) == masks[2:].any(0)).all()
         assert (first is second) == same_examples, split
+    # rows 0-3 in claim order, each model from its row's own seed (the same whatever the process ran before)
+    for row, (weights, args, kwargs) in enumerate(initial):
+        torch.manual_seed(init_seed(store, row, experiment.masks.seed))
+        for found, expected in zip(weights, real_build_model(*args, **kwargs).parameters()):
+            torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    assert len({float(weights[0].sum()) for weights, _, _ in initial}) == 4
     assert run_worker(store.path, experiment, progress=False) == 0  # nothing pending: no work
     status = store.status()
     assert (status["completed"], status["failed"], status["duplicates"]) == (3, 1, 0)
@@ -86,6 +94,27 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
         expected = class_influence(values["masks"], values["margins"].astype(np.float64))
         found = influence_from_store(store.path, "margins", progress=False)
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_counterfactual_arms_of_a_seed_start_from_the_same_weights(tiny_data, tmp_path):
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data))
+    num_classes = read_sidecar(tiny_data / "source_train.beton")["num_classes"]
+    masks, removals = removal_design(np.arange(float(num_classes)), [1], 3, ["most_negative", "random"])
+    store = run_removals(tmp_path / "cf", experiment, masks, removals, train=lambda path, experiment: None)
+    seeds = [init_seed(store, row, experiment.masks.seed) for row in range(len(masks))]
+    assert [seeds[r] == seeds[r - r % 3] for r in range(len(masks))] == [True] * len(masks)
+    assert len(set(seeds)) == 3
+    other = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"masks.seed": 1}))
+    assert init_seed(store, 0, other.masks.seed) not in seeds
+
+
+def test_rows_are_seeded_by_their_index_by_default_and_in_stores_made_before_init_seeds(tmp_path):
+    expected = [int(np.random.SeedSequence([7, row]).generate_state(1)[0]) for row in range(3)]
+    new = create_store(tmp_path / "new", np.ones((3, 4), bool), 2)
+    old = ResultStore.create(tmp_path / "old", 3, {"margins": ((2,), "float16")}, fixed={"masks": np.ones((3, 4), bool)})
+    assert [init_seed(new, row, 7) for row in range(3)] == [init_seed(old, row, 7) for row in range(3)] == expected
+    with pytest.raises(ValueError, match="2 init seeds for 3 models"):
+        create_store(tmp_path / "bad", np.ones((3, 4), bool), 2, init_seeds=[0, 1])
 
 
 def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
