@@ -32,6 +32,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def run_case(args: argparse.Namespace) -> dict:
     union = np.flatnonzero(masks.any(0))
     batch = shared_batch(size["batch"], masks, np.load(folder / "source.labels.npy"))
     Loader = ResidentLoader if args.loader == "resident" else ImageLoader
-    loader_config = LoaderConfig(threading=args.threading)
+    loader_config = LoaderConfig(threading=args.threading, num_workers=args.loader_workers)
     loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=batch,
                     config=loader_config, device=device, classes=union)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
@@ -146,7 +147,7 @@ def run_case(args: argparse.Namespace) -> dict:
                    batch_size=size["batch"], config=loader_config, device=device)
     test = Loader(folder / "target_test.beton", train=False, resolution=size["target_res"],
                   batch_size=size["batch"], crop_ratio=1.0, device=device,
-                  config=LoaderConfig(order="sequential", drop_last=False, threading=args.threading))
+                  config=replace(loader_config, order="sequential", drop_last=False))
     passes = _PassTimer(train, device)
     transfer_by_training(models, passes, test, 10, target, steps_per_epoch=len(train), device=device)
     target_epoch_s = float(np.mean(passes.seconds[1:]))  # the first pass includes JIT compilation
@@ -194,6 +195,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
     parser.add_argument("--threading", default="workqueue", choices=THREADING_LAYERS,
                         help="numba threading layer of the ffcv loaders (loader.threading)")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="decoding threads of each ffcv loader (loader.num_workers; default 0: one per core); "
+                        "fewer leave cores to the training loop")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference case (one model, own loader)")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -216,13 +220,15 @@ def main() -> None:
             extra = ["--reference"] if reference else []
             result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
                                                   folder, "--k", str(k), "--backend", backend, "--loader", loader,
-                                                  "--epochs", str(args.epochs), "--threading", args.threading, *extra],
+                                                  "--epochs", str(args.epochs), "--threading", args.threading,
+                                                  "--loader-workers", str(args.loader_workers), *extra],
                                      f"K={k} {backend} {loader}")
             rows.append({"k": k, "backend": backend, "loader": loader, **result})
             if "error" not in result:
                 print(f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
                       file=sys.stderr)
             report = {"machine": machine(), "size": args.size, "size_settings": size, "threading": args.threading,
+                      "loader_workers": args.loader_workers,
                       "recipe": RECIPE, "data": data,
                       "results": with_ratios(rows)}
             save_report(args.out, report)
