@@ -101,7 +101,7 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .cli import _experiment, parse_rows
-    from .counterfactual import accuracy_by_removal, paired_gain, removal_design, run_removals
+    from .counterfactual import accuracy_by_removal, format_gain, paired_gain, removal_design, run_removals
     from .plots import accuracy_versus_removed
     from .report import gather
     from .worker import EXPERIMENT_FILE
@@ -116,11 +116,9 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")
     for kind, by_k in curves.items():
         for k, accuracies in sorted(by_k.items()):
-            gain = paired_gain(store, (kind, k), ("none", 0))
-            change = "" if gain["mean"] is None else \
-                f"; against all classes, seed by seed: {gain['mean']:+.4f} ± {gain['stderr'] or 0:.4f}"
+            change = format_gain(paired_gain(store, (kind, k), ("none", 0)))
             print(f"without {k} {kind.replace('_', ' ')}: {sum(accuracies) / len(accuracies):.4f} "
-                  f"({len(accuracies)} models{change})")
+                  f"({len(accuracies)} models{'; against all classes, seed by seed: ' + change if change else ''})")
     print(f"plot: {plot}")
 
 

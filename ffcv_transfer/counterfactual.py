@@ -118,6 +118,14 @@ def paired_gain(store, arm: tuple[str, int], versus: tuple[str, int]) -> dict[st
             "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
 
 
+def format_gain(gain: dict[str, Any]) -> str:
+    """A `paired_gain` as "+0.0880 ± 0.0170 (6 seeds)"; "" when no seed has both arms."""
+    if gain["mean"] is None:
+        return ""
+    spread = "" if gain["stderr"] is None else f" ± {gain['stderr']:.4f}"
+    return f"{gain['mean']:+.4f}{spread} ({len(gain['per_seed'])} seed{'s' * (len(gain['per_seed']) > 1)})"
+
+
 def correct_by_removal(store, example: int) -> dict[str, float]:
     """How often target test example `example` is predicted correctly, with and without the chosen class."""
     rows, values = store.read(["is_correct"])

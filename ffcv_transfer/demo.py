@@ -191,6 +191,8 @@ def _checks(by_class: np.ndarray, overall: np.ndarray, planted: dict) -> dict:
 def format_findings(findings: dict) -> str:
     """Per target class its most positive and most negative source class (and, on planted data, whether
     the planted twin came out on top), the counterfactual and the report's path."""
+    from .counterfactual import format_gain
+
     checks = findings.get("checks")
     stages = ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in findings["stage_seconds"].items())
     lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s "
@@ -212,8 +214,8 @@ def format_findings(findings: dict) -> str:
                      f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
                      f"without a random class {cf['random']:.3f}" + (f", without the planted harmful "
                      f"{', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}" if "chosen" in cf else ""))
-        if (gain := cf.get("planted_harmful_gain_over_random")) and gain["mean"] is not None:
-            lines.append(f"removing the planted harmful class instead of a random one: {gain['mean']:+.3f} target "
-                         f"accuracy (paired by seed, standard error {gain['stderr'] or 0:.3f})")
+        if change := format_gain(cf.get("planted_harmful_gain_over_random", {"mean": None})):
+            lines.append(f"removing the planted harmful class instead of a random one, seed by seed: {change} "
+                         "target accuracy")
     lines.append(f"report: {findings['report']}")
     return "\n".join(lines)

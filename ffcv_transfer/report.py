@@ -213,7 +213,7 @@ def explanation_grid(path: Path, found: Findings, example: int, classes: Sequenc
 
 
 def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
-    from .counterfactual import accuracy_by_removal, paired_gain
+    from .counterfactual import accuracy_by_removal, format_gain, paired_gain
     from .store import ResultStore
 
     store = ResultStore(path)
@@ -225,9 +225,8 @@ def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
     rows = []
     for kind, by_k in curves.items():
         for k, accuracies in sorted(by_k.items()):
-            gain = paired_gain(store, (kind, k), ("none", 0))
             rows.append((kind, k, len(accuracies), float(np.mean(accuracies)),
-                         "" if gain["mean"] is None else f"{gain['mean']:+.4f} ± {gain['stderr'] or 0:.4f}"))
+                         format_gain(paired_gain(store, (kind, k), ("none", 0)))))
     page.table(["removed", "k", "models", "mean target accuracy",
                 "change against all classes, seed by seed (± standard error)"],
                [("none", 0, len(baseline), float(np.mean(baseline)), "")] + rows)

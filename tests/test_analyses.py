@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, paired_gain, removal_design,
-                                          without_class_design)
+from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, format_gain, paired_gain,
+                                          removal_design, without_class_design)
 from ffcv_transfer.masks import create_store, orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
 
@@ -87,6 +87,9 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     assert gain["per_seed"] == pytest.approx({0: accuracy[1] - accuracy[4], 1: accuracy[6] - accuracy[9]})
     assert gain["mean"] == pytest.approx(-0.03) and gain["stderr"] == pytest.approx(0, abs=1e-7)
     assert paired_gain(store, ("chosen", 1), ("none", 0)) == {"per_seed": {}, "mean": None, "stderr": None}
+    assert format_gain(gain) == "-0.0300 ± 0.0000 (2 seeds)"
+    assert format_gain(paired_gain(store, ("random", 1), ("none", 0))) == "+0.0300 (1 seed)"
+    assert format_gain(paired_gain(store, ("chosen", 1), ("none", 0))) == ""
 
 
 def test_correct_by_removal_compares_models_with_and_without_the_class(tmp_path):
