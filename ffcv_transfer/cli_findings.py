@@ -101,7 +101,7 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .cli import _experiment, parse_rows
-    from .counterfactual import accuracy_by_removal, format_gain, paired_gain, removal_design, run_removals
+    from .counterfactual import accuracy_by_removal, changes_against_all, format_gain, removal_design, run_removals
     from .plots import accuracy_versus_removed
     from .report import gather
     from .worker import EXPERIMENT_FILE
@@ -111,12 +111,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
     baseline, curves = accuracy_by_removal(store)
-    plot = accuracy_versus_removed(out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}")
+    changes = changes_against_all(store)
+    plot = accuracy_versus_removed(out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}",
+                                   changes)
     (out / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1) + "\n")
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")
     for kind, by_k in curves.items():
         for k, accuracies in sorted(by_k.items()):
-            change = format_gain(paired_gain(store, (kind, k), ("none", 0)))
+            change = format_gain(changes[kind][k])
             print(f"without {k} {kind.replace('_', ' ')}: {sum(accuracies) / len(accuracies):.4f} "
                   f"({len(accuracies)} models{'; against all classes, seed by seed: ' + change if change else ''})")
     print(f"plot: {plot}")

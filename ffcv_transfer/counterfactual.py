@@ -118,6 +118,15 @@ def paired_gain(store, arm: tuple[str, int], versus: tuple[str, int]) -> dict[st
             "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
 
 
+def changes_against_all(store) -> dict[str, dict[int, dict[str, Any]]]:
+    """{kind: {k: paired_gain of (kind, k) against the full source set}} for every removal arm."""
+    arms = sorted(arm for arm in accuracy_by_arm(store) if arm[0] != "none")
+    changes: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for kind, k in arms:
+        changes[kind][k] = paired_gain(store, (kind, k), ("none", 0))
+    return dict(changes)
+
+
 def format_gain(gain: dict[str, Any]) -> str:
     """A `paired_gain` as "+0.0880 ± 0.0170 (6 seeds)"; "" when no seed has both arms."""
     if gain["mean"] is None:

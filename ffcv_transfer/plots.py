@@ -60,28 +60,47 @@ def image_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequenc
 
 
 def accuracy_versus_removed(path: str | Path, curves: Mapping[str, Mapping[int, Sequence[float]]],
-                            baseline: Sequence[float], title: str) -> Path:
+                            baseline: Sequence[float], title: str,
+                            changes: Mapping[str, Mapping[int, Mapping]] | None = None) -> Path:
     """Target accuracy against the number of source classes removed, one line per way of choosing them
-    (mean and standard error over seeds); the full source set as a dashed band."""
+    (mean and standard error over seeds), the full source set as a dashed band; with `changes`
+    (`counterfactual.changes_against_all`) a second panel: each arm's change against the full source set,
+    seed by seed, where the spread across initial weights cancels."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    paired = bool(changes) and any(g["mean"] is not None for by_k in changes.values() for g in by_k.values())
+    fig, axes = plt.subplots(1, 1 + paired, figsize=(6.0 * (1 + paired), 4.0), squeeze=False)
+    ax = axes[0, 0]
     if len(baseline):
         mean, err = np.mean(baseline), _stderr(baseline)
         ax.axhline(mean, color="grey", linestyle="--", label=f"all classes ({len(baseline)} models)")
         ax.axhspan(mean - err, mean + err, color="grey", alpha=0.15)
-    for offset, (label, by_k) in zip(np.linspace(-0.08, 0.08, max(len(curves), 1)), curves.items()):
+    _lines(ax, {label: {k: (np.mean(v), _stderr(v)) for k, v in by_k.items()} for label, by_k in curves.items()})
+    ax.set_ylabel("target test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    if paired:
+        ax = axes[0, 1]
+        ax.axhline(0, color="grey", linestyle="--", label="all classes")
+        _lines(ax, {label: {k: (g["mean"], g["stderr"] or 0.0) for k, g in by_k.items() if g["mean"] is not None}
+                    for label, by_k in changes.items()})
+        ax.set_ylabel("change in target accuracy")
+        ax.set_title("against all classes, seed by seed (same initial weights)", fontsize=10)
+        fig.subplots_adjust(wspace=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _lines(ax, points: Mapping[str, Mapping[int, tuple[float, float]]]) -> None:
+    """One errorbar line per way of removing classes: {label: {k: (mean, standard error)}}."""
+    for offset, (label, by_k) in zip(np.linspace(-0.08, 0.08, max(len(points), 1)), points.items()):
         ks = sorted(by_k)
-        ax.errorbar(np.add(ks, offset), [np.mean(by_k[k]) for k in ks], yerr=[_stderr(by_k[k]) for k in ks],
+        ax.errorbar(np.add(ks, offset), [by_k[k][0] for k in ks], yerr=[by_k[k][1] for k in ks],
                     marker="o", capsize=3, label=f"without the k {label.replace('_', ' ')}")
-    every_k = sorted({k for by_k in curves.values() for k in by_k})
+    every_k = sorted({k for by_k in points.values() for k in by_k})
     if every_k:
         ax.set_xticks(every_k)
         ax.set_xlim(every_k[0] - 0.5, every_k[-1] + 0.5)
     ax.set_xlabel("source classes removed (k)")
-    ax.set_ylabel("target test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def _stderr(values: Sequence[float]) -> float:

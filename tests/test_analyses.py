@@ -6,8 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, correct_by_removal, format_gain, paired_gain,
-                                          removal_design, without_class_design)
+from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, changes_against_all, correct_by_removal,
+                                          format_gain, paired_gain, removal_design, without_class_design)
+from ffcv_transfer.plots import accuracy_versus_removed
 from ffcv_transfer.masks import create_store, orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
 
@@ -90,6 +91,13 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     assert format_gain(gain) == "-0.0300 ± 0.0000 (2 seeds)"
     assert format_gain(paired_gain(store, ("random", 1), ("none", 0))) == "+0.0300 (1 seed)"
     assert format_gain(paired_gain(store, ("chosen", 1), ("none", 0))) == ""
+    changes = changes_against_all(store)
+    assert {kind: sorted(by_k) for kind, by_k in changes.items()} == {"most_negative": [1, 3], "random": [1, 3]}
+    assert changes["most_negative"][3]["per_seed"] == pytest.approx({0: accuracy[2] - accuracy[0],
+                                                                      1: accuracy[7] - accuracy[5]})
+    assert changes["random"][1]["per_seed"] == pytest.approx({1: accuracy[8] - accuracy[5]})
+    plot = accuracy_versus_removed(tmp_path / "cf.png", curves, baseline, "counterfactuals", changes)
+    assert plot.stat().st_size > 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_correct_by_removal_compares_models_with_and_without_the_class(tmp_path):
