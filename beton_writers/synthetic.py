@@ -94,7 +94,8 @@ class PlantedSpec:
         if not 0 <= self.sibling_flips <= self.motif_size ** 2 // 4:
             raise BetonError(f"sibling_flips {self.sibling_flips} must be in 0..{self.motif_size ** 2 // 4}")
         if self.cue_decoys and not (self.sibling_flips and self.num_misleading):
-            raise BetonError("cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the cues' siblings)")
+            raise BetonError("cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the "
+                             "cues' siblings)")
         if self.leaks < 0 or self.mislabelled_leaks < 0:
             raise BetonError("leaks and mislabelled_leaks must be >= 0")
         if self.leaks + self.mislabelled_leaks > self.num_targets * self.target_test_per_class:

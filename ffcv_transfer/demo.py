@@ -80,8 +80,8 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
     the most negative class, one without a random class and, on planted data, one without the planted
-    harmful class where it is not the most negative (`counterfactual_seeds` 0 skips it). Models train in `workers` local worker processes
-    (default: one per core), the rows split evenly."""
+    harmful class where it is not the most negative (`counterfactual_seeds` 0 skips it). Models train in
+    `workers` local worker processes (default: one per core), the rows split evenly."""
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
@@ -161,7 +161,7 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     overall = found.influence.mean(1)
     removed_first = int(np.argmin(overall))
     harmful = sorted({m["source"] for m in found.planted["misleading"]}) if found.planted else []
-    own_arm = harmful and harmful != [removed_first]
+    own_arm = bool(harmful) and harmful != [removed_first]
     masks, removals = removal_design(overall, [1], seeds, ["most_negative", "random"], harmful if own_arm else ())
     store = run_removals(path, experiment, masks, removals, train=train)
     baseline, curves = accuracy_by_removal(store)
@@ -208,7 +208,8 @@ def format_findings(findings: dict) -> str:
     for target, negative in (checks or {}).get("misleading_negative", {}).items():
         lines.append(f"misleading class on {target}: {'negative' if negative else 'NOT negative'}")
     if checks and checks["misleading_negative"]:
-        lines.append(f"misleading class the most negative overall: {'yes' if checks['misleading_most_negative'] else 'NO'}")
+        most = "yes" if checks["misleading_most_negative"] else "NO"
+        lines.append(f"misleading class the most negative overall: {most}")
     if cf := findings.get("counterfactual"):
         lines.append(f"counterfactual target accuracy ({cf['seeds']} seeds): all classes {cf['all_classes']:.3f}, "
                      f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
