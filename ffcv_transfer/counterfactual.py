@@ -111,20 +111,23 @@ def paired_gain(store, arm: tuple[str, int], versus: tuple[str, int]) -> dict[st
     seed start from the same weights, so the spread across initialisations cancels. {"per_seed":
     {seed: gain}, "mean", "stderr"} over the seeds both arms completed (mean None when none did)."""
     arms = accuracy_by_arm(store)
-    first, second = arms.get(arm, {}), arms.get(versus, {})
-    gains = {seed: first[seed] - second[seed] for seed in sorted(set(first) & set(second))}
-    values = np.array(list(gains.values()))
-    return {"per_seed": gains, "mean": float(values.mean()) if len(values) else None,
-            "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
+    return _gain(arms.get(arm, {}), arms.get(versus, {}))
 
 
 def changes_against_all(store) -> dict[str, dict[int, dict[str, Any]]]:
     """{kind: {k: paired_gain of (kind, k) against the full source set}} for every removal arm."""
-    arms = sorted(arm for arm in accuracy_by_arm(store) if arm[0] != "none")
+    arms = accuracy_by_arm(store)
     changes: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for kind, k in arms:
-        changes[kind][k] = paired_gain(store, (kind, k), ("none", 0))
+    for kind, k in sorted(arm for arm in arms if arm[0] != "none"):
+        changes[kind][k] = _gain(arms[kind, k], arms.get(("none", 0), {}))
     return dict(changes)
+
+
+def _gain(first: dict[int, float], second: dict[int, float]) -> dict[str, Any]:
+    gains = {seed: first[seed] - second[seed] for seed in sorted(set(first) & set(second))}
+    values = np.array(list(gains.values()))
+    return {"per_seed": gains, "mean": float(values.mean()) if len(values) else None,
+            "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
 
 
 def format_gain(gain: dict[str, Any]) -> str:
