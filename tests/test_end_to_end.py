@@ -8,7 +8,7 @@ Asserted against the planted ground truth, at the strength it holds run after ru
 each twin raises its own target's margins (its influence there is positive), and it is its target's
 single most positive source class for at least 3 of the 4 targets (all 4 in most runs; the weakest
 target's lead is within two standard errors of zero, so "all 4" fails now and then); the misleading class
-is the most negative one; and retraining without it beats retraining without a random class, on average
+is the most negative one on the test images that carry its cue; and retraining without it beats retraining without a random class, on average
 over the counterfactual's seeds (the models of a seed start from the same weights)."""
 import json
 
@@ -41,13 +41,14 @@ def test_demo_recovers_the_planted_influences(tmp_path):
         on_top.append(np.argmax(by_class[:, int(t)]) == twin)
     assert sum(on_top) >= 3, by_class.round(2).tolist()
     assert saved["checks"]["twin_on_top"] == {t: bool(top) for t, top in zip(planted["twin"], on_top)}
-    # the misleading class: the most negative over the whole test set, and on the background's test images
-    # (which carry its cue); on its own target its influence is small either way (docs/measurements.md)
+    # the misleading class: the most negative on the background's test images, which carry its cue (-6 to
+    # -13 against -4 at most for the next class). Over the whole test set it was the most negative in 5 of
+    # 6 runs, and on its own target its influence is small either way (docs/measurements.md)
     (misleading,) = planted["misleading"]
     background = planted["target_names"].index("background")
     assert misleading["conflict_target"] == background
-    assert np.argmin(influence.mean(1)) == np.argmin(by_class[:, background]) == misleading["source"]
-    assert saved["checks"]["misleading_most_negative"] and saved["checks"]["misleading_negative"]["background"]
+    assert np.argmin(by_class[:, background]) == misleading["source"], by_class[:, background].round(2).tolist()
+    assert saved["checks"]["misleading_negative"]["background"]
 
     # per seed: all classes, without the most negative, without a random class (and without the planted harmful
     # class where it is not the most negative); removing the planted harmful class beats removing a random one
