@@ -19,26 +19,46 @@ def influence_by_target_class(influence: np.ndarray, labels: np.ndarray, num_cla
     return (influence @ onehot) / counts
 
 
-def rank_sources(by_class: np.ndarray, source_names: Sequence[str], target_names: Sequence[str]
-                 ) -> dict[str, list[dict]]:
-    """For each target class, every source class from most positive to most negative influence."""
+def ranking_stderr(masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C_source, num_classes + 1): standard errors of `influence_by_target_class`'s columns, then of the
+    mean influence over all test examples. masks: (N, C_source) of the models; outputs: (N, T) their
+    outputs (margins). The influence is linear in the outputs, so a column's influences are those on each
+    model's mean output over the column's examples, and their errors the kernel's difference-of-means
+    errors on those means, sqrt(var_in / n_in + var_out / n_out)."""
+    from .influence import class_influence
+
+    outputs = np.asarray(outputs, np.float64)
+    means = np.column_stack([influence_by_target_class(outputs, labels, num_classes), outputs.mean(1)])
+    return class_influence(np.asarray(masks, bool), means, stderr=True)[1]
+
+
+def _entry(names: Sequence[str], values: np.ndarray, stderr: np.ndarray | None, i: int) -> dict:
+    entry = {"source": names[i], "index": int(i), "influence": float(values[i])}
+    if stderr is not None:
+        entry["stderr"] = float(stderr[i])
+    return entry
+
+
+def rank_sources(by_class: np.ndarray, source_names: Sequence[str], target_names: Sequence[str],
+                 stderr: np.ndarray | None = None) -> dict[str, list[dict]]:
+    """For each target class, every source class from most positive to most negative influence (with its
+    standard error when `stderr`, shaped like by_class, is given)."""
     ranking = {}
     for k, target in enumerate(target_names):
         order = np.argsort(-by_class[:, k], kind="stable")
-        ranking[target] = [{"source": source_names[i], "index": int(i), "influence": float(by_class[i, k])}
-                           for i in order]
+        column_stderr = None if stderr is None else stderr[:, k]
+        ranking[target] = [_entry(source_names, by_class[:, k], column_stderr, i) for i in order]
     return ranking
 
 
-def top_and_bottom(values: np.ndarray, names: Sequence[str], k: int) -> dict[str, list[dict]]:
-    """The k most positive and the k most negative entries of `values` (one per source class), named."""
+def top_and_bottom(values: np.ndarray, names: Sequence[str], k: int, stderr: np.ndarray | None = None
+                   ) -> dict[str, list[dict]]:
+    """The k most positive and the k most negative entries of `values` (one per source class), named, with
+    their standard errors when given."""
     values = np.asarray(values, float)
     order = np.argsort(-values, kind="stable")
-
-    def entries(indices: np.ndarray) -> list[dict]:
-        return [{"source": names[i], "index": int(i), "influence": float(values[i])} for i in indices]
-
-    return {"positive": entries(order[:k]), "negative": entries(order[::-1][:k])}
+    return {"positive": [_entry(names, values, stderr, i) for i in order[:k]],
+            "negative": [_entry(names, values, stderr, i) for i in order[::-1][:k]]}
 
 
 def explain_example(influence: np.ndarray, example: int, k: int) -> np.ndarray:

@@ -30,16 +30,17 @@ def cmd_rankings(args: argparse.Namespace) -> None:
 
     found, out = gather(args.store, args.names), _out(args)
     by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
-    columns = {"all target examples": found.influence.mean(1)}
-    columns |= {name: by_class[:, t] for t, name in enumerate(found.target_names)}
+    columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
+    columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
     rankings = {}
-    for n, (name, values) in enumerate(columns.items()):
-        rankings[name] = top_and_bottom(values, found.source_names, args.k)
-        chart = influence_bars(out / f"rankings_{n}.png", found.source_names, values, args.k, name)
+    for n, (name, (values, stderr)) in enumerate(columns.items()):
+        rankings[name] = top_and_bottom(values, found.source_names, args.k, stderr)
+        chart = influence_bars(out / f"rankings_{n}.png", found.source_names, values, args.k, name, stderr)
         best, worst = rankings[name]["positive"], rankings[name]["negative"]
         print(f"{name}: chart {chart}")
         for p, q in zip(best, worst):
-            print(f"  {p['source']:30s} {p['influence']:+8.3f}    {q['source']:30s} {q['influence']:+8.3f}")
+            print(f"  {p['source']:30s} {p['influence']:+8.3f} ±{p['stderr']:6.3f}    "
+                  f"{q['source']:30s} {q['influence']:+8.3f} ±{q['stderr']:6.3f}")
     (out / "rankings.json").write_text(json.dumps(rankings, indent=1) + "\n")
     print(f"wrote {out / 'rankings.json'}")
 

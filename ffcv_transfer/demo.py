@@ -117,7 +117,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
     status = ResultStore(store_dir).status()
     findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
-                "ranking": rank_sources(by_class, found.source_names, found.target_names)}
+                "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1])}
     if planted := found.planted:
         findings["ground_truth"] = {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")}
         findings["checks"] = _checks(by_class, found.influence.mean(1), planted)
@@ -197,14 +197,18 @@ def format_findings(findings: dict) -> str:
     stages = ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in findings["stage_seconds"].items())
     lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s "
              f"({stages}); store {findings['store']}", "",
-             f"{'target':12s} {'most positive source class':34s} {'most negative source class':34s}"
+             f"{'target':12s} {'most positive source class (± s.e.)':40s} {'most negative source class (± s.e.)':40s}"
              + (" planted twin" if checks else "")]
+
+    def cell(entry: dict) -> str:
+        spread = f"±{entry['stderr']:4.2f}" if "stderr" in entry else ""
+        return f"{entry['source']:24s} {entry['influence']:+9.2f} {spread:5s}"
+
     for name, ranked in findings["ranking"].items():
         t = name.removeprefix("target")
         twin = "" if not checks or t not in checks["twin_on_top"] else \
             " on top" if checks["twin_on_top"][t] else " NOT on top"
-        lines.append(f"{name:12s} {ranked[0]['source']:24s} {ranked[0]['influence']:+9.2f} "
-                     f"{ranked[-1]['source']:24s} {ranked[-1]['influence']:+9.2f}{twin}")
+        lines.append(f"{name:12s} {cell(ranked[0])} {cell(ranked[-1])}{twin}")
     for target, negative in (checks or {}).get("misleading_negative", {}).items():
         lines.append(f"misleading class on {target}: {'negative' if negative else 'NOT negative'}")
     if checks and checks["misleading_negative"]:

@@ -25,18 +25,22 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def influence_bars(path: str | Path, names: Sequence[str], values: np.ndarray, k: int, title: str) -> Path:
-    """The k most positive and k most negative classes as horizontal bars, most positive on top."""
+def influence_bars(path: str | Path, names: Sequence[str], values: np.ndarray, k: int, title: str,
+                   stderr: np.ndarray | None = None) -> Path:
+    """The k most positive and k most negative classes as horizontal bars, most positive on top, with
+    error bars of one standard error when `stderr` is given."""
     values = np.asarray(values, float)
     order = np.argsort(-values, kind="stable")
     shown = order if len(order) <= 2 * k else np.concatenate([order[:k], order[-k:]])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.28 * len(shown)))
     y = np.arange(len(shown))[::-1]
-    ax.barh(y, values[shown], color=["#2a9d4b" if v >= 0 else "#c8383c" for v in values[shown]])
+    ax.barh(y, values[shown], color=["#2a9d4b" if v >= 0 else "#c8383c" for v in values[shown]],
+            xerr=None if stderr is None else np.asarray(stderr, float)[shown], capsize=2)
     ax.set_yticks(y, [names[i] for i in shown], fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("influence (mean target margin with the class minus without)")
+    ax.set_xlabel("influence (mean target margin with the class minus without)"
+                  + ("; bars: ± 1 standard error" if stderr is not None else ""))
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .analyses import explain_example, influence_by_target_class, subpopulation, top_and_bottom
+from .analyses import explain_example, influence_by_target_class, ranking_stderr, subpopulation, top_and_bottom
 from .plots import accuracy_versus_removed, image_grid, influence_bars
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -76,6 +76,7 @@ class Findings:
     influence: np.ndarray  # (C_source, T)
     labels: np.ndarray  # (T,) target test labels
     mean_margins: np.ndarray  # (T,) over models
+    stderr: np.ndarray  # (C_source, target classes + 1): errors of the by-class influences, then the overall's
     source_names: list[str]
     target_names: list[str]
     betons: dict[str, Path]
@@ -100,13 +101,14 @@ def gather(store_dir: str | Path, names_file: str | Path | None = None, progress
     if not len(store.completed_rows()):
         raise ValueError(f"{store_dir}: no completed rows yet; run `ffcv-transfer train --store {store_dir}`")
     influence = influence_from_store(str(store_dir), "margins", progress=progress)
-    _, values = store.read(["margins"])
-    source = sidecars["source_train"]
-    return Findings(store=store_dir, influence=influence,
-                    labels=read_labels(experiment.data.path("target_test")),
-                    mean_margins=values["margins"].astype(np.float64).mean(0),
+    _, values = store.read(["masks", "margins"])
+    margins = values["margins"].astype(np.float64)
+    labels = read_labels(experiment.data.path("target_test"))
+    source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
+    return Findings(store=store_dir, influence=influence, labels=labels, mean_margins=margins.mean(0),
+                    stderr=ranking_stderr(values["masks"], margins, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
-                    target_names=list(sidecars["target_test"]["class_names"]),
+                    target_names=target_names,
                     betons={split: experiment.data.path(split) for split in sidecars},
                     planted=sidecars["target_test"].get("extra", {}).get("planted"))
 
@@ -132,9 +134,10 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
     overall = found.influence.mean(1)
     page.heading("Most helpful and most harmful source classes")
-    paths = [influence_bars(figures / "overall.png", found.source_names, overall, k, "whole target test set")]
-    paths += [influence_bars(figures / f"target_{t}.png", found.source_names, by_class[:, t], k, f"target class {name}")
-              for t, name in enumerate(found.target_names)]
+    paths = [influence_bars(figures / "overall.png", found.source_names, overall, k, "whole target test set",
+                            found.stderr[:, -1])]
+    paths += [influence_bars(figures / f"target_{t}.png", found.source_names, by_class[:, t], k, f"target class {name}",
+                             found.stderr[:, t]) for t, name in enumerate(found.target_names)]
     page.figures(paths, ["mean over all target test examples"] +
                  [f"mean over the test examples of {name}" for name in found.target_names])
     best = top_and_bottom(overall, found.source_names, k)

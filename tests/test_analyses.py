@@ -6,9 +6,11 @@ import itertools
 import numpy as np
 import pytest
 
+from ffcv_transfer.analyses import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
 from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, changes_against_all, correct_by_removal,
                                           format_gain, paired_gain, removal_design, without_class_design)
 from ffcv_transfer.plots import accuracy_versus_removed
+from ffcv_transfer.influence import class_influence
 from ffcv_transfer.masks import create_store, orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
 
@@ -127,3 +129,33 @@ def test_display_names_prefer_the_users_file_then_wordnet(tmp_path, monkeypatch)
     user.write_text("cat kitty\n")
     with pytest.raises(ValueError, match=r"names.tsv:1: expected KEY<TAB>NAME"):
         read_names_file(user)
+
+
+def test_ranking_stderr_against_group_statistics():
+    """Each (source class, target class) error is the two-group standard error of the models' mean margin
+    over that target class's examples, computed here by hand in float64; the last column is the same over
+    all examples. Those means' influences are the class means of the per-example influences."""
+    rng = np.random.default_rng(5)
+    masks = rng.random((24, 6)) < 0.5
+    labels = rng.integers(0, 3, 40)
+    margins = rng.normal(size=(24, 40)) + masks[:, [0]] * (labels == 1)  # class 0 helps target class 1
+    stderr = ranking_stderr(masks, margins.astype(np.float32), labels, 3)
+    assert stderr.shape == (6, 4)
+    columns = [labels == t for t in range(3)] + [np.ones(40, bool)]
+    for c in range(6):
+        for k, members in enumerate(columns):
+            means = margins[:, members].mean(1)
+            inside, outside = means[masks[:, c]], means[~masks[:, c]]
+            expected = np.sqrt(inside.var(ddof=1) / len(inside) + outside.var(ddof=1) / len(outside))
+            assert stderr[c, k] == pytest.approx(expected, rel=1e-4)
+    per_example = class_influence(masks, margins)
+    means = np.column_stack([margins[:, m].mean(1) for m in columns])
+    np.testing.assert_allclose(class_influence(masks, means)[:, :3],
+                               influence_by_target_class(per_example, labels, 3), rtol=1e-4, atol=1e-5)
+    ranked = rank_sources(influence_by_target_class(per_example, labels, 3), list("abcdef"), ["x", "y", "z"],
+                          stderr[:, :3])
+    assert ranked["y"][0]["source"] == "a" and ranked["y"][0]["stderr"] == pytest.approx(float(stderr[0, 1]))
+    best = top_and_bottom(per_example.mean(1), list("abcdef"), 2, stderr[:, 3])
+    assert all(entry["stderr"] == pytest.approx(float(stderr[entry["index"], 3]))
+               for entries in best.values() for entry in entries)
+    assert "stderr" not in top_and_bottom(per_example.mean(1), list("abcdef"), 2)["positive"][0]

@@ -12,7 +12,8 @@ from beton_writers import read_sidecar
 from beton_writers.common import read_labels
 from ffcv_transfer.analyses import explain_example, influence_by_target_class, subpopulation, top_and_bottom
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.report import write_report
+from ffcv_transfer.report import gather, write_report
+from ffcv_transfer.store import ResultStore
 from ffcv_transfer.worker import create_experiment_store
 
 from .conftest import DEMO_CONFIG
@@ -52,6 +53,13 @@ def test_rankings_recover_the_planted_effects(planted_store):
     assert planted["twin"]["0"] not in explain_example(influence, first_of_target0, 2)
     chosen = subpopulation(influence, planted["twin"]["1"], 5)
     assert (labels[chosen] == 1).all()  # the twin of target 1 influences target-1 images only
+    found = gather(store_dir)  # the rankings' standard errors: two-group errors of the per-model class means
+    _, values = ResultStore(store_dir).read(["masks", "margins"])
+    twin, means = planted["twin"]["0"], values["margins"].astype(np.float64)[:, labels == 0].mean(1)
+    inside, outside = means[values["masks"][:, twin]], means[~values["masks"][:, twin]]
+    assert found.stderr.shape == (len(planted["source_names"]), len(planted["target_names"]) + 1)
+    assert found.stderr[twin, 0] == pytest.approx(np.sqrt(inside.var(ddof=1) / len(inside) +
+                                                          outside.var(ddof=1) / len(outside)), rel=1e-4)
 
 
 def test_report_is_self_contained_and_renders_in_chromium(planted_store, tmp_path):
