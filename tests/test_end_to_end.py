@@ -8,8 +8,10 @@ Asserted against the planted ground truth, at the strength it holds run after ru
 each twin raises its own target's margins (its influence there is positive), and it is its target's
 single most positive source class for at least 3 of the 4 targets (all 4 in most runs; the weakest
 target's lead is within two standard errors of zero, so "all 4" fails now and then); the misleading class
-is the most negative one on the test images that carry its cue; and retraining without it beats retraining without a random class, on average
-over the counterfactual's seeds (the models of a seed start from the same weights)."""
+is the most negative one on the test images that carry its cue; and retraining without it is not worse
+than retraining without a random class beyond two standard errors of the paired gain over the
+counterfactual's seeds (the models of a seed start from the same weights). That it is better holds on
+average over runs, not in every run of 6 seeds."""
 import json
 
 import numpy as np
@@ -51,7 +53,10 @@ def test_demo_recovers_the_planted_influences(tmp_path):
     assert saved["checks"]["misleading_negative"]["background"]
 
     # per seed: all classes, without the most negative, without a random class (and without the planted harmful
-    # class where it is not the most negative); removing the planted harmful class beats removing a random one
+    # class where it is not the most negative); removing the planted harmful class is not worse than removing a
+    # random one beyond two standard errors. Its mean gain was positive in 6 of 7 runs (about +0.04 on average),
+    # but one run's 6 seeds spread about +-0.05 and gave -0.003 once (docs/measurements.md): "beats" is not
+    # established per run at this size
     counterfactual = findings["counterfactual"]
     assert counterfactual["planted_harmful"] == [planted["source_names"][m["source"]] for m in planted["misleading"]]
     assert counterfactual["removed_first"] == planted["source_names"][int(np.argmin(influence.mean(1)))]
@@ -59,7 +64,7 @@ def test_demo_recovers_the_planted_influences(tmp_path):
     removal = ResultStore(tmp_path / "counterfactual")
     assert removal.status()["completed"] + removal.status()["failed"] == arms * counterfactual["seeds"]
     gain = counterfactual["planted_harmful_gain_over_random"]
-    assert len(gain["per_seed"]) >= counterfactual["seeds"] - 1 and gain["mean"] > 0, gain
+    assert len(gain["per_seed"]) >= counterfactual["seeds"] - 1 and gain["mean"] + 2 * gain["stderr"] > 0, gain
 
     for name, ranked in saved["ranking"].items():
         column = planted["target_names"].index(name)
