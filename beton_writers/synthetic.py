@@ -37,6 +37,10 @@ training images (their indices are unchanged), and
 `atypical_leaks` the leaked test images are first re-rendered without their class motif (two distractors
 instead): atypical images of their class that only a model trained on their copy can place.
 
+With `pixel_scale` s > 1 every image is drawn at 1/s of the resolution (motifs, noise and all) and
+upsampled bilinearly: smooth images, whose content, like a natural image's, survives being resampled, so
+that a model which memorised a resized copy also knows the original (docs/measurements.md).
+
 The ground truth lies in every sidecar's `extra.planted`, with source class indices in beton order.
 """
 from __future__ import annotations
@@ -79,10 +83,14 @@ class PlantedSpec:
     atypical_leaks: bool = False  # the leaked test images lose their class motif (before being copied)
     leak_downsample: float = 0.5  # "downsampled" copies: side fraction of the intermediate image
     leak_crop: float = 0.875  # "crop" copies: side fraction of the crop
+    pixel_scale: int = 1  # > 1: images drawn at resolution / pixel_scale, then bilinearly upsampled (smooth)
 
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= 64 or self.resolution % 8:
             raise BetonError(f"resolution {self.resolution} must be a multiple of 8 in 16..64")
+        if self.pixel_scale < 1 or self.resolution % (8 * self.pixel_scale) or self.drawn_resolution < 16:
+            raise BetonError(f"pixel_scale {self.pixel_scale}: resolution / pixel_scale must be a multiple of 8, "
+                             f"at least 16 (resolution {self.resolution})")
         if self.num_targets < 2 or self.num_unrelated < 1 or self.num_distractors < 1:
             raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
         if self.misleading_conflict not in CONFLICTS:
@@ -111,8 +119,12 @@ class PlantedSpec:
                              f"{self.resolution} px allows; raise the resolution")
 
     @property
+    def drawn_resolution(self) -> int:
+        return self.resolution // self.pixel_scale
+
+    @property
     def motif_size(self) -> int:
-        return self.resolution // 4
+        return self.drawn_resolution // 4
 
     @property
     def num_motifs(self) -> int:
@@ -156,7 +168,7 @@ def sibling(motif: np.ndarray, flips: int, rng: np.random.Generator) -> np.ndarr
 
 def render(slots: np.ndarray, motifs: np.ndarray, spec: PlantedSpec, rng: np.random.Generator) -> np.ndarray:
     """Images (n, R, R, 3) uint8; slots[i] lists the motif ids pasted into image i (NO_MOTIF: none)."""
-    n, res, m = len(slots), spec.resolution, motifs.shape[1]
+    n, res, m = len(slots), spec.drawn_resolution, motifs.shape[1]
     coarse = rng.normal(0.0, 0.15, size=(n, res // 4, res // 4, 3))
     images = coarse.repeat(4, axis=1).repeat(4, axis=2)
     images += rng.uniform(0.25, 0.75, size=(n, 1, 1, 3)) + rng.normal(0.0, spec.noise, size=images.shape)
@@ -168,7 +180,21 @@ def render(slots: np.ndarray, motifs: np.ndarray, spec: PlantedSpec, rng: np.ran
         colour = rng.uniform(0.5, 1.0, size=(n, 1, 1, 3)) * spec.motif_amplitude
         patch = motifs[np.where(present, ids, 0)][..., None] * colour * present[:, None, None, None]
         images[rows, (y[:, None] + offsets)[:, :, None], (x[:, None] + offsets)[:, None, :]] += patch
+    if spec.pixel_scale > 1:
+        up = _bilinear_matrix(res, spec.resolution)
+        images = np.einsum("Yy,nyxc,Xx->nYXc", up, images, up, optimize=True)
     return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """(target, source) bilinear interpolation with pixel centres aligned (edges clamped), as PIL's."""
+    position = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, source - 1)
+    matrix = np.zeros((target, source))
+    matrix[np.arange(target), low] += 1 - (position - low)
+    matrix[np.arange(target), high] += position - low
+    return matrix
 
 
 def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, Any]:

@@ -307,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
     p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
-    p.add_argument("--counterfactual-seeds", type=int, default=6,
+    p.add_argument("--counterfactual-seeds", type=int, default=7,
                    help="retrain this many times with all classes, without the most negative class and without a "
-                   "random one, the models of a seed from the same initial weights (default: 6; 0 skips)")
+                   "random one (each class in turn, shuffled), the models of a seed from the same initial weights "
+                   "(default: 7; 0 skips)")
     p.add_argument("--workers", type=int, help="local worker processes that train the models, the rows and cores "
                    "split evenly (default: one per core)")
     group = p.add_argument_group("--data tiny-imagenet")

@@ -102,7 +102,8 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .cli import _experiment, parse_rows
-    from .counterfactual import accuracy_by_removal, changes_against_all, format_gain, removal_design, run_removals
+    from .counterfactual import (accuracy_by_arm, accuracy_by_removal, changes_against_all, format_gain,
+                                 removal_design, run_removals)
     from .plots import accuracy_versus_removed
     from .report import gather
     from .worker import EXPERIMENT_FILE
@@ -111,8 +112,9 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     experiment = _experiment(args, str(Path(args.store) / EXPERIMENT_FILE))
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
-    baseline, curves = accuracy_by_removal(store)
-    changes = changes_against_all(store)
+    arms = accuracy_by_arm(store)
+    baseline, curves = accuracy_by_removal(arms)
+    changes = changes_against_all(arms)
     plot = accuracy_versus_removed(out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}",
                                    changes)
     (out / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1) + "\n")

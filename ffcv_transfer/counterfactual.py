@@ -25,7 +25,9 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
                    chosen: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Masks (rows, C) and removals (rows, 3: kind index, k, seed): for each seed, one model on every class
     and one per (kind, k) without its k classes, and with `chosen` one more without those classes (kind
-    "chosen", e.g. a planted harmful class). `scores`: each source class's mean influence."""
+    "chosen", e.g. a planted harmful class). `scores`: each source class's mean influence. The random
+    classes are dealt from shuffled decks (`balanced_draws`), so over the seeds every class is removed
+    equally often, give or take one."""
     scores = np.asarray(scores, float)
     num_classes = len(scores)
     unknown = [kind for kind in kinds if kind not in KINDS[1:4]]
@@ -36,21 +38,42 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
     if seeds < 1:
         raise ValueError(f"need at least one seed, got {seeds}")
     ascending = np.argsort(scores, kind="stable")
+    random = {k: balanced_draws(num_classes, k, seeds, np.random.default_rng([0, k])) for k in ks}
     masks, removals = [], []
     for seed in range(seeds):
         masks.append(np.ones(num_classes, bool))
         removals.append((0, 0, seed))
-        rng = np.random.default_rng(seed)
         for kind in kinds:
             for k in ks:
                 removed = {"most_negative": ascending[:k], "most_positive": ascending[::-1][:k],
-                           "random": rng.choice(num_classes, k, replace=False)}[kind]
+                           "random": random[k][seed]}[kind]
                 masks.append(~np.isin(np.arange(num_classes), removed))
                 removals.append((KINDS.index(kind), k, seed))
         if len(chosen):
             masks.append(~np.isin(np.arange(num_classes), chosen))
             removals.append((KINDS.index("chosen"), len(chosen), seed))
     return np.stack(masks), np.array(removals, np.int64)
+
+
+def balanced_draws(num_classes: int, k: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """(draws, k) classes, k distinct ones per draw, dealt in order from decks of all the classes, each deck
+    shuffled anew and laid under what is left of the last: every class comes up equally often over the
+    draws, give or take one. The random arm's mean over seeds then averages over the classes rather than
+    over chance picks that may miss the harmful or the helpful ones (stratified sampling); the first
+    draws do not depend on how many follow."""
+    deck: list[int] = []
+    dealt = []
+    for _ in range(draws):
+        hand: list[int] = []
+        while len(hand) < k:
+            usable = [c for c in deck if c not in hand]
+            if not usable:
+                deck += rng.permutation(num_classes).tolist()
+                continue
+            deck.remove(usable[0])
+            hand.append(usable[0])
+        dealt.append(hand)
+    return np.array(dealt, np.int64).reshape(draws, k)
 
 
 def without_class_design(num_classes: int, source_class: int, repeats: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +110,12 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     return store
 
 
-def accuracy_by_arm(store) -> dict[tuple[str, int], dict[int, float]]:
-    """{(kind, k): {seed: target accuracy}} over the completed rows; the full source set is ("none", 0)."""
+Arms = dict[tuple[str, int], dict[int, float]]
+
+
+def accuracy_by_arm(store) -> Arms:
+    """{(kind, k): {seed: target accuracy}} over the completed rows; the full source set is ("none", 0).
+    The functions below take it, so that one read of the store serves them all."""
     rows, values = store.read(["target_acc"])
     arms: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for (kind, k, seed), accuracy in zip(store.fixed("removal")[rows], values["target_acc"].tolist()):
@@ -96,9 +123,8 @@ def accuracy_by_arm(store) -> dict[tuple[str, int], dict[int, float]]:
     return dict(arms)
 
 
-def accuracy_by_removal(store) -> tuple[list[float], dict[str, dict[int, list[float]]]]:
-    """(target accuracy of the full-source models, {kind: {k: accuracies}}) over completed rows."""
-    arms = accuracy_by_arm(store)
+def accuracy_by_removal(arms: Arms) -> tuple[list[float], dict[str, dict[int, list[float]]]]:
+    """(target accuracy of the full-source models, {kind: {k: accuracies}}) from `accuracy_by_arm`."""
     curves: dict[str, dict[int, list[float]]] = defaultdict(dict)
     for (kind, k), by_seed in arms.items():
         if kind != "none":
@@ -106,17 +132,15 @@ def accuracy_by_removal(store) -> tuple[list[float], dict[str, dict[int, list[fl
     return list(arms.get(("none", 0), {}).values()), dict(curves)
 
 
-def paired_gain(store, arm: tuple[str, int], versus: tuple[str, int]) -> dict[str, Any]:
+def paired_gain(arms: Arms, arm: tuple[str, int], versus: tuple[str, int]) -> dict[str, Any]:
     """Target accuracy of `arm` minus that of `versus` (each (kind, k)), seed by seed: the models of a
     seed start from the same weights, so the spread across initialisations cancels. {"per_seed":
     {seed: gain}, "mean", "stderr"} over the seeds both arms completed (mean None when none did)."""
-    arms = accuracy_by_arm(store)
     return _gain(arms.get(arm, {}), arms.get(versus, {}))
 
 
-def changes_against_all(store) -> dict[str, dict[int, dict[str, Any]]]:
+def changes_against_all(arms: Arms) -> dict[str, dict[int, dict[str, Any]]]:
     """{kind: {k: paired_gain of (kind, k) against the full source set}} for every removal arm."""
-    arms = accuracy_by_arm(store)
     changes: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for kind, k in sorted(arm for arm in arms if arm[0] != "none"):
         changes[kind][k] = _gain(arms[kind, k], arms.get(("none", 0), {}))

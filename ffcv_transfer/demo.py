@@ -30,7 +30,7 @@ def demo_spec():
     from beton_writers.synthetic import PlantedSpec
 
     return PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=1, resolution=32, source_train_per_class=150,
-                       source_val_per_class=30, target_train_per_class=100, target_test_per_class=50,
+                       source_val_per_class=30, target_train_per_class=100, target_test_per_class=150,
                        motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="background",
                        sibling_flips=4, cue_decoys=True)
 
@@ -73,7 +73,7 @@ class TinySize:
 
 
 def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
-             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 6,
+             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 7,
              data_dir: str | Path | None = None, tiny: TinySize = TinySize(), workers: int | None = None,
              progress: bool = True) -> dict:
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
@@ -156,22 +156,22 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     on planted data, without the planted harmful classes (an arm of its own only where they are not the
     most negative class), the models of a seed from the same initial weights; mean target accuracy per
     arm and, seed by seed, the gain of removing the planted harmful classes over removing a random one."""
-    from .counterfactual import accuracy_by_removal, paired_gain, removal_design, run_removals
+    from .counterfactual import accuracy_by_arm, accuracy_by_removal, paired_gain, removal_design, run_removals
 
     overall = found.influence.mean(1)
     removed_first = int(np.argmin(overall))
     harmful = sorted({m["source"] for m in found.planted["misleading"]}) if found.planted else []
     own_arm = bool(harmful) and harmful != [removed_first]
     masks, removals = removal_design(overall, [1], seeds, ["most_negative", "random"], harmful if own_arm else ())
-    store = run_removals(path, experiment, masks, removals, train=train)
-    baseline, curves = accuracy_by_removal(store)
+    arms = accuracy_by_arm(run_removals(path, experiment, masks, removals, train=train))
+    baseline, curves = accuracy_by_removal(arms)
     result = {"seeds": seeds, "all_classes": float(np.mean(baseline)),
               **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1])) for kind, by_k in curves.items()},
               "removed_first": found.source_names[removed_first]}
     if harmful:
         arm = ("chosen", len(harmful)) if own_arm else ("most_negative", 1)
         result["planted_harmful"] = [found.source_names[c] for c in harmful]
-        result["planted_harmful_gain_over_random"] = paired_gain(store, arm, ("random", 1))
+        result["planted_harmful_gain_over_random"] = paired_gain(arms, arm, ("random", 1))
     return result
 
 

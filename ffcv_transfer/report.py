@@ -216,12 +216,12 @@ def explanation_grid(path: Path, found: Findings, example: int, classes: Sequenc
 
 
 def _counterfactual_section(page: Page, path: Path, figures: Path) -> None:
-    from .counterfactual import accuracy_by_removal, changes_against_all, format_gain
+    from .counterfactual import accuracy_by_arm, accuracy_by_removal, changes_against_all, format_gain
     from .store import ResultStore
 
-    store = ResultStore(path)
-    baseline, curves = accuracy_by_removal(store)
-    changes = changes_against_all(store)
+    arms = accuracy_by_arm(ResultStore(path))
+    baseline, curves = accuracy_by_removal(arms)
+    changes = changes_against_all(arms)
     page.heading("Counterfactuals: retrained without chosen source classes")
     plot = accuracy_versus_removed(figures / "counterfactual.png", curves, baseline,
                                    "target accuracy after removing k source classes", changes)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from ffcv_transfer.analyses import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
-from ffcv_transfer.counterfactual import (KINDS, accuracy_by_removal, changes_against_all, correct_by_removal,
-                                          format_gain, paired_gain, removal_design, without_class_design)
+from ffcv_transfer.counterfactual import (KINDS, accuracy_by_arm, accuracy_by_removal, balanced_draws,
+                                          changes_against_all, correct_by_removal, format_gain, paired_gain,
+                                          removal_design, without_class_design)
 from ffcv_transfer.plots import accuracy_versus_removed
 from ffcv_transfer.influence import class_influence
 from ffcv_transfer.masks import create_store, orthogonal_class_masks
@@ -66,6 +67,20 @@ def test_removal_design_removes_the_chosen_classes():
         removal_design(scores, [1], seeds=1, kinds=["worst"])
 
 
+def test_random_removals_are_dealt_evenly_over_the_seeds():
+    for classes, k, draws in ((7, 1, 14), (7, 3, 10), (5, 4, 9), (6, 5, 40)):
+        dealt = balanced_draws(classes, k, draws, np.random.default_rng(3))
+        assert dealt.shape == (draws, k) and all(len(set(hand)) == k for hand in dealt.tolist())
+        counts = np.bincount(dealt.ravel(), minlength=classes)
+        assert counts.max() - counts.min() <= 1, (classes, k, counts)
+        np.testing.assert_array_equal(balanced_draws(classes, k, 3, np.random.default_rng(3)), dealt[:3])
+    first_cycle = balanced_draws(7, 1, 7, np.random.default_rng(0))[:, 0]
+    assert sorted(first_cycle.tolist()) == list(range(7)) and first_cycle.tolist() != list(range(7))
+    masks, removals = removal_design(np.zeros(7), [1], seeds=14, kinds=["random"])
+    random_rows = removals[:, 0] == KINDS.index("random")
+    assert (np.bincount(np.nonzero(~masks[random_rows])[1], minlength=7) == 2).all()  # each class twice
+
+
 def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     masks, removals = removal_design(np.arange(5.0), [1, 3], seeds=2, kinds=["most_negative", "random"])
     store = create_store(tmp_path / "cf", masks, 4, extra_fixed={"removal": removals})
@@ -75,7 +90,8 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     writer.write_many(done, margins=np.zeros((len(done), 4), np.float16), is_correct=np.zeros((len(done), 4), bool),
                       predictions=np.zeros((len(done), 4), np.int16), source_acc=np.ones(len(done), np.float32),
                       target_acc=accuracy[done])
-    baseline, curves = accuracy_by_removal(store)
+    arms = accuracy_by_arm(store)
+    baseline, curves = accuracy_by_removal(arms)
     expected = {}
     for row in done:
         kind, k, _ = removals[row]
@@ -84,16 +100,16 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     assert {(kind, k): sorted(v) for kind, by_k in curves.items() for k, v in by_k.items()} == \
         {key: sorted(v) for key, v in expected.items()}
     # rows per seed: none, most_negative 1 and 3, random 1 and 3; row 3 (random 1, seed 0) is unfinished
-    gain = paired_gain(store, ("random", 1), ("none", 0))
+    gain = paired_gain(arms, ("random", 1), ("none", 0))
     assert gain["per_seed"] == {1: pytest.approx(accuracy[8] - accuracy[5])} and gain["stderr"] is None
-    gain = paired_gain(store, ("most_negative", 1), ("random", 3))
+    gain = paired_gain(arms, ("most_negative", 1), ("random", 3))
     assert gain["per_seed"] == pytest.approx({0: accuracy[1] - accuracy[4], 1: accuracy[6] - accuracy[9]})
     assert gain["mean"] == pytest.approx(-0.03) and gain["stderr"] == pytest.approx(0, abs=1e-7)
-    assert paired_gain(store, ("chosen", 1), ("none", 0)) == {"per_seed": {}, "mean": None, "stderr": None}
+    assert paired_gain(arms, ("chosen", 1), ("none", 0)) == {"per_seed": {}, "mean": None, "stderr": None}
     assert format_gain(gain) == "-0.0300 ± 0.0000 (2 seeds)"
-    assert format_gain(paired_gain(store, ("random", 1), ("none", 0))) == "+0.0300 (1 seed)"
-    assert format_gain(paired_gain(store, ("chosen", 1), ("none", 0))) == ""
-    changes = changes_against_all(store)
+    assert format_gain(paired_gain(arms, ("random", 1), ("none", 0))) == "+0.0300 (1 seed)"
+    assert format_gain(paired_gain(arms, ("chosen", 1), ("none", 0))) == ""
+    changes = changes_against_all(arms)
     assert {kind: sorted(by_k) for kind, by_k in changes.items()} == {"most_negative": [1, 3], "random": [1, 3]}
     assert changes["most_negative"][3]["per_seed"] == pytest.approx({0: accuracy[2] - accuracy[0],
                                                                       1: accuracy[7] - accuracy[5]})

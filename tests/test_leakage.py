@@ -142,11 +142,14 @@ def test_grouped_backend_packs_each_model_its_examples():
 # Leaks with a planted effect: the leaked test images are atypical (their class motif removed), so a model
 # places them in their class only if it trained on their copy, labelled with the class's twin. Copies:
 # exact, downsampled to 3/4 and back, a 15/16 crop resized back (kinds in turn); 2 more copies mislabelled.
+# Images drawn at half resolution (pixel_scale 2): smooth, so that what a model memorises of a resampled
+# copy also holds for the original (at pixel_scale 1 the downsampled copies ranked 2-189 of 248).
 LEAKY = PlantedSpec(num_targets=3, num_unrelated=1, num_misleading=0, resolution=32, source_train_per_class=60,
                     source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
                     motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="none",
-                    leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375)
-MODELS, PRETRAIN_CANDIDATES, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 16, 3, 15, 6, 3
+                    leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375,
+                    pixel_scale=2)
+MODELS, PRETRAIN_CANDIDATES, PRETRAIN_EPOCHS, EPOCHS, LEAK_TOP = 32, 3, 15, 6, 5
 
 
 def normalised(images: np.ndarray) -> torch.Tensor:
@@ -192,18 +195,19 @@ def train_and_transfer(data: dict, masks: np.ndarray, seed: int) -> np.ndarray:
     trainer = GroupedTrainer(models, masks, config, steps, example_labels=labels)
     for epoch in range(EPOCHS):
         trainer.train_epoch(epoch_batches(x, y, rng), epoch)
-    assert not trainer.failed and min(trainer.accuracy(val)) > 0.8  # measured 0.93-0.98 (chance 0.25)
+    assert not trainer.failed and min(trainer.accuracy(val)) > 0.6  # measured 0.75-1.0 (chance 0.25)
     target = [(normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")]
     outputs = transfer_cached_features(models, [target[0]], [target[1]], LEAKY.num_targets + 1,
                                        TransferConfig(mode="cached_features", precision="fp32"))
     return np.stack([o.margins.numpy() for o in outputs])
 
 
-def test_planted_exact_leaks_are_flagged_and_nothing_unplanted_is():
-    """16 warm-started models on random halves of the source examples. Every exact copy is among the
-    LEAK_TOP most positive source images of its target image (of 248) and confirmed as a near-duplicate;
-    no unplanted source image is flagged for any target image. Resampled copies are near-duplicates too
-    (test above) but their influence is not reliably large at this scale: measured, not asserted."""
+def test_planted_exact_and_downsampled_leaks_are_flagged_and_nothing_unplanted_is():
+    """32 warm-started models on random halves of the source examples. Every exact copy and every copy
+    downsampled to 3/4 and back is among the LEAK_TOP most positive source images of its target image (of
+    248) and confirmed as a near-duplicate; no unplanted source image is flagged for any target image.
+    Cropped-and-resized copies are near-duplicates too (test above), but their influence is not reliably
+    large at this scale (ranks 1-187 over data seeds 0-4): measured, not asserted (docs/measurements.md)."""
     data = make_planted(LEAKY, seed=0)
     (images, labels), (test_images, _) = data["source_train"], data["target_test"]
     leaks = data["design"]["leaks"]
@@ -213,11 +217,11 @@ def test_planted_exact_leaks_are_flagged_and_nothing_unplanted_is():
     found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, top=LEAK_TOP)
     flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
     planted = {(leak["source"], leak["target_test"]) for leak in leaks}
-    exact = {(leak["source"], leak["target_test"]) for leak in leaks if leak["kind"] == "exact" and leak["role"] == "leak"}
-    ranks = {(leak["kind"], leak["role"]): int((influence[:, leak["target_test"]] > influence[leak["source"],
-                                                                                           leak["target_test"]]).sum()) + 1
-             for leak in leaks}
-    assert exact <= {(f["source"], f["target"]) for f in found["leakage"]}, ranks
+    resampled = {(leak["source"], leak["target_test"]) for leak in leaks
+                 if leak["kind"] in ("exact", "downsampled") and leak["role"] == "leak"}
+    ranks = [(leak["kind"], leak["role"], int((influence[:, j] > influence[leak["source"], j]).sum()) + 1)
+             for leak in leaks for j in [leak["target_test"]]]
+    assert len(resampled) == 4 and resampled <= {(f["source"], f["target"]) for f in found["leakage"]}, ranks
     assert flagged <= planted, flagged - planted
 
 
