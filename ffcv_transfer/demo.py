@@ -109,7 +109,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
         create_experiment_store(store_dir, experiment)
-    train = partial(_train_in_workers, workers=workers or len(os.sched_getaffinity(0)), progress=progress)
+    train = partial(train_in_workers, workers=workers or len(os.sched_getaffinity(0)), progress=progress)
     train(store_dir, experiment)
     lap("train")
     found = gather(store_dir, progress=progress)
@@ -135,7 +135,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     return findings
 
 
-def _train_in_workers(store_dir: Path, experiment, workers: int, progress: bool) -> None:
+def train_in_workers(store_dir: Path, experiment, workers: int, progress: bool) -> None:
     """Train the store's pending rows in `workers` local worker processes (ffcv-transfer's local launcher),
     the rows split evenly and the cores too. On 2 CPU cores two processes of 16 small models, each on
     one thread, ran an epoch 2.4 times faster than one process of 32 models on two threads."""

@@ -12,15 +12,17 @@ is the most negative one on the test images that carry its cue; and retraining w
 than retraining without a random class beyond two standard errors of the paired gain over the
 counterfactual's seeds (the models of a seed start from the same weights; the random arm removes each of
 the 7 classes once). That it is better holds on average over runs, not in every run of 7 seeds: one
-model's target accuracy spreads about 0.1 across initial weights, against an effect near 0.04."""
+model's target accuracy spreads about 0.1 across initial weights, against an effect near 0.05. The second
+test asserts "better" with 28 seeds of the counterfactual alone."""
 import json
+from functools import partial
 
 import numpy as np
 
 from beton_writers import read_sidecar
 from ffcv_transfer.analyses import influence_by_target_class
-from ffcv_transfer.counterfactual import KINDS
-from ffcv_transfer.demo import format_findings, run_demo
+from ffcv_transfer.counterfactual import KINDS, accuracy_by_arm, balanced_draws, paired_gain, run_removals
+from ffcv_transfer.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo, train_in_workers
 from ffcv_transfer.store import ResultStore
 
 
@@ -78,3 +80,35 @@ def test_demo_recovers_the_planted_influences(tmp_path):
     report = (tmp_path / "report.html").read_text()
     assert report.count("<img") > 5 and "Counterfactuals" in report and "target3" in format_findings(findings)
 
+
+
+COUNTERFACTUAL_SEEDS = 28
+
+
+def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path):
+    """Issue 5's counterfactual criterion at a size that can show it: on the demo's planted data and recipe,
+    28 seeds of two models from the same initial weights, one without the misleading class and one without
+    a random class (each of the 7 dealt 4 times), trained by the worker as the demo does. One model's target
+    accuracy spreads about 0.1 across initial weights, so the demo's 7 seeds cannot separate the arms
+    (gains from -0.002 +- 0.037 to +0.094 +- 0.020); pooled over 49 seeds in four runs the gain was
+    +0.051 +- 0.014, so 28 seeds put it about 2.7 standard errors above zero (docs/measurements.md).
+    About 9 minutes on 2 CPU cores."""
+    from beton_writers import ImageOptions
+    from beton_writers.synthetic import write_synthetic
+    from ffcv_transfer.config import load_experiment
+
+    write_synthetic(tmp_path / "data", seed=0, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
+    experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tmp_path / "data")})
+    planted = read_sidecar(tmp_path / "data" / "target_test.beton")["extra"]["planted"]
+    classes = np.arange(len(planted["source_names"]))
+    (harmful,) = [m["source"] for m in planted["misleading"]]
+    random = balanced_draws(len(classes), 1, COUNTERFACTUAL_SEEDS, np.random.default_rng(0))[:, 0]
+    assert (np.bincount(random, minlength=len(classes)) == COUNTERFACTUAL_SEEDS // len(classes)).all()
+    masks = np.stack([classes != removed for seed in range(COUNTERFACTUAL_SEEDS) for removed in (harmful, random[seed])])
+    removals = np.array([(KINDS.index(kind), 1, seed) for seed in range(COUNTERFACTUAL_SEEDS)
+                         for kind in ("chosen", "random")])
+    store = run_removals(tmp_path / "counterfactual", experiment, masks, removals,
+                         train=partial(train_in_workers, workers=2, progress=False))
+    assert store.status()["completed"] >= len(masks) - 2
+    gain = paired_gain(accuracy_by_arm(store), ("chosen", 1), ("random", 1))
+    assert len(gain["per_seed"]) >= COUNTERFACTUAL_SEEDS - 2 and gain["mean"] > 0, gain
