@@ -81,7 +81,6 @@ def test_demo_recovers_the_planted_influences(tmp_path):
     assert report.count("<img") > 5 and "Counterfactuals" in report and "target3" in format_findings(findings)
 
 
-
 COUNTERFACTUAL_SEEDS = 28
 
 
