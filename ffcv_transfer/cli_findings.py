@@ -24,12 +24,12 @@ def _source_class(found, value: str) -> int:
 
 
 def cmd_rankings(args: argparse.Namespace) -> None:
-    from .analyses import influence_by_target_class, top_and_bottom
+    from .analyses import top_and_bottom
     from .plots import influence_bars
     from .report import gather
 
     found, out = gather(args.store, args.names), _out(args)
-    by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
+    by_class = found.by_class
     columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
     columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
     rankings = {}

@@ -22,10 +22,11 @@ KINDS = ("none", "most_negative", "most_positive", "random", "chosen")
 
 def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
                    kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
-                   chosen: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+                   chosen: Sequence[int] = (), baseline: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Masks (rows, C) and removals (rows, 3: kind index, k, seed): for each seed, one model on every class
-    and one per (kind, k) without its k classes, and with `chosen` one more without those classes (kind
-    "chosen", e.g. a planted harmful class). `scores`: each source class's mean influence. The random
+    (unless `baseline` is False) and one per (kind, k) without its k classes, and with `chosen` one more
+    without those classes (kind "chosen", e.g. a planted harmful class). `scores`: each source class's mean
+    influence (only the most_negative and most_positive kinds read it). The random
     classes are dealt from shuffled decks (`balanced_draws`), so over the seeds every class is removed
     equally often, give or take one."""
     scores = np.asarray(scores, float)
@@ -41,8 +42,9 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
     random = {k: balanced_draws(num_classes, k, seeds, np.random.default_rng([0, k])) for k in ks}
     masks, removals = [], []
     for seed in range(seeds):
-        masks.append(np.ones(num_classes, bool))
-        removals.append((0, 0, seed))
+        if baseline:
+            masks.append(np.ones(num_classes, bool))
+            removals.append((0, 0, seed))
         for kind in kinds:
             for k in ks:
                 removed = {"most_negative": ascending[:k], "most_positive": ascending[::-1][:k],

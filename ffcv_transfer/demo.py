@@ -85,7 +85,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
 
-    from .analyses import influence_by_target_class, rank_sources
+    from .analyses import rank_sources
     from .config import load_experiment
     from .report import gather, write_report
     from .store import ResultStore
@@ -114,7 +114,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     lap("train")
     found = gather(store_dir, progress=progress)
     np.save(out / "influence.npy", found.influence)
-    by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
+    by_class = found.by_class
     status = ResultStore(store_dir).status()
     findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
                 "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1])}

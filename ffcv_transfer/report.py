@@ -8,6 +8,7 @@ import base64
 import html
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +83,11 @@ class Findings:
     betons: dict[str, Path]
     planted: dict | None
 
+    @cached_property
+    def by_class(self) -> np.ndarray:
+        """(C_source, target classes): each source class's mean influence over each target class's examples."""
+        return influence_by_target_class(self.influence, self.labels, len(self.target_names))
+
 
 def gather(store_dir: str | Path, names_file: str | Path | None = None, progress: bool = False) -> Findings:
     from beton_writers.common import read_labels
@@ -131,7 +137,7 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
               "Influence of a source class on a target example: its mean margin over the models trained with "
               "the class minus over those without.")
 
-    by_class = influence_by_target_class(found.influence, found.labels, len(found.target_names))
+    by_class = found.by_class
     overall = found.influence.mean(1)
     page.heading("Most helpful and most harmful source classes")
     paths = [influence_bars(figures / "overall.png", found.source_names, overall, k, "whole target test set",

@@ -61,6 +61,9 @@ def test_removal_design_removes_the_chosen_classes():
     assert [tuple(r) for r in removals] == [(0, 0, 0), (KINDS.index("random"), 1, 0), (KINDS.index("chosen"), 2, 0),
                                             (0, 0, 1), (KINDS.index("random"), 1, 1), (KINDS.index("chosen"), 2, 1)]
     assert np.flatnonzero(~masks[2]).tolist() == np.flatnonzero(~masks[5]).tolist() == [0, 4]
+    lean, lean_removals = removal_design(scores, [1], seeds=2, kinds=["random"], chosen=[4, 0], baseline=False)
+    np.testing.assert_array_equal(lean, masks[removals[:, 0] != 0])  # the same rows, less the all-classes ones
+    np.testing.assert_array_equal(lean_removals, removals[removals[:, 0] != 0])
     with pytest.raises(ValueError, match="1..5"):
         removal_design(scores, [6], seeds=1)
     with pytest.raises(ValueError, match="unknown removal kinds"):

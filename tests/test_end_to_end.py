@@ -21,7 +21,7 @@ import numpy as np
 
 from beton_writers import read_sidecar
 from ffcv_transfer.analyses import influence_by_target_class
-from ffcv_transfer.counterfactual import KINDS, accuracy_by_arm, balanced_draws, paired_gain, run_removals
+from ffcv_transfer.counterfactual import KINDS, accuracy_by_arm, paired_gain, removal_design, run_removals
 from ffcv_transfer.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo, train_in_workers
 from ffcv_transfer.store import ResultStore
 
@@ -99,13 +99,13 @@ def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path
     write_synthetic(tmp_path / "data", seed=0, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
     experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tmp_path / "data")})
     planted = read_sidecar(tmp_path / "data" / "target_test.beton")["extra"]["planted"]
-    classes = np.arange(len(planted["source_names"]))
     (harmful,) = [m["source"] for m in planted["misleading"]]
-    random = balanced_draws(len(classes), 1, COUNTERFACTUAL_SEEDS, np.random.default_rng(0))[:, 0]
-    assert (np.bincount(random, minlength=len(classes)) == COUNTERFACTUAL_SEEDS // len(classes)).all()
-    masks = np.stack([classes != removed for seed in range(COUNTERFACTUAL_SEEDS) for removed in (harmful, random[seed])])
-    removals = np.array([(KINDS.index(kind), 1, seed) for seed in range(COUNTERFACTUAL_SEEDS)
-                         for kind in ("chosen", "random")])
+    num_classes = len(planted["source_names"])
+    masks, removals = removal_design(np.zeros(num_classes), [1], COUNTERFACTUAL_SEEDS, kinds=("random",),
+                                     chosen=[harmful], baseline=False)
+    random_rows = removals[:, 0] == KINDS.index("random")
+    removed = np.nonzero(~masks[random_rows])[1]
+    assert (np.bincount(removed, minlength=num_classes) == COUNTERFACTUAL_SEEDS // num_classes).all()
     store = run_removals(tmp_path / "counterfactual", experiment, masks, removals,
                          train=partial(train_in_workers, workers=2, progress=False))
     assert store.status()["completed"] >= len(masks) - 2
