@@ -1,0 +1,84 @@
+"""How reliably example-level influence finds planted leaks (JSON + a table).
+
+For each data draw (`--seeds`) and training length (`--epochs` of each model on its own examples), the
+planted-leak trial of tests/test_leakage.py (`ffcv_transfer.leak_trial`): `--models` warm-started models
+on random halves of the source examples, cached-feature transfer, example influence. Reported per planted
+copy: its rank among the source images of its target image (leaks from the most positive, mislabelled
+copies from the most negative), and per kind the share of copies in the top `--top`; false flags count
+unplanted images that `leakage.flag_examples` confirms. Detection quality, not speed: the seconds are
+those of one trial on this machine.
+
+    python benchmarks/bench_leaks.py --seeds 0 1 2 3 --epochs 6 12 --out benchmarks/results/leaks-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+from bench_common import machine, save_report
+
+
+def run_trial(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: int) -> dict:
+    import numpy as np
+
+    from beton_writers.synthetic import make_planted
+    from ffcv_transfer import leakage
+    from ffcv_transfer.influence import example_influence
+    from ffcv_transfer.leak_trial import LEAKY, TrialRecipe, copy_ranks, train_and_transfer
+    from ffcv_transfer.masks import random_example_masks
+
+    started = time.perf_counter()
+    data = make_planted(replace(LEAKY, leak_kinds=kinds), seed=seed)
+    (images, labels), (test_images, _) = data["source_train"], data["target_test"]
+    leaks = data["design"]["leaks"]
+    masks = random_example_masks(models, len(labels), 0.5, seed=seed)
+    margins, val_accuracy = train_and_transfer(data, masks, seed, TrialRecipe(epochs=epochs))
+    influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
+    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, top=top, candidates=0)
+    planted = {(leak["source"], leak["target_test"]) for leak in leaks}
+    flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
+    return {"seed": seed, "epochs": epochs, "models": models, "copies": copy_ranks(influence, leaks),
+            "false_flags": len(flagged - planted), "min_val_accuracy": round(min(val_accuracy), 3),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def table(trials: list[dict], top: int) -> str:
+    ranks: dict[tuple, list[int]] = defaultdict(list)
+    for trial in trials:
+        for copy in trial["copies"]:
+            ranks[(trial["epochs"], copy["role"], copy["kind"])].append(copy["rank"])
+    lines = [f"| epochs | copy | ranks over the draws | in the top {top} |", "|---|---|---|---|"]
+    for (epochs, role, kind), found in sorted(ranks.items()):
+        inside = sum(rank <= top for rank in found)
+        lines.append(f"| {epochs} | {kind} {role} | {', '.join(map(str, found))} | {inside} of {len(found)} |")
+    false_flags = sum(trial["false_flags"] for trial in trials)
+    lines.append(f"\n{len(trials)} trials, {false_flags} false flags, "
+                 f"{sum(trial['seconds'] for trial in trials):.0f} s")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="data draws")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[6], help="each model's epochs on its examples")
+    parser.add_argument("--models", type=int, default=32)
+    parser.add_argument("--kinds", nargs="+", default=["exact", "downsampled", "crop"],
+                        help="copy kinds planted in turn (beton_writers.synthetic.LEAK_KINDS)")
+    parser.add_argument("--top", type=int, default=5, help="a copy counts as found within this rank")
+    parser.add_argument("--out", default="benchmarks/results/leaks-cpu.json")
+    args = parser.parse_args()
+
+    from tqdm import tqdm
+
+    report = {"machine": machine(), "options": vars(args), "trials": []}
+    for epochs in args.epochs:
+        for seed in tqdm(args.seeds, desc=f"{epochs} epochs"):
+            report["trials"].append(run_trial(seed, epochs, args.models, tuple(args.kinds), args.top))
+            save_report(args.out, report)
+    print(table(report["trials"], args.top))
+
+
+if __name__ == "__main__":
+    main()
