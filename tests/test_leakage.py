@@ -153,7 +153,7 @@ def test_planted_leaks_are_found_and_nothing_unplanted_is_flagged():
     leaks = data["design"]["leaks"]
     masks = random_example_masks(MODELS, len(labels), 0.5, seed=0)
     margins, val_accuracy = train_and_transfer(data, masks, seed=0, recipe=RECIPE)
-    assert min(val_accuracy) > 0.6  # measured 0.75-1.0 (chance 0.25)
+    assert min(val_accuracy) > 0.5  # chance 0.25 (20 images); lowest measured 0.65 over data seeds 0-3
     influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
     found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__)
     flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
