@@ -15,32 +15,17 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 from bench_common import machine, save_report
 
 
-def run_trial(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: int) -> dict:
-    import numpy as np
-
-    from beton_writers.synthetic import make_planted
-    from ffcv_transfer import leakage
-    from ffcv_transfer.influence import example_influence
-    from ffcv_transfer.leak_trial import LEAKY, TrialRecipe, copy_ranks, train_and_transfer
-    from ffcv_transfer.masks import random_example_masks
+def measure(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: int) -> dict:
+    from ffcv_transfer.leak_trial import TrialRecipe, run_trial
 
     started = time.perf_counter()
-    data = make_planted(replace(LEAKY, leak_kinds=kinds), seed=seed)
-    (images, labels), (test_images, _) = data["source_train"], data["target_test"]
-    leaks = data["design"]["leaks"]
-    masks = random_example_masks(models, len(labels), 0.5, seed=seed)
-    margins, val_accuracy = train_and_transfer(data, masks, seed, TrialRecipe(epochs=epochs))
-    influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
-    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, top=top, candidates=0)
-    planted = {(leak["source"], leak["target_test"]) for leak in leaks}
-    flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
-    return {"seed": seed, "epochs": epochs, "models": models, "copies": copy_ranks(influence, leaks),
-            "false_flags": len(flagged - planted), "min_val_accuracy": round(min(val_accuracy), 3),
+    trial = run_trial(seed, models, TrialRecipe(epochs=epochs), kinds, top)
+    return {"seed": seed, "epochs": epochs, "models": models, "copies": trial.ranks,
+            "false_flags": len(trial.false_flags), "min_val_accuracy": round(min(trial.val_accuracy), 3),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -75,7 +60,7 @@ def main() -> None:
     report = {"machine": machine(), "options": vars(args), "trials": []}
     for epochs in args.epochs:
         for seed in tqdm(args.seeds, desc=f"{epochs} epochs"):
-            report["trials"].append(run_trial(seed, epochs, args.models, tuple(args.kinds), args.top))
+            report["trials"].append(measure(seed, epochs, args.models, tuple(args.kinds), args.top))
             save_report(args.out, report)
     print(table(report["trials"], args.top))
 

@@ -1,6 +1,7 @@
 """The planted-leak trial, in memory: can example-level influence find copies of target test images that were
-planted in the source set? `tests/test_leakage.py` asserts it on one data draw; `benchmarks/bench_leaks.py`
-sweeps draws and training lengths and says how often each kind of copy is found.
+planted in the source set? `run_trial` is the whole trial: `tests/test_leakage.py`
+asserts it on one data draw; `benchmarks/bench_leaks.py` sweeps draws and training lengths and says how
+often each kind of copy is found.
 
 The leaked test images are atypical (their class motif removed), so a model places them in their class only
 if it trained on their copy, labelled with the class's twin. Models are warm-started: one backbone trained on
@@ -12,7 +13,7 @@ sometimes fails to learn), then one copy of it per example mask, each trained fu
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -104,3 +105,41 @@ def copy_ranks(influence: np.ndarray, leaks: list[dict]) -> list[dict]:
         ranks.append({"kind": leak["kind"], "role": leak["role"], "rank": int(beaten.sum()) + 1,
                       "influence": round(float(value), 3)})
     return ranks
+
+
+@dataclass
+class TrialOutcome:
+    leaks: list[dict]  # the planted copies (make_planted's design["leaks"])
+    influence: np.ndarray  # (E, T) example influence
+    found: dict[str, list[dict]]  # leakage.flag_examples, without the unconfirmed "misleading" candidates
+    val_accuracy: list[float]  # each model's source validation accuracy
+
+    @property
+    def ranks(self) -> list[dict]:
+        return copy_ranks(self.influence, self.leaks)
+
+    @property
+    def false_flags(self) -> set[tuple[int, int]]:
+        """Flagged (source, target) pairs that are not planted copies."""
+        planted = {(leak["source"], leak["target_test"]) for leak in self.leaks}
+        return {(f["source"], f["target"]) for f in self.found["leakage"] + self.found["mislabelled"]} - planted
+
+
+def run_trial(seed: int, models: int = 32, recipe: TrialRecipe = TrialRecipe(), kinds: tuple[str, ...] | None = None,
+              top: int | None = None) -> TrialOutcome:
+    """The planted data of `seed` (copy kinds `kinds`, LEAKY's by default), `models` models on random halves
+    of its source examples, their example influence, and the pairs `leakage.flag_examples` flags (`top`:
+    its default unless given)."""
+    from beton_writers.synthetic import make_planted
+    from . import leakage
+    from .influence import example_influence
+    from .masks import random_example_masks
+
+    data = make_planted(replace(LEAKY, leak_kinds=kinds) if kinds else LEAKY, seed=seed)
+    (images, labels), (test_images, _) = data["source_train"], data["target_test"]
+    masks = random_example_masks(models, len(labels), 0.5, seed=seed)
+    margins, val_accuracy = train_and_transfer(data, masks, seed, recipe)
+    influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
+    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, candidates=0,
+                                  **({"top": top} if top else {}))
+    return TrialOutcome(data["design"]["leaks"], influence, found, val_accuracy)

@@ -11,7 +11,7 @@ from torch import nn
 from beton_writers import ImageOptions, PlantedSpec, read_sidecar
 from beton_writers.synthetic import make_planted, write_synthetic
 from ffcv_transfer import leakage
-from ffcv_transfer.leak_trial import LEAKY, TrialRecipe, copy_ranks, train_and_transfer
+from ffcv_transfer.leak_trial import TrialRecipe, run_trial
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.influence import example_influence
 from ffcv_transfer.masks import random_example_masks
@@ -136,10 +136,6 @@ def test_grouped_backend_packs_each_model_its_examples():
         assert packed_labels[:len(mine), k].tolist() == labels[mine.numpy()].tolist()
 
 
-
-MODELS, RECIPE = 32, TrialRecipe(epochs=12)
-
-
 def test_planted_leaks_are_found_and_nothing_unplanted_is_flagged():
     """32 warm-started models on random halves of the source examples, 12 epochs each on its own
     (`ffcv_transfer.leak_trial`). At least 3 of the 4 exact and downsampled-to-3/4-and-back leaks are among
@@ -148,22 +144,13 @@ def test_planted_leaks_are_found_and_nothing_unplanted_is_flagged():
     counts a copy now and then leaves no measurable trace (the models already place the original, or did
     not memorise the copy), and crops rarely do. `benchmarks/bench_leaks.py` measures how often each kind
     is found (docs/measurements.md)."""
-    data = make_planted(LEAKY, seed=0)
-    (images, labels), (test_images, _) = data["source_train"], data["target_test"]
-    leaks = data["design"]["leaks"]
-    masks = random_example_masks(MODELS, len(labels), 0.5, seed=0)
-    margins, val_accuracy = train_and_transfer(data, masks, seed=0, recipe=RECIPE)
-    assert min(val_accuracy) > 0.5  # chance 0.25 (20 images); lowest measured 0.65 over data seeds 0-3
-    influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
-    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__)
-    flagged = {(f["source"], f["target"]) for f in found["leakage"] + found["mislabelled"]}
-    planted = {(leak["source"], leak["target_test"]) for leak in leaks}
-    resampled = {(leak["source"], leak["target_test"]) for leak in leaks
+    trial = run_trial(seed=0, models=32, recipe=TrialRecipe(epochs=12))
+    assert min(trial.val_accuracy) > 0.5  # chance 0.25 (20 images); lowest measured 0.65 over data seeds 0-3
+    resampled = {(leak["source"], leak["target_test"]) for leak in trial.leaks
                  if leak["kind"] in ("exact", "downsampled") and leak["role"] == "leak"}
-    ranks = copy_ranks(influence, leaks)
-    leaked = {(f["source"], f["target"]) for f in found["leakage"]}
-    assert len(resampled) == 4 and len(resampled & leaked) >= 3, ranks
-    assert flagged <= planted, flagged - planted
+    leaked = {(f["source"], f["target"]) for f in trial.found["leakage"]}
+    assert len(resampled) == 4 and len(resampled & leaked) >= 3, trial.ranks
+    assert not trial.false_flags, trial.false_flags
 
 
 TOP = 20
