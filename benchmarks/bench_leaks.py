@@ -8,13 +8,18 @@ copies from the most negative), and per kind the share of copies in the top `--t
 unplanted images that `leakage.flag_examples` confirms. Detection quality, not speed: the seconds are
 those of one trial on this machine.
 
-    python benchmarks/bench_leaks.py --seeds 0 1 2 3 --epochs 6 12 --out benchmarks/results/leaks-cpu.json
+    python benchmarks/bench_leaks.py --seeds 0 1 2 3 4 5 --epochs 6 12 --jobs 2
+
+`--jobs` runs that many trials at once, each in its own process with one torch thread (a trial's ranks
+depend on the thread count: training is chaotic, and a different summation order is enough).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from bench_common import machine, save_report
 
@@ -27,6 +32,12 @@ def measure(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: in
     return {"seed": seed, "epochs": epochs, "models": models, "copies": trial.ranks,
             "false_flags": len(trial.false_flags), "min_val_accuracy": round(min(trial.val_accuracy), 3),
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def table(trials: list[dict], top: int) -> str:
@@ -52,15 +63,19 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["exact", "downsampled", "crop"],
                         help="copy kinds planted in turn (beton_writers.synthetic.LEAK_KINDS)")
     parser.add_argument("--top", type=int, default=5, help="a copy counts as found within this rank")
+    parser.add_argument("--jobs", type=int, default=1, help="trials at once, one process and one thread each")
     parser.add_argument("--out", default="benchmarks/results/leaks-cpu.json")
     args = parser.parse_args()
 
     from tqdm import tqdm
 
     report = {"machine": machine(), "options": vars(args), "trials": []}
-    for epochs in args.epochs:
-        for seed in tqdm(args.seeds, desc=f"{epochs} epochs"):
-            report["trials"].append(measure(seed, epochs, args.models, tuple(args.kinds), args.top))
+    with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), initializer=one_thread) as pool:
+        running = [pool.submit(measure, seed, epochs, args.models, tuple(args.kinds), args.top)
+                   for epochs in args.epochs for seed in args.seeds]
+        for done in tqdm(as_completed(running), total=len(running), desc="trials"):
+            report["trials"].append(done.result())
+            report["trials"].sort(key=lambda trial: (trial["epochs"], trial["seed"]))
             save_report(args.out, report)
     print(table(report["trials"], args.top))
 

@@ -10,6 +10,9 @@ pixel statistics and a motif at a uniform random place adds nothing to any pixel
 - Source "twin" of t: motif f_t plus a distractor. A backbone trained on it detects f_t, which the
   target head needs: the twin's influence on target class t is positive.
 - Source "unrelated" classes: their own motif g_k plus a distractor: no planted influence.
+- Source "background" class (optional, `source_background`): two distractors and no class motif, the
+  source's counterpart of the target's background class: a source model then has a class of its own for
+  an image that shows no class motif, instead of assigning it to whichever class it happens to resemble.
 - Source "misleading" class for target t (optional): a cue motif a_t. On the target, a_t is a shortcut
   that holds on the training split (every class-t training image carries it) and conflicts on the test
   split: class-t test images lack it, and with `misleading_conflict` "next" class-(t+1) test images carry
@@ -35,7 +38,10 @@ crop of `leak_crop` of each side, resized back up). The copies are appended afte
 training images (their indices are unchanged), and
 `extra.planted.leaks` lists them: source index, target test index, kind, role, source class. With
 `atypical_leaks` the leaked test images are first re-rendered without their class motif (two distractors
-instead): atypical images of their class that only a model trained on their copy can place.
+instead, of those least like the motif of the class their copy is labelled with): atypical images of their
+class that only a model trained on their copy can place. With a source background class too, a model
+without the copy places such an image there, not in the copy's class by chance, so that the copy always
+has something to change (docs/measurements.md).
 
 With `pixel_scale` s > 1 every image is drawn at 1/s of the resolution (motifs, noise and all) and
 upsampled bilinearly: smooth images, whose content, like a natural image's, survives being resampled, so
@@ -74,6 +80,7 @@ class PlantedSpec:
     motif_amplitude: float = 0.8
     noise: float = 0.08
     background_class: bool = False  # an extra, last target class "background" without a class motif
+    source_background: bool = False  # an extra source class "background" without a class motif
     misleading_conflict: str = "next"  # which test images also carry the cue of target t (CONFLICTS)
     sibling_flips: int = 0  # > 0: each target motif and cue gets a near-copy distractor (this many +/- swaps)
     cue_decoys: bool = False  # every target image without a cue carries a cue's near-copy (needs sibling_flips)
@@ -91,8 +98,8 @@ class PlantedSpec:
         if self.pixel_scale < 1 or self.resolution % (8 * self.pixel_scale) or self.drawn_resolution < 16:
             raise BetonError(f"pixel_scale {self.pixel_scale}: resolution / pixel_scale must be a multiple of 8, "
                              f"at least 16 (resolution {self.resolution})")
-        if self.num_targets < 2 or self.num_unrelated < 1 or self.num_distractors < 1:
-            raise BetonError("need at least 2 target classes, 1 unrelated source class and 1 distractor")
+        if self.num_targets < 2 or self.num_unrelated < 0 or self.num_distractors < 1:
+            raise BetonError("need at least 2 target classes, >= 0 unrelated source classes and 1 distractor")
         if self.misleading_conflict not in CONFLICTS:
             raise BetonError(f"misleading_conflict {self.misleading_conflict!r} must be one of {', '.join(CONFLICTS)}")
         if self.misleading_conflict == "background" and not self.background_class:
@@ -136,7 +143,7 @@ class PlantedSpec:
 
     @property
     def num_sources(self) -> int:
-        return self.num_targets + self.num_unrelated + self.num_misleading
+        return self.num_targets + self.num_unrelated + self.num_misleading + self.source_background
 
 
 def make_motifs(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -186,6 +193,15 @@ def render(slots: np.ndarray, motifs: np.ndarray, spec: PlantedSpec, rng: np.ran
     return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def motif_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest correlation of two m x m motifs over all their relative shifts (over m * m): 1 for the
+    same motif, as a shift-invariant detector of one sees the other."""
+    m = len(a)
+    padded = np.pad(b, m - 1)
+    shifts = range(2 * m - 1)
+    return max(float((a * padded[y:y + m, x:x + m]).sum()) for y in shifts for x in shifts) / a.size
+
+
 def _bilinear_matrix(source: int, target: int) -> np.ndarray:
     """(target, source) bilinear interpolation with pixel centres aligned (edges clamped), as PIL's."""
     position = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
@@ -202,11 +218,13 @@ def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, An
     T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
     # motif ids: targets' features 0..T-1, unrelated T..T+U-1, cues T+U..T+U+K-1
     kinds = [("twin", t) for t in range(T)] + [("unrelated", k) for k in range(U)] + \
-            [("misleading", t) for t in range(K)]
+            [("background", 0)] * spec.source_background + [("misleading", t) for t in range(K)]
     order = rng.permutation(len(kinds))
     sources = [kinds[i] for i in order]
-    motif_of = {"twin": lambda t: t, "unrelated": lambda k: T + k, "misleading": lambda t: T + U + t}
-    names = {"twin": "twin-of-target{}", "unrelated": "unrelated{}", "misleading": "misleading-for-target{}"}
+    motif_of = {"twin": lambda t: t, "unrelated": lambda k: T + k, "misleading": lambda t: T + U + t,
+                "background": lambda _: NO_MOTIF}
+    names = {"twin": "twin-of-target{}", "unrelated": "unrelated{}", "misleading": "misleading-for-target{}",
+             "background": "background"}
     expected_sign = np.zeros((len(sources), T + spec.background_class), np.int64)
     for s, (kind, i) in enumerate(sources):
         if kind == "twin":
@@ -312,19 +330,27 @@ def _plant_leaks(source: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
     (images, labels), (test_images, test_labels) = source, test
     T = spec.num_targets
     chosen = rng.choice(np.flatnonzero(test_labels < T), spec.leaks + spec.mislabelled_leaks, replace=False)
+    targets = test_labels[chosen].astype(int)
+    twin_of = [int(t) if n < spec.leaks else int(t + 1 + rng.integers(T - 1)) % T for n, t in enumerate(targets)]
     if spec.atypical_leaks:
-        slots = _slots(np.zeros(len(chosen), np.int64), np.array([NO_MOTIF]), np.full(len(chosen), NO_MOTIF), spec, rng)
+        # two distractors of those least like the motif of the class the copy is labelled with, so that a
+        # model that has not seen the copy has no reason to place the original in that class
+        first = T + spec.num_unrelated + spec.num_misleading
+        bank = np.arange(first, first + spec.num_distractor_bank)
+        slots = np.full((len(chosen), 3), NO_MOTIF)
+        for n, t in enumerate(twin_of):
+            overlaps = np.array([motif_overlap(motifs[t], motifs[d]) for d in bank])
+            slots[n, :2] = rng.choice(bank[overlaps == overlaps.min()], 2)
         test_images = test_images.copy()
         test_images[chosen] = render(slots, motifs, spec, rng)
     copies, copy_labels, records = [], [], []
-    for n, j in enumerate(chosen):
-        kind, target = spec.leak_kinds[n % len(spec.leak_kinds)], int(test_labels[j])
-        twin_of = target if n < spec.leaks else (target + 1 + int(rng.integers(T - 1))) % T
+    for n, (j, target) in enumerate(zip(chosen, targets)):
+        kind = spec.leak_kinds[n % len(spec.leak_kinds)]
         copies.append(copy_image(test_images[j], kind, rng, spec.leak_downsample, spec.leak_crop))
-        copy_labels.append(design["twin"][str(twin_of)])
+        copy_labels.append(design["twin"][str(twin_of[n])])
         records.append({"source": len(images) + n, "target_test": int(j), "kind": kind,
                         "role": "leak" if n < spec.leaks else "mislabelled", "source_class": copy_labels[-1],
-                        "target_class": target, "twin_of": twin_of, "atypical": spec.atypical_leaks})
+                        "target_class": int(target), "twin_of": twin_of[n], "atypical": spec.atypical_leaks})
     return ((np.concatenate([images, np.stack(copies)]), np.concatenate([labels, copy_labels])),
             (test_images, test_labels), records)
 

@@ -67,6 +67,7 @@ def cmd_write_synthetic(args: argparse.Namespace) -> None:
                        target_train_per_class=args.target_train_per_class,
                        target_test_per_class=args.target_test_per_class, motif_amplitude=args.motif_amplitude,
                        noise=args.noise, background_class=args.background_class,
+                       source_background=args.source_background,
                        misleading_conflict=args.conflict, sibling_flips=args.sibling_flips,
                        cue_decoys=args.cue_decoys)
     for split, path in write_synthetic(args.outdir, seed=args.seed, spec=spec, options=_image_options(args),
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.08, help="pixel noise (default: 0.08)")
     p.add_argument("--background-class", action="store_true",
                    help="add a target class without a class motif (no recognition by elimination)")
+    p.add_argument("--source-background", action="store_true",
+                   help="add a source class without a class motif (where a source model places motif-less images)")
     p.add_argument("--conflict", default="next",
                    help="which test images also carry target t's misleading cue: next (class t+1's, the default), "
                    "background (the background class's) or none")

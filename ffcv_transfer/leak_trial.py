@@ -4,12 +4,13 @@ asserts it on one data draw; `benchmarks/bench_leaks.py` sweeps draws and traini
 often each kind of copy is found.
 
 The leaked test images are atypical (their class motif removed), so a model places them in their class only
-if it trained on their copy, labelled with the class's twin. Models are warm-started: one backbone trained on
-the regular source images (no copy; the best of a few on validation, as a single short run on 240 images
-sometimes fails to learn), then one copy of it per example mask, each trained further on its own examples
-(example routing, the grouped backend), then cached-feature transfer. Images are drawn at half resolution
-(`pixel_scale` 2): smooth, so that what a model memorises of a resampled copy also holds for the original
-(docs/measurements.md)."""
+if it trained on their copy, labelled with the class's twin; without the copy it places them in the source
+background class (no class motif either), not in the twin's by chance. Models are warm-started: one
+backbone trained on the regular source images (no copy; the best of a few on validation, as a single short
+run on 240 images sometimes fails to learn), then one copy of it per example mask, each trained further on
+its own examples (example routing, the grouped backend), then cached-feature transfer. Images are drawn at
+half resolution (`pixel_scale` 2): smooth, so that what a model memorises of a resampled copy also holds
+for the original (docs/measurements.md)."""
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,10 @@ from beton_writers.synthetic import PlantedSpec
 from .data import MEAN, STD
 
 # copies: exact, downsampled to 3/4 and back, a 15/16 crop resized back (kinds in turn); 2 more mislabelled
-LEAKY = PlantedSpec(num_targets=3, num_unrelated=1, num_misleading=0, resolution=32, source_train_per_class=60,
+LEAKY = PlantedSpec(num_targets=3, num_unrelated=0, num_misleading=0, resolution=32, source_train_per_class=60,
                     source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
-                    motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="none",
+                    motif_amplitude=1.2, noise=0.05, background_class=True, source_background=True,
+                    misleading_conflict="none",
                     leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375,
                     pixel_scale=2)
 

@@ -16,7 +16,8 @@ Near-duplicates: both images in grey at 32 x 32 (area resampling), then the best
 offset, with and without a left-right flip), in both directions, so exact, resampled and cropped-and-
 resized copies all score close to 1 while unrelated images do not (planted data: copies >= 0.94, the
 largest of ~80,000 unrelated pairs 0.61; tests/test_leakage.py). A DCT perceptual hash distance (64 bits;
-exact and resampled copies <= 8, unrelated pairs >= 14) is reported beside it.
+exact and resampled copies <= 8, unrelated pairs >= 14, and >= 10 among smooth planted images) is the
+second test: a pair is a near-duplicate when either passes.
 
 The store: `create_example_store` draws the masks (packed bits, fixed array `example_masks`; `masks`
 holds, per model, the classes it has examples of, which is what the worker's input checks read) and the
@@ -37,7 +38,7 @@ WORK_SIZE = 32  # images are compared in grey at this size
 THUMB_SIZE = 16  # ... through thumbnails of this size
 CROP_SIDES = (32, 30, 28, 26, 24)  # crops of the 32 px image tried when aligning two images
 MIN_SIMILARITY = 0.9  # aligned-thumbnail correlation at or above which two images are near-duplicates
-MAX_HASH_DISTANCE = 10  # perceptual-hash bits at or below which two images are near-duplicates
+MAX_HASH_DISTANCE = 8  # perceptual-hash bits at or below which two images are near-duplicates
 DEFAULT_TOP = 10  # source images examined per target image, at each end of its influence ranking
 
 

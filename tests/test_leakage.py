@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from beton_writers import ImageOptions, PlantedSpec, read_sidecar
-from beton_writers.synthetic import make_planted, write_synthetic
+from beton_writers.synthetic import make_planted, motif_overlap, write_synthetic
 from ffcv_transfer import leakage
 from ffcv_transfer.leak_trial import TrialRecipe, run_trial
 from ffcv_transfer.grouped import GroupedTrainer
@@ -56,6 +56,11 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
     own = scores[np.arange(len(test_labels)), np.minimum(test_labels, NEAR_DUP.num_targets - 1)]
     typical = ~leaked & (test_labels < NEAR_DUP.num_targets)
     assert own[leaked].max() < np.quantile(own[typical], 0.05)  # the class motif is gone from leaked images
+    bank = atypical["motifs"][NEAR_DUP.num_motifs - NEAR_DUP.num_distractor_bank:]
+    for leak in atypical["design"]["leaks"]:  # in its place, distractors least like the copy's class motif
+        overlaps = np.array([motif_overlap(atypical["motifs"][leak["twin_of"]], d) for d in bank])
+        pasted = motif_scores(atypical["target_test"][0][leak["target_test"]][None], bank)[0]
+        assert overlaps[np.argmax(pasted)] == overlaps.min(), (leak, overlaps, pasted)
     for leak in atypical["design"]["leaks"][:3]:  # copies of the re-rendered (motif-less) images
         assert leak["atypical"]
         if leak["kind"] == "exact":
@@ -66,7 +71,7 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
 def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup):
     """All source x target pairs: every planted copy scores >= 0.93 aligned similarity (threshold 0.9),
     no unrelated pair comes near (measured max 0.66 on this seed); the perceptual hash catches exact and
-    downsampled copies (<= 10 bits) and no unrelated pair."""
+    downsampled copies (<= 8 bits) and no unrelated pair."""
     (images, _), (test_images, _) = near_dup["source_train"], near_dup["target_test"]
     banks = np.stack([leakage.crop_bank(x) for x in test_images])  # (T, B, D)
     thumbs = np.concatenate([leakage.thumbnails(x) for x in images])  # (E, D)
@@ -92,6 +97,25 @@ def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup)
     assert bits[~planted].min() > leakage.MAX_HASH_DISTANCE
     mirror = images[near_dup["design"]["leaks"][0]["source"]][:, ::-1]
     assert leakage.near_duplicate(mirror, test_images[near_dup["design"]["leaks"][0]["target_test"]])["similarity"] > 0.99
+
+
+def test_perceptual_hash_threshold_holds_on_smooth_images():
+    """Smooth images (the leak trial's data, pixel_scale 2) are closer in hash than sharp ones: on data
+    seed 4 an unrelated pair comes within 10 bits (it was flagged as a leak when the threshold was 10),
+    while exact and downsampled copies stay within 4."""
+    from ffcv_transfer.leak_trial import LEAKY
+
+    data = make_planted(LEAKY, seed=4)
+    (images, _), (test_images, _) = data["source_train"], data["target_test"]
+    hashes = np.stack([leakage.perceptual_hash(x) for x in images])
+    bits = np.minimum(*[(hashes[:, None] != np.stack([leakage.perceptual_hash(x[:, ::step]) for x in test_images])
+                         ).sum(-1) for step in (1, -1)])  # as near_duplicate: the smaller over a flip
+    planted = np.zeros(bits.shape, bool)
+    for leak in data["design"]["leaks"]:
+        planted[leak["source"], leak["target_test"]] = True
+        if leak["kind"] != "crop":
+            assert bits[leak["source"], leak["target_test"]] <= 4
+    assert bits[~planted].min() == 10 > leakage.MAX_HASH_DISTANCE
 
 
 def test_example_masks_route_each_model_exactly_its_examples():
@@ -136,20 +160,21 @@ def test_grouped_backend_packs_each_model_its_examples():
         assert packed_labels[:len(mine), k].tolist() == labels[mine.numpy()].tolist()
 
 
-def test_planted_leaks_are_found_and_nothing_unplanted_is_flagged():
+def test_every_exact_and_downsampled_leak_is_found_and_nothing_unplanted_is_flagged():
     """32 warm-started models on random halves of the source examples, 12 epochs each on its own
-    (`ffcv_transfer.leak_trial`). At least 3 of the 4 exact and downsampled-to-3/4-and-back leaks are among
-    the 10 most positive source images of their target image (of 248) and confirmed as near-duplicates;
-    no unplanted source image is flagged for any target image. Not all 4: over data draws and thread
-    counts a copy now and then leaves no measurable trace (the models already place the original, or did
-    not memorise the copy), and crops rarely do. `benchmarks/bench_leaks.py` measures how often each kind
-    is found (docs/measurements.md)."""
+    (`ffcv_transfer.leak_trial`). Every exact and every downsampled-to-3/4-and-back leak is among the 10
+    most positive source images of its target image (of 248) and confirmed as a near-duplicate; no
+    unplanted source image is flagged for any target image. With a source background class, a model
+    without a copy places its motif-less original there, so the copy has something to change: over 6 data
+    draws 23 of these 24 copies ranked in the top 3 (`benchmarks/bench_leaks.py`, docs/measurements.md);
+    the other one's original was already placed in the twin's class without it, in a draw whose twin motif
+    resembles every distractor. Cropped copies are measured there, not asserted (9 of 12 found)."""
     trial = run_trial(seed=0, models=32, recipe=TrialRecipe(epochs=12))
-    assert min(trial.val_accuracy) > 0.5  # chance 0.25 (20 images); lowest measured 0.65 over data seeds 0-3
+    assert min(trial.val_accuracy) > 0.5  # chance 0.25 (20 images); lowest measured 0.55 over data seeds 0-5
     resampled = {(leak["source"], leak["target_test"]) for leak in trial.leaks
                  if leak["kind"] in ("exact", "downsampled") and leak["role"] == "leak"}
     leaked = {(f["source"], f["target"]) for f in trial.found["leakage"]}
-    assert len(resampled) == 4 and len(resampled & leaked) >= 3, trial.ranks
+    assert len(resampled) == 4 and resampled <= leaked, trial.ranks
     assert not trial.false_flags, trial.false_flags
 
 

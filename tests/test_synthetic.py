@@ -5,7 +5,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from beton_writers import BetonError, BetonRecords, ImageOptions, PlantedSpec, read_sidecar, verify_beton
-from beton_writers.synthetic import SPLITS, make_planted, write_synthetic
+from beton_writers.synthetic import SPLITS, make_planted, motif_overlap, write_synthetic
 
 SMALL = PlantedSpec(num_targets=4, num_unrelated=5, num_misleading=1, source_train_per_class=40,
                     source_val_per_class=10, target_train_per_class=150, target_test_per_class=100)
@@ -75,6 +75,16 @@ def test_raw_pixels_do_not_separate_targets_but_the_planted_motif_does(planted):
     assert (scores.argmax(1) == test_y).mean() > 0.95
 
 
+def test_motif_overlap_is_the_best_correlation_over_shifts(planted):
+    checker = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    assert motif_overlap(checker, checker) == 1.0
+    assert motif_overlap(checker, -checker) == 0.5  # shifted by one pixel, one column of two matches
+    motifs = planted["motifs"]
+    assert all(motif_overlap(m, m) == 1.0 for m in motifs)
+    assert motif_overlap(motifs[0], motifs[1]) == pytest.approx(motif_overlap(motifs[1], motifs[0]))
+    assert max(motif_overlap(motifs[0], m) for m in motifs[1:]) < 1.0
+
+
 def test_misleading_cue_holds_on_train_and_conflicts_on_test(planted):
     (mis,) = planted["design"]["misleading"]
     T, U = SMALL.num_targets, SMALL.num_unrelated
@@ -111,6 +121,26 @@ def test_background_class_and_where_the_cue_conflicts(conflict):
     best = motif_scores(test_x, class_motifs).max(1)
     assert best[test_y == T].max() < best[test_y < T].min()  # background images carry no class motif
     assert np.bincount(test_y).tolist() == [60] * (T + 1)
+
+
+def test_source_background_class_carries_no_class_motif():
+    spec = PlantedSpec(num_targets=3, num_unrelated=0, num_misleading=1, source_train_per_class=40,
+                       source_val_per_class=5, target_train_per_class=5, target_test_per_class=5,
+                       source_background=True)
+    planted = make_planted(spec, seed=2)
+    design, T = planted["design"], spec.num_targets
+    assert spec.num_sources == T + 2 and sorted(design["source_names"]) == sorted(
+        ["background", "misleading-for-target0"] + [f"twin-of-target{t}" for t in range(T)])
+    background = design["source_names"].index("background")
+    assert design["source_motif"][background] == -1 and design["unrelated"] == []
+    assert not np.array(design["expected_sign"])[background].any()
+    images, labels = planted["source_train"]
+    assert np.bincount(labels).tolist() == [40] * spec.num_sources
+    scores = motif_scores(images, planted["motifs"][:T + 1])  # every class motif: the twins' and the cue
+    best = scores.max(1)
+    assert best[labels == background].max() < best[labels != background].min()
+    own = np.asarray(design["source_motif"])[labels]
+    assert (scores.argmax(1) == own)[labels != background].mean() > 0.95
 
 
 def test_cue_decoys_put_the_cues_sibling_on_every_image_without_the_cue():
@@ -175,5 +205,7 @@ def test_bad_spec_is_rejected():
     for resolution, scale in ((24, 2), (32, 4), (32, 0)):
         with pytest.raises(BetonError, match=f"pixel_scale {scale}: resolution / pixel_scale"):
             PlantedSpec(resolution=resolution, pixel_scale=scale)
+    with pytest.raises(BetonError, match=">= 0 unrelated"):
+        PlantedSpec(num_unrelated=-1)
     with pytest.raises(BetonError, match="num_misleading 6"):
         PlantedSpec(num_targets=5, num_misleading=6)
