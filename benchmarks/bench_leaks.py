@@ -8,7 +8,7 @@ copies from the most negative), and per kind the share of copies in the top `--t
 unplanted images that `leakage.flag_examples` confirms. Detection quality, not speed: the seconds are
 those of one trial on this machine.
 
-    python benchmarks/bench_leaks.py --seeds 0 1 2 3 4 5 --epochs 6 12 --jobs 2
+    python benchmarks/bench_leaks.py --seeds 0 1 2 3 4 5 --epochs 12 --jobs 2
 
 `--jobs` runs that many trials at once, each in its own process with one torch thread (a trial's ranks
 depend on the thread count: training is chaotic, and a different summation order is enough).

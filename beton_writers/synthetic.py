@@ -142,6 +142,11 @@ class PlantedSpec:
         return self.num_distractors + ((self.num_targets + self.num_misleading) if self.sibling_flips else 0)
 
     @property
+    def distractor_bank(self) -> np.ndarray:
+        """The distractors' motif ids: the last `num_distractor_bank`."""
+        return np.arange(self.num_motifs - self.num_distractor_bank, self.num_motifs)
+
+    @property
     def num_sources(self) -> int:
         return self.num_targets + self.num_unrelated + self.num_misleading + self.source_background
 
@@ -251,8 +256,8 @@ def _conflict_target(spec: PlantedSpec, t: int) -> int | None:
 def _slots(labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: PlantedSpec,
            rng: np.random.Generator) -> np.ndarray:
     """Per image: its class feature, a random distractor, and an extra motif (or none)."""
-    first = spec.num_targets + spec.num_unrelated + spec.num_misleading
-    distractors = rng.integers(first, first + spec.num_distractor_bank, size=(2, len(labels)))
+    bank = spec.distractor_bank
+    distractors = rng.integers(bank[0], bank[-1] + 1, size=(2, len(labels)))
     # an image without a class motif (background) gets a second distractor in its place
     return np.stack([np.where(feature[labels] == NO_MOTIF, distractors[1], feature[labels]), distractors[0], extra], 1)
 
@@ -335,8 +340,7 @@ def _plant_leaks(source: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
     if spec.atypical_leaks:
         # two distractors of those least like the motif of the class the copy is labelled with, so that a
         # model that has not seen the copy has no reason to place the original in that class
-        first = T + spec.num_unrelated + spec.num_misleading
-        bank = np.arange(first, first + spec.num_distractor_bank)
+        bank = spec.distractor_bank
         slots = np.full((len(chosen), 3), NO_MOTIF)
         for n, t in enumerate(twin_of):
             overlaps = np.array([motif_overlap(motifs[t], motifs[d]) for d in bank])

@@ -56,7 +56,7 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
     own = scores[np.arange(len(test_labels)), np.minimum(test_labels, NEAR_DUP.num_targets - 1)]
     typical = ~leaked & (test_labels < NEAR_DUP.num_targets)
     assert own[leaked].max() < np.quantile(own[typical], 0.05)  # the class motif is gone from leaked images
-    bank = atypical["motifs"][NEAR_DUP.num_motifs - NEAR_DUP.num_distractor_bank:]
+    bank = atypical["motifs"][NEAR_DUP.num_motifs - NEAR_DUP.num_distractor_bank:]  # the last motifs
     for leak in atypical["design"]["leaks"]:  # in its place, distractors least like the copy's class motif
         overlaps = np.array([motif_overlap(atypical["motifs"][leak["twin_of"]], d) for d in bank])
         pasted = motif_scores(atypical["target_test"][0][leak["target_test"]][None], bank)[0]
