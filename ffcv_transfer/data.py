@@ -1,5 +1,5 @@
-"""ffcv Loaders over source and target betons. Batches come out as normalised, channels-last float
-tensors on the chosen device (CPU or CUDA), labels as int64; the class subset to load is found from the
+"""ffcv Loaders over source and target betons. Batches come out as normalised float tensors on the
+chosen device (CPU or CUDA) in that device's layout (models.memory_format_for), labels as int64; the class subset to load is found from the
 beton's sidecar labels, without reading the beton."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .models import memory_format_for
 from .options import check_choice, option
 
 # ImageNet statistics on the 0..255 scale, as in libffcv/ffcv-imagenet
@@ -148,6 +149,7 @@ class ImageLoader:
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines=pipelines)
         self.mean, self.std = normalisation(self.device)
+        self.memory_format = memory_format_for(self.device)
 
     def set_resolution(self, resolution: int) -> None:
         self.decoder.output_size = (resolution, resolution)
@@ -157,4 +159,5 @@ class ImageLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for images, labels, *index in self.loader:
-            yield ((images.float() - self.mean) / self.std, labels.long(), *(i.long() for i in index))
+            images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            yield (images, labels.long(), *(i.long() for i in index))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import BlurPoolConv2d
+from .models import BlurPoolConv2d, memory_format_for
 from .train import LockstepTrainer, OptimConfig, lr_at, param_groups, rows_first
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -178,7 +178,8 @@ class GroupedTrainer(LockstepTrainer):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
         self.weights = _Weights()
-        self.network = _stack(models, self.weights).to(memory_format=torch.channels_last)
+        self.memory_format = memory_format_for(self.device)
+        self.network = _stack(models, self.weights).to(memory_format=self.memory_format)
         self.forward = self.network
         self.pad_to = 1
         if compile != "none":
@@ -208,7 +209,7 @@ class GroupedTrainer(LockstepTrainer):
         weights = real.T.to(torch.float32)
         k, (_, c, h, w) = len(member), images.shape
         packed = images[index.flatten()].reshape(k, longest, c, h, w).transpose(0, 1)
-        packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=torch.channels_last)
+        packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=self.memory_format)
         return packed, labels[index].T, weights
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:

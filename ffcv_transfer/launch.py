@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,20 +171,22 @@ def _log_dir(store: ResultStore, log_dir: str | Path | None, executor: str) -> P
     return path
 
 
-def run_rounds(store: ResultStore, run_round: Callable[[int, int], None], most_workers: int, k: int,
+def run_rounds(store: ResultStore, run_round: Callable[[int, int], list[str]], most_workers: int, k: int,
                max_rounds: int, log_dir: Path) -> dict[str, Any]:
-    """Call run_round(round, workers), which starts that many workers and returns once all have ended,
-    while rows are pending, with no more workers than batches of `k` pending rows; returns the status of
-    the complete store, or raises LaunchError after a round that completed no row or after `max_rounds`."""
+    """Call run_round(round, workers), which starts that many workers, returns once all have ended and
+    says how each that failed ended, while rows are pending, with no more workers than batches of `k`
+    pending rows; returns the status of the complete store, or raises LaunchError after a round that
+    completed no row (naming how its workers ended) or after `max_rounds`."""
     status = store.status()
     for round_no in range(1, max_rounds + 1):
         if not status["pending"]:
             break
         done_before = status["completed"] + status["failed"]
-        run_round(round_no, min(most_workers, math.ceil(status["pending"] / k)))
+        ended_badly = run_round(round_no, min(most_workers, math.ceil(status["pending"] / k)))
         status = store.status()
         if status["pending"] and status["completed"] + status["failed"] == done_before:
-            raise LaunchError(f"round {round_no} completed no row; see the worker logs in {log_dir}")
+            how = "".join(f"\n  {line}" for line in ended_badly)
+            raise LaunchError(f"round {round_no} completed no row; see the worker logs in {log_dir}{how}")
     if status["pending"] or status["claimed"]:
         raise LaunchError(f"store {store.path} incomplete after {max_rounds} rounds: {status['pending']} rows "
                           f"pending, {status['claimed']} claimed by live workers; launch again to go on")
@@ -202,7 +205,7 @@ def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequenc
     experiment.save(config)
     progress = _Progress(store, say)
 
-    def run_round(round_no: int, count: int) -> None:
+    def run_round(round_no: int, count: int) -> list[str]:
         started: list[tuple[LocalWorker, Path, subprocess.Popen]] = []
         try:
             for worker in team[:count]:
@@ -222,11 +225,24 @@ def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequenc
                 if process.poll() is None:
                     process.terminate()
                     process.wait()
-        for worker, log, process in started:
-            if process.returncode:
-                say(f"  {worker.label} exited with status {process.returncode}: {log}")
+        ended_badly = [f"{worker.label} {exit_text(process.returncode)}: {log}"
+                       for worker, log, process in started if process.returncode]
+        for line in ended_badly:
+            print(f"  {line}", file=sys.stderr, flush=True)  # also without progress output: a crash is news
+        return ended_badly
 
     return run_rounds(store, run_round, len(team), experiment.run.models_per_process, max_rounds, log_dir)
+
+
+def exit_text(returncode: int) -> str:
+    """'exited with status 2', or for a process killed by a signal 'was killed by SIGSEGV (signal 11)'."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "an unknown signal"
+    return f"was killed by {name} (signal {-returncode})"
 
 
 def _import_submitit():
@@ -255,13 +271,14 @@ def _live_tasks(job_id: str) -> int:
     return sum(1 for state in result.stdout.split() if state not in ENDED)
 
 
-def _outcome(job: Any) -> str:
+def _outcome(job: Any) -> tuple[bool, str]:
+    """(whether the task ended well, what it did)."""
     if not job.paths.result_pickle.exists():
-        return f"ended without a result (killed or cancelled); log {job.paths.stderr}"
+        return False, f"ended without a result (killed or cancelled); log {job.paths.stderr}"
     try:
-        return f"wrote {job.result()} rows"
+        return True, f"wrote {job.result()} rows"
     except Exception as error:  # submitit's FailedJobError carries the task's traceback
-        return f"failed ({str(error).strip().splitlines()[-1]}); log {job.paths.stderr}"
+        return False, f"failed ({str(error).strip().splitlines()[-1]}); log {job.paths.stderr}"
 
 
 def launch_slurm(store_dir: str | Path, experiment: Experiment, options: SlurmOptions = SlurmOptions(), *,
@@ -288,12 +305,17 @@ def launch_slurm(store_dir: str | Path, experiment: Experiment, options: SlurmOp
             f"at a time); logs in {executor.folder}")
         return job_id, jobs
 
-    def run_round(round_no: int, count: int) -> None:
+    def run_round(round_no: int, count: int) -> list[str]:
         job_id, jobs = submit(round_no, count)
         _wait_until(lambda: _live_tasks(job_id) == 0, poll_s, progress)
+        ended_badly = []
         for job in jobs:  # all ended, on whatever hosts: their claims are stale now
             store.release_claims(f"slurm-{job.job_id}-")
-            say(f"  task {job.job_id}: {_outcome(job)}")
+            ok, outcome = _outcome(job)
+            say(f"  task {job.job_id}: {outcome}")
+            if not ok:
+                ended_badly.append(f"task {job.job_id}: {outcome}")
+        return ended_badly
 
     k = experiment.run.models_per_process
     if wait:

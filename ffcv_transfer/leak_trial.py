@@ -41,10 +41,10 @@ class TrialRecipe:
 
 
 def normalised(images: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) uint8 -> normalised float (n, 3, H, W), channels-last."""
+    """(n, H, W, 3) uint8 -> normalised float (n, 3, H, W), in the CPU's layout (NCHW)."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     return ((x - torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1))
-            / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)).contiguous(memory_format=torch.channels_last)
+            / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)).contiguous()
 
 
 def epoch_batches(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, size: int) -> list:

@@ -1,5 +1,12 @@
 """ResNet-18 without torchvision: the ImageNet stem for 128-224 px, a small-image stem for 16-64 px,
-a width multiplier for cheap runs, and optional BlurPool (as in FFCV's ResNet recipe)."""
+a width multiplier for cheap runs, and optional BlurPool (as in FFCV's ResNet recipe).
+
+Memory layout: channels-last on CUDA (what its convolution kernels want), plain NCHW on the CPU. In torch
+2.13's CPU build, oneDNN's backward of a channels-last 1x1 strided convolution with 8 input channels
+(the shortcut of width 0.125) writes out of bounds for odd batch sizes with 2 threads (with 1 thread at
+64 px), killing the process or corrupting its heap; no NCHW shape of the CPU models does
+(tests/test_cpu_safety.py). A model converts its input to its own layout, so no caller can hand a CPU
+model a channels-last batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,6 +92,7 @@ class ResNet18(nn.Module):
             _add_blurpool(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=layout_of(self.stem[0].weight))
         return torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +108,19 @@ def _add_blurpool(module: nn.Module) -> None:
             _add_blurpool(child)
 
 
+def memory_format_for(device: str | torch.device) -> torch.memory_format:
+    """channels_last on CUDA, NCHW (contiguous) elsewhere: the layout of models and batches on `device`."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+def layout_of(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of a 4-d convolution weight (its model's layout)."""
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def build_model(num_classes: int, *, stem: str = "imagenet", width: float = 1.0, blurpool: bool = False,
-                device: str | torch.device = "cpu", channels_last: bool = True) -> ResNet18:
+                device: str | torch.device = "cpu", memory_format: torch.memory_format | None = None) -> ResNet18:
+    """A ResNet18 on `device` in `memory_format` (default: memory_format_for(device))."""
     model = ResNet18(num_classes, stem=stem, width=width, blurpool=blurpool).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(memory_format=memory_format or memory_format_for(device))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LoaderConfig, beton_identity, normalisation, select_examples
+from .models import memory_format_for
 
 _pixels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -45,8 +46,8 @@ def resident_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tens
 
 
 class ResidentLoader:
-    """Iterate for (images, labels), or (images, labels, indices) with `with_indices`: normalised,
-    channels-last float32 images on the device. `classes` or `indices` select the examples."""
+    """Iterate for (images, labels), or (images, labels, indices) with `with_indices`: normalised
+    float32 images on the device, in its layout (models.memory_format_for). `classes` or `indices` select the examples."""
 
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
                  config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
@@ -84,7 +85,7 @@ class ResidentLoader:
             pixels = self.images[picked].permute(0, 3, 1, 2).float()
             images = F.grid_sample(pixels, self._grid(len(picked), *pixels.shape[2:]), mode="bilinear",
                                    padding_mode="border", align_corners=False)
-            images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            images = ((images - self.mean) / self.std).contiguous(memory_format=memory_format_for(self.device))
             yield (images, self.labels[picked]) + ((picked,) if self.with_indices else ())
 
     def _grid(self, n: int, height: int, width: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 job arrays on a real single-node SLURM cluster started for the test (tests/slurm_cluster.py), with one
 array task killed mid-run and one requeued by a preemption signal. Each case asserts that the store ends
 complete with every row written exactly once."""
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.launch import LaunchError, SlurmOptions, local_workers, run_rounds
+from ffcv_transfer.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
 from ffcv_transfer.store import ResultStore
 from ffcv_transfer.worker import create_experiment_store
 
@@ -63,6 +64,7 @@ def test_rounds_go_on_while_rows_are_pending_with_no_more_workers_than_batches(t
             for row in writer.claim(rows_per_round):
                 writer.write(row, x=np.float32(row))
             writer.close()
+            return [] if rows_per_round else [f"worker0 {exit_text(-signal.SIGABRT)}: round{round_no}.log"]
         return run_round
 
     store = ResultStore.create(tmp_path / "a", 10, {"x": ((), "float32")})
@@ -72,8 +74,15 @@ def test_rounds_go_on_while_rows_are_pending_with_no_more_workers_than_batches(t
     store = ResultStore.create(tmp_path / "b", 10, {"x": ((), "float32")})
     with pytest.raises(LaunchError, match="incomplete after 2 rounds: 4 rows pending, 0 claimed"):
         run_rounds(store, rounds_writing(store, 3), most_workers=4, k=2, max_rounds=2, log_dir=tmp_path)
-    with pytest.raises(LaunchError, match=f"round 1 completed no row; see the worker logs in {tmp_path}"):
+    with pytest.raises(LaunchError, match=f"round 1 completed no row; see the worker logs in {tmp_path}\n"
+                       "  worker0 was killed by SIGABRT \\(signal 6\\): round1.log"):
         run_rounds(store, rounds_writing(store, 0), most_workers=4, k=2, max_rounds=2, log_dir=tmp_path)
+
+
+def test_exit_text_names_the_signal():
+    assert exit_text(2) == "exited with status 2"
+    assert exit_text(-11) == "was killed by SIGSEGV (signal 11)"
+    assert exit_text(-200) == "was killed by an unknown signal (signal 200)"
 
 
 def test_slurm_options_become_sbatch_lines(tmp_path):
@@ -113,6 +122,7 @@ def test_launch_refuses_bad_options_with_clear_errors(tiny_data, tmp_path, capsy
     assert "invalid choice: 'kubernetes'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_launcher_two_cpu_workers_complete_the_store_once(tiny_data, tmp_path, capsys):
     store = make_store(tiny_data, tmp_path / "store", models=4, k=2)
     masks = np.array(store.fixed("masks"))
@@ -170,6 +180,7 @@ def finish(launcher: subprocess.Popen, log: Path, cluster, timeout_s: float = 60
     return out
 
 
+@pytest.mark.system
 def test_slurm_array_completes_the_store_when_a_task_is_killed_mid_run(slurm, tiny_data, tmp_path):
     """2 array tasks over 6 rows, K=2: once a task has written its first 2 rows and claimed 2 more, it is
     cancelled (scancel: SIGKILL after KillWait). Its written rows stay; the rows it held are taken over by
@@ -189,6 +200,7 @@ def test_slurm_array_completes_the_store_when_a_task_is_killed_mid_run(slurm, ti
     assert status["workers"][victim]["written"] == 2  # written before the kill, kept, never trained again
 
 
+@pytest.mark.system
 def test_slurm_task_requeued_by_preemption_resumes_from_the_store(slurm, tiny_data, tmp_path):
     """1 task over 4 rows, K=2: after its first 2 rows, SIGUSR2 (what SLURM sends before a time limit or a
     preemption; submitit's job._interrupt()) makes submitit checkpoint and requeue it; the requeued task

@@ -37,7 +37,7 @@ def test_blurpool_wraps_strided_convs_and_keeps_shapes():
 
 def test_channels_last_matches_contiguous():
     torch.manual_seed(0)
-    model = build_model(7, stem="small", width=0.25, channels_last=True).eval()
+    model = build_model(7, stem="small", width=0.25, memory_format=torch.channels_last).eval()
     reference = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     x = torch.randn(3, 3, 32, 32)
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)

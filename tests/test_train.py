@@ -8,12 +8,13 @@ import torch
 from beton_writers.synthetic import PlantedSpec, make_planted
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
-from ffcv_transfer.models import build_model
+from ffcv_transfer.models import build_model, memory_format_for
 from ffcv_transfer.train import FusedTrainer, OptimConfig, lr_at, param_groups, route
 
 from .conftest import IdRecorder
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                  pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])
 SPEC = PlantedSpec(num_targets=4, num_unrelated=4, num_misleading=0, source_train_per_class=200,
                    source_val_per_class=50, target_train_per_class=10, target_test_per_class=10)
 
@@ -111,18 +112,19 @@ def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_c
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_grouped_backend_matches_sequential_per_model(planted, device):
+@pytest.mark.parametrize("compile", ["none", pytest.param("default", marks=pytest.mark.slow)])
+def test_grouped_backend_matches_sequential_per_model(planted, device, compile):
     """Same seeds, same batches, in float64 (so that only the order of summation differs): after three
     steps every parameter and BatchNorm statistic of each model agrees between the backends, eager and
-    compiled (torch.compile, sub-batches padded to static lengths), to 1e-9 relative, and each model's
-    epoch loss (accumulated in float32) to 1e-6."""
+    compiled (torch.compile, sub-batches padded to static lengths; minutes on a CPU), to 1e-9 relative,
+    and each model's epoch loss (accumulated in float32) to 1e-6."""
     (train_x, train_y) = planted["source_train"]
     pick = np.random.default_rng(0).choice(len(train_y), 384, replace=False)  # every class in every batch
     classes = SPEC.num_sources
     masks = random_class_masks(3, classes, 0.5, seed=2)
     config = OptimConfig(epochs=1, lr=0.2, lr_peak_epoch=0.3, weight_decay=5e-4, precision="fp32")
     runs = []
-    for trainer_class in (FusedTrainer, GroupedTrainer, partial(GroupedTrainer, compile="default")):
+    for trainer_class in (FusedTrainer, partial(GroupedTrainer, compile=compile)):
         torch.manual_seed(0)
         models = [build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double()
                   for _ in range(3)]
@@ -132,13 +134,12 @@ def test_grouped_backend_matches_sequential_per_model(planted, device):
                 for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))]
         runs.append((models, trainer.train_epoch(data, 0)))
         assert (models[0].stem[0].weight - initial).abs().max() > 1e-3  # the models did train
-    (sequential, seq_losses), *others = runs
-    for grouped, grp_losses in others:
-        np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-6)  # epoch losses are summed in float32
-        for a, b in zip(sequential, grouped):
-            for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-                if x.is_floating_point():
-                    assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
+    (sequential, seq_losses), (grouped, grp_losses) = runs
+    np.testing.assert_allclose(grp_losses, seq_losses, rtol=1e-6)  # epoch losses are summed in float32
+    for a, b in zip(sequential, grouped):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            if x.is_floating_point():
+                assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
 
 
 def test_compiled_grouped_backend_pads_to_static_lengths():
@@ -163,11 +164,12 @@ def test_compiled_grouped_backend_pads_to_static_lengths():
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("trainer_class", [FusedTrainer, GroupedTrainer])
-def test_mixed_precision_channels_last_steps(planted, device, trainer_class):
-    """bf16 autocast on channels-last models and batches: finite losses and parameters that move."""
+def test_mixed_precision_steps_in_the_device_layout(planted, device, trainer_class):
+    """bf16 autocast on models in their device's layout (channels-last on CUDA, NCHW on the CPU), fed
+    channels-last batches: finite losses and parameters that move."""
     (train_x, train_y) = planted["source_train"]
     models = [build_model(SPEC.num_sources, stem="small", width=0.125, device=device) for _ in range(2)]
-    assert models[0].stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert models[0].stem[0].weight.is_contiguous(memory_format=memory_format_for(device))
     before = models[1].stem[0].weight.detach().clone()
     masks = random_class_masks(2, SPEC.num_sources, 0.5, seed=0)
     trainer = trainer_class(models, masks, OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.2, precision="bf16"),
