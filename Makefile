@@ -7,7 +7,7 @@ DEMO_OUT ?= out/demo
 export FFCV_TRANSFER_DATA ?= $(wildcard $(abspath ../shared/data))
 export NUMBA_THREADING_LAYER ?= workqueue
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-slow bench
 
 setup:
 	@bash scripts/setup.sh
@@ -15,8 +15,12 @@ setup:
 demo: setup
 	.venv/bin/ffcv-transfer demo --out $(DEMO_OUT)
 
+# The quick default tier; `make test-slow` runs the rest (pytest.ini's markers: slow, system). CI runs both.
 test: setup
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -m "not slow and not system" --durations=15
+
+test-slow: setup
+	$(PY) -m pytest tests -m "slow or system" --durations=15
 
 bench: setup
 	$(PY) benchmarks/bench_writers.py --out benchmarks/results/writers.json

@@ -18,6 +18,7 @@ import json
 from functools import partial
 
 import numpy as np
+import pytest
 
 from beton_writers import read_sidecar
 from ffcv_transfer.analyses import influence_by_target_class
@@ -26,6 +27,7 @@ from ffcv_transfer.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo
 from ffcv_transfer.store import ResultStore
 
 
+@pytest.mark.slow
 def test_demo_recovers_the_planted_influences(tmp_path):
     findings = run_demo(tmp_path, progress=False)
     saved = json.loads((tmp_path / "findings.json").read_text())
@@ -84,6 +86,7 @@ def test_demo_recovers_the_planted_influences(tmp_path):
 COUNTERFACTUAL_SEEDS = 28
 
 
+@pytest.mark.slow
 def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path):
     """Issue 5's counterfactual criterion at a size that can show it: on the demo's planted data and recipe,
     28 seeds of two models from the same initial weights, one without the misleading class and one without

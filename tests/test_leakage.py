@@ -160,6 +160,7 @@ def test_grouped_backend_packs_each_model_its_examples():
         assert packed_labels[:len(mine), k].tolist() == labels[mine.numpy()].tolist()
 
 
+@pytest.mark.slow
 def test_every_exact_and_downsampled_leak_is_found_and_nothing_unplanted_is_flagged():
     """32 warm-started models on random halves of the source examples, 12 epochs each on its own
     (`ffcv_transfer.leak_trial`). Every exact and every downsampled-to-3/4-and-back leak is among the 10

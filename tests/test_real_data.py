@@ -68,6 +68,7 @@ def test_tiny_imagenet_class_subset_from_archive(data_dir, tmp_path):
     assert read_sidecar(out)["resolution"]["height"] == {"min": 64, "max": 64, "mean": 64.0}
 
 
+@pytest.mark.slow
 def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
     """`ffcv-transfer demo --data tiny-imagenet`, shrunk to seconds of training: real ImageNet classes
     (named from their wnids) -> CIFAR-10, through to the report."""

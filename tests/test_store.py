@@ -130,6 +130,7 @@ def worker(path, seed):
         writer.write(rows[0], **values_of(rows[0]))
 
 
+@pytest.mark.slow
 def test_eight_processes_with_random_sigkills_complete_every_row_intact(tmp_path):
     path = tmp_path / "s"
     ResultStore.create(path, 300, SCHEMA, claim_ttl_s=0.5)

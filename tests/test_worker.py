@@ -128,6 +128,7 @@ def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
         run_worker(tmp_path / "store", mismatch, progress=False)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path):
     """`ffcv-transfer masks` then `train` (grouped backend) with K=2 over 4 rows; SIGKILL once the first
     2 rows are written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
