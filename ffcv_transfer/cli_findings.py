@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_common import SETTINGS_HELP, parse_rows, store_experiment
+
 
 def _out(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else Path(args.store) / "findings"
@@ -68,11 +70,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def _check_without(args: argparse.Namespace, found, example: int, source_class: int, out: Path) -> None:
     """Retrain `args.check` models with every class and as many without `source_class`."""
-    from .cli import _experiment
     from .counterfactual import correct_by_removal, run_removals, without_class_design
-    from .worker import EXPERIMENT_FILE
 
-    experiment = _experiment(args, str(Path(args.store) / EXPERIMENT_FILE))
+    experiment = store_experiment(args)
     masks, removals = without_class_design(len(found.source_names), source_class, args.check)
     store = run_removals(out / f"check_{example}_without_{source_class}", experiment, masks, removals,
                          progress=not args.no_progress)
@@ -101,15 +101,13 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
-    from .cli import _experiment, parse_rows
     from .counterfactual import (accuracy_by_arm, accuracy_by_removal, changes_against_all, format_gain,
                                  removal_design, run_removals)
     from .plots import accuracy_versus_removed
     from .report import gather
-    from .worker import EXPERIMENT_FILE
 
     found, out = gather(args.store), _out(args)
-    experiment = _experiment(args, str(Path(args.store) / EXPERIMENT_FILE))
+    experiment = store_experiment(args)
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
     arms = accuracy_by_arm(store)
@@ -146,7 +144,9 @@ def cmd_leakage(args: argparse.Namespace) -> None:
         print(f"planted copies: {found['planted']}")
 
 
-def add_parsers(commands: argparse._SubParsersAction, settings_help: str) -> None:
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    from .leakage import DEFAULT_TOP, MAX_HASH_DISTANCE, MIN_SIMILARITY
+
     def store_parser(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help, **kwargs)
         p.add_argument("store", metavar="STORE", help="a results store with completed rows")
@@ -159,7 +159,7 @@ def add_parsers(commands: argparse._SubParsersAction, settings_help: str) -> Non
     p.add_argument("--out", help="folder for rankings.json and the bar charts (default: STORE/findings)")
     p.set_defaults(run=cmd_rankings)
 
-    p = store_parser("explain", "a target example's most negative source classes, with images", epilog=settings_help)
+    p = store_parser("explain", "a target example's most negative source classes, with images", epilog=SETTINGS_HELP)
     p.add_argument("--example", type=int, required=True, help="index of the target test example")
     p.add_argument("--k", type=int, default=3, help="source classes to show (default: 3)")
     p.add_argument("--check", type=int, default=0, metavar="R",
@@ -176,7 +176,7 @@ def add_parsers(commands: argparse._SubParsersAction, settings_help: str) -> Non
     p.set_defaults(run=cmd_subpopulation)
 
     p = commands.add_parser("counterfactual", help="retrain without the k most negative / most positive / random "
-                            "source classes and plot target accuracy against k", epilog=settings_help)
+                            "source classes and plot target accuracy against k", epilog=SETTINGS_HELP)
     p.add_argument("store", metavar="STORE", help="the experiment whose influences choose the classes")
     p.add_argument("--ks", default="1,2,4", help="numbers of classes removed, e.g. 1,2,4 or 1-3 (default: 1,2,4)")
     p.add_argument("--seeds", type=int, default=3, help="models per (kind, k), and full-set models (default: 3)")
@@ -189,12 +189,12 @@ def add_parsers(commands: argparse._SubParsersAction, settings_help: str) -> Non
     p = commands.add_parser("leakage", help="source images that are near-duplicates of target images, found by "
                             "example-level influence (a store made by `masks --examples`)")
     p.add_argument("store", metavar="STORE")
-    p.add_argument("--top", type=int, default=10, help="source images examined per target image at each end "
-                   "of its influence ranking (default: 10)")
-    p.add_argument("--min-similarity", type=float, default=0.9, help="aligned-thumbnail correlation that makes a "
-                   "near-duplicate (default: 0.9)")
-    p.add_argument("--max-hash-distance", type=int, default=10, help="or at most this many perceptual-hash bits "
-                   "apart (default: 10)")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help="source images examined per target image at each "
+                   f"end of its influence ranking (default: {DEFAULT_TOP})")
+    p.add_argument("--min-similarity", type=float, default=MIN_SIMILARITY, help="aligned-thumbnail correlation "
+                   f"that makes a near-duplicate (default: {MIN_SIMILARITY})")
+    p.add_argument("--max-hash-distance", type=int, default=MAX_HASH_DISTANCE, help="or at most this many "
+                   f"perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})")
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")
     p.set_defaults(run=cmd_leakage)
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .masks import create_store
+from .experiment_store import MASKS, create_store, read_sidecars
+from .store import ResultStore, StoreError
 
 KINDS = ("none", "most_negative", "most_positive", "random", "chosen")
 
@@ -94,17 +95,16 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
     the experiment's recipe, by `train(path, experiment)` when given (else a worker in this process);
     returns the store."""
-    from .store import ResultStore
-    from .worker import EXPERIMENT_FILE, read_sidecars, run_worker
+    from .worker import run_worker
 
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-        create_store(path, masks, num_test, extra_fixed={"removal": removals}, init_seeds=removals[:, 2])
-        experiment.save(path / EXPERIMENT_FILE)
+        create_store(path, masks, num_test, extra_fixed={"removal": removals}, init_seeds=removals[:, 2],
+                     experiment=experiment)
     store = ResultStore(path)
-    if not np.array_equal(store.fixed("masks"), masks):
-        raise ValueError(f"{path}: holds a different removal design; choose another folder")
+    if not np.array_equal(store.fixed(MASKS), masks):
+        raise StoreError(f"{path}: holds a different removal design; choose another folder")
     if train is None:
         run_worker(path, experiment, progress=progress)
     else:

@@ -89,7 +89,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     from .config import load_experiment
     from .report import gather, write_report
     from .store import ResultStore
-    from .worker import create_experiment_store
+    from .experiment_store import create_class_store
 
     if data not in DATASETS:
         raise ValueError(f"--data {data!r}: choose one of {', '.join(DATASETS)}")
@@ -108,7 +108,7 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     lap("data")
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
-        create_experiment_store(store_dir, experiment)
+        create_class_store(store_dir, experiment)
     train = partial(train_in_workers, workers=workers or len(os.sched_getaffinity(0)), progress=progress)
     train(store_dir, experiment)
     lap("train")

@@ -158,7 +158,7 @@ def _wait_until(done: Callable[[], bool], poll_s: float, progress: _Progress) ->
 
 def _open(store_dir: str | Path, experiment: Experiment) -> ResultStore:
     """The store, checked against the experiment's betons before any worker starts."""
-    from .worker import check_inputs
+    from .experiment_store import check_inputs
 
     store = ResultStore(store_dir)
     check_inputs(store, experiment)

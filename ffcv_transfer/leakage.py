@@ -19,9 +19,9 @@ largest of ~80,000 unrelated pairs 0.61; tests/test_leakage.py). A DCT perceptua
 exact and resampled copies <= 8, unrelated pairs >= 14, and >= 10 among smooth planted images) is the
 second test: a pair is a near-duplicate when either passes.
 
-The store: `create_example_store` draws the masks (packed bits, fixed array `example_masks`; `masks`
-holds, per model, the classes it has examples of, which is what the worker's input checks read) and the
-worker trains each model on its examples (train.py routes on example indices). `find_leaks` is the
+The store: `experiment_store.create_example_store` draws the masks (packed bits, fixed array
+`example_masks`; `masks` holds, per model, the classes it has examples of, which is what the worker's
+input checks read) and the worker trains each model on its examples (train.py routes on example indices). `find_leaks` is the
 entry point: it reads the store, writes leaks.json and image grids, and returns the findings.
 """
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-EXAMPLE_MASKS = "example_masks"
 WORK_SIZE = 32  # images are compared in grey at this size
 THUMB_SIZE = 16  # ... through thumbnails of this size
 CROP_SIDES = (32, 30, 28, 26, 24)  # crops of the 32 px image tried when aligning two images
@@ -42,50 +41,12 @@ MAX_HASH_DISTANCE = 8  # perceptual-hash bits at or below which two images are n
 DEFAULT_TOP = 10  # source images examined per target image, at each end of its influence ranking
 
 
-# ------------------------------------------------------------------ the store
-
-def create_example_store(path: str | Path, experiment: Any) -> Any:
-    """A store whose models train on random subsets of the source *examples*: experiment.masks gives the
-    number of models, alpha (the fraction of examples each one holds) and the seed. Fixed arrays:
-    `example_masks` (N, ceil(E/8)) uint8 packed bits in beton order, and `masks` (N, C), the classes each
-    model has examples of. Saves the experiment beside it, as `ffcv-transfer masks` does."""
-    from beton_writers.common import read_labels
-
-    from .masks import create_store, random_example_masks
-    from .worker import EXPERIMENT_FILE, read_sidecars
-
-    sidecars = read_sidecars(experiment)
-    labels = read_labels(experiment.data.path("source_train"))
-    m = experiment.masks
-    masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
-    store = create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
-                         sidecars["target_test"]["num_examples"],
-                         extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)})
-    experiment.save(store.path / EXPERIMENT_FILE)
-    return store
-
-
-def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, C) bool: the classes each model has at least one example of."""
-    has = np.zeros((len(example_masks), num_classes), bool)
-    for row, mask in zip(has, np.asarray(example_masks, bool)):
-        row[np.asarray(labels)[mask]] = True
-    return has
-
-
-def example_masks_of(store: Any, num_examples: int, rows: Sequence[int] | None = None) -> np.ndarray:
-    """(len(rows), E) bool example masks of a store made by `create_example_store` (all rows by default)."""
-    packed = store.fixed(EXAMPLE_MASKS)
-    packed = np.asarray(packed if rows is None else packed[list(rows)])
-    if packed.shape[1] != (num_examples + 7) // 8:
-        raise ValueError(f"{store.path}: example masks hold {packed.shape[1] * 8} bits per model, not the "
-                         f"{num_examples} source examples")
-    return np.unpackbits(packed, axis=1, count=num_examples).astype(bool)
-
+# ------------------------------------------------------------------ example influence
 
 def example_influence_from_store(store_dir: str | Path, num_examples: int, key: str = "margins",
                                  backend: str = "auto") -> tuple[np.ndarray, int]:
     """(influence (E, T) float32, number of models used) over the completed, non-failed rows."""
+    from .experiment_store import EXAMPLE_MASKS
     from .influence import InfluenceError, example_influence
     from .store import ResultStore
 
@@ -285,7 +246,7 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
                min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
                key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto"
                ) -> dict[str, Any]:
-    """Example-level findings of a store made by `create_example_store` and filled by the worker:
+    """Example-level findings of a store made by `experiment_store.create_example_store` and filled by the worker:
     leakage (positive influence + near-duplicate), mislabelled copies (negative + near-duplicate) and
     unconfirmed misleading candidates (`flag_examples`). Writes OUT_DIR/leaks.json (the findings, the
     thresholds, and, on planted data, recall and false flags against the planted copies) and
@@ -294,15 +255,11 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     from beton_writers.common import read_labels, read_sidecar
     from beton_writers.verify import BetonRecords
 
-    from .config import load_experiment
-    from .worker import EXPERIMENT_FILE
+    from .experiment_store import open_experiment
 
     store_dir = Path(store_dir)
     out_dir = Path(out_dir) if out_dir is not None else store_dir / "leakage"
-    experiment_file = store_dir / EXPERIMENT_FILE
-    if not experiment_file.is_file():
-        raise FileNotFoundError(f"{experiment_file}: not found; make the store with leakage.create_example_store")
-    experiment = load_experiment(experiment_file)
+    experiment = open_experiment(store_dir)
     source_beton, target_beton = experiment.data.path("source_train"), experiment.data.path("target_test")
     source_labels, target_labels = read_labels(source_beton), read_labels(target_beton)
     influence, models = example_influence_from_store(store_dir, len(source_labels), key, backend)

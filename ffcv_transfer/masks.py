@@ -1,18 +1,14 @@
-"""Random class subsets, one per source model, and the store that will hold every model's results."""
+"""Random subsets of the source classes (or examples), one per source model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .options import check_choice, option
-from .store import ResultStore
 
 DESIGNS = ("random", "orthogonal")
 
-OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}
-INIT_SEEDS = "init_seeds"  # fixed array: each row's seed of its initial weights
 
 
 @dataclass(frozen=True)
@@ -80,29 +76,6 @@ def class_masks(config: MaskConfig, num_classes: int) -> np.ndarray:
     if config.design == "orthogonal":
         return orthogonal_class_masks(config.num_models, num_classes, config.seed)
     return random_class_masks(config.num_models, num_classes, config.alpha, config.seed)
-
-
-def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
-                 extra_fixed: dict[str, np.ndarray] | None = None,
-                 init_seeds: np.ndarray | None = None) -> ResultStore:
-    """A store with one row per model: its class mask and the seed of its initial weights (fixed; by
-    default the row index), then per target test example its margin, correctness and prediction, plus
-    source and target accuracy. Rows given equal `init_seeds` start from the same weights (paired
-    comparisons, as in the counterfactuals)."""
-    seeds = np.arange(len(masks)) if init_seeds is None else np.asarray(init_seeds, np.int64)
-    if seeds.shape != (len(masks),):
-        raise ValueError(f"{path}: {len(seeds)} init seeds for {len(masks)} models")
-    schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
-    schema |= {"source_acc": ((), "float32"), "target_acc": ((), "float32")}
-    return ResultStore.create(path, len(masks), schema,
-                              fixed={"masks": masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
-
-
-def init_seed(store: ResultStore, row: int, base_seed: int) -> int:
-    """The torch seed of row `row`'s initial weights: from the store's init seed of the row (the row index
-    in stores made before init seeds were stored) and the experiment's `masks.seed`."""
-    seed = int(store.fixed(INIT_SEEDS)[row]) if INIT_SEEDS in store.fixed_names else row
-    return int(np.random.SeedSequence([base_seed, seed]).generate_state(1)[0])
 
 
 def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int) -> np.ndarray:

@@ -91,28 +91,25 @@ class Findings:
 
 def gather(store_dir: str | Path, names_file: str | Path | None = None, progress: bool = False) -> Findings:
     from beton_writers.common import read_labels
+
+    from .experiment_store import MASKS, open_experiment, read_sidecars
     from .influence import influence_from_store
     from .names import display_names
-    from .store import ResultStore
-    from .worker import EXPERIMENT_FILE, read_sidecars
-    from .config import load_experiment
+    from .store import ResultStore, StoreError
 
     store_dir = Path(store_dir)
-    experiment_file = store_dir / EXPERIMENT_FILE
-    if not experiment_file.is_file():
-        raise FileNotFoundError(f"{experiment_file}: not found; is {store_dir} a store made by `ffcv-transfer masks`?")
-    experiment = load_experiment(experiment_file)
+    experiment = open_experiment(store_dir)
     sidecars = read_sidecars(experiment)
     store = ResultStore(store_dir)
     if not len(store.completed_rows()):
-        raise ValueError(f"{store_dir}: no completed rows yet; run `ffcv-transfer train --store {store_dir}`")
+        raise StoreError(f"{store_dir}: no completed rows yet; run `ffcv-transfer train --store {store_dir}`")
     influence = influence_from_store(str(store_dir), "margins", progress=progress)
-    _, values = store.read(["masks", "margins"])
+    _, values = store.read([MASKS, "margins"])
     margins = values["margins"].astype(np.float64)
     labels = read_labels(experiment.data.path("target_test"))
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
     return Findings(store=store_dir, influence=influence, labels=labels, mean_margins=margins.mean(0),
-                    stderr=ranking_stderr(values["masks"], margins, labels, len(target_names)),
+                    stderr=ranking_stderr(values[MASKS], margins, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
                     target_names=target_names,
                     betons={split: experiment.data.path(split) for split in sidecars},

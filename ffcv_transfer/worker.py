@@ -15,49 +15,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .config import BACKENDS, ConfigError, Experiment
+from .config import BACKENDS, Experiment
 from .data import ImageLoader, beton_identity, resolution_at, select_examples
-from .leakage import EXAMPLE_MASKS, example_masks_of
-from .masks import class_masks, create_store, init_seed
+from .experiment_store import EXAMPLE_MASKS, MASKS, check_inputs, example_masks_of, init_seed
 from .models import build_model
 from .resident import ResidentLoader
 from .store import ResultStore, worker_name
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
-
-SPLITS = ("source_train", "source_val", "target_train", "target_test")
-
-
-def read_sidecars(experiment: Experiment) -> dict[str, dict]:
-    """Every split's sidecar; a missing beton is an error that names it."""
-    from beton_writers.common import read_sidecar
-
-    sidecars = {}
-    for split in SPLITS:
-        path = experiment.data.path(split)
-        if not path.is_file():
-            raise ConfigError(f"{path}: data.{split} does not exist (data.root is {experiment.data.root!r})")
-        sidecars[split] = read_sidecar(path)
-    return sidecars
-
-
-def check_inputs(store: ResultStore, experiment: Experiment) -> None:
-    """The betons exist and match the store's masks and output columns; errors name the file."""
-    sidecars = read_sidecars(experiment)
-    num_classes = store.fixed("masks").shape[1]
-    for split in ("source_train", "source_val"):
-        if sidecars[split]["num_classes"] != num_classes:
-            raise ConfigError(f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
-                              f"masks of store {store.path} cover {num_classes}")
-    if EXAMPLE_MASKS in store.fixed_names:
-        bits, examples = store.fixed(EXAMPLE_MASKS).shape[1] * 8, sidecars["source_train"]["num_examples"]
-        if not bits - 8 < examples <= bits:
-            raise ConfigError(f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
-                              f"of store {store.path} cover {bits - 7}..{bits}")
-    num_test = store.schema["margins"][0][0]
-    if sidecars["target_test"]["num_examples"] != num_test:
-        raise ConfigError(f"{experiment.data.path('target_test')}: {sidecars['target_test']['num_examples']} "
-                          f"examples, but store {store.path} has {num_test} output columns")
-
 
 LOADER_CACHE_SIZE = 8
 _loaders: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
@@ -93,9 +57,9 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
                on_epoch: Callable[[str], None] = lambda stage: None
                ) -> tuple[dict[int, str], dict[int, tuple[float, TransferOutputs]]]:
     """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row).
-    A store with example masks (leakage.create_example_store) trains each model on its examples."""
+    A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
     source, device = experiment.source, experiment.run.device
-    masks = np.asarray(store.fixed("masks")[list(rows)])
+    masks = np.asarray(store.fixed(MASKS)[list(rows)])
     union = np.flatnonzero(masks.any(axis=0))
     models = []
     for row in rows:  # each model's initial weights from its row's seed, whatever else this process ran
@@ -216,16 +180,3 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
 def _pending(store: ResultStore, rows: Sequence[int] | None) -> list[int]:
     done = set(store.completed_rows().tolist()) | set(store.failures())
     return [r for r in (range(store.num_rows) if rows is None else rows) if r not in done]
-
-
-EXPERIMENT_FILE = "experiment.yaml"
-
-
-def create_experiment_store(path: str | Path, experiment: Experiment) -> ResultStore:
-    """Draw the experiment's class masks, create its store, and save the resolved config beside them
-    (`ffcv-transfer train --store DIR` reads it back)."""
-    sidecars = read_sidecars(experiment)
-    num_classes, num_test = sidecars["source_train"]["num_classes"], sidecars["target_test"]["num_examples"]
-    store = create_store(path, class_masks(experiment.masks, num_classes), num_test)
-    experiment.save(store.path / EXPERIMENT_FILE)
-    return store

@@ -12,7 +12,8 @@ from ffcv_transfer.counterfactual import (KINDS, accuracy_by_arm, accuracy_by_re
                                           removal_design, without_class_design)
 from ffcv_transfer.plots import accuracy_versus_removed
 from ffcv_transfer.influence import class_influence
-from ffcv_transfer.masks import create_store, orthogonal_class_masks
+from ffcv_transfer.experiment_store import create_store
+from ffcv_transfer.masks import orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
 
 

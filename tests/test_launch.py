@@ -15,7 +15,7 @@ from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
 from ffcv_transfer.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
 from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import create_experiment_store
+from ffcv_transfer.experiment_store import create_class_store
 
 from .conftest import DEMO_CONFIG, tiny_settings
 from .slurm_cluster import SlurmUnavailable, start_cluster
@@ -24,7 +24,7 @@ from .slurm_cluster import SlurmUnavailable, start_cluster
 def make_store(data: Path, path: Path, models: int, k: int) -> ResultStore:
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(data, **{"masks.num_models": models,
                                                                      "run.models_per_process": k}))
-    return create_experiment_store(path, experiment)
+    return create_class_store(path, experiment)
 
 
 def assert_complete_once(store: ResultStore, masks: np.ndarray) -> dict:

@@ -10,7 +10,7 @@ from torch import nn
 
 from beton_writers import ImageOptions, PlantedSpec, read_sidecar
 from beton_writers.synthetic import make_planted, motif_overlap, write_synthetic
-from ffcv_transfer import leakage
+from ffcv_transfer import experiment_store, leakage
 from ffcv_transfer.leak_trial import TrialRecipe, run_trial
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.influence import example_influence
@@ -128,7 +128,7 @@ def test_example_masks_route_each_model_exactly_its_examples():
     models = [IdRecorder(6) for _ in range(3)]
     trainer = FusedTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
                            example_labels=labels)
-    np.testing.assert_array_equal(trainer.class_membership.numpy(), leakage.classes_of(masks, labels, 6))
+    np.testing.assert_array_equal(trainer.class_membership.numpy(), experiment_store.classes_of(masks, labels, 6))
     with pytest.raises(ValueError, match="third element"):
         trainer.train_epoch([(images[:8], torch.as_tensor(labels[:8]))], 0)
     for model in models:
@@ -200,11 +200,11 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
     data = tmp_path / "data"
     write_synthetic(data, seed=0, spec=LEAKY_TINY, options=ImageOptions(write_mode="raw", num_workers=2))
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(data, **{"source.epochs": 2, "source.lr_peak_epoch": 1}))
-    store = leakage.create_example_store(tmp_path / "store", experiment)
+    store = experiment_store.create_example_store(tmp_path / "store", experiment)
     labels = read_labels(data / "source_train.beton")
-    masks = leakage.example_masks_of(store, len(labels))
+    masks = experiment_store.example_masks_of(store, len(labels))
     assert masks.shape == (4, len(labels)) and (masks.sum(1) == round(0.5 * len(labels))).all()
-    np.testing.assert_array_equal(store.fixed("masks"), leakage.classes_of(masks, labels, LEAKY_TINY.num_sources))
+    np.testing.assert_array_equal(store.fixed("masks"), experiment_store.classes_of(masks, labels, LEAKY_TINY.num_sources))
 
     routed = []
 

@@ -14,7 +14,7 @@ from ffcv_transfer.analyses import explain_example, influence_by_target_class, s
 from ffcv_transfer.config import load_experiment
 from ffcv_transfer.report import gather, write_report
 from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import create_experiment_store
+from ffcv_transfer.experiment_store import create_class_store
 
 from .conftest import DEMO_CONFIG
 from .system_packages import apt_install
@@ -28,7 +28,7 @@ def planted_store(tiny_data, tmp_path_factory):
     experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tiny_data), "masks.num_models": MODELS,
                                                "masks.design": "orthogonal"})
     store_dir = tmp_path_factory.mktemp("report") / "store"
-    store = create_experiment_store(store_dir, experiment)
+    store = create_class_store(store_dir, experiment)
     planted = read_sidecar(tiny_data / "target_test.beton")["extra"]["planted"]
     labels = read_labels(tiny_data / "target_test.beton")
     masks = store.fixed("masks")

@@ -16,9 +16,10 @@ from ffcv_transfer import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
 from ffcv_transfer.counterfactual import removal_design, run_removals
 from ffcv_transfer.influence import class_influence, influence_from_store
-from ffcv_transfer.masks import create_store, init_seed, random_class_masks
+from ffcv_transfer.experiment_store import EXPERIMENT_FILE, create_class_store, create_store, init_seed
+from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import EXPERIMENT_FILE, create_experiment_store, run_worker
+from ffcv_transfer.worker import run_worker
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
@@ -36,7 +37,7 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{  # the reference transfer: SGD head
         "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
         "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0, "run.models_per_process": 2}))
-    store = create_experiment_store(tmp_path / "store", experiment)
+    store = create_class_store(tmp_path / "store", experiment)
     assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
     built, initial = [], []
 
@@ -119,7 +120,7 @@ def test_rows_are_seeded_by_their_index_by_default_and_in_stores_made_before_ini
 
 def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data))
-    create_experiment_store(tmp_path / "store", experiment)
+    create_class_store(tmp_path / "store", experiment)
     with pytest.raises(ConfigError, match=r"nowhere/source_train.beton: data.source_train does not exist"):
         run_worker(tmp_path / "store", load_experiment(DEMO_CONFIG, tiny_settings(tmp_path / "nowhere")),
                    progress=False)
@@ -181,7 +182,7 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     assert isinstance(worker_module._loader(resident, "target_test", train=False, resolution=16, batch_size=8),
                       ResidentLoader)
 
-    store = create_experiment_store(tmp_path / "store", resident)
+    store = create_class_store(tmp_path / "store", resident)
     assert run_worker(store.path, resident, progress=False) == 4
     rows, values = store.read(["margins", "is_correct", "source_acc"])
     assert len(rows) == 4 and np.isfinite(values["margins"]).all()

@@ -1,0 +1,61 @@
+"""What the `ffcv-transfer` command groups share: `--section.name=value` settings, row ranges, and the
+experiment a command runs (a YAML file, or the one saved in its store). Imports nothing slow."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATA_ENV = "FFCV_TRANSFER_DATA"
+SETTINGS_HELP = "Any setting can be overridden as --section.name=value; `ffcv-transfer settings` lists them all."
+
+
+def parse_settings(tokens: list[str]) -> dict[str, str]:
+    """`--section.name=value` or `--section.name value` tokens -> {"section.name": "value"}."""
+    from .config import ConfigError
+
+    settings, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            raise ConfigError(f"command line: unexpected argument {token!r} (settings look like --source.epochs=4)")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens):
+            key, value = token[2:], tokens[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"command line: setting {token} has no value")
+        settings[key] = value
+    return settings
+
+
+def parse_rows(text: str, option: str = "--models") -> list[int]:
+    """'0-63,100,120-127' -> [0, ..., 63, 100, 120, ..., 127]."""
+    from .config import ConfigError
+
+    rows: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            rows.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected ranges like 0-63,100") from None
+    return rows
+
+
+def experiment_from_args(args: argparse.Namespace, config: str | Path | None = None):
+    """The experiment of `config` (a YAML file; None: the defaults) with the command line's settings."""
+    from .config import load_experiment
+
+    return load_experiment(config, parse_settings(args.settings))
+
+
+def store_experiment(args: argparse.Namespace):
+    """The experiment of `args.config` if given, else the one saved in `args.store`, with the command
+    line's settings."""
+    from .experiment_store import open_experiment
+
+    if getattr(args, "config", None):
+        return experiment_from_args(args, args.config)
+    return open_experiment(args.store, parse_settings(args.settings))

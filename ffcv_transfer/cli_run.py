@@ -1,0 +1,201 @@
+"""`ffcv-transfer` commands that run an experiment: settings, demo, masks, train, launch, store status and
+influence."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .cli_common import DATA_ENV, SETTINGS_HELP, experiment_from_args, parse_rows, parse_settings, store_experiment
+
+
+def cmd_store_status(args: argparse.Namespace) -> None:
+    from .store import ResultStore, format_status
+
+    print(format_status(ResultStore(args.store).status(), args.store))
+
+
+def cmd_influence(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .influence import influence_from_store
+
+    result = influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend,
+                                  chunk=args.chunk, stderr=args.stderr, progress=True)
+    influence, stderr = result if args.stderr else (result, None)
+    np.save(args.out, influence)
+    print(f"wrote {args.out}: influence {influence.shape[0]} classes x {influence.shape[1]} outputs")
+    if stderr is not None:
+        stderr_path = args.out.removesuffix(".npy") + ".stderr.npy"
+        np.save(stderr_path, stderr)
+        print(f"wrote {stderr_path}")
+
+
+def cmd_settings(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import describe_settings
+
+    if args.config is None and not args.settings:
+        print(describe_settings())
+    else:
+        print(yaml.safe_dump(experiment_from_args(args, args.config).to_dict(), sort_keys=False), end="")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import TinySize, format_findings, run_demo
+
+    data_dir = args.data_dir or os.environ.get(DATA_ENV) or "../shared/data"
+    findings = run_demo(args.out, data=args.data, config=args.config, overrides=parse_settings(args.settings),
+                        seed=args.seed, counterfactual_seeds=args.counterfactual_seeds, data_dir=data_dir,
+                        tiny=TinySize(args.classes, args.per_class, args.target_per_class),
+                        workers=args.workers, progress=not args.no_progress)
+    print(format_findings(findings))
+    print(f"\nfindings: {args.out}/findings.json")
+
+
+def cmd_masks(args: argparse.Namespace) -> None:
+    from .experiment_store import MASKS, create_class_store, create_example_store
+
+    create = create_example_store if args.examples else create_class_store
+    store = create(args.store, experiment_from_args(args, args.config))
+    masks = store.fixed(MASKS)
+    fewest, most = masks.sum(1).min(), masks.sum(1).max()
+    print(f"wrote {args.store}: {masks.shape[0]} models x {masks.shape[1]} source classes "
+          f"({fewest if fewest == most else f'{fewest}-{most}'} classes each), "
+          f"{store.schema['margins'][0][0]} target test examples")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .store import ResultStore, format_status
+    from .worker import run_worker
+
+    if args.k is not None:
+        args.settings += [f"--run.models_per_process={args.k}"]
+    experiment = store_experiment(args)
+    rows = parse_rows(args.models) if args.models else None
+    written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress, label=args.label)
+    print(f"this worker wrote {written} rows")
+    print(format_status(ResultStore(args.store).status(), args.store))
+
+
+LOCAL_OPTIONS = ("gpus", "workers")
+SLURM_SIZES = ("tasks", "parallelism", "time_min", "partition", "gpus_per_task", "cpus_per_task")  # SlurmOptions
+SLURM_OPTIONS = (*SLURM_SIZES, "sbatch", "no_wait")
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from .config import ConfigError
+    from .launch import SlurmOptions, launch_local, launch_slurm
+    from .store import ResultStore, format_status
+
+    foreign = [name for name in (SLURM_OPTIONS if args.executor == "local" else LOCAL_OPTIONS)
+               if getattr(args, name) not in (None, False)]
+    if foreign:
+        hint = " (a SLURM task gets its GPUs with --gpus-per-task)" if "gpus" in foreign else ""
+        raise ConfigError(f"{', '.join('--' + name.replace('_', '-') for name in foreign)}: not an option of "
+                          f"--executor {args.executor}{hint}")
+    ResultStore(args.store)  # a missing store is named before its experiment.yaml is looked for
+    if args.k is not None:
+        args.settings += [f"--run.models_per_process={args.k}"]
+    experiment = store_experiment(args)
+    common = {"log_dir": args.log_dir, "max_rounds": args.max_rounds, "poll_s": args.poll_s}
+    if args.executor == "local":
+        gpus = parse_rows(args.gpus, "--gpus") if args.gpus is not None else None
+        status = launch_local(args.store, experiment, gpus=gpus, workers=args.workers, **common)
+    else:
+        pairs = [item.split("=", 1) for item in args.sbatch or []]
+        if not all(len(pair) == 2 and all(pair) for pair in pairs):
+            raise ConfigError(f"--sbatch {' '.join(args.sbatch)}: expected KEY=VALUE, e.g. --sbatch account=abc")
+        sizes = {name: getattr(args, name) for name in SLURM_SIZES if getattr(args, name) is not None}
+        status = launch_slurm(args.store, experiment, SlurmOptions(**sizes, sbatch=dict(pairs)),
+                              wait=not args.no_wait, **common)
+    print(format_status(status, args.store))
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    store = commands.add_parser("store", help="inspect a results store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    p = store_commands.add_parser("status", help="completed / claimed / pending / failed rows, failure reasons")
+    p.add_argument("store", metavar="DIR")
+    p.set_defaults(run=cmd_store_status)
+
+    p = commands.add_parser("settings", help="list every experiment setting, or print a config fully resolved")
+    p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")
+    p.set_defaults(run=cmd_settings, takes_settings=True)
+
+    p = commands.add_parser("demo", help="the whole pipeline, from data to an HTML report (minutes on a CPU)",
+                            epilog=SETTINGS_HELP)
+    p.add_argument("--out", default="out/demo", help="output folder; rerunning resumes (default: out/demo)")
+    p.add_argument("--data", default="planted", choices=["planted", "tiny-imagenet"],
+                   help="planted synthetic data made on the fly (default), or the real small replica "
+                   "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
+    p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
+    p.add_argument("--counterfactual-seeds", type=int, default=7,
+                   help="retrain this many times with all classes, without the most negative class and without a "
+                   "random one (each class in turn, shuffled), the models of a seed from the same initial weights "
+                   "(default: 7; 0 skips)")
+    p.add_argument("--workers", type=int, help="local worker processes that train the models, the rows and cores "
+                   "split evenly (default: one per core)")
+    group = p.add_argument_group("--data tiny-imagenet")
+    group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
+    group.add_argument("--classes", type=int, default=20, help="first Tiny-ImageNet classes by wnid (default: 20)")
+    group.add_argument("--per-class", type=int, default=100, help="training images per source class (default: 100)")
+    group.add_argument("--target-per-class", type=int, default=200,
+                       help="CIFAR-10 training images per class; half as many test images (default: 200)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_demo, takes_settings=True)
+
+    p = commands.add_parser("masks", help="draw the random class subsets and create the results store",
+                            epilog=SETTINGS_HELP)
+    p.add_argument("--config", required=True, help="experiment YAML (see rs_configs/)")
+    p.add_argument("--store", required=True, metavar="DIR", help="results store to create")
+    p.add_argument("--examples", action="store_true", help="random subsets of the source examples instead of "
+                   "classes (example-level influence; `ffcv-transfer leakage` reads the store)")
+    p.set_defaults(run=cmd_masks, takes_settings=True)
+
+    p = commands.add_parser("train", help="train, transfer and record pending models of a store (K at a time)",
+                            epilog=SETTINGS_HELP)
+    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
+    p.add_argument("--models", help="only these rows, e.g. 0-63,100 (default: all pending)")
+    p.add_argument("--k", type=int, help="models per process (run.models_per_process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--label", help="first part of this worker's name in `store status` (e.g. gpu0)")
+    p.set_defaults(run=cmd_train, takes_settings=True)
+
+    p = commands.add_parser("launch", help="run many workers over one store: one per GPU, several on the CPU, "
+                            "or a SLURM job array", epilog=SETTINGS_HELP)
+    p.add_argument("--store", required=True, metavar="DIR", help="results store (made by `masks`)")
+    p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local", help="where workers run (default: local)")
+    p.add_argument("--k", type=int, help="models per worker process (run.models_per_process)")
+    p.add_argument("--max-rounds", type=int, default=3,
+                   help="start workers again while rows are pending after all have ended (default: 3 rounds)")
+    p.add_argument("--log-dir", help="worker logs (default: DIR/launches/TIME-EXECUTOR)")
+    p.add_argument("--poll-s", type=float, default=10, help="seconds between progress checks (default: 10)")
+    group = p.add_argument_group("--executor local")
+    group.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3 or 0-3: one worker per GPU")
+    group.add_argument("--workers", type=int, help="workers on run.device (default 1); CPU workers share the "
+                       "cores, OMP_NUM_THREADS = cores // workers each")
+    group = p.add_argument_group("--executor slurm (submitit; timed-out or preempted tasks requeue and resume)")
+    group.add_argument("--tasks", type=int, help="array tasks, each one worker (default: 1)")
+    group.add_argument("--parallelism", type=int, help="array tasks running at once (default: all)")
+    group.add_argument("--time-min", type=int, help="time limit per task in minutes (default: 60)")
+    group.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    group.add_argument("--gpus-per-task", type=int, help="GPUs per task (default: 0; run.device becomes cuda)")
+    group.add_argument("--cpus-per-task", type=int, help="CPUs per task, also its OMP_NUM_THREADS (default: 1)")
+    group.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                       help="any other sbatch option, repeatable: --sbatch account=abc --sbatch mem=32G")
+    group.add_argument("--no-wait", action="store_true", help="submit and return (no further rounds)")
+    p.set_defaults(run=cmd_launch, takes_settings=True)
+
+    p = commands.add_parser("influence", help="class influence from a results store")
+    p.add_argument("store", metavar="DIR")
+    p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
+    p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
+    p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")
+    p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
+    p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
+    p.set_defaults(run=cmd_influence)

@@ -1,0 +1,151 @@
+"""An experiment's results store: one row per source model, and what says what a row means.
+
+    STORE/experiment.yaml           the resolved experiment (config.Experiment) its rows are trained with
+    STORE/fixed/masks.npy           (N, C) bool: the source classes of each model
+    STORE/fixed/init_seeds.npy      (N,) int64: the seed of each row's initial weights
+    STORE/fixed/example_masks.npy   example-level stores: (N, ceil(E/8)) uint8, each model's source
+                                    examples as packed bits in beton order (`masks` then holds the classes
+                                    each model has examples of)
+    STORE/fixed/removal.npy         counterfactual stores: (kind, count, seed) of each row
+    per row                         margins, is_correct, predictions: (T,) over the target test set;
+                                    source_acc, target_acc
+
+store.py is the generic on-disk format (records, claims, failures); this module is the experiment's
+schema on top of it, and the one place that creates such stores and opens their experiment.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .store import ResultStore, StoreError
+
+if TYPE_CHECKING:
+    from .config import Experiment
+
+EXPERIMENT_FILE = "experiment.yaml"
+MASKS = "masks"
+INIT_SEEDS = "init_seeds"
+EXAMPLE_MASKS = "example_masks"
+OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}  # (T,) per row
+SPLITS = ("source_train", "source_val", "target_train", "target_test")
+
+
+def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
+                 extra_fixed: dict[str, np.ndarray] | None = None, init_seeds: np.ndarray | None = None,
+                 experiment: Experiment | None = None) -> ResultStore:
+    """A store with one row per model: its class mask and the seed of its initial weights (fixed; by
+    default the row index), then per target test example its margin, correctness and prediction, plus
+    source and target accuracy. Rows given equal `init_seeds` start from the same weights (paired
+    comparisons, as in the counterfactuals). `experiment` is saved beside the rows (`open_experiment`)."""
+    seeds = np.arange(len(masks)) if init_seeds is None else np.asarray(init_seeds, np.int64)
+    if seeds.shape != (len(masks),):
+        raise ValueError(f"{path}: {len(seeds)} init seeds for {len(masks)} models")
+    schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
+    schema |= {"source_acc": ((), "float32"), "target_acc": ((), "float32")}
+    store = ResultStore.create(path, len(masks), schema,
+                               fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
+    if experiment is not None:
+        experiment.save(store.path / EXPERIMENT_FILE)
+    return store
+
+
+def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
+    """Draw the experiment's class masks and create its store (`ffcv-transfer masks`)."""
+    from .masks import class_masks
+
+    sidecars = read_sidecars(experiment)
+    num_classes = sidecars["source_train"]["num_classes"]
+    return create_store(path, class_masks(experiment.masks, num_classes), sidecars["target_test"]["num_examples"],
+                        experiment=experiment)
+
+
+def create_example_store(path: str | Path, experiment: Experiment) -> ResultStore:
+    """A store whose models train on random subsets of the source *examples* (`ffcv-transfer masks
+    --examples`): experiment.masks gives the number of models, alpha (the fraction of examples each one
+    holds) and the seed."""
+    from beton_writers.common import read_labels
+
+    from .masks import random_example_masks
+
+    sidecars = read_sidecars(experiment)
+    labels = read_labels(experiment.data.path("source_train"))
+    m = experiment.masks
+    masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
+    return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
+                        sidecars["target_test"]["num_examples"], extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)},
+                        experiment=experiment)
+
+
+def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C) bool: the classes each model has at least one example of."""
+    has = np.zeros((len(example_masks), num_classes), bool)
+    for row, mask in zip(has, np.asarray(example_masks, bool)):
+        row[np.asarray(labels)[mask]] = True
+    return has
+
+
+def example_masks_of(store: ResultStore, num_examples: int, rows: Sequence[int] | None = None) -> np.ndarray:
+    """(len(rows), E) bool example masks of an example-level store (all rows by default)."""
+    packed = store.fixed(EXAMPLE_MASKS)
+    packed = np.asarray(packed if rows is None else packed[list(rows)])
+    if packed.shape[1] != (num_examples + 7) // 8:
+        raise ValueError(f"{store.path}: example masks hold {packed.shape[1] * 8} bits per model, not the "
+                         f"{num_examples} source examples")
+    return np.unpackbits(packed, axis=1, count=num_examples).astype(bool)
+
+
+def init_seed(store: ResultStore, row: int, base_seed: int) -> int:
+    """The torch seed of row `row`'s initial weights: from the store's init seed of the row (the row index
+    in stores made before init seeds were stored) and the experiment's `masks.seed`."""
+    seed = int(store.fixed(INIT_SEEDS)[row]) if INIT_SEEDS in store.fixed_names else row
+    return int(np.random.SeedSequence([base_seed, seed]).generate_state(1)[0])
+
+
+def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """The experiment saved in a store (with `overrides`); a missing store or file is a StoreError naming it."""
+    from .config import load_experiment
+
+    ResultStore(store_dir)  # a missing store is named as such, before its experiment file
+    path = Path(store_dir) / EXPERIMENT_FILE
+    if not path.is_file():
+        raise StoreError(f"{path}: not found; is {store_dir} a store made by `ffcv-transfer masks`?")
+    return load_experiment(path, overrides)
+
+
+def read_sidecars(experiment: Experiment) -> dict[str, dict]:
+    """Every split's sidecar; a missing beton is an error that names it."""
+    from beton_writers.common import read_sidecar
+
+    from .config import ConfigError
+
+    sidecars = {}
+    for split in SPLITS:
+        path = experiment.data.path(split)
+        if not path.is_file():
+            raise ConfigError(f"{path}: data.{split} does not exist (data.root is {experiment.data.root!r})")
+        sidecars[split] = read_sidecar(path)
+    return sidecars
+
+
+def check_inputs(store: ResultStore, experiment: Experiment) -> None:
+    """The betons exist and match the store's masks and output columns; errors name the file."""
+    from .config import ConfigError
+
+    sidecars = read_sidecars(experiment)
+    num_classes = store.fixed(MASKS).shape[1]
+    for split in ("source_train", "source_val"):
+        if sidecars[split]["num_classes"] != num_classes:
+            raise ConfigError(f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
+                              f"masks of store {store.path} cover {num_classes}")
+    if EXAMPLE_MASKS in store.fixed_names:
+        bits, examples = store.fixed(EXAMPLE_MASKS).shape[1] * 8, sidecars["source_train"]["num_examples"]
+        if not bits - 8 < examples <= bits:
+            raise ConfigError(f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
+                              f"of store {store.path} cover {bits - 7}..{bits}")
+    num_test = store.schema["margins"][0][0]
+    if sidecars["target_test"]["num_examples"] != num_test:
+        raise ConfigError(f"{experiment.data.path('target_test')}: {sidecars['target_test']['num_examples']} "
+                          f"examples, but store {store.path} has {num_test} output columns")
