@@ -42,7 +42,8 @@ def run_case(args) -> dict:
     from ffcv_transfer.grouped import GroupedBatchNorm2d, GroupedTrainer
     from ffcv_transfer.masks import random_class_masks
     from ffcv_transfer.models import build_model
-    from ffcv_transfer.train import FusedTrainer, OptimConfig
+    from ffcv_transfer.settings import OptimConfig
+    from ffcv_transfer.train import SequentialTrainer
 
     size, device = SIZES[args.size], torch.device(args.device)
     backend, *flags = args.case_name.split("+")
@@ -62,7 +63,7 @@ def run_case(args) -> dict:
     config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=batch,
                          precision="bf16" if device.type == "cuda" else "fp32")
     options = {"compile": "default"} if "compile" in flags else {}
-    trainer = (FusedTrainer if backend in ("single", "sequential") else GroupedTrainer)(
+    trainer = (SequentialTrainer if backend in ("single", "sequential") else GroupedTrainer)(
         models, masks, config, steps_per_epoch=size["steps"], device=device, **options)
 
     def epoch(steps: int, index: int) -> float:

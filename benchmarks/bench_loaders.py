@@ -1,6 +1,6 @@
 """Loader benchmark: ffcv's pipeline against the device-resident loader in images/s, JSON + a table.
 
-Images per second delivered as normalised device tensors by ffcv (`loader.backend: ffcv`) and by the
+Images per second delivered as normalised device tensors by ffcv (`loader.kind: ffcv`) and by the
 resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
 use case, e.g. 64 px ImageNet). Sizes jpeg160 and paper160 crop bench_train.py's natural-looking 400x300
 images to 160 px: stored as they are in JPEG (~40 KB, bench_train's source), or as paper_imagenet_cifar10.yaml
@@ -38,7 +38,8 @@ SIZES = {  # source: how natural 400x300 images are stored (none: random raw pix
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from ffcv_transfer.data import ImageLoader, LoaderConfig
+    from ffcv_transfer.data import ImageLoader
+    from ffcv_transfer.settings import LoaderConfig
     from ffcv_transfer.resident import ResidentLoader
 
     size, device = SIZES[args.size], torch.device(args.device)

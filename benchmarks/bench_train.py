@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_transfer.data import THREADING_LAYERS
+from ffcv_transfer.settings import THREADING_LAYERS
 
 from bench_common import PAPER_STORAGE, case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
 
@@ -104,13 +104,13 @@ def write_data(folder: Path, size: dict) -> dict:
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from ffcv_transfer.config import BACKENDS
-    from ffcv_transfer.data import ImageLoader, LoaderConfig
+    from ffcv_transfer.worker import TRAINERS
+    from ffcv_transfer.data import ImageLoader
+    from ffcv_transfer.settings import LoaderConfig, OptimConfig, TransferConfig
     from ffcv_transfer.masks import random_class_masks
     from ffcv_transfer.models import build_model
     from ffcv_transfer.resident import ResidentLoader
-    from ffcv_transfer.transfer import TransferConfig, transfer_by_training
-    from ffcv_transfer.train import OptimConfig
+    from ffcv_transfer.transfer import transfer_by_training
 
     size, folder, k = SIZES[args.size], Path(args.data), args.k
     device = torch.device(args.device)
@@ -126,7 +126,7 @@ def run_case(args: argparse.Namespace) -> dict:
     optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch)
     backend, _, compiled = args.backend.partition("+")
     options = {"compile": "default"} if compiled else {}
-    trainer = BACKENDS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
+    trainer = TRAINERS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
 
     def timed(step) -> float:
         if device.type == "cuda":

@@ -21,7 +21,7 @@ def _add_image_options(parser: argparse.ArgumentParser, write_mode: str) -> None
                        help="resize so the longer side is at most this (default: keep)")
     group.add_argument("--square", action="store_true",
                        help="centre-crop each image to a square first (with --max-resolution: one image size, "
-                            "which loader.backend resident needs)")
+                            "which loader.kind resident needs)")
     group.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
     group.add_argument("--compress-probability", type=float, default=0.5,
                        help="share of images JPEG-compressed in 'proportion' mode (default: 0.5)")

@@ -1,15 +1,7 @@
-"""Experiment configuration. Each stage declares its settings once, as a dataclass in its own module;
-here they become fastargs sections, so a YAML file in rs_configs/, `--section.name=value` on the command
-line and Python code all set the same things:
-
-    data:       source_train, source_val, target_train, target_test (betons), root
-    masks:      num_models, alpha, seed
-    model:      stem, width, blurpool
-    source:     the source recipe (batch size, epochs, LR schedule, resolutions, crops, precision)
-    transfer:   mode, the target recipe
-    loader:     num_workers, order, os_cache, drop_last, seed, threading (numba layer)
-    run:        device, models_per_process (K), backend
-"""
+"""Experiment configuration: the sections of settings.py become fastargs sections, so a YAML file in
+rs_configs/, `--section.name=value` on the command line and Python code all set the same things.
+`load_experiment` resolves and validates them all at once; every problem is a ConfigError naming the file
+(or the command line) and the setting."""
 from __future__ import annotations
 
 import difflib
@@ -19,54 +11,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import LoaderConfig
-from .grouped import COMPILE_MODES, GroupedTrainer
-from .masks import MaskConfig
-from .models import ModelConfig
-from .options import check_choice, option
-from .train import FusedTrainer, SourceConfig
-from .transfer import TransferConfig
-
-BACKENDS = {"sequential": FusedTrainer, "grouped": GroupedTrainer}  # the source-training fusion backends
+from .settings import (RENAMED, SECTIONS, DataConfig, LoaderConfig, MaskConfig, ModelConfig, RunConfig, SourceConfig,
+                       TransferConfig)
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the file and the setting."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source_train: str = option(help="source training beton")
-    source_val: str = option(help="source validation beton (the models' own-class accuracy)")
-    target_train: str = option(help="target training beton")
-    target_test: str = option(help="target test beton (one store column per example)")
-    root: str = option("", "folder that relative beton paths are read from (default: working directory)")
-
-    def path(self, split: str) -> Path:
-        return Path(self.root) / getattr(self, split)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    device: str = option("cpu", "cpu, cuda or cuda:N (one device per worker process)")
-    models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
-    backend: str = option("sequential", "how the K models run on each batch: one after another, or as one "
-                          "grouped network", tuple(BACKENDS))
-    compile: str = option("none", "torch.compile the grouped network (reduce-overhead: with CUDA graphs), "
-                          "static shapes; backend grouped only", COMPILE_MODES)
-
-    def __post_init__(self) -> None:
-        check_choice("run.backend", self.backend, tuple(BACKENDS))
-        check_choice("run.compile", self.compile, COMPILE_MODES)
-        if self.compile != "none" and self.backend != "grouped":
-            raise ValueError(f"run.compile {self.compile} needs run.backend grouped (the sequential backend's "
-                             "sub-batches change size every step)")
-        if self.models_per_process < 1:
-            raise ValueError(f"run.models_per_process must be >= 1, got {self.models_per_process}")
-
-
-SECTIONS: dict[str, type] = {"data": DataConfig, "masks": MaskConfig, "model": ModelConfig, "source": SourceConfig,
-                             "transfer": TransferConfig, "loader": LoaderConfig, "run": RunConfig}
 
 
 @dataclass(frozen=True)
@@ -105,6 +55,8 @@ def _checker(kind: type, choices: tuple[str, ...] | None):
                 if text not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return text in ("true", "1", "yes")
+            if kind in (int, float) and isinstance(value, bool):
+                raise ValueError(value)  # YAML's true is no number
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return kind(value)
@@ -154,7 +106,7 @@ def load_experiment(path: str | Path | None = None, overrides: Mapping[str, Any]
             raise ConfigError(f"{path}: cannot read the configuration: {error}") from None
         if not isinstance(tree, Mapping):
             raise ConfigError(f"{path}: expected sections (data:, source:, ...), found {type(tree).__name__}")
-        settings |= _flatten(tree)
+        settings |= {RENAMED.get(key, key): value for key, value in _flatten(tree).items()}
     settings |= dict(overrides or {})
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -4,7 +4,6 @@ beton's sidecar labels, without reading the beton."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -12,35 +11,11 @@ import numpy as np
 import torch
 
 from .models import memory_format_for
-from .options import check_choice, option
+from .settings import LoaderConfig
 
 # ImageNet statistics on the 0..255 scale, as in libffcv/ffcv-imagenet
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
-ORDERS = ("random", "quasi_random", "sequential")
-THREADING_LAYERS = ("workqueue", "omp", "tbb")
-LOADER_BACKENDS = ("ffcv", "resident")
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    backend: str = option("ffcv", "ffcv: decode every epoch; resident: the beton's pixels held in device memory, "
-                          "crops and flips on the device (low resolution, one image size)", LOADER_BACKENDS)
-    num_workers: int = option(0, "decoding threads; 0: one per CPU core")
-    order: str = option("random", "example order; quasi_random (with os_cache false) for betons larger "
-                        "than memory", ORDERS)
-    os_cache: bool = option(True, "read the beton through the OS page cache (it fits in memory)")
-    drop_last: bool = option(True, "drop the last incomplete training batch")
-    seed: int | None = option(None, "seed of the example order (flips stay random)")
-    threading: str = option("workqueue", "numba threading layer of the decoding threads, one per process, fixed "
-                            "by the first loader; omp decoded 44% faster on a 16-core GPU host", THREADING_LAYERS)
-
-    def __post_init__(self) -> None:
-        check_choice("loader.order", self.order, ORDERS)
-        check_choice("loader.threading", self.threading, THREADING_LAYERS)
-        check_choice("loader.backend", self.backend, LOADER_BACKENDS)
-        if self.order == "quasi_random" and self.os_cache:
-            raise ValueError("loader.order quasi_random needs loader.os_cache false (ffcv pages the beton itself)")
 
 
 def use_threading_layer(name: str) -> None:
@@ -86,15 +61,6 @@ def beton_identity(beton: str | Path) -> tuple[str, int, int]:
 def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """MEAN and STD as (1, 3, 1, 1) float32 tensors on `device`."""
     return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
-
-
-def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
-    """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
-    end_ramp, rounded down to a multiple of `step` (and kept within start..end)."""
-    if start == end:
-        return start
-    value = int(np.interp(epoch, [start_ramp, end_ramp], [start, end]) // step) * step
-    return int(np.clip(value, min(start, end), max(start, end)))
 
 
 def _index_decoder():

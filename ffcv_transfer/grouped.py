@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import BlurPoolConv2d, memory_format_for
-from .train import LockstepTrainer, OptimConfig, lr_at, param_groups, rows_first
+from .settings import COMPILE_MODES, OptimConfig
+from .train import LockstepTrainer, lr_at, param_groups, rows_first
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
 
 
@@ -168,7 +168,7 @@ def _unstack(stacked: nn.Module, targets: list[nn.Module]) -> None:
 
 
 class GroupedTrainer(LockstepTrainer):
-    """The `grouped` backend: same interface as train.FusedTrainer, the K models trained as one grouped
+    """The `grouped` backend: same interface as train.SequentialTrainer, the K models trained as one grouped
     network (copied back into `models` after every epoch)."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,

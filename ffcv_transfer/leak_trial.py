@@ -47,14 +47,21 @@ def normalised(images: np.ndarray) -> torch.Tensor:
             / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)).contiguous()
 
 
-def epoch_batches(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, size: int) -> list:
-    """One shuffled epoch of (images, labels, example indices) batches with random left-right flips."""
-    batches = []
-    for pick in np.array_split(rng.permutation(len(y)), -(-len(y) // size)):
-        keys = torch.as_tensor(pick)
-        flip = torch.as_tensor(rng.random(len(pick)) < 0.5)[:, None, None, None]
-        batches.append((torch.where(flip, x[keys].flip(3), x[keys]), y[keys], keys))
-    return batches
+class ShuffledBatches:
+    """In-memory epochs: each iteration a new shuffle of (images, labels, example indices) batches with
+    random left-right flips, drawn from `rng`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, size: int):
+        self.x, self.y, self.rng, self.size = x, y, rng, size
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.size)
+
+    def __iter__(self):
+        for pick in np.array_split(self.rng.permutation(len(self.y)), len(self)):
+            keys = torch.as_tensor(pick)
+            flip = torch.as_tensor(self.rng.random(len(pick)) < 0.5)[:, None, None, None]
+            yield torch.where(flip, self.x[keys].flip(3), self.x[keys]), self.y[keys], keys
 
 
 def train_and_transfer(data: dict, masks: np.ndarray, seed: int,
@@ -63,31 +70,30 @@ def train_and_transfer(data: dict, masks: np.ndarray, seed: int,
     (N, T) target test margins and their source validation accuracies."""
     from .grouped import GroupedTrainer
     from .models import build_model
-    from .train import FusedTrainer, SourceConfig
-    from .transfer import TransferConfig, transfer_cached_features
+    from .settings import SourceConfig, TransferConfig
+    from .train import SequentialTrainer
+    from .transfer import transfer_cached_features
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images, labels = data["source_train"]
     num_classes = int(labels.max()) + 1
     x, y = normalised(images), torch.as_tensor(labels)
-    steps = -(-len(y) // recipe.batch_size)
+    batches = ShuffledBatches(x, y, rng, recipe.batch_size)
     val = [(normalised(data["source_val"][0]), torch.as_tensor(data["source_val"][1]))]
     regular = np.zeros((recipe.pretrain_candidates, len(y)), bool)
     regular[:, :len(y) - len(data["design"]["leaks"])] = True
     candidates = [build_model(num_classes, stem="small", width=recipe.width) for _ in regular]
-    pretrain = FusedTrainer(candidates, regular, SourceConfig(batch_size=recipe.batch_size, epochs=recipe.pretrain_epochs,
+    pretrain = SequentialTrainer(candidates, regular, SourceConfig(batch_size=recipe.batch_size, epochs=recipe.pretrain_epochs,
                                                               lr=0.1, lr_peak_epoch=2, weight_decay=5e-4, precision="fp32"),
-                            steps, example_labels=labels)
-    for epoch in range(recipe.pretrain_epochs):
-        pretrain.train_epoch(epoch_batches(x, y, rng, recipe.batch_size), epoch)
+                            len(batches), example_labels=labels)
+    pretrain.fit(batches, recipe.pretrain_epochs)
     base = candidates[int(np.argmax(pretrain.accuracy(val)))]
     models = [copy.deepcopy(base) for _ in masks]
     config = SourceConfig(batch_size=recipe.batch_size, epochs=recipe.epochs, lr=0.05, lr_peak_epoch=1,
                           weight_decay=5e-4, precision="fp32")
-    trainer = GroupedTrainer(models, masks, config, steps, example_labels=labels)
-    for epoch in range(recipe.epochs):
-        trainer.train_epoch(epoch_batches(x, y, rng, recipe.batch_size), epoch)
+    trainer = GroupedTrainer(models, masks, config, len(batches), example_labels=labels)
+    trainer.fit(batches, recipe.epochs)
     if trainer.failed:
         raise RuntimeError(f"models {sorted(trainer.failed)} diverged")
     target = [(normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")]

@@ -1,34 +1,11 @@
 """Random subsets of the source classes (or examples), one per source model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
-from .options import check_choice, option
+from .settings import MaskConfig
 
-DESIGNS = ("random", "orthogonal")
-
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    num_models: int = option(64, "source models (rows of the store)")
-    alpha: float = option(0.5, "fraction of the source classes in each model's training set")
-    seed: int = option(0, "seed of the random subsets and of the models' initial weights")
-    design: str = option("random", "random: each model a uniform random subset (the paper); orthogonal: "
-                         "a two-level orthogonal design (num_models a power of two, alpha 0.5) in which "
-                         "every class is in exactly half the models and the classes are pairwise balanced",
-                         DESIGNS)
-
-    def __post_init__(self) -> None:
-        check_choice("masks.design", self.design, DESIGNS)
-        if self.design == "orthogonal" and self.alpha != 0.5:
-            raise ValueError(f"masks.design orthogonal needs masks.alpha 0.5, got {self.alpha}")
-        if self.num_models < 1:
-            raise ValueError(f"masks.num_models must be >= 1, got {self.num_models}")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"masks.alpha {self.alpha} must lie strictly between 0 and 1")
 
 
 def random_class_masks(num_models: int, num_classes: int, alpha: float, seed: int) -> np.ndarray:

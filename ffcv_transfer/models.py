@@ -9,26 +9,11 @@ Memory layout: channels-last on CUDA (what its convolution kernels want), plain 
 model a channels-last batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import check_choice, option
-
-STEMS = ("imagenet", "small")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    stem: str = option("imagenet", "imagenet: 7x7/2 conv + max-pool (128-224 px); small: 3x3/1 conv (16-64 px)",
-                       STEMS)
-    width: float = option(1.0, "channel multiplier (1: the standard 64-128-256-512)")
-    blurpool: bool = option(False, "anti-aliased strided convolutions, as in FFCV's recipe")
-
-    def __post_init__(self) -> None:
-        check_choice("model.stem", self.stem, STEMS)
+from .settings import STEMS, check_choice
 
 
 class BlurPoolConv2d(nn.Module):

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import LoaderConfig, beton_identity, normalisation, select_examples
+from .data import beton_identity, normalisation, select_examples
 from .models import memory_format_for
+from .settings import LoaderConfig
 
 _pixels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -11,42 +11,36 @@ label of each of the E examples the (K, E) masks cover) and give batches a third
 index in the beton (`ImageLoader(..., with_indices=True)`); routing then keys on that index while the
 loss still uses the labels. Accuracy counts a model's classes as those it has any example of.
 
-Backend here: `sequential` (the K models one after another on their sub-batches).
+`LockstepTrainer.fit` is the whole run (the epoch loop with the resolution schedule); each fusion's
+`train_epoch` is the step loop: here `sequential` (the K models one after another on their
+sub-batches), in grouped.py `grouped` (one grouped network).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import check_choice, option
+from .settings import OptimConfig, SourceConfig
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # settings.PRECISIONS
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """Defaults: the reference ImageNet recipe (MadryLab/data-transfer)."""
+def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
+    """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
+    end_ramp, rounded down to a multiple of `step` (and kept within start..end)."""
+    if start == end:
+        return start
+    value = int(np.interp(epoch, [start_ramp, end_ramp], [start, end]) // step) * step
+    return int(np.clip(value, min(start, end), max(start, end)))
 
-    batch_size: int = option(1024, "examples per step, shared by all K models (each trains on its classes' part)")
-    epochs: int = option(16, "passes over the data")
-    lr: float = option(0.5, "peak learning rate of the cyclic schedule")
-    lr_peak_epoch: float = option(2.0, "epoch at which the linear warm-up reaches the peak")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-5, "L2 penalty on all parameters except BatchNorm's")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
-    precision: str = option("bf16", "autocast dtype (fp16 adds a gradient scaler)", PRECISIONS)
 
-    def __post_init__(self) -> None:
-        check_choice("precision", self.precision, PRECISIONS)
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"need batch_size >= 1 and epochs >= 1, got {self.batch_size} and {self.epochs}")
-        if not 0 <= self.lr_peak_epoch <= self.epochs:
-            raise ValueError(f"lr_peak_epoch {self.lr_peak_epoch} must lie in 0..epochs ({self.epochs})")
+def source_resolution(config: SourceConfig) -> Callable[[int], int]:
+    """The source recipe's resolution schedule: epoch -> pixels."""
+    return lambda epoch: resolution_at(epoch, config.min_res, config.max_res, config.start_ramp, config.end_ramp)
 
 
 def lr_at(epoch: float, config: OptimConfig) -> float:
@@ -119,8 +113,23 @@ class LockstepTrainer:
                              "(ImageLoader(..., with_indices=True))")
         return images, labels, batch[2].to(self.device, torch.long)
 
+    def fit(self, batches: Iterable, epochs: int, resolution: Callable[[int], int] | None = None,
+            on_epoch: Callable[[str], None] = lambda stage: None, stage: str = "epoch") -> None:
+        """The whole run: `epochs` passes over `batches` (an iterable that makes a new epoch each time it is
+        iterated), each at `resolution(epoch)` pixels when given (`batches.set_resolution`), reporting
+        "STAGE e/EPOCHS" to `on_epoch` after each; the learning rate follows the step count (lr_at)."""
+        for epoch in range(epochs):
+            if resolution is not None:
+                batches.set_resolution(resolution(epoch))
+            self.train_epoch(batches, epoch)
+            on_epoch(f"{stage} {epoch + 1}/{epochs}")
+
+    def train_epoch(self, batches: Iterable, epoch: int) -> list[float]:
+        """One pass (the step loop): each fusion's own."""
+        raise NotImplementedError
+
     def autocast(self) -> torch.autocast:
-        dtype = PRECISIONS[self.config.precision]
+        dtype = AUTOCAST_DTYPES[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -135,7 +144,7 @@ class LockstepTrainer:
         return means
 
 
-class FusedTrainer(LockstepTrainer):
+class SequentialTrainer(LockstepTrainer):
     """The `sequential` backend: each batch is routed, then the K models step one after another on their
     sub-batches, each with its own optimiser (and gradient scaler for fp16)."""
 
@@ -202,22 +211,3 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
 def parts_of(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
     """route(), or the whole batch without a copy for every model when each takes every class (transfer)."""
     return [slice(None)] * len(membership) if every_class else route(labels, membership)
-
-
-@dataclass(frozen=True)
-class SourceConfig(OptimConfig):
-    """Source training: the optimiser recipe plus progressive resizing and augmentation."""
-
-    min_res: int = option(160, "training resolution until start_ramp")
-    max_res: int = option(192, "training resolution from end_ramp on")
-    start_ramp: int = option(11, "epoch at which the resolution starts to grow")
-    end_ramp: int = option(13, "epoch at which it reaches max_res")
-    val_res: int = option(256, "resolution of the source validation images")
-    val_crop_ratio: float = option(224 / 256, "centre-crop fraction of the shorter side for validation")
-    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop (1: flips only)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.crop_min_scale <= 1 or not 0 < self.val_crop_ratio <= 1:
-            raise ValueError(f"crop_min_scale {self.crop_min_scale} and val_crop_ratio {self.val_crop_ratio} "
-                             "must lie in (0, 1]")

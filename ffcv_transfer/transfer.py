@@ -20,30 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import check_choice, option
-from .train import FusedTrainer, OptimConfig
-
-MODES = ("fixed_feature", "full_finetune", "cached_features")
-
-
-@dataclass(frozen=True)
-class TransferConfig(OptimConfig):
-    """Defaults: the reference CIFAR-10 transfer (15 epochs, peak LR 0.1 at epoch 5, wd 5e-4, 224 px)."""
-
-    mode: str = option("fixed_feature", "how each source model is transferred", MODES)
-    resolution: int = option(224, "target images are resized (upsampled) to this many pixels")
-    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
-                                   "the head (1: flips only)")
-    batch_size: int = option(512, "target examples per step, shared by all K models")
-    epochs: int = option(15, "passes over the target training set (fixed_feature, full_finetune)")
-    lr: float = option(0.1, "peak learning rate (fixed_feature, full_finetune)")
-    lr_peak_epoch: float = option(5.0, "epoch of the learning-rate peak (fixed_feature, full_finetune)")
-    weight_decay: float = option(5e-4, "L2 penalty (all modes; cached_features: on the head's weights)")
-    head_max_iter: int = option(200, "L-BFGS iterations of the cached_features head")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("transfer.mode", self.mode, MODES)
+from .settings import TransferConfig
+from .train import SequentialTrainer
 
 
 @dataclass
@@ -130,23 +108,23 @@ def transfer_cached_features(models: Sequence[nn.Module], train_batches: Iterabl
 
 def transfer_by_training(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
                          num_classes: int, config: TransferConfig, steps_per_epoch: int,
-                         device: str | torch.device = "cpu") -> tuple[list[TransferOutputs], dict[int, str]]:
+                         device: str | torch.device = "cpu", on_epoch: Callable[[str], None] = lambda stage: None
+                         ) -> tuple[list[TransferOutputs], dict[int, str]]:
     """fixed_feature or full_finetune: replace each model's head with a new `num_classes`-way linear layer
-    and train all K in lockstep on the same target batches. Returns the test outputs and the models whose
-    loss diverged (index -> reason)."""
+    and train all K in lockstep on the same target batches (`on_epoch` hears of each pass). Returns the
+    test outputs and the models whose loss diverged (index -> reason)."""
     if config.mode == "cached_features":
         raise ValueError("transfer_by_training trains the head: use transfer_cached_features for cached_features")
     for model in models:
         model.requires_grad_(config.mode == "full_finetune")
         model.fc = nn.Linear(model.fc.in_features, num_classes).to(device)  # trainable
     every_class = np.ones((len(models), num_classes), bool)
-    trainer = FusedTrainer(list(models), every_class, config, steps_per_epoch, device=device)
-    for epoch in range(config.epochs):
-        trainer.train_epoch(train_batches, epoch)
+    trainer = SequentialTrainer(list(models), every_class, config, steps_per_epoch, device=device)
+    trainer.fit(train_batches, config.epochs, on_epoch=on_epoch, stage="transfer epoch")
     logits, labels = _one_pass(models, test_batches, lambda model, images: _logits(model, images, trainer))
     return [outputs_from_logits(l, labels) for l in logits], trainer.failed
 
 
-def _logits(model: nn.Module, images: torch.Tensor, trainer: FusedTrainer) -> torch.Tensor:
+def _logits(model: nn.Module, images: torch.Tensor, trainer: SequentialTrainer) -> torch.Tensor:
     with trainer.autocast():
         return model(images)

@@ -15,13 +15,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .config import BACKENDS, Experiment
-from .data import ImageLoader, beton_identity, resolution_at, select_examples
+from .config import Experiment
+from .data import ImageLoader, beton_identity, select_examples
 from .experiment_store import EXAMPLE_MASKS, MASKS, check_inputs, example_masks_of, init_seed
+from .grouped import GroupedTrainer
 from .models import build_model
 from .resident import ResidentLoader
 from .store import ResultStore, worker_name
+from .train import SequentialTrainer, source_resolution
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
+
+TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
 LOADER_CACHE_SIZE = 8
 _loaders: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
@@ -30,7 +34,7 @@ _loaders: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
 def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
             crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
             indices: np.ndarray | None = None) -> ImageLoader | ResidentLoader:
-    """An ImageLoader (loader.backend ffcv) or ResidentLoader over `split`, reused if this process made one
+    """An ImageLoader (loader.kind ffcv) or ResidentLoader over `split`, reused if this process made one
     with the same arguments and examples: a new ffcv Loader JIT-compiles its pipeline in its first epoch
     (27 s on 2 CPU cores), which every group of K models would pay again, and the demo's counterfactual
     after the main run."""
@@ -41,7 +45,7 @@ def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int,
     key = (*beton_identity(beton), train, batch_size, config, experiment.run.device, crop_min_scale, crop_ratio,
            with_indices, None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
     if key not in _loaders:
-        kind = ResidentLoader if config.backend == "resident" else ImageLoader
+        kind = ResidentLoader if config.kind == "resident" else ImageLoader
         _loaders[key] = kind(beton, train=train, resolution=resolution, batch_size=batch_size,
                              config=config, device=experiment.run.device, indices=examples,
                              crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio, with_indices=with_indices)
@@ -65,9 +69,9 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
     for row in rows:  # each model's initial weights from its row's seed, whatever else this process ran
         torch.manual_seed(init_seed(store, row, experiment.masks.seed))
         models.append(build_model(masks.shape[1], **asdict(experiment.model), device=device))
-    backend = BACKENDS[experiment.run.backend]
-    if experiment.run.compile != "none":  # validated: the grouped backend
-        backend = partial(backend, compile=experiment.run.compile)
+    trainer_class = TRAINERS[experiment.run.fusion]
+    if experiment.run.compile != "none":  # validated: the grouped fusion
+        trainer_class = partial(trainer_class, compile=experiment.run.compile)
     if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
         from beton_writers.common import read_labels
 
@@ -76,15 +80,12 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
         train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
                         batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
                         indices=np.flatnonzero(examples.any(axis=0)))
-        trainer = backend(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
+        trainer = trainer_class(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
     else:
         train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
                         batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
-        trainer = backend(models, masks, source, steps_per_epoch=len(train), device=device)
-    for epoch in range(source.epochs):
-        train.set_resolution(resolution_at(epoch, source.min_res, source.max_res, source.start_ramp, source.end_ramp))
-        trainer.train_epoch(train, epoch)
-        on_epoch(f"source epoch {epoch + 1}/{source.epochs}")
+        trainer = trainer_class(models, masks, source, steps_per_epoch=len(train), device=device)
+    trainer.fit(train, source.epochs, resolution=source_resolution(source), on_epoch=on_epoch, stage="source epoch")
     failures = {rows[k]: f"source training: {reason}" for k, reason in trainer.failed.items()}
     alive = [k for k in range(len(rows)) if rows[k] not in failures]
     if not alive:
@@ -114,24 +115,8 @@ def _transfer(models: list, experiment: Experiment, on_epoch: Callable[[str], No
         return outputs, {}
     train = _loader(experiment, "target_train", train=True, resolution=config.resolution,
                     batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
-    outputs, failed = transfer_by_training(models, _Reporting(train, on_epoch, config.epochs), test, num_classes,
-                                           config, steps_per_epoch=len(train), device=experiment.run.device)
-    return outputs, failed
-
-
-class _Reporting:
-    """A loader that reports each finished pass (for the progress bar and the claims' heartbeat)."""
-
-    def __init__(self, loader: ImageLoader, on_epoch: Callable[[str], None], epochs: int):
-        self.loader, self.on_epoch, self.epochs, self.passes = loader, on_epoch, epochs, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        yield from self.loader
-        self.passes += 1
-        self.on_epoch(f"transfer epoch {self.passes}/{self.epochs}")
+    return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
+                                device=experiment.run.device, on_epoch=on_epoch)
 
 
 def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,

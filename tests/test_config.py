@@ -51,8 +51,16 @@ def test_command_line_overrides_file_and_types_are_parsed(tmp_path):
     ({"loader.os_cache": "maybe"}, r"loader.os_cache: expected a bool"),
     ({"masks.alpha": "1.0"}, r"masks.alpha 1.0 must lie strictly between 0 and 1"),
     ({"loader.order": "quasi_random"}, r"quasi_random needs loader.os_cache false"),
-    ({"run.compile": "default"}, r"run.compile default needs run.backend grouped"),
-    ({"loader.backend": "gpu"}, r"loader.backend: expected One of"),
+    ({"run.compile": "default"}, r"run.compile default needs run.fusion grouped"),
+    ({"loader.kind": "gpu"}, r"loader.kind: expected One of"),
+    ({"model.width": 0}, r"model.width must be > 0, got 0"),
+    ({"run.device": "tpu"}, r"run.device 'tpu' is not cpu, cuda or cuda:N"),
+    ({"loader.num_workers": -1}, r"loader.num_workers must be >= 0, got -1"),
+    ({"source.min_res": 224, "source.max_res": 192}, r"need 0 < min_res <= max_res .* min_res 224, max_res 192"),
+    ({"source.label_smoothing": 1.5}, r"source.label_smoothing 1.5 must lie in \[0, 1\]"),
+    ({"transfer.lr": -0.1}, r"transfer.lr and transfer.weight_decay must be >= 0, got -0.1"),
+    ({"masks.design": "orthogonal", "masks.num_models": 24}, r"needs masks.num_models a power of two >= 4, got 24"),
+    ({"source.epochs": True}, r"source.epochs: expected a int, got True"),  # YAML's true is not 1
 ])
 def test_bad_settings_name_the_file_and_the_setting(tmp_path, settings, message):
     tree = {}
@@ -63,6 +71,14 @@ def test_bad_settings_name_the_file_and_the_setting(tmp_path, settings, message)
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=rf"bad.yaml: .*{message}"):
         load_experiment(path)
+
+
+def test_experiment_files_with_the_old_setting_names_still_load(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": {k.split(".")[1]: v for k, v in DATA.items()},
+                                    "run": {"backend": "grouped"}, "loader": {"backend": "resident"}}))
+    e = load_experiment(path)
+    assert (e.run.fusion, e.loader.kind) == ("grouped", "resident")
 
 
 def test_missing_and_malformed_inputs(tmp_path):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.models import build_model
-from ffcv_transfer.train import FusedTrainer, OptimConfig
+from ffcv_transfer.settings import OptimConfig
+from ffcv_transfer.train import SequentialTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_BATCHES = (1, 3, 7, 63, 65)  # the bug needs an odd batch; even ones for contrast
@@ -63,7 +64,7 @@ def trainers_on_odd_sub_batches() -> None:
     rng = np.random.default_rng(0)
     masks = rng.random((4, 7)) < 0.5
     masks[:, 0] = True
-    for trainer_class in (FusedTrainer, GroupedTrainer):
+    for trainer_class in (SequentialTrainer, GroupedTrainer):
         models = [build_model(7, stem="small", width=0.125) for _ in masks]
         trainer = trainer_class(models, masks, OptimConfig(epochs=1, lr=0.05, lr_peak_epoch=0.5, precision="fp32"),
                                 steps_per_epoch=6)

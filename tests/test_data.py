@@ -11,7 +11,9 @@ import torch
 from beton_writers import ImageOptions, PlantedSpec
 from beton_writers.synthetic import make_planted, write_synthetic
 from beton_writers.common import BetonError
-from ffcv_transfer.data import MEAN, STD, ImageLoader, LoaderConfig, class_indices, resolution_at
+from ffcv_transfer.data import MEAN, STD, ImageLoader, class_indices
+from ffcv_transfer.settings import LoaderConfig
+from ffcv_transfer.train import resolution_at
 from ffcv_transfer.resident import ResidentLoader
 
 SPEC = PlantedSpec(num_targets=3, num_unrelated=3, num_misleading=0, source_train_per_class=100,

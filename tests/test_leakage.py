@@ -15,7 +15,8 @@ from ffcv_transfer.leak_trial import TrialRecipe, run_trial
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.influence import example_influence
 from ffcv_transfer.masks import random_example_masks
-from ffcv_transfer.train import FusedTrainer, OptimConfig
+from ffcv_transfer.settings import OptimConfig
+from ffcv_transfer.train import SequentialTrainer
 
 from .conftest import IdRecorder
 from .test_synthetic import motif_scores
@@ -126,7 +127,7 @@ def test_example_masks_route_each_model_exactly_its_examples():
     masks = random_example_masks(3, 300, 0.5, seed=0)
     assert (masks.sum(1) == 150).all()
     models = [IdRecorder(6) for _ in range(3)]
-    trainer = FusedTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
+    trainer = SequentialTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
                            example_labels=labels)
     np.testing.assert_array_equal(trainer.class_membership.numpy(), experiment_store.classes_of(masks, labels, 6))
     with pytest.raises(ValueError, match="third element"):
@@ -208,7 +209,7 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
 
     routed = []
 
-    class Recording(FusedTrainer):
+    class Recording(SequentialTrainer):
         def train_epoch(self, batches, epoch):
             seen = [[] for _ in self.models]
 
@@ -225,7 +226,7 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
 
     from ffcv_transfer.train import route as torch_route
 
-    monkeypatch.setitem(worker_module.BACKENDS, "sequential", Recording)
+    monkeypatch.setitem(worker_module.TRAINERS, "sequential", Recording)
     assert worker_module.run_worker(store.path, experiment, progress=False) == 4
     assert len(routed) == 2
     for seen in routed:  # drop_last trims a few examples of the union; nothing else is missing or repeated

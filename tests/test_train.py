@@ -9,7 +9,8 @@ from beton_writers.synthetic import PlantedSpec, make_planted
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model, memory_format_for
-from ffcv_transfer.train import FusedTrainer, OptimConfig, lr_at, param_groups, route
+from ffcv_transfer.settings import OptimConfig, SourceConfig
+from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, route, source_resolution
 
 from .conftest import IdRecorder
 
@@ -41,13 +42,35 @@ def test_each_model_sees_all_and_only_its_classes_examples_once_per_epoch():
     images[:, 0, 0, 0] = torch.arange(500.0)
     masks = random_class_masks(4, 6, 0.5, seed=0)
     models = [IdRecorder(6) for _ in range(4)]
-    trainer = FusedTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=8)
+    trainer = SequentialTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=8)
     for epoch in range(2):
         order = torch.as_tensor(rng.permutation(500))
         trainer.train_epoch([(images[order[i:i + 64]], labels[order[i:i + 64]]) for i in range(0, 500, 64)], epoch)
         for model, mask in zip(models, masks):
             assert sorted(model.seen) == np.flatnonzero(mask[labels.numpy()]).tolist()  # all, only, once
             model.seen.clear()
+
+
+def test_fit_runs_the_epochs_at_the_scheduled_resolutions_and_reports_each():
+    """fit: one train_epoch per epoch, the loader set to source_resolution's size before each (160 px until
+    the ramp, 192 px after: ffcv-imagenet's schedule, rounded down to 32 px), the LR schedule over all the
+    steps, a report per epoch."""
+    class Recording(list):  # batches that record the resolution of each epoch
+        def set_resolution(self, resolution):
+            self.resolutions.append(resolution)
+
+    images, labels = torch.zeros(8, 3, 2, 2), torch.arange(8) % 4
+    batches = Recording([(images, labels)] * 2)
+    batches.resolutions = []
+    config = SourceConfig(epochs=5, lr=0.4, lr_peak_epoch=1, min_res=160, max_res=192, start_ramp=2, end_ramp=4,
+                          precision="fp32")
+    models = [IdRecorder(4)]
+    trainer = SequentialTrainer(models, np.ones((1, 4), bool), config, steps_per_epoch=2)
+    reports = []
+    trainer.fit(batches, config.epochs, resolution=source_resolution(config), on_epoch=reports.append, stage="source")
+    assert batches.resolutions == [160, 160, 160, 160, 192]
+    assert reports == [f"source {e}/5" for e in range(1, 6)] and trainer.step == 10
+    assert len(models[0].seen) == 5 * 16
 
 
 def test_cyclic_schedule_by_hand():
@@ -88,7 +111,7 @@ def test_two_models_learn_their_own_classes(planted):
     masks[0, ::2] = masks[1, 1::2] = True  # disjoint halves: 4 classes each, chance 0.25
     models = [build_model(classes, stem="small", width=0.125) for _ in range(2)]
     config = OptimConfig(epochs=8, lr=0.1, lr_peak_epoch=1, weight_decay=5e-4, precision="fp32")
-    trainer = FusedTrainer(models, masks, config, steps_per_epoch=-(-len(train_y) // 128))
+    trainer = SequentialTrainer(models, masks, config, steps_per_epoch=-(-len(train_y) // 128))
     rng = np.random.default_rng(0)
     for epoch in range(config.epochs):
         losses = trainer.train_epoch(batches(train_x, train_y, 128, rng), epoch)
@@ -97,7 +120,7 @@ def test_two_models_learn_their_own_classes(planted):
     assert min(accuracy) > 0.7, accuracy  # chance is 0.25 (4 classes each); measured 0.90 and 0.90
 
 
-@pytest.mark.parametrize("trainer_class", [FusedTrainer, GroupedTrainer])
+@pytest.mark.parametrize("trainer_class", [SequentialTrainer, GroupedTrainer])
 def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_class):
     (train_x, train_y) = planted["source_train"]
     classes = SPEC.num_sources
@@ -124,7 +147,7 @@ def test_grouped_backend_matches_sequential_per_model(planted, device, compile):
     masks = random_class_masks(3, classes, 0.5, seed=2)
     config = OptimConfig(epochs=1, lr=0.2, lr_peak_epoch=0.3, weight_decay=5e-4, precision="fp32")
     runs = []
-    for trainer_class in (FusedTrainer, partial(GroupedTrainer, compile=compile)):
+    for trainer_class in (SequentialTrainer, partial(GroupedTrainer, compile=compile)):
         torch.manual_seed(0)
         models = [build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double()
                   for _ in range(3)]
@@ -163,7 +186,7 @@ def test_compiled_grouped_backend_pads_to_static_lengths():
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("trainer_class", [FusedTrainer, GroupedTrainer])
+@pytest.mark.parametrize("trainer_class", [SequentialTrainer, GroupedTrainer])
 def test_mixed_precision_steps_in_the_device_layout(planted, device, trainer_class):
     """bf16 autocast on models in their device's layout (channels-last on CUDA, NCHW on the CPU), fed
     channels-last batches: finite losses and parameters that move."""

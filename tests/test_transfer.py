@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ffcv_transfer.transfer import (TransferConfig, extract_features, margins_of, transfer_by_training,
-                                    transfer_cached_features)
+from ffcv_transfer.settings import TransferConfig
+from ffcv_transfer.transfer import extract_features, margins_of, transfer_by_training, transfer_cached_features
 
 
 def test_margins_by_hand():

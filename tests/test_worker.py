@@ -136,7 +136,7 @@ def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
     overrides = [f"--{key}={value}" for key, value in
-                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.backend": "grouped"}).items()]
+                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.fusion": "grouped"}).items()]
     subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store_dir), *overrides], check=True)
     process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,15 +161,15 @@ def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path
 
 
 def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tiny_data, tmp_path):
-    """loader.backend resident: the cached-feature transfer of the same models through it equals the one
+    """loader.kind resident: the cached-feature transfer of the same models through it equals the one
     through ffcv's loaders (the same stored pixels), and the worker completes a store with it."""
     from dataclasses import replace
 
     from ffcv_transfer.models import build_model
     from ffcv_transfer.resident import ResidentLoader
 
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.backend": "grouped"}))
-    resident = replace(experiment, loader=replace(experiment.loader, backend="resident"))
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped"}))
+    resident = replace(experiment, loader=replace(experiment.loader, kind="resident"))
     torch.manual_seed(0)
     models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
     outputs = []

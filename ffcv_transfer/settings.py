@@ -1,0 +1,214 @@
+"""Every experiment setting, one frozen dataclass per section, validated when it is made (so a bad value
+is refused when the experiment loads, with the section and the setting named, not mid-run). Torch-free:
+config.py builds the command line and the YAML loading from these fields, and `--help` imports no
+training code. The stages read their section: models.py `model`, train.py `source`, transfer.py
+`transfer`, data.py and resident.py `loader`, the worker `run`.
+
+    data:       the four betons and the folder they are read from
+    masks:      the models' random class subsets
+    model:      ResNet-18 stem, width, BlurPool
+    source:     the source recipe (batch, epochs, LR schedule, resolutions, crops, precision)
+    transfer:   the transfer mode and the target recipe
+    loader:     how batches are made (ffcv or device-resident), order, threads
+    run:        device, models per process (K), how the K models are fused
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+STEMS = ("imagenet", "small")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DESIGNS = ("random", "orthogonal")
+TRANSFER_MODES = ("fixed_feature", "full_finetune", "cached_features")
+ORDERS = ("random", "quasi_random", "sequential")
+THREADING_LAYERS = ("workqueue", "omp", "tbb")
+LOADER_KINDS = ("ffcv", "resident")
+FUSIONS = ("sequential", "grouped")  # how the K models of a process run on each batch (train.py, grouped.py)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def option(default: Any = MISSING, help: str = "", choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field with a description and its allowed values (what config.py declares)."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source_train: str = option(help="source training beton")
+    source_val: str = option(help="source validation beton (the models' own-class accuracy)")
+    target_train: str = option(help="target training beton")
+    target_test: str = option(help="target test beton (one store column per example)")
+    root: str = option("", "folder that relative beton paths are read from (default: working directory)")
+
+    def path(self, split: str) -> Path:
+        return Path(self.root) / getattr(self, split)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    num_models: int = option(64, "source models (rows of the store)")
+    alpha: float = option(0.5, "fraction of the source classes in each model's training set")
+    seed: int = option(0, "seed of the random subsets and of the models' initial weights")
+    design: str = option("random", "random: each model a uniform random subset (the paper); orthogonal: "
+                         "a two-level orthogonal design (num_models a power of two, alpha 0.5) in which "
+                         "every class is in exactly half the models and the classes are pairwise balanced",
+                         DESIGNS)
+
+    def __post_init__(self) -> None:
+        check_choice("masks.design", self.design, DESIGNS)
+        check(self.num_models >= 1, f"masks.num_models must be >= 1, got {self.num_models}")
+        check(0 < self.alpha < 1, f"masks.alpha {self.alpha} must lie strictly between 0 and 1")
+        if self.design == "orthogonal":
+            check(self.alpha == 0.5, f"masks.design orthogonal needs masks.alpha 0.5, got {self.alpha}")
+            check(self.num_models >= 4 and self.num_models & (self.num_models - 1) == 0,
+                  f"masks.design orthogonal needs masks.num_models a power of two >= 4, got {self.num_models}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    stem: str = option("imagenet", "imagenet: 7x7/2 conv + max-pool (128-224 px); small: 3x3/1 conv (16-64 px)",
+                       STEMS)
+    width: float = option(1.0, "channel multiplier (1: the standard 64-128-256-512)")
+    blurpool: bool = option(False, "anti-aliased strided convolutions, as in FFCV's recipe")
+
+    def __post_init__(self) -> None:
+        check_choice("model.stem", self.stem, STEMS)
+        check(self.width > 0, f"model.width must be > 0, got {self.width}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Defaults: the reference ImageNet recipe (MadryLab/data-transfer)."""
+
+    batch_size: int = option(1024, "examples per step, shared by all K models (each trains on its classes' part)")
+    epochs: int = option(16, "passes over the data")
+    lr: float = option(0.5, "peak learning rate of the cyclic schedule")
+    lr_peak_epoch: float = option(2.0, "epoch at which the linear warm-up reaches the peak")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-5, "L2 penalty on all parameters except BatchNorm's")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    precision: str = option("bf16", "autocast dtype (fp16 adds a gradient scaler)", PRECISIONS)
+
+    section = "source"  # the name its settings go by in messages
+
+    def __post_init__(self) -> None:
+        s = self.section
+        check_choice(f"{s}.precision", self.precision, PRECISIONS)
+        check(self.batch_size >= 1 and self.epochs >= 1,
+              f"{s}.batch_size and {s}.epochs must be >= 1, got {self.batch_size} and {self.epochs}")
+        check(0 <= self.lr_peak_epoch <= self.epochs,
+              f"{s}.lr_peak_epoch {self.lr_peak_epoch} must lie in 0..{s}.epochs ({self.epochs})")
+        check(self.lr >= 0 and self.weight_decay >= 0,
+              f"{s}.lr and {s}.weight_decay must be >= 0, got {self.lr} and {self.weight_decay}")
+        check(0 <= self.momentum < 1, f"{s}.momentum {self.momentum} must lie in [0, 1)")
+        check(0 <= self.label_smoothing <= 1, f"{s}.label_smoothing {self.label_smoothing} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SourceConfig(OptimConfig):
+    """Source training: the optimiser recipe plus progressive resizing and augmentation."""
+
+    min_res: int = option(160, "training resolution until start_ramp")
+    max_res: int = option(192, "training resolution from end_ramp on")
+    start_ramp: int = option(11, "epoch at which the resolution starts to grow")
+    end_ramp: int = option(13, "epoch at which it reaches max_res")
+    val_res: int = option(256, "resolution of the source validation images")
+    val_crop_ratio: float = option(224 / 256, "centre-crop fraction of the shorter side for validation")
+    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop (1: flips only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.crop_min_scale <= 1 and 0 < self.val_crop_ratio <= 1,
+              f"source.crop_min_scale {self.crop_min_scale} and source.val_crop_ratio {self.val_crop_ratio} "
+              "must lie in (0, 1]")
+        check(0 < self.min_res <= self.max_res and self.val_res > 0,
+              f"source resolutions need 0 < min_res <= max_res and val_res > 0, got min_res {self.min_res}, "
+              f"max_res {self.max_res}, val_res {self.val_res}")
+        check(0 <= self.start_ramp <= self.end_ramp,
+              f"source.start_ramp {self.start_ramp} must lie in 0..source.end_ramp ({self.end_ramp})")
+
+
+@dataclass(frozen=True)
+class TransferConfig(OptimConfig):
+    """Defaults: the reference CIFAR-10 transfer (15 epochs, peak LR 0.1 at epoch 5, wd 5e-4, 224 px)."""
+
+    mode: str = option("fixed_feature", "how each source model is transferred", TRANSFER_MODES)
+    resolution: int = option(224, "target images are resized (upsampled) to this many pixels")
+    crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
+                                   "the head (1: flips only)")
+    batch_size: int = option(512, "target examples per step, shared by all K models")
+    epochs: int = option(15, "passes over the target training set (fixed_feature, full_finetune)")
+    lr: float = option(0.1, "peak learning rate (fixed_feature, full_finetune)")
+    lr_peak_epoch: float = option(5.0, "epoch of the learning-rate peak (fixed_feature, full_finetune)")
+    weight_decay: float = option(5e-4, "L2 penalty (all modes; cached_features: on the head's weights)")
+    head_max_iter: int = option(200, "L-BFGS iterations of the cached_features head")
+
+    section = "transfer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("transfer.mode", self.mode, TRANSFER_MODES)
+        check(self.resolution > 0 and self.head_max_iter >= 1,
+              f"transfer.resolution and transfer.head_max_iter must be >= 1, got {self.resolution} and "
+              f"{self.head_max_iter}")
+        check(0 < self.crop_min_scale <= 1, f"transfer.crop_min_scale {self.crop_min_scale} must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    kind: str = option("ffcv", "ffcv: decode every epoch; resident: the beton's pixels held in device memory, "
+                       "crops and flips on the device (low resolution, one image size)", LOADER_KINDS)
+    num_workers: int = option(0, "decoding threads; 0: one per CPU core")
+    order: str = option("random", "example order; quasi_random (with os_cache false) for betons larger "
+                        "than memory", ORDERS)
+    os_cache: bool = option(True, "read the beton through the OS page cache (it fits in memory)")
+    drop_last: bool = option(True, "drop the last incomplete training batch")
+    seed: int | None = option(None, "seed of the example order (flips stay random)")
+    threading: str = option("workqueue", "numba threading layer of the decoding threads, one per process, fixed "
+                            "by the first loader (docs/engine.md#loaders)", THREADING_LAYERS)
+
+    def __post_init__(self) -> None:
+        check_choice("loader.kind", self.kind, LOADER_KINDS)
+        check_choice("loader.order", self.order, ORDERS)
+        check_choice("loader.threading", self.threading, THREADING_LAYERS)
+        check(self.num_workers >= 0, f"loader.num_workers must be >= 0, got {self.num_workers}")
+        check(not (self.order == "quasi_random" and self.os_cache),
+              "loader.order quasi_random needs loader.os_cache false (ffcv pages the beton itself)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str = option("cpu", "cpu, cuda or cuda:N (one device per worker process)")
+    models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
+    fusion: str = option("sequential", "how the K models run on each batch: one after another, or as one "
+                         "grouped network", FUSIONS)
+    compile: str = option("none", "torch.compile the grouped network (reduce-overhead: with CUDA graphs), "
+                          "static shapes; run.fusion grouped only", COMPILE_MODES)
+
+    def __post_init__(self) -> None:
+        check_choice("run.fusion", self.fusion, FUSIONS)
+        check_choice("run.compile", self.compile, COMPILE_MODES)
+        check(self.compile == "none" or self.fusion == "grouped",
+              f"run.compile {self.compile} needs run.fusion grouped (the sequential fusion's sub-batches change "
+              "size every step)")
+        check(self.models_per_process >= 1, f"run.models_per_process must be >= 1, got {self.models_per_process}")
+        kind, _, index = self.device.partition(":")
+        check(kind in ("cpu", "cuda") and (not index or (kind == "cuda" and index.isdigit())),
+              f"run.device {self.device!r} is not cpu, cuda or cuda:N")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "masks": MaskConfig, "model": ModelConfig, "source": SourceConfig,
+                             "transfer": TransferConfig, "loader": LoaderConfig, "run": RunConfig}
+RENAMED = {"run.backend": "run.fusion", "loader.backend": "loader.kind"}  # older experiment files still load
