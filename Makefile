@@ -5,7 +5,6 @@ PY := .venv/bin/python
 DEMO_OUT ?= out/demo
 # Real-data tests read the shared archives; they skip with a message when the folder is absent.
 export FFCV_TRANSFER_DATA ?= $(wildcard $(abspath ../shared/data))
-export NUMBA_THREADING_LAYER ?= workqueue
 
 .PHONY: setup demo test test-slow bench
 

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 
 def write_case(archive: Path, out: Path, mode: str, workers: int) -> dict:

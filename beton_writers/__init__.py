@@ -2,10 +2,9 @@
 
 ffcv is imported only when a beton is written or read, never at package import.
 """
-import os
+from .threading_layer import use_threading_layer
 
-# libtbb (pulled in by OpenCV) makes numba choose its TBB layer, which breaks ffcv's forking writer.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+use_threading_layer()  # before anything imports numba (threading_layer.py says why)
 
 from .cifar import write_cifar  # noqa: E402
 from .common import BetonError, ImageOptions, read_labels, read_sidecar, sidecar_paths, write_arrays  # noqa: E402

@@ -18,23 +18,6 @@ MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
 
 
-def use_threading_layer(name: str) -> None:
-    """Make numba's parallel code (ffcv's decoding) run on threading layer `name`: possible until numba
-    starts its threads in this process (`import ffcv` does), a warning after. (beton_writers defaults the
-    environment to workqueue: TBB, which OpenCV pulls in, breaks ffcv's forking writer, and OpenMP must
-    not be started before a fork either.)"""
-    import numba
-    from numba.np.ufunc import parallel
-
-    if not parallel._is_initialized:
-        numba.config.THREADING_LAYER = name
-    elif numba.threading_layer() != name:
-        import warnings
-
-        warnings.warn(f"loader.threading {name}: numba already runs on its {numba.threading_layer()} layer in "
-                      "this process; the setting takes effect in a new process")
-
-
 def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Positions in the beton of the examples whose label is in `classes` (from NAME.labels.npy)."""
     from beton_writers.common import read_labels
@@ -91,6 +74,8 @@ class ImageLoader:
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
                  crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0),
                  indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False):
+        from beton_writers.threading_layer import use_threading_layer
+
         use_threading_layer(config.threading)  # before ffcv's import, which starts numba's threads
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

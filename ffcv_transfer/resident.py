@@ -1,5 +1,5 @@
 """A device-resident loader for low-resolution recipes: the beton's images are read once into device
-memory (uint8, one tensor per beton and device, shared by every loader over it), and each batch is
+memory (uint8, one tensor per beton and device, in a PixelCache that loaders share), and each batch is
 gathered, cropped, flipped, resized and normalised on the device. No decoding per epoch and no ffcv
 pipeline: 64 px ImageNet is ~16 GB of pixels, which fits beside the models in an H100's memory.
 
@@ -10,6 +10,7 @@ size, softer when shrinking much). Every image of a beton must have the same siz
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,29 +22,42 @@ from .data import beton_identity, normalisation, select_examples
 from .models import memory_format_for
 from .settings import LoaderConfig
 
-_pixels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+class PixelCache:
+    """Betons' pixels in device memory, read once and shared by every ResidentLoader over them; at most
+    `max_bytes` of them (the least recently used beton goes first; the one asked for always stays)."""
+
+    def __init__(self, max_bytes: int = 32 * 2**30):
+        self.max_bytes = max_bytes
+        self.held: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def pixels(self, beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, H, W, 3) uint8, labels (N,) int64) of every record of `beton`, on `device`."""
+        key = (*beton_identity(beton), str(device))
+        if key not in self.held:
+            self.held[key] = read_pixels(beton, device)
+            while len(self.held) > 1 and sum(images.nbytes for images, _ in self.held.values()) > self.max_bytes:
+                self.held.popitem(last=False)
+        self.held.move_to_end(key)
+        return self.held[key]
 
 
-def resident_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, H, W, 3) uint8, labels (N,) int64) of every record, on `device`, read once per process."""
+def read_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, H, W, 3) uint8, labels (N,) int64) of every record, on `device`."""
     from beton_writers.common import BetonError
     from beton_writers.verify import BetonRecords
 
-    key = (*beton_identity(beton), str(device))
-    if key not in _pixels:
-        records = BetonRecords(beton)
-        sizes = {(int(h), int(w)) for h, w in zip(records.images["height"], records.images["width"])}
-        if len(sizes) != 1:
-            raise BetonError(f"{beton}: images of {len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); the resident "
-                             "loader needs one size: write the beton with --square --max-resolution R")
-        (height, width), = sizes
-        images = torch.empty((len(records), height, width, 3), dtype=torch.uint8, device=device)
-        chunk = 4096
-        for start in range(0, len(records), chunk):  # via host memory in chunks, not all of it at once
-            stop = min(start + chunk, len(records))
-            images[start:stop] = torch.from_numpy(np.stack([records.image(i) for i in range(start, stop)]))
-        _pixels[key] = images, torch.as_tensor(records.labels, device=device)
-    return _pixels[key]
+    records = BetonRecords(beton)
+    sizes = {(int(h), int(w)) for h, w in zip(records.images["height"], records.images["width"])}
+    if len(sizes) != 1:
+        raise BetonError(f"{beton}: images of {len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); the resident "
+                         "loader needs one size: write the beton with --square --max-resolution R")
+    (height, width), = sizes
+    images = torch.empty((len(records), height, width, 3), dtype=torch.uint8, device=device)
+    chunk = 4096
+    for start in range(0, len(records), chunk):  # via host memory in chunks, not all of it at once
+        stop = min(start + chunk, len(records))
+        images[start:stop] = torch.from_numpy(np.stack([records.image(i) for i in range(start, stop)]))
+    return images, torch.as_tensor(records.labels, device=device)
 
 
 class ResidentLoader:
@@ -54,10 +68,10 @@ class ResidentLoader:
                  config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
                  classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
                  crop_scale: tuple[float, float] = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
-                 with_indices: bool = False):
+                 with_indices: bool = False, pixels: PixelCache | None = None):
         selected = select_examples(beton, classes, indices)
         self.device = torch.device(device)
-        self.images, self.labels = resident_pixels(beton, self.device)
+        self.images, self.labels = (pixels or PixelCache()).pixels(beton, self.device)
         selected = np.arange(len(self.labels)) if selected is None else selected
         self.examples = torch.as_tensor(selected, device=self.device)
         self.train, self.batch_size, self.resolution = train, batch_size, resolution

@@ -4,10 +4,8 @@ with the reason. Run it any number of times, in any number of processes: complet
 rows of a killed worker are taken over."""
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,48 +14,17 @@ import numpy as np
 import torch
 
 from .config import Experiment
-from .data import ImageLoader, beton_identity, select_examples
 from .experiment_store import EXAMPLE_MASKS, MASKS, check_inputs, example_masks_of, init_seed
 from .grouped import GroupedTrainer
+from .loader_cache import LoaderCache
 from .models import build_model
-from .resident import ResidentLoader
 from .store import ResultStore, worker_name
 from .train import SequentialTrainer, source_resolution
 from .transfer import TransferOutputs, transfer_by_training, transfer_cached_features
 
 TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
-LOADER_CACHE_SIZE = 8
-_loaders: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
-
-
-def _loader(experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
-            crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
-            indices: np.ndarray | None = None) -> ImageLoader | ResidentLoader:
-    """An ImageLoader (loader.kind ffcv) or ResidentLoader over `split`, reused if this process made one
-    with the same arguments and examples: a new ffcv Loader JIT-compiles its pipeline in its first epoch
-    (27 s on 2 CPU cores), which every group of K models would pay again, and the demo's counterfactual
-    after the main run."""
-    beton = experiment.data.path(split)
-    config = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
-    with_indices = indices is not None
-    examples = select_examples(beton, classes, indices)
-    key = (*beton_identity(beton), train, batch_size, config, experiment.run.device, crop_min_scale, crop_ratio,
-           with_indices, None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
-    if key not in _loaders:
-        kind = ResidentLoader if config.kind == "resident" else ImageLoader
-        _loaders[key] = kind(beton, train=train, resolution=resolution, batch_size=batch_size,
-                             config=config, device=experiment.run.device, indices=examples,
-                             crop_scale=(crop_min_scale, 1.0), crop_ratio=crop_ratio, with_indices=with_indices)
-        if len(_loaders) > LOADER_CACHE_SIZE:
-            _loaders.popitem(last=False)
-    _loaders.move_to_end(key)
-    loader = _loaders[key]
-    loader.set_resolution(resolution)
-    return loader
-
-
-def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
+def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, loaders: LoaderCache,
                on_epoch: Callable[[str], None] = lambda stage: None
                ) -> tuple[dict[int, str], dict[int, tuple[float, TransferOutputs]]]:
     """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row).
@@ -77,56 +44,59 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment,
 
         labels = read_labels(experiment.data.path("source_train"))
         examples = example_masks_of(store, len(labels), rows)
-        train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
-                        batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
-                        indices=np.flatnonzero(examples.any(axis=0)))
+        train = loaders.get(experiment, "source_train", train=True, resolution=source.min_res,
+                            batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
+                            indices=np.flatnonzero(examples.any(axis=0)))
         trainer = trainer_class(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
     else:
-        train = _loader(experiment, "source_train", train=True, resolution=source.min_res,
-                        batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
+        train = loaders.get(experiment, "source_train", train=True, resolution=source.min_res,
+                            batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
         trainer = trainer_class(models, masks, source, steps_per_epoch=len(train), device=device)
     trainer.fit(train, source.epochs, resolution=source_resolution(source), on_epoch=on_epoch, stage="source epoch")
     failures = {rows[k]: f"source training: {reason}" for k, reason in trainer.failed.items()}
     alive = [k for k in range(len(rows)) if rows[k] not in failures]
     if not alive:
         return failures, {}
-    source_acc = trainer.accuracy(_loader(experiment, "source_val", train=False, resolution=source.val_res,
-                                          batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
-                                          classes=union))
-    outputs, transfer_failures = _transfer([models[k] for k in alive], experiment, on_epoch)
+    source_acc = trainer.accuracy(loaders.get(experiment, "source_val", train=False, resolution=source.val_res,
+                                              batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
+                                              classes=union))
+    outputs, transfer_failures = transfer_models([models[k] for k in alive], experiment, loaders, on_epoch)
     failures |= {rows[alive[k]]: f"transfer: {reason}" for k, reason in transfer_failures.items()}
     results = {rows[k]: (source_acc[k], out) for k, out in zip(alive, outputs) if rows[k] not in failures}
     return failures, results
 
 
-def _transfer(models: list, experiment: Experiment, on_epoch: Callable[[str], None]
-              ) -> tuple[list[TransferOutputs], dict[int, str]]:
+def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, on_epoch: Callable[[str], None]
+                    ) -> tuple[list[TransferOutputs], dict[int, str]]:
+    """Each model transferred to the experiment's target (transfer.mode): (test outputs, failures by index)."""
     from beton_writers.common import read_sidecar
 
     config = experiment.transfer
     num_classes = read_sidecar(experiment.data.path("target_train"))["num_classes"]
-    test = _loader(experiment, "target_test", train=False, resolution=config.resolution,
-                   batch_size=config.batch_size)
+    test = loaders.get(experiment, "target_test", train=False, resolution=config.resolution,
+                       batch_size=config.batch_size)
     if config.mode == "cached_features":
-        train = _loader(experiment, "target_train", train=False, resolution=config.resolution,
-                        batch_size=config.batch_size)
+        train = loaders.get(experiment, "target_train", train=False, resolution=config.resolution,
+                            batch_size=config.batch_size)
         outputs = transfer_cached_features(models, train, test, num_classes, config)
         on_epoch("transfer (cached features)")
         return outputs, {}
-    train = _loader(experiment, "target_train", train=True, resolution=config.resolution,
-                    batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
+    train = loaders.get(experiment, "target_train", train=True, resolution=config.resolution,
+                        batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
     return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
                                 device=experiment.run.device, on_epoch=on_epoch)
 
 
 def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,
-               progress: bool = True, label: str | None = None) -> int:
+               progress: bool = True, label: str | None = None, loaders: LoaderCache | None = None) -> int:
     """Claim and complete rows K at a time until none is pending; returns how many were written.
-    `label` starts this worker's name in the store (`store status` lists workers by name)."""
+    `label` starts this worker's name in the store (`store status` lists workers by name); `loaders`
+    (default: a new LoaderCache) lets successive runs in one process share their loaders."""
     from tqdm import tqdm
 
     store = ResultStore(store_dir)
     check_inputs(store, experiment)
+    loaders = loaders or LoaderCache()
     writer = store.writer(worker_name(label))
     todo = _pending(store, rows)
     bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
@@ -140,7 +110,7 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
 
     try:
         while claimed := writer.claim(experiment.run.models_per_process, rows=rows):
-            failures, results = train_rows(store, claimed, experiment, on_epoch)
+            failures, results = train_rows(store, claimed, experiment, loaders, on_epoch)
             for row, reason in failures.items():
                 writer.fail(row, reason)
             if results:

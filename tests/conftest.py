@@ -8,8 +8,6 @@ from torch import nn
 from beton_writers import ImageOptions, PlantedSpec
 from beton_writers.synthetic import write_synthetic
 
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
-
 
 def pytest_addoption(parser):
     parser.addoption("--data-dir", default=None,

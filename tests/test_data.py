@@ -1,6 +1,7 @@
 """Loaders over planted betons (ffcv's and the device-resident one): the evaluation pipeline returns
 the stored pixels normalised; the training pipeline crops, flips, follows progressive resizing and loads
 only the chosen classes."""
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from beton_writers.common import BetonError
 from ffcv_transfer.data import MEAN, STD, ImageLoader, class_indices
 from ffcv_transfer.settings import LoaderConfig
 from ffcv_transfer.train import resolution_at
-from ffcv_transfer.resident import ResidentLoader
+from ffcv_transfer.resident import PixelCache, ResidentLoader
 
 SPEC = PlantedSpec(num_targets=3, num_unrelated=3, num_misleading=0, source_train_per_class=100,
                    source_val_per_class=20, target_train_per_class=20, target_test_per_class=20)
@@ -67,6 +68,21 @@ def test_progressive_resizing_schedule():
     assert [resolution_at(e, 160, 192, 10, 13) for e in (0, 10, 11, 12, 13, 15)] == [160, 160, 160, 160, 192, 192]
     assert [resolution_at(e, 64, 128, 0, 4) for e in (0, 1, 2, 4)] == [64, 64, 96, 128]
     assert resolution_at(3, 24, 24, 0, 5) == 24 and resolution_at(0, 40, 72, 0, 1) == 40  # never below start
+
+
+def test_pixel_cache_reads_each_beton_once_and_holds_at_most_its_bound(betons):
+    """Loaders over one beton share its pixels; past max_bytes the least recently used beton is dropped
+    (here room for one: source_val's 32 px images are 3,072 bytes each)."""
+    val_bytes = 32 * 32 * 3 * SPEC.source_val_per_class * SPEC.num_sources
+    pixels = PixelCache(max_bytes=val_bytes)
+    first = pixels.pixels(betons["source_val"], torch.device("cpu"))
+    assert first[0].nbytes == val_bytes and pixels.pixels(betons["source_val"], torch.device("cpu"))[0] is first[0]
+    pixels.pixels(betons["target_test"], torch.device("cpu"))
+    assert len(pixels.held) == 1  # source_val went
+    roomy = PixelCache()
+    loaders = [ResidentLoader(betons["source_val"], train=False, resolution=16, batch_size=8, pixels=roomy)
+               for _ in range(2)]
+    assert loaders[0].images is loaders[1].images and len(roomy.held) == 1
 
 
 def test_resident_loader_halves_by_area_and_flips_whole_images(betons):
@@ -122,9 +138,11 @@ def test_loader_threading_layer_is_chosen_before_numba_starts_and_refused_after(
     """loader.threading decides numba's layer while no parallel code has run in the process (beton_writers'
     environment default notwithstanding); afterwards a different layer warns and changes nothing."""
     script = """
-import warnings
-import beton_writers, numba, numpy as np
-from ffcv_transfer.data import use_threading_layer
+import os, warnings
+import beton_writers
+print(os.environ["NUMBA_THREADING_LAYER"])  # the default, set before numba is imported
+import numba, numpy as np
+from beton_writers.threading_layer import use_threading_layer
 use_threading_layer("omp")
 @numba.njit(parallel=True)
 def total(x):
@@ -138,7 +156,11 @@ with warnings.catch_warnings(record=True) as caught:
     use_threading_layer("workqueue")
 print(numba.threading_layer(), len(caught), "takes effect in a new process" in str(caught[0].message))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.stdout.split() == ["omp", "1", "True"], done.stderr[-2000:]
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.split() == ["workqueue", "omp", "1", "True"], done.stderr[-2000:]
+    chosen = subprocess.run([sys.executable, "-c", "import os, beton_writers; print(os.environ['NUMBA_THREADING_LAYER'])"],
+                            capture_output=True, text=True, timeout=300, env={**env, "NUMBA_THREADING_LAYER": "omp"})
+    assert chosen.stdout.strip() == "omp", chosen.stderr[-2000:]  # the environment's choice is kept
     with pytest.raises(ValueError, match="loader.threading"):
         LoaderConfig(threading="threads")

@@ -16,6 +16,7 @@ from ffcv_transfer import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
 from ffcv_transfer.counterfactual import removal_design, run_removals
 from ffcv_transfer.influence import class_influence, influence_from_store
+from ffcv_transfer.loader_cache import LoaderCache
 from ffcv_transfer.experiment_store import EXPERIMENT_FILE, create_class_store, create_store, init_seed
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.store import ResultStore
@@ -33,13 +34,16 @@ def test_random_class_masks_have_exact_subset_sizes():
         random_class_masks(3, 4, 1.0, seed=0)
 
 
-def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_path, monkeypatch):
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{  # the reference transfer: SGD head
+@pytest.fixture(scope="module")
+def filled(tiny_data, tmp_path_factory):
+    """A store of 4 rows filled by one worker with K = 2 (the reference transfer: an SGD head), whose
+    second model returns NaN logits; what the worker built and which loaders it asked for, recorded."""
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{
         "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
         "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0, "run.models_per_process": 2}))
-    store = create_class_store(tmp_path / "store", experiment)
-    assert load_experiment(tmp_path / "store" / EXPERIMENT_FILE) == experiment
-    built, initial = [], []
+    store = create_class_store(tmp_path_factory.mktemp("worker") / "store", experiment)
+    built, initial, loaders = [], [], []
+    real_build_model = worker_module.build_model
 
     def build_model(*args, **kwargs):  # the second model built returns NaN logits: its loss diverges
         model = real_build_model(*args, **kwargs)
@@ -49,48 +53,69 @@ def test_worker_fills_the_store_and_isolates_a_diverging_model(tiny_data, tmp_pa
         built.append(model)
         return model
 
-    real_build_model = worker_module.build_model
-    monkeypatch.setattr(worker_module, "build_model", build_model)
-    loaders = []
+    class Recording(LoaderCache):
+        def get(self, *args, **kwargs):
+            made = super().get(*args, **kwargs)
+            loaders.append((args[1], kwargs["train"], made))
+            return made
 
-    def loader(*args, **kwargs):
-        made = real_loader(*args, **kwargs)
-        loaders.append((args[1], kwargs["train"], made))
-        return made
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker_module, "build_model", build_model)
+        written = run_worker(store.path, experiment, progress=False, loaders=Recording())
+    return {"store": store, "experiment": experiment, "written": written, "initial": initial, "loaders": loaders,
+            "build_model": real_build_model, "num_test": read_sidecar(tiny_data / "target_test.beton")["num_examples"]}
 
-    real_loader = worker_module._loader
-    monkeypatch.setattr(worker_module, "_loader", loader)
-    assert run_worker(store.path, experiment, progress=False) == 3
-    # two groups of K = 2: the second reuses the first's target loaders (no second JIT compilation), and its
-    # source loaders where its union of classes is the same
+
+def test_the_store_keeps_its_experiment(filled):
+    assert load_experiment(filled["store"].path / EXPERIMENT_FILE) == filled["experiment"]
+
+
+def test_groups_of_k_reuse_the_loaders_of_the_same_examples(filled):
+    """Two groups of K = 2: the second reuses the first's target loaders (no second JIT compilation), and
+    its source loaders where its union of classes is the same."""
+    loaders, masks = filled["loaders"], filled["store"].fixed("masks")
     assert len(loaders) == 8
     for (split, train, first), (split_2, train_2, second) in zip(loaders[:4], loaders[4:]):
         assert (split, train) == (split_2, train_2)
-        masks = store.fixed("masks")
         same_examples = split.startswith("target") or (masks[:2].any(0) == masks[2:].any(0)).all()
         assert (first is second) == same_examples, split
-    # rows 0-3 in claim order, each model from its row's own seed (the same whatever the process ran before)
-    for row, (weights, args, kwargs) in enumerate(initial):
+
+
+def test_each_model_starts_from_its_rows_own_seed(filled):
+    """Rows 0-3 in claim order, each model from its row's seed, whatever the process ran before."""
+    store, experiment = filled["store"], filled["experiment"]
+    for row, (weights, args, kwargs) in enumerate(filled["initial"]):
         torch.manual_seed(init_seed(store, row, experiment.masks.seed))
-        for found, expected in zip(weights, real_build_model(*args, **kwargs).parameters()):
+        for found, expected in zip(weights, filled["build_model"](*args, **kwargs).parameters()):
             torch.testing.assert_close(found, expected, rtol=0, atol=0)
-    assert len({float(weights[0].sum()) for weights, _, _ in initial}) == 4
-    assert run_worker(store.path, experiment, progress=False) == 0  # nothing pending: no work
+    assert len({float(weights[0].sum()) for weights, _, _ in filled["initial"]}) == 4
+
+
+def test_the_diverged_row_is_failed_and_a_rerun_finds_nothing_pending(filled):
+    store = filled["store"]
+    assert filled["written"] == 3
+    assert run_worker(store.path, filled["experiment"], progress=False) == 0  # nothing pending: no work
     status = store.status()
     assert (status["completed"], status["failed"], status["duplicates"]) == (3, 1, 0)
     assert store.failures() == {1: "source training: non-finite loss at epoch 0"}
 
-    masks = store.fixed("masks")
-    num_test = read_sidecar(tiny_data / "target_test.beton")["num_examples"]
+
+def test_the_stored_outputs_agree_with_each_other(filled):
+    store, num_test = filled["store"], filled["num_test"]
     rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc"])
     assert rows.tolist() == [0, 2, 3]
-    np.testing.assert_array_equal(values["masks"], masks[[0, 2, 3]])
+    np.testing.assert_array_equal(values["masks"], store.fixed("masks")[[0, 2, 3]])
     assert values["margins"].shape == (3, num_test) and np.isfinite(values["margins"]).all()
     np.testing.assert_array_equal(values["is_correct"], values["margins"] > 0)
     np.testing.assert_allclose(values["target_acc"], values["is_correct"].mean(1), atol=1e-6)
     assert ((0 <= values["source_acc"]) & (values["source_acc"] <= 1)).all()
     assert set(np.unique(values["predictions"])) <= set(range(TINY_SPEC.num_targets))
-    # the failed row is left out of the influences: they equal those of the three good rows alone
+
+
+def test_the_failed_row_is_left_out_of_the_influences(filled):
+    """They equal the influences of the three good rows alone."""
+    store = filled["store"]
+    _, values = store.read(["masks", "margins"])
     with pytest.warns(RuntimeWarning, match="included in every model or in none"):  # 3 rows: some classes are
         expected = class_influence(values["masks"], values["margins"].astype(np.float64))
         found = influence_from_store(store.path, "margins", progress=False)
@@ -175,11 +200,11 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     outputs = []
     for e in (experiment, resident):
         torch.manual_seed(1)  # the same initial heads (L-BFGS stops after 20 iterations here)
-        outputs.append(worker_module._transfer(models, e, lambda stage: None)[0])
+        outputs.append(worker_module.transfer_models(models, e, LoaderCache(), lambda stage: None)[0])
     by_ffcv, by_resident = outputs
     for a, b in zip(by_ffcv, by_resident):
         np.testing.assert_allclose(b.margins.numpy(), a.margins.numpy(), rtol=1e-3, atol=1e-3)
-    assert isinstance(worker_module._loader(resident, "target_test", train=False, resolution=16, batch_size=8),
+    assert isinstance(LoaderCache().get(resident, "target_test", train=False, resolution=16, batch_size=8),
                       ResidentLoader)
 
     store = create_class_store(tmp_path / "store", resident)
