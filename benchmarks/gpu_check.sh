@@ -19,7 +19,7 @@
 # seconds, default 470: under 8 minutes in all); a step that does not fit is skipped, and every step leaves
 # its files (JSON, logs, tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step
 # ended; the tables print last. $GPU_CHECK_STEPS (e.g. "device tests fusion") runs only the steps named.
-# Measured so far: docs/measurements.md.
+# Measured so far: docs/benchmarks.md.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes on the CPU in the current environment (.venv when there is one; no wheel install),

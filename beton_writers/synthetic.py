@@ -25,7 +25,7 @@ near-copy (a few pixels swapped) that joins the distractor bank, so it appears o
 class, the background included. Telling f_t from its sibling then takes a detector trained for it (the
 twin's), not generic motif features: without its twin a target class is hard to recognise, and without
 the misleading class the cue is no shortcut. Both influences then stand out from the noise of training
-(docs/measurements.md). With `cue_decoys` every target image that carries no cue carries a cue's sibling
+(docs/planted-data.md). With `cue_decoys` every target image that carries no cue carries a cue's sibling
 instead, so that generic features, which cannot tell a cue from its sibling, find no shortcut at all: the
 shortcut, and the harm it does on the test split, come only with the misleading class's detector.
 
@@ -41,11 +41,11 @@ training images (their indices are unchanged), and
 instead, of those least like the motif of the class their copy is labelled with): atypical images of their
 class that only a model trained on their copy can place. With a source background class too, a model
 without the copy places such an image there, not in the copy's class by chance, so that the copy always
-has something to change (docs/measurements.md).
+has something to change (docs/planted-data.md).
 
 With `pixel_scale` s > 1 every image is drawn at 1/s of the resolution (motifs, noise and all) and
 upsampled bilinearly: smooth images, whose content, like a natural image's, survives being resampled, so
-that a model which memorised a resized copy also knows the original (docs/measurements.md).
+that a model which memorised a resized copy also knows the original (docs/planted-data.md).
 
 The ground truth lies in every sidecar's `extra.planted`, with source class indices in beton order.
 """

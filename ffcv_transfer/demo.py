@@ -137,8 +137,8 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
 
 def train_in_workers(store_dir: Path, experiment, workers: int, progress: bool) -> None:
     """Train the store's pending rows in `workers` local worker processes (ffcv-transfer's local launcher),
-    the rows split evenly and the cores too. On 2 CPU cores two processes of 16 small models, each on
-    one thread, ran an epoch 2.4 times faster than one process of 32 models on two threads."""
+    the rows split evenly and the cores too: small models on two threads leave the second core mostly idle
+    (docs/benchmarks.md#training-throughput)."""
     from .launch import launch_local
     from .store import ResultStore
 

@@ -193,7 +193,7 @@ class GroupedTrainer(LockstepTrainer):
                                          momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
-    def _pack(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+    def pack_sub_batches(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches
         (routed on `keys`: the labels unless masks are over examples)."""
@@ -223,7 +223,7 @@ class GroupedTrainer(LockstepTrainer):
             images, labels, keys = self.keys_of(batch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step / self.steps_per_epoch, self.config)
-            packed, packed_labels, weights = self._pack(images, labels, keys)
+            packed, packed_labels, weights = self.pack_sub_batches(images, labels, keys)
             self.weights.value = weights
             with self.autocast():
                 logits = self.forward(packed)  # (n, K, C)

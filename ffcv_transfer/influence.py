@@ -20,8 +20,8 @@ import numpy as np
 
 BACKENDS = ("numpy", "numba", "torch", "cupy")
 DEFAULT_CHUNK = 8192
-# GPU GEMMs accumulate in float32 over at most this many models, then in float64 (H200, 50,000 models,
-# one global shift: 4,096 gave 2.2e-6 relative error, above the 1e-6 target)
+# GPU GEMMs accumulate in float32 over at most this many models, then in float64: larger blocks missed the
+# 1e-6 relative-error target at 50,000 models (docs/benchmarks.md#influence-kernel)
 GPU_ROW_BLOCK = 2048
 
 
@@ -110,7 +110,7 @@ class _Ops:
 
 class _NumpyOps(_Ops):
     """Host arrays; S += M^T Y by BLAS dgemm. float64 because sgemm's float32 accumulation alone
-    misses the 1e-6 accuracy target (2.8e-6 measured with OpenBLAS on 1,001 models)."""
+    misses the 1e-6 accuracy target (docs/benchmarks.md#influence-kernel)."""
 
     name = "numpy"
 

@@ -10,7 +10,7 @@ backbone trained on the regular source images (no copy; the best of a few on val
 run on 240 images sometimes fails to learn), then one copy of it per example mask, each trained further on
 its own examples (example routing, the grouped backend), then cached-feature transfer. Images are drawn at
 half resolution (`pixel_scale` 2): smooth, so that what a model memorises of a resampled copy also holds
-for the original (docs/measurements.md)."""
+for the original (docs/planted-data.md, docs/benchmarks.md#leak-detection)."""
 from __future__ import annotations
 
 import copy

@@ -14,9 +14,8 @@ over the models without it. Two findings come out of it, each confirmed on the p
 Near-duplicates: both images in grey at 32 x 32 (area resampling), then the best correlation between the
 16 x 16 thumbnail of one and those of every crop of the other (crop sides 24..32 px of 32, every integer
 offset, with and without a left-right flip), in both directions, so exact, resampled and cropped-and-
-resized copies all score close to 1 while unrelated images do not (planted data: copies >= 0.94, the
-largest of ~80,000 unrelated pairs 0.61; tests/test_leakage.py). A DCT perceptual hash distance (64 bits;
-exact and resampled copies <= 8, unrelated pairs >= 14, and >= 10 among smooth planted images) is the
+resized copies all score close to 1 while unrelated images do not (tests/test_leakage.py,
+docs/findings.md#example-level-influence-and-leakage). A DCT perceptual hash distance (64 bits) is the
 second test: a pair is a near-duplicate when either passes.
 
 The store: `experiment_store.create_example_store` draws the masks (packed bits, fixed array

@@ -1,7 +1,7 @@
 """A device-resident loader for low-resolution recipes: the beton's images are read once into device
 memory (uint8, one tensor per beton and device, in a PixelCache that loaders share), and each batch is
 gathered, cropped, flipped, resized and normalised on the device. No decoding per epoch and no ffcv
-pipeline: 64 px ImageNet is ~16 GB of pixels, which fits beside the models in an H100's memory.
+pipeline: 64 px ImageNet's pixels fit beside the models in an H100's memory.
 
 Same interface as data.ImageLoader. Training crops are random-resized (area fraction in `crop_scale`,
 aspect ratio 3/4..4/3) with a random flip; evaluation takes the centre crop of `crop_ratio` of the shorter

@@ -1,10 +1,10 @@
 """End to end on planted synthetic data, through the main job (`ffcv-transfer demo`): write betons ->
 32 orthogonal class masks -> train the 32 small models (two local worker processes on 2 cores, each
 training its 16 in lockstep on one shared ffcv loader) -> cached-feature transfer -> store -> influence
--> findings -> counterfactual retraining -> HTML report. About 7 minutes on 2 CPU cores: the suite's
-longest test, and the one that checks the science.
+-> findings -> counterfactual retraining -> HTML report: the test that checks the science (slow tier;
+its time in docs/benchmarks.md#test-suite).
 
-Asserted against the planted ground truth, at the strength it holds run after run (docs/measurements.md):
+Asserted against the planted ground truth, at the strength it holds run after run (docs/benchmarks.md#the-demo):
 each twin raises its own target's margins (its influence there is positive), and it is its target's
 single most positive source class for at least 3 of the 4 targets (all 4 in most runs; the weakest
 target's lead is within two standard errors of zero, so "all 4" fails now and then); the misleading class
@@ -12,8 +12,8 @@ is the most negative one on the test images that carry its cue; and retraining w
 than retraining without a random class beyond two standard errors of the paired gain over the
 counterfactual's seeds (the models of a seed start from the same weights; the random arm removes each of
 the 7 classes once). That it is better holds on average over runs, not in every run of 7 seeds: one
-model's target accuracy spreads about 0.1 across initial weights, against an effect near 0.05. The second
-test asserts "better" with 28 seeds of the counterfactual alone."""
+model's target accuracy spreads across initial weights more than the effect (docs/benchmarks.md#counterfactual).
+The second test asserts "better" with 28 seeds of the counterfactual alone."""
 import json
 from functools import partial
 
@@ -49,9 +49,9 @@ def test_demo_recovers_the_planted_influences(tmp_path):
         on_top.append(np.argmax(by_class[:, int(t)]) == twin)
     assert sum(on_top) >= 3, by_class.round(2).tolist()
     assert saved["checks"]["twin_on_top"] == {t: bool(top) for t, top in zip(planted["twin"], on_top)}
-    # the misleading class: the most negative on the background's test images, which carry its cue (-6 to
-    # -13 against -4 at most for the next class). Over the whole test set it was the most negative in 5 of
-    # 6 runs, and on its own target its influence is small either way (docs/measurements.md)
+    # the misleading class: the most negative on the background's test images, which carry its cue, by a
+    # wide margin; over the whole test set and on its own target it is not reliably the most negative
+    # (docs/benchmarks.md#the-demo)
     (misleading,) = planted["misleading"]
     background = planted["target_names"].index("background")
     assert misleading["conflict_target"] == background
@@ -60,9 +60,8 @@ def test_demo_recovers_the_planted_influences(tmp_path):
 
     # per seed: all classes, without the most negative, without a random class (and without the planted harmful
     # class where it is not the most negative); removing the planted harmful class is not worse than removing a
-    # random one beyond two standard errors. Its mean gain was positive in 6 of 7 runs (about +0.04 on average),
-    # but gave -0.003 once, and 14 seeds gave +0.034 +- 0.031 (docs/measurements.md): "beats" is not
-    # established per run at this size
+    # random one beyond two standard errors: "beats" is not established per run of 7 seeds
+    # (docs/benchmarks.md#counterfactual)
     counterfactual = findings["counterfactual"]
     assert counterfactual["planted_harmful"] == [planted["source_names"][m["source"]] for m in planted["misleading"]]
     assert counterfactual["removed_first"] == planted["source_names"][int(np.argmin(influence.mean(1)))]
@@ -88,13 +87,10 @@ COUNTERFACTUAL_SEEDS = 28
 
 @pytest.mark.slow
 def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path):
-    """Issue 5's counterfactual criterion at a size that can show it: on the demo's planted data and recipe,
-    28 seeds of two models from the same initial weights, one without the misleading class and one without
-    a random class (each of the 7 dealt 4 times), trained by the worker as the demo does. One model's target
-    accuracy spreads about 0.1 across initial weights, so the demo's 7 seeds cannot separate the arms
-    (gains from -0.002 +- 0.037 to +0.094 +- 0.020); pooled over 49 seeds in four runs the gain was
-    +0.051 +- 0.014, so 28 seeds put it about 2.7 standard errors above zero (docs/measurements.md).
-    About 9 minutes on 2 CPU cores."""
+    """The counterfactual criterion at a size that can show it: on the demo's planted data and recipe, 28
+    seeds of two models from the same initial weights, one without the misleading class and one without a
+    random class (each of the 7 dealt 4 times), trained by the worker as the demo does. The demo's 7 seeds
+    cannot separate the arms; the pooled gain puts 28 seeds well above zero (docs/benchmarks.md#counterfactual)."""
     from beton_writers import ImageOptions
     from beton_writers.synthetic import write_synthetic
     from ffcv_transfer.config import load_experiment

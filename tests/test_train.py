@@ -175,7 +175,7 @@ def test_compiled_grouped_backend_pads_to_static_lengths():
     for seed in range(20):
         labels = torch.as_tensor(np.random.default_rng(seed).integers(0, 6, 64))
         images = torch.zeros(64, 3, 1, 1)
-        plain, (packed, _, weights) = eager._pack(images, labels), compiled._pack(images, labels)
+        plain, (packed, _, weights) = eager.pack_sub_batches(images, labels), compiled.pack_sub_batches(images, labels)
         assert len(packed) % 8 == 0 and len(plain[0]) <= len(packed) < len(plain[0]) + 8
         np.testing.assert_array_equal(weights[:len(plain[2])], plain[2])  # the same real rows, then padding
         assert weights[len(plain[2]):].sum() == 0
