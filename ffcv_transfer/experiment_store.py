@@ -54,12 +54,16 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
 
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
     """Draw the experiment's class masks and create its store (`ffcv-transfer masks`)."""
+    from .config import ConfigError
     from .masks import class_masks
 
     sidecars = read_sidecars(experiment)
     num_classes = sidecars["source_train"]["num_classes"]
-    return create_store(path, class_masks(experiment.masks, num_classes), sidecars["target_test"]["num_examples"],
-                        experiment=experiment)
+    try:
+        masks = class_masks(experiment.masks, num_classes)
+    except ValueError as error:  # e.g. more classes than an orthogonal design of num_models holds
+        raise ConfigError(f"{experiment.data.path('source_train')}: {num_classes} classes: {error}") from None
+    return create_store(path, masks, sidecars["target_test"]["num_examples"], experiment=experiment)
 
 
 def create_example_store(path: str | Path, experiment: Experiment) -> ResultStore:

@@ -102,6 +102,7 @@ class LockstepTrainer:
             self.class_membership = torch.as_tensor(has_class, device=self.device)
         self.failed: dict[int, str] = {}
         self.step = 0
+        self.examples_seen = np.zeros(len(models), np.int64)  # over every epoch so far
 
     def keys_of(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, labels, routing keys): the labels, or with example masks the batch's example indices."""
@@ -123,6 +124,10 @@ class LockstepTrainer:
                 batches.set_resolution(resolution(epoch))
             self.train_epoch(batches, epoch)
             on_epoch(f"{stage} {epoch + 1}/{epochs}")
+        for k in np.flatnonzero(self.examples_seen == 0):  # e.g. fewer examples than one batch, dropped as the last
+            self.failed.setdefault(int(k), "no training step: no batch held an example of its "
+                                           f"{'examples' if self.by_example else 'classes'} (batches of "
+                                           f"{self.config.batch_size}; the last incomplete one is dropped)")
 
     def train_epoch(self, batches: Iterable, epoch: int) -> list[float]:
         """One pass (the step loop): each fusion's own."""
@@ -138,6 +143,7 @@ class LockstepTrainer:
     def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
         """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
         means = (loss_sums / counts.clamp_min(1)).tolist()
+        self.examples_seen += counts.cpu().numpy().astype(np.int64)
         for k, mean in enumerate(means):
             if k not in self.failed and not np.isfinite(mean):
                 self.failed[k] = f"non-finite loss at epoch {epoch}"

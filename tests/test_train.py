@@ -73,6 +73,21 @@ def test_fit_runs_the_epochs_at_the_scheduled_resolutions_and_reports_each():
     assert len(models[0].seen) == 5 * 16
 
 
+@pytest.mark.parametrize("trainer_class", [SequentialTrainer, GroupedTrainer])
+def test_a_model_that_never_steps_is_failed_with_the_reason(trainer_class):
+    """Model 1's only class has no example in any batch (as when its examples fill no whole batch and
+    drop_last drops them): after fit it is failed, not passed off as trained; model 0 is not."""
+    images, labels = torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)
+    masks = np.array([[True, False], [False, True]])
+    models = [build_model(2, stem="small", width=0.125) for _ in masks]
+    trainer = trainer_class(models, masks, OptimConfig(epochs=2, lr=0.01, lr_peak_epoch=1, precision="fp32"),
+                            steps_per_epoch=1)
+    trainer.fit([(images, labels)], 2)
+    assert trainer.examples_seen.tolist() == [16, 0]
+    assert trainer.failed == {1: "no training step: no batch held an example of its classes (batches of 1024; "
+                                 "the last incomplete one is dropped)"}
+
+
 def test_cyclic_schedule_by_hand():
     config = OptimConfig(epochs=10, lr=0.4, lr_peak_epoch=2)
     assert [lr_at(e, config) for e in (0, 1, 2, 6, 10)] == pytest.approx([0.0, 0.2, 0.4, 0.2, 0.0])
