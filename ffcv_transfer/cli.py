@@ -1,5 +1,7 @@
-"""`ffcv-transfer` command line. Sub-commands import their (slow) dependencies only when they run; each
-group of commands lives in its own module (cli_data, cli_run, cli_findings)."""
+"""`ffcv-transfer` command line.
+
+Sub-commands import their (slow) dependencies only when they run; each group of commands lives in its
+own module (cli_data, cli_run, cli_findings)."""
 from __future__ import annotations
 
 import argparse
