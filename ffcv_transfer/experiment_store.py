@@ -79,8 +79,8 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     m = experiment.masks
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
     return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
-                        sidecars["target_test"]["num_examples"], extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)},
-                        experiment=experiment)
+                        sidecars["target_test"]["num_examples"],
+                        extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)}, experiment=experiment)
 
 
 def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

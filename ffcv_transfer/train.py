@@ -48,16 +48,16 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
     return float(np.interp(epoch, [0.0, config.lr_peak_epoch, config.epochs], [0.0, config.lr, 0.0]))
 
 
-def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
+def positions_per_model(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
     """For each of K models, the positions in the batch of the examples whose class it trains on.
     membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
     indices.) One host sync for all K (a sync per model would stall the GPU between models)."""
     member = membership[:, labels]  # (K, B)
-    order = rows_first(member)
+    order = members_first(member)
     return [order[k, :count] for k, count in enumerate(member.sum(1).tolist())]
 
 
-def rows_first(member: torch.Tensor) -> torch.Tensor:
+def members_first(member: torch.Tensor) -> torch.Tensor:
     """(K, B) positions: row k lists the batch positions that model k trains on (member[k]), in batch
     order, then the others."""
     return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)
@@ -173,7 +173,7 @@ class SequentialTrainer(LockstepTrainer):
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, (model, optimizer, scaler, rows) in enumerate(
                     zip(self.models, self.optimizers, self.scalers,
-                        parts_of(keys, self.membership, self.takes_every_class))):
+                        batch_parts(keys, self.membership, self.takes_every_class))):
                 part = labels[rows]
                 if k in self.failed or len(part) == 0:
                     continue
@@ -202,7 +202,7 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
     for model in models:
         model.eval()
     for images, labels, *_ in batches:
-        for k, (model, rows) in enumerate(zip(models, parts_of(labels, membership, every_class))):
+        for k, (model, rows) in enumerate(zip(models, batch_parts(labels, membership, every_class))):
             part = labels[rows]
             if len(part) == 0:
                 continue
@@ -214,6 +214,6 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
     return (correct / counts.clamp_min(1)).tolist()
 
 
-def parts_of(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
-    """route(), or the whole batch without a copy for every model when each takes every class (transfer)."""
-    return [slice(None)] * len(membership) if every_class else route(labels, membership)
+def batch_parts(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
+    """positions_per_model(), or the whole batch (no copy) for every model when each takes every class."""
+    return [slice(None)] * len(membership) if every_class else positions_per_model(labels, membership)

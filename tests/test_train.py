@@ -10,7 +10,7 @@ from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model, memory_format_for
 from ffcv_transfer.settings import OptimConfig, SourceConfig
-from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, route, source_resolution
+from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, positions_per_model, source_resolution
 
 from .conftest import IdRecorder
 
@@ -28,7 +28,7 @@ def test_route_gives_each_model_exactly_its_examples_once_per_epoch():
     membership = torch.as_tensor(masks)
     for start in range(0, 1000, 64):  # one epoch in batches; positions -> example ids
         batch = torch.as_tensor(labels[start:start + 64])
-        for k, rows in enumerate(route(batch, membership)):
+        for k, rows in enumerate(positions_per_model(batch, membership)):
             seen[k] += (rows + start).tolist()
     for k in range(5):
         expected = np.flatnonzero(masks[k][labels])

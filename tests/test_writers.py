@@ -277,7 +277,8 @@ def test_existing_output_is_kept_unless_overwrite(raw_arrays, tmp_path):
     folder.mkdir()
     with pytest.raises(BetonError, match="folder.beton: is a directory"):  # refused before anything is written
         write_arrays(images, labels, folder, class_names=meta["class_names"], options=RAW, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.beton", "arr.labels.npy", "arr.meta.json", "folder.beton"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.beton", "arr.labels.npy", "arr.meta.json",
+                                                          "folder.beton"]
 
 
 def test_verify_catches_truncation_corruption_and_mismatch(raw_arrays, tmp_path):
