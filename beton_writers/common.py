@@ -213,6 +213,9 @@ def write_beton(
     if out.suffix != ".beton":
         raise BetonError(f"{out}: output must end in .beton")
     meta_path, labels_path = sidecar_paths(out)
+    for path in (out, meta_path, labels_path):  # checked before anything is written
+        if path.is_dir():
+            raise BetonError(f"{path}: is a directory, not a file that could be replaced")
     if not overwrite:
         for path in (out, meta_path, labels_path):
             if path.exists():

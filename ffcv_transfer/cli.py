@@ -1,8 +1,11 @@
-"""`ffcv-transfer` command line. Sub-commands import their (slow) dependencies only when they run; each
-group of commands lives in its own module (cli_data, cli_run, cli_findings)."""
+"""`ffcv-transfer` command line.
+
+Sub-commands import their (slow) dependencies only when they run; each group of commands lives in its
+own module (cli_data, cli_run, cli_findings)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BetonError, StoreError, InfluenceError, ConfigError, LaunchError) as e:
         print(f"ffcv-transfer: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -35,12 +35,15 @@ def parse_rows(text: str, option: str = "--models") -> list[int]:
     from .config import ConfigError
 
     rows: list[int] = []
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            rows.extend(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: expected ranges like 0-63,100") from None
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            start, stop = int(first), int(last or first)
+        except ValueError:
+            raise ConfigError(f"{option} {text!r}: expected ranges like 0-63,100") from None
+        if not 0 <= start <= stop:
+            raise ConfigError(f"{option} {text!r}: {part} is no range of rows (first <= last, both >= 0)")
+        rows.extend(range(start, stop + 1))
     return rows
 
 

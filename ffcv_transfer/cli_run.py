@@ -14,11 +14,35 @@ def cmd_store_status(args: argparse.Namespace) -> None:
     print(format_status(ResultStore(args.store).status(), args.store))
 
 
+def cmd_store_verify(args: argparse.Namespace) -> None:
+    from .store import ResultStore, StoreError
+
+    shards = ResultStore(args.store).verify()
+    for name, counts in shards.items():
+        torn = f", a torn last record ({counts['torn_bytes']} bytes)" if counts["torn_bytes"] else ""
+        print(f"{name}: {counts['intact']} intact, {counts['rejected']} rejected{torn}")
+    bad = sum(counts["rejected"] for counts in shards.values())
+    torn = sum(1 for counts in shards.values() if counts["torn_bytes"])
+    print(f"{args.store}: {len(shards)} shards, {sum(c['intact'] for c in shards.values())} intact records")
+    if bad:
+        raise StoreError(f"{args.store}: {bad} rejected record{'s' * (bad != 1)} (their rows are pending again; "
+                         "`ffcv-transfer train` recomputes them)")
+    if torn:
+        print(f"{torn} shard(s) end in a torn record: a writer was killed mid-write; its row is pending again")
+
+
 def cmd_influence(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from pathlib import Path
+
+    from .config import ConfigError
     from .influence import influence_from_store
 
+    if args.chunk < 1:
+        raise ConfigError(f"--chunk {args.chunk}: expected at least 1 row per chunk")
+    if not Path(args.out).resolve().parent.is_dir():  # before the computation, not after it
+        raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
     result = influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend,
                                   chunk=args.chunk, stderr=args.stderr, progress=True)
     influence, stderr = result if args.stderr else (result, None)
@@ -66,13 +90,17 @@ def cmd_masks(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .config import ConfigError
     from .store import ResultStore, format_status
     from .worker import run_worker
 
     if args.k is not None:
         args.settings += [f"--run.models_per_process={args.k}"]
-    experiment = store_experiment(args)
     rows = parse_rows(args.models) if args.models else None
+    experiment = store_experiment(args)
+    num_rows = ResultStore(args.store).num_rows
+    if rows is not None and max(rows) >= num_rows:
+        raise ConfigError(f"--models {args.models}: store {args.store} has rows 0-{num_rows - 1}")
     written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress, label=args.label)
     print(f"this worker wrote {written} rows")
     print(format_status(ResultStore(args.store).status(), args.store))
@@ -118,6 +146,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = store_commands.add_parser("status", help="completed / claimed / pending / failed rows, failure reasons")
     p.add_argument("store", metavar="DIR")
     p.set_defaults(run=cmd_store_status)
+    p = store_commands.add_parser("verify", help="check every record of every shard; exit 2 if any is rejected")
+    p.add_argument("store", metavar="DIR")
+    p.set_defaults(run=cmd_store_verify)
 
     p = commands.add_parser("settings", help="list every experiment setting, or print a config fully resolved")
     p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")

@@ -1,6 +1,6 @@
 """ffcv Loaders over source and target betons. Batches come out as normalised float tensors on the
-chosen device (CPU or CUDA) in that device's layout (models.memory_format_for), labels as int64; the class subset to load is found from the
-beton's sidecar labels, without reading the beton."""
+chosen device (CPU or CUDA) in that device's layout (models.memory_format_for), labels as int64; the
+class subset to load is found from the beton's sidecar labels, without reading the beton."""
 from __future__ import annotations
 
 import os

@@ -54,12 +54,16 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
 
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
     """Draw the experiment's class masks and create its store (`ffcv-transfer masks`)."""
+    from .config import ConfigError
     from .masks import class_masks
 
     sidecars = read_sidecars(experiment)
     num_classes = sidecars["source_train"]["num_classes"]
-    return create_store(path, class_masks(experiment.masks, num_classes), sidecars["target_test"]["num_examples"],
-                        experiment=experiment)
+    try:
+        masks = class_masks(experiment.masks, num_classes)
+    except ValueError as error:  # e.g. more classes than an orthogonal design of num_models holds
+        raise ConfigError(f"{experiment.data.path('source_train')}: {num_classes} classes: {error}") from None
+    return create_store(path, masks, sidecars["target_test"]["num_examples"], experiment=experiment)
 
 
 def create_example_store(path: str | Path, experiment: Experiment) -> ResultStore:
@@ -75,8 +79,8 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     m = experiment.masks
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
     return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
-                        sidecars["target_test"]["num_examples"], extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)},
-                        experiment=experiment)
+                        sidecars["target_test"]["num_examples"],
+                        extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)}, experiment=experiment)
 
 
 def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

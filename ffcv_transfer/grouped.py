@@ -25,7 +25,7 @@ from torch import nn
 
 from .models import BlurPoolConv2d, memory_format_for
 from .settings import COMPILE_MODES, OptimConfig
-from .train import LockstepTrainer, lr_at, param_groups, rows_first
+from .train import LockstepTrainer, lr_at, param_groups, members_first
 
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
 
@@ -203,7 +203,7 @@ class GroupedTrainer(LockstepTrainer):
         longest = min(-(-longest // self.pad_to) * self.pad_to, member.shape[1])
         # positions past a model's count are padding and repeat its first row (a real image of its own, so
         # padded activations stay ordinary)
-        order = rows_first(member)[:, :longest]
+        order = members_first(member)[:, :longest]
         real = torch.arange(longest, device=self.device)[None, :] < counts[:, None]  # (K, n_max)
         index = torch.where(real, order, order[:, :1])
         weights = real.T.to(torch.float32)

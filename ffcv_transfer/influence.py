@@ -383,6 +383,9 @@ class InfluenceAccumulator:
             # reported by result(), so that one pass names every bad row
             bad = _non_finite_rows(outputs)
             names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + len(masks)))
+            if not bad.any():  # every output finite, yet the column sums are not: they overflow
+                raise InfluenceError(f"the outputs of model rows {names[0]}..{names[-1]} are finite but their sums "
+                                     f"overflow (largest magnitude {np.abs(outputs).max():.3g}): rescale them")
             self.bad_rows.extend(names[bad].tolist())
         self.seen += len(masks)
 

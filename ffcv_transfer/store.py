@@ -5,14 +5,17 @@ One directory:
     spec.json            rows, the per-row schema (name -> shape, dtype), claim expiry
     fixed/NAME.npy       arrays known before training, one entry per row (e.g. the class masks)
     shards/WORKER.rows   one append-only file per writer process: fixed-size records
-                         (magic, row, crc32 of the payload, payload); nobody else writes there
-    shards/WORKER.checked   readers' verdicts on the records already crc-checked (shards only grow)
-    claims/ROW.claim     who is training a row (created with O_EXCL; refreshed by heartbeats)
+                         (magic, crc32 of row and payload, row, payload); nobody else writes there
+    claims/ROW.claim     who is training a row (written whole, then linked into place; refreshed by
+                         heartbeats)
     failed/ROW.json      why a row failed (e.g. "NaN loss at epoch 3")
 
-A row is complete once its record is fully written and fsync'ed; a reader accepts a record only if its
-magic, length and crc32 check, so a writer killed mid-record (SIGKILL, lost host) leaves nothing a
-reader can see, and the row can be claimed again once its claim expires. Writers never share a file, so
+A row is complete once its record is fully written and fsync'ed. Every read checks every record: its
+magic, its length, its row's range and the crc32 over its row index and payload, so a writer killed
+mid-record (SIGKILL, lost host) or a flipped bit anywhere in a record leaves nothing a reader takes as
+data; the record is counted as rejected (`status()["rejected"]`, `verify()`), and its row is pending
+again, to be claimed once its claim expires. (Format version 1 stores, whose crc32 covers the payload
+alone, are still read.) Writers never share a file, so
 page-granular writes on a shared file system cannot corrupt a neighbour. Should two writers ever
 complete the same row (an expired claim taken over while its owner was still alive), readers keep the
 first record in (shard name, offset) order, so a row is never counted twice.
@@ -33,9 +36,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 STORE_FORMAT = "ffcv-transfer/store"
-STORE_VERSION = 1
-MAGIC = b"FTR1"
+STORE_VERSION = 2
+MAGICS = {1: b"FTR1", 2: b"FTR2"}  # record magic by format version
 HEADER = np.dtype([("magic", "S4"), ("crc", "<u4"), ("row", "<u8")])
+CLAIM_WRITE_GRACE_S = 5.0  # a claim file still unreadable after this long was torn by a crash: stale
 
 
 class StoreError(Exception):
@@ -60,6 +64,29 @@ def worker_name(label: str | None = None) -> str:
     """A writer name unique to this process (it names the writer's shard file), after an optional label
     saying which launcher's worker this is (e.g. "slurm-12_3", "gpu1")."""
     return "-".join(filter(None, [label, socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:8]]))
+
+
+def _create_whole(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data`, all or nothing: written to a temporary file, then hard-linked into
+    place (which fails if `path` exists); False if it existed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    return True
+
+
+def _read_claim(path: Path) -> dict[str, Any] | None:
+    """A claim's content, or None if it is unreadable (empty or torn)."""
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _owner_is_dead(claim: dict[str, Any]) -> bool:
@@ -95,9 +122,15 @@ class ResultStore:
             raise StoreError(f"{spec_path}: not a valid store spec ({type(e).__name__}: {e})") from None
         if spec.get("format") != STORE_FORMAT:
             raise StoreError(f"{spec_path}: not an ffcv-transfer store spec")
+        self.version = int(spec.get("version", 1))
+        if self.version not in MAGICS:
+            raise StoreError(f"{spec_path}: store format version {self.version}; this ffcv-transfer reads versions "
+                             f"{', '.join(map(str, MAGICS))}: upgrade it")
         self.record_dtype = np.dtype(HEADER.descr + [(name, dtype, shape) for name, (shape, dtype) in
                                                       self.schema.items()])
-        self.payload_offset = HEADER.itemsize
+        self.magic = MAGICS[self.version]
+        # the bytes each record's crc32 covers: from the row index on (version 1: the payload alone)
+        self.checked_from = HEADER.fields["row"][1] if self.version >= 2 else HEADER.itemsize
 
     @classmethod
     def create(cls, path: str | Path, num_rows: int, schema: dict[str, tuple[tuple[int, ...], Any]], *,
@@ -147,34 +180,32 @@ class ResultStore:
         return sorted((self.path / "shards").glob("*.rows"))
 
     def _valid_records(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(records memmap, boolean mask of records that are complete and intact).
-
-        Shards only grow, so the verdicts on records already checked are kept beside the shard
-        (NAME.checked) and only new records pay for their crc32."""
+        """(records memmap, boolean mask of the records that are complete and intact): every record checked
+        on every read (crc32 runs at over a GB/s, so a paper-size store takes well under a second)."""
         count = shard.stat().st_size // self.record_dtype.itemsize
         if count == 0:
             return np.zeros(0, self.record_dtype), np.zeros(0, bool)
         records = np.memmap(shard, dtype=self.record_dtype, mode="r", shape=(count,))
-        cache = shard.with_suffix(".checked")
-        try:
-            known = np.fromfile(cache, dtype=np.bool_)[:count]
-        except (FileNotFoundError, ValueError):
-            known = np.zeros(0, np.bool_)
-        ok = np.concatenate([known, (records["magic"][len(known):] == MAGIC) & (records["row"][len(known):] < self.num_rows)])
         raw = np.memmap(shard, dtype=np.uint8, mode="r", shape=(count, self.record_dtype.itemsize))
+        ok = (records["magic"] == self.magic) & (records["row"] < self.num_rows)
         crcs = records["crc"]
-        for i in np.flatnonzero(ok[len(known):]) + len(known):
-            ok[i] = zlib.crc32(raw[i, self.payload_offset:]) == crcs[i]
-        if count > len(known):
-            _atomic_write(cache, ok.tobytes(), durable=False)
+        for i in np.flatnonzero(ok):
+            ok[i] = zlib.crc32(raw[i, self.checked_from:]) == crcs[i]
         return records, ok
 
-    def _index(self) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray]:
-        """(rows, shard record arrays, shard of each row, record of each row), rows sorted, each row's
-        first intact record in (shard name, offset) order."""
-        shards, rows, shard_ids, record_ids = [], [], [], []
+    def verify(self) -> dict[str, dict[str, int]]:
+        """Per shard: intact records, rejected ones (a bad magic, row index or crc32) and the bytes of a
+        torn last record (a writer killed mid-write)."""
+        return self._index()[4]
+
+    def _index(self) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
+        """(rows, shard record arrays, shard of each row, record of each row, per-shard counts as in
+        `verify`), rows sorted, each row's first intact record in (shard name, offset) order."""
+        shards, rows, shard_ids, record_ids, counts = [], [], [], [], {}
         for shard in self._shards():
             records, ok = self._valid_records(shard)
+            counts[shard.stem] = {"intact": int(ok.sum()), "rejected": int((~ok).sum()),
+                                  "torn_bytes": shard.stat().st_size % self.record_dtype.itemsize}
             found = np.flatnonzero(ok)
             rows.append(records["row"][found].astype(np.int64))
             shard_ids.append(np.full(len(found), len(shards)))
@@ -182,7 +213,7 @@ class ResultStore:
             shards.append(records)
         if not rows:
             empty = np.zeros(0, np.int64)
-            return empty, [], empty, empty
+            return empty, [], empty, empty, counts
         rows_all = np.concatenate(rows)
         # stable sort keeps (shard, offset) order among duplicates; keep the first of each row
         order = np.argsort(rows_all, kind="stable")
@@ -190,7 +221,7 @@ class ResultStore:
         first = np.ones(len(rows_all), bool)
         first[1:] = rows_all[1:] != rows_all[:-1]
         keep = order[first]
-        return rows_all[first], shards, np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep]
+        return rows_all[first], shards, np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep], counts
 
     def completed_rows(self) -> np.ndarray:
         return self._index()[0]
@@ -204,7 +235,7 @@ class ResultStore:
             if name not in self.schema and name not in self.fixed_names:
                 have = ", ".join([*self.schema, *self.fixed_names])
                 raise StoreError(f"{self.path}: no field {name!r} (have: {have})")
-        rows, shards, shard_ids, record_ids = self._index()
+        rows, shards, shard_ids, record_ids, _ = self._index()
         if skip_failed:
             keep = ~np.isin(rows, list(self.failures()))
             rows, shard_ids, record_ids = rows[keep], shard_ids[keep], record_ids[keep]
@@ -248,30 +279,35 @@ class ResultStore:
         found, now = {}, time.time()
         for file in (self.path / "claims").glob("*.claim"):
             try:
-                info = json.loads(file.read_text())
                 age = now - file.stat().st_mtime
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue  # released or being written right now
+                info = _read_claim(file)
+            except FileNotFoundError:
+                continue  # released right now
+            if info is None:  # torn by a crash (claims are written whole): stale once past the grace
+                found[int(file.stem)] = {"worker": "", "age_s": age, "stale": age > CLAIM_WRITE_GRACE_S}
+                continue
             found[int(file.stem)] = {**info, "age_s": age, "stale": age > self.claim_ttl_s or _owner_is_dead(info)}
         return found
 
     def status(self) -> dict[str, Any]:
         """Counts of completed, claimed (live claims), pending and failed rows, failure reasons,
         `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one),
-        and `workers`: per writer, the rows it has written and the live claims it holds."""
+        `rejected`: records that failed their checks (their rows are pending again), and `workers`: per
+        writer, the rows it has written and the live claims it holds."""
         failures = self.failures()
         failed = set(failures)
-        rows = self.completed_rows()
+        rows, _, _, _, counts = self._index()
         completed = set(rows.tolist()) - failed
         live = {r: c["worker"] for r, c in self.claims().items() if not c["stale"] and r not in completed | failed}
-        written = {shard.stem: int(self._valid_records(shard)[1].sum()) for shard in self._shards()}
+        written = {name: shard["intact"] for name, shard in counts.items()}
         holding = Counter(live.values())
         workers = {name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
                    for name in sorted(set(written) | set(holding))}
         return {"rows": self.num_rows, "completed": len(completed), "claimed": len(live), "failed": len(failed),
                 "pending": self.num_rows - len(completed | failed | set(live)),
-                "duplicates": sum(written.values()) - len(rows), "workers": workers,
-                "failure_reasons": dict(Counter(failures.values()).most_common())}
+                "duplicates": sum(written.values()) - len(rows),
+                "rejected": sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values()),
+                "workers": workers, "failure_reasons": dict(Counter(failures.values()).most_common())}
 
     def release_claims(self, worker_prefix: str) -> int:
         """Drop the claims of every writer whose name starts with `worker_prefix`, for a caller that knows
@@ -306,38 +342,44 @@ class StoreWriter:
                            "since": _now()}).encode()
 
     def claim(self, count: int = 1, rows: Iterable[int] | None = None) -> list[int]:
-        """Claim up to `count` pending rows (from `rows`, default all) in row order."""
+        """Claim up to `count` pending rows (from `rows`, default all) in row order. A row that another
+        writer completed (and released) between this writer's look at the store and its claim is let go
+        at once: rows are written before their claims are released, so a second look after claiming sees
+        every such row, and no row is trained twice."""
         store = self.store
-        done = set(store.completed_rows().tolist()) | set(store.failures())
-        claimed = []
-        candidates = range(store.num_rows) if rows is None else rows
-        for row in candidates:
-            if len(claimed) == count:
+        candidates = list(range(store.num_rows) if rows is None else rows)
+        claimed: list[int] = []
+        while len(claimed) < count:
+            done = set(store.completed_rows().tolist()) | set(store.failures())
+            taken = []
+            for row in candidates:
+                if len(claimed) + len(taken) == count:
+                    break
+                if row not in done and row not in self.held and self._try_claim(int(row)):
+                    taken.append(int(row))
+            if not taken:
                 break
-            if row in done or row in self.held:
-                continue
-            if self._try_claim(int(row)):
-                claimed.append(int(row))
+            finished = (set(store.completed_rows().tolist()) | set(store.failures())) & set(taken)
+            for row in finished:
+                self.release(row)
+            claimed += [row for row in taken if row not in finished]
         return claimed
 
     def _try_claim(self, row: int) -> bool:
         file = self._claim_file(row)
-        try:
-            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not _create_whole(file, self._claim_body()):
             try:
-                stale = (time.time() - file.stat().st_mtime > self.store.claim_ttl_s
-                         or _owner_is_dead(json.loads(file.read_text())))
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False  # just released or being written: leave it to the next round
+                age = time.time() - file.stat().st_mtime
+                info = _read_claim(file)
+            except FileNotFoundError:
+                return False  # just released: leave it to the next round
+            stale = age > CLAIM_WRITE_GRACE_S if info is None else (age > self.store.claim_ttl_s
+                                                                    or _owner_is_dead(info))
             if not stale:
                 return False
-            _atomic_write(file, self._claim_body())  # take over an expired claim...
-            if json.loads(file.read_text())["worker"] != self.worker:
+            _atomic_write(file, self._claim_body())  # take over an expired or torn claim...
+            if (_read_claim(file) or {}).get("worker") != self.worker:
                 return False  # ...unless another writer took it over at the same time
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._claim_body())
         self.held.add(row)
         return True
 
@@ -377,9 +419,9 @@ class StoreWriter:
             if not np.can_cast(value.dtype, dtype, casting="same_kind"):
                 raise StoreError(f"{store.path}: field {name!r} is {value.dtype}, expected {dtype}")
             records[name] = value
-        records["magic"], records["row"] = MAGIC, rows
+        records["magic"], records["row"] = store.magic, rows
         raw = records.view(np.uint8).reshape(len(rows), -1)
-        records["crc"] = [zlib.crc32(raw[i, store.payload_offset:]) for i in range(len(rows))]
+        records["crc"] = [zlib.crc32(raw[i, store.checked_from:]) for i in range(len(rows))]
         if self._shard is None:
             self._shard = open(self.shard_path, "ab", buffering=0)
         self._shard.write(records.tobytes())  # one write call: a crash leaves a short or bad-crc tail
@@ -410,6 +452,9 @@ def format_status(status: dict[str, Any], path: str | Path, max_workers: int = 2
              f"  failed    {status['failed']:>8}"]
     if status["duplicates"]:
         lines.append(f"  duplicate records {status['duplicates']} (rows trained twice; readers keep the first)")
+    if status.get("rejected"):
+        lines.append(f"  rejected records {status['rejected']} (torn or corrupt: their rows are pending again; "
+                     "`ffcv-transfer store verify` lists them by shard)")
     for reason, count in status["failure_reasons"].items():
         lines.append(f"    {count:>6} x {reason}")
     workers = sorted(status["workers"].items(), key=lambda item: (-item[1]["claimed"], -item[1]["written"], item[0]))

@@ -48,16 +48,16 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
     return float(np.interp(epoch, [0.0, config.lr_peak_epoch, config.epochs], [0.0, config.lr, 0.0]))
 
 
-def route(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
+def positions_per_model(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
     """For each of K models, the positions in the batch of the examples whose class it trains on.
     membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
     indices.) One host sync for all K (a sync per model would stall the GPU between models)."""
     member = membership[:, labels]  # (K, B)
-    order = rows_first(member)
+    order = members_first(member)
     return [order[k, :count] for k, count in enumerate(member.sum(1).tolist())]
 
 
-def rows_first(member: torch.Tensor) -> torch.Tensor:
+def members_first(member: torch.Tensor) -> torch.Tensor:
     """(K, B) positions: row k lists the batch positions that model k trains on (member[k]), in batch
     order, then the others."""
     return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)
@@ -102,6 +102,7 @@ class LockstepTrainer:
             self.class_membership = torch.as_tensor(has_class, device=self.device)
         self.failed: dict[int, str] = {}
         self.step = 0
+        self.examples_seen = np.zeros(len(models), np.int64)  # over every epoch so far
 
     def keys_of(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, labels, routing keys): the labels, or with example masks the batch's example indices."""
@@ -123,6 +124,10 @@ class LockstepTrainer:
                 batches.set_resolution(resolution(epoch))
             self.train_epoch(batches, epoch)
             on_epoch(f"{stage} {epoch + 1}/{epochs}")
+        for k in np.flatnonzero(self.examples_seen == 0):  # e.g. fewer examples than one batch, dropped as the last
+            self.failed.setdefault(int(k), "no training step: no batch held an example of its "
+                                           f"{'examples' if self.by_example else 'classes'} (batches of "
+                                           f"{self.config.batch_size}; the last incomplete one is dropped)")
 
     def train_epoch(self, batches: Iterable, epoch: int) -> list[float]:
         """One pass (the step loop): each fusion's own."""
@@ -138,6 +143,7 @@ class LockstepTrainer:
     def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
         """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
         means = (loss_sums / counts.clamp_min(1)).tolist()
+        self.examples_seen += counts.cpu().numpy().astype(np.int64)
         for k, mean in enumerate(means):
             if k not in self.failed and not np.isfinite(mean):
                 self.failed[k] = f"non-finite loss at epoch {epoch}"
@@ -167,7 +173,7 @@ class SequentialTrainer(LockstepTrainer):
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, (model, optimizer, scaler, rows) in enumerate(
                     zip(self.models, self.optimizers, self.scalers,
-                        parts_of(keys, self.membership, self.takes_every_class))):
+                        batch_parts(keys, self.membership, self.takes_every_class))):
                 part = labels[rows]
                 if k in self.failed or len(part) == 0:
                     continue
@@ -196,7 +202,7 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
     for model in models:
         model.eval()
     for images, labels, *_ in batches:
-        for k, (model, rows) in enumerate(zip(models, parts_of(labels, membership, every_class))):
+        for k, (model, rows) in enumerate(zip(models, batch_parts(labels, membership, every_class))):
             part = labels[rows]
             if len(part) == 0:
                 continue
@@ -208,6 +214,6 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
     return (correct / counts.clamp_min(1)).tolist()
 
 
-def parts_of(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
-    """route(), or the whole batch without a copy for every model when each takes every class (transfer)."""
-    return [slice(None)] * len(membership) if every_class else route(labels, membership)
+def batch_parts(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
+    """positions_per_model(), or the whole batch (no copy) for every model when each takes every class."""
+    return [slice(None)] * len(membership) if every_class else positions_per_model(labels, membership)

@@ -94,3 +94,5 @@ def test_missing_and_malformed_inputs(tmp_path):
     assert parse_rows("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
     with pytest.raises(ConfigError, match="--models 'a-b'"):
         parse_rows("a-b")
+    with pytest.raises(ConfigError, match="--models '3-1': 3-1 is no range"):
+        parse_rows("3-1")

@@ -82,6 +82,13 @@ def test_non_finite_outputs_name_the_model_rows():
         class_influence(masks, outputs, chunk=10)
 
 
+def test_finite_outputs_whose_sums_overflow_are_an_error_not_a_dropped_chunk():
+    masks = np.array([[1, 0], [0, 1], [1, 1]], bool)
+    outputs = np.full((3, 2), 1e308)
+    with pytest.raises(InfluenceError, match=r"rows 0..2 are finite but their sums overflow .*1e\+308"):
+        class_influence(masks, outputs, backend="numpy")
+
+
 def test_shape_and_dtype_errors_are_clear():
     masks, outputs = np.ones((5, 3), bool), np.zeros((5, 2), np.float32)
     with pytest.raises(InfluenceError, match="5 mask rows but 4 output rows"):

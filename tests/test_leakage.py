@@ -215,7 +215,7 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
             def watch():
                 for images, batch_labels, keys in batches:
                     assert (labels[keys.numpy()] == batch_labels.numpy()).all()
-                    for k, rows in enumerate(torch_route(keys, self.membership)):
+                    for k, rows in enumerate(positions_per_model(keys, self.membership)):
                         seen[k] += keys[rows].tolist()
                     yield images, batch_labels, keys
 
@@ -223,7 +223,7 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
             routed.append(seen)
             return losses
 
-    from ffcv_transfer.train import route as torch_route
+    from ffcv_transfer.train import positions_per_model
 
     monkeypatch.setitem(worker_module.TRAINERS, "sequential", Recording)
     assert worker_module.run_worker(store.path, experiment, progress=False) == 4

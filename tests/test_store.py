@@ -68,7 +68,7 @@ def test_write_rejects_bad_fields(tmp_path):
 def test_torn_and_corrupt_records_are_invisible_and_rows_reclaimable(tmp_path):
     store, _ = make_store(tmp_path / "s", ttl=0.2)
     writer = store.writer("w1")
-    for row in range(4):  # no reader has checked these records yet
+    for row in range(4):
         writer.write(row, **values_of(row))
     shard = tmp_path / "s" / "shards" / "w1.rows"
     size = store.record_dtype.itemsize
@@ -80,6 +80,107 @@ def test_torn_and_corrupt_records_are_invisible_and_rows_reclaimable(tmp_path):
     other.claim(1, rows=[5])  # then dies without writing: its claim expires
     time.sleep(0.3)
     assert store.writer("w3").claim(10) == [2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def flip(shard, offset):
+    blob = bytearray(shard.read_bytes())
+    blob[offset] ^= 0x01
+    shard.write_bytes(bytes(blob))
+
+
+def test_every_flipped_byte_of_every_record_is_rejected_and_its_row_pending_again(tmp_path):
+    """Fault injection: one bit flipped in each byte of a small store's records in turn (magic, crc, row
+    index, payload). Never is a flipped record served as data: its row is no longer completed (so a worker
+    recomputes it), the other rows read back exactly, and status reports one rejected record. Before the
+    crc covered the row index, a flip there served row 2's data as row 18."""
+    store = ResultStore.create(tmp_path / "s", 4, {"x": ((3,), np.float32)})
+    writer = store.writer("w")
+    for row in range(3):
+        writer.write(row, x=np.full(3, row, np.float32))
+    shard = tmp_path / "s" / "shards" / "w.rows"
+    size, pristine = store.record_dtype.itemsize, shard.read_bytes()
+    for offset in range(len(pristine)):
+        flip(shard, offset)
+        rows, values = store.read(["x"])
+        hit = offset // size
+        assert rows.tolist() == [r for r in range(3) if r != hit], offset
+        np.testing.assert_array_equal(values["x"], np.repeat(rows[:, None], 3, 1).astype(np.float32))
+        status = store.status()
+        assert (status["rejected"], status["pending"], status["completed"]) == (1, 2, 2), offset
+        assert store.verify() == {"w": {"intact": 2, "rejected": 1, "torn_bytes": 0}}
+        shard.write_bytes(pristine)
+    assert store.status()["rejected"] == 0
+
+
+def test_a_record_read_before_is_checked_again(tmp_path):
+    """No verdict is cached: bytes that change after a read are caught at the next read."""
+    store, _ = make_store(tmp_path / "s")
+    store.writer("w").write(2, **values_of(2))
+    assert store.completed_rows().tolist() == [2] and store.status()["completed"] == 1
+    flip(tmp_path / "s" / "shards" / "w.rows", store.record_dtype.itemsize - 1)
+    assert store.completed_rows().tolist() == [] and store.status()["rejected"] == 1
+
+
+def test_store_verify_names_the_shards_with_rejected_records(tmp_path, capsys):
+    store, _ = make_store(tmp_path / "s")
+    store.writer("good").write(0, **values_of(0))
+    store.writer("bad").write(1, **values_of(1))
+    assert cli_main(["store", "verify", str(tmp_path / "s")]) == 0
+    flip(tmp_path / "s" / "shards" / "bad.rows", 20)
+    assert cli_main(["store", "verify", str(tmp_path / "s")]) == 2
+    out = capsys.readouterr()
+    assert "bad: 0 intact, 1 rejected" in out.out and "good: 1 intact, 0 rejected" in out.out
+    assert "1 rejected record" in out.err
+    assert "rejected records 1" in format_status(store.status(), tmp_path / "s")
+
+
+def test_version_1_stores_are_still_read_and_unknown_versions_refused(tmp_path):
+    store, _ = make_store(tmp_path / "s")
+    spec_path = tmp_path / "s" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec_path.write_text(json.dumps({**spec, "version": 1}))
+    old = ResultStore(tmp_path / "s")
+    old.writer("w").write(3, **values_of(3))  # FTR1 records, crc over the payload
+    assert ResultStore(tmp_path / "s").completed_rows().tolist() == [3]
+    assert (tmp_path / "s" / "shards" / "w.rows").read_bytes()[:4] == b"FTR1"
+    spec_path.write_text(json.dumps({**spec, "version": 9}))
+    with pytest.raises(StoreError, match="format version 9"):
+        ResultStore(tmp_path / "s")
+
+
+def test_torn_claims_block_a_row_only_briefly(tmp_path, monkeypatch):
+    """A claim file left empty or half-written by a crash: while younger than the grace it may still be
+    being written (the row is left alone); older, it is stale: status counts the row pending and a writer
+    takes it. Claims are written whole (linked into place), so no live writer leaves one."""
+    store, _ = make_store(tmp_path / "s")
+    torn = tmp_path / "s" / "claims" / "5.claim"
+    torn.write_text('{"worker": "w')
+    assert store.writer("a").claim(1, rows=[5]) == []
+    old = time.time() - 60
+    os.utime(torn, (old, old))
+    assert store.status()["pending"] == 20 and store.claims()[5]["stale"]
+    assert store.writer("b").claim(1, rows=[5]) == [5]
+    assert json.loads(torn.read_text())["worker"] == store.claims()[5]["worker"]
+    assert not [f for f in (tmp_path / "s" / "claims").iterdir() if f.name.startswith(".")]  # no temp files left
+
+
+def test_a_row_finished_while_being_claimed_is_let_go(tmp_path):
+    """The race a listing leaves open: row 0 is completed (and its claim released) after a writer has
+    listed the done rows but before it claims. Its second look lets row 0 go and takes the next row."""
+    store, _ = make_store(tmp_path / "s")
+    late = store.writer("late")
+    listed = store.completed_rows
+
+    def stale_listing():  # the first listing misses row 0, which another writer completes just after it
+        result = listed()
+        if not stale_listing.done:
+            stale_listing.done = True
+            store.writer("fast").write(0, **values_of(0))
+        return result
+
+    stale_listing.done = False
+    store.completed_rows = stale_listing
+    assert late.claim(1) == [1] and late.held == {1}
 
 
 def test_heartbeats_keep_claims_alive_and_silence_lets_them_expire(tmp_path):
@@ -128,6 +229,30 @@ def worker(path, seed):
             return
         time.sleep(rng.uniform(0.03, 0.1))  # 'training'
         writer.write(rows[0], **values_of(rows[0]))
+
+
+def racing_writer(path, seed, per_claim):
+    """A writer as fast as a store allows: claim, write at once, until nothing is pending."""
+    writer = ResultStore(path).writer(f"racer{seed}")
+    rng = np.random.default_rng(seed)
+    while rows := writer.claim(per_claim, rows=rng.permutation(2000) if seed % 2 else None):
+        writer.write_many(rows, **{name: np.stack([values_of(r)[name] for r in rows]) for name in SCHEMA})
+
+
+@pytest.mark.slow
+def test_eight_racing_writers_over_2000_rows_train_no_row_twice(tmp_path):
+    """8 processes that do nothing but claim and write (the race is widest when training takes no time),
+    half of them in row order and half in random orders: every row written once, no duplicate record."""
+    path = tmp_path / "s"
+    ResultStore.create(path, 2000, SCHEMA)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=racing_writer, args=(path, seed, 1 + seed % 3)) for seed in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    status = ResultStore(path).status()
+    assert (status["completed"], status["duplicates"], status["rejected"]) == (2000, 0, 0), status
 
 
 @pytest.mark.slow
@@ -180,6 +305,28 @@ def test_missing_and_corrupt_store_files_are_named(tmp_path):
     with pytest.raises(StoreError, match=r"3.json: unreadable failure record"):
         store.status()
     assert cli_main(["store", "status", str(tmp_path / "nowhere")]) == 2
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys):
+    """Each gives `ffcv-transfer: error: ...` and exit 2, before any work."""
+    store, masks = make_store(tmp_path / "s")
+    store.writer().write_many(range(20), margins=np.zeros((20, 50), np.float16),
+                              predictions=np.zeros((20, 50), np.int16), source_acc=np.zeros(20, np.float32))
+    cases = [(["train", "--store", str(tmp_path / "s"), "--config", "x.yaml", "--models", "3-1"], "3-1 is no range"),
+             (["influence", str(tmp_path / "s"), "--chunk", "0"], "--chunk 0: expected at least 1"),
+             (["influence", str(tmp_path / "s"), "--out", str(tmp_path / "missing" / "i.npy")], "does not exist"),
+             (["rankings", str(tmp_path / "nowhere")], "spec.json missing")]
+    for argv, message in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("ffcv-transfer: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_status_into_a_closed_pipe_stops_quietly(tmp_path):
+    make_store(tmp_path / "s")
+    shell = f"{sys.executable} -m ffcv_transfer.cli store status {tmp_path / 's'} | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("store ") and done.stderr == "" and done.returncode == 0, done.stderr
 
 
 def test_status_per_worker_and_releasing_the_claims_of_ended_workers(tmp_path):

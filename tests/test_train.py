@@ -10,7 +10,7 @@ from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model, memory_format_for
 from ffcv_transfer.settings import OptimConfig, SourceConfig
-from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, route, source_resolution
+from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, positions_per_model, source_resolution
 
 from .conftest import IdRecorder
 
@@ -28,7 +28,7 @@ def test_route_gives_each_model_exactly_its_examples_once_per_epoch():
     membership = torch.as_tensor(masks)
     for start in range(0, 1000, 64):  # one epoch in batches; positions -> example ids
         batch = torch.as_tensor(labels[start:start + 64])
-        for k, rows in enumerate(route(batch, membership)):
+        for k, rows in enumerate(positions_per_model(batch, membership)):
             seen[k] += (rows + start).tolist()
     for k in range(5):
         expected = np.flatnonzero(masks[k][labels])
@@ -71,6 +71,21 @@ def test_fit_runs_the_epochs_at_the_scheduled_resolutions_and_reports_each():
     assert batches.resolutions == [160, 160, 160, 160, 192]
     assert reports == [f"source {e}/5" for e in range(1, 6)] and trainer.step == 10
     assert len(models[0].seen) == 5 * 16
+
+
+@pytest.mark.parametrize("trainer_class", [SequentialTrainer, GroupedTrainer])
+def test_a_model_that_never_steps_is_failed_with_the_reason(trainer_class):
+    """Model 1's only class has no example in any batch (as when its examples fill no whole batch and
+    drop_last drops them): after fit it is failed, not passed off as trained; model 0 is not."""
+    images, labels = torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)
+    masks = np.array([[True, False], [False, True]])
+    models = [build_model(2, stem="small", width=0.125) for _ in masks]
+    trainer = trainer_class(models, masks, OptimConfig(epochs=2, lr=0.01, lr_peak_epoch=1, precision="fp32"),
+                            steps_per_epoch=1)
+    trainer.fit([(images, labels)], 2)
+    assert trainer.examples_seen.tolist() == [16, 0]
+    assert trainer.failed == {1: "no training step: no batch held an example of its classes (batches of 1024; "
+                                 "the last incomplete one is dropped)"}
 
 
 def test_cyclic_schedule_by_hand():

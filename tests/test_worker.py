@@ -122,6 +122,17 @@ def test_the_failed_row_is_left_out_of_the_influences(filled):
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+def test_models_whose_classes_fill_no_batch_are_failed_not_stored(tiny_data, tmp_path):
+    """A batch larger than any model's examples (drop_last): every row fails with the reason instead of
+    being transferred and stored at chance accuracy."""
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.batch_size": 512}))
+    store = create_class_store(tmp_path / "store", experiment)
+    assert run_worker(store.path, experiment, progress=False) == 0
+    assert set(store.failures().values()) == {"source training: no training step: no batch held an example of its "
+                                              "classes (batches of 512; the last incomplete one is dropped)"}
+    assert store.status()["failed"] == 4
+
+
 def test_counterfactual_arms_of_a_seed_start_from_the_same_weights(tiny_data, tmp_path):
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data))
     num_classes = read_sidecar(tiny_data / "source_train.beton")["num_classes"]

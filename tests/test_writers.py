@@ -273,6 +273,12 @@ def test_existing_output_is_kept_unless_overwrite(raw_arrays, tmp_path):
     assert file_sha256(target) == before
     write_arrays(images, labels, target, class_names=meta["class_names"], options=RAW, overwrite=True)
     assert read_sidecar(target)["num_examples"] == 300
+    folder = tmp_path / "folder.beton"
+    folder.mkdir()
+    with pytest.raises(BetonError, match="folder.beton: is a directory"):  # refused before anything is written
+        write_arrays(images, labels, folder, class_names=meta["class_names"], options=RAW, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.beton", "arr.labels.npy", "arr.meta.json",
+                                                          "folder.beton"]
 
 
 def test_verify_catches_truncation_corruption_and_mismatch(raw_arrays, tmp_path):
