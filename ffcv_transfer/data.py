@@ -88,7 +88,8 @@ class ImageLoader:
         self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train
                         else CenterCropRGBImageDecoder(size, crop_ratio))
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
-            [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
+            [ToTensor(), ToDevice(self.device, non_blocking=True),
+             ToTorchImage(channels_last=memory_format_for(self.device) == torch.channels_last)]
         label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
         pipelines = {"image": image, "label": label}
         self.with_indices = with_indices
@@ -100,7 +101,6 @@ class ImageLoader:
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines=pipelines)
         self.mean, self.std = normalisation(self.device)
-        self.memory_format = memory_format_for(self.device)
 
     def set_resolution(self, resolution: int) -> None:
         self.decoder.output_size = (resolution, resolution)
@@ -110,5 +110,4 @@ class ImageLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for images, labels, *index in self.loader:
-            images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            yield (images, labels.long(), *(i.long() for i in index))
+            yield ((images.float() - self.mean) / self.std, labels.long(), *(i.long() for i in index))

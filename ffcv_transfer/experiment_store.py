@@ -16,14 +16,13 @@ schema on top of it, and the one place that creates such stores and opens their 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from .config import ConfigError, Experiment, load_experiment
+from .masks import class_masks, random_example_masks
 from .store import ResultStore, StoreError
-
-if TYPE_CHECKING:
-    from .config import Experiment
 
 EXPERIMENT_FILE = "experiment.yaml"
 MASKS = "masks"
@@ -54,9 +53,6 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
 
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
     """Draw the experiment's class masks and create its store (`ffcv-transfer masks`)."""
-    from .config import ConfigError
-    from .masks import class_masks
-
     sidecars = read_sidecars(experiment)
     num_classes = sidecars["source_train"]["num_classes"]
     try:
@@ -71,8 +67,6 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     --examples`): experiment.masks gives the number of models, alpha (the fraction of examples each one
     holds) and the seed."""
     from beton_writers.common import read_labels
-
-    from .masks import random_example_masks
 
     sidecars = read_sidecars(experiment)
     labels = read_labels(experiment.data.path("source_train"))
@@ -110,8 +104,6 @@ def init_seed(store: ResultStore, row: int, base_seed: int) -> int:
 
 def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
     """The experiment saved in a store (with `overrides`); a missing store or file is a StoreError naming it."""
-    from .config import load_experiment
-
     ResultStore(store_dir)  # a missing store is named as such, before its experiment file
     path = Path(store_dir) / EXPERIMENT_FILE
     if not path.is_file():
@@ -122,8 +114,6 @@ def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = No
 def read_sidecars(experiment: Experiment) -> dict[str, dict]:
     """Every split's sidecar; a missing beton is an error that names it."""
     from beton_writers.common import read_sidecar
-
-    from .config import ConfigError
 
     sidecars = {}
     for split in SPLITS:
@@ -136,8 +126,6 @@ def read_sidecars(experiment: Experiment) -> dict[str, dict]:
 
 def check_inputs(store: ResultStore, experiment: Experiment) -> None:
     """The betons exist and match the store's masks and output columns; errors name the file."""
-    from .config import ConfigError
-
     sidecars = read_sidecars(experiment)
     num_classes = store.fixed(MASKS).shape[1]
     for split in ("source_train", "source_val"):

@@ -2,8 +2,8 @@
 a width multiplier for cheap runs, and optional BlurPool (as in FFCV's ResNet recipe).
 
 Memory layout: channels-last on CUDA (what its convolution kernels want), plain NCHW on the CPU. In torch
-2.13's CPU build, oneDNN's backward of a channels-last 1x1 strided convolution with 8 input channels
-(the shortcut of width 0.125) writes out of bounds for odd batch sizes with 2 threads (with 1 thread at
+2.13's CPU build, oneDNN's backward of a channels-last 1x1 strided convolution with few input channels
+(4, 8 or 12 seen; the shortcut of width 0.125 has 8) writes out of bounds for odd batch sizes with 2 threads (with 1 thread at
 64 px), killing the process or corrupting its heap; no NCHW shape of the CPU models does
 (tests/test_cpu_safety.py). A model converts its input to its own layout, so no caller can hand a CPU
 model a channels-last batch."""
