@@ -349,8 +349,8 @@ class StoreWriter:
         store = self.store
         candidates = list(range(store.num_rows) if rows is None else rows)
         claimed: list[int] = []
+        done = set(store.completed_rows().tolist()) | set(store.failures())
         while len(claimed) < count:
-            done = set(store.completed_rows().tolist()) | set(store.failures())
             taken = []
             for row in candidates:
                 if len(claimed) + len(taken) == count:
@@ -359,10 +359,10 @@ class StoreWriter:
                     taken.append(int(row))
             if not taken:
                 break
-            finished = (set(store.completed_rows().tolist()) | set(store.failures())) & set(taken)
-            for row in finished:
+            done = set(store.completed_rows().tolist()) | set(store.failures())  # the second look
+            for row in done.intersection(taken):
                 self.release(row)
-            claimed += [row for row in taken if row not in finished]
+            claimed += [row for row in taken if row not in done]
         return claimed
 
     def _try_claim(self, row: int) -> bool:
