@@ -1,5 +1,5 @@
-"""What the `ffcv-transfer` command groups share: `--section.name=value` settings, row ranges, and the
-experiment a command runs (a YAML file, or the one saved in its store). Imports nothing slow."""
+"""What the `ffcv-transfer` command groups share: `--section.name=value` settings, row ranges, the
+kernel's memory limit, and the experiment a command runs (a YAML file, or the one saved in its store). Imports nothing slow."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,21 @@ from pathlib import Path
 
 DATA_ENV = "FFCV_TRANSFER_DATA"
 SETTINGS_HELP = "Any setting can be overridden as --section.name=value; `ffcv-transfer settings` lists them all."
+
+
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=float, default=2.0, metavar="GIB",
+                        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel "
+                             "makes more passes over narrower blocks of target columns")
+
+
+def max_bytes_of(args: argparse.Namespace) -> int:
+    """`--max-memory` in bytes, checked."""
+    from .config import ConfigError
+
+    if not args.max_memory > 0:
+        raise ConfigError(f"--max-memory {args.max_memory}: expected a positive number of GiB")
+    return int(args.max_memory * 2**30)
 
 
 def parse_settings(tokens: list[str]) -> dict[str, str]:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import SETTINGS_HELP, parse_rows, store_experiment
+from .cli_common import SETTINGS_HELP, add_memory_option, max_bytes_of, parse_rows, store_experiment
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -135,7 +135,7 @@ def cmd_leakage(args: argparse.Namespace) -> None:
     from .leakage import find_leaks
 
     found = find_leaks(args.store, args.out, top=args.top, min_similarity=args.min_similarity,
-                       max_hash_distance=args.max_hash_distance)
+                       max_hash_distance=args.max_hash_distance, max_bytes=max_bytes_of(args))
     for kind in ("leakage", "mislabelled"):
         print(f"{kind}: {len(found[kind])} source images confirmed as near-duplicates of a target image")
         for entry in found[kind][:20]:
@@ -195,6 +195,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                    f"that makes a near-duplicate (default: {MIN_SIMILARITY})")
     p.add_argument("--max-hash-distance", type=int, default=MAX_HASH_DISTANCE, help="or at most this many "
                    f"perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})")
+    add_memory_option(p)
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")
     p.set_defaults(run=cmd_leakage)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli_common import DATA_ENV, SETTINGS_HELP, experiment_from_args, parse_rows, parse_settings, store_experiment
+from .cli_common import (DATA_ENV, SETTINGS_HELP, add_memory_option, experiment_from_args, max_bytes_of, parse_rows,
+                         parse_settings, store_experiment)
 
 
 def cmd_store_status(args: argparse.Namespace) -> None:
@@ -38,20 +39,34 @@ def cmd_influence(args: argparse.Namespace) -> None:
 
     from .config import ConfigError
     from .influence import influence_from_store
+    from .store import ResultStore
 
     if args.chunk < 1:
         raise ConfigError(f"--chunk {args.chunk}: expected at least 1 row per chunk")
     if not Path(args.out).resolve().parent.is_dir():  # before the computation, not after it
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
-    result = influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend,
-                                  chunk=args.chunk, stderr=args.stderr, progress=True)
-    influence, stderr = result if args.stderr else (result, None)
-    np.save(args.out, influence)
-    print(f"wrote {args.out}: influence {influence.shape[0]} classes x {influence.shape[1]} outputs")
-    if stderr is not None:
-        stderr_path = args.out.removesuffix(".npy") + ".stderr.npy"
-        np.save(stderr_path, stderr)
-        print(f"wrote {stderr_path}")
+    max_bytes = max_bytes_of(args)
+    store = ResultStore(args.store)
+    store.require([args.mask_key, args.key])
+    if args.key not in store.schema:
+        raise ConfigError(f"--key {args.key}: a fixed array of {args.store}, not a per-model output")
+    shape = (store.fixed(args.mask_key).shape[1], int(np.prod(store.schema[args.key][0])))
+    finals = [Path(args.out), Path(args.out.removesuffix(".npy") + ".stderr.npy")][: 1 + args.stderr]
+    partials = [Path(f"{final}.partial") for final in finals]
+    try:  # filled block by block, so the (C, T) result never has to fit in memory; renamed when complete
+        out, *out_stderr = [np.lib.format.open_memmap(p, "w+", np.float32, shape) for p in partials]
+        influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend, chunk=args.chunk,
+                             stderr=args.stderr, progress=True, max_bytes=max_bytes, out=out,
+                             out_stderr=out_stderr[0] if out_stderr else None)
+        for array, partial, final in zip([out, *out_stderr], partials, finals):
+            array.flush()
+            os.replace(partial, final)
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+    print(f"wrote {finals[0]}: influence {shape[0]} classes x {shape[1]} outputs")
+    if args.stderr:
+        print(f"wrote {finals[1]}")
 
 
 def cmd_settings(args: argparse.Namespace) -> None:
@@ -227,6 +242,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")
+    add_memory_option(p)
     p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
     p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
     p.set_defaults(run=cmd_influence)

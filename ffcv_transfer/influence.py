@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 BACKENDS = ("numpy", "numba", "torch", "cupy")
 DEFAULT_CHUNK = 8192
+DEFAULT_MAX_BYTES = 2 << 30  # the streamed kernels' working set (plan_blocks); --max-memory on the CLI
 # GPU GEMMs accumulate in float32 over at most this many models, then in float64: larger blocks missed the
 # 1e-6 relative-error target at 50,000 models (docs/benchmarks.md#influence-kernel)
 GPU_ROW_BLOCK = 2048
@@ -422,7 +423,9 @@ class InfluenceAccumulator:
     def _moved(self, sums: Any, moves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Host sums plus the per-chunk shift corrections sum_k outer(counts_k, delta_k), as one GEMM."""
         counts, deltas = (np.stack(part) for part in zip(*moves))
-        return self.ops.host(sums) + counts.T @ deltas
+        moved = counts.T @ deltas
+        moved += self.ops.host(sums)
+        return moved
 
     def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Influences [C, T] float32 (and their standard errors when `stderr`); NaN for a class that
@@ -444,14 +447,14 @@ class InfluenceAccumulator:
             warnings.warn(f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
                           RuntimeWarning, stacklevel=2)
         with np.errstate(divide="ignore", invalid="ignore"):
-            # S/n_in - (t - S)/n_out = S * N/(n_in n_out) - t/n_out, in two passes over [C, T]
-            factor = np.where(degenerate[:, None], np.nan, total / (n_in * n_out))
-            influence = sums * factor
-            influence -= totals * (1 / n_out)
-            influence = influence.astype(np.float32)
-            if not self.stderr:
-                return influence
+            if not self.stderr:  # S/n_in - (t - S)/n_out = (S N/n_in - t)/n_out, in place: one (C, T) array
+                sums *= total / n_in
+                sums -= totals
+                sums /= n_out
+                sums[degenerate] = np.nan
+                return sums.astype(np.float32)
             mean_in, mean_out = sums / n_in, (totals - sums) / n_out
+            influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
             squares = self._moved(self.square_sums, self.square_moves)
             square_totals = self.ops.host(self.square_totals)[None, :]
             var_in = (squares - sums * mean_in) / (n_in - 1)
@@ -492,6 +495,35 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
     return masks, outputs
 
 
+def plan_blocks(num_classes: int, num_outputs: int, num_models: int, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                stderr: bool = False, row_bytes: int = 0, chunk: int = DEFAULT_CHUNK) -> tuple[int, int]:
+    """(models per chunk, outputs per column block) whose working set fits `max_bytes`.
+
+    Per step the kernel holds a chunk's masks (bool, then a float64 copy for the GEMM) and its outputs as
+    read (`row_bytes` a model: whole rows; twice, as the next chunk is read meanwhile) and centred in
+    float64, plus `per_value` (C, block) float64
+    arrays: the sums and a chunk's sums while accumulating; the sums, their shifted copy and the float32
+    result when finishing (with `stderr`, the squares and the variance temporaries too). Measured peaks
+    (tests/test_memory_bounds.py) stay within about 1.3 x `max_bytes`, allocator slack included. Wider
+    column blocks mean fewer passes over the data, so the chunk shrinks before they do."""
+    per_value = 10 if stderr else 3
+    chunk = max(1, min(chunk, num_models))
+    while True:
+        fixed = chunk * (2 * row_bytes + 9 * num_classes)  # rows in work and the next chunk being read
+        columns = (max_bytes - fixed) // (8 * (chunk + per_value * num_classes + 1))
+        if columns >= min(num_outputs, 256) or (columns >= 1 and chunk == 1):
+            return chunk, int(min(columns, num_outputs))
+        if chunk == 1:
+            need = fixed + 8 * (1 + per_value * num_classes + 1)
+            raise InfluenceError(f"{max_bytes / 2**20:.1f} MiB cannot hold one column of {num_classes} classes "
+                                 f"(needs {need / 2**20:.1f} MiB): raise the memory limit")
+        chunk = max(1, chunk // 2)
+
+
+def _column_blocks(num_outputs: int, width: int) -> list[slice]:
+    return [slice(start, min(start + width, num_outputs)) for start in range(0, num_outputs, width)]
+
+
 def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
                     stderr: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
@@ -511,38 +543,70 @@ def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "a
     return accumulator.result()
 
 
-def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *,
-                      block: int = 65536, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
-                      out: np.ndarray | None = None) -> np.ndarray:
-    """Influence [E, T] of each of E source *examples*, from bit-packed example masks.
+EXAMPLE_BLOCK = 8192  # source examples per block of example influence (a multiple of 8: whole packed bytes)
 
-    packed_masks: (N, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1); processed in blocks of
-    `block` examples so memory stays O(N x block). `out` may be a (E, T) float32 memmap for large E.
-    """
-    packed_masks = np.asarray(packed_masks)
+
+def example_influence_blocks(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *,
+                             rows: np.ndarray | None = None, backend: str = "auto", block: int = EXAMPLE_BLOCK,
+                             max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """Example influence [E, T] as (example slice, output slice, float32 block) pieces, so that a caller
+    can keep what it needs (a top-k, a file) without the whole matrix: at the paper's 1.28M source and
+    10,000 target examples that is 51 GB.
+
+    packed_masks: (rows, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1), e.g. a store's memmap;
+    `rows` picks the models in it (default all), aligned with the (N, T) `outputs` (an array or memmap).
+    Examples come `block` at a time; only one chunk of mask bytes is unpacked at a time; the working set
+    stays within `max_bytes`."""
     if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
         raise InfluenceError(f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} "
                              f"{packed_masks.shape}")
     if packed_masks.shape[1] != (num_examples + 7) // 8:
         raise InfluenceError(f"{num_examples} examples need {(num_examples + 7) // 8} packed bytes per row, "
                              f"got {packed_masks.shape[1]}")
-    if block % 8:
-        raise InfluenceError(f"block must be a multiple of 8, got {block}")
-    if out is None:
-        out = np.empty((num_examples, np.shape(outputs)[1]), np.float32)
+    rows = np.arange(len(packed_masks)) if rows is None else np.asarray(rows)
+    if outputs.ndim != 2 or len(outputs) != len(rows):
+        raise InfluenceError(f"{len(rows)} mask rows but outputs of shape {outputs.shape}")
+    if block < 8 or block % 8:
+        raise InfluenceError(f"block must be a positive multiple of 8, got {block}")
+    block = min(block, -(-num_examples // 8) * 8)
+    chunk, width = plan_blocks(block, outputs.shape[1], len(rows), max_bytes=max_bytes,
+                               row_bytes=block // 8 + outputs.shape[1] * outputs.dtype.itemsize)
     for start in range(0, num_examples, block):
-        stop = min(start + block, num_examples)
-        masks = np.unpackbits(packed_masks[:, start // 8:(stop + 7) // 8], axis=1, count=stop - start).view(np.bool_)
-        out[start:stop] = class_influence(masks, outputs, backend=backend, chunk=chunk)
+        examples = slice(start, min(start + block, num_examples))
+        for columns in _column_blocks(outputs.shape[1], width):
+            accumulator = InfluenceAccumulator(examples.stop - start, columns.stop - columns.start, backend=backend)
+            for first in range(0, max(len(rows), 1), chunk):
+                part = rows[first:first + chunk]
+                packed = np.asarray(packed_masks[part, start // 8:(examples.stop + 7) // 8])
+                masks = np.unpackbits(packed, axis=1, count=examples.stop - start).view(np.bool_)
+                accumulator.update(masks, np.asarray(outputs[first:first + chunk, columns]), rows=part)
+            values = accumulator.result()
+            del accumulator  # its sums go before the caller works on the block
+            yield examples, columns, values
+
+
+def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *, backend: str = "auto",
+                      block: int = EXAMPLE_BLOCK, max_bytes: int = DEFAULT_MAX_BYTES,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """The whole example influence [E, T] (float32) from bit-packed example masks (N, ceil(E/8)); `out` may be
+    an (E, T) float32 memmap when it does not fit in memory. `example_influence_blocks` streams it instead."""
+    outputs = np.asarray(outputs)
+    if out is None:
+        out = np.empty((num_examples, outputs.shape[1]), np.float32)
+    for examples, columns, values in example_influence_blocks(np.asarray(packed_masks), outputs, num_examples,
+                                                              backend=backend, block=block, max_bytes=max_bytes):
+        out[examples, columns] = values
     return out
 
 
 def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str = "masks", backend: str = "auto",
-                         chunk: int = DEFAULT_CHUNK, stderr: bool = False, progress: bool = False
-                         ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Class influence on `key` over the completed, non-failed rows of a results store, streamed
-    `chunk` rows at a time (memory bounded by a few chunks); the next chunk is read from disk while
-    the current one is being computed."""
+                         chunk: int = DEFAULT_CHUNK, stderr: bool = False, progress: bool = False,
+                         max_bytes: int = DEFAULT_MAX_BYTES, out: np.ndarray | None = None,
+                         out_stderr: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Class influence on `key` over the completed, non-failed rows of a results store, streamed: at most
+    `chunk` rows at a time and, when the (C, T) accumulators would not fit `max_bytes`, one block of target
+    columns per pass over the store. The next chunk is read from disk while the current one is computed.
+    `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -550,22 +614,37 @@ def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str 
     from .store import ResultStore
 
     store = ResultStore(store_dir)
-    total = len(store.completed_rows())
-    if total == 0:
+    store.require([mask_key, key])
+    completed = store.completed_rows()
+    if len(completed) == 0:
         raise InfluenceError(f"{store_dir}: no completed rows yet")
-    chunks = store.iter_chunks([mask_key, key], chunk=chunk)
-    accumulator: InfluenceAccumulator | None = None
-    with ThreadPoolExecutor(1) as reader, tqdm(total=total, desc="influence", unit=" models",
-                                               disable=not progress) as bar:
-        pending = reader.submit(next, chunks, None)
-        while (item := pending.result()) is not None:
-            pending = reader.submit(next, chunks, None)
-            part, values = item
-            masks, outputs = values[mask_key], values[key].reshape(len(part), -1)
-            if accumulator is None:
-                accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
-            accumulator.update(masks, outputs, rows=part)
-            bar.update(len(part))
-    if accumulator is None:
+    total = len(np.setdiff1d(completed, list(store.failures())))
+    if total == 0:
         raise InfluenceError(f"{store_dir}: every completed row is marked failed")
-    return accumulator.result()
+    if key not in store.schema:
+        raise InfluenceError(f"{store_dir}: {key!r} is a fixed array, not a per-model output")
+    shape, dtype = store.schema[key]
+    num_classes, num_outputs = store.fixed(mask_key).shape[1], int(np.prod(shape))
+    chunk, width = plan_blocks(num_classes, num_outputs, total, max_bytes=max_bytes, stderr=stderr,
+                               row_bytes=num_outputs * np.dtype(dtype).itemsize, chunk=chunk)
+    blocks = _column_blocks(num_outputs, width)
+    out = np.empty((num_classes, num_outputs), np.float32) if out is None else out
+    if stderr and out_stderr is None:
+        out_stderr = np.empty((num_classes, num_outputs), np.float32)
+    with ThreadPoolExecutor(1) as reader, tqdm(total=total * len(blocks), desc="influence", unit=" models",
+                                               disable=not progress) as bar:
+        for columns in blocks:
+            chunks = store.iter_chunks([mask_key, key], chunk=chunk)
+            accumulator = InfluenceAccumulator(num_classes, columns.stop - columns.start, backend=backend,
+                                               stderr=stderr)
+            pending = reader.submit(next, chunks, None)
+            while (item := pending.result()) is not None:
+                pending = reader.submit(next, chunks, None)
+                part, values = item
+                accumulator.update(values[mask_key], values[key].reshape(len(part), -1)[:, columns], rows=part)
+                bar.update(len(part))
+            if stderr:
+                out[:, columns], out_stderr[:, columns] = accumulator.result()
+            else:
+                out[:, columns] = accumulator.result()
+    return (out, out_stderr) if stderr else out

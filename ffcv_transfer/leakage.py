@@ -1,9 +1,11 @@
 """Example-level influence and leakage: which single source images move which target test images.
 
 Masks over source *examples* (each model trains on a random alpha-fraction of the source images, every
-class present) and the same kernel as for classes (`influence.example_influence`) give an (E, T) matrix:
-the mean margin of target test image j over the models whose training set held source image e, minus
-over the models without it. Two findings come out of it, each confirmed on the pixels:
+class present) and the same kernel as for classes give an (E, T) matrix: the mean margin of target test
+image j over the models whose training set held source image e, minus over the models without it. At the
+paper's sizes it is never held whole: `influence.example_influence_blocks` streams it and
+`ExtremeExamples` keeps what the findings read (each target's most extreme source images and its robust
+scale). Two findings come out of it, each confirmed on the pixels:
 
 - **leakage**: a source image among the `top` most positive for a target image that is also a near-duplicate
   of it: the target image is (a copy of) a training image of the source models.
@@ -26,11 +28,15 @@ entry point: it reads the store, writes leaks.json and image grids, and returns 
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from .influence import DEFAULT_MAX_BYTES
 
 WORK_SIZE = 32  # images are compared in grey at this size
 THUMB_SIZE = 16  # ... through thumbnails of this size
@@ -40,21 +46,139 @@ MAX_HASH_DISTANCE = 8  # perceptual-hash bits at or below which two images are n
 DEFAULT_TOP = 10  # source images examined per target image, at each end of its influence ranking
 
 
-# ------------------------------------------------------------------ example influence
+# ------------------------------------------------------------------ example influence, kept in part
 
-def example_influence_from_store(store_dir: str | Path, num_examples: int, key: str = "margins",
-                                 backend: str = "auto") -> tuple[np.ndarray, int]:
-    """(influence (E, T) float32, number of models used) over the completed, non-failed rows."""
+Z_SAMPLE = 4096  # source examples (evenly spaced) behind each target's median and MAD for robust z-scores
+MERGE_COLUMNS = 512  # target columns ranked at a time when merging a block into the extremes
+
+
+@dataclass
+class ExtremeExamples:
+    """What the findings need of an (E, T) example influence, in O(T x keep) memory: per target image
+    (column) the `keep` most positive and most negative source images (indices, influences; most extreme
+    first, ties to the lower index, -1 / NaN past the finite ones) and the column's median and scaled MAD
+    for robust z-scores, from at most Z_SAMPLE evenly spaced source images (all of them when E is smaller,
+    which makes the scores exact)."""
+
+    num_examples: int
+    positive: np.ndarray  # (T, keep) int64
+    positive_values: np.ndarray  # (T, keep) float32
+    negative: np.ndarray
+    negative_values: np.ndarray
+    median: np.ndarray  # (T,) float64
+    mad: np.ndarray  # (T,) float64: 1.4826 x MAD, at least 1e-12
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[tuple[slice, slice, np.ndarray]], num_examples: int, num_targets: int,
+                    keep: int) -> "ExtremeExamples":
+        """Merge (example slice, target slice, float32 values) pieces (`influence.example_influence_blocks`)."""
+        sample = np.unique(np.linspace(0, num_examples - 1, min(num_examples, Z_SAMPLE)).round().astype(np.int64))
+        sampled = np.full((len(sample), num_targets), np.nan, np.float32)
+        ends = {sign: (np.full((num_targets, keep), -1, np.int64), np.full((num_targets, keep), np.nan, np.float32))
+                for sign in (1, -1)}  # per target, sign x influence, largest first
+        for examples, block_columns, block in blocks:
+            here = (sample >= examples.start) & (sample < examples.stop)
+            sampled[here, block_columns] = block[sample[here] - examples.start]
+            for first in range(0, block.shape[1], MERGE_COLUMNS):  # bounds the sort's temporaries
+                values = block[:, first:first + MERGE_COLUMNS]
+                columns = slice(block_columns.start + first, block_columns.start + first + values.shape[1])
+                for sign, (index, kept) in ends.items():
+                    ranked = np.where(np.isfinite(values), sign * values, -np.inf)
+                    order = _best_rows(ranked, keep)
+                    both_index = np.concatenate([index[columns], (order + examples.start).T], 1)
+                    both_values = np.concatenate([np.where(index[columns] >= 0, kept[columns], -np.inf),
+                                                  np.take_along_axis(ranked, order, 0).T], 1)
+                    best = np.lexsort((both_index, -both_values), axis=1)[:, :keep]
+                    best_values = np.take_along_axis(both_values, best, 1)
+                    found = np.isfinite(best_values)
+                    index[columns] = np.where(found, np.take_along_axis(both_index, best, 1), -1)
+                    kept[columns] = np.where(found, best_values, np.nan)
+        median, mad = _robust_scale(sampled)
+        (positive, positive_values), (negative, negative_values) = ends[1], ends[-1]
+        return cls(num_examples, positive, positive_values, negative, -negative_values, median, mad)
+
+    @classmethod
+    def from_dense(cls, influence: np.ndarray, keep: int) -> "ExtremeExamples":
+        influence = np.asarray(influence, np.float32)
+        whole = (slice(0, influence.shape[0]), slice(0, influence.shape[1]), influence)
+        return cls.from_blocks([whole], influence.shape[0], influence.shape[1], keep)
+
+    def z(self, values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Robust z-scores of influences `values` on target images `targets` (broadcast)."""
+        return (np.asarray(values, np.float64) - self.median[targets]) / self.mad[targets]
+
+
+def _best_rows(ranked: np.ndarray, keep: int) -> np.ndarray:
+    """Per column, the rows of the `keep` largest values, largest first and ties to the lower row: what a
+    stable descending argsort gives, by partition (a full sort of each block cost more than its GEMM).
+    Columns where the partition may have cut through a tie are sorted whole."""
+    if keep >= len(ranked):
+        return np.argsort(-ranked, axis=0, kind="stable")
+    part = np.argpartition(-ranked, keep - 1, axis=0)[:keep]
+    values = np.take_along_axis(ranked, part, 0)
+    part = np.take_along_axis(part, np.lexsort((part, -values), axis=0), 0)
+    edge = values.min(0)
+    cut = np.flatnonzero((ranked == edge).sum(0) != (values == edge).sum(0))
+    if len(cut):
+        part[:, cut] = np.argsort(-ranked[:, cut], axis=0, kind="stable")[:keep]
+    return part
+
+
+def _robust_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the median and 1.4826 x MAD (at least 1e-12), non-finite values counted at the median.
+    MERGE_COLUMNS columns at a time, so that the float64 temporaries stay small beside `values`."""
+    median, mad = np.empty(values.shape[1]), np.empty(values.shape[1])
+    for first in range(0, values.shape[1], MERGE_COLUMNS):
+        columns = slice(first, first + MERGE_COLUMNS)
+        part = np.asarray(values[:, columns], np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its scale is NaN, its z 0
+            part = np.where(np.isfinite(part), part, np.nanmedian(part, axis=0))
+        median[columns] = np.median(part, axis=0)
+        mad[columns] = np.median(np.abs(part - median[columns]), axis=0) * 1.4826
+    return median, np.maximum(mad, 1e-12)
+
+
+def robust_z(influence: np.ndarray) -> np.ndarray:
+    """Each column's values as robust z-scores: (value - median) / (1.4826 * MAD), over the source images."""
+    median, mad = _robust_scale(influence)
+    return (np.asarray(influence, np.float64) - median) / mad
+
+
+def extreme_examples_from_store(store_dir: str | Path, num_examples: int, keep: int, key: str = "margins",
+                                backend: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
+                                spill_dir: str | Path | None = None) -> tuple[ExtremeExamples, int]:
+    """(ExtremeExamples, number of models used) over the completed, non-failed rows, streamed: the masks
+    stay in the store's file and are read a block of examples at a time; the outputs are gathered once,
+    onto disk (a file in `spill_dir`, removed after) when they would take more than a quarter of
+    `max_bytes`, else in memory."""
+    import tempfile
+
     from .experiment_store import EXAMPLE_MASKS
-    from .influence import InfluenceError, example_influence
+    from .influence import InfluenceError, example_influence_blocks
     from .store import ResultStore
 
     store = ResultStore(store_dir)
-    rows, values = store.read([EXAMPLE_MASKS, key])
+    store.require([EXAMPLE_MASKS, key])
+    rows = np.setdiff1d(store.completed_rows(), list(store.failures()))
     if not len(rows):
         raise InfluenceError(f"{store_dir}: no completed rows yet")
-    outputs = values[key].reshape(len(rows), -1).astype(np.float64)
-    return example_influence(values[EXAMPLE_MASKS], outputs, num_examples, backend=backend), len(rows)
+    shape, dtype = store.schema[key]
+    width = int(np.prod(shape))
+    with tempfile.TemporaryDirectory(dir=spill_dir, prefix="outputs-") as spill:
+        if len(rows) * width * np.dtype(dtype).itemsize > max_bytes // 4:
+            outputs = np.lib.format.open_memmap(Path(spill) / "outputs.npy", "w+", dtype, (len(rows), width))
+        else:
+            outputs = np.empty((len(rows), width), dtype)
+        done = 0
+        for part, values in store.iter_chunks([key]):
+            outputs[done:done + len(part)] = values[key].reshape(len(part), width)
+            done += len(part)
+        blocks = example_influence_blocks(store.fixed(EXAMPLE_MASKS), outputs, num_examples, rows=rows,
+                                          backend=backend, max_bytes=max_bytes)
+        extremes = ExtremeExamples.from_blocks(blocks, num_examples, width, keep)
+        del outputs
+    return extremes, len(rows)
 
 
 # ------------------------------------------------------------------ near-duplicates
@@ -145,14 +269,6 @@ def _verdict(score: float, bits: int, min_similarity: float, max_hash_distance: 
 
 # ------------------------------------------------------------------ flagging
 
-def robust_z(influence: np.ndarray) -> np.ndarray:
-    """Each column's values as robust z-scores: (value - median) / (1.4826 * MAD), over the source images."""
-    influence = np.asarray(influence, np.float64)
-    median = np.median(influence, axis=0)
-    mad = np.median(np.abs(influence - median), axis=0) * 1.4826
-    return (influence - median) / np.maximum(mad, 1e-12)
-
-
 class _Pixels:
     """Near-duplicate checks between source image e and target image j, with each image's thumbnail,
     hash and crop bank computed once (banks, the costly part, are kept for the most recent images)."""
@@ -180,44 +296,51 @@ class _Pixels:
         return self.checked[e, j]
 
 
-def flag_examples(influence: np.ndarray, source_image: Callable[[int], np.ndarray],
+def flag_examples(influence: np.ndarray | ExtremeExamples, source_image: Callable[[int], np.ndarray],
                   target_image: Callable[[int], np.ndarray], *, top: int = DEFAULT_TOP,
                   min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
                   targets: Sequence[int] | None = None, candidates: int = 20) -> dict[str, list[dict]]:
-    """Flag (source image, target image) pairs from an (E, T) example-influence matrix.
+    """Flag (source image, target image) pairs from an (E, T) example influence, whole or as its
+    `ExtremeExamples` (which must keep at least max(top, 4 x candidates) a side).
 
     For each target image j (all, or `targets`): its `top` most positive source images are checked for
     near-duplicates of it (`near_duplicate`); those that are become "leakage"; its `top` most negative,
     likewise, "mislabelled" copies. "misleading" lists the `candidates` most negative pairs overall by
     robust z-score that are not near-duplicates: unconfirmed candidates only. Each entry: source,
     target, influence, z (robust z-score within the target's column), rank (1 = most extreme),
-    similarity (the first direction that passes), hash_distance. NaN influences (a source image in every model or in none) are skipped."""
-    influence = np.asarray(influence, np.float64)
-    finite = np.isfinite(influence)
-    z = np.nan_to_num(robust_z(np.where(finite, influence, np.nanmedian(influence, axis=0))))
-    targets = list(range(influence.shape[1]) if targets is None else targets)
+    similarity (the first direction that passes), hash_distance. NaN influences (a source image in every
+    model or in none) are skipped."""
+    keep = max(top, 4 * candidates)
+    extremes = influence if isinstance(influence, ExtremeExamples) else ExtremeExamples.from_dense(influence, keep)
+    if extremes.positive.shape[1] < keep:
+        raise ValueError(f"the extremes keep {extremes.positive.shape[1]} source images a side; top={top} and "
+                         f"candidates={candidates} need {keep}")
+    targets = np.arange(len(extremes.median)) if targets is None else np.asarray(targets, np.int64)
     pixels = _Pixels(source_image, target_image, min_similarity, max_hash_distance)
     found: dict[str, list[dict]] = {"leakage": [], "mislabelled": [], "misleading": []}
 
-    def entry(e: int, j: int, rank: int) -> dict:
+    def entry(e: int, j: int, value: float, rank: int) -> dict:
         match = pixels.check(e, j)
-        return {"source": int(e), "target": int(j), "influence": float(influence[e, j]), "z": round(float(z[e, j]), 2),
+        return {"source": e, "target": j, "influence": float(value), "z": round(float(extremes.z(value, j)), 2),
                 "rank": rank, "similarity": match["similarity"], "hash_distance": match["hash_distance"]}
 
-    for j in targets:
-        column = influence[:, j]
-        for finding, sign in (("leakage", 1), ("mislabelled", -1)):
-            ranked = np.argsort(np.where(finite[:, j], -sign * column, np.inf), kind="stable")[:top]
-            for rank, e in enumerate(ranked, 1):
-                if finite[e, j] and sign * column[e] > 0 and pixels.check(int(e), j)["duplicate"]:
-                    found[finding].append(entry(int(e), j, rank))
+    for j in targets.tolist():
+        for finding, sign, index, values in (("leakage", 1, extremes.positive, extremes.positive_values),
+                                             ("mislabelled", -1, extremes.negative, extremes.negative_values)):
+            for rank, (e, value) in enumerate(zip(index[j, :top].tolist(), values[j, :top].tolist()), 1):
+                if e >= 0 and sign * value > 0 and pixels.check(e, j)["duplicate"]:
+                    found[finding].append(entry(e, j, value, rank))
     if candidates:
-        picked = np.asarray(targets)
-        for index in np.argsort(z[:, picked], axis=None, kind="stable")[: 4 * candidates]:
-            e, k = np.unravel_index(index, (z.shape[0], len(picked)))
-            e, j = int(e), int(picked[k])
-            if finite[e, j] and influence[e, j] < 0 and not pixels.check(e, j)["duplicate"]:
-                found["misleading"].append(entry(e, j, int((influence[:, j] < influence[e, j]).sum()) + 1))
+        index, values = extremes.negative[targets], extremes.negative_values[targets]  # (targets, keep)
+        z = extremes.z(values, targets[:, None])
+        which = np.broadcast_to(np.arange(len(targets))[:, None], index.shape)
+        listed = index >= 0
+        order = np.lexsort((which[listed], index[listed], z[listed]))[: 4 * candidates]  # z, then (e, j)
+        for k, e, value in zip(which[listed][order].tolist(), index[listed][order].tolist(),
+                               values[listed][order].tolist()):
+            j = int(targets[k])
+            if value < 0 and not pixels.check(e, j)["duplicate"]:
+                found["misleading"].append(entry(e, j, value, int((values[k] < value).sum()) + 1))
             if len(found["misleading"]) == candidates:
                 break
     for finding in ("leakage", "mislabelled"):
@@ -243,8 +366,8 @@ def score_against_planted(found: dict[str, list[dict]], planted: Sequence[dict])
 
 def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top: int = DEFAULT_TOP,
                min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
-               key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto"
-               ) -> dict[str, Any]:
+               key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto",
+               max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
     """Example-level findings of a store made by `experiment_store.create_example_store` and filled by the worker:
     leakage (positive influence + near-duplicate), mislabelled copies (negative + near-duplicate) and
     unconfirmed misleading candidates (`flag_examples`). Writes OUT_DIR/leaks.json (the findings, the
@@ -261,9 +384,11 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     experiment = open_experiment(store_dir)
     source_beton, target_beton = experiment.data.path("source_train"), experiment.data.path("target_test")
     source_labels, target_labels = read_labels(source_beton), read_labels(target_beton)
-    influence, models = example_influence_from_store(store_dir, len(source_labels), key, backend)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extremes, models = extreme_examples_from_store(store_dir, len(source_labels), max(top, 4 * candidates), key,
+                                                   backend, max_bytes, spill_dir=out_dir)
     sources, targets = BetonRecords(source_beton), BetonRecords(target_beton)
-    found = flag_examples(influence, sources.image, targets.image, top=top, min_similarity=min_similarity,
+    found = flag_examples(extremes, sources.image, targets.image, top=top, min_similarity=min_similarity,
                           max_hash_distance=max_hash_distance, candidates=candidates)
     source_names = read_sidecar(source_beton)["class_names"]
     target_names = read_sidecar(target_beton)["class_names"]
@@ -279,7 +404,6 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     planted = read_sidecar(source_beton).get("extra", {}).get("planted", {}).get("leaks")
     if planted:
         result["planted"] = score_against_planted(found, planted)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "leaks.json").write_text(json.dumps(result, indent=1) + "\n")
     result["figures"] = [str(p) for p in _grids(found, sources.image, targets.image, out_dir, grid_rows)]
     return result

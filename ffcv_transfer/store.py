@@ -226,15 +226,20 @@ class ResultStore:
     def completed_rows(self) -> np.ndarray:
         return self._index()[0]
 
-    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
-                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Completed rows in row order, `chunk` at a time: (rows, {name: array}); fixed arrays too.
-        Memory is bounded by the chunk."""
+    def require(self, names: Iterable[str]) -> list[str]:
+        """`names` as a list, each a record field or a fixed array of this store (else StoreError)."""
         names = list(names)
         for name in names:
             if name not in self.schema and name not in self.fixed_names:
                 have = ", ".join([*self.schema, *self.fixed_names])
                 raise StoreError(f"{self.path}: no field {name!r} (have: {have})")
+        return names
+
+    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
+                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Completed rows in row order, `chunk` at a time: (rows, {name: array}); fixed arrays too.
+        Memory is bounded by the chunk."""
+        names = self.require(names)
         rows, shards, shard_ids, record_ids, _ = self._index()
         if skip_failed:
             keep = ~np.isin(rows, list(self.failures()))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ffcv_transfer.grouped import GroupedTrainer
+from ffcv_transfer.heap_check import heap_checked
 from ffcv_transfer.models import build_model
 from ffcv_transfer.settings import OptimConfig
 from ffcv_transfer.train import SequentialTrainer
@@ -25,16 +26,6 @@ ODD_BATCHES = (1, 3, 7, 63, 65)  # the bug needs an odd batch; even ones for con
 # (width, resolution) of every model the package trains on a CPU: the CPU configs and the leak trial
 # (0.125 at 32 px), the tests (16-32 px, up to 0.25), and 64 px, where 1 thread already failed
 CPU_SHAPES = ((0.125, 16), (0.125, 32), (0.125, 64), (0.25, 32))
-
-
-MALLOC_DEBUG = next((p for p in ("/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
-                                  "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0") if Path(p).exists()), None)
-
-
-def heap_checked(env: dict[str, str]) -> dict[str, str]:
-    """`env` with glibc's heap consistency checks on (MALLOC_CHECK_=3 needs libc_malloc_debug since 2.34)."""
-    preload = " ".join(filter(None, [MALLOC_DEBUG, env.get("LD_PRELOAD")]))
-    return {**env, "MALLOC_CHECK_": "3", **({"LD_PRELOAD": preload} if preload else {})}
 
 
 def run_child(call: str, threads: int) -> subprocess.CompletedProcess:

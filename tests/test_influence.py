@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ffcv_transfer.influence import (InfluenceAccumulator, InfluenceError, available_backends, class_influence,
-                                     example_influence, influence_from_store)
+                                     example_influence, example_influence_blocks, influence_from_store, plan_blocks)
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.store import ResultStore
 
@@ -126,8 +126,17 @@ def test_example_influence_from_packed_masks_matches_unpacked():
     rng = np.random.default_rng(5)
     masks, outputs = random_case(rng, 120, 45, 6, np.float32)  # 45 examples: not a multiple of 8
     packed = np.packbits(masks, axis=1)
-    result = example_influence(packed, outputs, 45, block=16, chunk=50, backend="numpy")
-    assert relative_error(result, reference(masks, outputs)) < 1e-6
+    expected = reference(masks, outputs)
+    assert relative_error(example_influence(packed, outputs, 45, backend="numpy"), expected) < 1e-6
+    # 3 example blocks x 2 blocks of 3 output columns, one model at a time: the same numbers
+    assert plan_blocks(16, 6, 120, max_bytes=1500, row_bytes=2 + 6 * 4) == (1, 3)
+    pieces = list(example_influence_blocks(packed, outputs, 45, block=16, max_bytes=1500, backend="numpy"))
+    assert len(pieces) == 3 * 2
+    result = np.full_like(expected, np.nan)
+    for examples, columns, values in pieces:
+        assert np.isnan(result[examples, columns]).all()  # each piece once
+        result[examples, columns] = values
+    assert relative_error(result, expected) < 1e-6
     with pytest.raises(InfluenceError, match="45 examples need 6 packed bytes"):
         example_influence(packed[:, :5], outputs, 45)
 
@@ -145,8 +154,17 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
     expected = reference(masks[used], outputs[used])
     result = influence_from_store(tmp_path / "store", "margins", chunk=16, backend="numpy")
     assert relative_error(result, expected) < 1e-6
+    # 1.5 KB holds one model and 2 of the 10 columns a pass: five passes over the store, the same numbers
+    assert plan_blocks(8, 10, len(used), max_bytes=1500, stderr=True, row_bytes=20) == (1, 2)
+    blocked, blocked_stderr = influence_from_store(tmp_path / "store", "margins", backend="numpy", stderr=True,
+                                                   max_bytes=1500)
+    whole, whole_stderr = class_influence(masks[used], outputs[used], stderr=True)
+    assert relative_error(blocked, expected) < 1e-6 and relative_error(blocked_stderr, whole_stderr) < 1e-6
+    with pytest.raises(InfluenceError, match="cannot hold one column"):
+        influence_from_store(tmp_path / "store", "margins", max_bytes=100)
     out = tmp_path / "infl.npy"
-    assert cli_main(["influence", str(tmp_path / "store"), "--backend", "numpy", "--stderr", "--out", str(out)]) == 0
+    assert cli_main(["influence", str(tmp_path / "store"), "--backend", "numpy", "--stderr", "--out", str(out),
+                     "--max-memory", "0.000001"]) == 0
     assert relative_error(np.load(out), expected) < 1e-6 and np.load(tmp_path / "infl.stderr.npy").shape == (8, 10)
 
 

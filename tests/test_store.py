@@ -315,11 +315,22 @@ def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys):
     cases = [(["train", "--store", str(tmp_path / "s"), "--config", "x.yaml", "--models", "3-1"], "3-1 is no range"),
              (["influence", str(tmp_path / "s"), "--chunk", "0"], "--chunk 0: expected at least 1"),
              (["influence", str(tmp_path / "s"), "--out", str(tmp_path / "missing" / "i.npy")], "does not exist"),
+             (["influence", str(tmp_path / "s"), "--max-memory", "0"], "--max-memory 0.0: expected a positive"),
+             (["leakage", str(tmp_path / "s"), "--max-memory", "-1"], "--max-memory -1.0: expected a positive"),
              (["rankings", str(tmp_path / "nowhere")], "spec.json missing")]
     for argv, message in cases:
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("ffcv-transfer: error: ") and message in err and err.count("\n") == 1, err
+    # an influence that fails midway (every completed row marked failed) leaves the earlier result as it was
+    earlier = tmp_path / "earlier.npy"
+    np.save(earlier, np.arange(3.0))
+    for row in range(20):
+        store.writer().fail(row, "diverged")
+    assert cli_main(["influence", str(tmp_path / "s"), "--out", str(earlier)]) == 2
+    assert "every completed row is marked failed" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(earlier), np.arange(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.npy", "s"]
 
 
 def test_status_into_a_closed_pipe_stops_quietly(tmp_path):
