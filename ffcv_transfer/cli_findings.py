@@ -10,7 +10,8 @@ from .cli_common import SETTINGS_HELP, add_memory_option, max_bytes_of, parse_ro
 
 
 def _out(args: argparse.Namespace) -> Path:
-    out = Path(args.out) if args.out else Path(args.store) / "findings"
+    first = args.store[0] if isinstance(args.store, list) else args.store
+    out = Path(args.out) if args.out else Path(first) / "findings"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -147,14 +148,19 @@ def cmd_leakage(args: argparse.Namespace) -> None:
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     from .leakage import DEFAULT_TOP, MAX_HASH_DISTANCE, MIN_SIMILARITY
 
-    def store_parser(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    def store_parser(name: str, help: str, pooled: bool = False, **kwargs) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help, **kwargs)
-        p.add_argument("store", metavar="STORE", help="a results store with completed rows")
+        if pooled:
+            p.add_argument("store", metavar="STORE", nargs="+", help="a results store with completed rows, or "
+                           "several stores of one experiment read as one (outputs go beside the first)")
+        else:
+            p.add_argument("store", metavar="STORE", help="a results store with completed rows")
         p.add_argument("--names", help="class names file, KEY<TAB>NAME per line (default: the beton's names; "
                        "WordNet words for wnids from $FFCV_TRANSFER_DATA/imagenet-meta)")
         return p
 
-    p = store_parser("rankings", "most positive and most negative source classes, overall and per target class")
+    p = store_parser("rankings", "most positive and most negative source classes, overall and per target class",
+                     pooled=True)
     p.add_argument("--k", type=int, default=5, help="classes at each end (default: 5)")
     p.add_argument("--out", help="folder for rankings.json and the bar charts (default: STORE/findings)")
     p.set_defaults(run=cmd_rankings)
@@ -199,7 +205,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")
     p.set_defaults(run=cmd_leakage)
 
-    p = store_parser("report", "write a self-contained HTML report of a store's findings")
+    p = store_parser("report", "write a self-contained HTML report of a store's findings", pooled=True)
     p.add_argument("--out", help="HTML file (default: STORE/report.html)")
     p.add_argument("--k", type=int, default=5, help="classes at each end of the bar charts (default: 5)")
     p.add_argument("--counterfactual", metavar="DIR", help="a removal store to include (from `counterfactual`)")

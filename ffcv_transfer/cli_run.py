@@ -39,14 +39,14 @@ def cmd_influence(args: argparse.Namespace) -> None:
 
     from .config import ConfigError
     from .influence import influence_from_store
-    from .store import ResultStore
+    from .store import open_stores
 
     if args.chunk < 1:
         raise ConfigError(f"--chunk {args.chunk}: expected at least 1 row per chunk")
     if not Path(args.out).resolve().parent.is_dir():  # before the computation, not after it
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
     max_bytes = max_bytes_of(args)
-    store = ResultStore(args.store)
+    store = open_stores(args.store)
     store.require([args.mask_key, args.key])
     if args.key not in store.schema:
         raise ConfigError(f"--key {args.key}: a fixed array of {args.store}, not a per-model output")
@@ -93,8 +93,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_masks(args: argparse.Namespace) -> None:
-    from .experiment_store import MASKS, create_class_store, create_example_store
+    from .config import ConfigError
+    from .experiment_store import MASKS, add_models, create_class_store, create_example_store
 
+    if args.add is not None:
+        if args.config or args.examples or args.settings:
+            raise ConfigError("--add grows a store with its own experiment: no --config, --examples or settings")
+        rows = add_models(args.store, args.add)
+        print(f"added rows {rows.start}-{rows.stop - 1} to {args.store}; `ffcv-transfer train --store "
+              f"{args.store}` trains them")
+        return
+    if not args.config:
+        raise ConfigError("masks: --config is required to create a store (or --add N to grow one)")
     create = create_example_store if args.examples else create_class_store
     store = create(args.store, experiment_from_args(args, args.config))
     masks = store.fixed(MASKS)
@@ -194,8 +204,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("masks", help="draw the random class subsets and create the results store",
                             epilog=SETTINGS_HELP)
-    p.add_argument("--config", required=True, help="experiment YAML (see rs_configs/)")
-    p.add_argument("--store", required=True, metavar="DIR", help="results store to create")
+    p.add_argument("--config", help="experiment YAML (see rs_configs/); required to create a store")
+    p.add_argument("--store", required=True, metavar="DIR", help="results store to create (or, with --add, grow)")
+    p.add_argument("--add", type=int, metavar="N", help="add N models to an existing store: new random subsets, "
+                   "rows pending for `train`")
     p.add_argument("--examples", action="store_true", help="random subsets of the source examples instead of "
                    "classes (example-level influence; `ffcv-transfer leakage` reads the store)")
     p.set_defaults(run=cmd_masks, takes_settings=True)
@@ -237,7 +249,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_launch, takes_settings=True)
 
     p = commands.add_parser("influence", help="class influence from a results store")
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", nargs="+", help="a results store, or several read as one (their rows "
+                   "numbered store after store)")
     p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])

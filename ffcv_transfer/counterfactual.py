@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .experiment_store import MASKS, create_store, read_sidecars
+from .experiment_store import MASKS, REMOVAL, create_store, read_sidecars
 from .store import ResultStore, StoreError
 
 KINDS = ("none", "most_negative", "most_positive", "random", "chosen")
@@ -100,7 +100,7 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-        create_store(path, masks, num_test, extra_fixed={"removal": removals}, init_seeds=removals[:, 2],
+        create_store(path, masks, num_test, extra_fixed={REMOVAL: removals}, init_seeds=removals[:, 2],
                      experiment=experiment)
     store = ResultStore(path)
     if not np.array_equal(store.fixed(MASKS), masks):
@@ -120,7 +120,7 @@ def accuracy_by_arm(store) -> Arms:
     The functions below take it, so that one read of the store serves them all."""
     rows, values = store.read(["target_acc"])
     arms: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
-    for (kind, k, seed), accuracy in zip(store.fixed("removal")[rows], values["target_acc"].tolist()):
+    for (kind, k, seed), accuracy in zip(store.fixed(REMOVAL)[rows], values["target_acc"].tolist()):
         arms[KINDS[kind], int(k)][int(seed)] = accuracy
     return dict(arms)
 
@@ -167,7 +167,7 @@ def format_gain(gain: dict[str, Any]) -> str:
 def correct_by_removal(store, example: int) -> dict[str, float]:
     """How often target test example `example` is predicted correctly, with and without the chosen class."""
     rows, values = store.read(["is_correct"])
-    kinds = store.fixed("removal")[rows][:, 0]
+    kinds = store.fixed(REMOVAL)[rows][:, 0]
     correct = values["is_correct"][:, example]
     return {"with": float(correct[kinds == 0].mean()), "without": float(correct[kinds == KINDS.index("chosen")].mean()),
             "models": int(len(rows))}

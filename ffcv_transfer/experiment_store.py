@@ -28,6 +28,10 @@ EXPERIMENT_FILE = "experiment.yaml"
 MASKS = "masks"
 INIT_SEEDS = "init_seeds"
 EXAMPLE_MASKS = "example_masks"
+REMOVAL = "removal"
+# settings that may differ between stores read as one: how many models and their draw, where and how fast
+POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.fusion", "run.compile",
+             "loader.num_workers", "loader.threading", "loader.os_cache"}
 OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}  # (T,) per row
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
 
@@ -75,6 +79,63 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
                         sidecars["target_test"]["num_examples"],
                         extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)}, experiment=experiment)
+
+
+def add_models(store_dir: str | Path, count: int) -> range:
+    """Grow a store by `count` models of its experiment (`ffcv-transfer masks --store S --add N`): new
+    random subsets drawn for the new rows (another draw than any earlier row's), their init seeds the row
+    indices, the saved experiment's masks.num_models updated. Returns the new rows, pending for `train`."""
+    import dataclasses
+    import os
+
+    from .masks import random_class_masks
+
+    store, experiment = ResultStore(store_dir), open_experiment(store_dir)
+    if count < 1:
+        raise ConfigError(f"--add {count}: expected at least one model")
+    m, first = experiment.masks, store.num_rows
+    if m.design != "random":
+        raise ConfigError(f"{store_dir}: a {m.design} design is balanced as a whole and cannot grow; make another "
+                          "store with another masks.seed and read both as one (`influence S1 S2`)")
+    if INIT_SEEDS not in store.fixed_names or REMOVAL in store.fixed_names:
+        raise ConfigError(f"{store_dir}: only stores made by `ffcv-transfer masks` can grow")
+    new = {INIT_SEEDS: np.arange(first, first + count, dtype=np.int64)}
+    if EXAMPLE_MASKS in store.fixed_names:
+        from beton_writers.common import read_labels
+
+        labels = read_labels(experiment.data.path("source_train"))
+        examples = random_example_masks(count, len(labels), m.alpha, m.seed, first_row=first)
+        new |= {EXAMPLE_MASKS: np.packbits(examples, axis=1),
+                MASKS: classes_of(examples, labels, store.fixed(MASKS).shape[1])}
+    else:
+        new[MASKS] = random_class_masks(count, store.fixed(MASKS).shape[1], m.alpha, m.seed, first_row=first)
+    rows = store.add_rows(new)
+    grown = dataclasses.replace(experiment, masks=dataclasses.replace(m, num_models=store.num_rows))
+    partial = store.path / f"{EXPERIMENT_FILE}.partial"
+    grown.save(partial)
+    os.replace(partial, store.path / EXPERIMENT_FILE)
+    return rows
+
+
+def pooled_experiment(store_dirs: Sequence[str | Path]) -> Experiment:
+    """The experiment of several stores read as one (`store.open_stores`): they must agree on every
+    setting that changes what a row means (POOL_FREE ones may differ), and their masks.seed must differ,
+    as equal seeds draw the same masks."""
+    experiments = [open_experiment(path) for path in store_dirs]
+    first = experiments[0].to_dict()
+    seeds: dict[int, str | Path] = {}
+    for path, experiment in zip(store_dirs, experiments):
+        other = experiment.to_dict()
+        for section, values in first.items():
+            for key, value in values.items():
+                if f"{section}.{key}" not in POOL_FREE and other[section][key] != value:
+                    raise ConfigError(f"{path}: {section}.{key} is {other[section][key]!r} but {store_dirs[0]} has "
+                                      f"{value!r}: stores read as one must share their recipe")
+        if experiment.masks.seed in seeds:
+            raise ConfigError(f"{path}: masks.seed {experiment.masks.seed} is also that of {seeds[experiment.masks.seed]}:"
+                              " the two drew the same masks; pool stores with different seeds")
+        seeds[experiment.masks.seed] = path
+    return experiments[0]
 
 
 def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

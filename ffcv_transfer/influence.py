@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Iterator, NamedTuple
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -599,11 +600,13 @@ def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_example
     return out
 
 
-def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str = "masks", backend: str = "auto",
+def influence_from_store(store_dir: str | Path | Sequence[str | Path], key: str = "margins", *,
+                         mask_key: str = "masks", backend: str = "auto",
                          chunk: int = DEFAULT_CHUNK, stderr: bool = False, progress: bool = False,
                          max_bytes: int = DEFAULT_MAX_BYTES, out: np.ndarray | None = None,
                          out_stderr: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Class influence on `key` over the completed, non-failed rows of a results store, streamed: at most
+    """Class influence on `key` over the completed, non-failed rows of a results store (or of several
+    read as one, `store.open_stores`), streamed: at most
     `chunk` rows at a time and, when the (C, T) accumulators would not fit `max_bytes`, one block of target
     columns per pass over the store. The next chunk is read from disk while the current one is computed.
     `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block."""
@@ -611,9 +614,10 @@ def influence_from_store(store_dir: str, key: str = "margins", *, mask_key: str 
 
     from tqdm import tqdm
 
-    from .store import ResultStore
+    from .store import open_stores
 
-    store = ResultStore(store_dir)
+    store = open_stores(store_dir)
+    store_dir = store_dir if isinstance(store_dir, (str, Path)) else " + ".join(map(str, store_dir))
     store.require([mask_key, key])
     completed = store.completed_rows()
     if len(completed) == 0:

@@ -1,18 +1,21 @@
 """Random subsets of the source classes (or examples), one per source model."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .settings import MaskConfig
 
 
+def _rng(seed: int, first_row: int) -> np.random.Generator:
+    """The draw of rows first_row, first_row + 1, ...: rows added to a store later get draws of their own."""
+    return np.random.default_rng(seed if first_row == 0 else [seed, first_row])
 
-def random_class_masks(num_models: int, num_classes: int, alpha: float, seed: int) -> np.ndarray:
+
+def random_class_masks(num_models: int, num_classes: int, alpha: float, seed: int, first_row: int = 0) -> np.ndarray:
     """(N, C) bool: each model includes exactly round(alpha * C) classes drawn without replacement."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha {alpha} must lie strictly between 0 and 1")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, first_row)
     chosen = np.argsort(rng.random((num_models, num_classes)), axis=1)[:, : round(alpha * num_classes)]
     masks = np.zeros((num_models, num_classes), bool)
     np.put_along_axis(masks, chosen, True, axis=1)
@@ -55,12 +58,13 @@ def class_masks(config: MaskConfig, num_classes: int) -> np.ndarray:
     return random_class_masks(config.num_models, num_classes, config.alpha, config.seed)
 
 
-def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int) -> np.ndarray:
+def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int, first_row: int = 0
+                         ) -> np.ndarray:
     """(N, E) bool over source *examples* (example-level influence): each model includes exactly
     round(alpha * E) examples drawn without replacement. Store it packed: np.packbits(masks, axis=1)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha {alpha} must lie strictly between 0 and 1")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, first_row)
     masks = np.zeros((num_models, num_examples), bool)
     for row in masks:
         row[rng.choice(num_examples, round(alpha * num_examples), replace=False)] = True

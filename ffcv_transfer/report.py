@@ -74,6 +74,7 @@ class Findings:
     """What the report shows, computed from a store (see `gather`)."""
 
     store: Path
+    pooled: list[Path]  # further stores read as one with `store`
     influence: np.ndarray  # (C_source, T)
     labels: np.ndarray  # (T,) target test labels
     mean_margins: np.ndarray  # (T,) over models
@@ -89,26 +90,29 @@ class Findings:
         return influence_by_target_class(self.influence, self.labels, len(self.target_names))
 
 
-def gather(store_dir: str | Path, names_file: str | Path | None = None, progress: bool = False) -> Findings:
+def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path | None = None,
+           progress: bool = False) -> Findings:
+    """The findings of a store, or of several stores of one experiment read as one
+    (`experiment_store.pooled_experiment`); `Findings.store` is then the first."""
     from beton_writers.common import read_labels
 
-    from .experiment_store import MASKS, open_experiment, read_sidecars
+    from .experiment_store import MASKS, pooled_experiment, read_sidecars
     from .influence import influence_from_store
     from .names import display_names
-    from .store import ResultStore, StoreError
+    from .store import StoreError, open_stores
 
-    store_dir = Path(store_dir)
-    experiment = open_experiment(store_dir)
+    store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
+    experiment = pooled_experiment(store_dirs)
     sidecars = read_sidecars(experiment)
-    store = ResultStore(store_dir)
+    store = open_stores(store_dirs)
     if not len(store.completed_rows()):
-        raise StoreError(f"{store_dir}: no completed rows yet; run `ffcv-transfer train --store {store_dir}`")
-    influence = influence_from_store(str(store_dir), "margins", progress=progress)
+        raise StoreError(f"{store_dirs[0]}: no completed rows yet; run `ffcv-transfer train --store {store_dirs[0]}`")
+    influence = influence_from_store(store_dirs, "margins", progress=progress)
     _, values = store.read([MASKS, "margins"])
     margins = values["margins"].astype(np.float64)
     labels = read_labels(experiment.data.path("target_test"))
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
-    return Findings(store=store_dir, influence=influence, labels=labels, mean_margins=margins.mean(0),
+    return Findings(store=store_dirs[0], pooled=store_dirs[1:], influence=influence, labels=labels, mean_margins=margins.mean(0),
                     stderr=ranking_stderr(values[MASKS], margins, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
                     target_names=target_names,
@@ -128,8 +132,11 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     out = Path(out) if out else found.store / "report.html"
     figures = out.parent / f"{out.stem}_figures"
     page = Page(f"ffcv-transfer findings: {found.store.name}")
-    status = ResultStore(found.store).status()
-    page.text(f"{status['completed']} models completed ({status['failed']} failed) in store {found.store}; "
+    stores = [found.store, *found.pooled]
+    statuses = [ResultStore(path).status() for path in stores]
+    completed, failed = sum(s["completed"] for s in statuses), sum(s["failed"] for s in statuses)
+    where = f"store {found.store}" if not found.pooled else f"stores {', '.join(map(str, stores))}, read as one"
+    page.text(f"{completed} models completed ({failed} failed) in {where}; "
               f"{found.influence.shape[0]} source classes, {found.influence.shape[1]} target test examples. "
               "Influence of a source class on a target example: its mean margin over the models trained with "
               "the class minus over those without.")
@@ -156,7 +163,8 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     if counterfactual_dir and (Path(counterfactual_dir) / "spec.json").exists():
         _counterfactual_section(page, Path(counterfactual_dir), figures)
     page.heading("Run")
-    page.preformatted(format_status(status, found.store))
+    for path, status in zip(stores, statuses):
+        page.preformatted(format_status(status, path))
     page.preformatted((found.store / "experiment.yaml").read_text())
     return page.write(out)
 

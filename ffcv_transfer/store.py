@@ -172,9 +172,45 @@ class ResultStore:
             array = np.load(file, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise StoreError(f"{file}: unreadable ({e})") from None
-        if len(array) != self.num_rows:
+        if len(array) < self.num_rows:
             raise StoreError(f"{file}: {len(array)} rows, the store has {self.num_rows}")
-        return array
+        return array[:self.num_rows]  # longer after an `add_rows` cut off before its spec was written
+
+    def add_rows(self, fixed: dict[str, np.ndarray]) -> range:
+        """Grow the store by len(arrays) rows, given each fixed array's new rows; returns the new rows.
+        Each fixed array is rewritten (old rows, then new) under a temporary name and renamed, and the
+        spec's row count is written last: a crash in between leaves the store as it was (readers take
+        the first `num_rows` rows of a longer array), and a later `add_rows` starts over."""
+        if sorted(fixed) != sorted(self.fixed_names):
+            raise StoreError(f"{self.path}: new rows need every fixed array ({', '.join(self.fixed_names)}), "
+                             f"got {', '.join(sorted(fixed)) or 'none'}")
+        counts = {len(array) for array in fixed.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise StoreError(f"{self.path}: the new rows' fixed arrays differ in length or are empty")
+        count = counts.pop()
+        for name, new in fixed.items():
+            old = self.fixed(name)
+            new = np.asarray(new)
+            if new.shape[1:] != old.shape[1:] or new.dtype != old.dtype:
+                raise StoreError(f"{self.path}: fixed array {name!r} holds {old.dtype} rows of shape "
+                                 f"{old.shape[1:]}, the new rows are {new.dtype} {new.shape[1:]}")
+            file, partial = self.path / "fixed" / f"{name}.npy", self.path / "fixed" / f"{name}.npy.partial"
+            grown = np.lib.format.open_memmap(partial, "w+", old.dtype, (len(old) + count, *old.shape[1:]))
+            for start in range(0, len(old), 65536):  # in blocks: example masks can be gigabytes
+                block = slice(start, min(start + 65536, len(old)))
+                grown[block] = old[block]
+            grown[len(old):] = new
+            grown.flush()
+            del grown
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, file)
+        spec = json.loads((self.path / "spec.json").read_text())
+        first = int(spec["num_rows"])
+        spec["num_rows"] = first + count
+        _atomic_write(self.path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+        self.num_rows = first + count
+        return range(first, first + count)
 
     def _shards(self) -> list[Path]:
         return sorted((self.path / "shards").glob("*.rows"))
@@ -327,6 +363,61 @@ class ResultStore:
 
     def writer(self, worker: str | None = None) -> "StoreWriter":
         return StoreWriter(self, worker)
+
+
+class StorePool:
+    """Several stores of one experiment read as one (`open_stores`), as the reference pools its summary
+    folders: rows are numbered store after store, so row r of the second store is pooled row
+    `len(first) + r`. Reading only; each store is written by its own workers."""
+
+    def __init__(self, stores: list[ResultStore]):
+        first = stores[0]
+        for store in stores[1:]:
+            if store.schema != first.schema or sorted(store.fixed_names) != sorted(first.fixed_names):
+                raise StoreError(f"{store.path}: its fields differ from those of {first.path}: not one experiment")
+        self.stores, self.path = stores, first.path
+        self.schema, self.fixed_names = first.schema, first.fixed_names
+        self.offsets = np.cumsum([0] + [store.num_rows for store in stores])
+        self.num_rows = int(self.offsets[-1])
+
+    def require(self, names: Iterable[str]) -> list[str]:
+        return self.stores[0].require(names)
+
+    def fixed(self, name: str) -> np.ndarray:
+        return np.concatenate([store.fixed(name) for store in self.stores])
+
+    def completed_rows(self) -> np.ndarray:
+        return np.concatenate([store.completed_rows() + offset for store, offset in zip(self.stores, self.offsets)])
+
+    def failures(self) -> dict[int, str]:
+        return {int(row + offset): reason for store, offset in zip(self.stores, self.offsets)
+                for row, reason in store.failures().items()}
+
+    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
+                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        names = self.require(names)
+        for store, offset in zip(self.stores, self.offsets):
+            for rows, values in store.iter_chunks(names, chunk, skip_failed):
+                yield rows + offset, values
+
+    def read(self, names: Iterable[str], skip_failed: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        names = self.require(names)
+        rows, values = [], []
+        for store, offset in zip(self.stores, self.offsets):
+            part, found = store.read(names, skip_failed)
+            rows.append(part + offset)
+            values.append(found)
+        return np.concatenate(rows), {name: np.concatenate([found[name] for found in values]) for name in names}
+
+
+def open_stores(paths: str | Path | Iterable[str | Path]) -> ResultStore | StorePool:
+    """One store, or several read as one (`StorePool`)."""
+    if isinstance(paths, (str, Path)):
+        return ResultStore(paths)
+    stores = [ResultStore(path) for path in paths]
+    if not stores:
+        raise StoreError("no store given")
+    return stores[0] if len(stores) == 1 else StorePool(stores)
 
 
 class StoreWriter:

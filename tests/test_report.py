@@ -22,22 +22,44 @@ from .system_packages import apt_install
 MODELS = 16
 
 
-@pytest.fixture(scope="module")
-def planted_store(tiny_data, tmp_path_factory):
+def write_planted_store(store_dir, tiny_data, seed: int = 0):
     """Margins = 2 x (expected sign of each included class for the example's target class) + small noise."""
     experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tiny_data), "masks.num_models": MODELS,
-                                               "masks.design": "orthogonal"})
-    store_dir = tmp_path_factory.mktemp("report") / "store"
+                                               "masks.design": "orthogonal", "masks.seed": seed})
     store = create_class_store(store_dir, experiment)
     planted = read_sidecar(tiny_data / "target_test.beton")["extra"]["planted"]
     labels = read_labels(tiny_data / "target_test.beton")
     masks = store.fixed("masks")
     effect = 2.0 * np.asarray(planted["expected_sign"], float)[:, labels]  # (C, T)
-    margins = masks @ effect + np.random.default_rng(0).normal(0, 0.1, (MODELS, len(labels)))
+    margins = masks @ effect + np.random.default_rng(seed).normal(0, 0.1, (MODELS, len(labels)))
     store.writer().write_many(range(MODELS), margins=margins.astype(np.float16), is_correct=margins > 0,
                               predictions=np.zeros_like(margins, np.int16),
                               source_acc=np.ones(MODELS, np.float32), target_acc=(margins > 0).mean(1).astype(np.float32))
     return store_dir, planted, labels, effect
+
+
+@pytest.fixture(scope="module")
+def planted_store(tiny_data, tmp_path_factory):
+    return write_planted_store(tmp_path_factory.mktemp("report") / "store", tiny_data)
+
+
+def test_two_stores_of_one_experiment_read_as_one(planted_store, tiny_data, tmp_path):
+    """`rankings S1 S2` and `report S1 S2`: the influence of both stores' 32 models, outputs beside S1."""
+    from ffcv_transfer.cli import main as cli_main
+    from ffcv_transfer.influence import class_influence
+
+    first, planted, labels, effect = planted_store
+    second = write_planted_store(tmp_path / "second", tiny_data, seed=1)[0]
+    found = gather([first, second])
+    values = [ResultStore(path).read(["masks", "margins"])[1] for path in (first, second)]
+    both = class_influence(np.concatenate([v["masks"] for v in values]),
+                           np.concatenate([v["margins"] for v in values]).astype(np.float64))
+    np.testing.assert_allclose(found.influence, both, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(found.influence, effect, atol=0.2)
+    out = tmp_path / "findings"
+    assert cli_main(["rankings", str(first), str(second), "--out", str(out)]) == 0 and (out / "rankings.json").exists()
+    page = write_report([first, second], tmp_path / "pooled.html").read_text()
+    assert "32 models completed (0 failed)" in page and "read as one" in page
 
 
 def test_rankings_recover_the_planted_effects(planted_store):

@@ -356,3 +356,93 @@ def test_status_per_worker_and_releasing_the_claims_of_ended_workers(tmp_path):
     after = store.status()
     assert (after["completed"], after["claimed"], after["pending"]) == (1, 1, 18)
     assert store.writer("next").claim(5) == [1, 2, 3, 4, 6]
+
+
+def union_reference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    m, y = masks.astype(np.float64), outputs.astype(np.float64)
+    n_in = m.sum(0)[:, None]
+    sums = m.T @ y
+    return sums / n_in - (y.sum(0) - sums) / (len(m) - n_in)
+
+
+def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path):
+    """Rows added to a store (next week's models) and a second store read with it give the influence of
+    all their models together, against float64; an `add_rows` cut off before its spec leaves the store
+    as it was, and the next one starts over."""
+    from ffcv_transfer.influence import influence_from_store
+    from ffcv_transfer.store import StorePool, open_stores
+
+    rng = np.random.default_rng(9)
+    masks, outputs = rng.random((75, 6)) < 0.5, rng.standard_normal((75, 12)).astype(np.float16)
+    schema = {"margins": ((12,), np.float16)}
+    first = ResultStore.create(tmp_path / "a", 30, schema, fixed={"masks": masks[:30]})
+    first.writer().write_many(range(30), margins=outputs[:30])
+    # a grow cut off after its fixed array was rewritten, before the spec: invisible
+    np.save(tmp_path / "a" / "fixed" / "masks.npy", np.concatenate([masks[:30], ~masks[:7]]))
+    assert ResultStore(tmp_path / "a").num_rows == 30 and np.array_equal(ResultStore(tmp_path / "a").fixed("masks"),
+                                                                          masks[:30])
+    assert np.allclose(influence_from_store(tmp_path / "a"), union_reference(masks[:30], outputs[:30]), atol=1e-5)
+    grown = ResultStore(tmp_path / "a")
+    assert grown.add_rows({"masks": masks[30:50]}) == range(30, 50)
+    assert ResultStore(tmp_path / "a").status()["pending"] == 20
+    np.testing.assert_array_equal(ResultStore(tmp_path / "a").fixed("masks"), masks[:50])
+    grown.writer().write_many(range(30, 50), margins=outputs[30:50])
+    np.testing.assert_allclose(influence_from_store(tmp_path / "a"), union_reference(masks[:50], outputs[:50]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(StoreError, match="new rows need every fixed array"):
+        grown.add_rows({"other": masks[:2]})
+    with pytest.raises(StoreError, match="holds bool rows of shape"):
+        grown.add_rows({"masks": masks[:2, :3]})
+
+    second = ResultStore.create(tmp_path / "b", 25, schema, fixed={"masks": masks[50:]})
+    second.writer().write_many(range(25), margins=outputs[50:])
+    second.writer().fail(3, "diverged")  # pooled row 53
+    pool = open_stores([tmp_path / "a", tmp_path / "b"])
+    assert isinstance(pool, StorePool) and pool.num_rows == 75 and pool.failures() == {53: "diverged"}
+    assert pool.completed_rows().tolist() == list(range(75))
+    used = np.array([r for r in range(75) if r != 53])
+    np.testing.assert_allclose(influence_from_store([tmp_path / "a", tmp_path / "b"]),
+                               union_reference(masks[used], outputs[used]), rtol=1e-5, atol=1e-6)
+    ResultStore.create(tmp_path / "c", 5, {"margins": ((13,), np.float16)}, fixed={"masks": masks[:5]})
+    with pytest.raises(StoreError, match="its fields differ"):
+        open_stores([tmp_path / "a", tmp_path / "c"])
+
+
+def test_masks_add_grows_an_experiment_store_and_pooling_checks_the_recipe(tmp_path, tiny_data, capsys):
+    """`masks --store S --add N`: new random subsets of the experiment's alpha (another draw than the
+    first rows'), init seeds the new row indices, experiment.yaml's num_models updated; stores read as
+    one must share their recipe and differ in masks.seed."""
+    from ffcv_transfer.config import ConfigError
+    from ffcv_transfer.experiment_store import INIT_SEEDS, MASKS, open_experiment, pooled_experiment
+
+    from .conftest import DEMO_CONFIG, tiny_settings
+
+    settings = [f"--{key}={value}" for key, value in tiny_settings(tiny_data).items()]
+    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(tmp_path / "s"), *settings]) == 0
+    before = ResultStore(tmp_path / "s").fixed(MASKS).copy()
+    assert cli_main(["masks", "--store", str(tmp_path / "s"), "--add", "6"]) == 0
+    assert "added rows 4-9" in capsys.readouterr().out
+    store = ResultStore(tmp_path / "s")
+    masks = store.fixed(MASKS)
+    assert store.num_rows == 10 and np.array_equal(masks[:4], before)
+    assert (masks.sum(1) == masks[0].sum()).all() and not (masks[4:8] == before).all(axis=1).all()
+    assert store.fixed(INIT_SEEDS).tolist() == list(range(10))
+    assert open_experiment(tmp_path / "s").masks.num_models == 10
+    assert cli_main(["masks", "--store", str(tmp_path / "s"), "--add", "2", "--config", str(DEMO_CONFIG)]) == 2
+    assert "--add grows a store with its own experiment" in capsys.readouterr().err
+    assert cli_main(["masks", "--store", str(tmp_path / "t")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+    same_seed = tmp_path / "same"
+    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(same_seed), *settings]) == 0
+    with pytest.raises(ConfigError, match="masks.seed 0 is also that of"):
+        pooled_experiment([tmp_path / "s", same_seed])
+    longer = tmp_path / "longer"
+    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(longer), *settings, "--masks.seed=1",
+                     "--source.epochs=2"]) == 0
+    with pytest.raises(ConfigError, match="source.epochs is 2 but"):
+        pooled_experiment([tmp_path / "s", longer])
+    other = tmp_path / "other"
+    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(other), *settings, "--masks.seed=1",
+                     "--run.device=cpu"]) == 0
+    assert pooled_experiment([tmp_path / "s", other]).masks.seed == 0
