@@ -15,6 +15,13 @@ def add_memory_option(parser: argparse.ArgumentParser) -> None:
                              "makes more passes over narrower blocks of target columns")
 
 
+def add_output_option(parser: argparse.ArgumentParser, flags: tuple[str, ...] = ("--output",)) -> None:
+    from .experiment_store import OUTPUTS
+
+    parser.add_argument(*flags, dest="output", default="margins", choices=OUTPUTS,
+                        help="the per-example output influence is computed on (default: margins)")
+
+
 def max_bytes_of(args: argparse.Namespace) -> int:
     """`--max-memory` in bytes, checked."""
     from .config import ConfigError

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import SETTINGS_HELP, add_memory_option, max_bytes_of, parse_rows, store_experiment
+from .cli_common import (SETTINGS_HELP, add_memory_option, add_output_option, max_bytes_of, parse_rows,
+                         store_experiment)
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -31,7 +32,7 @@ def cmd_rankings(args: argparse.Namespace) -> None:
     from .plots import influence_bars
     from .report import gather
 
-    found, out = gather(args.store, args.names), _out(args)
+    found, out = gather(args.store, args.names, output=args.output), _out(args)
     by_class = found.by_class
     columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
     columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
@@ -54,11 +55,11 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from .analyses import explain_example
     from .report import explanation_grid, gather
 
-    found, out = gather(args.store, args.names), _out(args)
+    found, out = gather(args.store, args.names, output=args.output), _out(args)
     j = args.example
     negative = explain_example(found.influence, j, args.k)
     target = found.target_names[found.labels[j]]
-    print(f"target test example {j} ({target}), mean margin over the models {found.mean_margins[j]:+.3f}; "
+    print(f"target test example {j} ({target}), mean {found.output} over the models {found.mean_outputs[j]:+.3f}; "
           "most negative source classes:")
     for c in negative:
         print(f"  {found.source_names[c]:30s} {found.influence[c, j]:+8.3f}")
@@ -89,7 +90,7 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
     from .plots import image_grid
     from .report import gather
 
-    found, out = gather(args.store, args.names), _out(args)
+    found, out = gather(args.store, args.names, output=args.output), _out(args)
     c = _source_class(found, args.source_class)
     target = found.target_names.index(args.target_class) if args.target_class else None
     chosen = subpopulation(found.influence, c, args.k, found.labels, target)
@@ -107,7 +108,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .plots import accuracy_versus_removed
     from .report import gather
 
-    found, out = gather(args.store), _out(args)
+    found, out = gather(args.store, output=args.output), _out(args)
     experiment = store_experiment(args)
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
@@ -129,14 +130,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    print(f"wrote {write_report(args.store, args.out, k=args.k, counterfactual_dir=args.counterfactual, names_file=args.names, progress=True)}")
+    print(f"wrote {write_report(args.store, args.out, k=args.k, counterfactual_dir=args.counterfactual, names_file=args.names, progress=True, output=args.output)}")
 
 
 def cmd_leakage(args: argparse.Namespace) -> None:
     from .leakage import find_leaks
 
     found = find_leaks(args.store, args.out, top=args.top, min_similarity=args.min_similarity,
-                       max_hash_distance=args.max_hash_distance, max_bytes=max_bytes_of(args))
+                       max_hash_distance=args.max_hash_distance, max_bytes=max_bytes_of(args), key=args.output)
     for kind in ("leakage", "mislabelled"):
         print(f"{kind}: {len(found[kind])} source images confirmed as near-duplicates of a target image")
         for entry in found[kind][:20]:
@@ -157,6 +158,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             p.add_argument("store", metavar="STORE", help="a results store with completed rows")
         p.add_argument("--names", help="class names file, KEY<TAB>NAME per line (default: the beton's names; "
                        "WordNet words for wnids from $FFCV_TRANSFER_DATA/imagenet-meta)")
+        add_output_option(p)
         return p
 
     p = store_parser("rankings", "most positive and most negative source classes, overall and per target class",
@@ -184,6 +186,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("counterfactual", help="retrain without the k most negative / most positive / random "
                             "source classes and plot target accuracy against k", epilog=SETTINGS_HELP)
     p.add_argument("store", metavar="STORE", help="the experiment whose influences choose the classes")
+    add_output_option(p)
     p.add_argument("--ks", default="1,2,4", help="numbers of classes removed, e.g. 1,2,4 or 1-3 (default: 1,2,4)")
     p.add_argument("--seeds", type=int, default=3, help="models per (kind, k), and full-set models (default: 3)")
     p.add_argument("--kinds", nargs="+", default=["most_negative", "most_positive", "random"],
@@ -202,6 +205,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-hash-distance", type=int, default=MAX_HASH_DISTANCE, help="or at most this many "
                    f"perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})")
     add_memory_option(p)
+    add_output_option(p)
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")
     p.set_defaults(run=cmd_leakage)
 

@@ -251,7 +251,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("influence", help="class influence from a results store")
     p.add_argument("store", metavar="DIR", nargs="+", help="a results store, or several read as one (their rows "
                    "numbered store after store)")
-    p.add_argument("--key", default="margins", help="per-row output field (default: margins)")
+    p.add_argument("--output", "--key", dest="key", default="margins", help="per-example output: margins, "
+                   "p_correct, correct_logit, is_correct, or any per-row field (default: margins)")
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")

@@ -7,8 +7,9 @@
                                     examples as packed bits in beton order (`masks` then holds the classes
                                     each model has examples of)
     STORE/fixed/removal.npy         counterfactual stores: (kind, count, seed) of each row
-    per row                         margins, is_correct, predictions: (T,) over the target test set;
-                                    source_acc, target_acc
+    per row                         margins, is_correct, predictions, p_correct, correct_logit: (T,)
+                                    over the target test set; source_acc, target_acc (top-1),
+                                    target_mean_class_acc (the mean of the per-class accuracies)
 
 store.py is the generic on-disk format (records, claims, failures); this module is the experiment's
 schema on top of it, and the one place that creates such stores and opens their experiment.
@@ -32,7 +33,11 @@ REMOVAL = "removal"
 # settings that may differ between stores read as one: how many models and their draw, where and how fast
 POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.fusion", "run.compile",
              "loader.num_workers", "loader.threading", "loader.os_cache"}
-OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16"}  # (T,) per row
+# (T,) per row; stores made before p_correct and correct_logit lack them (analyses then name what is missing)
+OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16", "p_correct": "float16",
+                 "correct_logit": "float16"}
+OUTPUTS = ("margins", "p_correct", "correct_logit", "is_correct")  # what influence can be computed on
+ROW_SCALARS = ("source_acc", "target_acc", "target_mean_class_acc")  # float32 per row
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
 
 
@@ -47,7 +52,7 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
     if seeds.shape != (len(masks),):
         raise ValueError(f"{path}: {len(seeds)} init seeds for {len(masks)} models")
     schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
-    schema |= {"source_acc": ((), "float32"), "target_acc": ((), "float32")}
+    schema |= {name: ((), "float32") for name in ROW_SCALARS}
     store = ResultStore.create(path, len(masks), schema,
                                fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
     if experiment is not None:

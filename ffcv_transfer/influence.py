@@ -485,8 +485,10 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
     if masks.shape[1] != num_classes or outputs.shape[1] != num_outputs:
         raise InfluenceError(f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), "
                              f"got {masks.shape} and {outputs.shape}")
+    if outputs.dtype == np.bool_:  # e.g. is_correct: influence on the probability of being right
+        outputs = outputs.astype(np.float32)
     if outputs.dtype not in (np.float16, np.float32, np.float64):
-        raise InfluenceError(f"outputs must be float16/32/64, got {outputs.dtype}")
+        raise InfluenceError(f"outputs must be bool or float16/32/64, got {outputs.dtype}")
     if masks.dtype != np.bool_:
         if not (np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
             raise InfluenceError(f"masks must be bool or 0/1 numbers, got {masks.dtype}")

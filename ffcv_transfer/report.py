@@ -75,9 +75,10 @@ class Findings:
 
     store: Path
     pooled: list[Path]  # further stores read as one with `store`
+    output: str  # the per-example output the influence is on (experiment_store.OUTPUTS)
     influence: np.ndarray  # (C_source, T)
     labels: np.ndarray  # (T,) target test labels
-    mean_margins: np.ndarray  # (T,) over models
+    mean_outputs: np.ndarray  # (T,) over models
     stderr: np.ndarray  # (C_source, target classes + 1): errors of the by-class influences, then the overall's
     source_names: list[str]
     target_names: list[str]
@@ -91,12 +92,13 @@ class Findings:
 
 
 def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path | None = None,
-           progress: bool = False) -> Findings:
+           progress: bool = False, output: str = "margins") -> Findings:
     """The findings of a store, or of several stores of one experiment read as one
-    (`experiment_store.pooled_experiment`); `Findings.store` is then the first."""
+    (`experiment_store.pooled_experiment`; `Findings.store` is then the first), on one of its per-example
+    outputs (`experiment_store.OUTPUTS`)."""
     from beton_writers.common import read_labels
 
-    from .experiment_store import MASKS, pooled_experiment, read_sidecars
+    from .experiment_store import MASKS, OUTPUTS, pooled_experiment, read_sidecars
     from .influence import influence_from_store
     from .names import display_names
     from .store import StoreError, open_stores
@@ -105,15 +107,20 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
     experiment = pooled_experiment(store_dirs)
     sidecars = read_sidecars(experiment)
     store = open_stores(store_dirs)
+    if output not in OUTPUTS:
+        raise StoreError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
+    if output not in store.schema:
+        raise StoreError(f"{store_dirs[0]}: made before {output} was recorded; its outputs are "
+                         f"{', '.join(name for name in OUTPUTS if name in store.schema)}")
     if not len(store.completed_rows()):
         raise StoreError(f"{store_dirs[0]}: no completed rows yet; run `ffcv-transfer train --store {store_dirs[0]}`")
-    influence = influence_from_store(store_dirs, "margins", progress=progress)
-    _, values = store.read([MASKS, "margins"])
-    margins = values["margins"].astype(np.float64)
+    influence = influence_from_store(store_dirs, output, progress=progress)
+    _, values = store.read([MASKS, output])
+    outputs = values[output].astype(np.float64)
     labels = read_labels(experiment.data.path("target_test"))
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
-    return Findings(store=store_dirs[0], pooled=store_dirs[1:], influence=influence, labels=labels, mean_margins=margins.mean(0),
-                    stderr=ranking_stderr(values[MASKS], margins, labels, len(target_names)),
+    return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, influence=influence, labels=labels, mean_outputs=outputs.mean(0),
+                    stderr=ranking_stderr(values[MASKS], outputs, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
                     target_names=target_names,
                     betons={split: experiment.data.path(split) for split in sidecars},
@@ -122,13 +129,13 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
 
 def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
                  counterfactual_dir: str | Path | None = None, names_file: str | Path | None = None,
-                 progress: bool = False, found: Findings | None = None) -> Path:
+                 progress: bool = False, found: Findings | None = None, output: str = "margins") -> Path:
     """Write the report (default STORE/report.html, figures in a folder beside it); returns its path.
     `found`: this store's findings when already gathered (the store is not read again)."""
     from beton_writers.verify import BetonRecords
     from .store import ResultStore, format_status
 
-    found = found or gather(store_dir, names_file, progress)
+    found = found or gather(store_dir, names_file, progress, output)
     out = Path(out) if out else found.store / "report.html"
     figures = out.parent / f"{out.stem}_figures"
     page = Page(f"ffcv-transfer findings: {found.store.name}")
@@ -138,8 +145,8 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     where = f"store {found.store}" if not found.pooled else f"stores {', '.join(map(str, stores))}, read as one"
     page.text(f"{completed} models completed ({failed} failed) in {where}; "
               f"{found.influence.shape[0]} source classes, {found.influence.shape[1]} target test examples. "
-              "Influence of a source class on a target example: its mean margin over the models trained with "
-              "the class minus over those without.")
+              f"Influence of a source class on a target example: its mean {found.output} over the models "
+              "trained with the class minus over those without.")
 
     by_class = found.by_class
     overall = found.influence.mean(1)
@@ -201,16 +208,16 @@ def _subpopulations(page: Page, found: Findings, overall: np.ndarray, images, fi
 
 def _mistakes(page: Page, found: Findings, target_images, source_images, figures: Path, count: int = 3) -> None:
     page.heading("Explaining mistakes: target examples and their most negative source classes")
-    worst = np.argsort(found.mean_margins, kind="stable")[:count]
+    worst = np.argsort(found.mean_outputs, kind="stable")[:count]
     rows, paths, captions = [], [], []
     for j in worst:
         negative = explain_example(found.influence, int(j), 3)
-        rows.append((int(j), found.target_names[found.labels[j]], float(found.mean_margins[j]),
+        rows.append((int(j), found.target_names[found.labels[j]], float(found.mean_outputs[j]),
                      ", ".join(f"{found.source_names[c]} ({found.influence[c, j]:+.2f})" for c in negative)))
         paths.append(explanation_grid(figures / f"mistake_{j}.png", found, int(j), negative, target_images,
                                       source_images, per_class=3))
         captions.append(f"target example {j}")
-    page.table(["example", "true class", "mean margin", "most negative source classes"], rows)
+    page.table(["example", "true class", f"mean {found.output}", "most negative source classes"], rows)
     page.figures(paths, captions)
 
 

@@ -1,5 +1,7 @@
 """Transfer of source models to the target task, and what the store records per target test example:
-margin (correct-class logit minus the largest other), correctness and prediction.
+margin (correct-class logit minus the largest other), correctness, prediction, and, as the reference
+(MadryLab/data-transfer) records them, the softmax probability of the correct class and the raw
+correct-class logit.
 
 Modes (`transfer.mode`):
 - `fixed_feature` (the reference): a new linear head trained through the frozen backbone with SGD on
@@ -29,7 +31,10 @@ class TransferOutputs:
     margins: torch.Tensor  # (T,) float32
     is_correct: torch.Tensor  # (T,) bool
     predictions: torch.Tensor  # (T,) int64
-    accuracy: float
+    p_correct: torch.Tensor  # (T,) float32: softmax probability of the correct class
+    correct_logit: torch.Tensor  # (T,) float32
+    accuracy: float  # top-1
+    mean_class_accuracy: float  # the mean over target classes of each class's accuracy
 
 
 def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,9 +45,15 @@ def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def outputs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> TransferOutputs:
+    logits = logits.float()
     predictions = logits.argmax(1)
     is_correct = predictions == labels
-    return TransferOutputs(margins_of(logits, labels), is_correct, predictions, float(is_correct.float().mean()))
+    p_correct = logits.softmax(1).gather(1, labels[:, None])[:, 0]
+    per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, is_correct.float())
+    counts = torch.bincount(labels, minlength=len(per_class)).float()
+    mean_class = float((per_class[counts > 0] / counts[counts > 0]).mean())
+    return TransferOutputs(margins_of(logits, labels), is_correct, predictions, p_correct,
+                           logits.gather(1, labels[:, None])[:, 0], float(is_correct.float().mean()), mean_class)
 
 
 @torch.no_grad()

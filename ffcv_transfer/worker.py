@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import Experiment
-from .experiment_store import EXAMPLE_MASKS, MASKS, check_inputs, example_masks_of, init_seed
+from .experiment_store import EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed
 from .grouped import GroupedTrainer
 from .loader_cache import LoaderCache
 from .models import build_model
@@ -115,13 +115,7 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
                 writer.fail(row, reason)
             if results:
                 done = sorted(results)
-                writer.write_many(
-                    done,
-                    margins=np.stack([results[r][1].margins.cpu().numpy() for r in done]).astype(np.float16),
-                    is_correct=np.stack([results[r][1].is_correct.cpu().numpy() for r in done]),
-                    predictions=np.stack([results[r][1].predictions.cpu().numpy() for r in done]).astype(np.int16),
-                    source_acc=np.array([results[r][0] for r in done], np.float32),
-                    target_acc=np.array([results[r][1].accuracy for r in done], np.float32))
+                writer.write_many(done, **_record_values(store, [results[r] for r in done]))
                 written += len(done)
             bar.update(len(claimed))
             per_hour = 3600 * bar.n / (time.monotonic() - start)
@@ -130,6 +124,17 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
         writer.close()
         bar.close()
     return written
+
+
+def _record_values(store: ResultStore, results: list[tuple[float, TransferOutputs]]) -> dict[str, np.ndarray]:
+    """The store's fields for each (source accuracy, transfer outputs); a store made before a field
+    existed gets the fields it has."""
+    values = {"source_acc": np.array([acc for acc, _ in results], np.float32),
+              "target_acc": np.array([out.accuracy for _, out in results], np.float32),
+              "target_mean_class_acc": np.array([out.mean_class_accuracy for _, out in results], np.float32)}
+    for name in OUTPUT_SCHEMA:
+        values[name] = np.stack([getattr(out, name).cpu().numpy() for _, out in results])
+    return {name: value for name, value in values.items() if name in store.schema}
 
 
 def _pending(store: ResultStore, rows: Sequence[int] | None) -> list[int]:

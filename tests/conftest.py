@@ -70,3 +70,9 @@ class IdRecorder(nn.Module):
         if self.training:
             self.seen += x[:, 0, 0, 0].long().tolist()
         return self.fc(x[:, :1, 0, 0])
+
+
+def row_values(store, count: int, **given) -> dict:
+    """`given` fields for `count` rows of `store`, every other field of its schema zero-filled."""
+    values = {name: np.zeros((count, *shape), dtype) for name, (shape, dtype) in store.schema.items()}
+    return values | given

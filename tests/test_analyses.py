@@ -15,6 +15,7 @@ from ffcv_transfer.influence import class_influence
 from ffcv_transfer.experiment_store import create_store
 from ffcv_transfer.masks import orthogonal_class_masks
 from ffcv_transfer.names import display_names, read_names_file
+from .conftest import row_values
 
 
 @pytest.mark.parametrize("models,classes", [(16, 7), (16, 8), (32, 20), (64, 63)])
@@ -91,9 +92,7 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     accuracy = np.arange(len(masks), dtype=np.float32) / 100
     writer = store.writer()
     done = [r for r in range(len(masks)) if r != 3]  # one row unfinished: left out
-    writer.write_many(done, margins=np.zeros((len(done), 4), np.float16), is_correct=np.zeros((len(done), 4), bool),
-                      predictions=np.zeros((len(done), 4), np.int16), source_acc=np.ones(len(done), np.float32),
-                      target_acc=accuracy[done])
+    writer.write_many(done, **row_values(store, len(done), target_acc=accuracy[done]))
     arms = accuracy_by_arm(store)
     baseline, curves = accuracy_by_removal(arms)
     expected = {}
@@ -127,9 +126,7 @@ def test_correct_by_removal_compares_models_with_and_without_the_class(tmp_path)
     assert masks[:3].all() and (masks[3:].sum(1) == 4).all() and not masks[3:, 2].any()
     store = create_store(tmp_path / "check", masks, 2, extra_fixed={"removal": removals})
     correct = np.array([[1, 0], [1, 1], [0, 0], [0, 1], [0, 1], [1, 1]], bool)  # example 0: 2/3 with, 1/3 without
-    store.writer().write_many(range(6), margins=np.zeros((6, 2), np.float16), is_correct=correct,
-                              predictions=np.zeros((6, 2), np.int16), source_acc=np.ones(6, np.float32),
-                              target_acc=np.ones(6, np.float32))
+    store.writer().write_many(range(6), **row_values(store, 6, is_correct=correct))
     assert correct_by_removal(store, 0) == {"with": 2 / 3, "without": 1 / 3, "models": 6}
     assert correct_by_removal(store, 1) == {"with": 1 / 3, "without": 1.0, "models": 6}
 

@@ -16,7 +16,7 @@ from ffcv_transfer.report import gather, write_report
 from ffcv_transfer.store import ResultStore
 from ffcv_transfer.experiment_store import create_class_store
 
-from .conftest import DEMO_CONFIG
+from .conftest import DEMO_CONFIG, row_values
 from .system_packages import apt_install
 
 MODELS = 16
@@ -32,9 +32,8 @@ def write_planted_store(store_dir, tiny_data, seed: int = 0):
     masks = store.fixed("masks")
     effect = 2.0 * np.asarray(planted["expected_sign"], float)[:, labels]  # (C, T)
     margins = masks @ effect + np.random.default_rng(seed).normal(0, 0.1, (MODELS, len(labels)))
-    store.writer().write_many(range(MODELS), margins=margins.astype(np.float16), is_correct=margins > 0,
-                              predictions=np.zeros_like(margins, np.int16),
-                              source_acc=np.ones(MODELS, np.float32), target_acc=(margins > 0).mean(1).astype(np.float32))
+    store.writer().write_many(range(MODELS), **row_values(store, MODELS, margins=margins, is_correct=margins > 0,
+                                                          target_acc=(margins > 0).mean(1)))
     return store_dir, planted, labels, effect
 
 
@@ -82,6 +81,41 @@ def test_rankings_recover_the_planted_effects(planted_store):
     assert found.stderr.shape == (len(planted["source_names"]), len(planted["target_names"]) + 1)
     assert found.stderr[twin, 0] == pytest.approx(np.sqrt(inside.var(ddof=1) / len(inside) +
                                                           outside.var(ddof=1) / len(outside)), rel=1e-4)
+
+
+def test_any_recorded_output_can_be_the_influences_output(planted_store, tiny_data, tmp_path, capsys):
+    """`--output is_correct`: the influence on being right (chosen in every analysis); a store made before
+    p_correct was recorded says so."""
+    import json
+
+    from ffcv_transfer.cli import main as cli_main
+    from ffcv_transfer.experiment_store import create_store
+    from ffcv_transfer.influence import class_influence
+    from ffcv_transfer.store import StoreError
+
+    store_dir = planted_store[0]
+    found = gather(store_dir, output="is_correct")
+    _, values = ResultStore(store_dir).read(["masks", "is_correct"])
+    np.testing.assert_allclose(found.influence, class_influence(values["masks"], values["is_correct"].astype(float)),
+                               atol=1e-6)
+    assert found.output == "is_correct" and np.allclose(found.mean_outputs, values["is_correct"].mean(0))
+    out = tmp_path / "findings"
+    assert cli_main(["rankings", str(store_dir), "--output", "is_correct", "--out", str(out)]) == 0
+    overall = json.loads((out / "rankings.json").read_text())["all target examples"]
+    assert overall["positive"][0]["influence"] == pytest.approx(float(found.influence.mean(1).max()), abs=1e-3)
+    with pytest.raises(SystemExit):  # not a choice: argparse's usage error
+        cli_main(["rankings", str(store_dir), "--output", "logits"])
+    assert "invalid choice: 'logits'" in capsys.readouterr().err
+
+    old = create_store(tmp_path / "old", ResultStore(store_dir).fixed("masks")[:4], len(planted_store[2]))
+    (tmp_path / "old" / "experiment.yaml").write_text((store_dir / "experiment.yaml").read_text())
+    spec = json.loads((tmp_path / "old" / "spec.json").read_text())
+    for name in ("p_correct", "correct_logit", "target_mean_class_acc"):  # as stores were before these fields
+        del spec["schema"][name]
+    (tmp_path / "old" / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(StoreError, match="made before p_correct was recorded; its outputs are margins, is_correct"):
+        gather(tmp_path / "old", output="p_correct")
+    assert old.num_rows == 4
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,28 @@ import torch
 from torch import nn
 
 from ffcv_transfer.settings import TransferConfig
-from ffcv_transfer.transfer import extract_features, margins_of, transfer_by_training, transfer_cached_features
+from ffcv_transfer.transfer import (extract_features, margins_of, outputs_from_logits, transfer_by_training,
+                                    transfer_cached_features)
 
 
 def test_margins_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 5.0, 1.0]])
     labels = torch.tensor([0, 2, 1])
     torch.testing.assert_close(margins_of(logits, labels), torch.tensor([1.0, -2.0, 0.0]))
+
+
+def test_the_reference_outputs_by_hand():
+    """The correct class's softmax probability and raw logit, as MadryLab/data-transfer records them, and
+    top-1 against mean-per-class accuracy (the reference's metric for Aircraft, Caltech, Flowers, Pets)."""
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0], [0.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 0, 2, 1])  # right, wrong, right, right
+    out = outputs_from_logits(logits, labels)
+    e = torch.e
+    torch.testing.assert_close(out.p_correct, torch.tensor([e**2 / (e**2 + 2), 1 / (e + 2), e**3 / (e**3 + e + 1),
+                                                            e**2 / (e**2 + 2)]))
+    torch.testing.assert_close(out.correct_logit, torch.tensor([2.0, 0.0, 3.0, 2.0]))
+    assert out.is_correct.tolist() == [True, False, True, True] and out.accuracy == 0.75
+    assert out.mean_class_accuracy == pytest.approx((0.5 + 1 + 1) / 3)  # class 0: 1 of 2
 
 
 class MeanColour(nn.Module):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from beton_writers import read_sidecar
+from beton_writers.common import read_labels
 from ffcv_transfer import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
 from ffcv_transfer.counterfactual import removal_design, run_removals
@@ -102,7 +103,8 @@ def test_the_diverged_row_is_failed_and_a_rerun_finds_nothing_pending(filled):
 
 def test_the_stored_outputs_agree_with_each_other(filled):
     store, num_test = filled["store"], filled["num_test"]
-    rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc"])
+    rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc",
+                               "p_correct", "correct_logit", "target_mean_class_acc"])
     assert rows.tolist() == [0, 2, 3]
     np.testing.assert_array_equal(values["masks"], store.fixed("masks")[[0, 2, 3]])
     assert values["margins"].shape == (3, num_test) and np.isfinite(values["margins"]).all()
@@ -110,6 +112,14 @@ def test_the_stored_outputs_agree_with_each_other(filled):
     np.testing.assert_allclose(values["target_acc"], values["is_correct"].mean(1), atol=1e-6)
     assert ((0 <= values["source_acc"]) & (values["source_acc"] <= 1)).all()
     assert set(np.unique(values["predictions"])) <= set(range(TINY_SPEC.num_targets))
+    p_correct, correct_logit = values["p_correct"].astype(np.float64), values["correct_logit"].astype(np.float64)
+    # with K classes and margin m (correct logit minus the largest other): 1 / (1 + (K-1) e^-m) <= p <= 1 / (1 + e^-m)
+    margins, k = values["margins"].astype(np.float64), TINY_SPEC.num_targets
+    assert (p_correct <= 1 / (1 + np.exp(-margins)) + 2e-3).all()
+    assert (p_correct >= 1 / (1 + (k - 1) * np.exp(-margins)) - 2e-3).all() and np.isfinite(correct_logit).all()
+    labels = read_labels(filled["experiment"].data.path("target_test"))
+    per_class = [values["is_correct"][:, labels == c].mean(1) for c in np.unique(labels)]
+    np.testing.assert_allclose(values["target_mean_class_acc"], np.mean(per_class, axis=0), atol=1e-6)
 
 
 def test_the_failed_row_is_left_out_of_the_influences(filled):
