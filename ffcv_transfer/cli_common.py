@@ -20,6 +20,12 @@ def add_output_option(parser: argparse.ArgumentParser, flags: tuple[str, ...] = 
 
     parser.add_argument(*flags, dest="output", default="margins", choices=OUTPUTS,
                         help="the per-example output influence is computed on (default: margins)")
+    add_mode_option(parser)
+
+
+def add_mode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", help="of a store with several transfer modes (transfer.mode), the one "
+                        "analysed (default: the first)")
 
 
 def max_bytes_of(args: argparse.Namespace) -> int:

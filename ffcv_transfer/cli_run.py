@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli_common import (DATA_ENV, SETTINGS_HELP, add_memory_option, experiment_from_args, max_bytes_of, parse_rows,
-                         parse_settings, store_experiment)
+from .cli_common import (DATA_ENV, SETTINGS_HELP, add_memory_option, add_mode_option, experiment_from_args,
+                         max_bytes_of, parse_rows, parse_settings, store_experiment)
 
 
 def cmd_store_status(args: argparse.Namespace) -> None:
@@ -47,6 +47,10 @@ def cmd_influence(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
     max_bytes = max_bytes_of(args)
     store = open_stores(args.store)
+    if args.mode is not None:
+        from .experiment_store import open_experiment, transfer_field
+
+        args.key = transfer_field(args.key, open_experiment(args.store[0]).transfer.modes, args.mode)
     store.require([args.mask_key, args.key])
     if args.key not in store.schema:
         raise ConfigError(f"--key {args.key}: a fixed array of {args.store}, not a per-model output")
@@ -253,6 +257,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                    "numbered store after store)")
     p.add_argument("--output", "--key", dest="key", default="margins", help="per-example output: margins, "
                    "p_correct, correct_logit, is_correct, or any per-row field (default: margins)")
+    add_mode_option(p)
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")

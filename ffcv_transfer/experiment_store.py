@@ -37,7 +37,7 @@ POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.f
 OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16", "p_correct": "float16",
                  "correct_logit": "float16"}
 OUTPUTS = ("margins", "p_correct", "correct_logit", "is_correct")  # what influence can be computed on
-ROW_SCALARS = ("source_acc", "target_acc", "target_mean_class_acc")  # float32 per row
+TRANSFER_SCALARS = ("target_acc", "target_mean_class_acc")  # float32 per row and transfer mode
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
 
 
@@ -45,19 +45,33 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
                  extra_fixed: dict[str, np.ndarray] | None = None, init_seeds: np.ndarray | None = None,
                  experiment: Experiment | None = None) -> ResultStore:
     """A store with one row per model: its class mask and the seed of its initial weights (fixed; by
-    default the row index), then per target test example its margin, correctness and prediction, plus
-    source and target accuracy. Rows given equal `init_seeds` start from the same weights (paired
+    default the row index), its source accuracy and, per transfer mode of `experiment` (one when none is
+    given), per target test example its outputs (OUTPUT_SCHEMA) and its target accuracies
+    (`transfer_field` names them). Rows given equal `init_seeds` start from the same weights (paired
     comparisons, as in the counterfactuals). `experiment` is saved beside the rows (`open_experiment`)."""
     seeds = np.arange(len(masks)) if init_seeds is None else np.asarray(init_seeds, np.int64)
     if seeds.shape != (len(masks),):
         raise ValueError(f"{path}: {len(seeds)} init seeds for {len(masks)} models")
-    schema = {name: ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
-    schema |= {name: ((), "float32") for name in ROW_SCALARS}
+    modes = experiment.transfer.modes if experiment is not None else ("",)
+    schema: dict[str, tuple[tuple[int, ...], str]] = {"source_acc": ((), "float32")}
+    for mode in modes:
+        schema |= {transfer_field(name, modes, mode): ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
+        schema |= {transfer_field(name, modes, mode): ((), "float32") for name in TRANSFER_SCALARS}
     store = ResultStore.create(path, len(masks), schema,
                                fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
     if experiment is not None:
         experiment.save(store.path / EXPERIMENT_FILE)
     return store
+
+
+def transfer_field(name: str, modes: Sequence[str], mode: str | None = None) -> str:
+    """The store field of output `name` of transfer mode `mode` (default: the first): the first mode's
+    fields carry the bare names (as in stores of one mode), the others `name@mode`."""
+    if mode is None or mode == modes[0]:
+        return name
+    if mode not in modes:
+        raise ConfigError(f"--mode {mode}: this store's transfer modes are {', '.join(modes)}")
+    return f"{name}@{mode}"
 
 
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
@@ -166,6 +180,15 @@ def init_seed(store: ResultStore, row: int, base_seed: int) -> int:
     in stores made before init seeds were stored) and the experiment's `masks.seed`."""
     seed = int(store.fixed(INIT_SEEDS)[row]) if INIT_SEEDS in store.fixed_names else row
     return int(np.random.SeedSequence([base_seed, seed]).generate_state(1)[0])
+
+
+def transfer_seed(store: ResultStore, row: int, base_seed: int, mode: str) -> int:
+    """The torch seed of the new heads when the group whose first row is `row` is transferred in `mode`:
+    each mode's transfer the same whether or not the experiment has other modes."""
+    from .settings import TRANSFER_MODES
+
+    return int(np.random.SeedSequence([base_seed, init_seed(store, row, base_seed),
+                                       1 + TRANSFER_MODES.index(mode)]).generate_state(1)[0])
 
 
 def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:

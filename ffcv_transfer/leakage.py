@@ -367,7 +367,7 @@ def score_against_planted(found: dict[str, list[dict]], planted: Sequence[dict])
 def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top: int = DEFAULT_TOP,
                min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
                key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto",
-               max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+               max_bytes: int = DEFAULT_MAX_BYTES, mode: str | None = None) -> dict[str, Any]:
     """Example-level findings of a store made by `experiment_store.create_example_store` and filled by the worker:
     leakage (positive influence + near-duplicate), mislabelled copies (negative + near-duplicate) and
     unconfirmed misleading candidates (`flag_examples`). Writes OUT_DIR/leaks.json (the findings, the
@@ -377,11 +377,12 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     from beton_writers.common import read_labels, read_sidecar
     from beton_writers.verify import BetonRecords
 
-    from .experiment_store import open_experiment
+    from .experiment_store import open_experiment, transfer_field
 
     store_dir = Path(store_dir)
     out_dir = Path(out_dir) if out_dir is not None else store_dir / "leakage"
     experiment = open_experiment(store_dir)
+    key = transfer_field(key, experiment.transfer.modes, mode)
     source_beton, target_beton = experiment.data.path("source_train"), experiment.data.path("target_test")
     source_labels, target_labels = read_labels(source_beton), read_labels(target_beton)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Figures for the findings (matplotlib, no display needed): influence bar charts, image grids and the
-counterfactual accuracy-versus-k plot. Each function writes one PNG and returns its path."""
+"""Figures for the findings (matplotlib, no display needed): influence bar charts and scatter plots, image
+grids and the counterfactual accuracy-versus-k plot. Each function writes one PNG and returns its path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +23,26 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     _pyplot().close(fig)
     return path
+
+
+def influence_scatter(path: str | Path, x: np.ndarray, y: np.ndarray, names: Sequence[str], xlabel: str,
+                      ylabel: str, title: str, label: int = 5) -> Path:
+    """One point per class at (x, y), the `label` largest |x| + |y| named, with the diagonal: how far two
+    influence vectors (e.g. of two transfer modes) agree."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 5.2))
+    ax.scatter(x, y, s=14, color="#3366aa", alpha=0.8)
+    low, high = min(x.min(), y.min()), max(x.max(), y.max())
+    ax.plot([low, high], [low, high], color="#999999", linewidth=0.8, linestyle="--")
+    for i in np.argsort(-(np.abs(x) + np.abs(y)), kind="stable")[:label]:
+        ax.annotate(names[i], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="#cccccc", linewidth=0.6)
+    ax.axvline(0, color="#cccccc", linewidth=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
 
 
 def influence_bars(path: str | Path, names: Sequence[str], values: np.ndarray, k: int, title: str,

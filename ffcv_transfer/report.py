@@ -8,14 +8,14 @@ import base64
 import html
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .analyses import explain_example, influence_by_target_class, ranking_stderr, subpopulation, top_and_bottom
-from .plots import accuracy_versus_removed, image_grid, influence_bars
+from .plots import accuracy_versus_removed, image_grid, influence_bars, influence_scatter
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -76,6 +76,8 @@ class Findings:
     store: Path
     pooled: list[Path]  # further stores read as one with `store`
     output: str  # the per-example output the influence is on (experiment_store.OUTPUTS)
+    mode: str  # ... in this transfer mode
+    modes: tuple[str, ...]  # the store's transfer modes
     influence: np.ndarray  # (C_source, T)
     labels: np.ndarray  # (T,) target test labels
     mean_outputs: np.ndarray  # (T,) over models
@@ -92,13 +94,13 @@ class Findings:
 
 
 def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path | None = None,
-           progress: bool = False, output: str = "margins") -> Findings:
+           progress: bool = False, output: str = "margins", mode: str | None = None) -> Findings:
     """The findings of a store, or of several stores of one experiment read as one
     (`experiment_store.pooled_experiment`; `Findings.store` is then the first), on one of its per-example
-    outputs (`experiment_store.OUTPUTS`)."""
+    outputs (`experiment_store.OUTPUTS`) in one of its transfer modes (default: the first)."""
     from beton_writers.common import read_labels
 
-    from .experiment_store import MASKS, OUTPUTS, pooled_experiment, read_sidecars
+    from .experiment_store import MASKS, OUTPUTS, pooled_experiment, read_sidecars, transfer_field
     from .influence import influence_from_store
     from .names import display_names
     from .store import StoreError, open_stores
@@ -109,17 +111,19 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
     store = open_stores(store_dirs)
     if output not in OUTPUTS:
         raise StoreError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
-    if output not in store.schema:
+    modes = experiment.transfer.modes
+    key = transfer_field(output, modes, mode)
+    if key not in store.schema:
         raise StoreError(f"{store_dirs[0]}: made before {output} was recorded; its outputs are "
                          f"{', '.join(name for name in OUTPUTS if name in store.schema)}")
     if not len(store.completed_rows()):
         raise StoreError(f"{store_dirs[0]}: no completed rows yet; run `ffcv-transfer train --store {store_dirs[0]}`")
-    influence = influence_from_store(store_dirs, output, progress=progress)
-    _, values = store.read([MASKS, output])
-    outputs = values[output].astype(np.float64)
+    influence = influence_from_store(store_dirs, key, progress=progress)
+    _, values = store.read([MASKS, key])
+    outputs = values[key].astype(np.float64)
     labels = read_labels(experiment.data.path("target_test"))
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
-    return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, influence=influence, labels=labels, mean_outputs=outputs.mean(0),
+    return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, mode=mode or modes[0], modes=modes, influence=influence, labels=labels, mean_outputs=outputs.mean(0),
                     stderr=ranking_stderr(values[MASKS], outputs, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
                     target_names=target_names,
@@ -129,13 +133,14 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
 
 def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
                  counterfactual_dir: str | Path | None = None, names_file: str | Path | None = None,
-                 progress: bool = False, found: Findings | None = None, output: str = "margins") -> Path:
+                 progress: bool = False, found: Findings | None = None, output: str = "margins",
+                 mode: str | None = None) -> Path:
     """Write the report (default STORE/report.html, figures in a folder beside it); returns its path.
     `found`: this store's findings when already gathered (the store is not read again)."""
     from beton_writers.verify import BetonRecords
     from .store import ResultStore, format_status
 
-    found = found or gather(store_dir, names_file, progress, output)
+    found = found or gather(store_dir, names_file, progress, output, mode)
     out = Path(out) if out else found.store / "report.html"
     figures = out.parent / f"{out.stem}_figures"
     page = Page(f"ffcv-transfer findings: {found.store.name}")
@@ -163,6 +168,8 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
                 for p, n in zip(best["positive"], best["negative"])])
     if found.planted:
         _planted_section(page, found, by_class)
+    if len(found.modes) > 1:
+        _modes_section(page, found, overall, figures, k)
 
     target_images, source_images = BetonRecords(found.betons["target_test"]), BetonRecords(found.betons["source_val"])
     _subpopulations(page, found, overall, target_images, figures, k)
@@ -174,6 +181,37 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
         page.preformatted(format_status(status, path))
     page.preformatted((found.store / "experiment.yaml").read_text())
     return page.write(out)
+
+
+def _modes_section(page: Page, found: Findings, overall: np.ndarray, figures: Path, k: int) -> None:
+    """Each transfer mode's target accuracy and most positive / negative source classes, and how its
+    overall influence agrees with the shown mode's (Spearman correlation, scatter plot)."""
+    from .experiment_store import transfer_field
+    from .influence import influence_from_store
+    from .store import open_stores
+
+    stores = [found.store, *found.pooled]
+    page.heading("Transfer modes")
+    page.text(f"The same source models, transferred {len(found.modes)} ways. Above: {found.mode}.")
+    rows, paths, captions = [], [], []
+    for mode in found.modes:
+        field = partial(transfer_field, modes=found.modes, mode=mode)
+        values = overall if mode == found.mode else influence_from_store(stores, field(found.output)).mean(1)
+        accuracy = open_stores(stores).read([field("target_acc")])[1][field("target_acc")]
+        best = top_and_bottom(values, found.source_names, k)
+        rows.append((mode, f"{accuracy.mean():.3f}", _spearman(values, overall),
+                     ", ".join(p["source"] for p in best["positive"]), ", ".join(n["source"] for n in best["negative"])))
+        if mode != found.mode:
+            paths.append(influence_scatter(figures / f"modes_{mode}.png", overall, values, found.source_names,
+                                           f"{found.mode}", f"{mode}", f"overall influence on {found.output}"))
+            captions.append(f"each source class's overall influence: {found.mode} against {mode}")
+    page.table(["mode", "target accuracy", f"Spearman with {found.mode}", "most positive", "most negative"], rows)
+    page.figures(paths, captions)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> str:
+    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable") for v in (a, b)]
+    return f"{np.corrcoef(*ranks)[0, 1]:.2f}"
 
 
 def _planted_section(page: Page, found: Findings, by_class: np.ndarray) -> None:

@@ -14,7 +14,7 @@ training code. The stages read their section: models.py `model`, train.py `sourc
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,7 +144,10 @@ class SourceConfig(OptimConfig):
 class TransferConfig(OptimConfig):
     """Defaults: the reference CIFAR-10 transfer (15 epochs, peak LR 0.1 at epoch 5, wd 5e-4, 224 px)."""
 
-    mode: str = option("fixed_feature", "how each source model is transferred", TRANSFER_MODES)
+    mode: str = option("fixed_feature", "how each source model is transferred; several, comma-separated (e.g. "
+                       "cached_features,fixed_feature), each transfer the same source models and are stored "
+                       "side by side, the first being what analyses read unless told --mode "
+                       f"({', '.join(TRANSFER_MODES)})")
     resolution: int = option(224, "target images are resized (upsampled) to this many pixels")
     crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
                                    "the head (1: flips only)")
@@ -157,9 +160,19 @@ class TransferConfig(OptimConfig):
 
     section = "transfer"
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.mode.split(","))
+
+    def for_mode(self, mode: str) -> "TransferConfig":
+        """This recipe with the one mode `mode`."""
+        return replace(self, mode=mode)
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("transfer.mode", self.mode, TRANSFER_MODES)
+        for mode in self.modes:
+            check_choice("transfer.mode", mode, TRANSFER_MODES)
+        check(len(set(self.modes)) == len(self.modes), f"transfer.mode {self.mode!r} names a mode twice")
         check(self.resolution > 0 and self.head_max_iter >= 1,
               f"transfer.resolution and transfer.head_max_iter must be >= 1, got {self.resolution} and "
               f"{self.head_max_iter}")

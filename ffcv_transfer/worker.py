@@ -1,9 +1,10 @@
 """The worker: claim pending rows of a store, train their source models K at a time on one shared
-loader, transfer each to the target, and write the outputs; rows whose model diverged are marked failed
+loader, transfer each to the target in each of the experiment's transfer modes, and write the outputs; rows whose model diverged are marked failed
 with the reason. Run it any number of times, in any number of processes: completed rows are skipped and
 rows of a killed worker are taken over."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict
 from functools import partial
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from .config import Experiment
-from .experiment_store import EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed
+from .experiment_store import (EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed,
+                               transfer_field, transfer_seed)
 from .grouped import GroupedTrainer
 from .loader_cache import LoaderCache
 from .models import build_model
@@ -24,10 +26,14 @@ from .transfer import TransferOutputs, transfer_by_training, transfer_cached_fea
 
 TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
+Transfers = dict[str, TransferOutputs]  # by transfer mode
+
+
 def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, loaders: LoaderCache,
                on_epoch: Callable[[str], None] = lambda stage: None
-               ) -> tuple[dict[int, str], dict[int, tuple[float, TransferOutputs]]]:
-    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs) by row).
+               ) -> tuple[dict[int, str], dict[int, tuple[float, Transfers]]]:
+    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer
+    mode) by row).
     A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
     source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed(MASKS)[list(rows)])
@@ -60,18 +66,26 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     source_acc = trainer.accuracy(loaders.get(experiment, "source_val", train=False, resolution=source.val_res,
                                               batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
                                               classes=union))
-    outputs, transfer_failures = transfer_models([models[k] for k in alive], experiment, loaders, on_epoch)
-    failures |= {rows[alive[k]]: f"transfer: {reason}" for k, reason in transfer_failures.items()}
-    results = {rows[k]: (source_acc[k], out) for k, out in zip(alive, outputs) if rows[k] not in failures}
+    modes = experiment.transfer.modes
+    by_mode: dict[str, list[TransferOutputs]] = {}
+    for n, mode in enumerate(modes):  # the last mode may change the models; the others get copies
+        transferred = [models[k] if n == len(modes) - 1 else copy.deepcopy(models[k]) for k in alive]
+        torch.manual_seed(transfer_seed(store, rows[alive[0]], experiment.masks.seed, mode))
+        by_mode[mode], transfer_failures = transfer_models(transferred, experiment, loaders, on_epoch, mode)
+        for k, reason in transfer_failures.items():
+            failures.setdefault(rows[alive[k]], f"transfer ({mode}): {reason}")
+    results = {rows[k]: (source_acc[k], {mode: by_mode[mode][i] for mode in modes})
+               for i, k in enumerate(alive) if rows[k] not in failures}
     return failures, results
 
 
-def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, on_epoch: Callable[[str], None]
-                    ) -> tuple[list[TransferOutputs], dict[int, str]]:
-    """Each model transferred to the experiment's target (transfer.mode): (test outputs, failures by index)."""
+def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, on_epoch: Callable[[str], None],
+                    mode: str | None = None) -> tuple[list[TransferOutputs], dict[int, str]]:
+    """Each model transferred to the experiment's target in `mode` (default: its first transfer mode):
+    (test outputs, failures by index). fixed_feature and full_finetune change the models."""
     from beton_writers.common import read_sidecar
 
-    config = experiment.transfer
+    config = experiment.transfer.for_mode(mode or experiment.transfer.modes[0])
     num_classes = read_sidecar(experiment.data.path("target_train"))["num_classes"]
     test = loaders.get(experiment, "target_test", train=False, resolution=config.resolution,
                        batch_size=config.batch_size)
@@ -79,7 +93,7 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
         train = loaders.get(experiment, "target_train", train=False, resolution=config.resolution,
                             batch_size=config.batch_size)
         outputs = transfer_cached_features(models, train, test, num_classes, config)
-        on_epoch("transfer (cached features)")
+        on_epoch("transfer (cached_features)")
         return outputs, {}
     train = loaders.get(experiment, "target_train", train=True, resolution=config.resolution,
                         batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
@@ -115,7 +129,7 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
                 writer.fail(row, reason)
             if results:
                 done = sorted(results)
-                writer.write_many(done, **_record_values(store, [results[r] for r in done]))
+                writer.write_many(done, **_record_values(store, experiment, [results[r] for r in done]))
                 written += len(done)
             bar.update(len(claimed))
             per_hour = 3600 * bar.n / (time.monotonic() - start)
@@ -126,14 +140,19 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
     return written
 
 
-def _record_values(store: ResultStore, results: list[tuple[float, TransferOutputs]]) -> dict[str, np.ndarray]:
-    """The store's fields for each (source accuracy, transfer outputs); a store made before a field
-    existed gets the fields it has."""
-    values = {"source_acc": np.array([acc for acc, _ in results], np.float32),
-              "target_acc": np.array([out.accuracy for _, out in results], np.float32),
-              "target_mean_class_acc": np.array([out.mean_class_accuracy for _, out in results], np.float32)}
-    for name in OUTPUT_SCHEMA:
-        values[name] = np.stack([getattr(out, name).cpu().numpy() for _, out in results])
+def _record_values(store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
+                   ) -> dict[str, np.ndarray]:
+    """The store's fields for each (source accuracy, outputs by mode); a store made before a field existed
+    gets the fields it has."""
+    modes = experiment.transfer.modes
+    values = {"source_acc": np.array([acc for acc, _ in results], np.float32)}
+    for mode in modes:
+        outputs = [by_mode[mode] for _, by_mode in results]
+        field = partial(transfer_field, modes=modes, mode=mode)
+        values[field("target_acc")] = np.array([out.accuracy for out in outputs], np.float32)
+        values[field("target_mean_class_acc")] = np.array([out.mean_class_accuracy for out in outputs], np.float32)
+        for name in OUTPUT_SCHEMA:
+            values[field(name)] = np.stack([getattr(out, name).cpu().numpy() for out in outputs])
     return {name: value for name, value in values.items() if name in store.schema}
 
 

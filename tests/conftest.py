@@ -39,10 +39,12 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_settings(data: Path, **extra) -> dict:
-    """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px."""
+    """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px,
+    cached-feature transfer alone."""
     return {"data.root": str(data), "masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
             "source.batch_size": 32, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
-            "transfer.resolution": 16, "transfer.head_max_iter": 20, "run.models_per_process": 4, **extra}
+            "transfer.resolution": 16, "transfer.head_max_iter": 20, "transfer.mode": "cached_features",
+            "run.models_per_process": 4, **extra}
 
 
 def read_with_loader(beton: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:

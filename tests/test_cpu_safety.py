@@ -107,7 +107,8 @@ def test_train_command_at_the_shipped_cpu_recipe_survives_with_heap_checks(tmp_p
     store = tmp_path / "store"
     subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store), f"--data.root={data}",
                     "--masks.num_models=20", "--masks.design=random", "--source.epochs=3",
-                    "--source.batch_size=129", "--transfer.head_max_iter=20"], check=True, cwd=ROOT)
+                    "--source.batch_size=129", "--transfer.head_max_iter=20", "--transfer.mode=cached_features"],
+                   check=True, cwd=ROOT)
     runs = [subprocess.Popen([*cli, "train", "--store", str(store), "--models", rows, "--k", "10", "--no-progress",
                               f"--loader.num_workers={threads}"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=heap_checked(dict(os.environ)))
