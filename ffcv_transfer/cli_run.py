@@ -7,6 +7,7 @@ import os
 
 from .cli_common import (DATA_ENV, SETTINGS_HELP, add_memory_option, add_mode_option, experiment_from_args,
                          max_bytes_of, parse_rows, parse_settings, store_experiment)
+from .settings import TRANSFER_MODES
 
 
 def cmd_store_status(args: argparse.Namespace) -> None:
@@ -135,6 +136,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(format_status(ResultStore(args.store).status(), args.store))
 
 
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from .config import ConfigError
+    from .store import ResultStore, format_status
+    from .transfer_only import import_checkpoints, run_transfer, transfer_store_path
+
+    if args.checkpoints:
+        if not args.config:
+            raise ConfigError("transfer --checkpoints needs --config: the experiment the models belong to")
+        store = import_checkpoints(args.checkpoints, args.store, experiment_from_args(args, args.config))
+        print(f"imported {store.num_rows} checkpoints from {args.checkpoints} into {args.store}")
+    elif args.config or args.settings:
+        raise ConfigError("transfer: a store's models are transferred with its own experiment; --config and "
+                          "settings only go with --checkpoints")
+    written = run_transfer(args.store, args.mode, progress=not args.no_progress, label=args.label)
+    print(f"this worker wrote {written} rows")
+    sub = transfer_store_path(args.store, args.mode)
+    print(format_status(ResultStore(sub).status(), sub))
+
+
 LOCAL_OPTIONS = ("gpus", "workers")
 SLURM_SIZES = ("tasks", "parallelism", "time_min", "partition", "gpus_per_task", "cpus_per_task")  # SlurmOptions
 SLURM_OPTIONS = (*SLURM_SIZES, "sbatch", "no_wait")
@@ -225,6 +245,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--label", help="first part of this worker's name in `store status` (e.g. gpu0)")
     p.set_defaults(run=cmd_train, takes_settings=True)
+
+    p = commands.add_parser("transfer", help="transfer already-trained source models (the store's checkpoints, or "
+                            "a folder of outside ones) in a transfer mode, into STORE/transfers/MODE; resumable",
+                            epilog=SETTINGS_HELP)
+    p.add_argument("--store", required=True, metavar="DIR", help="a store trained with --run.checkpoints=true, "
+                   "or, with --checkpoints, the store to create")
+    p.add_argument("--mode", required=True, choices=TRANSFER_MODES, help="transfer mode")
+    p.add_argument("--checkpoints", metavar="DIR", help="outside source models: DIR/*.pt (torchvision's or this "
+                   "package's ResNet-18 names, bare or as {'state_dict': ...}) and DIR/masks.npy (their classes, "
+                   "one row per file in name order)")
+    p.add_argument("--config", help="with --checkpoints: the experiment (data, model, transfer recipe)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--label", help="first part of this worker's name in `store status`")
+    p.set_defaults(run=cmd_transfer, takes_settings=True)
 
     p = commands.add_parser("launch", help="run many workers over one store: one per GPU, several on the CPU, "
                             "or a SLURM job array", epilog=SETTINGS_HELP)

@@ -32,7 +32,8 @@ EXAMPLE_MASKS = "example_masks"
 REMOVAL = "removal"
 # settings that may differ between stores read as one: how many models and their draw, where and how fast
 POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.fusion", "run.compile",
-             "loader.num_workers", "loader.threading", "loader.os_cache"}
+             "run.checkpoints", "loader.num_workers", "loader.threading", "loader.os_cache"}
+TRANSFERS = "transfers"  # STORE/transfers/MODE: a store of later transfers of the checkpointed source models
 # (T,) per row; stores made before p_correct and correct_logit lack them (analyses then name what is missing)
 OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16", "p_correct": "float16",
                  "correct_logit": "float16"}

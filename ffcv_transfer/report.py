@@ -100,12 +100,15 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
     outputs (`experiment_store.OUTPUTS`) in one of its transfer modes (default: the first)."""
     from beton_writers.common import read_labels
 
-    from .experiment_store import MASKS, OUTPUTS, pooled_experiment, read_sidecars, transfer_field
+    from .experiment_store import MASKS, OUTPUTS, TRANSFERS, pooled_experiment, read_sidecars, transfer_field
     from .influence import influence_from_store
     from .names import display_names
     from .store import StoreError, open_stores
 
     store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
+    later = [path / TRANSFERS / str(mode) for path in store_dirs]
+    if mode is not None and all((path / "spec.json").exists() for path in later):  # `ffcv-transfer transfer`
+        return gather(later, names_file, progress, output)
     experiment = pooled_experiment(store_dirs)
     sidecars = read_sidecars(experiment)
     store = open_stores(store_dirs)

@@ -209,6 +209,8 @@ class RunConfig:
                          "grouped network", FUSIONS)
     compile: str = option("none", "torch.compile the grouped network (reduce-overhead: with CUDA graphs), "
                           "static shapes; run.fusion grouped only", COMPILE_MODES)
+    checkpoints: bool = option(False, "keep each source model's weights (bf16, STORE/checkpoints/ROW.pt; about "
+                               "23 MB for a ResNet-18) for `ffcv-transfer transfer`")
 
     def __post_init__(self) -> None:
         check_choice("run.fusion", self.fusion, FUSIONS)

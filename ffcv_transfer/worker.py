@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .checkpoints import checkpoint_path, save_checkpoint
 from .config import Experiment
 from .experiment_store import (EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed,
                                transfer_field, transfer_seed)
@@ -66,6 +67,9 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     source_acc = trainer.accuracy(loaders.get(experiment, "source_val", train=False, resolution=source.val_res,
                                               batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
                                               classes=union))
+    if experiment.run.checkpoints:  # before transfer, which changes the models
+        for k in alive:
+            save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[k], rows[k])
     modes = experiment.transfer.modes
     by_mode: dict[str, list[TransferOutputs]] = {}
     for n, mode in enumerate(modes):  # the last mode may change the models; the others get copies
@@ -129,7 +133,7 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
                 writer.fail(row, reason)
             if results:
                 done = sorted(results)
-                writer.write_many(done, **_record_values(store, experiment, [results[r] for r in done]))
+                writer.write_many(done, **record_values(store, experiment, [results[r] for r in done]))
                 written += len(done)
             bar.update(len(claimed))
             per_hour = 3600 * bar.n / (time.monotonic() - start)
@@ -140,7 +144,7 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
     return written
 
 
-def _record_values(store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
+def record_values(store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
                    ) -> dict[str, np.ndarray]:
     """The store's fields for each (source accuracy, outputs by mode); a store made before a field existed
     gets the fields it has."""

@@ -1,0 +1,113 @@
+"""`ffcv-transfer transfer`: transfer source models that are already trained, in a mode their store did not
+run, without training them again. The models come from the store's checkpoints (`run.checkpoints`) or
+from a folder of outside checkpoints with their class masks (`import_checkpoints`). Results go to a store
+of their own, STORE/transfers/MODE, with the rows' masks and init seeds and the experiment in that mode:
+every analysis reads it by its path, or through the main store with `--mode MODE`. Resumable like
+`train`: rows already written are skipped, claims of killed workers are taken over."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CHECKPOINTS, checkpoint_path, load_into, outside_checkpoints, read_state_dict, save_checkpoint
+from .config import ConfigError, Experiment
+from .experiment_store import (INIT_SEEDS, MASKS, TRANSFERS, create_store, open_experiment, read_sidecars,
+                               transfer_seed)
+from .loader_cache import LoaderCache
+from .models import build_model
+from .store import ResultStore, StoreError, worker_name
+from .worker import record_values, transfer_models
+
+
+def transfer_store_path(store_dir: str | Path, mode: str) -> Path:
+    return Path(store_dir) / TRANSFERS / mode
+
+
+def run_transfer(store_dir: str | Path, mode: str, progress: bool = True, label: str | None = None,
+                 loaders: LoaderCache | None = None) -> int:
+    """Transfer every checkpointed source model of the store in `mode` into STORE/transfers/MODE, K at a
+    time; returns how many rows this call wrote."""
+    from tqdm import tqdm
+
+    store, experiment = ResultStore(store_dir), open_experiment(store_dir)
+    if not list((store.path / CHECKPOINTS).glob("*.pt")):
+        raise StoreError(f"{store.path / CHECKPOINTS}: no checkpoints; train with --run.checkpoints=true or "
+                         "import a folder (`transfer --checkpoints DIR`)")
+    target = replace(experiment, transfer=experiment.transfer.for_mode(mode))
+    sub_dir = transfer_store_path(store_dir, mode)
+    if not (sub_dir / "spec.json").exists():
+        num_test = read_sidecars(experiment)["target_test"]["num_examples"]
+        create_store(sub_dir, store.fixed(MASKS), num_test, init_seeds=store.fixed(INIT_SEEDS), experiment=target)
+    sub = ResultStore(sub_dir)
+    todo = pending_transfer_rows(store_dir, mode)
+    trained, values = store.read(["source_acc"])
+    source_acc = dict(zip(trained.tolist(), values["source_acc"].tolist()))
+    loaders = loaders or LoaderCache()
+    writer = sub.writer(worker_name(label))
+    bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
+    written, start = 0, time.monotonic()
+    try:
+        while claimed := writer.claim(experiment.run.models_per_process, rows=todo):
+            models = [load_source_model(checkpoint_path(store.path, row), target, sub.fixed(MASKS).shape[1])
+                      for row in claimed]
+            torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode))
+            outputs, failures = transfer_models(models, target, loaders, lambda stage: writer.heartbeat(), mode)
+            for k, reason in failures.items():
+                writer.fail(claimed[k], f"transfer ({mode}): {reason}")
+            good = [k for k in range(len(claimed)) if k not in failures]
+            if good:
+                results = [(source_acc.get(claimed[k], float("nan")), {mode: outputs[k]}) for k in good]
+                writer.write_many([claimed[k] for k in good], **record_values(sub, target, results))
+                written += len(good)
+            bar.update(len(claimed))
+            bar.set_postfix_str(f"{3600 * bar.n / (time.monotonic() - start):.1f} models/h", refresh=True)
+    finally:
+        writer.close()
+        bar.close()
+    return written
+
+
+def load_source_model(path: Path, experiment: Experiment, num_classes: int) -> torch.nn.Module:
+    """The source model of a checkpoint, built as the experiment's model section says, on its device."""
+    state, _ = read_state_dict(path)
+    model = build_model(num_classes, **asdict(experiment.model), device="cpu")
+    load_into(model, state, path)
+    return model.to(experiment.run.device)
+
+
+def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Experiment) -> ResultStore:
+    """A store for outside source models: FOLDER/*.pt (torchvision's or this package's ResNet-18 names,
+    bare or wrapped) with FOLDER/masks.npy (their source classes, one row per file in name order). Each
+    checkpoint is checked against the experiment's model and written to STORE/checkpoints in this
+    package's names; the store's own rows stay untrained, and `run_transfer` transfers the models."""
+    files, masks = outside_checkpoints(folder)
+    num_classes = read_sidecars(experiment)["source_train"]["num_classes"]
+    if masks.shape[1] != num_classes:
+        raise ConfigError(f"{Path(folder) / 'masks.npy'}: masks over {masks.shape[1]} classes, the source beton "
+                          f"{experiment.data.path('source_train')} has {num_classes}")
+    num_test = read_sidecars(experiment)["target_test"]["num_examples"]
+    store = create_store(store_dir, masks, num_test, experiment=experiment)
+    try:
+        for row, file in enumerate(files):
+            model = build_model(num_classes, **asdict(experiment.model), device="cpu")
+            load_into(model, read_state_dict(file)[0], file)
+            save_checkpoint(checkpoint_path(store.path, row), model, masks[row], row)
+    except StoreError:
+        shutil.rmtree(store.path)  # nothing half-imported is left
+        raise
+    return store
+
+
+def pending_transfer_rows(store_dir: str | Path, mode: str) -> list[int]:
+    """Checkpointed rows not yet transferred in `mode`."""
+    rows = sorted(int(path.stem) for path in (Path(store_dir) / CHECKPOINTS).glob("*.pt"))
+    sub_dir = transfer_store_path(store_dir, mode)
+    if not (sub_dir / "spec.json").exists():
+        return rows
+    sub = ResultStore(sub_dir)
+    done = set(sub.completed_rows().tolist()) | set(sub.failures())
+    return [row for row in rows if row not in done]
