@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-# how paper_imagenet_cifar10.yaml's betons store ImageNet: at most 256 px, half of the images JPEG, half raw
+# how paper_ffcv_imagenet_cifar10.yaml's betons store ImageNet: at most 256 px, half of the images JPEG, half raw
 PAPER_STORAGE = dict(write_mode="proportion", max_resolution=256, compress_probability=0.5, jpeg_quality=90)
 
 

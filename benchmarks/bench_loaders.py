@@ -3,7 +3,7 @@
 Images per second delivered as normalised device tensors by ffcv (`loader.kind: ffcv`) and by the
 resident loader (`resident`), on one raw beton of square low-resolution images (the resident loader's
 use case, e.g. 64 px ImageNet). Sizes jpeg160 and paper160 crop bench_train.py's natural-looking 400x300
-images to 160 px: stored as they are in JPEG (~40 KB, bench_train's source), or as paper_imagenet_cifar10.yaml
+images to 160 px: stored as they are in JPEG (~40 KB, bench_train's source), or as paper_ffcv_imagenet_cifar10.yaml
 writes ImageNet (at most 256 px, half of them JPEG, half raw). `ffcv+omp` is ffcv with numba's OpenMP
 threading layer (`loader.threading: omp`) instead of the default workqueue layer.
 

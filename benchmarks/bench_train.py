@@ -3,7 +3,7 @@ JSON + a table.
 
 Data: a synthetic ImageNet-shaped source beton whose JPEG decode cost is realistic (smooth multi-scale
 "natural-looking" images, 400 px on the long side, JPEG quality 90, not noise; size paper: the same
-images stored as paper_imagenet_cifar10.yaml writes ImageNet, at most 256 px, half raw; size real64: 64 px raw
+images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet, at most 256 px, half raw; size real64: 64 px raw
 squares, as the 64 px recipe stores ImageNet) and a CIFAR-shaped target (32 px, raw). Cases, each in its
 own process (own loader, own JIT warm-up):
 
@@ -46,7 +46,7 @@ SIZES = {  # source: classes x images per class, generated long side, how it is 
                  target_res=64, batch=64, width=0.25, ks=[1, 2, 4], target_per_class=40),
     "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
                  target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
-    # as "real", the images stored as paper_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
+    # as "real", the images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
     "paper": dict(classes=64, per_class=160, long_side=400, source=PAPER_STORAGE,
                   res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500),
     # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px

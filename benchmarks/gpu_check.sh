@@ -11,7 +11,7 @@
 #             2.4k img/s where the loader alone gave 6.9k): the reference against K=8 sequential
 #   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: ffcv with numba's workqueue against its
 #             OpenMP threading layer (the decode capped the 160 px runs at 2.7k img/s)
-#   storage   the same crops from images stored as paper_imagenet_cifar10.yaml writes ImageNet (256 px, half raw)
+#   storage   the same crops from images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet (256 px, half raw)
 #   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
 #   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
 #   influence bench_influence.py at paper size

@@ -11,11 +11,10 @@ import numpy as np
 import torch
 
 from .models import memory_format_for
-from .settings import LoaderConfig
+from .settings import NORMALIZATIONS, LoaderConfig
 
 # ImageNet statistics on the 0..255 scale, as in libffcv/ffcv-imagenet
-MEAN = np.array([0.485, 0.456, 0.406]) * 255
-STD = np.array([0.229, 0.224, 0.225]) * 255
+MEAN, STD = (np.array(values) * 255 for values in NORMALIZATIONS["imagenet"])  # of 0-255 pixels
 
 
 def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -41,9 +40,26 @@ def beton_identity(beton: str | Path) -> tuple[str, int, int]:
     return str(Path(beton).resolve()), written.st_mtime_ns, written.st_size
 
 
-def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEAN and STD as (1, 3, 1, 1) float32 tensors on `device`."""
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+def normalisation(device: torch.device, kind: str = "imagenet") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) of 0-255 pixels of settings.NORMALIZATIONS[kind], as (1, 3, 1, 1) float32 tensors on
+    `device`."""
+    return tuple(torch.tensor(np.array(v) * 255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                 for v in NORMALIZATIONS[kind])
+
+
+class Upsampled:
+    """A loader whose images are upsampled on their device, nearest-neighbour, to `size` px: what the
+    reference does to 32 px CIFAR images (nn.Upsample before the model) instead of resizing on the CPU."""
+
+    def __init__(self, loader, size: int):
+        self.loader, self.size = loader, size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for images, *rest in self.loader:
+            yield (torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="nearest"), *rest)
 
 
 def _index_decoder():
@@ -67,13 +83,15 @@ class ImageLoader:
     """Iterate for (images, labels), or (images, labels, indices) with `with_indices` (each example's
     position in the beton, int64: what example masks route on). Training: random-resized-crop (area
     fraction in `crop_scale`) + flip; evaluation: centre crop of `crop_ratio` of the shorter side.
-    `classes` loads the examples of those classes, `indices` exactly those examples (not both)."""
+    `classes` loads the examples of those classes, `indices` exactly those examples (not both). Images
+    come normalised with `normalization` (settings.NORMALIZATIONS)."""
 
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
                  config: LoaderConfig = LoaderConfig(),
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
                  crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False):
+                 indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False,
+                 normalization: str = "imagenet"):
         from beton_writers.threading_layer import use_threading_layer
 
         use_threading_layer(config.threading)  # before ffcv's import, which starts numba's threads
@@ -100,7 +118,7 @@ class ImageLoader:
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines=pipelines)
-        self.mean, self.std = normalisation(self.device)
+        self.mean, self.std = normalisation(self.device, normalization)
 
     def set_resolution(self, resolution: int) -> None:
         self.decoder.output_size = (resolution, resolution)

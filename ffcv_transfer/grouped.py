@@ -189,7 +189,7 @@ class GroupedTrainer(LockstepTrainer):
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 8 * SHAPE_BUCKETS)
             self.forward = torch.compile(self.network, mode=None if compile == "default" else compile, dynamic=False)
             self.pad_to = max(1, -(-config.batch_size // SHAPE_BUCKETS))
-        self.optimizer = torch.optim.SGD(param_groups(self.network, config.weight_decay), lr=0.0,
+        self.optimizer = torch.optim.SGD(param_groups(self.network, config), lr=0.0,
                                          momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 

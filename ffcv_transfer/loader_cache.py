@@ -26,7 +26,7 @@ class LoaderCache:
 
     def get(self, experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
             crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
-            indices: np.ndarray | None = None) -> ImageLoader | ResidentLoader:
+            indices: np.ndarray | None = None, normalization: str = "imagenet") -> ImageLoader | ResidentLoader:
         """An ImageLoader (loader.kind ffcv) or ResidentLoader over `split` at `resolution`: a training loader
         (random order, crops) or an evaluation one (in order, every example); the one made before for the
         same arguments and examples if it is still held."""
@@ -35,11 +35,12 @@ class LoaderCache:
         with_indices = indices is not None
         examples = select_examples(beton, classes, indices)
         key = (*beton_identity(beton), train, batch_size, config, experiment.run.device, crop_min_scale,
-               crop_ratio, with_indices, None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
+               crop_ratio, with_indices, normalization,
+               None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
         if key not in self.held:
             options = dict(train=train, resolution=resolution, batch_size=batch_size, config=config,
                            device=experiment.run.device, indices=examples, crop_scale=(crop_min_scale, 1.0),
-                           crop_ratio=crop_ratio, with_indices=with_indices)
+                           crop_ratio=crop_ratio, with_indices=with_indices, normalization=normalization)
             self.held[key] = (ResidentLoader(beton, **options, pixels=self.pixels) if config.kind == "resident"
                               else ImageLoader(beton, **options))
             if len(self.held) > self.size:

@@ -68,7 +68,7 @@ class ResidentLoader:
                  config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
                  classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
                  crop_scale: tuple[float, float] = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
-                 with_indices: bool = False, pixels: PixelCache | None = None):
+                 with_indices: bool = False, pixels: PixelCache | None = None, normalization: str = "imagenet"):
         selected = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         self.images, self.labels = (pixels or PixelCache()).pixels(beton, self.device)
@@ -82,7 +82,7 @@ class ResidentLoader:
             self.generator.seed()  # non-deterministic, and the global RNG untouched
         else:
             self.generator.manual_seed(config.seed)
-        self.mean, self.std = normalisation(self.device)
+        self.mean, self.std = normalisation(self.device, normalization)
 
     def set_resolution(self, resolution: int) -> None:
         self.resolution = resolution

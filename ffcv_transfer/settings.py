@@ -27,6 +27,14 @@ THREADING_LAYERS = ("workqueue", "omp", "tbb")
 LOADER_KINDS = ("ffcv", "resident")
 FUSIONS = ("sequential", "grouped")  # how the K models of a process run on each batch (train.py, grouped.py)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+LR_SCHEDULES = ("cyclic", "step")
+RAMP_ROUNDINGS = ("down", "nearest")  # of the resolution ramp, to a multiple of 32
+VAL_ACCURACIES = ("own_classes", "all_classes")
+# per-channel (mean, std) of 0-255 pixels, as MadryLab/data-transfer's datasets.py has them; none: pixels / 255
+NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                  "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                  "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+                  "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 def option(default: Any = MISSING, help: str = "", choices: Sequence[str] | None = None) -> Any:
@@ -94,10 +102,15 @@ class OptimConfig:
 
     batch_size: int = option(1024, "examples per step, shared by all K models (each trains on its classes' part)")
     epochs: int = option(16, "passes over the data")
-    lr: float = option(0.5, "peak learning rate of the cyclic schedule")
+    lr: float = option(0.5, "peak learning rate of the cyclic schedule (the step schedule's first)")
     lr_peak_epoch: float = option(2.0, "epoch at which the linear warm-up reaches the peak")
+    lr_schedule: str = option("cyclic", "cyclic: linear up to the peak and down to 0; step: lr x lr_gamma every "
+                              "lr_step_size epochs", LR_SCHEDULES)
+    lr_step_size: int = option(10, "epochs between the step schedule's decays")
+    lr_gamma: float = option(0.1, "the step schedule's decay factor")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-5, "L2 penalty on all parameters except BatchNorm's")
+    weight_decay: float = option(5e-5, "L2 penalty on all parameters except BatchNorm's (see bn_weight_decay)")
+    bn_weight_decay: bool = option(False, "apply weight_decay to BatchNorm's parameters too (the reference does)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
     precision: str = option("bf16", "autocast dtype (fp16 adds a gradient scaler)", PRECISIONS)
 
@@ -106,6 +119,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         s = self.section
         check_choice(f"{s}.precision", self.precision, PRECISIONS)
+        check_choice(f"{s}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check(self.lr_step_size >= 1 and 0 < self.lr_gamma <= 1,
+              f"{s}.lr_step_size must be >= 1 and {s}.lr_gamma in (0, 1], got {self.lr_step_size} and {self.lr_gamma}")
         check(self.batch_size >= 1 and self.epochs >= 1,
               f"{s}.batch_size and {s}.epochs must be >= 1, got {self.batch_size} and {self.epochs}")
         check(0 <= self.lr_peak_epoch <= self.epochs,
@@ -127,9 +143,16 @@ class SourceConfig(OptimConfig):
     val_res: int = option(256, "resolution of the source validation images")
     val_crop_ratio: float = option(224 / 256, "centre-crop fraction of the shorter side for validation")
     crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop (1: flips only)")
+    ramp_rounding: str = option("down", "resolutions during the ramp rounded down (ffcv-imagenet) or to the nearest "
+                                "multiple of 32 (the reference)", RAMP_ROUNDINGS)
+    val_accuracy: str = option("own_classes", "source accuracy on the model's own classes' validation images, "
+                               "choosing among its classes (own_classes) or among every source class "
+                               "(all_classes, the reference)", VAL_ACCURACIES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("source.ramp_rounding", self.ramp_rounding, RAMP_ROUNDINGS)
+        check_choice("source.val_accuracy", self.val_accuracy, VAL_ACCURACIES)
         check(0 < self.crop_min_scale <= 1 and 0 < self.val_crop_ratio <= 1,
               f"source.crop_min_scale {self.crop_min_scale} and source.val_crop_ratio {self.val_crop_ratio} "
               "must lie in (0, 1]")
@@ -149,6 +172,13 @@ class TransferConfig(OptimConfig):
                        "side by side, the first being what analyses read unless told --mode "
                        f"({', '.join(TRANSFER_MODES)})")
     resolution: int = option(224, "target images are resized (upsampled) to this many pixels")
+    upsample_from: int = option(0, "decode target images at this many pixels and upsample them on the device, "
+                                "nearest-neighbour, to transfer.resolution (the reference's CIFAR: 32); 0: decode "
+                                "at transfer.resolution")
+    test_crop_ratio: float = option(1.0, "centre-crop fraction of the shorter side of target images in evaluation "
+                                    "(the reference: 224/256 for most targets)")
+    normalization: str = option("imagenet", "per-channel statistics target images are normalised with "
+                                f"({', '.join(NORMALIZATIONS)}; none: pixels / 255)", tuple(NORMALIZATIONS))
     crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
                                    "the head (1: flips only)")
     batch_size: int = option(512, "target examples per step, shared by all K models")
@@ -177,6 +207,10 @@ class TransferConfig(OptimConfig):
               f"transfer.resolution and transfer.head_max_iter must be >= 1, got {self.resolution} and "
               f"{self.head_max_iter}")
         check(0 < self.crop_min_scale <= 1, f"transfer.crop_min_scale {self.crop_min_scale} must lie in (0, 1]")
+        check(0 < self.test_crop_ratio <= 1, f"transfer.test_crop_ratio {self.test_crop_ratio} must lie in (0, 1]")
+        check(0 <= self.upsample_from <= self.resolution,
+              f"transfer.upsample_from {self.upsample_from} must lie in 0..transfer.resolution ({self.resolution})")
+        check_choice("transfer.normalization", self.normalization, NORMALIZATIONS)
 
 
 @dataclass(frozen=True)

@@ -29,22 +29,28 @@ from .settings import OptimConfig, SourceConfig
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # settings.PRECISIONS
 
 
-def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
-    """Progressive resizing (ffcv-imagenet): `start` px until start_ramp, linear to `end` px at
-    end_ramp, rounded down to a multiple of `step` (and kept within start..end)."""
+def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32,
+                  rounding: str = "down") -> int:
+    """Progressive resizing: `start` px until start_ramp, linear to `end` px at end_ramp, rounded down
+    (ffcv-imagenet) or to the nearest (MadryLab/data-transfer) multiple of `step`, kept within start..end."""
     if start == end:
         return start
-    value = int(np.interp(epoch, [start_ramp, end_ramp], [start, end]) // step) * step
+    value = np.interp(epoch, [start_ramp, end_ramp], [start, end]) / step
+    value = int(np.floor(value) if rounding == "down" else np.round(value)) * step
     return int(np.clip(value, min(start, end), max(start, end)))
 
 
 def source_resolution(config: SourceConfig) -> Callable[[int], int]:
     """The source recipe's resolution schedule: epoch -> pixels."""
-    return lambda epoch: resolution_at(epoch, config.min_res, config.max_res, config.start_ramp, config.end_ramp)
+    return lambda epoch: resolution_at(epoch, config.min_res, config.max_res, config.start_ramp, config.end_ramp,
+                                       rounding=config.ramp_rounding)
 
 
 def lr_at(epoch: float, config: OptimConfig) -> float:
-    """Cyclic schedule: linear from 0 to the peak at lr_peak_epoch, then linear down to 0 at the end."""
+    """Cyclic: linear from 0 to the peak at lr_peak_epoch, then linear down to 0 at the end. Step: lr,
+    times lr_gamma after every lr_step_size whole epochs (torch's StepLR stepped once an epoch)."""
+    if config.lr_schedule == "step":
+        return float(config.lr * config.lr_gamma ** (int(epoch) // config.lr_step_size))
     return float(np.interp(epoch, [0.0, config.lr_peak_epoch, config.epochs], [0.0, config.lr, 0.0]))
 
 
@@ -63,10 +69,11 @@ def members_first(member: torch.Tensor) -> torch.Tensor:
     return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every trainable parameter except BatchNorm's."""
-    batchnorm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 for p in m.parameters()}
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """Weight decay on every trainable parameter, BatchNorm's only with config.bn_weight_decay."""
+    weight_decay = config.weight_decay
+    batchnorm = set() if config.bn_weight_decay else {
+        id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in batchnorm]
     no_decay = [p for p in trainable if id(p) in batchnorm]
@@ -137,8 +144,10 @@ class LockstepTrainer:
         dtype = AUTOCAST_DTYPES[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        return own_class_accuracy(self.models, self.class_membership, batches, self.autocast)
+    def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], among_own: bool = True) -> list[float]:
+        """Each model's accuracy on its own classes' examples, choosing among its classes or, with
+        `among_own` false, among every class (source.val_accuracy)."""
+        return own_class_accuracy(self.models, self.class_membership, batches, self.autocast, among_own)
 
     def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
         """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
@@ -157,7 +166,7 @@ class SequentialTrainer(LockstepTrainer):
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
                  steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
-        self.optimizers = [torch.optim.SGD(param_groups(m, config.weight_decay), lr=0.0, momentum=config.momentum)
+        self.optimizers = [torch.optim.SGD(param_groups(m, config), lr=0.0, momentum=config.momentum)
                            for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
 
@@ -193,8 +202,10 @@ class SequentialTrainer(LockstepTrainer):
 
 @torch.no_grad()
 def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast) -> list[float]:
-    """Each model's accuracy on the examples of its own classes, choosing among its classes only."""
+                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast, among_own: bool = True
+                       ) -> list[float]:
+    """Each model's accuracy on the examples of its own classes, choosing among its classes only (or, with
+    `among_own` false, among all its logits, as MadryLab/data-transfer measures it)."""
     device = membership.device
     correct = torch.zeros(len(models), device=device)
     counts = torch.zeros(len(models), device=device)
@@ -208,7 +219,8 @@ def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
                 continue
             with autocast():
                 logits = model(images[rows]).float()
-            logits[:, ~membership[k]] = -torch.inf
+            if among_own:
+                logits[:, ~membership[k]] = -torch.inf
             correct[k] += (logits.argmax(1) == part).sum()
             counts[k] += len(part)
     return (correct / counts.clamp_min(1)).tolist()

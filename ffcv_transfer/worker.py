@@ -16,6 +16,7 @@ import torch
 
 from .checkpoints import checkpoint_path, save_checkpoint
 from .config import Experiment
+from .data import Upsampled
 from .experiment_store import (EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed,
                                transfer_field, transfer_seed)
 from .grouped import GroupedTrainer
@@ -66,7 +67,7 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
         return failures, {}
     source_acc = trainer.accuracy(loaders.get(experiment, "source_val", train=False, resolution=source.val_res,
                                               batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
-                                              classes=union))
+                                              classes=union), among_own=source.val_accuracy == "own_classes")
     if experiment.run.checkpoints:  # before transfer, which changes the models
         for k in alive:
             save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[k], rows[k])
@@ -91,16 +92,20 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
 
     config = experiment.transfer.for_mode(mode or experiment.transfer.modes[0])
     num_classes = read_sidecar(experiment.data.path("target_train"))["num_classes"]
-    test = loaders.get(experiment, "target_test", train=False, resolution=config.resolution,
-                       batch_size=config.batch_size)
+
+    def target(split: str, train: bool, **crops):
+        """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
+        loader = loaders.get(experiment, split, train=train, resolution=config.upsample_from or config.resolution,
+                             batch_size=config.batch_size, normalization=config.normalization, **crops)
+        return Upsampled(loader, config.resolution) if config.upsample_from else loader
+
+    test = target("target_test", False, crop_ratio=config.test_crop_ratio)
     if config.mode == "cached_features":
-        train = loaders.get(experiment, "target_train", train=False, resolution=config.resolution,
-                            batch_size=config.batch_size)
+        train = target("target_train", False, crop_ratio=config.test_crop_ratio)
         outputs = transfer_cached_features(models, train, test, num_classes, config)
         on_epoch("transfer (cached_features)")
         return outputs, {}
-    train = loaders.get(experiment, "target_train", train=True, resolution=config.resolution,
-                        batch_size=config.batch_size, crop_min_scale=config.crop_min_scale)
+    train = target("target_train", True, crop_min_scale=config.crop_min_scale)
     return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
                                 device=experiment.run.device, on_epoch=on_epoch)
 

@@ -1,4 +1,4 @@
-"""Experiment configs: the YAML files in rs_configs/ load, the paper config is the reference recipe,
+"""Experiment configs: the YAML files in rs_configs/ load, the DT config is the reference recipe,
 command-line settings override files, and bad settings are errors that name the file and the setting."""
 from pathlib import Path
 
@@ -13,23 +13,47 @@ DATA = {"data.source_train": "s.beton", "data.source_val": "v.beton", "data.targ
         "data.target_test": "u.beton"}
 
 
-@pytest.mark.parametrize("name", ["paper_imagenet_cifar10", "imagenet64_cheap", "tinyimagenet_cifar10", "demo_cpu",
-                                  "tinyimagenet_demo_cpu"])
+@pytest.mark.parametrize("name", ["paper_dt_imagenet_cifar10", "paper_ffcv_imagenet_cifar10", "imagenet64_cheap",
+                                  "tinyimagenet_cifar10", "demo_cpu", "tinyimagenet_demo_cpu"])
 def test_every_shipped_config_loads(name):
     experiment = load_experiment(CONFIGS / f"{name}.yaml")
     assert experiment.data.path("source_train").name.endswith(".beton")
 
 
-def test_paper_config_is_the_reference_recipe():
-    e = load_experiment(CONFIGS / "paper_imagenet_cifar10.yaml")
-    s, t = e.source, e.transfer
-    assert (e.model.stem, e.model.width, e.masks.alpha) == ("imagenet", 1.0, 0.5)
-    # the loader's batch is shared by K >= 4 models on random halves: each model's part averages the reference's 1024
+# MadryLab/data-transfer's values (configs/base_config.yaml, configs/cifar10_config.yaml, src/trainer.py,
+# src/optimizers.py, src/datasets.py, src/decoders_and_transforms.py), written out by hand as settings
+REFERENCE = {
+    "masks.alpha": 0.5,  # num_classes: 500 of 1,000
+    "model.stem": "imagenet", "model.width": 1.0, "model.blurpool": False,  # torchvision resnet18
+    "source.epochs": 16, "source.lr": 0.5, "source.lr_peak_epoch": 2, "source.lr_schedule": "cyclic",
+    "source.momentum": 0.9, "source.weight_decay": 5e-5, "source.bn_weight_decay": True,
+    "source.label_smoothing": 0.0, "source.precision": "fp16",  # autocast + GradScaler
+    "source.min_res": 160, "source.max_res": 192, "source.start_ramp": 11, "source.end_ramp": 13,
+    "source.ramp_rounding": "nearest", "source.val_res": 224, "source.val_crop_ratio": 224 / 256,
+    "source.val_accuracy": "all_classes", "source.crop_min_scale": 0.08,
+    "transfer.mode": "fixed_feature", "transfer.epochs": 15, "transfer.lr": 0.1, "transfer.lr_peak_epoch": 5,
+    "transfer.lr_schedule": "cyclic", "transfer.momentum": 0.9, "transfer.weight_decay": 5e-4,
+    "transfer.bn_weight_decay": True, "transfer.label_smoothing": 0.0, "transfer.precision": "fp16",
+    "transfer.batch_size": 1024, "transfer.resolution": 224, "transfer.upsample_from": 32,
+    "transfer.crop_min_scale": 1.0, "transfer.test_crop_ratio": 1.0, "transfer.normalization": "cifar10",
+}
+
+
+def test_the_dt_config_is_the_reference_recipe_setting_by_setting():
+    e = load_experiment(CONFIGS / "paper_dt_imagenet_cifar10.yaml")
+    resolved = {f"{section}.{key}": value for section, values in e.to_dict().items() for key, value in values.items()}
+    differ = {key: (resolved[key], value) for key, value in REFERENCE.items() if resolved[key] != pytest.approx(value)}
+    assert not differ, differ
+    # the loader's batch is shared by K models on random halves: each model's part averages the reference's 1024
     union = 1 - (1 - e.masks.alpha) ** e.run.models_per_process
-    assert abs(s.batch_size * e.masks.alpha / union - 1024) < 10
-    assert (s.epochs, s.lr, s.lr_peak_epoch, s.weight_decay) == (16, 0.5, 2, 5e-5)
-    assert (s.min_res, s.max_res, s.precision) == (160, 192, "bf16")
-    assert (t.epochs, t.lr, t.lr_peak_epoch, t.weight_decay, t.resolution) == (15, 0.1, 5, 5e-4, 224)
+    assert abs(e.source.batch_size * e.masks.alpha / union - 1024) < 10
+    flavour = load_experiment(CONFIGS / "paper_ffcv_imagenet_cifar10.yaml").to_dict()
+    flavour = {f"{section}.{key}": value for section, values in flavour.items() for key, value in values.items()}
+    assert {key for key in REFERENCE if flavour[key] != pytest.approx(REFERENCE[key])} == {
+        "model.blurpool", "source.bn_weight_decay", "source.label_smoothing", "source.precision",
+        "source.ramp_rounding", "source.val_res", "source.val_accuracy", "transfer.bn_weight_decay",
+        "transfer.label_smoothing", "transfer.precision", "transfer.batch_size", "transfer.upsample_from",
+        "transfer.crop_min_scale", "transfer.normalization"}  # what its header says differs
 
 
 def test_command_line_overrides_file_and_types_are_parsed(tmp_path):

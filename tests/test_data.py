@@ -50,6 +50,25 @@ def test_eval_loader_returns_stored_images_normalised(betons, kind):
     assert images.is_contiguous()  # the CPU's layout (models.memory_format_for)
 
 
+def test_target_normalisations_and_nearest_upsampling_on_the_device(betons):
+    """The reference's CIFAR transfer: native pixels normalised with CIFAR-10's statistics (or none: / 255),
+    then upsampled nearest-neighbour on the device, each pixel a block of identical ones."""
+    from ffcv_transfer.data import Upsampled
+    from ffcv_transfer.settings import NORMALIZATIONS
+
+    config = LoaderConfig(order="sequential", drop_last=False)
+    arrays = torch.as_tensor(make_planted(SPEC, seed=2)["target_test"][0]).permute(0, 3, 1, 2).double()
+    for kind in ("cifar10", "none"):
+        loader = ResidentLoader(betons["target_test"], train=False, resolution=32, batch_size=16, config=config,
+                                crop_ratio=1.0, normalization=kind)
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) * 255 for v in NORMALIZATIONS[kind])
+        images, _ = collect(loader)
+        torch.testing.assert_close(images.double(), (arrays - mean) / std, rtol=0, atol=1e-5)
+        upsampled, _ = collect(Upsampled(loader, 96))
+        assert upsampled.shape[-2:] == (96, 96) and len(Upsampled(loader, 96)) == len(loader)
+        torch.testing.assert_close(upsampled, images.repeat_interleave(3, 2).repeat_interleave(3, 3))
+
+
 def test_train_loader_crops_subsets_and_resizes(betons):
     classes = [0, 2, 5]
     config = LoaderConfig(order="random", num_workers=2)

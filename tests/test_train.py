@@ -95,12 +95,47 @@ def test_cyclic_schedule_by_hand():
         OptimConfig(epochs=10, lr_peak_epoch=12)
 
 
-def test_no_weight_decay_on_batchnorm():
+def test_step_schedule_by_hand():
+    """torch's StepLR stepped once an epoch, as the reference's `steplr` (lr 0.01, step 10, gamma 0.1)."""
+    config = OptimConfig(epochs=15, lr=0.01, lr_schedule="step", lr_step_size=10, lr_gamma=0.1)
+    assert [lr_at(e, config) for e in (0, 9.9, 10, 14.5)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.1)
+    for epoch in range(15):
+        assert lr_at(epoch + 0.5, config) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+
+def test_weight_decay_on_batchnorm_only_when_asked():
     model = build_model(3, stem="small", width=0.125)
-    decay, no_decay = param_groups(model, 5e-4)
+    decay, no_decay = param_groups(model, OptimConfig(weight_decay=5e-4))
     bn = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     assert sum(p.numel() for p in no_decay["params"]) == bn and no_decay["weight_decay"] == 0.0
     assert decay["weight_decay"] == 5e-4 and len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    decay, no_decay = param_groups(model, OptimConfig(weight_decay=5e-4, bn_weight_decay=True))  # the reference
+    assert len(decay["params"]) == len(list(model.parameters())) and not no_decay["params"]
+
+
+def test_the_resolution_ramp_rounds_down_or_to_the_nearest_multiple_of_32():
+    """160 -> 192 px over epochs 11-13: ffcv-imagenet's rounding down reaches 192 px at epoch 13, the
+    reference's `int(np.round(res / 32)) * 32` at epoch 12."""
+    down = SourceConfig(min_res=160, max_res=192, start_ramp=11, end_ramp=13)
+    nearest = SourceConfig(min_res=160, max_res=192, start_ramp=11, end_ramp=13, ramp_rounding="nearest")
+    assert [source_resolution(down)(e) for e in range(10, 16)] == [160, 160, 160, 192, 192, 192]
+    assert [source_resolution(nearest)(e) for e in range(10, 16)] == [160, 160, 192, 192, 192, 192]
+
+
+def test_source_accuracy_among_own_or_all_classes():
+    """A model whose largest logit is a class it was not trained on: wrong among all classes (the
+    reference's argmax), right among its own."""
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[2.0, 0.0, 3.0]]).expand(len(x), 3)
+
+    trainer = SequentialTrainer([Fixed()], np.array([[True, True, False]]), OptimConfig(precision="fp32"), 1)
+    batch = [(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))]
+    assert trainer.accuracy(batch) == [1.0] and trainer.accuracy(batch, among_own=False) == [0.0]
 
 
 def batches(images, labels, batch_size, rng=None):

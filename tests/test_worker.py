@@ -276,3 +276,23 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, monkeyp
     assert "this store's transfer modes are cached_features, fixed_feature" in capsys.readouterr().err
     page = write_report(both.path, tmp_path / "report.html").read_text()
     assert "<h2>Transfer modes</h2>" in page and "cached_features against fixed_feature" in page
+
+
+def test_target_images_decoded_small_then_upsampled_with_their_own_statistics(tiny_data):
+    """transfer.upsample_from / normalization / test_crop_ratio reach the target loaders: decoded at 8 px,
+    normalised with CIFAR-10's statistics, evaluated on a 7/8 centre crop, upsampled to 16 px on the device."""
+    from ffcv_transfer.data import normalisation
+    from ffcv_transfer.models import build_model
+
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{
+        "loader.kind": "resident", "transfer.upsample_from": 8, "transfer.normalization": "cifar10",
+        "transfer.test_crop_ratio": 0.875}))
+    models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
+    cache = LoaderCache()
+    outputs, failures = worker_module.transfer_models(models, experiment, cache, lambda stage: None)
+    assert not failures and all(np.isfinite(out.margins.numpy()).all() for out in outputs)
+    held = list(cache.held.values())
+    assert len(held) == 2 and {loader.resolution for loader in held} == {8}
+    assert {loader.crop_ratio for loader in held} == {0.875}
+    for loader in held:
+        torch.testing.assert_close(loader.mean, normalisation(loader.device, "cifar10")[0])
