@@ -15,6 +15,8 @@ import numpy as np
 
 from ffcv_transfer.store import ResultStore
 
+from .conftest import influence_reference
+
 HEADROOM_MB = 384  # the cap above the child's start; the streamed kernels get a sixth of it
 
 CHILD_PREAMBLE = """
@@ -45,13 +47,6 @@ def run_capped(body: str, tmp_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def reference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    m, y = masks.astype(np.float64), outputs.astype(np.float64)
-    n_in = m.sum(0)[:, None]
-    sums = m.T @ y
-    return sums / n_in - (y.sum(0) - sums) / (len(m) - n_in)
-
-
 def test_class_influence_streams_target_columns_under_a_memory_cap(tmp_path):
     """1,000 classes x 30,000 outputs: the float64 accumulators alone take 240 MB and the dense result
     about four times that; `ffcv-transfer influence` under the cap writes every block into its file."""
@@ -71,7 +66,7 @@ def test_class_influence_streams_target_columns_under_a_memory_cap(tmp_path):
     """, tmp_path)
     assert found == {"code": 0, "dense_fails": True}
     result = np.load(tmp_path / "infl.npy")
-    expected = reference(masks, outputs)
+    expected = influence_reference(masks, outputs)
     assert np.abs(result - expected).max() / np.abs(expected).max() < 1e-6
     assert np.argmax(result.mean(1)) == 0  # the planted class
     assert not list(tmp_path.glob("*.partial"))
@@ -107,7 +102,7 @@ def test_leak_extremes_stream_example_blocks_under_a_memory_cap(tmp_path):
     for j, e in planted.items():
         assert saved["positive"][j, 0] == e
     checked = [*planted, *rng.choice(width, 15, replace=False).tolist()]
-    expected = reference(masks, outputs.astype(np.float32)[:, checked])  # (E, len(checked))
+    expected = influence_reference(masks, outputs.astype(np.float32)[:, checked])  # (E, len(checked))
     for k, j in enumerate(checked):
         order = np.argsort(-expected[:, k], kind="stable")[:keep]
         np.testing.assert_allclose(saved["positive_values"][j], expected[order, k], rtol=1e-5, atol=1e-6)

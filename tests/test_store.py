@@ -14,6 +14,8 @@ import pytest
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.store import ResultStore, StoreError, format_status
 
+from .conftest import influence_reference
+
 SCHEMA = {"margins": ((50,), np.float16), "predictions": ((50,), np.int16), "source_acc": ((), np.float32)}
 
 
@@ -358,13 +360,6 @@ def test_status_per_worker_and_releasing_the_claims_of_ended_workers(tmp_path):
     assert store.writer("next").claim(5) == [1, 2, 3, 4, 6]
 
 
-def union_reference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    m, y = masks.astype(np.float64), outputs.astype(np.float64)
-    n_in = m.sum(0)[:, None]
-    sums = m.T @ y
-    return sums / n_in - (y.sum(0) - sums) / (len(m) - n_in)
-
-
 def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path):
     """Rows added to a store (next week's models) and a second store read with it give the influence of
     all their models together, against float64; an `add_rows` cut off before its spec leaves the store
@@ -381,13 +376,13 @@ def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path)
     np.save(tmp_path / "a" / "fixed" / "masks.npy", np.concatenate([masks[:30], ~masks[:7]]))
     assert ResultStore(tmp_path / "a").num_rows == 30 and np.array_equal(ResultStore(tmp_path / "a").fixed("masks"),
                                                                           masks[:30])
-    assert np.allclose(influence_from_store(tmp_path / "a"), union_reference(masks[:30], outputs[:30]), atol=1e-5)
+    assert np.allclose(influence_from_store(tmp_path / "a"), influence_reference(masks[:30], outputs[:30]), atol=1e-5)
     grown = ResultStore(tmp_path / "a")
     assert grown.add_rows({"masks": masks[30:50]}) == range(30, 50)
     assert ResultStore(tmp_path / "a").status()["pending"] == 20
     np.testing.assert_array_equal(ResultStore(tmp_path / "a").fixed("masks"), masks[:50])
     grown.writer().write_many(range(30, 50), margins=outputs[30:50])
-    np.testing.assert_allclose(influence_from_store(tmp_path / "a"), union_reference(masks[:50], outputs[:50]),
+    np.testing.assert_allclose(influence_from_store(tmp_path / "a"), influence_reference(masks[:50], outputs[:50]),
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(StoreError, match="new rows need every fixed array"):
         grown.add_rows({"other": masks[:2]})
@@ -402,7 +397,7 @@ def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path)
     assert pool.completed_rows().tolist() == list(range(75))
     used = np.array([r for r in range(75) if r != 53])
     np.testing.assert_allclose(influence_from_store([tmp_path / "a", tmp_path / "b"]),
-                               union_reference(masks[used], outputs[used]), rtol=1e-5, atol=1e-6)
+                               influence_reference(masks[used], outputs[used]), rtol=1e-5, atol=1e-6)
     ResultStore.create(tmp_path / "c", 5, {"margins": ((13,), np.float16)}, fixed={"masks": masks[:5]})
     with pytest.raises(StoreError, match="its fields differ"):
         open_stores([tmp_path / "a", tmp_path / "c"])
