@@ -128,4 +128,7 @@ class ImageLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for images, labels, *index in self.loader:
-            yield ((images.float() - self.mean) / self.std, labels.long(), *(i.long() for i in index))
+            # copies: ffcv reuses its batch buffers, so a caller that keeps labels across batches (feature
+            # extraction concatenates a whole pass) would otherwise see later batches' labels in earlier ones
+            yield ((images.float() - self.mean) / self.std, labels.to(torch.int64, copy=True),
+                   *(i.to(torch.int64, copy=True) for i in index))

@@ -48,6 +48,10 @@ def test_eval_loader_returns_stored_images_normalised(betons, kind):
     np.testing.assert_array_equal(labels.numpy(), truth[keep])
     torch.testing.assert_close(images.double(), normalised(arrays[keep]), rtol=0, atol=1e-5)
     assert images.is_contiguous()  # the CPU's layout (models.memory_format_for)
+    # kept across a pass of more batches than ffcv has buffers (it reuses them), labels stay each batch's own
+    loader = kind(betons["source_val"], train=False, resolution=32, batch_size=4, config=config, classes=[1, 4],
+                  crop_ratio=1.0)
+    np.testing.assert_array_equal(torch.cat([labels for _, labels in loader]).numpy(), truth[keep])
 
 
 def test_target_normalisations_and_nearest_upsampling_on_the_device(betons):
