@@ -43,6 +43,7 @@ def run_transfer(store_dir: str | Path, mode: str, progress: bool = True, label:
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
         create_store(sub_dir, store.fixed(MASKS), num_test, init_seeds=store.fixed(INIT_SEEDS), experiment=target)
     sub = ResultStore(sub_dir)
+    num_classes = sub.fixed(MASKS).shape[1]
     todo = pending_transfer_rows(store_dir, mode)
     trained, values = store.read(["source_acc"])
     source_acc = dict(zip(trained.tolist(), values["source_acc"].tolist()))
@@ -52,8 +53,7 @@ def run_transfer(store_dir: str | Path, mode: str, progress: bool = True, label:
     written, start = 0, time.monotonic()
     try:
         while claimed := writer.claim(experiment.run.models_per_process, rows=todo):
-            models = [load_source_model(checkpoint_path(store.path, row), target, sub.fixed(MASKS).shape[1])
-                      for row in claimed]
+            models = [load_source_model(checkpoint_path(store.path, row), target, num_classes) for row in claimed]
             torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode))
             outputs, failures = transfer_models(models, target, loaders, lambda stage: writer.heartbeat(), mode)
             for k, reason in failures.items():
