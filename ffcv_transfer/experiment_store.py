@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import ConfigError, Experiment, load_experiment
-from .masks import class_masks, random_example_masks
+from .masks import class_masks, random_class_masks, random_example_masks
 from .store import ResultStore, StoreError
 
 EXPERIMENT_FILE = "experiment.yaml"
@@ -107,8 +107,6 @@ def add_models(store_dir: str | Path, count: int) -> range:
     indices, the saved experiment's masks.num_models updated. Returns the new rows, pending for `train`."""
     import dataclasses
     import os
-
-    from .masks import random_class_masks
 
     store, experiment = ResultStore(store_dir), open_experiment(store_dir)
     if count < 1:
