@@ -24,8 +24,10 @@ def add_output_option(parser: argparse.ArgumentParser, flags: tuple[str, ...] = 
 
 
 def add_mode_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", help="of a store with several transfer modes (transfer.mode), the one "
-                        "analysed (default: the first)")
+    parser.add_argument("--target", help="of a store with several targets (the experiment's `targets:`), or a "
+                        "target added by `ffcv-transfer transfer`, the one analysed (default: the first)")
+    parser.add_argument("--mode", help="of that target's transfer modes (transfer.mode), the one analysed "
+                        "(default: the first)")
 
 
 def max_bytes_of(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def cmd_rankings(args: argparse.Namespace) -> None:
     from .plots import influence_bars
     from .report import gather
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode), _out(args)
+    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     by_class = found.by_class
     columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
     columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
@@ -55,7 +55,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from .analyses import explain_example
     from .report import explanation_grid, gather
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode), _out(args)
+    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     j = args.example
     negative = explain_example(found.influence, j, args.k)
     target = found.target_names[found.labels[j]]
@@ -90,7 +90,7 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
     from .plots import image_grid
     from .report import gather
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode), _out(args)
+    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     c = _source_class(found, args.source_class)
     target = found.target_names.index(args.target_class) if args.target_class else None
     chosen = subpopulation(found.influence, c, args.k, found.labels, target)
@@ -108,7 +108,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     from .plots import accuracy_versus_removed
     from .report import gather
 
-    found, out = gather(args.store, output=args.output, mode=args.mode), _out(args)
+    found, out = gather(args.store, output=args.output, mode=args.mode, target=args.target), _out(args)
     experiment = store_experiment(args)
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
@@ -130,7 +130,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    print(f"wrote {write_report(args.store, args.out, k=args.k, counterfactual_dir=args.counterfactual, names_file=args.names, progress=True, output=args.output, mode=args.mode)}")
+    print(f"wrote {write_report(args.store, args.out, k=args.k, counterfactual_dir=args.counterfactual, names_file=args.names, progress=True, output=args.output, mode=args.mode, target=args.target)}")
 
 
 def cmd_leakage(args: argparse.Namespace) -> None:
@@ -138,7 +138,7 @@ def cmd_leakage(args: argparse.Namespace) -> None:
 
     found = find_leaks(args.store, args.out, top=args.top, min_similarity=args.min_similarity,
                        max_hash_distance=args.max_hash_distance, max_bytes=max_bytes_of(args), key=args.output,
-                       mode=args.mode)
+                       mode=args.mode, target=args.target)
     for kind in ("leakage", "mislabelled"):
         print(f"{kind}: {len(found[kind])} source images confirmed as near-duplicates of a target image")
         for entry in found[kind][:20]:

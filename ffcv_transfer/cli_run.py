@@ -48,10 +48,15 @@ def cmd_influence(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
     max_bytes = max_bytes_of(args)
     store = open_stores(args.store)
-    if args.mode is not None:
+    if args.mode is not None or args.target is not None:
         from .experiment_store import open_experiment, transfer_field
+        from .transfer_only import later_transfer_stores
 
-        args.key = transfer_field(args.key, open_experiment(args.store[0]).transfer.modes, args.mode)
+        later = later_transfer_stores([Path(path) for path in args.store], args.target, args.mode)
+        if later:  # a transfer made by `ffcv-transfer transfer`: its own store, bare names
+            args.store = [str(path) for path in later]
+        else:
+            args.key = transfer_field(args.key, open_experiment(args.store[0]), args.target, args.mode)
     store.require([args.mask_key, args.key])
     if args.key not in store.schema:
         raise ConfigError(f"--key {args.key}: a fixed array of {args.store}, not a per-model output")
@@ -139,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_transfer(args: argparse.Namespace) -> None:
     from .config import ConfigError
     from .store import ResultStore, format_status
-    from .transfer_only import import_checkpoints, run_transfer, transfer_store_path
+    from .transfer_only import import_checkpoints, run_transfer, transfer_experiment, transfer_store_path
 
     if args.checkpoints:
         if not args.config:
@@ -149,9 +154,11 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     elif args.config or args.settings:
         raise ConfigError("transfer: a store's models are transferred with its own experiment; --config and "
                           "settings only go with --checkpoints")
-    written = run_transfer(args.store, args.mode, progress=not args.no_progress, label=args.label)
+    written = run_transfer(args.store, args.target, args.mode, args.recipe, progress=not args.no_progress,
+                           label=args.label)
     print(f"this worker wrote {written} rows")
-    sub = transfer_store_path(args.store, args.mode)
+    experiment = transfer_experiment(args.store, args.target, args.mode, args.recipe)
+    sub = transfer_store_path(args.store, *experiment.transfers[0])
     print(format_status(ResultStore(sub).status(), sub))
 
 
@@ -247,11 +254,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_train, takes_settings=True)
 
     p = commands.add_parser("transfer", help="transfer already-trained source models (the store's checkpoints, or "
-                            "a folder of outside ones) in a transfer mode, into STORE/transfers/MODE; resumable",
-                            epilog=SETTINGS_HELP)
+                            "a folder of outside ones) to a target in a transfer mode, into "
+                            "STORE/transfers/TARGET/MODE; resumable", epilog=SETTINGS_HELP)
     p.add_argument("--store", required=True, metavar="DIR", help="a store trained with --run.checkpoints=true, "
                    "or, with --checkpoints, the store to create")
-    p.add_argument("--mode", required=True, choices=TRANSFER_MODES, help="transfer mode")
+    p.add_argument("--target", help="one of the experiment's targets (default: the first, or --recipe's)")
+    p.add_argument("--recipe", metavar="FILE", help="a new target: its recipe file (data.target_name, "
+                   "data.target_train, data.target_test and transfer settings, e.g. rs_configs/targets/NAME.yaml), "
+                   "over the experiment's transfer section")
+    p.add_argument("--mode", choices=TRANSFER_MODES, help="transfer mode (default: the target's first)")
     p.add_argument("--checkpoints", metavar="DIR", help="outside source models: DIR/*.pt (torchvision's or this "
                    "package's ResNet-18 names, bare or as {'state_dict': ...}) and DIR/masks.npy (their classes, "
                    "one row per file in name order)")

@@ -7,12 +7,15 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from .settings import (RENAMED, SECTIONS, DataConfig, LoaderConfig, MaskConfig, ModelConfig, RunConfig, SourceConfig,
-                       TransferConfig)
+                       Target, TransferConfig)
+
+TARGETS = "targets"  # the experiment file's list of further targets
+TARGET_KEYS = ("data.target_name", "data.target_train", "data.target_test")  # what a target recipe must name
 
 
 class ConfigError(Exception):
@@ -28,9 +31,40 @@ class Experiment:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    extra_targets: tuple[Target, ...] = ()  # the experiment file's `targets:` list
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(getattr(self, name)) for name in SECTIONS}
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every target, the data section's first."""
+        d = self.data
+        return (Target(d.target_name, d.target_train, d.target_test, self.transfer), *self.extra_targets)
+
+    def target(self, name: str | None = None) -> Target:
+        """The target called `name` (default: the first); an unknown name is a ConfigError listing them."""
+        for target in self.targets:
+            if name is None or target.name == name:
+                return target
+        raise ConfigError(f"--target {name}: this experiment's targets are {', '.join(t.name for t in self.targets)}")
+
+    @property
+    def transfers(self) -> tuple[tuple[str, str], ...]:
+        """(target name, transfer mode) of every transfer of each source model, in the order they run."""
+        return tuple((target.name, mode) for target in self.targets for mode in target.transfer.modes)
+
+    def for_target(self, name: str | None = None, mode: str | None = None) -> "Experiment":
+        """This experiment with the one target `name` (in the one mode `mode` if given): what a store of
+        one target's transfers (transfer_only.py) is made with."""
+        target = self.target(name)
+        transfer = target.transfer.for_mode(mode) if mode else target.transfer
+        data = replace(self.data, target_name=target.name, target_train=target.train, target_test=target.test)
+        return replace(self, data=data, transfer=transfer, extra_targets=())
+
+    def to_dict(self) -> dict[str, Any]:
+        tree: dict[str, Any] = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        if self.extra_targets:
+            tree[TARGETS] = [{"data": {"target_name": t.name, "target_train": t.train, "target_test": t.test},
+                              "transfer": asdict(t.transfer)} for t in self.extra_targets]
+        return tree
 
     def save(self, path: str | Path) -> None:
         import yaml
@@ -92,22 +126,87 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_experiment(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Experiment:
-    """Settings from a YAML file (if given), then `overrides` ({"source.epochs": 4, ...}), then defaults."""
+    """Settings from a YAML file (if given), then `overrides` ({"source.epochs": 4, ...}), then defaults.
+    The file's `targets:` list adds targets: each a target recipe (TARGET_KEYS and transfer settings; see
+    `_target_recipe`) over the experiment's own transfer section."""
+    where = " + ".join(filter(None, [str(path) if path else "", "command line" if overrides else ""])) or "defaults"
+    settings, recipes = (_read_file(path) if path is not None else ({}, []))
+    settings |= dict(overrides or {})
+    experiment = _resolve(settings, where)
+    extra = []
+    for n, entry in enumerate(recipes):
+        recipe, origin = _target_recipe(entry, Path(path).parent, f"{path}: targets[{n}]")
+        extra.append(_resolve(settings | recipe, origin).targets[0])
+    names = [t.name for t in (*experiment.targets[:1], *extra)]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{where}: target names must differ, got {', '.join(names)}")
+    return replace(experiment, extra_targets=tuple(extra))
+
+
+def with_target(experiment: Experiment, recipe_file: str | Path) -> Experiment:
+    """`experiment` with the target of a recipe file (`_target_recipe`) added last, over its transfer
+    section; a target of that name must not exist already, unless it is the same."""
+    settings = _flatten({name: values for name, values in experiment.to_dict().items() if name != TARGETS})
+    recipe, origin = _target_recipe(str(recipe_file), Path("."), str(recipe_file))
+    added = _resolve(settings | recipe, origin).targets[0]
+    known = {target.name: target for target in experiment.targets}
+    if added.name in known:
+        if known[added.name] != replace(added, transfer=replace(added.transfer, mode=known[added.name].transfer.mode)):
+            raise ConfigError(f"{recipe_file}: target {added.name} exists in this experiment with another recipe")
+        return experiment
+    return replace(experiment, extra_targets=(*experiment.extra_targets, added))
+
+
+def _read_file(path: str | Path) -> tuple[dict[str, Any], list]:
+    """A YAML file's flattened settings and its `targets:` entries."""
+    tree = _read_yaml(path)
+    targets = tree.pop(TARGETS, None) or []
+    if not isinstance(targets, list):
+        raise ConfigError(f"{path}: targets: expected a list of target recipes (files or mappings)")
+    return {RENAMED.get(key, key): value for key, value in _flatten(tree).items()}, targets
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
+
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the configuration: {error}") from None
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{path}: expected sections (data:, source:, ...), found {type(tree).__name__}")
+    return dict(tree)
+
+
+def _target_recipe(entry: Any, folder: Path, where: str) -> tuple[dict[str, Any], str]:
+    """(settings, origin) of one `targets:` entry: a recipe file's path (relative to the experiment file's
+    folder, else the working directory; e.g. rs_configs/targets/flowers102.yaml) or an inline mapping of
+    the same shape, optionally starting from a file named by its `recipe:` key. A recipe holds TARGET_KEYS
+    and transfer settings, nothing else."""
+    recipe: dict[str, Any] = {}
+    if isinstance(entry, Mapping) and "recipe" in entry:
+        entry = dict(entry)
+        recipe, where = _target_recipe(entry.pop("recipe"), folder, where)
+    if isinstance(entry, str):
+        file = folder / entry if (folder / entry).is_file() else Path(entry)
+        entry, where = _read_yaml(file), str(file)
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: a target is a recipe file's path or a mapping (data:, transfer:), got {entry!r}")
+    recipe |= _flatten(entry)
+    stray = sorted(key for key in recipe if key not in TARGET_KEYS and not key.startswith("transfer."))
+    missing = [key for key in TARGET_KEYS if key not in recipe]
+    if stray or missing:
+        raise ConfigError(f"{where}: a target recipe holds {', '.join(TARGET_KEYS)} and transfer settings"
+                          + (f"; unexpected: {', '.join(stray)}" if stray else "")
+                          + (f"; missing: {', '.join(missing)}" if missing else ""))
+    return recipe, where
+
+
+def _resolve(settings: Mapping[str, Any], where: str) -> Experiment:
+    """The experiment (one target) of flat settings over the defaults, every problem one ConfigError."""
     from fastargs.exceptions import MissingValueError
 
-    where = " + ".join(filter(None, [str(path) if path else "", "command line" if overrides else ""])) or "defaults"
     known = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)}
-    settings: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot read the configuration: {error}") from None
-        if not isinstance(tree, Mapping):
-            raise ConfigError(f"{path}: expected sections (data:, source:, ...), found {type(tree).__name__}")
-        settings |= {RENAMED.get(key, key): value for key, value in _flatten(tree).items()}
-    settings |= dict(overrides or {})
     unknown = sorted(set(settings) - known)
     if unknown:
         hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
@@ -115,7 +214,7 @@ def load_experiment(path: str | Path | None = None, overrides: Mapping[str, Any]
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(hints)}; `ffcv-transfer settings` lists them")
 
     config = _declare()
-    config.collect(settings)
+    config.collect(dict(settings))
     problems = []
     for key, error in config.validate(mode="errordict").items():
         name = ".".join(key)

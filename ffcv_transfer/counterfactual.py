@@ -93,13 +93,12 @@ def without_class_design(num_classes: int, source_class: int, repeats: int) -> t
 def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.ndarray, progress: bool = True,
                  train: Callable[[Path, Any], None] | None = None):
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
-    the experiment's recipe in its first transfer mode (the accuracy compared), by `train(path,
-    experiment)` when given (else a worker in this process); returns the store."""
-    from dataclasses import replace
-
+    the experiment's recipe, transferred to its first target in that target's first transfer mode (the
+    accuracy compared), by `train(path, experiment)` when given (else a worker in this process); returns
+    the store."""
     from .worker import run_worker
 
-    experiment = replace(experiment, transfer=experiment.transfer.for_mode(experiment.transfer.modes[0]))
+    experiment = experiment.for_target(None, experiment.transfer.modes[0])
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]

@@ -82,14 +82,15 @@ def _index_decoder():
 class ImageLoader:
     """Iterate for (images, labels), or (images, labels, indices) with `with_indices` (each example's
     position in the beton, int64: what example masks route on). Training: random-resized-crop (area
-    fraction in `crop_scale`) + flip; evaluation: centre crop of `crop_ratio` of the shorter side.
+    fraction in `crop_scale`; None: the evaluation's centre crop) + flip; evaluation: centre crop of
+    `crop_ratio` of the shorter side.
     `classes` loads the examples of those classes, `indices` exactly those examples (not both). Images
     come normalised with `normalization` (settings.NORMALIZATIONS)."""
 
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
                  config: LoaderConfig = LoaderConfig(),
                  device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
-                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] | None = (0.08, 1.0),
                  indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False,
                  normalization: str = "imagenet"):
         from beton_writers.threading_layer import use_threading_layer
@@ -103,7 +104,7 @@ class ImageLoader:
         indices = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         size = (resolution, resolution)
-        self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train
+        self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train and crop_scale
                         else CenterCropRGBImageDecoder(size, crop_ratio))
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
             [ToTensor(), ToDevice(self.device, non_blocking=True),

@@ -7,8 +7,9 @@
                                     examples as packed bits in beton order (`masks` then holds the classes
                                     each model has examples of)
     STORE/fixed/removal.npy         counterfactual stores: (kind, count, seed) of each row
-    per row                         margins, is_correct, predictions, p_correct, correct_logit: (T,)
-                                    over the target test set; source_acc, target_acc (top-1),
+    per row                         source_acc; per (target, transfer mode) (`transfer_field` names
+                                    them) margins, is_correct, predictions, p_correct, correct_logit:
+                                    (T,) over that target's test set; target_acc (top-1),
                                     target_mean_class_acc (the mean of the per-class accuracies)
 
 store.py is the generic on-disk format (records, claims, failures); this module is the experiment's
@@ -16,11 +17,13 @@ schema on top of it, and the one place that creates such stores and opens their 
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .config import TARGETS as TARGETS_KEY
 from .config import ConfigError, Experiment, load_experiment
 from .masks import class_masks, random_class_masks, random_example_masks
 from .store import ResultStore, StoreError
@@ -33,31 +36,36 @@ REMOVAL = "removal"
 # settings that may differ between stores read as one: how many models and their draw, where and how fast
 POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.fusion", "run.compile",
              "run.checkpoints", "loader.num_workers", "loader.threading", "loader.os_cache"}
-TRANSFERS = "transfers"  # STORE/transfers/MODE: a store of later transfers of the checkpointed source models
+TRANSFERS = "transfers"  # STORE/transfers/TARGET/MODE: a store of later transfers of the checkpointed source models
 # (T,) per row; stores made before p_correct and correct_logit lack them (analyses then name what is missing)
 OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16", "p_correct": "float16",
                  "correct_logit": "float16"}
 OUTPUTS = ("margins", "p_correct", "correct_logit", "is_correct")  # what influence can be computed on
-TRANSFER_SCALARS = ("target_acc", "target_mean_class_acc")  # float32 per row and transfer mode
+TRANSFER_SCALARS = ("target_acc", "target_mean_class_acc")  # float32 per row and transfer
+ACCURACY_FIELDS = {"top1": "target_acc", "mean_per_class": "target_mean_class_acc"}  # by transfer.metric
 SPLITS = ("source_train", "source_val", "target_train", "target_test")
+TARGET_SPLITS = ("target_train", "target_test")
+DEFAULT_TARGET = "target"  # data.target_name's default
 
 
-def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
+def create_store(path: str | Path, masks: np.ndarray, num_target_test: int | dict[str, int],
                  extra_fixed: dict[str, np.ndarray] | None = None, init_seeds: np.ndarray | None = None,
                  experiment: Experiment | None = None) -> ResultStore:
     """A store with one row per model: its class mask and the seed of its initial weights (fixed; by
-    default the row index), its source accuracy and, per transfer mode of `experiment` (one when none is
-    given), per target test example its outputs (OUTPUT_SCHEMA) and its target accuracies
-    (`transfer_field` names them). Rows given equal `init_seeds` start from the same weights (paired
-    comparisons, as in the counterfactuals). `experiment` is saved beside the rows (`open_experiment`)."""
+    default the row index), its source accuracy and, per transfer (target, mode) of `experiment` (one
+    when none is given), per target test example its outputs (OUTPUT_SCHEMA) and its target accuracies
+    (`transfer_field` names them). `num_target_test`: the test examples of each target by name (an int:
+    of the one target). Rows given equal `init_seeds` start from the same weights (paired comparisons,
+    as in the counterfactuals). `experiment` is saved beside the rows (`open_experiment`)."""
     seeds = np.arange(len(masks)) if init_seeds is None else np.asarray(init_seeds, np.int64)
     if seeds.shape != (len(masks),):
         raise ValueError(f"{path}: {len(seeds)} init seeds for {len(masks)} models")
-    modes = experiment.transfer.modes if experiment is not None else ("",)
     schema: dict[str, tuple[tuple[int, ...], str]] = {"source_acc": ((), "float32")}
-    for mode in modes:
-        schema |= {transfer_field(name, modes, mode): ((num_target_test,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
-        schema |= {transfer_field(name, modes, mode): ((), "float32") for name in TRANSFER_SCALARS}
+    for target, mode in experiment.transfers if experiment is not None else ((None, None),):
+        count = num_target_test if isinstance(num_target_test, int) else num_target_test[target]
+        field = partial(transfer_field, experiment=experiment, target=target, mode=mode)
+        schema |= {field(name): ((count,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
+        schema |= {field(name): ((), "float32") for name in TRANSFER_SCALARS}
     store = ResultStore.create(path, len(masks), schema,
                                fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
     if experiment is not None:
@@ -65,14 +73,29 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int,
     return store
 
 
-def transfer_field(name: str, modes: Sequence[str], mode: str | None = None) -> str:
-    """The store field of output `name` of transfer mode `mode` (default: the first): the first mode's
-    fields carry the bare names (as in stores of one mode), the others `name@mode`."""
-    if mode is None or mode == modes[0]:
+def transfer_field(name: str, experiment: Experiment | None, target: str | None = None, mode: str | None = None
+                   ) -> str:
+    """The store field of output `name` of the transfer to `target` (default: the first) in `mode`
+    (default: the target's first): the first transfer's fields carry the bare names (as in stores of one
+    transfer), the first target's other modes `name@mode`, other targets' `name@target/mode`. An unknown
+    target or mode is a ConfigError naming the experiment's."""
+    if experiment is None:
         return name
-    if mode not in modes:
-        raise ConfigError(f"--mode {mode}: this store's transfer modes are {', '.join(modes)}")
-    return f"{name}@{mode}"
+    first = experiment.targets[0]
+    chosen = experiment.target(target)
+    modes = chosen.transfer.modes
+    if mode is not None and mode not in modes:
+        raise ConfigError(f"--mode {mode}: this store's transfer modes{'' if len(experiment.targets) == 1 else f' to {chosen.name}'}"
+                          f" are {', '.join(modes)}")
+    mode = mode or modes[0]
+    if chosen.name != first.name:
+        return f"{name}@{chosen.name}/{mode}"
+    return name if mode == modes[0] else f"{name}@{mode}"
+
+
+def target_test_counts(experiment: Experiment) -> dict[str, int]:
+    """Each target's test examples by name, from its sidecar (a missing beton is an error naming it)."""
+    return {name: sidecars["target_test"]["num_examples"] for name, sidecars in target_sidecars(experiment).items()}
 
 
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
@@ -83,7 +106,7 @@ def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
         masks = class_masks(experiment.masks, num_classes)
     except ValueError as error:  # e.g. more classes than an orthogonal design of num_models holds
         raise ConfigError(f"{experiment.data.path('source_train')}: {num_classes} classes: {error}") from None
-    return create_store(path, masks, sidecars["target_test"]["num_examples"], experiment=experiment)
+    return create_store(path, masks, target_test_counts(experiment), experiment=experiment)
 
 
 def create_example_store(path: str | Path, experiment: Experiment) -> ResultStore:
@@ -97,7 +120,7 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     m = experiment.masks
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
     return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
-                        sidecars["target_test"]["num_examples"],
+                        target_test_counts(experiment),
                         extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)}, experiment=experiment)
 
 
@@ -144,7 +167,12 @@ def pooled_experiment(store_dirs: Sequence[str | Path]) -> Experiment:
     seeds: dict[int, str | Path] = {}
     for path, experiment in zip(store_dirs, experiments):
         other = experiment.to_dict()
+        if other.get(TARGETS_KEY) != first.get(TARGETS_KEY):
+            raise ConfigError(f"{path}: its further targets differ from those of {store_dirs[0]}: stores read as one "
+                              "must share their recipe")
         for section, values in first.items():
+            if section == TARGETS_KEY:
+                continue
             for key, value in values.items():
                 if f"{section}.{key}" not in POOL_FREE and other[section][key] != value:
                     raise ConfigError(f"{path}: {section}.{key} is {other[section][key]!r} but {store_dirs[0]} has "
@@ -181,13 +209,18 @@ def init_seed(store: ResultStore, row: int, base_seed: int) -> int:
     return int(np.random.SeedSequence([base_seed, seed]).generate_state(1)[0])
 
 
-def transfer_seed(store: ResultStore, row: int, base_seed: int, mode: str) -> int:
-    """The torch seed of the new heads when the group whose first row is `row` is transferred in `mode`:
-    each mode's transfer the same whether or not the experiment has other modes."""
+def transfer_seed(store: ResultStore, row: int, base_seed: int, mode: str, target: str = DEFAULT_TARGET) -> int:
+    """The torch seed of the new heads when the group whose first row is `row` is transferred to
+    `target` in `mode`: each transfer the same whether or not the experiment has other targets or modes
+    (a target's name enters the seed, the default name adding nothing, so stores of one unnamed target
+    keep theirs)."""
+    import zlib
+
     from .settings import TRANSFER_MODES
 
+    named = [] if target == DEFAULT_TARGET else [zlib.crc32(target.encode())]
     return int(np.random.SeedSequence([base_seed, init_seed(store, row, base_seed),
-                                       1 + TRANSFER_MODES.index(mode)]).generate_state(1)[0])
+                                       1 + TRANSFER_MODES.index(mode), *named]).generate_state(1)[0])
 
 
 def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -200,7 +233,7 @@ def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = No
 
 
 def read_sidecars(experiment: Experiment) -> dict[str, dict]:
-    """Every split's sidecar; a missing beton is an error that names it."""
+    """Every split's sidecar (of the first target); a missing beton is an error that names it."""
     from beton_writers.common import read_sidecar
 
     sidecars = {}
@@ -210,6 +243,22 @@ def read_sidecars(experiment: Experiment) -> dict[str, dict]:
             raise ConfigError(f"{path}: data.{split} does not exist (data.root is {experiment.data.root!r})")
         sidecars[split] = read_sidecar(path)
     return sidecars
+
+
+def target_sidecars(experiment: Experiment) -> dict[str, dict[str, dict]]:
+    """Each target's two sidecars (TARGET_SPLITS) by target name; a missing beton is an error naming it."""
+    from beton_writers.common import read_sidecar
+
+    found: dict[str, dict[str, dict]] = {}
+    for target in experiment.targets:
+        found[target.name] = {}
+        for split in TARGET_SPLITS:
+            path = target.path(experiment.data.root, split)
+            if not path.is_file():
+                raise ConfigError(f"{path}: the {split.split('_')[1]} beton of target {target.name} does not exist "
+                                  f"(data.root is {experiment.data.root!r})")
+            found[target.name][split] = read_sidecar(path)
+    return found
 
 
 def check_inputs(store: ResultStore, experiment: Experiment) -> None:
@@ -225,7 +274,9 @@ def check_inputs(store: ResultStore, experiment: Experiment) -> None:
         if not bits - 8 < examples <= bits:
             raise ConfigError(f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
                               f"of store {store.path} cover {bits - 7}..{bits}")
-    num_test = store.schema["margins"][0][0]
-    if sidecars["target_test"]["num_examples"] != num_test:
-        raise ConfigError(f"{experiment.data.path('target_test')}: {sidecars['target_test']['num_examples']} "
-                          f"examples, but store {store.path} has {num_test} output columns")
+    for name, count in target_test_counts(experiment).items():
+        field = transfer_field("margins", experiment, name)
+        columns = store.schema[field][0][0] if field in store.schema else None
+        if count != columns:
+            raise ConfigError(f"{experiment.target(name).path(experiment.data.root, 'target_test')}: {count} examples, "
+                              f"but store {store.path} has {columns or 'no'} output columns for target {name}")

@@ -367,7 +367,8 @@ def score_against_planted(found: dict[str, list[dict]], planted: Sequence[dict])
 def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top: int = DEFAULT_TOP,
                min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
                key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto",
-               max_bytes: int = DEFAULT_MAX_BYTES, mode: str | None = None) -> dict[str, Any]:
+               max_bytes: int = DEFAULT_MAX_BYTES, mode: str | None = None, target: str | None = None
+               ) -> dict[str, Any]:
     """Example-level findings of a store made by `experiment_store.create_example_store` and filled by the worker:
     leakage (positive influence + near-duplicate), mislabelled copies (negative + near-duplicate) and
     unconfirmed misleading candidates (`flag_examples`). Writes OUT_DIR/leaks.json (the findings, the
@@ -382,8 +383,9 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     store_dir = Path(store_dir)
     out_dir = Path(out_dir) if out_dir is not None else store_dir / "leakage"
     experiment = open_experiment(store_dir)
-    key = transfer_field(key, experiment.transfer.modes, mode)
-    source_beton, target_beton = experiment.data.path("source_train"), experiment.data.path("target_test")
+    key = transfer_field(key, experiment, target, mode)
+    source_beton = experiment.data.path("source_train")
+    target_beton = experiment.target(target).path(experiment.data.root, "target_test")
     source_labels, target_labels = read_labels(source_beton), read_labels(target_beton)
     out_dir.mkdir(parents=True, exist_ok=True)
     extremes, models = extreme_examples_from_store(store_dir, len(source_labels), max(top, 4 * candidates), key,

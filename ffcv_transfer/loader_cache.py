@@ -15,6 +15,7 @@ from .resident import PixelCache, ResidentLoader
 
 if TYPE_CHECKING:
     from .config import Experiment
+    from .settings import Target
 
 
 class LoaderCache:
@@ -25,12 +26,15 @@ class LoaderCache:
         self.held: OrderedDict[tuple, ImageLoader | ResidentLoader] = OrderedDict()
 
     def get(self, experiment: Experiment, split: str, *, train: bool, resolution: int, batch_size: int,
-            crop_min_scale: float = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
-            indices: np.ndarray | None = None, normalization: str = "imagenet") -> ImageLoader | ResidentLoader:
+            crop_min_scale: float | None = 1.0, crop_ratio: float = 1.0, classes: Sequence[int] | None = None,
+            indices: np.ndarray | None = None, normalization: str = "imagenet", target: Target | None = None
+            ) -> ImageLoader | ResidentLoader:
         """An ImageLoader (loader.kind ffcv) or ResidentLoader over `split` at `resolution`: a training loader
-        (random order, crops) or an evaluation one (in order, every example); the one made before for the
-        same arguments and examples if it is still held."""
-        beton = experiment.data.path(split)
+        (random order, random-resized crops, or with `crop_min_scale` None centre crops of `crop_ratio`,
+        flips) or an evaluation one (in order, every example); the one made before for the
+        same arguments and examples if it is still held. `target`: whose target_train/target_test
+        `split` is (default: the experiment's first)."""
+        beton = target.path(experiment.data.root, split) if target else experiment.data.path(split)
         config = experiment.loader if train else replace(experiment.loader, order="sequential", drop_last=False)
         with_indices = indices is not None
         examples = select_examples(beton, classes, indices)
@@ -39,7 +43,7 @@ class LoaderCache:
                None if examples is None else hashlib.sha1(examples.tobytes()).hexdigest())
         if key not in self.held:
             options = dict(train=train, resolution=resolution, batch_size=batch_size, config=config,
-                           device=experiment.run.device, indices=examples, crop_scale=(crop_min_scale, 1.0),
+                           device=experiment.run.device, indices=examples, crop_scale=crop_min_scale and (crop_min_scale, 1.0),
                            crop_ratio=crop_ratio, with_indices=with_indices, normalization=normalization)
             self.held[key] = (ResidentLoader(beton, **options, pixels=self.pixels) if config.kind == "resident"
                               else ImageLoader(beton, **options))

@@ -76,8 +76,9 @@ class Findings:
     store: Path
     pooled: list[Path]  # further stores read as one with `store`
     output: str  # the per-example output the influence is on (experiment_store.OUTPUTS)
+    target: str  # ... of this target
     mode: str  # ... in this transfer mode
-    modes: tuple[str, ...]  # the store's transfer modes
+    transfers: tuple[tuple[str, str], ...]  # the store's (target, mode) pairs (config.Experiment.transfers)
     influence: np.ndarray  # (C_source, T)
     labels: np.ndarray  # (T,) target test labels
     mean_outputs: np.ndarray  # (T,) over models
@@ -94,28 +95,31 @@ class Findings:
 
 
 def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path | None = None,
-           progress: bool = False, output: str = "margins", mode: str | None = None) -> Findings:
+           progress: bool = False, output: str = "margins", mode: str | None = None, target: str | None = None
+           ) -> Findings:
     """The findings of a store, or of several stores of one experiment read as one
     (`experiment_store.pooled_experiment`; `Findings.store` is then the first), on one of its per-example
-    outputs (`experiment_store.OUTPUTS`) in one of its transfer modes (default: the first)."""
+    outputs (`experiment_store.OUTPUTS`) of one of its transfers (default: the first target's first
+    mode), or of a transfer made later by `ffcv-transfer transfer` (STORE/transfers/TARGET/MODE)."""
     from beton_writers.common import read_labels
 
-    from .experiment_store import MASKS, OUTPUTS, TRANSFERS, pooled_experiment, read_sidecars, transfer_field
+    from .experiment_store import MASKS, OUTPUTS, pooled_experiment, read_sidecars, target_sidecars, transfer_field
     from .influence import influence_from_store
     from .names import display_names
     from .store import StoreError, open_stores
+    from .transfer_only import later_transfer_stores
 
     store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
-    later = [path / TRANSFERS / str(mode) for path in store_dirs]
-    if mode is not None and all((path / "spec.json").exists() for path in later):  # `ffcv-transfer transfer`
+    if later := later_transfer_stores(store_dirs, target, mode):
         return gather(later, names_file, progress, output)
     experiment = pooled_experiment(store_dirs)
     sidecars = read_sidecars(experiment)
+    chosen = experiment.target(target)
+    sidecars |= target_sidecars(experiment)[chosen.name]
     store = open_stores(store_dirs)
     if output not in OUTPUTS:
         raise StoreError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
-    modes = experiment.transfer.modes
-    key = transfer_field(output, modes, mode)
+    key = transfer_field(output, experiment, chosen.name, mode)
     if key not in store.schema:
         raise StoreError(f"{store_dirs[0]}: made before {output} was recorded; its outputs are "
                          f"{', '.join(name for name in OUTPUTS if name in store.schema)}")
@@ -124,26 +128,29 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
     influence = influence_from_store(store_dirs, key, progress=progress)
     _, values = store.read([MASKS, key])
     outputs = values[key].astype(np.float64)
-    labels = read_labels(experiment.data.path("target_test"))
+    betons = {split: experiment.data.path(split) for split in ("source_train", "source_val")}
+    betons |= {split: chosen.path(experiment.data.root, split) for split in ("target_train", "target_test")}
+    labels = read_labels(betons["target_test"])
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
-    return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, mode=mode or modes[0], modes=modes, influence=influence, labels=labels, mean_outputs=outputs.mean(0),
+    return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, target=chosen.name,
+                    mode=mode or chosen.transfer.modes[0], transfers=experiment.transfers,
+                    influence=influence, labels=labels, mean_outputs=outputs.mean(0),
                     stderr=ranking_stderr(values[MASKS], outputs, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
-                    target_names=target_names,
-                    betons={split: experiment.data.path(split) for split in sidecars},
+                    target_names=target_names, betons=betons,
                     planted=sidecars["target_test"].get("extra", {}).get("planted"))
 
 
 def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
                  counterfactual_dir: str | Path | None = None, names_file: str | Path | None = None,
                  progress: bool = False, found: Findings | None = None, output: str = "margins",
-                 mode: str | None = None) -> Path:
+                 mode: str | None = None, target: str | None = None) -> Path:
     """Write the report (default STORE/report.html, figures in a folder beside it); returns its path.
     `found`: this store's findings when already gathered (the store is not read again)."""
     from beton_writers.verify import BetonRecords
     from .store import ResultStore, format_status
 
-    found = found or gather(store_dir, names_file, progress, output, mode)
+    found = found or gather(store_dir, names_file, progress, output, mode, target)
     out = Path(out) if out else found.store / "report.html"
     figures = out.parent / f"{out.stem}_figures"
     page = Page(f"ffcv-transfer findings: {found.store.name}")
@@ -171,8 +178,8 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
                 for p, n in zip(best["positive"], best["negative"])])
     if found.planted:
         _planted_section(page, found, by_class)
-    if len(found.modes) > 1:
-        _modes_section(page, found, overall, figures, k)
+    if len(found.transfers) > 1:
+        _transfers_section(page, found, overall, figures, k)
 
     target_images, source_images = BetonRecords(found.betons["target_test"]), BetonRecords(found.betons["source_val"])
     _subpopulations(page, found, overall, target_images, figures, k)
@@ -186,29 +193,38 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     return page.write(out)
 
 
-def _modes_section(page: Page, found: Findings, overall: np.ndarray, figures: Path, k: int) -> None:
-    """Each transfer mode's target accuracy and most positive / negative source classes, and how its
-    overall influence agrees with the shown mode's (Spearman correlation, scatter plot)."""
-    from .experiment_store import transfer_field
+def _transfers_section(page: Page, found: Findings, overall: np.ndarray, figures: Path, k: int) -> None:
+    """Each transfer's (target, mode) target accuracy and most positive / negative source classes, and,
+    for the other modes of the shown target, how their overall influence agrees with the shown one's
+    (Spearman correlation, scatter plot)."""
+    from .experiment_store import ACCURACY_FIELDS, pooled_experiment, transfer_field
     from .influence import influence_from_store
     from .store import open_stores
 
     stores = [found.store, *found.pooled]
-    page.heading("Transfer modes")
-    page.text(f"The same source models, transferred {len(found.modes)} ways. Above: {found.mode}.")
+    experiment = pooled_experiment(stores)
+    targets = {name for name, _ in found.transfers}
+    page.heading("Transfers")
+    page.text(f"The same source models, transferred {len(found.transfers)} ways ({len(targets)} target"
+              f"{'s' * (len(targets) > 1)}). Above: {found.target}, {found.mode}.")
     rows, paths, captions = [], [], []
-    for mode in found.modes:
-        field = partial(transfer_field, modes=found.modes, mode=mode)
-        values = overall if mode == found.mode else influence_from_store(stores, field(found.output)).mean(1)
-        accuracy = open_stores(stores).read([field("target_acc")])[1][field("target_acc")]
+    for target, mode in found.transfers:
+        field = partial(transfer_field, experiment=experiment, target=target, mode=mode)
+        shown = (target, mode) == (found.target, found.mode)
+        values = overall if shown else influence_from_store(stores, field(found.output)).mean(1)
+        metric = experiment.target(target).transfer.metric
+        name = field(ACCURACY_FIELDS[metric])
+        accuracy = open_stores(stores).read([name])[1][name]
         best = top_and_bottom(values, found.source_names, k)
-        rows.append((mode, f"{accuracy.mean():.3f}", _spearman(values, overall),
+        same_target = target == found.target
+        rows.append((target, mode, f"{accuracy.mean():.3f} ({metric})", _spearman(values, overall) if same_target else "",
                      ", ".join(p["source"] for p in best["positive"]), ", ".join(n["source"] for n in best["negative"])))
-        if mode != found.mode:
-            paths.append(influence_scatter(figures / f"modes_{mode}.png", overall, values, found.source_names,
+        if same_target and not shown:
+            paths.append(influence_scatter(figures / f"modes_{target}_{mode}.png", overall, values, found.source_names,
                                            f"{found.mode}", f"{mode}", f"overall influence on {found.output}"))
-            captions.append(f"each source class's overall influence: {found.mode} against {mode}")
-    page.table(["mode", "target accuracy", f"Spearman with {found.mode}", "most positive", "most negative"], rows)
+            captions.append(f"each source class's overall influence on {target}: {found.mode} against {mode}")
+    page.table(["target", "mode", "target accuracy", f"Spearman with {found.mode}", "most positive",
+                "most negative"], rows)
     page.figures(paths, captions)
 
 

@@ -4,7 +4,7 @@ gathered, cropped, flipped, resized and normalised on the device. No decoding pe
 pipeline: 64 px ImageNet's pixels fit beside the models in an H100's memory.
 
 Same interface as data.ImageLoader. Training crops are random-resized (area fraction in `crop_scale`,
-aspect ratio 3/4..4/3) with a random flip; evaluation takes the centre crop of `crop_ratio` of the shorter
+aspect ratio 3/4..4/3; `crop_scale` None: the evaluation's centre crop) with a random flip; evaluation takes the centre crop of `crop_ratio` of the shorter
 side; both resample bilinearly (ffcv resizes with OpenCV's area filter: equal for crops at the stored
 size, softer when shrinking much). Every image of a beton must have the same size."""
 from __future__ import annotations
@@ -67,7 +67,7 @@ class ResidentLoader:
     def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
                  config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
                  classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
+                 crop_scale: tuple[float, float] | None = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
                  with_indices: bool = False, pixels: PixelCache | None = None, normalization: str = "imagenet"):
         selected = select_examples(beton, classes, indices)
         self.device = torch.device(device)
@@ -105,7 +105,7 @@ class ResidentLoader:
 
     def _grid(self, n: int, height: int, width: int) -> torch.Tensor:
         """Sampling grids of the crops: (n, R, R, 2) in grid_sample's [-1, 1] coordinates."""
-        if self.train:
+        if self.train and self.crop_scale:
             area = height * width * self._uniform(n, *self.crop_scale)
             ratio = torch.exp(self._uniform(n, math.log(3 / 4), math.log(4 / 3)))
             crop_w, crop_h = torch.sqrt(area * ratio) / width, torch.sqrt(area / ratio) / height
@@ -119,7 +119,8 @@ class ResidentLoader:
             crop_w = torch.full((n,), side / width, device=self.device)
             crop_h = torch.full((n,), side / height, device=self.device)
             centre_x = centre_y = torch.zeros(n, device=self.device)
-            flip = torch.ones(n, device=self.device)
+            flip = (torch.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0) if self.train
+                    else torch.ones(n, device=self.device))
         zero = torch.zeros(n, device=self.device)
         theta = torch.stack([torch.stack([crop_w * flip, zero, centre_x], 1),
                              torch.stack([zero, crop_h, centre_y], 1)], 1)

@@ -14,6 +14,7 @@ training code. The stages read their section: models.py `model`, train.py `sourc
 """
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,8 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LR_SCHEDULES = ("cyclic", "step")
 RAMP_ROUNDINGS = ("down", "nearest")  # of the resolution ramp, to a multiple of 32
 VAL_ACCURACIES = ("own_classes", "all_classes")
+TRAIN_CROPS = ("random_resized", "center")  # of target training images: the reference's RRC or cc decoders
+METRICS = ("top1", "mean_per_class")  # a target's headline accuracy (the reference's, per target)
 # per-channel (mean, std) of 0-255 pixels, as MadryLab/data-transfer's datasets.py has them; none: pixels / 255
 NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                   "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -52,16 +55,27 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_target_name(name: str) -> None:
+    """Target names go into store field names and folder names."""
+    check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
+          f"target name {name!r} must be letters, digits, '_', '.' or '-', starting with a letter or digit")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source_train: str = option(help="source training beton")
     source_val: str = option(help="source validation beton (the models' own-class accuracy)")
     target_train: str = option(help="target training beton")
     target_test: str = option(help="target test beton (one store column per example)")
+    target_name: str = option("target", "the target's name (--target NAME; further targets: the experiment "
+                              "file's `targets:` list)")
     root: str = option("", "folder that relative beton paths are read from (default: working directory)")
 
     def path(self, split: str) -> Path:
         return Path(self.root) / getattr(self, split)
+
+    def __post_init__(self) -> None:
+        check_target_name(self.target_name)
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,11 @@ class TransferConfig(OptimConfig):
                                 f"({', '.join(NORMALIZATIONS)}; none: pixels / 255)", tuple(NORMALIZATIONS))
     crop_min_scale: float = option(0.08, "smallest area fraction of the random-resized crop when training "
                                    "the head (1: flips only)")
+    train_crop: str = option("random_resized", "target training images: random-resized crops (crop_min_scale) or "
+                             "the evaluation's centre crop (test_crop_ratio), flipped at random either way",
+                             TRAIN_CROPS)
+    metric: str = option("top1", "the target's headline accuracy: top-1, or the mean of the per-class accuracies "
+                         "(the reference's for Aircraft, Caltech, Flowers, Pets); both are stored", METRICS)
     batch_size: int = option(512, "target examples per step, shared by all K models")
     epochs: int = option(15, "passes over the target training set (fixed_feature, full_finetune)")
     lr: float = option(0.1, "peak learning rate (fixed_feature, full_finetune)")
@@ -211,6 +230,24 @@ class TransferConfig(OptimConfig):
         check(0 <= self.upsample_from <= self.resolution,
               f"transfer.upsample_from {self.upsample_from} must lie in 0..transfer.resolution ({self.resolution})")
         check_choice("transfer.normalization", self.normalization, NORMALIZATIONS)
+        check_choice("transfer.train_crop", self.train_crop, TRAIN_CROPS)
+        check_choice("transfer.metric", self.metric, METRICS)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of an experiment: its name, its two betons (relative to data.root) and its transfer
+    recipe. The first is data.target_* with the transfer section; further ones come from the experiment
+    file's `targets:` list (config.py)."""
+
+    name: str
+    train: str
+    test: str
+    transfer: TransferConfig
+
+    def path(self, root: str, split: str) -> Path:
+        """The beton of `split`, "target_train" or "target_test"."""
+        return Path(root) / {"target_train": self.train, "target_test": self.test}[split]
 
 
 @dataclass(frozen=True)

@@ -1,50 +1,68 @@
-"""`ffcv-transfer transfer`: transfer source models that are already trained, in a mode their store did not
-run, without training them again. The models come from the store's checkpoints (`run.checkpoints`) or
-from a folder of outside checkpoints with their class masks (`import_checkpoints`). Results go to a store
-of their own, STORE/transfers/MODE, with the rows' masks and init seeds and the experiment in that mode:
-every analysis reads it by its path, or through the main store with `--mode MODE`. Resumable like
-`train`: rows already written are skipped, claims of killed workers are taken over."""
+"""`ffcv-transfer transfer`: transfer source models that are already trained to a target or in a mode their
+store did not run, without training them again. The models come from the store's checkpoints
+(`run.checkpoints`) or from a folder of outside checkpoints with their class masks (`import_checkpoints`);
+the target is one of the experiment's or a new one from a target recipe file. Results go to a store of
+their own, STORE/transfers/TARGET/MODE, with the rows' masks and init seeds and the experiment of that one
+transfer: every analysis reads it by its path, or through the main store with `--target`/`--mode`.
+Resumable like `train`: rows already written are skipped, claims of killed workers are taken over."""
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .checkpoints import CHECKPOINTS, checkpoint_path, load_into, outside_checkpoints, read_state_dict, save_checkpoint
-from .config import ConfigError, Experiment
+from .config import ConfigError, Experiment, with_target
 from .experiment_store import (INIT_SEEDS, MASKS, TRANSFERS, create_store, open_experiment, read_sidecars,
-                               transfer_seed)
+                               target_test_counts, transfer_seed)
+from .settings import TRANSFER_MODES
 from .loader_cache import LoaderCache
 from .models import build_model
 from .store import ResultStore, StoreError, worker_name
 from .worker import record_values, transfer_models
 
 
-def transfer_store_path(store_dir: str | Path, mode: str) -> Path:
-    return Path(store_dir) / TRANSFERS / mode
+def transfer_store_path(store_dir: str | Path, target: str, mode: str) -> Path:
+    return Path(store_dir) / TRANSFERS / target / mode
 
 
-def run_transfer(store_dir: str | Path, mode: str, progress: bool = True, label: str | None = None,
+def transfer_experiment(store_dir: str | Path, target: str | None = None, mode: str | None = None,
+                        recipe: str | Path | None = None) -> Experiment:
+    """The one-transfer experiment of a store's models to `target` (default: the first; with `recipe`, the
+    target of that recipe file) in `mode` (default: the target's first)."""
+    experiment = open_experiment(store_dir)
+    if recipe is not None:
+        experiment = with_target(experiment, recipe)
+        target = experiment.targets[-1].name if target is None else target
+    chosen = experiment.target(target)
+    if mode is not None and mode not in TRANSFER_MODES:
+        raise ConfigError(f"--mode {mode}: expected one of {', '.join(TRANSFER_MODES)}")
+    return experiment.for_target(chosen.name, mode or chosen.transfer.modes[0])
+
+
+def run_transfer(store_dir: str | Path, target: str | None = None, mode: str | None = None,
+                 recipe: str | Path | None = None, progress: bool = True, label: str | None = None,
                  loaders: LoaderCache | None = None) -> int:
-    """Transfer every checkpointed source model of the store in `mode` into STORE/transfers/MODE, K at a
-    time; returns how many rows this call wrote."""
+    """Transfer every checkpointed source model of the store (`transfer_experiment` says to which target
+    and how) into STORE/transfers/TARGET/MODE, K at a time; returns how many rows this call wrote."""
     from tqdm import tqdm
 
-    store, experiment = ResultStore(store_dir), open_experiment(store_dir)
+    store = ResultStore(store_dir)
     if not list((store.path / CHECKPOINTS).glob("*.pt")):
         raise StoreError(f"{store.path / CHECKPOINTS}: no checkpoints; train with --run.checkpoints=true or "
                          "import a folder (`transfer --checkpoints DIR`)")
-    target = replace(experiment, transfer=experiment.transfer.for_mode(mode))
-    sub_dir = transfer_store_path(store_dir, mode)
+    experiment = transfer_experiment(store_dir, target, mode, recipe)
+    target, mode = experiment.transfers[0]
+    sub_dir = transfer_store_path(store_dir, target, mode)
     if not (sub_dir / "spec.json").exists():
-        num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-        create_store(sub_dir, store.fixed(MASKS), num_test, init_seeds=store.fixed(INIT_SEEDS), experiment=target)
+        create_store(sub_dir, store.fixed(MASKS), target_test_counts(experiment), init_seeds=store.fixed(INIT_SEEDS),
+                     experiment=experiment)
     sub = ResultStore(sub_dir)
     num_classes = sub.fixed(MASKS).shape[1]
-    todo = pending_transfer_rows(store_dir, mode)
+    todo = pending_transfer_rows(store_dir, target, mode)
     trained, values = store.read(["source_acc"])
     source_acc = dict(zip(trained.tolist(), values["source_acc"].tolist()))
     loaders = loaders or LoaderCache()
@@ -53,15 +71,15 @@ def run_transfer(store_dir: str | Path, mode: str, progress: bool = True, label:
     written, start = 0, time.monotonic()
     try:
         while claimed := writer.claim(experiment.run.models_per_process, rows=todo):
-            models = [load_source_model(checkpoint_path(store.path, row), target, num_classes) for row in claimed]
-            torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode))
-            outputs, failures = transfer_models(models, target, loaders, lambda stage: writer.heartbeat(), mode)
+            models = [load_source_model(checkpoint_path(store.path, row), experiment, num_classes) for row in claimed]
+            torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode, target))
+            outputs, failures = transfer_models(models, experiment, loaders, lambda stage: writer.heartbeat())
             for k, reason in failures.items():
-                writer.fail(claimed[k], f"transfer ({mode}): {reason}")
+                writer.fail(claimed[k], f"transfer ({target}, {mode}): {reason}")
             good = [k for k in range(len(claimed)) if k not in failures]
             if good:
-                results = [(source_acc.get(claimed[k], float("nan")), {mode: outputs[k]}) for k in good]
-                writer.write_many([claimed[k] for k in good], **record_values(sub, target, results))
+                results = [(source_acc.get(claimed[k], float("nan")), {(target, mode): outputs[k]}) for k in good]
+                writer.write_many([claimed[k] for k in good], **record_values(sub, experiment, results))
                 written += len(good)
             bar.update(len(claimed))
             bar.set_postfix_str(f"{3600 * bar.n / (time.monotonic() - start):.1f} models/h", refresh=True)
@@ -89,8 +107,7 @@ def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Ex
     if masks.shape[1] != num_classes:
         raise ConfigError(f"{Path(folder) / 'masks.npy'}: masks over {masks.shape[1]} classes, the source beton "
                           f"{experiment.data.path('source_train')} has {num_classes}")
-    num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-    store = create_store(store_dir, masks, num_test, experiment=experiment)
+    store = create_store(store_dir, masks, target_test_counts(experiment), experiment=experiment)
     try:
         for row, file in enumerate(files):
             model = build_model(num_classes, **asdict(experiment.model), device="cpu")
@@ -102,12 +119,30 @@ def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Ex
     return store
 
 
-def pending_transfer_rows(store_dir: str | Path, mode: str) -> list[int]:
-    """Checkpointed rows not yet transferred in `mode`."""
+def pending_transfer_rows(store_dir: str | Path, target: str, mode: str) -> list[int]:
+    """Checkpointed rows not yet transferred to `target` in `mode`."""
     rows = sorted(int(path.stem) for path in (Path(store_dir) / CHECKPOINTS).glob("*.pt"))
-    sub_dir = transfer_store_path(store_dir, mode)
+    sub_dir = transfer_store_path(store_dir, target, mode)
     if not (sub_dir / "spec.json").exists():
         return rows
     sub = ResultStore(sub_dir)
     done = set(sub.completed_rows().tolist()) | set(sub.failures())
     return [row for row in rows if row not in done]
+
+
+def later_transfer_stores(store_dirs: list[Path], target: str | None, mode: str | None) -> list[Path] | None:
+    """The transfer-only stores (STORE/transfers/TARGET/MODE) of `store_dirs` for a --target/--mode choice
+    that is not a transfer of their experiment, when every store has one (None otherwise); a target
+    with several such modes needs --mode."""
+    experiment = open_experiment(store_dirs[0])
+    names = [t.name for t in experiment.targets]
+    if (target is None or target in names) and (mode is None or mode in experiment.target(target).transfer.modes):
+        return None
+    target = target or names[0]
+    if mode is None:
+        modes = sorted(path.parent.name for path in (store_dirs[0] / TRANSFERS / target).glob("*/spec.json"))
+        if len(modes) != 1:
+            return None
+        mode = modes[0]
+    found = [transfer_store_path(path, target, mode) for path in store_dirs]
+    return found if all((path / "spec.json").exists() for path in found) else None

@@ -1,6 +1,6 @@
 """The worker: claim pending rows of a store, train their source models K at a time on one shared
-loader, transfer each to the target in each of the experiment's transfer modes, and write the outputs; rows whose model diverged are marked failed
-with the reason. Run it any number of times, in any number of processes: completed rows are skipped and
+loader, transfer each to every target of the experiment in each of its transfer modes, and write the
+outputs; rows whose model diverged are marked failed with the reason. Run it any number of times, in any number of processes: completed rows are skipped and
 rows of a killed worker are taken over."""
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from .transfer import TransferOutputs, transfer_by_training, transfer_cached_fea
 
 TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
-Transfers = dict[str, TransferOutputs]  # by transfer mode
+Transfers = dict[tuple[str, str], TransferOutputs]  # by (target name, transfer mode)
 
 
 def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, loaders: LoaderCache,
                on_epoch: Callable[[str], None] = lambda stage: None
                ) -> tuple[dict[int, str], dict[int, tuple[float, Transfers]]]:
-    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer
-    mode) by row).
+    """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer)
+    by row).
     A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
     source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed(MASKS)[list(rows)])
@@ -71,41 +71,49 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     if experiment.run.checkpoints:  # before transfer, which changes the models
         for k in alive:
             save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[k], rows[k])
-    modes = experiment.transfer.modes
-    by_mode: dict[str, list[TransferOutputs]] = {}
-    for n, mode in enumerate(modes):  # the last mode may change the models; the others get copies
-        transferred = [models[k] if n == len(modes) - 1 else copy.deepcopy(models[k]) for k in alive]
-        torch.manual_seed(transfer_seed(store, rows[alive[0]], experiment.masks.seed, mode))
-        by_mode[mode], transfer_failures = transfer_models(transferred, experiment, loaders, on_epoch, mode)
+    transfers = experiment.transfers
+    outputs: dict[tuple[str, str], list[TransferOutputs]] = {}
+    for n, (target, mode) in enumerate(transfers):  # the last transfer may change the models; the others get copies
+        transferred = [models[k] if n == len(transfers) - 1 else copy.deepcopy(models[k]) for k in alive]
+        torch.manual_seed(transfer_seed(store, rows[alive[0]], experiment.masks.seed, mode, target))
+        outputs[target, mode], transfer_failures = transfer_models(transferred, experiment, loaders, on_epoch,
+                                                                   mode, target)
         for k, reason in transfer_failures.items():
-            failures.setdefault(rows[alive[k]], f"transfer ({mode}): {reason}")
-    results = {rows[k]: (source_acc[k], {mode: by_mode[mode][i] for mode in modes})
+            failures.setdefault(rows[alive[k]], f"transfer ({target}, {mode}): {reason}")
+    results = {rows[k]: (source_acc[k], {pair: outputs[pair][i] for pair in transfers})
                for i, k in enumerate(alive) if rows[k] not in failures}
     return failures, results
 
 
 def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, on_epoch: Callable[[str], None],
-                    mode: str | None = None) -> tuple[list[TransferOutputs], dict[int, str]]:
-    """Each model transferred to the experiment's target in `mode` (default: its first transfer mode):
-    (test outputs, failures by index). fixed_feature and full_finetune change the models."""
+                    mode: str | None = None, target: str | None = None
+                    ) -> tuple[list[TransferOutputs], dict[int, str]]:
+    """Each model transferred to the experiment's target `target` (default: its first) in `mode`
+    (default: the target's first transfer mode): (test outputs, failures by index). fixed_feature and
+    full_finetune change the models."""
     from beton_writers.common import read_sidecar
 
-    config = experiment.transfer.for_mode(mode or experiment.transfer.modes[0])
-    num_classes = read_sidecar(experiment.data.path("target_train"))["num_classes"]
+    chosen = experiment.target(target)
+    config = chosen.transfer.for_mode(mode or chosen.transfer.modes[0])
+    num_classes = read_sidecar(chosen.path(experiment.data.root, "target_train"))["num_classes"]
+    if len(experiment.targets) > 1:  # progress names the target
+        on_epoch = partial(lambda report, stage: report(f"{chosen.name}: {stage}"), on_epoch)
 
-    def target(split: str, train: bool, **crops):
+    def loader(split: str, train: bool, **crops):
         """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
-        loader = loaders.get(experiment, split, train=train, resolution=config.upsample_from or config.resolution,
-                             batch_size=config.batch_size, normalization=config.normalization, **crops)
-        return Upsampled(loader, config.resolution) if config.upsample_from else loader
+        made = loaders.get(experiment, split, train=train, resolution=config.upsample_from or config.resolution,
+                           batch_size=config.batch_size, normalization=config.normalization, target=chosen, **crops)
+        return Upsampled(made, config.resolution) if config.upsample_from else made
 
-    test = target("target_test", False, crop_ratio=config.test_crop_ratio)
+    test = loader("target_test", False, crop_ratio=config.test_crop_ratio)
     if config.mode == "cached_features":
-        train = target("target_train", False, crop_ratio=config.test_crop_ratio)
+        train = loader("target_train", False, crop_ratio=config.test_crop_ratio)
         outputs = transfer_cached_features(models, train, test, num_classes, config)
         on_epoch("transfer (cached_features)")
         return outputs, {}
-    train = target("target_train", True, crop_min_scale=config.crop_min_scale)
+    crops = (dict(crop_min_scale=config.crop_min_scale) if config.train_crop == "random_resized"
+             else dict(crop_min_scale=None, crop_ratio=config.test_crop_ratio))
+    train = loader("target_train", True, **crops)
     return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
                                 device=experiment.run.device, on_epoch=on_epoch)
 
@@ -150,14 +158,13 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
 
 
 def record_values(store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
-                   ) -> dict[str, np.ndarray]:
-    """The store's fields for each (source accuracy, outputs by mode); a store made before a field existed
-    gets the fields it has."""
-    modes = experiment.transfer.modes
+                  ) -> dict[str, np.ndarray]:
+    """The store's fields for each (source accuracy, outputs by transfer); a store made before a field
+    existed gets the fields it has."""
     values = {"source_acc": np.array([acc for acc, _ in results], np.float32)}
-    for mode in modes:
-        outputs = [by_mode[mode] for _, by_mode in results]
-        field = partial(transfer_field, modes=modes, mode=mode)
+    for target, mode in experiment.transfers:
+        outputs = [by_transfer[target, mode] for _, by_transfer in results]
+        field = partial(transfer_field, experiment=experiment, target=target, mode=mode)
         values[field("target_acc")] = np.array([out.accuracy for out in outputs], np.float32)
         values[field("target_mean_class_acc")] = np.array([out.mean_class_accuracy for out in outputs], np.float32)
         for name in OUTPUT_SCHEMA:

@@ -52,12 +52,12 @@ def test_checkpointed_models_transfer_later_and_a_cut_off_run_resumes(tiny_data,
 
     monkeypatch.setattr(transfer_only, "transfer_models", cut_off_after_one_group)
     with pytest.raises(KeyboardInterrupt):
-        transfer_only.run_transfer(store.path, "fixed_feature", progress=False)
-    sub = ResultStore(store.path / "transfers" / "fixed_feature")
+        transfer_only.run_transfer(store.path, mode="fixed_feature", progress=False)
+    sub = ResultStore(store.path / "transfers" / "target" / "fixed_feature")
     assert sub.status()["completed"] == 2
     monkeypatch.setattr(transfer_only, "transfer_models", real)
-    assert transfer_only.run_transfer(store.path, "fixed_feature", progress=False) == 2
-    assert transfer_only.run_transfer(store.path, "fixed_feature", progress=False) == 0
+    assert transfer_only.run_transfer(store.path, mode="fixed_feature", progress=False) == 2
+    assert transfer_only.run_transfer(store.path, mode="fixed_feature", progress=False) == 0
     status = sub.status()
     assert (status["completed"], status["duplicates"], status["failed"]) == (4, 0, 0)
 
@@ -103,7 +103,7 @@ def test_outside_checkpoints_with_torchvision_names_are_imported_and_transferred
     argv = ["transfer", "--store", str(tmp_path / "store"), "--mode", "cached_features", "--no-progress",
             "--checkpoints", str(folder), "--config", str(DEMO_CONFIG), *[f"--{k}={v}" for k, v in settings.items()]]
     assert cli_main(argv) == 0
-    sub = ResultStore(tmp_path / "store" / "transfers" / "cached_features")
+    sub = ResultStore(tmp_path / "store" / "transfers" / "target" / "cached_features")
     rows, values = sub.read(["masks", "margins"])
     assert rows.tolist() == [0, 1, 2] and np.array_equal(values["masks"], masks)
     for model in models:  # what the checkpoints hold: bf16-rounded weights

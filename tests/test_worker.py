@@ -275,7 +275,7 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, monkeyp
     assert cli_main(["rankings", str(both.path), "--mode", "full_finetune"]) == 2
     assert "this store's transfer modes are cached_features, fixed_feature" in capsys.readouterr().err
     page = write_report(both.path, tmp_path / "report.html").read_text()
-    assert "<h2>Transfer modes</h2>" in page and "cached_features against fixed_feature" in page
+    assert "<h2>Transfers</h2>" in page and "on target: cached_features against fixed_feature" in page
 
 
 def test_target_images_decoded_small_then_upsampled_with_their_own_statistics(tiny_data):
