@@ -19,17 +19,22 @@ def influence_by_target_class(influence: np.ndarray, labels: np.ndarray, num_cla
     return (influence @ onehot) / counts
 
 
+def ranking_means(outputs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, num_classes + 1) float64: each model's mean output over each target class's test examples, then
+    over all of them. The influence is linear in the outputs, so the influences on these columns are
+    `influence_by_target_class`'s and the overall mean influence: what the rankings rank."""
+    outputs = np.asarray(outputs, np.float64)
+    return np.column_stack([influence_by_target_class(outputs, labels, num_classes), outputs.mean(1)])
+
+
 def ranking_stderr(masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(C_source, num_classes + 1): standard errors of `influence_by_target_class`'s columns, then of the
     mean influence over all test examples. masks: (N, C_source) of the models; outputs: (N, T) their
-    outputs (margins). The influence is linear in the outputs, so a column's influences are those on each
-    model's mean output over the column's examples, and their errors the kernel's difference-of-means
-    errors on those means, sqrt(var_in / n_in + var_out / n_out)."""
+    outputs (margins). They are the kernel's difference-of-means errors on `ranking_means`,
+    sqrt(var_in / n_in + var_out / n_out)."""
     from .influence import class_influence
 
-    outputs = np.asarray(outputs, np.float64)
-    means = np.column_stack([influence_by_target_class(outputs, labels, num_classes), outputs.mean(1)])
-    return class_influence(np.asarray(masks, bool), means, stderr=True)[1]
+    return class_influence(np.asarray(masks, bool), ranking_means(outputs, labels, num_classes), stderr=True)[1]
 
 
 def _entry(names: Sequence[str], values: np.ndarray, stderr: np.ndarray | None, i: int) -> dict:

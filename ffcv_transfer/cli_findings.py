@@ -30,21 +30,30 @@ def _source_class(found, value: str) -> int:
 def cmd_rankings(args: argparse.Namespace) -> None:
     from .analyses import top_and_bottom
     from .plots import influence_bars
+    from .reliability import describe_column
     from .report import gather
+    from .semantic import describe_agreement
 
     found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     by_class = found.by_class
     columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
     columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
+    stated = found.reliability.to_json()["columns"] if found.reliability else {}
+    stated = {"all target examples": stated.get("overall"), **{name: stated.get(name) for name in found.target_names}}
+    if found.reliability and (banner := found.reliability.banner()):
+        print(f"NOTE: {banner}\n")
     rankings = {}
     for n, (name, (values, stderr)) in enumerate(columns.items()):
-        rankings[name] = top_and_bottom(values, found.source_names, args.k, stderr)
+        rankings[name] = top_and_bottom(values, found.source_names, args.k, stderr) | {"reliability": stated[name]}
         chart = influence_bars(out / f"rankings_{n}.png", found.source_names, values, args.k, name, stderr)
         best, worst = rankings[name]["positive"], rankings[name]["negative"]
-        print(f"{name}: chart {chart}")
+        print(f"{name}: chart {chart}" + (f"; {describe_column(stated[name])}" if stated[name] else ""))
         for p, q in zip(best, worst):
             print(f"  {p['source']:30s} {p['influence']:+8.3f} ±{p['stderr']:6.3f}    "
                   f"{q['source']:30s} {q['influence']:+8.3f} ±{q['stderr']:6.3f}")
+    if found.wordnet:
+        rankings["wordnet_agreement"] = found.wordnet
+        print(describe_agreement(found.wordnet))
     (out / "rankings.json").write_text(json.dumps(rankings, indent=1) + "\n")
     print(f"wrote {out / 'rankings.json'}")
 

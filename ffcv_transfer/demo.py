@@ -118,6 +118,10 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     status = ResultStore(store_dir).status()
     findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
                 "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1])}
+    if found.reliability:
+        findings["reliability"] = found.reliability.to_json()
+    if found.wordnet:
+        findings["wordnet_agreement"] = found.wordnet
     if planted := found.planted:
         findings["ground_truth"] = {key: planted[key] for key in ("twin", "misleading", "unrelated", "expected_sign")}
         findings["checks"] = _checks(by_class, found.influence.mean(1), planted)
@@ -157,6 +161,7 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     most negative class), the models of a seed from the same initial weights; mean target accuracy per
     arm and, seed by seed, the gain of removing the planted harmful classes over removing a random one."""
     from .counterfactual import accuracy_by_arm, accuracy_by_removal, paired_gain, removal_design, run_removals
+    from .reliability import seeds_to_resolve
 
     overall = found.influence.mean(1)
     removed_first = int(np.argmin(overall))
@@ -171,7 +176,9 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     if harmful:
         arm = ("chosen", len(harmful)) if own_arm else ("most_negative", 1)
         result["planted_harmful"] = [found.source_names[c] for c in harmful]
-        result["planted_harmful_gain_over_random"] = paired_gain(arms, arm, ("random", 1))
+        gain = result["planted_harmful_gain_over_random"] = paired_gain(arms, arm, ("random", 1))
+        if len(gain["per_seed"]) >= 2 and gain["mean"]:
+            gain["seeds_to_resolve"] = seeds_to_resolve(list(gain["per_seed"].values()))
     return result
 
 
@@ -219,8 +226,18 @@ def format_findings(findings: dict) -> str:
                      f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
                      f"without a random class {cf['random']:.3f}" + (f", without the planted harmful "
                      f"{', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}" if "chosen" in cf else ""))
-        if change := format_gain(cf.get("planted_harmful_gain_over_random", {"mean": None})):
+        gain = cf.get("planted_harmful_gain_over_random", {"mean": None})
+        if change := format_gain(gain):
+            needed = gain.get("seeds_to_resolve")
+            resolved = "" if needed is None else (" (resolved at 2 s.e.)" if needed <= len(gain["per_seed"]) else
+                                                  f" (~{needed} seeds would resolve a gain this size at 2 s.e.)")
             lines.append(f"removing the planted harmful class instead of a random one, seed by seed: {change} "
-                         "target accuracy")
+                         f"target accuracy{resolved}")
+    if banner := (findings.get("reliability") or {}).get("banner"):
+        lines.append(f"NOTE: {banner}")
+    if agreement := findings.get("wordnet_agreement"):
+        from .semantic import describe_agreement
+
+        lines.append(describe_agreement(agreement))
     lines.append(f"report: {findings['report']}")
     return "\n".join(lines)

@@ -45,6 +45,33 @@ def influence_scatter(path: str | Path, x: np.ndarray, y: np.ndarray, names: Seq
     return _save(fig, path)
 
 
+def reliability_curves(path: str | Path, columns: Sequence[str], reliability: Sequence[float], num_models: int,
+                       threshold: float, goal: float) -> Path:
+    """Each ranking's reliability projected over numbers of models (Spearman-Brown from its value at
+    `num_models`, marked), with the threshold and the goal: how many models each ranking needs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    models = np.geomspace(max(2, num_models / 4), num_models * 64, 200)
+    for name, rho in zip(columns, reliability):
+        if not np.isfinite(rho) or rho <= 0:
+            continue
+        factor = models / num_models
+        overall = name == "overall"
+        ax.plot(models, factor * rho / (1 + (factor - 1) * rho), linewidth=2.2 if overall else 1,
+                color="#222222" if overall else None, label=name)
+        ax.plot([num_models], [rho], "o", color="#222222" if overall else ax.lines[-1].get_color(), markersize=4)
+    ax.axhline(threshold, color="#b3261e", linewidth=0.8, linestyle="--")
+    ax.axhline(goal, color="#1d7a37", linewidth=0.8, linestyle="--")
+    ax.axvline(num_models, color="#999999", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("source models")
+    ax.set_ylabel("split-half reliability (projected)")
+    ax.set_title(f"dots: measured at {num_models} models; red: threshold {threshold}; green: goal {goal}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return _save(fig, path)
+
+
 def influence_bars(path: str | Path, names: Sequence[str], values: np.ndarray, k: int, title: str,
                    stderr: np.ndarray | None = None) -> Path:
     """The k most positive and k most negative classes as horizontal bars, most positive on top, with

@@ -15,13 +15,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .analyses import explain_example, influence_by_target_class, ranking_stderr, subpopulation, top_and_bottom
-from .plots import accuracy_versus_removed, image_grid, influence_bars, influence_scatter
+from .plots import accuracy_versus_removed, image_grid, influence_bars, influence_scatter, reliability_curves
+from .reliability import GOALS, Reliability, assess
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
 text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;
-color:#555}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.ok{color:#1d7a37}.bad{color:#b3261e}
+color:#555}.banner{background:#fff4ce;border:1px solid #e0b300;padding:.7em 1em}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.ok{color:#1d7a37}.bad{color:#b3261e}
 .grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{flex:1 1 480px}"""
 
 
@@ -48,6 +49,9 @@ class Page:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+
+    def banner(self, text: str) -> None:
+        self.parts.append(f'<p class="banner">{html.escape(text)}</p>')
 
     def preformatted(self, text: str) -> None:
         self.parts.append(f"<pre>{html.escape(text)}</pre>")
@@ -87,6 +91,8 @@ class Findings:
     target_names: list[str]
     betons: dict[str, Path]
     planted: dict | None
+    reliability: Reliability | None  # of every ranking (None with fewer than 4 models)
+    wordnet: dict | None  # semantic.wordnet_agreement, for an ImageNet-derived source and CIFAR-10-named target
 
     @cached_property
     def by_class(self) -> np.ndarray:
@@ -132,13 +138,32 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
     betons |= {split: chosen.path(experiment.data.root, split) for split in ("target_train", "target_test")}
     labels = read_labels(betons["target_test"])
     source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
+    reliability = assess(values[MASKS], outputs, labels, target_names) if len(outputs) >= 4 else None
     return Findings(store=store_dirs[0], pooled=store_dirs[1:], output=output, target=chosen.name,
                     mode=mode or chosen.transfer.modes[0], transfers=experiment.transfers,
                     influence=influence, labels=labels, mean_outputs=outputs.mean(0),
                     stderr=ranking_stderr(values[MASKS], outputs, labels, len(target_names)),
                     source_names=display_names(source["class_names"], source.get("wnids"), names_file),
                     target_names=target_names, betons=betons,
-                    planted=sidecars["target_test"].get("extra", {}).get("planted"))
+                    planted=sidecars["target_test"].get("extra", {}).get("planted"), reliability=reliability,
+                    wordnet=semantic_check(influence, labels, source.get("wnids"), target_names))
+
+
+def semantic_check(influence: np.ndarray, labels: np.ndarray, source_wnids: Sequence[str] | None,
+                   target_names: Sequence[str]) -> dict | None:
+    """The WordNet agreement of the rankings (semantic.wordnet_agreement) when the source classes are
+    ImageNet wnids, some target class is a CIFAR-10 concept, and the hierarchy is at hand
+    ($FFCV_TRANSFER_DATA/imagenet-meta); else None."""
+    from .semantic import CIFAR10_CONCEPTS, load_hierarchy, wordnet_agreement
+
+    if not source_wnids or not any(CIFAR10_CONCEPTS.get(name) for name in target_names):
+        return None
+    try:
+        hierarchy = load_hierarchy()
+    except ValueError:
+        return None
+    by_class = influence_by_target_class(influence, labels, len(target_names))
+    return wordnet_agreement(by_class, source_wnids, target_names, hierarchy=hierarchy)
 
 
 def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int = 5,
@@ -162,6 +187,8 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
               f"{found.influence.shape[0]} source classes, {found.influence.shape[1]} target test examples. "
               f"Influence of a source class on a target example: its mean {found.output} over the models "
               "trained with the class minus over those without.")
+    if found.reliability and (banner := found.reliability.banner()):
+        page.banner(banner)
 
     by_class = found.by_class
     overall = found.influence.mean(1)
@@ -176,6 +203,10 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
     page.table(["most positive", "influence", "most negative", "influence"],
                [(p["source"], p["influence"], n["source"], n["influence"])
                 for p, n in zip(best["positive"], best["negative"])])
+    if found.reliability:
+        _reliability_section(page, found.reliability, figures)
+    if found.wordnet:
+        _wordnet_section(page, found.wordnet)
     if found.planted:
         _planted_section(page, found, by_class)
     if len(found.transfers) > 1:
@@ -191,6 +222,45 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, *, k: int
         page.preformatted(format_status(status, path))
     page.preformatted((found.store / "experiment.yaml").read_text())
     return page.write(out)
+
+
+def _reliability_section(page: Page, reliability: Reliability, figures: Path) -> None:
+    """Per ranking: split-half reliability, significant source classes, models for each goal, and the
+    projected curves (docs/reliability.md)."""
+    page.heading("How far the rankings can be trusted")
+    page.text(f"Split-half reliability: the Spearman correlation of a ranking between two random halves of the "
+              f"{reliability.num_models} models ({reliability.splits} splits), projected to all of them "
+              f"(Spearman-Brown); significant: source classes whose influence differs from zero at a "
+              f"Benjamini-Hochberg false-discovery rate of {reliability.q_level}; models needed: where the "
+              "projected reliability reaches each goal, noise falling as 1/sqrt(models).")
+    rows = []
+    for k, name in enumerate(reliability.columns):
+        needed = [reliability.models_needed[goal][k] for goal in GOALS]
+        rows.append((name, f"{reliability.reliability[k]:.2f}", len(reliability.significant[k]),
+                     *("not measurable" if n is None else n for n in needed),
+                     "yes" if k not in reliability.flagged() else "not yet"))
+    page.table(["ranking", f"reliability at {reliability.num_models} models", "significant source classes",
+                *(f"models for {goal}" for goal in GOALS), "reliable"], rows)
+    page.figures([reliability_curves(figures / "reliability.png", reliability.columns, reliability.reliability,
+                                     reliability.num_models, reliability.threshold, GOALS[0])],
+                 ["each ranking's reliability against the number of models (projected)"])
+
+
+def _wordnet_section(page: Page, agreement: dict) -> None:
+    """Where the source classes WordNet files under each target class rank in its ranking."""
+    page.heading("Agreement with WordNet")
+    page.text(f"For each target class, the source classes WordNet places under its concept "
+              f"(semantic.CIFAR10_CONCEPTS), and the AUC of their influence against the other source classes "
+              f"(0.5: chance). Mean AUC over the {len(agreement['scored'])} classes with members "
+              f"{_number(agreement['mean_auc'])}, one-sided permutation p = {_number(agreement['p_value'], 4)} "
+              f"({agreement['permutations']} joint relabellings of the source classes).")
+    page.table(["target class", "AUC", "p", "members"],
+               [(name, _number(entry["auc"]), _number(entry["p_value"], 4), ", ".join(entry["member_names"]) or "none")
+                for name, entry in agreement["classes"].items()])
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _transfers_section(page: Page, found: Findings, overall: np.ndarray, figures: Path, k: int) -> None:

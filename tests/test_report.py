@@ -149,3 +149,33 @@ def test_report_renders_in_chromium_with_every_image_and_no_script_error(report_
     attributes = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
     assert int(attributes["images"]) == text.count("<img") > 5
     assert attributes["broken"] == "0" and attributes["errors"] == "0"
+
+
+def test_the_findings_state_how_far_their_rankings_can_be_trusted(planted_store, tiny_data, tmp_path, capsys):
+    """Planted effects 20x the noise: in every ranking the planted classes are significant (the order of the
+    null classes between them, and so the split-half reliability, stays noise), no banner. The same masks
+    with margins of pure noise: the report and `rankings` carry the banner, and rankings.json says which
+    rankings are not reliable."""
+    import json
+
+    from ffcv_transfer.cli import main as cli_main
+
+    first, planted = planted_store[:2]
+    found = gather(first)
+    assert found.reliability.banner() is None
+    for t, twin in planted["twin"].items():
+        assert twin in found.reliability.significant[int(t)]
+    page = write_report(first, tmp_path / "planted.html", found=found).read_text()
+    assert "How far the rankings can be trusted" in page and 'class="banner"' not in page
+
+    noise = tmp_path / "noise"
+    store = create_class_store(noise, load_experiment(first / "experiment.yaml"))
+    margins = np.random.default_rng(5).normal(0, 1, (MODELS, store.schema["margins"][0][0]))
+    store.writer().write_many(range(MODELS), **row_values(store, MODELS, margins=margins))
+    page = write_report(noise, tmp_path / "noise.html").read_text()
+    assert 'class="banner"' in page and "Rankings not yet reliable with 16 models" in page
+    capsys.readouterr()
+    assert cli_main(["rankings", str(noise), "--out", str(tmp_path / "findings")]) == 0
+    assert "NOTE: Rankings not yet reliable" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "findings" / "rankings.json").read_text())
+    assert saved["all target examples"]["reliability"]["reliable"] is False
