@@ -96,7 +96,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     data_dir = args.data_dir or os.environ.get(DATA_ENV) or "../shared/data"
     findings = run_demo(args.out, data=args.data, config=args.config, overrides=parse_settings(args.settings),
                         seed=args.seed, counterfactual_seeds=args.counterfactual_seeds, data_dir=data_dir,
-                        tiny=TinySize(args.classes, args.per_class, args.target_per_class),
+                        tiny=TinySize(**{name: value for name in ("classes", "per_class", "target_per_class")
+                                         if (value := getattr(args, name)) is not None}),
                         workers=args.workers, progress=not args.no_progress)
     print(format_findings(findings))
     print(f"\nfindings: {args.out}/findings.json")
@@ -226,10 +227,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                    "split evenly (default: one per core)")
     group = p.add_argument_group("--data tiny-imagenet")
     group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
-    group.add_argument("--classes", type=int, default=20, help="first Tiny-ImageNet classes by wnid (default: 20)")
-    group.add_argument("--per-class", type=int, default=100, help="training images per source class (default: 100)")
-    group.add_argument("--target-per-class", type=int, default=200,
-                       help="CIFAR-10 training images per class; half as many test images (default: 200)")
+    group.add_argument("--classes", type=int, help="Tiny-ImageNet classes: those under a CIFAR-10 concept first "
+                       "(22), then others evenly spaced (default: demo.TinySize's)")
+    group.add_argument("--per-class", type=int, help="training images per source class (default: demo.TinySize's)")
+    group.add_argument("--target-per-class", type=int,
+                       help="CIFAR-10 training images per class; half as many test images (default: demo.TinySize's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_demo, takes_settings=True)
 

@@ -3,6 +3,7 @@ train -> transfer -> store -> influence -> findings -> counterfactual retraining
 Rerunning with the same --out resumes: the data and finished rows are kept."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -10,9 +11,11 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from .names import DATA_ENV
 
 CONFIGS = Path(__file__).resolve().parent.parent / "rs_configs"
 DEMO_CONFIG = CONFIGS / "demo_cpu.yaml"
@@ -36,13 +39,16 @@ def demo_spec():
 
 
 def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class: int, target_per_class: int) -> None:
-    """The real small replica's betons in `out`: the first `classes` Tiny-ImageNet-200 wnids (`per_class`
-    training images each, all their validation images) -> CIFAR-10 (`target_per_class` training and
-    `target_per_class // 2` test images per class), from the shared archives."""
+    """The real small replica's betons in `out`: `classes` Tiny-ImageNet-200 classes chosen by
+    `replica_classes` (`per_class` training images each, all their validation images) -> CIFAR-10
+    (`target_per_class` training and `target_per_class // 2` test images per class), from the shared
+    archives."""
     import tarfile
 
     from beton_writers import ImageOptions
     from beton_writers.imagefolder import write_imagefolder
+
+    from .semantic import load_hierarchy
 
     data_dir = Path(data_dir)
     archives = {name: data_dir / name for name in (TINY_ARCHIVE, CIFAR_ARCHIVE)}
@@ -52,7 +58,8 @@ def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class
                                 "FFCV_TRANSFER_DATA to the shared data folder)")
     with tarfile.open(archives[TINY_ARCHIVE], "r|*") as archive:
         member = next(m for m in archive if m.name.endswith("tiny-imagenet/wnids.txt"))
-        wnids = sorted(archive.extractfile(member).read().decode().split())[:classes]
+        wnids = replica_classes(archive.extractfile(member).read().decode().split(), classes,
+                                load_hierarchy(data_dir / "imagenet-meta"))
     options = ImageOptions(write_mode="jpg", max_resolution=64)
     for name, subdir, chosen, count in (("tiny_train", "tiny-imagenet/train", wnids, per_class),
                                         ("tiny_val", "tiny-imagenet/val", wnids, None),
@@ -63,11 +70,29 @@ def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class
                           options=options, overwrite=True)
 
 
+def replica_classes(wnids: Sequence[str], count: int, hierarchy) -> list[str]:
+    """`count` of the Tiny-ImageNet `wnids`, chosen so that the WordNet check can see structure: first the
+    classes under a CIFAR-10 concept (semantic.CIFAR10_CONCEPTS: 22 of Tiny-ImageNet's 200), taken in turn
+    from each concept, then others evenly spaced through the rest in wnid order (the controls). Sorted."""
+    from .semantic import CIFAR10_CONCEPTS, concept_members
+
+    wnids = sorted(wnids)
+    if not 1 <= count <= len(wnids):
+        raise ValueError(f"--classes {count}: choose 1..{len(wnids)} Tiny-ImageNet classes")
+    members = concept_members(wnids, CIFAR10_CONCEPTS, hierarchy)  # (W, concepts)
+    by_concept = [list(np.flatnonzero(members[:, k])) for k in range(members.shape[1])]
+    in_turn = [index for group in itertools.zip_longest(*by_concept) for index in group if index is not None]
+    others = np.flatnonzero(~members.any(1))
+    extra = max(0, count - len(in_turn))
+    chosen = in_turn[:count] + [int(i) for i in others[np.linspace(0, len(others) - 1, extra).round().astype(int)]]
+    return sorted(wnids[i] for i in chosen)
+
+
 @dataclass(frozen=True)
 class TinySize:
     """How much of the real data `--data tiny-imagenet` uses."""
 
-    classes: int = 20
+    classes: int = 44  # replica_classes: the 22 under CIFAR-10 concepts and 22 others
     per_class: int = 100
     target_per_class: int = 200
 
@@ -98,6 +123,8 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     def lap(stage: str) -> None:  # seconds since the previous stage ended
         stages[stage] = round(time.monotonic() - started - sum(stages.values()), 1)
 
+    if data == "tiny-imagenet" and not os.environ.get(DATA_ENV):  # `gather`'s WordNet check reads it there
+        os.environ[DATA_ENV] = str(Path(data_dir).resolve())
     experiment = load_experiment(config or DATASETS[data], {"data.root": str(out / "data"), **(overrides or {})})
     target_test = experiment.data.path("target_test")
     if not target_test.exists():

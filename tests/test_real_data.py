@@ -74,15 +74,21 @@ def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
     (named from their wnids) -> CIFAR-10, through to the report."""
     from ffcv_transfer.demo import TinySize, format_findings, run_demo
 
-    settings = {"masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
+    settings = {"masks.num_models": 8, "masks.design": "orthogonal", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
                 "source.batch_size": 32,
-                "run.models_per_process": 4, "transfer.head_max_iter": 20}
+                "run.models_per_process": 8, "transfer.head_max_iter": 20}
     findings = run_demo(tmp_path, data="tiny-imagenet", overrides=settings, counterfactual_seeds=0, data_dir=data_dir,
                         tiny=TinySize(classes=4, per_class=20, target_per_class=20), progress=False)
     source = read_sidecar(tmp_path / "data" / "tiny_train.beton")
     target = read_sidecar(tmp_path / "data" / "cifar10_test.beton")
     assert source["num_classes"] == 4 and source["num_examples"] == 80 and target["num_examples"] == 100
-    assert findings["models"] == 4 and set(findings["ranking"]) == set(target["class_names"])
+    assert findings["models"] == 8 and set(findings["ranking"]) == set(target["class_names"])
     named = {entry["source"] for entry in findings["ranking"]["cat"]}
     assert named == set(source["class_names"]) and not any(name.startswith("n0") for name in named)
     assert (tmp_path / "report.html").stat().st_size > 10_000 and "cat" in format_findings(findings)
+    # the classes are chosen for the WordNet check: with 4, one each under bird, dog, cat and automobile (each
+    # in half the models of the orthogonal design, so every influence is finite)
+    assert set(findings["wordnet_agreement"]["scored"]) == {"bird", "dog", "cat", "automobile"}
+    assert findings["reliability"]["num_models"] == 8 and "WordNet agreement" in format_findings(findings)
+    page = (tmp_path / "report.html").read_text()
+    assert "Agreement with WordNet" in page and "How far the rankings can be trusted" in page
