@@ -230,6 +230,9 @@ def _resolve(settings: Mapping[str, Any], where: str) -> Experiment:
             sections[name] = cls(**{f.name: config[(name, f.name)] for f in fields(cls)})
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
+    if sections["run"].fusion == "grouped" and sections["source"].per_model_batch:
+        raise ConfigError(f"{where}: source.per_model_batch needs run.fusion sequential: the grouped network steps "
+                          "the K models together, on equal shares of each shared batch")
     return Experiment(**sections)
 
 

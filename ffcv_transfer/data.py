@@ -47,6 +47,24 @@ def normalisation(device: torch.device, kind: str = "imagenet") -> tuple[torch.T
                  for v in NORMALIZATIONS[kind])
 
 
+class Batch(tuple):
+    """(images, labels[, indices]) on the device, with `host`: the labels (and indices) as int64 numpy arrays
+    on the host, what the trainers route on without waiting for the device."""
+
+    host: tuple[np.ndarray, ...]
+
+    def __new__(cls, items: Sequence[torch.Tensor], host: Sequence[np.ndarray]) -> "Batch":
+        batch = super().__new__(cls, items)
+        batch.host = tuple(host)
+        return batch
+
+
+def to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`, copied asynchronously (from pinned memory) on CUDA."""
+    tensor = torch.from_numpy(host)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 class Upsampled:
     """A loader whose images are upsampled on their device, nearest-neighbour, to `size` px: what the
     reference does to 32 px CIFAR images (nn.Upsample before the model) instead of resizing on the CPU."""
@@ -58,8 +76,11 @@ class Upsampled:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for images, *rest in self.loader:
-            yield (torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="nearest"), *rest)
+        for batch in self.loader:
+            images, *rest = batch
+            upsampled = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="nearest")
+            host = getattr(batch, "host", None)
+            yield (upsampled, *rest) if host is None else Batch((upsampled, *rest), host)
 
 
 def _index_decoder():
@@ -109,12 +130,11 @@ class ImageLoader:
         image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
             [ToTensor(), ToDevice(self.device, non_blocking=True),
              ToTorchImage(channels_last=memory_format_for(self.device) == torch.channels_last)]
-        label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        label = [IntDecoder(), ToTensor(), Squeeze()]  # kept on the host: trainers route on it there
         pipelines = {"image": image, "label": label}
         self.with_indices = with_indices
         if with_indices:  # the label field decoded a second time, into the sample index
-            pipelines["index"] = PipelineSpec("label", decoder=_index_decoder(),
-                                              transforms=[ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)])
+            pipelines["index"] = PipelineSpec("label", decoder=_index_decoder(), transforms=[ToTensor(), Squeeze()])
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=config.num_workers or os.cpu_count(),
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
@@ -127,9 +147,9 @@ class ImageLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for images, labels, *index in self.loader:
+    def __iter__(self) -> Iterator[Batch]:
+        for images, *keys in self.loader:
             # copies: ffcv reuses its batch buffers, so a caller that keeps labels across batches (feature
             # extraction concatenates a whole pass) would otherwise see later batches' labels in earlier ones
-            yield ((images.float() - self.mean) / self.std, labels.to(torch.int64, copy=True),
-                   *(i.to(torch.int64, copy=True) for i in index))
+            host = [np.array(key, np.int64).reshape(-1) for key in keys]
+            yield Batch(((images.float() - self.mean) / self.std, *(to_device(h, self.device) for h in host)), host)

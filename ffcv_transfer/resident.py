@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import beton_identity, normalisation, select_examples
+from .data import Batch, beton_identity, normalisation, select_examples, to_device
 from .models import memory_format_for
 from .settings import LoaderConfig
 
@@ -69,19 +69,25 @@ class ResidentLoader:
                  classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
                  crop_scale: tuple[float, float] | None = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
                  with_indices: bool = False, pixels: PixelCache | None = None, normalization: str = "imagenet"):
+        from beton_writers.common import read_labels
+
         selected = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         self.images, self.labels = (pixels or PixelCache()).pixels(beton, self.device)
-        selected = np.arange(len(self.labels)) if selected is None else selected
-        self.examples = torch.as_tensor(selected, device=self.device)
+        self.host_labels = read_labels(beton).astype(np.int64)
+        self.examples = np.arange(len(self.host_labels)) if selected is None else selected
         self.train, self.batch_size, self.resolution = train, batch_size, resolution
         self.crop_ratio, self.crop_scale, self.with_indices = crop_ratio, crop_scale, with_indices
         self.order, self.drop_last = config.order, config.drop_last
-        self.generator = torch.Generator(device=self.device)
-        if config.seed is None:
-            self.generator.seed()  # non-deterministic, and the global RNG untouched
-        else:
-            self.generator.manual_seed(config.seed)
+        # the order is drawn on the host (the batch's labels are known there without a device sync); the
+        # crops on the device, from the same generator on a CPU
+        self.order_generator = torch.Generator()
+        self.generator = self.order_generator if self.device.type == "cpu" else torch.Generator(device=self.device)
+        for generator in {self.order_generator, self.generator}:
+            if config.seed is None:
+                generator.seed()  # non-deterministic, and the global RNG untouched
+            else:
+                generator.manual_seed(config.seed)
         self.mean, self.std = normalisation(self.device, normalization)
 
     def set_resolution(self, resolution: int) -> None:
@@ -91,17 +97,20 @@ class ResidentLoader:
         whole, rest = divmod(len(self.examples), self.batch_size)
         return whole if self.drop_last or not rest else whole + 1
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[Batch]:
         examples = self.examples
         if self.order != "sequential":
-            examples = examples[torch.randperm(len(examples), generator=self.generator, device=self.device)]
+            examples = examples[torch.randperm(len(examples), generator=self.order_generator).numpy()]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            picked = examples[start:start + self.batch_size]
+            host = [examples[start:start + self.batch_size]]
+            picked = to_device(host[0], self.device)
             pixels = self.images[picked].permute(0, 3, 1, 2).float()
             images = F.grid_sample(pixels, self._grid(len(picked), *pixels.shape[2:]), mode="bilinear",
                                    padding_mode="border", align_corners=False)
             images = ((images - self.mean) / self.std).contiguous(memory_format=memory_format_for(self.device))
-            yield (images, self.labels[picked]) + ((picked,) if self.with_indices else ())
+            host.insert(0, self.host_labels[host[0]])
+            yield Batch((images, self.labels[picked]) + ((picked,) if self.with_indices else ()),
+                        host if self.with_indices else host[:1])
 
     def _grid(self, n: int, height: int, width: int) -> torch.Tensor:
         """Sampling grids of the crops: (n, R, R, 2) in grid_sample's [-1, 1] coordinates."""

@@ -114,7 +114,12 @@ class ModelConfig:
 class OptimConfig:
     """Defaults: the reference ImageNet recipe (MadryLab/data-transfer)."""
 
-    batch_size: int = option(1024, "examples per step, shared by all K models (each trains on its classes' part)")
+    batch_size: int = option(1024, "examples per shared batch: the decode batch of the one loader of the K models; "
+                             "without per_model_batch also each step's batch (each model steps on its classes' part)")
+    per_model_batch: int = option(0, "examples per step of each model (the reference's batch): the shared batches' "
+                                  "rows queue per model and a model steps whenever its queue holds this many, the "
+                                  "last partial batch of an epoch dropped; 0: each model steps on its part of every "
+                                  "shared batch")
     epochs: int = option(16, "passes over the data")
     lr: float = option(0.5, "peak learning rate of the cyclic schedule (the step schedule's first)")
     lr_peak_epoch: float = option(2.0, "epoch at which the linear warm-up reaches the peak")
@@ -138,6 +143,7 @@ class OptimConfig:
               f"{s}.lr_step_size must be >= 1 and {s}.lr_gamma in (0, 1], got {self.lr_step_size} and {self.lr_gamma}")
         check(self.batch_size >= 1 and self.epochs >= 1,
               f"{s}.batch_size and {s}.epochs must be >= 1, got {self.batch_size} and {self.epochs}")
+        check(self.per_model_batch >= 0, f"{s}.per_model_batch must be >= 0, got {self.per_model_batch}")
         check(0 <= self.lr_peak_epoch <= self.epochs,
               f"{s}.lr_peak_epoch {self.lr_peak_epoch} must lie in 0..{s}.epochs ({self.epochs})")
         check(self.lr >= 0 and self.weight_decay >= 0,
@@ -200,7 +206,8 @@ class TransferConfig(OptimConfig):
                              TRAIN_CROPS)
     metric: str = option("top1", "the target's headline accuracy: top-1, or the mean of the per-class accuracies "
                          "(the reference's for Aircraft, Caltech, Flowers, Pets); both are stored", METRICS)
-    batch_size: int = option(512, "target examples per step, shared by all K models")
+    batch_size: int = option(512, "target examples per shared batch (the decode batch; without per_model_batch "
+                             "also each step's batch)")
     epochs: int = option(15, "passes over the target training set (fixed_feature, full_finetune)")
     lr: float = option(0.1, "peak learning rate (fixed_feature, full_finetune)")
     lr_peak_epoch: float = option(5.0, "epoch of the learning-rate peak (fixed_feature, full_finetune)")

@@ -11,19 +11,32 @@ label of each of the E examples the (K, E) masks cover) and give batches a third
 index in the beton (`ImageLoader(..., with_indices=True)`); routing then keys on that index while the
 loss still uses the labels. Accuracy counts a model's classes as those it has any example of.
 
+Routing happens on the host, on the batch's labels (or indices) as the loaders deliver them there too
+(data.Batch.host): the step loop makes no device-to-host sync per batch, one per epoch for the losses.
+
+Per-model batches (`per_model_batch` > 0, the sequential fusion): each model's rows of every shared batch
+are appended to its own queue, and the model steps whenever the queue holds `per_model_batch` rows, so
+every step of every model is exactly the reference's batch whatever the model's share of the classes,
+each model's learning rate follows its own steps (of `examples_per_epoch[k] // per_model_batch` an
+epoch), and each model sees each of its examples once per epoch, but for the rows left in its queue at
+the epoch's end (fewer than a batch), which are dropped as the reference's per-model loaders drop their
+last partial batch. Without it each model steps on its part of every shared batch (sizes vary with the
+model's mask density).
+
 `LockstepTrainer.fit` is the whole run (the epoch loop with the resolution schedule); each fusion's
 `train_epoch` is the step loop: here `sequential` (the K models one after another on their
-sub-batches), in grouped.py `grouped` (one grouped network).
+sub-batches, or on their queued per-model batches), in grouped.py `grouped` (one grouped network).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import to_device
 from .settings import OptimConfig, SourceConfig
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # settings.PRECISIONS
@@ -93,6 +106,7 @@ class LockstepTrainer:
             raise ValueError(f"need one mask row per model: {len(models)} models, masks {class_masks.shape}")
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
+        self.host_membership = class_masks
         self.membership = torch.as_tensor(class_masks, device=self.device)
         self.takes_every_class = bool(class_masks.all())
         self.by_example = example_labels is not None
@@ -120,6 +134,18 @@ class LockstepTrainer:
             raise ValueError("example masks route on example indices: batches need a third element "
                              "(ImageLoader(..., with_indices=True))")
         return images, labels, batch[2].to(self.device, torch.long)
+
+    def routes(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor | slice]:
+        """For each model, the positions in the batch of its examples (on the device; the whole batch when
+        every model takes every class), found on the host from the batch's host keys (data.Batch) or, for
+        batches without them, from its keys on the CPU (a sync on a GPU)."""
+        if self.takes_every_class:
+            return [slice(None)] * len(self.models)
+        column = 2 if self.by_example else 1
+        host = getattr(batch, "host", None)
+        keys = host[column - 1] if host is not None else batch[column].cpu().numpy()
+        member = self.host_membership[:, keys]  # (K, B)
+        return [to_device(np.flatnonzero(row), self.device) for row in member]
 
     def fit(self, batches: Iterable, epochs: int, resolution: Callable[[int], int] | None = None,
             on_epoch: Callable[[str], None] = lambda stage: None, stage: str = "epoch") -> None:
@@ -161,43 +187,84 @@ class LockstepTrainer:
 
 class SequentialTrainer(LockstepTrainer):
     """The `sequential` backend: each batch is routed, then the K models step one after another on their
-    sub-batches, each with its own optimiser (and gradient scaler for fp16)."""
+    sub-batches, or on their queued per-model batches, each with its own optimiser (and gradient scaler for
+    fp16). `examples_per_epoch` (K,): each model's examples in one pass of the loader, which sets its steps
+    per epoch with per_model_batch."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
+                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None,
+                 examples_per_epoch: Sequence[int] | None = None):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
         self.optimizers = [torch.optim.SGD(param_groups(m, config), lr=0.0, momentum=config.momentum)
                            for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
+        self.model_steps = np.zeros(len(models), np.int64)
+        if config.per_model_batch:
+            if examples_per_epoch is None or len(examples_per_epoch) != len(models):
+                raise ValueError("per_model_batch needs examples_per_epoch: each model's examples in one pass")
+            self.steps_per_epoch_of = np.maximum(np.asarray(examples_per_epoch) // config.per_model_batch, 1)
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
         """One pass over `batches` (images already normalised, on the device); returns each model's
         mean loss. A model whose loss turns NaN/inf is recorded in `failed` and trained no further."""
-        loss_sums = torch.zeros(len(self.models), device=self.device)
-        counts = torch.zeros(len(self.models), device=self.device)
+        self.loss_sums = torch.zeros(len(self.models), device=self.device)
+        self.counts = torch.zeros(len(self.models), device=self.device)
         for model in self.models:
             model.train()
+        size = self.config.per_model_batch
+        queues = [RowQueue() for _ in self.models]
         for batch in batches:
-            images, labels, keys = self.keys_of(batch)
+            images, labels, _ = self.keys_of(batch)
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
-            for k, (model, optimizer, scaler, rows) in enumerate(
-                    zip(self.models, self.optimizers, self.scalers,
-                        batch_parts(keys, self.membership, self.takes_every_class))):
-                part = labels[rows]
-                if k in self.failed or len(part) == 0:
+            for k, rows in enumerate(self.routes(batch)):
+                if k in self.failed:
                     continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with self.autocast():
-                    loss = F.cross_entropy(model(images[rows]), part, label_smoothing=self.config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sums[k] += loss.detach().float() * len(part)  # checked once per epoch: no sync per step
-                counts[k] += len(part)
+                if not size:
+                    self._step(k, images[rows], labels[rows], lr)
+                    continue
+                queues[k].append(images[rows], labels[rows])
+                while queues[k].count >= size:
+                    self._step(k, *queues[k].take(size), lr_at(self.model_steps[k] / self.steps_per_epoch_of[k],
+                                                               self.config))
             self.step += 1
-        return self._mean_losses(loss_sums, counts, epoch)
+        return self._mean_losses(self.loss_sums, self.counts, epoch)  # a queue's remainder is dropped
+
+    def _step(self, k: int, images: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+        """One SGD step of model k on (images, labels) at learning rate lr; its loss summed for the epoch."""
+        if len(labels) == 0:
+            return
+        optimizer, scaler = self.optimizers[k], self.scalers[k]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            loss = F.cross_entropy(self.models[k](images), labels, label_smoothing=self.config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        self.loss_sums[k] += loss.detach().float() * len(labels)  # checked once per epoch: no sync per step
+        self.counts[k] += len(labels)
+        self.model_steps[k] += 1
+
+
+class RowQueue:
+    """One model's routed rows waiting for its step: appended per shared batch, taken a batch at a time."""
+
+    def __init__(self):
+        self.images: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.count = 0
+
+    def append(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images.append(images)
+        self.labels.append(labels)
+        self.count += len(labels)
+
+    def take(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `size` rows (images, labels), in arrival order."""
+        images, labels = torch.cat(self.images), torch.cat(self.labels)
+        self.images, self.labels, self.count = [images[size:]], [labels[size:]], self.count - size
+        return images[:size], labels[:size]
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +37,8 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer)
     by row).
     A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
+    from beton_writers.common import read_labels
+
     source, device = experiment.source, experiment.run.device
     masks = np.asarray(store.fixed(MASKS)[list(rows)])
     union = np.flatnonzero(masks.any(axis=0))
@@ -47,18 +49,24 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     trainer_class = TRAINERS[experiment.run.fusion]
     if experiment.run.compile != "none":  # validated: the grouped fusion
         trainer_class = partial(trainer_class, compile=experiment.run.compile)
+    # per-model batches (validated: the sequential fusion): every example decoded, each model drops its own rest
+    decoding = replace(experiment, loader=replace(experiment.loader, drop_last=False)) if source.per_model_batch \
+        else experiment
+    labels = read_labels(experiment.data.path("source_train"))
     if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
-        from beton_writers.common import read_labels
-
-        labels = read_labels(experiment.data.path("source_train"))
         examples = example_masks_of(store, len(labels), rows)
-        train = loaders.get(experiment, "source_train", train=True, resolution=source.min_res,
+        train = loaders.get(decoding, "source_train", train=True, resolution=source.min_res,
                             batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
                             indices=np.flatnonzero(examples.any(axis=0)))
+        if source.per_model_batch:
+            trainer_class = partial(trainer_class, examples_per_epoch=examples.sum(1))
         trainer = trainer_class(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
     else:
-        train = loaders.get(experiment, "source_train", train=True, resolution=source.min_res,
+        train = loaders.get(decoding, "source_train", train=True, resolution=source.min_res,
                             batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
+        if source.per_model_batch:
+            counts = np.bincount(labels, minlength=masks.shape[1])
+            trainer_class = partial(trainer_class, examples_per_epoch=masks.astype(np.int64) @ counts)
         trainer = trainer_class(models, masks, source, steps_per_epoch=len(train), device=device)
     trainer.fit(train, source.epochs, resolution=source_resolution(source), on_epoch=on_epoch, stage="source epoch")
     failures = {rows[k]: f"source training: {reason}" for k, reason in trainer.failed.items()}
@@ -99,9 +107,12 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
     if len(experiment.targets) > 1:  # progress names the target
         on_epoch = partial(lambda report, stage: report(f"{chosen.name}: {stage}"), on_epoch)
 
+    decoding = replace(experiment, loader=replace(experiment.loader, drop_last=False)) if config.per_model_batch \
+        else experiment  # per-model batches: every example decoded, each model drops its own rest
+
     def loader(split: str, train: bool, **crops):
         """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
-        made = loaders.get(experiment, split, train=train, resolution=config.upsample_from or config.resolution,
+        made = loaders.get(decoding, split, train=train, resolution=config.upsample_from or config.resolution,
                            batch_size=config.batch_size, normalization=config.normalization, target=chosen, **crops)
         return Upsampled(made, config.resolution) if config.upsample_from else made
 
@@ -115,7 +126,9 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
              else dict(crop_min_scale=None, crop_ratio=config.test_crop_ratio))
     train = loader("target_train", True, **crops)
     return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
-                                device=experiment.run.device, on_epoch=on_epoch)
+                                device=experiment.run.device, on_epoch=on_epoch,
+                                examples_per_epoch=read_sidecar(chosen.path(experiment.data.root,
+                                                                            "target_train"))["num_examples"])
 
 
 def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,

@@ -87,6 +87,20 @@ def test_train_loader_crops_subsets_and_resizes(betons):
     assert images.shape == (64, 3, 16, 16)
 
 
+@pytest.mark.parametrize("kind", ["ffcv", "resident"])
+def test_batches_carry_their_labels_and_indices_on_the_host_too(betons, kind):
+    """data.Batch.host: what the trainers route on without a device sync, equal to the batch's own."""
+    from ffcv_transfer.data import Batch
+
+    loader_class = ImageLoader if kind == "ffcv" else ResidentLoader
+    loader = loader_class(betons["source_val"], train=True, resolution=16, batch_size=32, with_indices=True,
+                          config=LoaderConfig(num_workers=2))
+    for batch in loader:
+        assert isinstance(batch, Batch) and len(batch.host) == 2
+        np.testing.assert_array_equal(batch.host[0], batch[1].numpy())
+        np.testing.assert_array_equal(batch.host[1], batch[2].numpy())
+
+
 def test_progressive_resizing_schedule():
     assert [resolution_at(e, 160, 192, 10, 13) for e in (0, 10, 11, 12, 13, 15)] == [160, 160, 160, 160, 192, 192]
     assert [resolution_at(e, 64, 128, 0, 4) for e in (0, 1, 2, 4)] == [64, 64, 96, 128]

@@ -1,0 +1,155 @@
+"""Per-model batches (`per_model_batch`): the rows of the shared batches queue per model and each model
+steps on exactly `per_model_batch` of them, its learning rate following its own steps; routing happens on
+the host, with no device-to-host sync per batch; the worker and the counterfactual's removal models use it."""
+import numpy as np
+import pytest
+import torch
+
+from ffcv_transfer import worker as worker_module
+from ffcv_transfer.config import ConfigError, load_experiment
+from ffcv_transfer.counterfactual import removal_design, run_removals
+from ffcv_transfer.data import Batch
+from ffcv_transfer.experiment_store import create_class_store
+from ffcv_transfer.masks import random_class_masks
+from ffcv_transfer.settings import OptimConfig
+from ffcv_transfer.train import SequentialTrainer, lr_at
+
+from .conftest import DEMO_CONFIG, IdRecorder, tiny_settings
+
+EXAMPLES, CLASSES, SHARED, PER_MODEL = 500, 6, 64, 24
+
+
+class StepRecorder(IdRecorder):
+    """IdRecorder that also keeps the ids of each training step apart."""
+
+    def __init__(self, classes):
+        super().__init__(classes)
+        self.steps = []
+
+    def forward(self, x):
+        if self.training:
+            self.steps.append(x[:, 0, 0, 0].long().tolist())
+        return super().forward(x)
+
+
+def epoch_batches(labels: np.ndarray, rng) -> list[Batch]:
+    """One epoch in a random order, shared batches of SHARED (the last one short), each image's pixel 0 its
+    example id, the labels on the host too."""
+    order = rng.permutation(len(labels))
+    images = torch.zeros(len(labels), 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(float(len(labels)))
+    return [Batch((images[order[i:i + SHARED]], torch.as_tensor(labels[order[i:i + SHARED]])),
+                  [labels[order[i:i + SHARED]]]) for i in range(0, len(labels), SHARED)]
+
+
+def trained(labels, masks, epochs=2, seed=0):
+    counts = np.bincount(labels, minlength=CLASSES)
+    models = [StepRecorder(CLASSES) for _ in masks]
+    config = OptimConfig(epochs=epochs, lr=0.2, lr_peak_epoch=1, precision="fp32", per_model_batch=PER_MODEL)
+    trainer = SequentialTrainer(models, masks, config, steps_per_epoch=-(-len(labels) // SHARED),
+                                examples_per_epoch=masks.astype(int) @ counts)
+    rates = [[] for _ in masks]
+    for k, optimizer in enumerate(trainer.optimizers):  # the learning rate of each of model k's steps
+        optimizer.step = (lambda step, k, optimizer: lambda *a, **kw: (rates[k].append(optimizer.param_groups[0]["lr"]),
+                                                                       step(*a, **kw))[1])(optimizer.step, k, optimizer)
+    rng = np.random.default_rng(seed)
+    seen = []
+    for epoch in range(epochs):
+        trainer.train_epoch(epoch_batches(labels, rng), epoch)
+        seen.append([list(model.seen) for model in models])
+        for model in models:
+            model.seen.clear()
+    return trainer, models, seen, rates, masks.astype(int) @ counts
+
+
+def test_every_step_is_the_per_model_batch_and_each_example_is_seen_at_most_once_an_epoch():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, CLASSES, EXAMPLES)
+    masks = np.vstack([random_class_masks(4, CLASSES, 0.5, seed=0), np.ones((1, CLASSES), bool)])
+    trainer, models, seen, rates, examples = trained(labels, masks)
+    for k, (model, mask) in enumerate(zip(models, masks)):
+        assert {len(step) for step in model.steps} == {PER_MODEL}  # every step exactly the per-model batch
+        own = set(np.flatnonzero(mask[labels]).tolist())
+        for epoch_seen in seen:
+            # only its own examples, none twice; all but the last partial batch (dropped, < PER_MODEL)
+            assert len(set(epoch_seen[k])) == len(epoch_seen[k]) and set(epoch_seen[k]) <= own
+            assert len(epoch_seen[k]) == examples[k] // PER_MODEL * PER_MODEL
+            assert len(own) - len(epoch_seen[k]) < PER_MODEL
+        assert trainer.model_steps[k] == 2 * (examples[k] // PER_MODEL)
+    # a model on every class and one on half take the same steps per example seen: one per PER_MODEL
+    per_example = trainer.model_steps / np.array([sum(map(len, (epoch[k] for epoch in seen))) for k in range(5)])
+    np.testing.assert_allclose(per_example, 1 / PER_MODEL)
+    assert examples[4] > 1.5 * examples[:4].max()  # the all-class model did take far more rows
+
+
+def test_each_models_learning_rate_follows_its_own_steps():
+    """The cyclic schedule over each model's own steps: a model on more classes takes more steps an epoch,
+    and its peak falls at the same fraction of them."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, CLASSES, EXAMPLES)
+    masks = np.array([[True] * 2 + [False] * 4, [True] * 6])
+    trainer, _, _, rates, examples = trained(labels, masks, epochs=3)
+    config = trainer.config
+    for k in range(2):
+        per_epoch = examples[k] // PER_MODEL
+        expected = [lr_at(step / per_epoch, config) for step in range(3 * per_epoch)]
+        np.testing.assert_allclose(rates[k], expected)
+        assert np.argmax(rates[k]) == per_epoch  # the peak at epoch 1 of its own steps
+
+
+@pytest.mark.parametrize("per_model_batch", [0, PER_MODEL])
+def test_no_host_sync_per_batch(per_model_batch, monkeypatch):
+    """Counting .item(), .tolist(), .cpu() and nonzero on tensors while training: a fixed number per epoch,
+    the same for 8 batches an epoch as for 16."""
+    rng = np.random.default_rng(3)
+    masks = random_class_masks(3, CLASSES, 0.5, seed=1)
+    calls = []
+    for name in ("item", "tolist", "cpu", "nonzero"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n),
+                                                                                              _o(self, *a, **kw))[1])
+    counted = []
+    for examples in (8 * SHARED, 16 * SHARED):
+        labels = rng.integers(0, CLASSES, examples)
+        from ffcv_transfer.models import build_model
+
+        models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
+        config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32", per_model_batch=per_model_batch)
+        trainer = SequentialTrainer(models, masks, config, steps_per_epoch=examples // SHARED,
+                                    examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES))
+        batches = [Batch((torch.randn(SHARED, 3, 8, 8), torch.as_tensor(labels[i:i + SHARED])), [labels[i:i + SHARED]])
+                   for i in range(0, examples, SHARED)]
+        calls.clear()
+        trainer.fit(batches, 2)
+        counted.append(len(calls))
+    assert counted[0] == counted[1] <= 2 * 4  # per epoch: the losses and counts read once
+
+
+def test_the_worker_and_the_removal_models_step_on_the_per_model_batch(tiny_data, tmp_path, monkeypatch):
+    """source.per_model_batch through the worker: every source step of every model, those of the
+    counterfactual's removal models (every class but one) included, is exactly the per-model batch."""
+    sizes = []
+
+    class Recording(worker_module.SequentialTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for model in self.models:
+                model.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0]))
+                                                if module.training and module.fc.out_features == 5 else None)
+
+    monkeypatch.setitem(worker_module.TRAINERS, "sequential", Recording)
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16,
+                                                                          "source.batch_size": 48}))
+    store = create_class_store(tmp_path / "store", experiment)
+    assert worker_module.run_worker(store.path, experiment, progress=False) == 4
+    assert sizes and set(sizes) == {16}
+    influence_steps = len(sizes)
+    masks, removals = removal_design(np.arange(5.0), [1], 2, ["most_negative"])
+    run_removals(tmp_path / "removals", experiment, masks, removals, progress=False)
+    assert len(sizes) > influence_steps and set(sizes) == {16}
+
+
+def test_per_model_batches_need_the_sequential_fusion(tiny_data):
+    with pytest.raises(ConfigError, match="per_model_batch needs run.fusion sequential"):
+        load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16,
+                                                                 "run.fusion": "grouped"}))
