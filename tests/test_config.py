@@ -34,7 +34,7 @@ REFERENCE = {
     "transfer.mode": "fixed_feature", "transfer.epochs": 15, "transfer.lr": 0.1, "transfer.lr_peak_epoch": 5,
     "transfer.lr_schedule": "cyclic", "transfer.momentum": 0.9, "transfer.weight_decay": 5e-4,
     "transfer.bn_weight_decay": True, "transfer.label_smoothing": 0.0, "transfer.precision": "fp16",
-    "transfer.batch_size": 1024, "transfer.resolution": 224, "transfer.upsample_from": 32,
+    "source.per_model_batch": 1024, "transfer.per_model_batch": 1024, "transfer.resolution": 224, "transfer.upsample_from": 32,
     "transfer.crop_min_scale": 1.0, "transfer.test_crop_ratio": 1.0, "transfer.normalization": "cifar10",
 }
 
@@ -44,7 +44,7 @@ def test_the_dt_config_is_the_reference_recipe_setting_by_setting():
     resolved = {f"{section}.{key}": value for section, values in e.to_dict().items() for key, value in values.items()}
     differ = {key: (resolved[key], value) for key, value in REFERENCE.items() if resolved[key] != pytest.approx(value)}
     assert not differ, differ
-    # the loader's batch is shared by K models on random halves: each model's part averages the reference's 1024
+    # the shared decode batch holds about the reference's 1024 of each of K models on random halves
     union = 1 - (1 - e.masks.alpha) ** e.run.models_per_process
     assert abs(e.source.batch_size * e.masks.alpha / union - 1024) < 10
     flavour = load_experiment(CONFIGS / "paper_ffcv_imagenet_cifar10.yaml").to_dict()
@@ -52,7 +52,7 @@ def test_the_dt_config_is_the_reference_recipe_setting_by_setting():
     assert {key for key in REFERENCE if flavour[key] != pytest.approx(REFERENCE[key])} == {
         "model.blurpool", "source.bn_weight_decay", "source.label_smoothing", "source.precision",
         "source.ramp_rounding", "source.val_res", "source.val_accuracy", "transfer.bn_weight_decay",
-        "transfer.label_smoothing", "transfer.precision", "transfer.batch_size", "transfer.upsample_from",
+        "transfer.label_smoothing", "transfer.precision", "transfer.per_model_batch", "transfer.upsample_from",
         "transfer.crop_min_scale", "transfer.normalization"}  # what its header says differs
 
 
