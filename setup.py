@@ -15,6 +15,7 @@ setup(
         "fastargs",
         "pyyaml",
         "pillow",
+        "scipy",  # the .mat metadata of ImageNet's devkit, Flowers-102 and Stanford Cars
         "tqdm",
         "matplotlib",
     ],

@@ -9,8 +9,11 @@ use_threading_layer()  # before anything imports numba (threading_layer.py says 
 from .cifar import write_cifar  # noqa: E402
 from .common import BetonError, ImageOptions, read_labels, read_sidecar, sidecar_paths, write_arrays  # noqa: E402
 from .imagefolder import write_imagefolder  # noqa: E402
+from .imagenet import write_imagenet  # noqa: E402
 from .synthetic import PlantedSpec, write_synthetic  # noqa: E402
+from .targets import write_target  # noqa: E402
 from .verify import BetonRecords, verify_beton  # noqa: E402
 
 __all__ = ["BetonError", "BetonRecords", "ImageOptions", "PlantedSpec", "read_labels", "read_sidecar",
-           "sidecar_paths", "verify_beton", "write_arrays", "write_cifar", "write_imagefolder", "write_synthetic"]
+           "sidecar_paths", "verify_beton", "write_arrays", "write_cifar", "write_imagefolder", "write_imagenet",
+           "write_synthetic", "write_target"]

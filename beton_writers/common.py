@@ -11,9 +11,10 @@ import datetime
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -301,3 +302,23 @@ def write_arrays(
         class_names = [str(c) for c in range(int(source.labels.max()) + 1)]
     return write_beton(source, out, class_names=class_names, options=options, origin=origin,
                        extra=extra, overwrite=overwrite)
+
+
+@contextmanager
+def writer_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, ffcv's writer shows its progress bar only if `enabled`. ffcv has no option for
+    it (and tqdm reads TQDM_DISABLE only when imported), so the bar class of ffcv.writer is swapped."""
+    if enabled:
+        yield
+        return
+    from functools import partial
+
+    import ffcv.writer
+    from tqdm import tqdm
+
+    shown = ffcv.writer.tqdm
+    ffcv.writer.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = shown

@@ -2,34 +2,61 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-
-def _image_options(args: argparse.Namespace):
+if TYPE_CHECKING:
     from beton_writers.common import ImageOptions
 
-    return ImageOptions(write_mode=args.write_mode, max_resolution=args.max_resolution, square=args.square,
-                        jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-                        smart_threshold=args.smart_threshold, num_workers=args.num_workers,
-                        chunk_size=args.chunk_size)
+
+def _image_options(args: argparse.Namespace, base: ImageOptions | None = None) -> ImageOptions:
+    """ImageOptions from the command line; options a command leaves unset (see `_add_image_options`)
+    come from `base` (a preset, or the dataset's default)."""
+    from dataclasses import fields, replace
+
+    from beton_writers.common import ImageOptions
+
+    given = {f.name: getattr(args, f.name) for f in fields(ImageOptions) if hasattr(args, f.name)}
+    return replace(base or ImageOptions(), **given)
 
 
-def _add_image_options(parser: argparse.ArgumentParser, write_mode: str) -> None:
+def _add_image_options(parser: argparse.ArgumentParser, write_mode: str | None) -> None:
+    """ffcv's image storage options; with `write_mode` None they have no defaults here (an option not
+    given is absent from the parsed arguments, and the command's preset or dataset default holds)."""
+    fixed = write_mode is not None
+
+    def default(value):
+        return value if fixed else argparse.SUPPRESS
+
+    def shown(value) -> str:
+        return f" (default: {value})" if fixed else ""
+
     group = parser.add_argument_group("image storage (ffcv RGBImageField)")
-    group.add_argument("--write-mode", default=write_mode, choices=["raw", "jpg", "smart", "proportion"],
-                       help=f"how images are stored (default: {write_mode})")
-    group.add_argument("--max-resolution", type=int, default=None,
-                       help="resize so the longer side is at most this (default: keep)")
-    group.add_argument("--square", action="store_true",
+    group.add_argument("--write-mode", default=default(write_mode), choices=["raw", "jpg", "smart", "proportion"],
+                       help=f"how images are stored{shown(write_mode)}")
+    group.add_argument("--max-resolution", type=int, default=default(None),
+                       help="resize so the longer side is at most this" + shown("keep"))
+    group.add_argument("--square", action="store_true", default=default(False),
                        help="centre-crop each image to a square first (with --max-resolution: one image size, "
                             "which loader.kind resident needs)")
-    group.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
-    group.add_argument("--compress-probability", type=float, default=0.5,
-                       help="share of images JPEG-compressed in 'proportion' mode (default: 0.5)")
-    group.add_argument("--smart-threshold", type=int, default=None,
+    group.add_argument("--jpeg-quality", type=int, default=default(90), help="JPEG quality" + shown(90))
+    group.add_argument("--compress-probability", type=float, default=default(0.5),
+                       help="share of images JPEG-compressed in 'proportion' mode" + shown(0.5))
+    group.add_argument("--smart-threshold", type=int, default=default(None),
                        help="in 'smart' mode, JPEG-compress images whose raw size exceeds this many bytes")
-    group.add_argument("--num-workers", type=int, default=0, help="writer processes (default: one per core)")
-    group.add_argument("--chunk-size", type=int, default=100, help="examples per work item (default: 100)")
+    group.add_argument("--num-workers", type=int, default=default(0),
+                       help="writer processes" + shown("one per core"))
+    group.add_argument("--chunk-size", type=int, default=default(100), help="examples per work item" + shown(100))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing beton and sidecar")
+
+
+def _add_archive_options(parser: argparse.ArgumentParser, preset_help: str) -> None:
+    """--preset, --no-progress and the storage options of the writers from official archives."""
+    parser.add_argument("--preset", choices=["reference", "ffcv-imagenet"], default=None,
+                        help=f"{preset_help}; image options given explicitly override it. reference: "
+                             "MadryLab/data-transfer's writer (smart, longer side <= 256, quality 90); ffcv-imagenet: "
+                             "libffcv/ffcv-imagenet's (proportion, <= 500, half JPEG, quality 90)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_image_options(parser, None)
 
 
 def _print_summary(meta: dict) -> None:
@@ -50,6 +77,33 @@ def cmd_write_cifar(args: argparse.Namespace) -> None:
 
     _print_summary(write_cifar(args.src, args.out, split=args.split, options=_image_options(args),
                                overwrite=args.overwrite))
+
+
+def _print_written(written: dict) -> None:
+    for split, meta in written.items():
+        print(f"{split:5s} ", end="")
+        _print_summary(meta)
+
+
+def cmd_write_imagenet(args: argparse.Namespace) -> None:
+    from beton_writers.imagenet import PRESETS, write_imagenet
+
+    options = _image_options(args, PRESETS[args.preset or "reference"])
+    _print_written(write_imagenet(args.outdir, train=args.train, val=args.val, devkit=args.devkit, options=options,
+                                  progress=not args.no_progress, overwrite=args.overwrite))
+
+
+def cmd_write_target(args: argparse.Namespace) -> None:
+    from beton_writers.common import BetonError
+    from beton_writers.imagenet import PRESETS
+    from beton_writers.targets import default_options, write_target
+
+    if len(args.paths) < 2:
+        raise BetonError(f"write target {args.name}: give its archive(s), then OUTDIR")
+    options = _image_options(args, PRESETS[args.preset] if args.preset else default_options(args.name))
+    _print_written(write_target(args.name, args.paths[:-1], args.paths[-1], options=options,
+                                allow_missing=args.allow_missing, progress=not args.no_progress,
+                                overwrite=args.overwrite))
 
 
 def cmd_write_synthetic(args: argparse.Namespace) -> None:
@@ -97,6 +151,35 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, choices=["train", "test"])
     _add_image_options(p, "raw")
     p.set_defaults(run=cmd_write_cifar)
+
+    p = writers.add_parser("imagenet", help="ImageNet-1k from the official ILSVRC2012 archives (restartable)",
+                           description="Writes OUTDIR/imagenet_train.beton and/or imagenet_val.beton (labels: the "
+                           "standard 1k order) straight from the official archives, nothing unpacked. A split "
+                           "already complete from the same archives and options is kept, so rerunning a killed "
+                           "command resumes it.")
+    p.add_argument("outdir")
+    p.add_argument("--train", help="ILSVRC2012_img_train.tar (a tar of one nXXXXXXXX.tar per class)")
+    p.add_argument("--val", help="ILSVRC2012_img_val.tar (50,000 JPEGs, flat)")
+    p.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (or its folder): the val labels "
+                   "(data/ILSVRC2012_validation_ground_truth.txt) and data/meta.mat")
+    _add_archive_options(p, "storage settings (default: reference)")
+    p.set_defaults(run=cmd_write_imagenet)
+
+    from beton_writers.targets import ARCHIVES
+
+    p = writers.add_parser("target", help="a transfer target from its official archives, canonical split",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           usage="%(prog)s NAME ARCHIVE [ARCHIVE ...] OUTDIR [options]",
+                           description="Writes OUTDIR/NAME_train.beton and OUTDIR/NAME_test.beton with the "
+                           "target's canonical split (docs/betons.md states each rule). Archives by target:\n"
+                           + "\n".join(f"  {name:11s} {files}" for name, files in ARCHIVES.items()))
+    p.add_argument("name", metavar="NAME", choices=sorted(ARCHIVES), help="the target")
+    p.add_argument("paths", nargs="+", metavar="ARCHIVE... OUTDIR", help="its archives, files or folders; then OUTDIR")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="leave out listed images that are absent (e.g. Birdsnap's dead links), recorded in the "
+                   "sidecar, instead of failing")
+    _add_archive_options(p, "storage settings (default: raw for CIFAR, else as write imagefolder)")
+    p.set_defaults(run=cmd_write_target)
 
     p = writers.add_parser("synthetic", help="planted source/target data with known influences")
     p.add_argument("outdir")
