@@ -7,7 +7,10 @@ must be to keep the one-model recipe's batch size. Cases, each in its own proces
   single            one model over every class (no routing)
   sequential        the K models one after another on their sub-batches
   grouped           the K models as one grouped network (weighted BatchNorm over the real rows)
-  grouped+compile   the same through torch.compile (compilation in the untimed warm-up)
+  <case>+queued     single or sequential with per-model batches (`per_model_batch` = the size's batch):
+                    each model steps on exactly the batch, static shapes
+  <case>+compile    through torch.compile (grouped; single and sequential with +queued), compilation in
+                    the untimed warm-up
   grouped+plainbn   a diagnostic, not a backend: the grouped network with ordinary BatchNorm over all rows
                     (padding rows counted, so the statistics are wrong) to price the weighted BatchNorm
   <case>+cudnn      with torch.backends.cudnn.benchmark (kernels autotuned per shape; the timed steps
@@ -16,7 +19,8 @@ must be to keep the one-model recipe's batch size. Cases, each in its own proces
 
     python benchmarks/bench_fusion.py                                   # tiny, CPU, a minute
     python benchmarks/bench_fusion.py --size real --device cuda         # 64 px, K=16
-    python benchmarks/bench_fusion.py --size real160 --device cuda      # 160 px, K=8
+    python benchmarks/bench_fusion.py --size real160 --device cuda --cases single single+queued+compile \
+        sequential+queued sequential+queued+compile                      # 160 px, K=8: the GPU-only ceiling
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ CASES = ["single", "sequential", "grouped", "grouped+plainbn", "grouped+compile"
 def run_case(args) -> dict:
     import torch
 
+    from ffcv_transfer.data import Batch
     from ffcv_transfer.grouped import GroupedBatchNorm2d, GroupedTrainer
     from ffcv_transfer.masks import random_class_masks
     from ffcv_transfer.models import build_model
@@ -54,15 +59,19 @@ def run_case(args) -> dict:
     masks = np.ones((1, size["classes"]), bool) if k == 1 else random_class_masks(k, size["classes"], 0.5, seed=0)
     batch = shared_batch(size["batch"], masks, np.arange(size["classes"]))  # classes drawn uniformly
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(batch, 3, size["res"], size["res"], generator=generator).to(
-                    device, memory_format=torch.channels_last),
-                torch.randint(0, size["classes"], (batch,), generator=generator).to(device))
-               for _ in range(3)]
-    routed = sum(int(masks[:, labels.cpu().numpy()].sum()) for _, labels in batches) / len(batches)
+    labels = [torch.randint(0, size["classes"], (batch,), generator=generator).numpy() for _ in range(3)]
+    batches = [Batch((torch.randn(batch, 3, size["res"], size["res"], generator=generator).to(
+                    device, memory_format=torch.channels_last), torch.from_numpy(host).to(device)), [host])
+               for host in labels]
+    routed = sum(int(masks[:, host].sum()) for host in labels) / len(batches)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
-    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=batch,
+    queued = size["batch"] if "queued" in flags else 0
+    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=batch, per_model_batch=queued,
                          precision="bf16" if device.type == "cuda" else "fp32")
     options = {"compile": "default"} if "compile" in flags else {}
+    if backend != "grouped":
+        per_step = sum(masks[:, host].sum(1) for host in labels) / len(labels)  # each model's rows per batch
+        options["examples_per_epoch"] = (per_step * size["steps"]).astype(int)
     trainer = (SequentialTrainer if backend in ("single", "sequential") else GroupedTrainer)(
         models, masks, config, steps_per_epoch=size["steps"], device=device, **options)
 

@@ -16,7 +16,10 @@ own process (own loader, own JIT warm-up):
 
 The shared loader's batch is sized so that each model's sub-batch averages the reference's batch (the
 size's `batch`, about twice it for the union of K >= 4 random halves): the one-model recipe's batch size,
-kept. Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
+kept; with `--per-model-batch` every model steps on exactly that batch from its own queue (the sequential
+backend). `--blurpool` builds the models as the ffcv-flavour config does. Each timed source epoch is also
+taken apart (the sequential backend): waiting for the loader, routing, launching the steps (host time),
+GPU busy (CUDA events around each step) and the start-up (until the first batch): `breakdown` in the JSON. Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
 measured rates it extrapolates to the full recipe (16 source epochs over ImageNet's 1.28M images at
 alpha 0.5, 15 transfer epochs over CIFAR-10's 50k, 10k evaluated): an extrapolation at the benchmark's
@@ -47,8 +50,10 @@ SIZES = {  # source: classes x images per class, generated long side, how it is 
     "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
                  target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
     # as "real", the images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
+    # and timed at 192 px too: the recipe's last 3 epochs (160 -> 192 px, rounded down: epochs 13-15)
     "paper": dict(classes=64, per_class=160, long_side=400, source=PAPER_STORAGE,
-                  res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500),
+                  res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500,
+                  high_res=192, high_epochs=3),
     # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px
     "real64": dict(classes=64, per_class=640, long_side=86, source=dict(write_mode="raw", square=True, max_resolution=64),
                    res=64, target_res=64, batch=1024, width=1.0, ks=[8, 16], target_per_class=500),
@@ -122,10 +127,16 @@ def run_case(args: argparse.Namespace) -> dict:
     loader_config = LoaderConfig(threading=args.threading, num_workers=args.loader_workers)
     loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=batch,
                     config=loader_config, device=device, classes=union)
-    models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
-    optim = OptimConfig(epochs=args.epochs + 1, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch)
+    models = [build_model(size["classes"], width=size["width"], blurpool=args.blurpool, device=device)
+              for _ in range(k)]
+    queued = size["batch"] if args.per_model_batch and not args.backend.startswith("grouped") else 0
+    optim = OptimConfig(epochs=args.epochs + 2, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch,
+                        per_model_batch=queued)
     backend, _, compiled = args.backend.partition("+")
     options = {"compile": "default"} if compiled else {}
+    if backend == "sequential":
+        labels = np.load(folder / "source.labels.npy")
+        options["examples_per_epoch"] = masks.astype(np.int64) @ np.bincount(labels, minlength=size["classes"])
     trainer = TRAINERS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
 
     def timed(step) -> float:
@@ -138,8 +149,14 @@ def run_case(args: argparse.Namespace) -> dict:
         return time.perf_counter() - started
 
     warmup = timed(lambda: trainer.train_epoch(loader, 0))
-    source_s = sum(timed(lambda: trainer.train_epoch(loader, e + 1)) for e in range(args.epochs)) / args.epochs
+    clock = StepClock(trainer, device) if backend == "sequential" else None  # the timed epochs only
+    source_s = sum(timed(lambda: trainer.train_epoch(clock.batches(loader) if clock else loader, e + 1))
+                   for e in range(args.epochs)) / args.epochs
     decoded = len(loader) * batch
+    high_s = None
+    if "high_res" in size:  # one more epoch at the ramp's end resolution (its first steps compile for it)
+        loader.set_resolution(size["high_res"])
+        high_s = timed(lambda: trainer.train_epoch(loader, args.epochs + 1))
 
     target = TransferConfig(mode="fixed_feature", resolution=size["target_res"], batch_size=size["batch"],
                             epochs=args.epochs + 1, lr_peak_epoch=1, precision=precision)
@@ -156,15 +173,70 @@ def run_case(args: argparse.Namespace) -> dict:
     per_image_source = source_s / decoded  # seconds per decoded source image, all k models served
     per_image_target = target_epoch_s / target_images
     recipe_union = RECIPE["source_images"] * (1 - (1 - RECIPE["alpha"]) ** k)
-    recipe_s = (RECIPE["source_epochs"] * recipe_union * per_image_source
+    high = size.get("high_epochs", 0) if high_s else 0
+    recipe_s = ((RECIPE["source_epochs"] - high) * recipe_union * per_image_source
+                + high * recipe_union * (high_s or 0) / decoded
                 + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target)
-    case = "reference" if args.reference else f"K={k} {args.backend}" + (" resident" * (args.loader == "resident"))
+    case = "reference" if args.reference else (f"K={k} {args.backend}" + (" queued" * bool(queued))
+                                               + (" resident" * (args.loader == "resident")))
     return {"case": case, "k": k, "backend": args.backend, "loader": args.loader, "device": str(device),
             "precision": precision, "source_batch": batch, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
             "decoded_images_per_epoch": decoded, "source_images_per_s": decoded / source_s,
+            "high_res_epoch_s": high_s,
             "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
             "target_epoch_s": target_epoch_s, "target_images_per_s": target_images / target_epoch_s,
-            "recipe_models_per_hour": 3600 * k / recipe_s}
+            "recipe_models_per_hour": 3600 * k / recipe_s, "per_model_batch": queued,
+            "breakdown": clock.per_epoch(args.epochs) if clock else None}
+
+
+class StepClock:
+    """Where the sequential backend's source epochs go, accumulated over the epochs timed: seconds blocked
+    waiting for the loader's next batch (the first of each epoch counted as start-up), in routing, in the
+    steps on the host (launching their kernels), and the GPU's time inside the steps (CUDA events, read
+    after the run: no sync added while it runs)."""
+
+    def __init__(self, trainer, device):
+        import torch
+
+        self.device, self.seconds, self.events = device, dict(startup=0.0, wait=0.0, routing=0.0, launch=0.0), []
+        route, step = trainer.routes, trainer.step_model
+
+        def timed_route(batch):
+            started = time.perf_counter()
+            routes = route(batch)
+            self.seconds["routing"] += time.perf_counter() - started
+            return routes
+
+        def timed_step(*args):
+            pair = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
+            started = time.perf_counter()
+            if pair:
+                pair[0].record()
+            step(*args)
+            if pair:
+                pair[1].record()
+                self.events.append(pair)
+            self.seconds["launch"] += time.perf_counter() - started
+
+        trainer.routes, trainer.step_model = timed_route, timed_step
+
+    def batches(self, loader):
+        """The loader's batches, timing the wait for each."""
+        iterator, first = iter(loader), True
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.seconds["startup" if first else "wait"] += time.perf_counter() - started
+            first = False
+            yield batch
+
+    def per_epoch(self, epochs: int) -> dict:
+        busy = sum(start.elapsed_time(end) for start, end in self.events) / 1000 if self.events else None
+        return {**{f"{name}_s": value / epochs for name, value in self.seconds.items()},
+                "gpu_busy_s": None if busy is None else busy / epochs}
 
 
 class _PassTimer:
@@ -199,6 +271,9 @@ def main() -> None:
                         help="decoding threads of each ffcv loader (loader.num_workers; default 0: one per core); "
                         "fewer leave cores to the training loop")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference case (one model, own loader)")
+    parser.add_argument("--per-model-batch", action="store_true",
+                        help="the sequential K-model cases step each model on exactly the size's batch (queues)")
+    parser.add_argument("--blurpool", action="store_true", help="BlurPool models (the ffcv-flavour config)")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--loader", default="ffcv", help=argparse.SUPPRESS)
@@ -221,7 +296,9 @@ def main() -> None:
             result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
                                                   folder, "--k", str(k), "--backend", backend, "--loader", loader,
                                                   "--epochs", str(args.epochs), "--threading", args.threading,
-                                                  "--loader-workers", str(args.loader_workers), *extra],
+                                                  "--loader-workers", str(args.loader_workers), *extra,
+                                                  *["--per-model-batch"] * args.per_model_batch,
+                                                  *["--blurpool"] * args.blurpool],
                                      f"K={k} {backend} {loader}")
             rows.append({"k": k, "backend": backend, "loader": loader, **result})
             if "error" not in result:
@@ -249,13 +326,17 @@ def print_table(report: dict) -> None:
           f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB) trained at "
           f"{s['res']} px, width {s['width']}, batch {s['batch']} per model; transfer at {s['target_res']} px")
     print(f"{'case':24s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
-          f"{'x reference':>11s}")
+          f"{'x reference':>11s}  epoch s: start-up, wait, routing, launch, GPU busy")
     for r in report["results"]:
         if "error" in r:
             print(f"K={r['k']} {r['backend']} {r['loader']}: failed: {r['error']}")
             continue
+        parts = r.get("breakdown") or {}
+        split = ", ".join("-" if parts.get(f"{n}_s") is None else f"{parts[f'{n}_s']:.2f}"
+                          for n in ("startup", "wait", "routing", "launch", "gpu_busy")) if parts else ""
         print(f"{r['case']:24s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
-              f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} {r.get('vs_reference', float('nan')):11.2f}")
+              f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} "
+              f"{r.get('vs_reference', float('nan')):11.2f}  {r['source_epoch_s']:.2f}: {split}")
     print("* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
           "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions")
 

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # One call on a GPU machine without internet (CPython 3.12 with torch, numba, cupy; no ffcv): install the
-# wheels in .whl/ (ffcv, fastargs, ... from ../shared/device), run the tests that have CUDA cases (cupy and
-# torch influence backends against numpy, AMP channels-last training steps, grouped against sequential,
-# eager and compiled), then the benchmarks, the open questions first:
-#   fusion    bench_fusion.py at 64 px, K=16: the fusion backends on batches already on the GPU (why the
-#             grouped network ran at 0.6x one model there)
-#   train64   bench_train.py at 64 px (raw source): the reference against K=16, sequential and grouped
-#   paper     bench_train.py at 160 px, images stored as the paper config writes ImageNet (256 px, half raw),
-#             decoded on numba's OpenMP layer by 14 threads (2 cores left to the training loop: K=8 decoded
-#             2.4k img/s where the loader alone gave 6.9k): the reference against K=8 sequential
-#   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: ffcv with numba's workqueue against its
-#             OpenMP threading layer (the decode capped the 160 px runs at 2.7k img/s)
-#   storage   the same crops from images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet (256 px, half raw)
-#   train     bench_train.py at 160 px (JPEG source): the reference against K=8 on one shared loader
-#   compile   bench_train.py's compiled grouped case at 160 px (compilation in the warm-up epoch)
+# wheels in .whl/ (ffcv, fastargs, ... from ../shared/device), then, in order (the default steps):
+#   device    versions and the GPU
+#   ceiling   bench_fusion.py at 160 px on batches already in device memory: one model eager and compiled
+#             (per-model batch 1024, static shapes) and K=8 sequential with per-model queues: the GPU-only
+#             rate every training result is divided by
+#   paper     bench_train.py, the paper recipe as configured (BlurPool, per-model batch 1024 queued from
+#             one shared loader, numba's OpenMP layer, 2 cores left to the training thread): the reference
+#             (one model, its own loader) against K=8 and K=16, timed at 160 px and 192 px (13 + 3 epochs),
+#             each epoch taken apart (start-up, waiting for data, routing, launching, GPU busy)
+#   ceiling64 the GPU-only rate at 64 px (one model; K=16 queued)
+#   train64   bench_train.py at 64 px (raw source), the same epochs (16 + 15): K=16 queued
+#   tests     the tests with CUDA cases (influence backends, AMP steps, grouped against sequential, routing
+#             and queued steps under torch.cuda.set_sync_debug_mode("error"))
+#   summary   one table: every case as a fraction of the ceiling, with its models per GPU-hour
+# Steps run only when named in $GPU_CHECK_STEPS (e.g. "device replica"), not by default:
+#   replica   the Tiny-ImageNet -> CIFAR-10 replica at GPU scale (benchmarks/gpu_replica.py; its data is
+#             prepared beforehand into benchmarks/gpu_data/replica, which travels with the working tree)
+#   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: numba's workqueue against OpenMP
+#   grouped   bench_train.py's grouped and compiled grouped cases at 160 px
 #   influence bench_influence.py at paper size
 # Each step runs under `timeout` with its own limit, cut to what is left of the budget ($GPU_CHECK_BUDGET
-# seconds, default 470: under 8 minutes in all); a step that does not fit is skipped, and every step leaves
-# its files (JSON, logs, tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step
-# ended; the tables print last. $GPU_CHECK_STEPS (e.g. "device tests fusion") runs only the steps named.
-# Measured so far: docs/benchmarks.md.
+# seconds, default 420); a step that does not fit is skipped, and every step leaves its files (JSON, logs,
+# tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step ended; the tables
+# print last. Measured so far: docs/benchmarks.md.
 #
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]
 #   --dry-run: small sizes on the CPU in the current environment (.venv when there is one; no wheel install),
@@ -27,28 +31,30 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-gpu-check}
-budget=${GPU_CHECK_BUDGET:-470}
+budget=${GPU_CHECK_BUDGET:-420}
 scale=1  # the steps' limits are multiplied by this
 device=cuda
-fusion=(--size real --cases single sequential grouped grouped+plainbn grouped+compile)
+default_steps="device ceiling paper ceiling64 train64 tests summary"
+ceiling=(--size real160 --cases single single+queued+compile sequential+queued)
+ceiling64=(--size real --cases single sequential+queued)
+paper=(--size paper --ks 8 16 --backends sequential --per-model-batch --blurpool --threading omp --epochs 1)
+train64=(--size real64 --ks 16 --backends sequential --per-model-batch --epochs 1)
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
-storage=(--size paper160 --loaders ffcv ffcv+omp --epochs 2)
-train=(--size real --ks 8 --epochs 2)
-train64=(--size real64 --ks 16 --epochs 2)
-paper=(--size paper --ks 8 --backends sequential --threading omp --loader-workers 14 --epochs 2)
-compiled=(--size real --ks 8 --backends grouped+compile --no-reference --epochs 2)
+grouped=(--size real --ks 8 --backends grouped grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
+replica=(run --data benchmarks/gpu_data/replica --models 256)
 tests=(-k "cuda or cupy or torch")
 dry_run=0
 for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1; device=cpu; budget=${GPU_CHECK_BUDGET:-2400}; scale=8
-               fusion=(--size tiny --cases single grouped); loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
-               storage=(--size tiny --loaders ffcv --epochs 1)
-               train=(--size tiny --ks 2 --backends grouped); train64=(--size tiny --ks 2 --backends grouped
-               --loaders resident); paper=(--size tiny --ks 2 --backends sequential --threading omp --loader-workers 1 --no-reference)
-               compiled=(--size tiny --ks 2 --backends grouped+compile --no-reference)
-               influence=(--sizes small) ;;
+               ceiling=(--size tiny --cases single sequential+queued); ceiling64=(--size tiny --cases single)
+               paper=(--size tiny --ks 2 --backends sequential --per-model-batch --blurpool --threading omp
+               --loader-workers 1)
+               train64=(--size tiny --ks 2 --backends sequential --per-model-batch --loaders resident --no-reference)
+               loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
+               grouped=(--size tiny --ks 2 --backends grouped+compile --no-reference)
+               influence=(--sizes small); replica=(run --data benchmarks/gpu_data/replica --models 4 --device cpu) ;;
     *) out=$arg ;;
   esac
 done
@@ -73,7 +79,7 @@ status=0
 step() {
   local name=$1 limit=$(($2 * scale)) left=$((budget - SECONDS)) started=$SECONDS rc
   shift 2
-  [[ -z ${GPU_CHECK_STEPS:-} || " $GPU_CHECK_STEPS " == *" $name "* ]] || return 0
+  [[ " ${GPU_CHECK_STEPS:-$default_steps} " == *" $name "* ]] || return 0
   (( limit > left )) && limit=$left
   if (( limit < 20 )); then
     echo "$name: skipped, $left s of the budget left" >> "$out/steps.txt"; status=1; return
@@ -85,14 +91,12 @@ step() {
   ((rc == 0)) || status=1
 }
 
-step device 60 $python -c '
+step device 40 $python -c '
 import numpy, numba, torch
 from ffcv_transfer.influence import available_backends
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, GPU: {gpu}")
 print(f"influence backends: {available_backends()}")' > "$out/device.txt" 2>&1
-step tests 120 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
-  tests/test_train.py tests/test_transfer.py > "$out/tests.log" 2>&1
 # bench NAME LIMIT SCRIPT ARGS...: a benchmark step, leaving NAME.json, NAME_table.txt and NAME.log
 bench() {
   local name=$1 limit=$2 script=$3
@@ -100,16 +104,19 @@ bench() {
   step "$name" "$limit" $python "benchmarks/$script" "$@" --out "$out/$name.json" > "$out/${name}_table.txt" \
     2> "$out/$name.log"
 }
-bench fusion 170 bench_fusion.py "${fusion[@]}" --device $device
-bench train64 200 bench_train.py "${train64[@]}" --device $device
-bench paper 200 bench_train.py "${paper[@]}" --device $device
+bench ceiling 110 bench_fusion.py "${ceiling[@]}" --device $device
+bench paper 170 bench_train.py "${paper[@]}" --device $device
+bench ceiling64 50 bench_fusion.py "${ceiling64[@]}" --device $device
+bench train64 100 bench_train.py "${train64[@]}" --device $device
+step tests 90 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
+  tests/test_train.py tests/test_transfer.py tests/test_queues.py > "$out/tests.log" 2>&1
+bench replica 300 gpu_replica.py "${replica[@]}"
 bench loaders 150 bench_loaders.py "${loaders[@]}" --device $device
-bench storage 120 bench_loaders.py "${storage[@]}" --device $device
-bench train 200 bench_train.py "${train[@]}" --device $device
-bench compile 150 bench_train.py "${compiled[@]}" --device $device
+bench grouped 200 bench_train.py "${grouped[@]}" --device $device
 bench influence 120 bench_influence.py "${influence[@]}"
+step summary 20 $python benchmarks/gpu_summary.py "$out" > "$out/summary_table.txt" 2>&1
 
 cat "$out/device.txt" 2>/dev/null; tail -3 "$out/tests.log" 2>/dev/null
-for table in fusion train64 paper loaders storage train compile influence; do cat "$out/${table}_table.txt" 2>/dev/null; done
+for table in ceiling paper ceiling64 train64 replica loaders grouped influence summary; do cat "$out/${table}_table.txt" 2>/dev/null; done
 cat "$out/steps.txt"
 exit $status

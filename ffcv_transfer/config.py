@@ -230,9 +230,13 @@ def _resolve(settings: Mapping[str, Any], where: str) -> Experiment:
             sections[name] = cls(**{f.name: config[(name, f.name)] for f in fields(cls)})
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
-    if sections["run"].fusion == "grouped" and sections["source"].per_model_batch:
+    run, source = sections["run"], sections["source"]
+    if run.fusion == "grouped" and source.per_model_batch:
         raise ConfigError(f"{where}: source.per_model_batch needs run.fusion sequential: the grouped network steps "
                           "the K models together, on equal shares of each shared batch")
+    if run.compile != "none" and run.fusion == "sequential" and not source.per_model_batch:
+        raise ConfigError(f"{where}: run.compile {run.compile} with run.fusion sequential needs "
+                          "source.per_model_batch (else each model's sub-batch changes size every step)")
     return Experiment(**sections)
 
 

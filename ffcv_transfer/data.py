@@ -40,6 +40,16 @@ def beton_identity(beton: str | Path) -> tuple[str, int, int]:
     return str(Path(beton).resolve()), written.st_mtime_ns, written.st_size
 
 
+def decoding_threads(config: LoaderConfig, device: torch.device) -> int:
+    """loader.num_workers, or by default every core this process may use beside a CPU device, and all but
+    two beside a CUDA device: the training thread (routing, queues, kernel launches) and its copies keep
+    cores of their own, so decoding the next batches overlaps the step instead of starving it."""
+    if config.num_workers:
+        return config.num_workers
+    cores = len(os.sched_getaffinity(0))
+    return cores if device.type == "cpu" else max(1, cores - 2)
+
+
 def normalisation(device: torch.device, kind: str = "imagenet") -> tuple[torch.Tensor, torch.Tensor]:
     """The (mean, std) of 0-255 pixels of settings.NORMALIZATIONS[kind], as (1, 3, 1, 1) float32 tensors on
     `device`."""
@@ -135,7 +145,7 @@ class ImageLoader:
         self.with_indices = with_indices
         if with_indices:  # the label field decoded a second time, into the sample index
             pipelines["index"] = PipelineSpec("label", decoder=_index_decoder(), transforms=[ToTensor(), Squeeze()])
-        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=config.num_workers or os.cpu_count(),
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=decoding_threads(config, self.device),
                              order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
                              drop_last=config.drop_last, indices=indices, seed=config.seed,
                              pipelines=pipelines)

@@ -261,7 +261,8 @@ class Target:
 class LoaderConfig:
     kind: str = option("ffcv", "ffcv: decode every epoch; resident: the beton's pixels held in device memory, "
                        "crops and flips on the device (low resolution, one image size)", LOADER_KINDS)
-    num_workers: int = option(0, "decoding threads; 0: one per CPU core")
+    num_workers: int = option(0, "decoding threads; 0: every core beside a CPU device, all but 2 beside a CUDA "
+                              "device (the training thread's)")
     order: str = option("random", "example order; quasi_random (with os_cache false) for betons larger "
                         "than memory", ORDERS)
     os_cache: bool = option(True, "read the beton through the OS page cache (it fits in memory)")
@@ -285,17 +286,15 @@ class RunConfig:
     models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
     fusion: str = option("sequential", "how the K models run on each batch: one after another, or as one "
                          "grouped network", FUSIONS)
-    compile: str = option("none", "torch.compile the grouped network (reduce-overhead: with CUDA graphs), "
-                          "static shapes; run.fusion grouped only", COMPILE_MODES)
+    compile: str = option("none", "torch.compile the source step (reduce-overhead: with CUDA graphs), static "
+                          "shapes: the grouped network, or each model of the sequential fusion with "
+                          "source.per_model_batch", COMPILE_MODES)
     checkpoints: bool = option(False, "keep each source model's weights (bf16, STORE/checkpoints/ROW.pt; about "
                                "23 MB for a ResNet-18) for `ffcv-transfer transfer`")
 
     def __post_init__(self) -> None:
         check_choice("run.fusion", self.fusion, FUSIONS)
         check_choice("run.compile", self.compile, COMPILE_MODES)
-        check(self.compile == "none" or self.fusion == "grouped",
-              f"run.compile {self.compile} needs run.fusion grouped (the sequential fusion's sub-batches change "
-              "size every step)")
         check(self.models_per_process >= 1, f"run.models_per_process must be >= 1, got {self.models_per_process}")
         kind, _, index = self.device.partition(":")
         check(kind in ("cpu", "cuda") and (not index or (kind == "cuda" and index.isdigit())),

@@ -189,16 +189,24 @@ class SequentialTrainer(LockstepTrainer):
     """The `sequential` backend: each batch is routed, then the K models step one after another on their
     sub-batches, or on their queued per-model batches, each with its own optimiser (and gradient scaler for
     fp16). `examples_per_epoch` (K,): each model's examples in one pass of the loader, which sets its steps
-    per epoch with per_model_batch."""
+    per epoch with per_model_batch. `compile` (settings.COMPILE_MODES, with per_model_batch): each model's
+    forward torch.compiled for its static batch shape."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
                  steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None,
-                 examples_per_epoch: Sequence[int] | None = None):
+                 examples_per_epoch: Sequence[int] | None = None, compile: str = "none"):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
+        if compile != "none" and not config.per_model_batch:
+            raise ValueError("compiling the sequential step needs per_model_batch: static batch shapes")
+        # one graph per model and resolution (dynamic=False: the per-model batch never changes size)
+        self.forwards = models if compile == "none" else [
+            torch.compile(model, mode=None if compile == "default" else compile, dynamic=False) for model in models]
         self.optimizers = [torch.optim.SGD(param_groups(m, config), lr=0.0, momentum=config.momentum)
                            for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
         self.model_steps = np.zeros(len(models), np.int64)
+        self.loss_sums = torch.zeros(len(models), device=self.device)  # of the current epoch, per model
+        self.counts = torch.zeros(len(models), device=self.device)
         if config.per_model_batch:
             if examples_per_epoch is None or len(examples_per_epoch) != len(models):
                 raise ValueError("per_model_batch needs examples_per_epoch: each model's examples in one pass")
@@ -207,8 +215,8 @@ class SequentialTrainer(LockstepTrainer):
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
         """One pass over `batches` (images already normalised, on the device); returns each model's
         mean loss. A model whose loss turns NaN/inf is recorded in `failed` and trained no further."""
-        self.loss_sums = torch.zeros(len(self.models), device=self.device)
-        self.counts = torch.zeros(len(self.models), device=self.device)
+        self.loss_sums.zero_()
+        self.counts.zero_()
         for model in self.models:
             model.train()
         size = self.config.per_model_batch
@@ -220,16 +228,16 @@ class SequentialTrainer(LockstepTrainer):
                 if k in self.failed:
                     continue
                 if not size:
-                    self._step(k, images[rows], labels[rows], lr)
+                    self.step_model(k, images[rows], labels[rows], lr)
                     continue
                 queues[k].append(images[rows], labels[rows])
                 while queues[k].count >= size:
-                    self._step(k, *queues[k].take(size), lr_at(self.model_steps[k] / self.steps_per_epoch_of[k],
+                    self.step_model(k, *queues[k].take(size), lr_at(self.model_steps[k] / self.steps_per_epoch_of[k],
                                                                self.config))
             self.step += 1
         return self._mean_losses(self.loss_sums, self.counts, epoch)  # a queue's remainder is dropped
 
-    def _step(self, k: int, images: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+    def step_model(self, k: int, images: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
         """One SGD step of model k on (images, labels) at learning rate lr; its loss summed for the epoch."""
         if len(labels) == 0:
             return
@@ -237,7 +245,7 @@ class SequentialTrainer(LockstepTrainer):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
-            loss = F.cross_entropy(self.models[k](images), labels, label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(self.forwards[k](images), labels, label_smoothing=self.config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -47,7 +47,7 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
         torch.manual_seed(init_seed(store, row, experiment.masks.seed))
         models.append(build_model(masks.shape[1], **asdict(experiment.model), device=device))
     trainer_class = TRAINERS[experiment.run.fusion]
-    if experiment.run.compile != "none":  # validated: the grouped fusion
+    if experiment.run.compile != "none":  # validated: static shapes
         trainer_class = partial(trainer_class, compile=experiment.run.compile)
     # per-model batches (validated: the sequential fusion): every example decoded, each model drops its own rest
     decoding = replace(experiment, loader=replace(experiment.loader, drop_last=False)) if source.per_model_batch \

@@ -86,3 +86,20 @@ def influence_reference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     n_in = m.sum(0)[:, None]
     sums = m.T @ y
     return sums / n_in - (y.sum(0) - sums) / (len(m) - n_in)
+
+
+@pytest.fixture
+def fit_stages(monkeypatch) -> list:
+    """The `stage` of every fit of the worker's sequential trainer while the test runs ("source epoch" once
+    per source pass)."""
+    from ffcv_transfer import worker
+
+    stages = []
+
+    class Counting(worker.SequentialTrainer):
+        def fit(self, batches, epochs, **kwargs):
+            stages.append(kwargs.get("stage"))
+            return super().fit(batches, epochs, **kwargs)
+
+    monkeypatch.setitem(worker.TRAINERS, "sequential", Counting)
+    return stages

@@ -75,7 +75,7 @@ def test_command_line_overrides_file_and_types_are_parsed(tmp_path):
     ({"loader.os_cache": "maybe"}, r"loader.os_cache: expected a bool"),
     ({"masks.alpha": "1.0"}, r"masks.alpha 1.0 must lie strictly between 0 and 1"),
     ({"loader.order": "quasi_random"}, r"quasi_random needs loader.os_cache false"),
-    ({"run.compile": "default"}, r"run.compile default needs run.fusion grouped"),
+    ({"run.compile": "default"}, r"run.compile default with run.fusion sequential needs source.per_model_batch"),
     ({"loader.kind": "gpu"}, r"loader.kind: expected One of"),
     ({"model.width": 0}, r"model.width must be > 0, got 0"),
     ({"run.device": "tpu"}, r"run.device 'tpu' is not cpu, cuda or cuda:N"),

@@ -153,3 +153,66 @@ def test_per_model_batches_need_the_sequential_fusion(tiny_data):
     with pytest.raises(ConfigError, match="per_model_batch needs run.fusion sequential"):
         load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16,
                                                                  "run.fusion": "grouped"}))
+
+
+@pytest.mark.slow
+def test_the_compiled_per_model_step_matches_eager():
+    """run.compile with per-model batches: each model's forward compiled for its static batch. K = 2 models
+    from equal seeds on equal batches: after their first two steps the weights equal eager's within 1e-5
+    (float32 on a CPU; the compiled kernels sum in another order); over two epochs those differences grow
+    through BatchNorm at batch 24, so the run is compared by its per-epoch mean losses, within 2%."""
+    from ffcv_transfer.models import build_model
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, CLASSES, 4 * SHARED)
+    masks = np.array([[True, True, True, False, False, False], [True] * CLASSES])
+    images = torch.as_tensor(rng.normal(size=(len(labels), 3, 16, 16)), dtype=torch.float32)
+    batches = [Batch((images[i:i + SHARED], torch.as_tensor(labels[i:i + SHARED])), [labels[i:i + SHARED]])
+               for i in range(0, len(labels), SHARED)]
+    examples = masks.astype(int) @ np.bincount(labels, minlength=CLASSES)
+    config = OptimConfig(epochs=2, lr=0.05, lr_peak_epoch=1, precision="fp32", per_model_batch=PER_MODEL)
+    early, losses = {}, {}
+    for mode in ("none", "default"):
+        torch.manual_seed(0)
+        models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
+        trainer = SequentialTrainer(models, masks, config, steps_per_epoch=len(batches), compile=mode,
+                                    examples_per_epoch=examples)
+        trainer.train_epoch(batches[:1], 0)  # model 0 steps once, model 1 twice
+        early[mode] = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model in models]
+        losses[mode] = [trainer.train_epoch(batches, epoch) for epoch in range(2)]
+        assert not trainer.failed
+    for eager, compiled in zip(early["none"], early["default"]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(losses["default"], losses["none"], rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_routing_and_queued_steps_make_no_cuda_sync():
+    """Under torch.cuda.set_sync_debug_mode("error"), routing a batch and the queued per-model steps
+    (bf16: no gradient scaler to read back) run without a device-to-host sync."""
+    from ffcv_transfer.data import to_device
+    from ffcv_transfer.models import build_model
+    from ffcv_transfer.train import RowQueue
+
+    device = torch.device("cuda")
+    rng = np.random.default_rng(5)
+    masks = random_class_masks(2, CLASSES, 0.5, seed=2)
+    models = [build_model(CLASSES, stem="small", width=0.25, device=device) for _ in masks]
+    config = OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.5, precision="bf16", per_model_batch=PER_MODEL)
+    trainer = SequentialTrainer(models, masks, config, steps_per_epoch=8, device=device, examples_per_epoch=[256, 256])
+    batches = []
+    for _ in range(8):
+        host = rng.integers(0, CLASSES, SHARED)
+        batches.append(Batch((torch.randn(SHARED, 3, 16, 16, device=device), to_device(host, device)), [host]))
+    queues = [RowQueue() for _ in masks]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            for k, rows in enumerate(trainer.routes(batch)):
+                queues[k].append(batch[0][rows], batch[1][rows])
+                while queues[k].count >= PER_MODEL:
+                    trainer.step_model(k, *queues[k].take(PER_MODEL), 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.model_steps.sum() > 0

@@ -49,15 +49,7 @@ def nested(flat: dict) -> dict:
     return tree
 
 
-def test_one_source_pass_serves_every_target_and_mode(tiny_data, other_target, tmp_path, monkeypatch, capsys):
-    fits = []
-
-    class Counting(worker_module.SequentialTrainer):
-        def fit(self, batches, epochs, **kwargs):
-            fits.append(kwargs.get("stage"))
-            return super().fit(batches, epochs, **kwargs)
-
-    monkeypatch.setitem(worker_module.TRAINERS, "sequential", Counting)
+def test_one_source_pass_serves_every_target_and_mode(tiny_data, other_target, tmp_path, fit_stages, capsys):
     base = tiny_settings(tiny_data, **SEEDED)
     together = load_experiment(experiment_file(tmp_path, [nested(other_target | OTHER_RECIPE)]), base)
     assert together.transfers == (("target", "cached_features"), ("target", "fixed_feature"),
@@ -69,7 +61,7 @@ def test_one_source_pass_serves_every_target_and_mode(tiny_data, other_target, t
     for name, experiment in (("together", together), *alone.items()):
         stores[name] = create_class_store(tmp_path / name, experiment)
         assert run_worker(stores[name].path, experiment, progress=False) == 4
-    assert fits.count("source epoch") == 3  # one source pass per store, the four-transfer one included
+    assert fit_stages.count("source epoch") == 3  # one source pass per store, the four-transfer one included
     both = stores["together"]
     assert load_experiment(both.path / "experiment.yaml").extra_targets == together.extra_targets  # saved whole
     pairs = {"margins": ("target", "margins"), "margins@fixed_feature": ("target", "margins@fixed_feature"),

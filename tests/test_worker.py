@@ -235,21 +235,13 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     np.testing.assert_array_equal(values["is_correct"], values["margins"] > 0)
 
 
-def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, monkeypatch, capsys):
+def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, fit_stages, capsys):
     """transfer.mode=cached_features,fixed_feature: each source model is trained once and transferred both
     ways, into columns side by side; each mode's outputs equal those of a store with that mode alone from
     the same seeds (resident loader, seeded order and flips), within float16 storage; analyses pick a mode."""
     from ffcv_transfer.cli import main as cli_main
     from ffcv_transfer.report import gather, write_report
 
-    fits = []
-
-    class Counting(worker_module.SequentialTrainer):
-        def fit(self, batches, epochs, **kwargs):
-            fits.append(kwargs.get("stage"))
-            return super().fit(batches, epochs, **kwargs)
-
-    monkeypatch.setitem(worker_module.TRAINERS, "sequential", Counting)
     base = tiny_settings(tiny_data, **{"loader.kind": "resident", "loader.seed": 0, "transfer.epochs": 2,
                                        "transfer.lr_peak_epoch": 1, "transfer.crop_min_scale": 1.0,
                                        "transfer.batch_size": 20})
@@ -258,7 +250,7 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, monkeyp
         experiment = load_experiment(DEMO_CONFIG, {**base, "transfer.mode": mode})
         stores[mode] = create_class_store(tmp_path / mode.replace(",", "+"), experiment)
         assert run_worker(stores[mode].path, experiment, progress=False) == 4
-    assert fits.count("source epoch") == 3  # one source pass per store, the two-mode one included
+    assert fit_stages.count("source epoch") == 3  # one source pass per store, the two-mode one included
     both = stores["cached_features,fixed_feature"]
     assert {"margins", "margins@fixed_feature", "target_acc@fixed_feature"} <= set(both.schema)
     for field, alone in (("margins", "cached_features"), ("margins@fixed_feature", "fixed_feature")):
