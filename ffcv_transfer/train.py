@@ -157,10 +157,13 @@ class LockstepTrainer:
                 batches.set_resolution(resolution(epoch))
             self.train_epoch(batches, epoch)
             on_epoch(f"{stage} {epoch + 1}/{epochs}")
+        own = "examples" if self.by_example else "classes' examples"
+        why = (f"fewer of its {own} in an epoch than one per-model batch ({self.config.per_model_batch})"
+               if self.config.per_model_batch else
+               f"no batch held one of its {own} (batches of {self.config.batch_size}; the last incomplete one "
+               "is dropped)")
         for k in np.flatnonzero(self.examples_seen == 0):  # e.g. fewer examples than one batch, dropped as the last
-            self.failed.setdefault(int(k), "no training step: no batch held an example of its "
-                                           f"{'examples' if self.by_example else 'classes'} (batches of "
-                                           f"{self.config.batch_size}; the last incomplete one is dropped)")
+            self.failed.setdefault(int(k), f"no training step: {why}")
 
     def train_epoch(self, batches: Iterable, epoch: int) -> list[float]:
         """One pass (the step loop): each fusion's own."""

@@ -49,9 +49,7 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     trainer_class = TRAINERS[experiment.run.fusion]
     if experiment.run.compile != "none":  # validated: static shapes
         trainer_class = partial(trainer_class, compile=experiment.run.compile)
-    # per-model batches (validated: the sequential fusion): every example decoded, each model drops its own rest
-    decoding = replace(experiment, loader=replace(experiment.loader, drop_last=False)) if source.per_model_batch \
-        else experiment
+    decoding = decoding_experiment(experiment, source.per_model_batch)  # validated: the sequential fusion
     labels = read_labels(experiment.data.path("source_train"))
     if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
         examples = example_masks_of(store, len(labels), rows)
@@ -103,12 +101,9 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
 
     chosen = experiment.target(target)
     config = chosen.transfer.for_mode(mode or chosen.transfer.modes[0])
-    num_classes = read_sidecar(chosen.path(experiment.data.root, "target_train"))["num_classes"]
-    if len(experiment.targets) > 1:  # progress names the target
-        on_epoch = partial(lambda report, stage: report(f"{chosen.name}: {stage}"), on_epoch)
-
-    decoding = replace(experiment, loader=replace(experiment.loader, drop_last=False)) if config.per_model_batch \
-        else experiment  # per-model batches: every example decoded, each model drops its own rest
+    sidecar = read_sidecar(chosen.path(experiment.data.root, "target_train"))
+    report = on_epoch if len(experiment.targets) == 1 else (lambda stage: on_epoch(f"{chosen.name}: {stage}"))
+    decoding = decoding_experiment(experiment, config.per_model_batch)
 
     def loader(split: str, train: bool, **crops):
         """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
@@ -119,16 +114,21 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
     test = loader("target_test", False, crop_ratio=config.test_crop_ratio)
     if config.mode == "cached_features":
         train = loader("target_train", False, crop_ratio=config.test_crop_ratio)
-        outputs = transfer_cached_features(models, train, test, num_classes, config)
-        on_epoch("transfer (cached_features)")
+        outputs = transfer_cached_features(models, train, test, sidecar["num_classes"], config)
+        report("transfer (cached_features)")
         return outputs, {}
     crops = (dict(crop_min_scale=config.crop_min_scale) if config.train_crop == "random_resized"
              else dict(crop_min_scale=None, crop_ratio=config.test_crop_ratio))
     train = loader("target_train", True, **crops)
-    return transfer_by_training(models, train, test, num_classes, config, steps_per_epoch=len(train),
-                                device=experiment.run.device, on_epoch=on_epoch,
-                                examples_per_epoch=read_sidecar(chosen.path(experiment.data.root,
-                                                                            "target_train"))["num_examples"])
+    return transfer_by_training(models, train, test, sidecar["num_classes"], config, steps_per_epoch=len(train),
+                                device=experiment.run.device, on_epoch=report,
+                                examples_per_epoch=sidecar["num_examples"])
+
+
+def decoding_experiment(experiment: Experiment, per_model_batch: int) -> Experiment:
+    """The experiment whose training loaders feed per-model queues (`per_model_batch` > 0): every example
+    decoded, as each model drops the rest of its own queue at an epoch's end; else `experiment`."""
+    return replace(experiment, loader=replace(experiment.loader, drop_last=False)) if per_model_batch else experiment
 
 
 def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,

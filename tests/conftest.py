@@ -39,10 +39,10 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_settings(data: Path, **extra) -> dict:
-    """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px,
-    cached-feature transfer alone."""
+    """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px, per-model
+    batches of 16 (source) and 20 (transfer), cached-feature transfer alone."""
     return {"data.root": str(data), "masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
-            "source.batch_size": 32, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
+            "source.batch_size": 32, "source.per_model_batch": 16, "transfer.per_model_batch": 20, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
             "transfer.resolution": 16, "transfer.head_max_iter": 20, "transfer.mode": "cached_features",
             "run.models_per_process": 4, **extra}
 

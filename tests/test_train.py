@@ -84,7 +84,7 @@ def test_a_model_that_never_steps_is_failed_with_the_reason(trainer_class):
                             steps_per_epoch=1)
     trainer.fit([(images, labels)], 2)
     assert trainer.examples_seen.tolist() == [16, 0]
-    assert trainer.failed == {1: "no training step: no batch held an example of its classes (batches of 1024; "
+    assert trainer.failed == {1: "no training step: no batch held one of its classes' examples (batches of 1024; "
                                  "the last incomplete one is dropped)"}
 
 

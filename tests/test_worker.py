@@ -132,14 +132,17 @@ def test_the_failed_row_is_left_out_of_the_influences(filled):
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-def test_models_whose_classes_fill_no_batch_are_failed_not_stored(tiny_data, tmp_path):
-    """A batch larger than any model's examples (drop_last): every row fails with the reason instead of
-    being transferred and stored at chance accuracy."""
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.batch_size": 512}))
+@pytest.mark.parametrize("settings, reason", [
+    ({"source.batch_size": 512, "source.per_model_batch": 0},
+     "no batch held one of its classes' examples (batches of 512; the last incomplete one is dropped)"),
+    ({"source.per_model_batch": 512}, "fewer of its classes' examples in an epoch than one per-model batch (512)")])
+def test_models_whose_classes_fill_no_batch_are_failed_not_stored(tiny_data, tmp_path, settings, reason):
+    """A shared batch (dropped as the last incomplete one) or a per-model batch larger than any model's
+    examples: every row fails with the reason instead of being transferred and stored at chance accuracy."""
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **settings))
     store = create_class_store(tmp_path / "store", experiment)
     assert run_worker(store.path, experiment, progress=False) == 0
-    assert set(store.failures().values()) == {"source training: no training step: no batch held an example of its "
-                                              "classes (batches of 512; the last incomplete one is dropped)"}
+    assert set(store.failures().values()) == {f"source training: no training step: {reason}"}
     assert store.status()["failed"] == 4
 
 
@@ -182,7 +185,8 @@ def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
     overrides = [f"--{key}={value}" for key, value in
-                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.fusion": "grouped"}).items()]
+                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.fusion": "grouped",
+                                             "source.per_model_batch": 0}).items()]
     subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store_dir), *overrides], check=True)
     process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,7 +218,8 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     from ffcv_transfer.models import build_model
     from ffcv_transfer.resident import ResidentLoader
 
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped"}))
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped",
+                                                                          "source.per_model_batch": 0}))
     resident = replace(experiment, loader=replace(experiment.loader, kind="resident"))
     torch.manual_seed(0)
     models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
