@@ -15,8 +15,10 @@
 #             and queued steps under torch.cuda.set_sync_debug_mode("error"))
 #   summary   one table: every case as a fraction of the ceiling, with its models per GPU-hour
 # Steps run only when named in $GPU_CHECK_STEPS (e.g. "device replica"), not by default:
-#   replica   the Tiny-ImageNet -> CIFAR-10 replica at GPU scale (benchmarks/gpu_replica.py; its data is
-#             prepared beforehand into benchmarks/gpu_data/replica, which travels with the working tree)
+#   replica   the Tiny-ImageNet -> CIFAR-10 replica at GPU scale (rs_configs/tinyimagenet_gpu.yaml, up to 512
+#             models in 4 minutes, and the WordNet agreement of their rankings; benchmarks/gpu_replica.py, its
+#             data prepared beforehand by `gpu_replica.py prepare` into benchmarks/gpu_data/replica and copied
+#             to the GPU machine with the working tree)
 #   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: numba's workqueue against OpenMP
 #   grouped   bench_train.py's grouped and compiled grouped cases at 160 px
 #   influence bench_influence.py at paper size
@@ -42,7 +44,7 @@ train64=(--size real64 --ks 16 --backends sequential --per-model-batch --epochs 
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
 grouped=(--size real --ks 8 --backends grouped grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
-replica=(run --data benchmarks/gpu_data/replica --models 256)
+replica=(run --data benchmarks/gpu_data/replica --minutes 4)
 tests=(-k "cuda or cupy or torch")
 dry_run=0
 for arg in "$@"; do
@@ -110,7 +112,8 @@ bench ceiling64 50 bench_fusion.py "${ceiling64[@]}" --device $device
 bench train64 100 bench_train.py "${train64[@]}" --device $device
 step tests 90 $python -m pytest -q -p no:cacheprovider -o addopts=-ra "${tests[@]}" tests/test_influence.py \
   tests/test_train.py tests/test_transfer.py tests/test_queues.py > "$out/tests.log" 2>&1
-bench replica 300 gpu_replica.py "${replica[@]}"
+step replica 300 $python benchmarks/gpu_replica.py "${replica[@]}" --out "$out/replica" > "$out/replica_table.txt" \
+  2> "$out/replica.log"
 bench loaders 150 bench_loaders.py "${loaders[@]}" --device $device
 bench grouped 200 bench_train.py "${grouped[@]}" --device $device
 bench influence 120 bench_influence.py "${influence[@]}"

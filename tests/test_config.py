@@ -14,7 +14,7 @@ DATA = {"data.source_train": "s.beton", "data.source_val": "v.beton", "data.targ
 
 
 @pytest.mark.parametrize("name", ["paper_dt_imagenet_cifar10", "paper_ffcv_imagenet_cifar10", "imagenet64_cheap",
-                                  "tinyimagenet_cifar10", "demo_cpu", "tinyimagenet_demo_cpu"])
+                                  "tinyimagenet_cifar10", "demo_cpu", "tinyimagenet_demo_cpu", "tinyimagenet_gpu"])
 def test_every_shipped_config_loads(name):
     experiment = load_experiment(CONFIGS / f"{name}.yaml")
     assert experiment.data.path("source_train").name.endswith(".beton")
