@@ -5,7 +5,6 @@ output on target example j is the sum of the true effects truth[c, j] of the cla
 Gaussian noise. Influence rankings from N models then carry noise of variance ~1/N, from the noise and
 from the other classes' random inclusion, as real ones do."""
 import json
-import re
 import tarfile
 
 import numpy as np
