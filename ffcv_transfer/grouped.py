@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import to_device
 from .models import BlurPoolConv2d, memory_format_for
 from .settings import COMPILE_MODES, OptimConfig
-from .train import LockstepTrainer, lr_at, param_groups, members_first
+from .train import LockstepTrainer, lr_at, param_groups
 
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
 
@@ -193,20 +194,18 @@ class GroupedTrainer(LockstepTrainer):
                                          momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
-    def pack_sub_batches(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches
-        (routed on `keys`: the labels unless masks are over examples)."""
-        member = self.membership[:, labels if keys is None else keys]  # (K, B)
+    def pack_sub_batches(self, images: torch.Tensor, labels: torch.Tensor, member: np.ndarray
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches, from
+        `member` (K, B) on the host (LockstepTrainer.members): laid out there, so packing needs no sync."""
         counts = member.sum(1)
-        longest = int(counts.max())  # the one host sync per batch
-        longest = min(-(-longest // self.pad_to) * self.pad_to, member.shape[1])
-        # positions past a model's count are padding and repeat its first row (a real image of its own, so
-        # padded activations stay ordinary)
-        order = members_first(member)[:, :longest]
-        real = torch.arange(longest, device=self.device)[None, :] < counts[:, None]  # (K, n_max)
-        index = torch.where(real, order, order[:, :1])
-        weights = real.T.to(torch.float32)
+        longest = min(-(-int(counts.max()) // self.pad_to) * self.pad_to, member.shape[1])
+        # each row lists model k's positions in batch order, then the others; positions past its count are
+        # padding and repeat its first row (a real image of its own, so padded activations stay ordinary)
+        order = np.argsort(~member, axis=1, kind="stable")[:, :longest]
+        real = np.arange(longest)[None, :] < counts[:, None]  # (K, n_max)
+        index = to_device(np.where(real, order, order[:, :1]), self.device)
+        weights = to_device(np.ascontiguousarray(real.T, np.float32), self.device)
         k, (_, c, h, w) = len(member), images.shape
         packed = images[index.flatten()].reshape(k, longest, c, h, w).transpose(0, 1)
         packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=self.memory_format)
@@ -220,10 +219,10 @@ class GroupedTrainer(LockstepTrainer):
         alive[list(self.failed)] = False  # failures are decided at the end of an epoch
         self.network.train()
         for batch in batches:
-            images, labels, keys = self.keys_of(batch)
+            images, labels = batch[0], batch[1]
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step / self.steps_per_epoch, self.config)
-            packed, packed_labels, weights = self.pack_sub_batches(images, labels, keys)
+            packed, packed_labels, weights = self.pack_sub_batches(images, labels, self.members(batch))
             self.weights.value = weights
             with self.autocast():
                 logits = self.forward(packed)  # (n, K, C)

@@ -67,21 +67,6 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
     return float(np.interp(epoch, [0.0, config.lr_peak_epoch, config.epochs], [0.0, config.lr, 0.0]))
 
 
-def positions_per_model(labels: torch.Tensor, membership: torch.Tensor) -> list[torch.Tensor]:
-    """For each of K models, the positions in the batch of the examples whose class it trains on.
-    membership: (K, C) bool; labels: (B,) int. (Example masks: membership (K, E), labels the examples'
-    indices.) One host sync for all K (a sync per model would stall the GPU between models)."""
-    member = membership[:, labels]  # (K, B)
-    order = members_first(member)
-    return [order[k, :count] for k, count in enumerate(member.sum(1).tolist())]
-
-
-def members_first(member: torch.Tensor) -> torch.Tensor:
-    """(K, B) positions: row k lists the batch positions that model k trains on (member[k]), in batch
-    order, then the others."""
-    return torch.argsort((~member).to(torch.uint8), dim=1, stable=True)
-
-
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Weight decay on every trainable parameter, BatchNorm's only with config.bn_weight_decay."""
     weight_decay = config.weight_decay
@@ -97,7 +82,7 @@ class LockstepTrainer:
     """What the fusion backends share: K models, their class masks, the step count, failures.
 
     With `example_labels` (E,), the masks are (K, E) over examples: batches must carry each example's
-    index as a third element, and `class_membership` holds the classes each model has examples of."""
+    index as a third element, and `class_masks` (K, C) holds the classes each model has examples of."""
 
     def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
                  steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
@@ -107,45 +92,41 @@ class LockstepTrainer:
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
         self.host_membership = class_masks
-        self.membership = torch.as_tensor(class_masks, device=self.device)
         self.takes_every_class = bool(class_masks.all())
         self.by_example = example_labels is not None
-        self.class_membership = self.membership
+        self.class_masks = class_masks  # (K, C): the classes each model has examples of
         if self.by_example:
             example_labels = np.asarray(example_labels, np.int64)
             if example_labels.shape != (class_masks.shape[1],):
                 raise ValueError(f"example masks {class_masks.shape} need one label per example, "
                                  f"got {example_labels.shape}")
             num_classes = int(example_labels.max()) + 1 if len(example_labels) else 0
-            has_class = np.zeros((len(models), num_classes), bool)
+            self.class_masks = np.zeros((len(models), num_classes), bool)
             for k, row in enumerate(class_masks):
-                has_class[k, example_labels[row]] = True
-            self.class_membership = torch.as_tensor(has_class, device=self.device)
+                self.class_masks[k, example_labels[row]] = True
         self.failed: dict[int, str] = {}
         self.step = 0
         self.examples_seen = np.zeros(len(models), np.int64)  # over every epoch so far
 
-    def keys_of(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, labels, routing keys): the labels, or with example masks the batch's example indices."""
-        images, labels = batch[0], batch[1]
-        if not self.by_example:
-            return images, labels, labels
-        if len(batch) < 3:
+    def members(self, batch: tuple[torch.Tensor, ...], by_class: bool = False) -> np.ndarray:
+        """(K, B) bool on the host: which models train on each example of `batch`, keyed on its labels (with
+        example masks, on its example indices; `by_class`: its labels against the classes each model has).
+        The keys come from data.Batch.host, or for batches without them are copied off the device (a sync
+        on a GPU)."""
+        column = 2 if self.by_example and not by_class else 1
+        if len(batch) <= column:
             raise ValueError("example masks route on example indices: batches need a third element "
                              "(ImageLoader(..., with_indices=True))")
-        return images, labels, batch[2].to(self.device, torch.long)
-
-    def routes(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor | slice]:
-        """For each model, the positions in the batch of its examples (on the device; the whole batch when
-        every model takes every class), found on the host from the batch's host keys (data.Batch) or, for
-        batches without them, from its keys on the CPU (a sync on a GPU)."""
-        if self.takes_every_class:
-            return [slice(None)] * len(self.models)
-        column = 2 if self.by_example else 1
         host = getattr(batch, "host", None)
         keys = host[column - 1] if host is not None else batch[column].cpu().numpy()
-        member = self.host_membership[:, keys]  # (K, B)
-        return [to_device(np.flatnonzero(row), self.device) for row in member]
+        return (self.class_masks if by_class else self.host_membership)[:, keys]
+
+    def routes(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor | slice]:
+        """For each model, the positions in the batch of its examples, as a device tensor (the whole batch
+        when every model takes every class)."""
+        if self.takes_every_class:
+            return [slice(None)] * len(self.models)
+        return [to_device(np.flatnonzero(row), self.device) for row in self.members(batch)]
 
     def fit(self, batches: Iterable, epochs: int, resolution: Callable[[int], int] | None = None,
             on_epoch: Callable[[str], None] = lambda stage: None, stage: str = "epoch") -> None:
@@ -173,10 +154,34 @@ class LockstepTrainer:
         dtype = AUTOCAST_DTYPES[self.config.precision]
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
+    @torch.no_grad()
     def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], among_own: bool = True) -> list[float]:
         """Each model's accuracy on its own classes' examples, choosing among its classes or, with
-        `among_own` false, among every class (source.val_accuracy)."""
-        return own_class_accuracy(self.models, self.class_membership, batches, self.autocast, among_own)
+        `among_own` false, among every logit (source.val_accuracy; MadryLab/data-transfer measures it so).
+        Routed on the host like training: one sync at the end."""
+        correct = torch.zeros(len(self.models), device=self.device)
+        counts = torch.zeros(len(self.models), device=self.device)
+        every_class = bool(self.class_masks.all())
+        others = ~torch.as_tensor(self.class_masks, device=self.device)
+        for model in self.models:
+            model.eval()
+        for batch in batches:
+            images, labels = batch[0], batch[1]
+            member = None if every_class else self.members(batch, by_class=True)
+            for k, model in enumerate(self.models):
+                if every_class:
+                    rows = slice(None)
+                elif member[k].any():
+                    rows = to_device(np.flatnonzero(member[k]), self.device)
+                else:
+                    continue
+                with self.autocast():
+                    logits = model(images[rows]).float()
+                if among_own:
+                    logits = logits.masked_fill(others[k], -torch.inf)
+                correct[k] += (logits.argmax(1) == labels[rows]).sum()
+                counts[k] += len(logits)
+        return (correct / counts.clamp_min(1)).tolist()
 
     def _mean_losses(self, loss_sums: torch.Tensor, counts: torch.Tensor, epoch: int) -> list[float]:
         """Each model's mean loss over the epoch; a non-finite one marks the model failed."""
@@ -225,7 +230,7 @@ class SequentialTrainer(LockstepTrainer):
         size = self.config.per_model_batch
         queues = [RowQueue() for _ in self.models]
         for batch in batches:
-            images, labels, _ = self.keys_of(batch)
+            images, labels = batch[0], batch[1]
             lr = lr_at(self.step / self.steps_per_epoch, self.config)
             for k, rows in enumerate(self.routes(batch)):
                 if k in self.failed:
@@ -276,34 +281,3 @@ class RowQueue:
         images, labels = torch.cat(self.images), torch.cat(self.labels)
         self.images, self.labels, self.count = [images[size:]], [labels[size:]], self.count - size
         return images[:size], labels[:size]
-
-
-@torch.no_grad()
-def own_class_accuracy(models: list[nn.Module], membership: torch.Tensor,
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast, among_own: bool = True
-                       ) -> list[float]:
-    """Each model's accuracy on the examples of its own classes, choosing among its classes only (or, with
-    `among_own` false, among all its logits, as MadryLab/data-transfer measures it)."""
-    device = membership.device
-    correct = torch.zeros(len(models), device=device)
-    counts = torch.zeros(len(models), device=device)
-    every_class = bool(membership.all())
-    for model in models:
-        model.eval()
-    for images, labels, *_ in batches:
-        for k, (model, rows) in enumerate(zip(models, batch_parts(labels, membership, every_class))):
-            part = labels[rows]
-            if len(part) == 0:
-                continue
-            with autocast():
-                logits = model(images[rows]).float()
-            if among_own:
-                logits[:, ~membership[k]] = -torch.inf
-            correct[k] += (logits.argmax(1) == part).sum()
-            counts[k] += len(part)
-    return (correct / counts.clamp_min(1)).tolist()
-
-
-def batch_parts(labels: torch.Tensor, membership: torch.Tensor, every_class: bool) -> list[torch.Tensor] | list[slice]:
-    """positions_per_model(), or the whole batch (no copy) for every model when each takes every class."""
-    return [slice(None)] * len(membership) if every_class else positions_per_model(labels, membership)

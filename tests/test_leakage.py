@@ -129,7 +129,7 @@ def test_example_masks_route_each_model_exactly_its_examples():
     models = [IdRecorder(6) for _ in range(3)]
     trainer = SequentialTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
                            example_labels=labels)
-    np.testing.assert_array_equal(trainer.class_membership.numpy(), experiment_store.classes_of(masks, labels, 6))
+    np.testing.assert_array_equal(trainer.class_masks, experiment_store.classes_of(masks, labels, 6))
     with pytest.raises(ValueError, match="third element"):
         trainer.train_epoch([(images[:8], torch.as_tensor(labels[:8]))], 0)
     for model in models:
@@ -153,7 +153,8 @@ def test_grouped_backend_packs_each_model_its_examples():
     order = torch.as_tensor(rng.permutation(300)[:64])
     images = torch.zeros(64, 3, 1, 1)
     images[:, 0, 0, 0] = order.float()
-    packed, packed_labels, weights = trainer.pack_sub_batches(images, torch.as_tensor(labels)[order], order)
+    packed, packed_labels, weights = trainer.pack_sub_batches(images, torch.as_tensor(labels)[order],
+                                                                 masks[:, order.numpy()])
     for k in range(3):
         mine = order[torch.as_tensor(masks[k])[order]]
         assert int(weights[:, k].sum()) == len(mine)
@@ -215,15 +216,13 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
             def watch():
                 for images, batch_labels, keys in batches:
                     assert (labels[keys.numpy()] == batch_labels.numpy()).all()
-                    for k, rows in enumerate(positions_per_model(keys, self.membership)):
-                        seen[k] += keys[rows].tolist()
+                    for k, mask in enumerate(masks):
+                        seen[k] += keys[mask[keys.numpy()]].tolist()
                     yield images, batch_labels, keys
 
             losses = super().train_epoch(watch(), epoch)
             routed.append(seen)
             return losses
-
-    from ffcv_transfer.train import positions_per_model
 
     monkeypatch.setitem(worker_module.TRAINERS, "sequential", Recording)
     assert worker_module.run_worker(store.path, experiment, progress=False) == 4

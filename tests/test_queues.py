@@ -97,10 +97,13 @@ def test_each_models_learning_rate_follows_its_own_steps():
         assert np.argmax(rates[k]) == per_epoch  # the peak at epoch 1 of its own steps
 
 
-@pytest.mark.parametrize("per_model_batch", [0, PER_MODEL])
-def test_no_host_sync_per_batch(per_model_batch, monkeypatch):
-    """Counting .item(), .tolist(), .cpu() and nonzero on tensors while training: a fixed number per epoch,
-    the same for 8 batches an epoch as for 16."""
+@pytest.mark.parametrize("fusion, per_model_batch", [("sequential", 0), ("sequential", PER_MODEL), ("grouped", 0)])
+def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
+    """Counting .item(), .tolist(), .cpu() and nonzero on tensors while training and measuring accuracy: a
+    fixed number per epoch, the same for 8 batches an epoch as for 16."""
+    from ffcv_transfer.grouped import GroupedTrainer
+    from ffcv_transfer.models import build_model
+
     rng = np.random.default_rng(3)
     masks = random_class_masks(3, CLASSES, 0.5, seed=1)
     calls = []
@@ -111,18 +114,20 @@ def test_no_host_sync_per_batch(per_model_batch, monkeypatch):
     counted = []
     for examples in (8 * SHARED, 16 * SHARED):
         labels = rng.integers(0, CLASSES, examples)
-        from ffcv_transfer.models import build_model
-
         models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
         config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32", per_model_batch=per_model_batch)
-        trainer = SequentialTrainer(models, masks, config, steps_per_epoch=examples // SHARED,
-                                    examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES))
+        if fusion == "grouped":
+            trainer = GroupedTrainer(models, masks, config, steps_per_epoch=examples // SHARED)
+        else:
+            trainer = SequentialTrainer(models, masks, config, steps_per_epoch=examples // SHARED,
+                                        examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES))
         batches = [Batch((torch.randn(SHARED, 3, 8, 8), torch.as_tensor(labels[i:i + SHARED])), [labels[i:i + SHARED]])
                    for i in range(0, examples, SHARED)]
         calls.clear()
         trainer.fit(batches, 2)
+        trainer.accuracy(batches)
         counted.append(len(calls))
-    assert counted[0] == counted[1] <= 2 * 4  # per epoch: the losses and counts read once
+    assert counted[0] == counted[1] <= 2 * 4 + 1  # per epoch: the losses and counts read once; accuracy once
 
 
 def test_the_worker_and_the_removal_models_step_on_the_per_model_batch(tiny_data, tmp_path, monkeypatch):
@@ -184,6 +189,40 @@ def test_the_compiled_per_model_step_matches_eager():
     for eager, compiled in zip(early["none"], early["default"]):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(losses["default"], losses["none"], rtol=0.02)
+
+
+@pytest.mark.slow
+def test_the_compiled_fixed_feature_transfer_matches_eager():
+    """transfer.per_model_batch with compile: each model's training forward through its frozen backbone
+    compiled for the static batch. K = 2 source models, heads from equal seeds: the test outputs of eager and
+    compiled transfer agree within 1e-4 (only the head trains, so the summation-order differences stay
+    small), and the backbones are untouched."""
+    from ffcv_transfer.models import build_model
+    from ffcv_transfer.settings import TransferConfig
+    from ffcv_transfer.transfer import transfer_by_training
+
+    rng = np.random.default_rng(6)
+    labels = torch.as_tensor(rng.integers(0, 3, 3 * SHARED))
+    images = torch.as_tensor(rng.normal(size=(len(labels), 3, 16, 16)), dtype=torch.float32) + labels[:, None, None, None]
+    train = [(images[i:i + SHARED], labels[i:i + SHARED]) for i in range(0, 2 * SHARED, SHARED)]
+    test = [(images[2 * SHARED:], labels[2 * SHARED:])]
+    config = TransferConfig(mode="fixed_feature", epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32",
+                            per_model_batch=PER_MODEL)
+    margins = {}
+    for mode in ("none", "default"):
+        torch.manual_seed(0)
+        models = [build_model(CLASSES, stem="small", width=0.125) for _ in range(2)]
+        backbone = [model.stem[0].weight.clone() for model in models]
+        torch.manual_seed(1)
+        torch._dynamo.utils.counters.clear()
+        outputs, failed = transfer_by_training(models, train, test, 3, config, steps_per_epoch=len(train),
+                                               examples_per_epoch=2 * SHARED, compile=mode)
+        assert not failed
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (mode != "none")  # it did compile
+        for model, weight in zip(models, backbone):
+            torch.testing.assert_close(model.stem[0].weight, weight, rtol=0, atol=0)
+        margins[mode] = torch.stack([out.margins for out in outputs])
+    torch.testing.assert_close(margins["default"], margins["none"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

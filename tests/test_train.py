@@ -4,13 +4,15 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from beton_writers.synthetic import PlantedSpec, make_planted
+from ffcv_transfer.data import Batch
 from ffcv_transfer.grouped import GroupedTrainer
 from ffcv_transfer.masks import random_class_masks
 from ffcv_transfer.models import build_model, memory_format_for
 from ffcv_transfer.settings import OptimConfig, SourceConfig
-from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, positions_per_model, source_resolution
+from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, source_resolution
 
 from .conftest import IdRecorder
 
@@ -20,15 +22,18 @@ SPEC = PlantedSpec(num_targets=4, num_unrelated=4, num_misleading=0, source_trai
                    source_val_per_class=50, target_train_per_class=10, target_test_per_class=10)
 
 
-def test_route_gives_each_model_exactly_its_examples_once_per_epoch():
+def test_routes_give_each_model_exactly_its_examples_once_per_epoch():
+    """Routing on the host keys of data.Batch, or on the labels of a plain batch: the same positions."""
     rng = np.random.default_rng(0)
     masks = rng.random((5, 12)) < 0.5
     labels = rng.integers(0, 12, 1000)
+    trainer = SequentialTrainer([nn.Identity() for _ in masks], masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 16)
     seen = [[] for _ in range(5)]
-    membership = torch.as_tensor(masks)
     for start in range(0, 1000, 64):  # one epoch in batches; positions -> example ids
-        batch = torch.as_tensor(labels[start:start + 64])
-        for k, rows in enumerate(positions_per_model(batch, membership)):
+        part = labels[start:start + 64]
+        plain = (torch.zeros(len(part)), torch.as_tensor(part))
+        for k, (rows, same) in enumerate(zip(trainer.routes(Batch(plain, [part])), trainer.routes(plain))):
+            assert rows.tolist() == same.tolist()
             seen[k] += (rows + start).tolist()
     for k in range(5):
         expected = np.flatnonzero(masks[k][labels])
@@ -225,7 +230,9 @@ def test_compiled_grouped_backend_pads_to_static_lengths():
     for seed in range(20):
         labels = torch.as_tensor(np.random.default_rng(seed).integers(0, 6, 64))
         images = torch.zeros(64, 3, 1, 1)
-        plain, (packed, _, weights) = eager.pack_sub_batches(images, labels), compiled.pack_sub_batches(images, labels)
+        member = masks[:, labels.numpy()]
+        plain, (packed, _, weights) = eager.pack_sub_batches(images, labels, member), \
+            compiled.pack_sub_batches(images, labels, member)
         assert len(packed) % 8 == 0 and len(plain[0]) <= len(packed) < len(plain[0]) + 8
         np.testing.assert_array_equal(weights[:len(plain[2])], plain[2])  # the same real rows, then padding
         assert weights[len(plain[2]):].sum() == 0
