@@ -286,9 +286,10 @@ class RunConfig:
     models_per_process: int = option(8, "K: source models trained in lockstep on one shared loader")
     fusion: str = option("sequential", "how the K models run on each batch: one after another, or as one "
                          "grouped network", FUSIONS)
-    compile: str = option("none", "torch.compile the source step (reduce-overhead: with CUDA graphs), static "
+    compile: str = option("none", "torch.compile the training step (reduce-overhead: with CUDA graphs), static "
                           "shapes: the grouped network, or each model of the sequential fusion with "
-                          "source.per_model_batch", COMPILE_MODES)
+                          "source.per_model_batch; the fixed_feature and full_finetune transfer steps too where "
+                          "transfer.per_model_batch is set (else they run eager)", COMPILE_MODES)
     checkpoints: bool = option(False, "keep each source model's weights (bf16, STORE/checkpoints/ROW.pt; about "
                                "23 MB for a ResNet-18) for `ffcv-transfer transfer`")
 

@@ -120,18 +120,20 @@ def transfer_cached_features(models: Sequence[nn.Module], train_batches: Iterabl
 def transfer_by_training(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
                          num_classes: int, config: TransferConfig, steps_per_epoch: int,
                          device: str | torch.device = "cpu", on_epoch: Callable[[str], None] = lambda stage: None,
-                         examples_per_epoch: int | None = None) -> tuple[list[TransferOutputs], dict[int, str]]:
+                         examples_per_epoch: int | None = None, compile: str = "none"
+                         ) -> tuple[list[TransferOutputs], dict[int, str]]:
     """fixed_feature or full_finetune: replace each model's head with a new `num_classes`-way linear layer
     and train all K in lockstep on the same target batches (`on_epoch` hears of each pass; with
-    config.per_model_batch, `examples_per_epoch` is the training examples in one pass). Returns the test
-    outputs and the models whose loss diverged (index -> reason)."""
+    config.per_model_batch, `examples_per_epoch` is the training examples in one pass, and `compile`
+    (settings.COMPILE_MODES) compiles each model's training forward, frozen backbone included, for its
+    static batch). Returns the test outputs and the models whose loss diverged (index -> reason)."""
     if config.mode == "cached_features":
         raise ValueError("transfer_by_training trains the head: use transfer_cached_features for cached_features")
     for model in models:
         model.requires_grad_(config.mode == "full_finetune")
         model.fc = nn.Linear(model.fc.in_features, num_classes).to(device)  # trainable
     every_class = np.ones((len(models), num_classes), bool)
-    trainer = SequentialTrainer(list(models), every_class, config, steps_per_epoch, device=device,
+    trainer = SequentialTrainer(list(models), every_class, config, steps_per_epoch, device=device, compile=compile,
                                 examples_per_epoch=None if examples_per_epoch is None else [examples_per_epoch] * len(models))
     trainer.fit(train_batches, config.epochs, on_epoch=on_epoch, stage="transfer epoch")
     logits, labels = _one_pass(models, test_batches, lambda model, images: _logits(model, images, trainer))

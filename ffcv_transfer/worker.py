@@ -122,7 +122,8 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
     train = loader("target_train", True, **crops)
     return transfer_by_training(models, train, test, sidecar["num_classes"], config, steps_per_epoch=len(train),
                                 device=experiment.run.device, on_epoch=report,
-                                examples_per_epoch=sidecar["num_examples"])
+                                examples_per_epoch=sidecar["num_examples"],
+                                compile=experiment.run.compile if config.per_model_batch else "none")
 
 
 def decoding_experiment(experiment: Experiment, per_model_batch: int) -> Experiment:
