@@ -22,6 +22,9 @@
 #   loaders   bench_loaders.py on 400 px JPEGs cropped to 160 px: numba's workqueue against OpenMP
 #   grouped   bench_train.py's grouped and compiled grouped cases at 160 px
 #   influence bench_influence.py at paper size
+#   bestk64   K beyond 16 (memory allowing), without the reference (the default steps measure it):
+#   bestk     bench_train.py at 64 px with K=24 and K=32 queued (bestk64), the paper recipe with K=24 and
+#             K=32 (bestk); the GPU configs' models_per_process is the best K of these and the default steps
 # Each step runs under `timeout` with its own limit, cut to what is left of the budget ($GPU_CHECK_BUDGET
 # seconds, default 420); a step that does not fit is skipped, and every step leaves its files (JSON, logs,
 # tables) in the folder given as $1 or $GPU_CHECK_OUT. steps.txt says how each step ended; the tables
@@ -44,6 +47,8 @@ train64=(--size real64 --ks 16 --backends sequential --per-model-batch --epochs 
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
 grouped=(--size real --ks 8 --backends grouped grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
+bestk64=(--size real64 --ks 24 32 --backends sequential --per-model-batch --no-reference --epochs 1)
+bestk=(--size paper --ks 24 32 --backends sequential --per-model-batch --blurpool --threading omp --no-reference --epochs 1)
 replica=(run --data benchmarks/gpu_data/replica --minutes 4)
 tests=(-k "cuda or cupy or torch")
 dry_run=0
@@ -56,6 +61,8 @@ for arg in "$@"; do
                train64=(--size tiny --ks 2 --backends sequential --per-model-batch --loaders resident --no-reference)
                loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
                grouped=(--size tiny --ks 2 --backends grouped+compile --no-reference)
+               bestk64=(--size tiny --ks 3 --backends sequential --per-model-batch --no-reference --loader-workers 1)
+               bestk=(--size tiny --ks 3 --backends sequential --per-model-batch --no-reference --loader-workers 1)
                influence=(--sizes small); replica=(run --data benchmarks/gpu_data/replica --models 4 --device cpu) ;;
     *) out=$arg ;;
   esac
@@ -117,9 +124,11 @@ step replica 300 $python benchmarks/gpu_replica.py "${replica[@]}" --out "$out/r
 bench loaders 150 bench_loaders.py "${loaders[@]}" --device $device
 bench grouped 200 bench_train.py "${grouped[@]}" --device $device
 bench influence 120 bench_influence.py "${influence[@]}"
+bench bestk64 120 bench_train.py "${bestk64[@]}" --device $device
+bench bestk 240 bench_train.py "${bestk[@]}" --device $device
 step summary 20 $python benchmarks/gpu_summary.py "$out" > "$out/summary_table.txt" 2>&1
 
 cat "$out/device.txt" 2>/dev/null; tail -3 "$out/tests.log" 2>/dev/null
-for table in ceiling paper ceiling64 train64 replica loaders grouped influence summary; do cat "$out/${table}_table.txt" 2>/dev/null; done
+for table in ceiling paper ceiling64 train64 replica loaders grouped influence bestk64 bestk summary; do cat "$out/${table}_table.txt" 2>/dev/null; done
 cat "$out/steps.txt"
 exit $status
