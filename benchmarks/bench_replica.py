@@ -33,8 +33,10 @@ CANDIDATES: dict[str, tuple[dict, TinySize]] = {
     "default": ({}, TinySize()),
     "orth64": ({"masks.num_models": 64}, TinySize()),
     "orth64-e6": ({"masks.num_models": 64, "source.epochs": 6}, TinySize()),
+    "shared": ({"source.per_model_batch": 0}, TinySize()),  # each model steps on its part of every shared batch
 }
-SETTINGS = ("masks.num_models", "masks.design", "model.width", "source.epochs", "source.min_res", "transfer.mode")
+SETTINGS = ("masks.num_models", "masks.design", "model.width", "source.epochs", "source.min_res",
+            "source.per_model_batch", "transfer.mode")
 RESULTS = Path(__file__).resolve().parent / "results" / "replica-cpu.json"
 
 

@@ -15,9 +15,13 @@ DATA = {"data.source_train": "s.beton", "data.source_val": "v.beton", "data.targ
 
 @pytest.mark.parametrize("name", ["paper_dt_imagenet_cifar10", "paper_ffcv_imagenet_cifar10", "imagenet64_cheap",
                                   "tinyimagenet_cifar10", "demo_cpu", "tinyimagenet_demo_cpu", "tinyimagenet_gpu"])
-def test_every_shipped_config_loads(name):
+def test_every_shipped_config_loads_and_steps_on_per_model_batches(name):
     experiment = load_experiment(CONFIGS / f"{name}.yaml")
     assert experiment.data.path("source_train").name.endswith(".beton")
+    assert experiment.source.per_model_batch > 0
+    for target, mode in experiment.transfers:  # each trained transfer too
+        config = experiment.target(target).transfer.for_mode(mode)
+        assert config.per_model_batch > 0 or mode == "cached_features", (target, mode)
 
 
 # MadryLab/data-transfer's values (configs/base_config.yaml, configs/cifar10_config.yaml, src/trainer.py,
