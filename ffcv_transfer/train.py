@@ -91,7 +91,7 @@ class LockstepTrainer:
             raise ValueError(f"need one mask row per model: {len(models)} models, masks {class_masks.shape}")
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
-        self.host_membership = class_masks
+        self.masks = class_masks  # (K, C), or (K, E) over examples: what routing keys on
         self.takes_every_class = bool(class_masks.all())
         self.by_example = example_labels is not None
         self.class_masks = class_masks  # (K, C): the classes each model has examples of
@@ -119,7 +119,7 @@ class LockstepTrainer:
                              "(ImageLoader(..., with_indices=True))")
         host = getattr(batch, "host", None)
         keys = host[column - 1] if host is not None else batch[column].cpu().numpy()
-        return (self.class_masks if by_class else self.host_membership)[:, keys]
+        return (self.class_masks if by_class else self.masks)[:, keys]
 
     def routes(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor | slice]:
         """For each model, the positions in the batch of its examples, as a device tensor (the whole batch
