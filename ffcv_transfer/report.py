@@ -130,6 +130,10 @@ def gather(store_dir: str | Path | Sequence[str | Path], names_file: str | Path 
         raise StoreError(f"{store_dirs[0]}: made before {output} was recorded; its outputs are "
                          f"{', '.join(name for name in OUTPUTS if name in store.schema)}")
     if not len(store.completed_rows()):
+        failed = store.failures()
+        if failed:  # every model failed: the reason is the user's to fix, not a missing training run
+            row, reason = min(failed.items())
+            raise StoreError(f"{store_dirs[0]}: no completed rows; {len(failed)} failed, e.g. row {row}: {reason}")
         raise StoreError(f"{store_dirs[0]}: no completed rows yet; run `ffcv-transfer train --store {store_dirs[0]}`")
     influence = influence_from_store(store_dirs, key, progress=progress)
     _, values = store.read([MASKS, key])

@@ -75,7 +75,7 @@ def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
     from ffcv_transfer.demo import TinySize, format_findings, run_demo
 
     settings = {"masks.num_models": 8, "masks.design": "orthogonal", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
-                "source.batch_size": 32,
+                "source.batch_size": 32, "source.per_model_batch": 16,  # 40 examples per model: 2 steps an epoch
                 "run.models_per_process": 8, "transfer.head_max_iter": 20}
     findings = run_demo(tmp_path, data="tiny-imagenet", overrides=settings, counterfactual_seeds=0, data_dir=data_dir,
                         tiny=TinySize(classes=4, per_class=20, target_per_class=20), progress=False)

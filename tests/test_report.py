@@ -179,3 +179,20 @@ def test_the_findings_state_how_far_their_rankings_can_be_trusted(planted_store,
     assert "NOTE: Rankings not yet reliable" in capsys.readouterr().out
     saved = json.loads((tmp_path / "findings" / "rankings.json").read_text())
     assert saved["all target examples"]["reliability"]["reliable"] is False
+
+
+def test_a_store_whose_every_model_failed_says_why(planted_store, tmp_path):
+    """No completed row: with failures, `gather` names one and its reason instead of asking for training."""
+    from ffcv_transfer.store import StoreError
+
+    store = create_class_store(tmp_path / "failed", load_experiment(planted_store[0] / "experiment.yaml"))
+    with pytest.raises(StoreError, match="no completed rows yet; run `ffcv-transfer train"):
+        gather(store.path)
+    writer = store.writer()
+    for row in range(MODELS):
+        writer.claim(1, rows=[row])
+        writer.fail(row, "source training: no training step: fewer of its classes' examples in an epoch than "
+                         "one per-model batch (64)")
+    writer.close()
+    with pytest.raises(StoreError, match=f"{MODELS} failed, e.g. row 0: source training: no training step"):
+        gather(store.path)
