@@ -92,7 +92,6 @@ class LockstepTrainer:
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
         self.masks = class_masks  # (K, C), or (K, E) over examples: what routing keys on
-        self.takes_every_class = bool(class_masks.all())
         self.by_example = example_labels is not None
         self.class_masks = class_masks  # (K, C): the classes each model has examples of
         if self.by_example:
@@ -104,6 +103,8 @@ class LockstepTrainer:
             self.class_masks = np.zeros((len(models), num_classes), bool)
             for k, row in enumerate(class_masks):
                 self.class_masks[k, example_labels[row]] = True
+        # whole batches for every model, no routing: with masks over every class (or every example)
+        self.takes_everything = {False: bool(self.masks.all()), True: bool(self.class_masks.all())}  # by by_class
         self.failed: dict[int, str] = {}
         self.step = 0
         self.examples_seen = np.zeros(len(models), np.int64)  # over every epoch so far
@@ -121,12 +122,14 @@ class LockstepTrainer:
         keys = host[column - 1] if host is not None else batch[column].cpu().numpy()
         return (self.class_masks if by_class else self.masks)[:, keys]
 
-    def routes(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor | slice]:
-        """For each model, the positions in the batch of its examples, as a device tensor (the whole batch
-        when every model takes every class)."""
-        if self.takes_every_class:
+    def routes(self, batch: tuple[torch.Tensor, ...], by_class: bool = False) -> list[torch.Tensor | slice]:
+        """For each model, the positions in the batch of its examples (`by_class`: see members), as views of
+        one device tensor copied once per batch (the whole batch when every model takes every example)."""
+        if self.takes_everything[by_class]:
             return [slice(None)] * len(self.models)
-        return [to_device(np.flatnonzero(row), self.device) for row in self.members(batch)]
+        member = self.members(batch, by_class)
+        _, positions = np.nonzero(member)  # row-major: model 0's positions in batch order, then model 1's, ...
+        return list(to_device(positions, self.device).split(member.sum(1).tolist()))
 
     def fit(self, batches: Iterable, epochs: int, resolution: Callable[[int], int] | None = None,
             on_epoch: Callable[[str], None] = lambda stage: None, stage: str = "epoch") -> None:
@@ -161,19 +164,13 @@ class LockstepTrainer:
         Routed on the host like training: one sync at the end."""
         correct = torch.zeros(len(self.models), device=self.device)
         counts = torch.zeros(len(self.models), device=self.device)
-        every_class = bool(self.class_masks.all())
         others = ~torch.as_tensor(self.class_masks, device=self.device)
         for model in self.models:
             model.eval()
         for batch in batches:
             images, labels = batch[0], batch[1]
-            member = None if every_class else self.members(batch, by_class=True)
-            for k, model in enumerate(self.models):
-                if every_class:
-                    rows = slice(None)
-                elif member[k].any():
-                    rows = to_device(np.flatnonzero(member[k]), self.device)
-                else:
+            for k, (model, rows) in enumerate(zip(self.models, self.routes(batch, by_class=True))):
+                if not isinstance(rows, slice) and len(rows) == 0:
                     continue
                 with self.autocast():
                     logits = model(images[rows]).float()

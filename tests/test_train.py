@@ -27,7 +27,8 @@ def test_routes_give_each_model_exactly_its_examples_once_per_epoch():
     rng = np.random.default_rng(0)
     masks = rng.random((5, 12)) < 0.5
     labels = rng.integers(0, 12, 1000)
-    trainer = SequentialTrainer([nn.Identity() for _ in masks], masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 16)
+    config = OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32")
+    trainer = SequentialTrainer([nn.Identity() for _ in masks], masks, config, steps_per_epoch=16)
     seen = [[] for _ in range(5)]
     for start in range(0, 1000, 64):  # one epoch in batches; positions -> example ids
         part = labels[start:start + 64]
