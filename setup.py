@@ -4,8 +4,8 @@ setup(
     name="ffcv-transfer",
     version="0.1.0",
     description="High-throughput FFCV training engine for a data-based view of transfer learning",
-    packages=find_packages(include=["ffcv_transfer", "ffcv_transfer.*", "beton_writers", "beton_writers.*"]),
-    package_data={"beton_writers": ["imagenet1k_classes.tsv"]},
+    packages=find_packages(include=["ffcv_transfer", "ffcv_transfer.*"]),
+    package_data={"ffcv_transfer.writers": ["imagenet1k_classes.tsv"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -72,9 +72,9 @@ def extract_case(train: Path, scratch: Path) -> dict:
 def write_case(writer: str, train: Path, tree: Path, out: Path, preset: str, workers: int) -> dict:
     from dataclasses import replace
 
-    from beton_writers.common import writer_progress
-    from beton_writers.imagefolder import write_imagefolder
-    from beton_writers.imagenet import PRESETS, index_train, write_imagenet
+    from ffcv_transfer.writers.common import writer_progress
+    from ffcv_transfer.writers.imagefolder import write_imagefolder
+    from ffcv_transfer.writers.imagenet import PRESETS, index_train, write_imagenet
 
     shutil.rmtree(out, ignore_errors=True)
     options = replace(PRESETS[preset], num_workers=workers)
@@ -96,7 +96,7 @@ def write_case(writer: str, train: Path, tree: Path, out: Path, preset: str, wor
 
 
 def same_betons(a: Path, b: Path) -> bool:
-    from beton_writers import BetonRecords
+    from ffcv_transfer.store.betons import BetonRecords
 
     first, second = BetonRecords(a), BetonRecords(b)
     return len(first) == len(second) and np.array_equal(first.labels, second.labels) and all(
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/archives-cpu.json")
     args = parser.parse_args()
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    importlib.import_module("beton_writers")  # first: it picks numba's threading layer (threading_layer.py)
+    importlib.import_module("ffcv_transfer.writers")  # first: it picks numba's threading layer (threading_layer.py)
     start = time.perf_counter()
     importlib.import_module("ffcv")  # timed: numba compiles at import
 

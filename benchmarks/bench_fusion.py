@@ -43,12 +43,12 @@ CASES = ["single", "sequential", "grouped", "grouped+plainbn", "grouped+compile"
 def run_case(args) -> dict:
     import torch
 
-    from ffcv_transfer.data import Batch
-    from ffcv_transfer.grouped import GroupedBatchNorm2d, GroupedTrainer
-    from ffcv_transfer.masks import random_class_masks
-    from ffcv_transfer.models import build_model
+    from ffcv_transfer.engine.data import Batch
+    from ffcv_transfer.engine.grouped import GroupedBatchNorm2d, GroupedTrainer
+    from ffcv_transfer.store.masks import random_class_masks
+    from ffcv_transfer.engine.models import build_model
     from ffcv_transfer.settings import OptimConfig
-    from ffcv_transfer.train import SequentialTrainer
+    from ffcv_transfer.engine.train import SequentialTrainer
 
     size, device = SIZES[args.size], torch.device(args.device)
     backend, *flags = args.case_name.split("+")

@@ -1,4 +1,4 @@
-"""The CPU recipe under glibc's heap checks (`ffcv_transfer.heap_check`), full length, and what the NCHW
+"""The CPU recipe under glibc's heap checks (`ffcv_transfer.engine.heap_check`), full length, and what the NCHW
 CPU layout costs (JSON + a table).
 
   layout   one training step of a width-0.125 small-stem ResNet-18 at 32 px (the CPU configs' model) on 63
@@ -27,7 +27,7 @@ from bench_common import machine, save_report
 ROOT = Path(__file__).resolve().parent.parent
 STEP = """
 import time, torch, torch.nn.functional as F
-from ffcv_transfer.models import build_model
+from ffcv_transfer.engine.models import build_model
 torch.manual_seed(0)
 torch.set_num_threads({threads})
 model = build_model(10, stem="small", width=0.125, memory_format=torch.{layout})
@@ -50,7 +50,7 @@ def how_it_ended(code: int) -> str:
 
 
 def layout_rows() -> list[dict]:
-    from ffcv_transfer.heap_check import heap_checked
+    from ffcv_transfer.engine.heap_check import heap_checked
 
     rows = []
     for layout in ("channels_last", "contiguous_format"):
@@ -70,7 +70,7 @@ def layout_rows() -> list[dict]:
 
 
 def demo_row(workdir: Path) -> dict:
-    from ffcv_transfer.heap_check import heap_checked
+    from ffcv_transfer.engine.heap_check import heap_checked
 
     out = workdir / "demo"
     began = time.monotonic()

@@ -110,7 +110,8 @@ def timed(fn, backend: str, repeats: int) -> tuple[float, object]:
 
 
 def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
-    from ffcv_transfer.influence import InfluenceAccumulator, class_influence, influence_from_store
+    from ffcv_transfer.findings.kernel import InfluenceAccumulator, class_influence
+    from ffcv_transfer.findings.influence import influence_from_store
 
     n, classes, width = SIZES[size]
     row = {"case": case, "size": size, "N": n, "C": classes, "T": width}
@@ -170,7 +171,7 @@ def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
 
 
 def build_store(size: str, root: Path) -> None:
-    from ffcv_transfer.store import ResultStore
+    from ffcv_transfer.store.results import ResultStore
 
     masks, outputs = make_data(size)
     store = ResultStore.create(root / size, len(masks), {"margins": ((outputs.shape[1],), np.float16)},
@@ -202,7 +203,7 @@ def main() -> None:
             print(json.dumps(run_case(args.case, args.size, args)))
         return
 
-    from ffcv_transfer.influence import available_backends
+    from ffcv_transfer.findings.kernel import available_backends
 
     backends = args.backends or available_backends()
     gpu = "cupy" in available_backends() or torch_cuda()

@@ -1,7 +1,7 @@
 """How reliably example-level influence finds planted leaks (JSON + a table).
 
 For each data draw (`--seeds`) and training length (`--epochs` of each model on its own examples), the
-planted-leak trial of tests/test_leakage.py (`ffcv_transfer.leak_trial`): `--models` warm-started models
+planted-leak trial of tests/test_leakage.py (`ffcv_transfer.experiments.leak_trial`): `--models` warm-started models
 on random halves of the source examples, cached-feature transfer, example influence. Reported per planted
 copy: its rank among the source images of its target image (leaks from the most positive, mislabelled
 copies from the most negative), and per kind the share of copies in the top `--top`; false flags count
@@ -25,7 +25,7 @@ from bench_common import machine, save_report
 
 
 def measure(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: int) -> dict:
-    from ffcv_transfer.leak_trial import TrialRecipe, run_trial
+    from ffcv_transfer.experiments.leak_trial import TrialRecipe, run_trial
 
     started = time.perf_counter()
     trial = run_trial(seed, models, TrialRecipe(epochs=epochs), kinds, top)
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[6], help="each model's epochs on its examples")
     parser.add_argument("--models", type=int, default=32)
     parser.add_argument("--kinds", nargs="+", default=["exact", "downsampled", "crop"],
-                        help="copy kinds planted in turn (beton_writers.synthetic.LEAK_KINDS)")
+                        help="copy kinds planted in turn (ffcv_transfer.writers.synthetic.LEAK_KINDS)")
     parser.add_argument("--top", type=int, default=5, help="a copy counts as found within this rank")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once, one process and one thread each")
     parser.add_argument("--out", default="benchmarks/results/leaks-cpu.json")

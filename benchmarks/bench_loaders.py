@@ -38,9 +38,9 @@ SIZES = {  # source: how natural 400x300 images are stored (none: random raw pix
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from ffcv_transfer.data import ImageLoader
+    from ffcv_transfer.engine.data import ImageLoader
     from ffcv_transfer.settings import LoaderConfig
-    from ffcv_transfer.resident import ResidentLoader
+    from ffcv_transfer.engine.resident import ResidentLoader
 
     size, device = SIZES[args.size], torch.device(args.device)
     kind = ResidentLoader if args.loader == "resident" else ImageLoader
@@ -81,7 +81,7 @@ def main() -> None:
     if args is None:
         return
 
-    from beton_writers.common import ImageOptions, write_arrays
+    from ffcv_transfer.writers.common import ImageOptions, write_arrays
 
     size = SIZES[args.size]
     rows = []

@@ -48,7 +48,7 @@ def build(kind: str, n: int, width: int, height: int, root: Path) -> None:
     """The case's inputs on disk: a store (class) or packed masks and outputs (example)."""
     rng = np.random.default_rng(0)
     if kind == "class":
-        from ffcv_transfer.store import ResultStore
+        from ffcv_transfer.store.results import ResultStore
 
         store = ResultStore.create(root / "store", n, {"margins": ((height,), np.float16)},
                                    fixed={"masks": rng.random((n, width)) < 0.5})
@@ -67,8 +67,9 @@ def build(kind: str, n: int, width: int, height: int, root: Path) -> None:
 def run_case(kind: str, n: int, width: int, height: int, max_bytes: int, root: Path) -> dict:
     """One kernel run; `allocated_mb` is the peak of what it allocated (numpy reports to tracemalloc), the
     process's own memory: VmHWM also counts the store's and the result's file pages, which the OS can drop."""
-    from ffcv_transfer.influence import example_influence_blocks, influence_from_store, plan_blocks
-    from ffcv_transfer.leakage import Z_SAMPLE, ExtremeExamples
+    from ffcv_transfer.findings.kernel import example_influence_blocks, plan_blocks
+    from ffcv_transfer.findings.influence import influence_from_store
+    from ffcv_transfer.findings.leakage import Z_SAMPLE, ExtremeExamples
 
     if kind == "class":
         out = np.lib.format.open_memmap(root / "influence.npy", "w+", np.float32, (width, height))
@@ -98,7 +99,7 @@ def paper_row(kind: str, rows: list[dict], max_mb: float) -> dict:
     """The paper size's time at the rate of its kind's many-model case (where the GEMM dominates, as it does
     at the paper's sizes), and its allocations from the memory model: the largest measured working factor
     x the budget + what the result keeps in memory."""
-    from ffcv_transfer.leakage import Z_SAMPLE
+    from ffcv_transfer.findings.leakage import Z_SAMPLE
 
     n, width, height = PAPER[kind]
     factor = max(r["working_factor"] for r in rows)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_transfer import demo
-from ffcv_transfer.demo import TinySize
+from ffcv_transfer.experiments import demo
+from ffcv_transfer.experiments.demo import TinySize
 
 from bench_common import machine
 
@@ -44,13 +44,13 @@ def power_curve(store_dir: Path, hierarchy=None, start: int = 8, draws: int = 5)
     """The WordNet agreement of n of the store's models for n = start, 2 start, ..., and all N: for n < N,
     over `draws` random subsets of n models (not the first n rows: prefixes of an orthogonal design alias
     classes), the mean of their mean AUCs and the median of their p-values."""
-    from beton_writers.common import read_labels
+    from ffcv_transfer.store.betons import read_labels
 
-    from ffcv_transfer.analyses import influence_by_target_class
-    from ffcv_transfer.experiment_store import MASKS, open_experiment, read_sidecars
-    from ffcv_transfer.influence import class_influence
-    from ffcv_transfer.semantic import wordnet_agreement
-    from ffcv_transfer.store import ResultStore
+    from ffcv_transfer.findings.rankings import influence_by_target_class
+    from ffcv_transfer.store.experiment import MASKS, open_experiment, read_sidecars
+    from ffcv_transfer.findings.kernel import class_influence
+    from ffcv_transfer.findings.wordnet import wordnet_agreement
+    from ffcv_transfer.store.results import ResultStore
 
     experiment = open_experiment(store_dir)
     sidecars = read_sidecars(experiment)
@@ -87,8 +87,8 @@ def print_curve(curve: list[dict]) -> None:
 
 def summary(out: Path, findings: dict) -> dict:
     """What the JSON records of a finished run in `out`."""
-    from ffcv_transfer.experiment_store import open_experiment
-    from ffcv_transfer.store import ResultStore
+    from ffcv_transfer.store.experiment import open_experiment
+    from ffcv_transfer.store.results import ResultStore
 
     settings = open_experiment(out / "store").to_dict()
     _, values = ResultStore(out / "store").read(["source_acc", "target_acc"])

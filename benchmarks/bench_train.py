@@ -90,8 +90,8 @@ def natural_images(count: int, long_side: int, seed: int, unique: int = 1024) ->
 
 
 def write_data(folder: Path, size: dict) -> dict:
-    from beton_writers.common import ImageOptions, write_arrays
-    from beton_writers.verify import BetonRecords
+    from ffcv_transfer.writers.common import ImageOptions, write_arrays
+    from ffcv_transfer.store.betons import BetonRecords
 
     folder.mkdir(parents=True, exist_ok=True)
     c, per = size["classes"], size["per_class"]
@@ -109,13 +109,13 @@ def write_data(folder: Path, size: dict) -> dict:
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from ffcv_transfer.worker import TRAINERS
-    from ffcv_transfer.data import ImageLoader
+    from ffcv_transfer.engine.worker import TRAINERS
+    from ffcv_transfer.engine.data import ImageLoader
     from ffcv_transfer.settings import LoaderConfig, OptimConfig, TransferConfig
-    from ffcv_transfer.masks import random_class_masks
-    from ffcv_transfer.models import build_model
-    from ffcv_transfer.resident import ResidentLoader
-    from ffcv_transfer.transfer import transfer_by_training
+    from ffcv_transfer.store.masks import random_class_masks
+    from ffcv_transfer.engine.models import build_model
+    from ffcv_transfer.engine.resident import ResidentLoader
+    from ffcv_transfer.engine.transfer import transfer_by_training
 
     size, folder, k = SIZES[args.size], Path(args.data), args.k
     device = torch.device(args.device)

@@ -38,13 +38,13 @@ def main() -> None:
 
     import yaml
 
-    from beton_writers import ImageOptions
-    from beton_writers.synthetic import write_synthetic
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.synthetic import write_synthetic
     from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.demo import demo_spec
-    from ffcv_transfer.experiment_store import create_class_store
-    from ffcv_transfer.loader_cache import LoaderCache
-    from ffcv_transfer.worker import run_worker
+    from ffcv_transfer.experiments.demo import demo_spec
+    from ffcv_transfer.store.experiment import create_class_store
+    from ffcv_transfer.engine.loader_cache import LoaderCache
+    from ffcv_transfer.engine.worker import run_worker
 
     config = Path(__file__).resolve().parent.parent / "rs_configs" / "demo_cpu.yaml"
     report = {"machine": machine(), "models": args.models, "source_epochs": args.source_epochs, "results": []}

@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def write_case(archive: Path, out: Path, mode: str, workers: int) -> dict:
-    from beton_writers import ImageOptions, write_imagefolder
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.imagefolder import write_imagefolder
 
     start = time.perf_counter()
     meta = write_imagefolder(archive, out, subdir="cifar10/train",

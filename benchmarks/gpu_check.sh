@@ -102,7 +102,7 @@ step() {
 
 step device 40 $python -c '
 import numpy, numba, torch
-from ffcv_transfer.influence import available_backends
+from ffcv_transfer.findings.kernel import available_backends
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python OK: numpy {numpy.__version__}, numba {numba.__version__}, torch {torch.__version__}, GPU: {gpu}")
 print(f"influence backends: {available_backends()}")' > "$out/device.txt" 2>&1

@@ -25,8 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ffcv_transfer import demo
-from ffcv_transfer.semantic import HIERARCHY_FILE, load_hierarchy
+from ffcv_transfer.experiments import demo
+from ffcv_transfer.findings.wordnet import HIERARCHY_FILE, load_hierarchy
 
 from bench_common import machine
 from bench_replica import brief, power_curve, print_curve
@@ -100,12 +100,12 @@ def prepare(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.experiment_store import create_class_store
-    from ffcv_transfer.loader_cache import LoaderCache
-    from ffcv_transfer.names import DATA_ENV
-    from ffcv_transfer.report import gather
-    from ffcv_transfer.store import ResultStore
-    from ffcv_transfer.worker import run_worker
+    from ffcv_transfer.store.experiment import create_class_store
+    from ffcv_transfer.engine.loader_cache import LoaderCache
+    from ffcv_transfer.findings.names import DATA_ENV
+    from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.store.results import ResultStore
+    from ffcv_transfer.engine.worker import run_worker
 
     data, out = Path(args.data).resolve(), Path(args.out)
     manifest = json.loads((data / MANIFEST).read_text())

@@ -11,8 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .settings import (RENAMED, SECTIONS, DataConfig, LoaderConfig, MaskConfig, ModelConfig, RunConfig, SourceConfig,
-                       Target, TransferConfig)
+from ffcv_transfer.settings import RENAMED, SECTIONS, DataConfig, LoaderConfig, MaskConfig, ModelConfig, RunConfig, SourceConfig, Target, TransferConfig
 
 TARGETS = "targets"  # the experiment file's list of further targets
 TARGET_KEYS = ("data.target_name", "data.target_train", "data.target_test")  # what a target recipe must name

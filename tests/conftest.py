@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from torch import nn
 
-from beton_writers import ImageOptions, PlantedSpec
-from beton_writers.synthetic import write_synthetic
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec
+from ffcv_transfer.writers.synthetic import write_synthetic
 
 
 def pytest_addoption(parser):
@@ -92,7 +93,7 @@ def influence_reference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
 def fit_stages(monkeypatch) -> list:
     """The `stage` of every fit of the worker's sequential trainer while the test runs ("source epoch" once
     per source pass)."""
-    from ffcv_transfer import worker
+    from ffcv_transfer.engine import worker
 
     stages = []
 

@@ -6,15 +6,14 @@ import itertools
 import numpy as np
 import pytest
 
-from ffcv_transfer.analyses import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
-from ffcv_transfer.counterfactual import (KINDS, accuracy_by_arm, accuracy_by_removal, balanced_draws,
-                                          changes_against_all, correct_by_removal, format_gain, paired_gain,
-                                          removal_design, without_class_design)
-from ffcv_transfer.plots import accuracy_versus_removed
-from ffcv_transfer.influence import class_influence
-from ffcv_transfer.experiment_store import create_store
-from ffcv_transfer.masks import orthogonal_class_masks
-from ffcv_transfer.names import display_names, read_names_file
+from ffcv_transfer.findings.rankings import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
+from ffcv_transfer.findings.counterfactual import KINDS, accuracy_by_arm, accuracy_by_removal, changes_against_all, correct_by_removal, format_gain, paired_gain
+from ffcv_transfer.experiments.removals import balanced_draws, removal_design, without_class_design
+from ffcv_transfer.findings.plots import accuracy_versus_removed
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.store.experiment import create_store
+from ffcv_transfer.store.masks import orthogonal_class_masks
+from ffcv_transfer.findings.names import display_names, read_names_file
 from .conftest import row_values
 
 

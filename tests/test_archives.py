@@ -14,10 +14,11 @@ import yaml
 from PIL import Image
 from scipy.io import savemat
 
-from beton_writers import BetonError, BetonRecords, ImageOptions, read_labels, read_sidecar, verify_beton
-from beton_writers import imagenet as imagenet_module
-from beton_writers.imagenet import PRESETS, write_imagenet
-from beton_writers.targets import write_target
+from ffcv_transfer.store.betons import BetonError, BetonRecords, read_labels, read_sidecar, verify_beton
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers import imagenet as imagenet_module
+from ffcv_transfer.writers.imagenet import PRESETS, write_imagenet
+from ffcv_transfer.writers.targets import write_target
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
 

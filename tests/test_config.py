@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ffcv_transfer.cli_common import parse_rows, parse_settings
+from ffcv_transfer.cli.common import parse_rows, parse_settings
 from ffcv_transfer.config import ConfigError, load_experiment
 
 CONFIGS = Path(__file__).parent.parent / "rs_configs"

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ffcv_transfer.grouped import GroupedTrainer
-from ffcv_transfer.heap_check import heap_checked
-from ffcv_transfer.models import build_model
+from ffcv_transfer.engine.grouped import GroupedTrainer
+from ffcv_transfer.engine.heap_check import heap_checked
+from ffcv_transfer.engine.models import build_model
 from ffcv_transfer.settings import OptimConfig
-from ffcv_transfer.train import SequentialTrainer
+from ffcv_transfer.engine.train import SequentialTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_BATCHES = (1, 3, 7, 63, 65)  # the bug needs an odd batch; even ones for contrast
@@ -93,8 +93,9 @@ def test_train_command_at_the_shipped_cpu_recipe_survives_with_heap_checks(tmp_p
     """`ffcv-transfer train` on demo_cpu.yaml's model and resolution (width 0.125, 32 px), 20 models on
     random class halves in two processes, one on 1 thread and one on 2 (ffcv sets torch's threads to
     loader.num_workers), a batch of 129 so that sub-batches are often odd: both complete every row."""
-    from beton_writers import ImageOptions, PlantedSpec
-    from beton_writers.synthetic import write_synthetic
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.synthetic import PlantedSpec
+    from ffcv_transfer.writers.synthetic import write_synthetic
 
     from .conftest import DEMO_CONFIG
 
@@ -116,7 +117,7 @@ def test_train_command_at_the_shipped_cpu_recipe_survives_with_heap_checks(tmp_p
     for run, threads in zip(runs, (1, 2)):
         output = run.communicate(timeout=900)[0]
         assert run.returncode == 0, f"{threads} thread(s): exit {run.returncode}\n{output[-2000:]}"
-    from ffcv_transfer.store import ResultStore
+    from ffcv_transfer.store.results import ResultStore
 
     status = ResultStore(store).status()
     assert (status["completed"], status["failed"], status["duplicates"]) == (20, 0, 0)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from beton_writers import ImageOptions, PlantedSpec
-from beton_writers.synthetic import make_planted, write_synthetic
-from beton_writers.common import BetonError
-from ffcv_transfer.data import MEAN, STD, ImageLoader, class_indices
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec
+from ffcv_transfer.writers.synthetic import make_planted, write_synthetic
+from ffcv_transfer.store.betons import BetonError
+from ffcv_transfer.engine.data import MEAN, STD, ImageLoader, class_indices
 from ffcv_transfer.settings import LoaderConfig
-from ffcv_transfer.train import resolution_at
-from ffcv_transfer.resident import PixelCache, ResidentLoader
+from ffcv_transfer.engine.train import resolution_at
+from ffcv_transfer.engine.resident import PixelCache, ResidentLoader
 
 SPEC = PlantedSpec(num_targets=3, num_unrelated=3, num_misleading=0, source_train_per_class=100,
                    source_val_per_class=20, target_train_per_class=20, target_test_per_class=20)
@@ -57,7 +58,7 @@ def test_eval_loader_returns_stored_images_normalised(betons, kind):
 def test_target_normalisations_and_nearest_upsampling_on_the_device(betons):
     """The reference's CIFAR transfer: native pixels normalised with CIFAR-10's statistics (or none: / 255),
     then upsampled nearest-neighbour on the device, each pixel a block of identical ones."""
-    from ffcv_transfer.data import Upsampled
+    from ffcv_transfer.engine.data import Upsampled
     from ffcv_transfer.settings import NORMALIZATIONS
 
     config = LoaderConfig(order="sequential", drop_last=False)
@@ -90,7 +91,7 @@ def test_train_loader_crops_subsets_and_resizes(betons):
 @pytest.mark.parametrize("kind", ["ffcv", "resident"])
 def test_batches_carry_their_labels_and_indices_on_the_host_too(betons, kind):
     """data.Batch.host: what the trainers route on without a device sync, equal to the batch's own."""
-    from ffcv_transfer.data import Batch
+    from ffcv_transfer.engine.data import Batch
 
     loader_class = ImageLoader if kind == "ffcv" else ResidentLoader
     loader = loader_class(betons["source_val"], train=True, resolution=16, batch_size=32, with_indices=True,
@@ -152,7 +153,7 @@ def test_resident_loader_halves_by_area_and_flips_whole_images(betons):
 def test_resident_loader_refuses_images_of_several_sizes_and_square_writes_fix_it(tmp_path):
     from PIL import Image
 
-    from beton_writers.imagefolder import write_imagefolder
+    from ffcv_transfer.writers.imagefolder import write_imagefolder
 
     rng = np.random.default_rng(0)
     pictures = {"a": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "b": rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)}
@@ -172,14 +173,14 @@ def test_resident_loader_refuses_images_of_several_sizes_and_square_writes_fix_i
 
 
 def test_loader_threading_layer_is_chosen_before_numba_starts_and_refused_after():
-    """loader.threading decides numba's layer while no parallel code has run in the process (beton_writers'
+    """loader.threading decides numba's layer while no parallel code has run in the process (ffcv_transfer.writers'
     environment default notwithstanding); afterwards a different layer warns and changes nothing."""
     script = """
 import os, warnings
-import beton_writers
+import ffcv_transfer.writers
 print(os.environ["NUMBA_THREADING_LAYER"])  # the default, set before numba is imported
 import numba, numpy as np
-from beton_writers.threading_layer import use_threading_layer
+from ffcv_transfer.threading_layer import use_threading_layer
 use_threading_layer("omp")
 @numba.njit(parallel=True)
 def total(x):
@@ -196,7 +197,7 @@ print(numba.threading_layer(), len(caught), "takes effect in a new process" in s
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.stdout.split() == ["workqueue", "omp", "1", "True"], done.stderr[-2000:]
-    chosen = subprocess.run([sys.executable, "-c", "import os, beton_writers; print(os.environ['NUMBA_THREADING_LAYER'])"],
+    chosen = subprocess.run([sys.executable, "-c", "import os, ffcv_transfer.writers; print(os.environ['NUMBA_THREADING_LAYER'])"],
                             capture_output=True, text=True, timeout=300, env={**env, "NUMBA_THREADING_LAYER": "omp"})
     assert chosen.stdout.strip() == "omp", chosen.stderr[-2000:]  # the environment's choice is kept
     with pytest.raises(ValueError, match="loader.threading"):

@@ -20,11 +20,12 @@ from functools import partial
 import numpy as np
 import pytest
 
-from beton_writers import read_sidecar
-from ffcv_transfer.analyses import influence_by_target_class
-from ffcv_transfer.counterfactual import KINDS, accuracy_by_arm, paired_gain, removal_design, run_removals
-from ffcv_transfer.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo, train_in_workers
-from ffcv_transfer.store import ResultStore
+from ffcv_transfer.store.betons import read_sidecar
+from ffcv_transfer.findings.rankings import influence_by_target_class
+from ffcv_transfer.findings.counterfactual import KINDS, accuracy_by_arm, paired_gain
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.experiments.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo, train_in_workers
+from ffcv_transfer.store.results import ResultStore
 
 
 @pytest.mark.slow
@@ -91,8 +92,8 @@ def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path
     seeds of two models from the same initial weights, one without the misleading class and one without a
     random class (each of the 7 dealt 4 times), trained by the worker as the demo does. The demo's 7 seeds
     cannot separate the arms; the pooled gain puts 28 seeds well above zero (docs/benchmarks.md#counterfactual)."""
-    from beton_writers import ImageOptions
-    from beton_writers.synthetic import write_synthetic
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.synthetic import write_synthetic
     from ffcv_transfer.config import load_experiment
 
     write_synthetic(tmp_path / "data", seed=0, spec=demo_spec(), options=ImageOptions(write_mode="raw"))

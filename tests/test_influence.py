@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 
-from ffcv_transfer.influence import (InfluenceAccumulator, InfluenceError, available_backends, class_influence,
-                                     example_influence, example_influence_blocks, influence_from_store, plan_blocks)
+from ffcv_transfer.findings.kernel import InfluenceAccumulator, InfluenceError, available_backends, class_influence, example_influence, example_influence_blocks, plan_blocks
+from ffcv_transfer.findings.influence import influence_from_store
 from ffcv_transfer.cli import main as cli_main
-from ffcv_transfer.store import ResultStore
+from ffcv_transfer.store.results import ResultStore
 
 BACKENDS = available_backends()
 
@@ -169,6 +169,6 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
 
 
 def test_kernel_and_store_import_without_torch_or_ffcv():
-    code = ("import sys, ffcv_transfer.influence, ffcv_transfer.store; "
+    code = ("import sys, ffcv_transfer.findings.kernel, ffcv_transfer.findings.influence, ffcv_transfer.store.results; "
             "sys.exit(bool({'torch', 'ffcv', 'cupy'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -13,9 +13,9 @@ import pytest
 
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
-from ffcv_transfer.store import ResultStore
-from ffcv_transfer.experiment_store import create_class_store
+from ffcv_transfer.engine.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
+from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.store.experiment import create_class_store
 
 from .conftest import DEMO_CONFIG, tiny_settings
 from .slurm_cluster import SlurmUnavailable, start_cluster

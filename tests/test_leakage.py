@@ -8,15 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from beton_writers import ImageOptions, PlantedSpec, read_sidecar
-from beton_writers.synthetic import make_planted, motif_overlap, write_synthetic
-from ffcv_transfer import experiment_store, leakage
-from ffcv_transfer.leak_trial import TrialRecipe, run_trial
-from ffcv_transfer.grouped import GroupedTrainer
-from ffcv_transfer.influence import example_influence
-from ffcv_transfer.masks import random_example_masks
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec
+from ffcv_transfer.store.betons import read_sidecar
+from ffcv_transfer.writers.synthetic import make_planted, motif_overlap, write_synthetic
+from ffcv_transfer.store import experiment as experiment_store
+from ffcv_transfer.findings import leakage
+from ffcv_transfer.experiments.leak_trial import TrialRecipe, run_trial
+from ffcv_transfer.engine.grouped import GroupedTrainer
+from ffcv_transfer.findings.kernel import example_influence
+from ffcv_transfer.store.masks import random_example_masks
 from ffcv_transfer.settings import OptimConfig
-from ffcv_transfer.train import SequentialTrainer
+from ffcv_transfer.engine.train import SequentialTrainer
 
 from .conftest import IdRecorder
 from .test_synthetic import motif_scores
@@ -104,7 +107,7 @@ def test_perceptual_hash_threshold_holds_on_smooth_images():
     """Smooth images (the leak trial's data, pixel_scale 2) are closer in hash than sharp ones: on data
     seed 4 an unrelated pair comes within 10 bits (it was flagged as a leak when the threshold was 10),
     while exact and downsampled copies stay within 4."""
-    from ffcv_transfer.leak_trial import LEAKY
+    from ffcv_transfer.experiments.leak_trial import LEAKY
 
     data = make_planted(LEAKY, seed=4)
     (images, _), (test_images, _) = data["source_train"], data["target_test"]
@@ -165,7 +168,7 @@ def test_grouped_backend_packs_each_model_its_examples():
 @pytest.mark.slow
 def test_every_exact_and_downsampled_leak_is_found_and_nothing_unplanted_is_flagged():
     """32 warm-started models on random halves of the source examples, 12 epochs each on its own
-    (`ffcv_transfer.leak_trial`). Every exact and every downsampled-to-3/4-and-back leak is among the 10
+    (`ffcv_transfer.experiments.leak_trial`). Every exact and every downsampled-to-3/4-and-back leak is among the 10
     most positive source images of its target image (of 248) and confirmed as a near-duplicate; no
     unplanted source image is flagged for any target image. With a source background class, a model
     without a copy places its motif-less original there, so the copy has something to change. Other data
@@ -190,11 +193,11 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
     """Through the engine (ffcv loader yielding example indices, worker, store) on tiny data: every
     model is routed exactly its examples each epoch, the store's example influence is the kernel's on
     what the store holds, and find_leaks writes its JSON and grid with the planted copies scored."""
-    from beton_writers.common import read_labels
-    from beton_writers.verify import BetonRecords
-    from ffcv_transfer import worker as worker_module
+    from ffcv_transfer.store.betons import read_labels
+    from ffcv_transfer.store.betons import BetonRecords
+    from ffcv_transfer.engine import worker as worker_module
     from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.store import ResultStore
+    from ffcv_transfer.store.results import ResultStore
 
     from .conftest import DEMO_CONFIG, tiny_settings
 

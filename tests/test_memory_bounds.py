@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_transfer.store import ResultStore
+from ffcv_transfer.store.results import ResultStore
 
 from .conftest import influence_reference
 
@@ -22,7 +22,7 @@ HEADROOM_MB = 384  # the cap above the child's start; the streamed kernels get a
 CHILD_PREAMBLE = """
 import json, resource, sys
 import numpy as np
-import ffcv_transfer.influence, ffcv_transfer.leakage, ffcv_transfer.store, ffcv_transfer.cli
+import ffcv_transfer.findings.influence, ffcv_transfer.findings.leakage, ffcv_transfer.store.results, ffcv_transfer.cli
 start = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 cap = start + {headroom} * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -58,7 +58,7 @@ def test_class_influence_streams_target_columns_under_a_memory_cap(tmp_path):
     store.writer().write_many(range(models), margins=outputs)
     found = run_capped("""
         from ffcv_transfer.cli import main
-        from ffcv_transfer.influence import influence_from_store
+        from ffcv_transfer.findings.influence import influence_from_store
         code = main(["influence", "store", "--backend", "numpy", "--out", "infl.npy",
                      "--max-memory", str(budget / 2**30)])
         dense = dense_fails(lambda: influence_from_store("store", "margins", backend="numpy", max_bytes=2**40))
@@ -87,8 +87,8 @@ def test_leak_extremes_stream_example_blocks_under_a_memory_cap(tmp_path):
     np.save(tmp_path / "packed.npy", np.packbits(masks, axis=1))
     np.save(tmp_path / "outputs.npy", outputs.astype(np.float32))
     found = run_capped(f"""
-        from ffcv_transfer.influence import example_influence, example_influence_blocks
-        from ffcv_transfer.leakage import ExtremeExamples
+        from ffcv_transfer.findings.kernel import example_influence, example_influence_blocks
+        from ffcv_transfer.findings.leakage import ExtremeExamples
         packed, outputs = np.load("packed.npy", mmap_mode="r"), np.load("outputs.npy")
         blocks = example_influence_blocks(packed, outputs, {examples}, backend="numpy", max_bytes=budget)
         extremes = ExtremeExamples.from_blocks(blocks, {examples}, {width}, {keep})

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from ffcv_transfer.models import BlurPoolConv2d, ResNet18, build_model
+from ffcv_transfer.engine.models import BlurPoolConv2d, ResNet18, build_model
 
 
 def count(model):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer import worker as worker_module
+from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.counterfactual import removal_design, run_removals
-from ffcv_transfer.data import Batch
-from ffcv_transfer.experiment_store import create_class_store
-from ffcv_transfer.masks import random_class_masks
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.engine.data import Batch
+from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.store.masks import random_class_masks
 from ffcv_transfer.settings import OptimConfig
-from ffcv_transfer.train import SequentialTrainer, lr_at
+from ffcv_transfer.engine.train import SequentialTrainer, lr_at
 
 from .conftest import DEMO_CONFIG, IdRecorder, tiny_settings
 
@@ -101,8 +101,8 @@ def test_each_models_learning_rate_follows_its_own_steps():
 def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
     """Counting .item(), .tolist(), .cpu() and nonzero on tensors while training and measuring accuracy: a
     fixed number per epoch, the same for 4 batches an epoch as for 8."""
-    from ffcv_transfer.grouped import GroupedTrainer
-    from ffcv_transfer.models import build_model
+    from ffcv_transfer.engine.grouped import GroupedTrainer
+    from ffcv_transfer.engine.models import build_model
 
     rng = np.random.default_rng(3)
     masks = random_class_masks(3, CLASSES, 0.5, seed=1)
@@ -166,7 +166,7 @@ def test_the_compiled_per_model_step_matches_eager():
     from equal seeds on equal batches: after their first two steps the weights equal eager's within 1e-5
     (float32 on a CPU; the compiled kernels sum in another order); over two epochs those differences grow
     through BatchNorm at batch 24, so the run is compared by its per-epoch mean losses, within 2%."""
-    from ffcv_transfer.models import build_model
+    from ffcv_transfer.engine.models import build_model
 
     rng = np.random.default_rng(4)
     labels = rng.integers(0, CLASSES, 4 * SHARED)
@@ -197,9 +197,9 @@ def test_the_compiled_fixed_feature_transfer_matches_eager():
     compiled for the static batch. K = 2 source models, heads from equal seeds: the test outputs of eager and
     compiled transfer agree within 1e-4 (only the head trains, so the summation-order differences stay
     small), and the backbones are untouched."""
-    from ffcv_transfer.models import build_model
+    from ffcv_transfer.engine.models import build_model
     from ffcv_transfer.settings import TransferConfig
-    from ffcv_transfer.transfer import transfer_by_training
+    from ffcv_transfer.engine.transfer import transfer_by_training
 
     rng = np.random.default_rng(6)
     labels = torch.as_tensor(rng.integers(0, 3, 3 * SHARED))
@@ -229,9 +229,9 @@ def test_the_compiled_fixed_feature_transfer_matches_eager():
 def test_routing_and_queued_steps_make_no_cuda_sync():
     """Under torch.cuda.set_sync_debug_mode("error"), routing a batch and the queued per-model steps
     (bf16: no gradient scaler to read back) run without a device-to-host sync."""
-    from ffcv_transfer.data import to_device
-    from ffcv_transfer.models import build_model
-    from ffcv_transfer.train import RowQueue
+    from ffcv_transfer.engine.data import to_device
+    from ffcv_transfer.engine.models import build_model
+    from ffcv_transfer.engine.train import RowQueue
 
     device = torch.device("cuda")
     rng = np.random.default_rng(5)

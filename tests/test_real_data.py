@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beton_writers import ImageOptions, read_sidecar, verify_beton, write_imagefolder
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.store.betons import read_sidecar, verify_beton
+from ffcv_transfer.writers.imagefolder import write_imagefolder
 
 from .conftest import read_with_loader
 
@@ -72,7 +74,7 @@ def test_tiny_imagenet_class_subset_from_archive(data_dir, tmp_path):
 def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
     """`ffcv-transfer demo --data tiny-imagenet`, shrunk to seconds of training: real ImageNet classes
     (named from their wnids) -> CIFAR-10, through to the report."""
-    from ffcv_transfer.demo import TinySize, format_findings, run_demo
+    from ffcv_transfer.experiments.demo import TinySize, format_findings, run_demo
 
     settings = {"masks.num_models": 8, "masks.design": "orthogonal", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
                 "source.batch_size": 32, "source.per_model_batch": 16,  # 40 examples per model: 2 steps an epoch

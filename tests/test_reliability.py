@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu, norm, spearmanr
 
-from ffcv_transfer.analyses import influence_by_target_class, ranking_stderr
-from ffcv_transfer.influence import class_influence
-from ffcv_transfer.masks import random_class_masks
-from ffcv_transfer.reliability import (Reliability, assess, benjamini_hochberg, models_needed, seeds_to_resolve,
-                                       significance, spearman_brown, split_half)
-from ffcv_transfer.semantic import (CIFAR10_CONCEPTS, Hierarchy, concept_members, load_hierarchy,
-                                    wordnet_agreement)
+from ffcv_transfer.findings.rankings import influence_by_target_class, ranking_stderr
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.store.masks import random_class_masks
+from ffcv_transfer.findings.reliability import Reliability, assess, benjamini_hochberg, models_needed, seeds_to_resolve, significance, spearman_brown, split_half
+from ffcv_transfer.findings.wordnet import CIFAR10_CONCEPTS, Hierarchy, concept_members, load_hierarchy, wordnet_agreement
 
 PER_CLASS = 20  # test examples per target class
 
@@ -283,7 +281,7 @@ def test_cifar10_concepts_on_the_real_hierarchy(data_dir):
 def test_findings_check_wordnet_when_the_sources_are_imagenet_classes(data_dir, monkeypatch):
     """report.semantic_check: ImageNet wnids as source classes and CIFAR-10 names as target classes give
     the WordNet agreement (planted: each concept's classes the most positive); other sources give None."""
-    from ffcv_transfer.report import semantic_check
+    from ffcv_transfer.findings.report import semantic_check
 
     monkeypatch.setenv("FFCV_TRANSFER_DATA", str(data_dir))
     wnids = ["n02099601", "n02123045", "n02690373", "n01443537", "n01530575", "n03000134", "n04552348",

@@ -8,13 +8,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from beton_writers import read_sidecar
-from beton_writers.common import read_labels
-from ffcv_transfer.analyses import explain_example, influence_by_target_class, subpopulation, top_and_bottom
+from ffcv_transfer.store.betons import read_sidecar
+from ffcv_transfer.store.betons import read_labels
+from ffcv_transfer.findings.rankings import explain_example, influence_by_target_class, subpopulation, top_and_bottom
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.report import gather, write_report
-from ffcv_transfer.store import ResultStore
-from ffcv_transfer.experiment_store import create_class_store
+from ffcv_transfer.findings.report import gather, write_report
+from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.store.experiment import create_class_store
 
 from .conftest import DEMO_CONFIG, row_values
 from .system_packages import apt_install
@@ -45,7 +45,7 @@ def planted_store(tiny_data, tmp_path_factory):
 def test_two_stores_of_one_experiment_read_as_one(planted_store, tiny_data, tmp_path):
     """`rankings S1 S2` and `report S1 S2`: the influence of both stores' 32 models, outputs beside S1."""
     from ffcv_transfer.cli import main as cli_main
-    from ffcv_transfer.influence import class_influence
+    from ffcv_transfer.findings.kernel import class_influence
 
     first, planted, labels, effect = planted_store
     second = write_planted_store(tmp_path / "second", tiny_data, seed=1)[0]
@@ -63,7 +63,7 @@ def test_two_stores_of_one_experiment_read_as_one(planted_store, tiny_data, tmp_
 
 def test_rankings_recover_the_planted_effects(planted_store):
     store_dir, planted, labels, effect = planted_store
-    from ffcv_transfer.influence import influence_from_store
+    from ffcv_transfer.findings.influence import influence_from_store
 
     influence = influence_from_store(str(store_dir), "margins")
     np.testing.assert_allclose(influence, effect, atol=0.2)  # orthogonal design: each effect exactly, plus noise
@@ -89,9 +89,9 @@ def test_any_recorded_output_can_be_the_influences_output(planted_store, tiny_da
     import json
 
     from ffcv_transfer.cli import main as cli_main
-    from ffcv_transfer.experiment_store import create_store
-    from ffcv_transfer.influence import class_influence
-    from ffcv_transfer.store import StoreError
+    from ffcv_transfer.store.experiment import create_store
+    from ffcv_transfer.findings.kernel import class_influence
+    from ffcv_transfer.store.results import StoreError
 
     store_dir = planted_store[0]
     found = gather(store_dir, output="is_correct")
@@ -183,7 +183,7 @@ def test_the_findings_state_how_far_their_rankings_can_be_trusted(planted_store,
 
 def test_a_store_whose_every_model_failed_says_why(planted_store, tmp_path):
     """No completed row: with failures, `gather` names one and its reason instead of asking for training."""
-    from ffcv_transfer.store import StoreError
+    from ffcv_transfer.store.results import StoreError
 
     store = create_class_store(tmp_path / "failed", load_experiment(planted_store[0] / "experiment.yaml"))
     with pytest.raises(StoreError, match="no completed rows yet; run `ffcv-transfer train"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ffcv_transfer.cli import main as cli_main
-from ffcv_transfer.store import ResultStore, StoreError, format_status
+from ffcv_transfer.store.results import ResultStore, StoreError, format_status
 
 from .conftest import influence_reference
 
@@ -364,8 +364,8 @@ def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path)
     """Rows added to a store (next week's models) and a second store read with it give the influence of
     all their models together, against float64; an `add_rows` cut off before its spec leaves the store
     as it was, and the next one starts over."""
-    from ffcv_transfer.influence import influence_from_store
-    from ffcv_transfer.store import StorePool, open_stores
+    from ffcv_transfer.findings.influence import influence_from_store
+    from ffcv_transfer.store.results import StorePool, open_stores
 
     rng = np.random.default_rng(9)
     masks, outputs = rng.random((75, 6)) < 0.5, rng.standard_normal((75, 12)).astype(np.float16)
@@ -408,7 +408,7 @@ def test_masks_add_grows_an_experiment_store_and_pooling_checks_the_recipe(tmp_p
     first rows'), init seeds the new row indices, experiment.yaml's num_models updated; stores read as
     one must share their recipe and differ in masks.seed."""
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.experiment_store import INIT_SEEDS, MASKS, open_experiment, pooled_experiment
+    from ffcv_transfer.store.experiment import INIT_SEEDS, MASKS, open_experiment, pooled_experiment
 
     from .conftest import DEMO_CONFIG, tiny_settings
 

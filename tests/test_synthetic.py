@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from beton_writers import BetonError, BetonRecords, ImageOptions, PlantedSpec, read_sidecar, verify_beton
-from beton_writers.synthetic import SPLITS, make_planted, motif_overlap, write_synthetic
+from ffcv_transfer.store.betons import BetonError, BetonRecords, read_sidecar, verify_beton
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec
+from ffcv_transfer.writers.synthetic import SPLITS, make_planted, motif_overlap, write_synthetic
 
 SMALL = PlantedSpec(num_targets=4, num_unrelated=5, num_misleading=1, source_train_per_class=40,
                     source_val_per_class=10, target_train_per_class=150, target_test_per_class=100)
@@ -175,7 +177,7 @@ def test_pixel_scale_draws_smooth_images_that_resampling_barely_changes(planted)
     a copy downsampled to 3/4 and back stays far closer to its image than at pixel_scale 1."""
     from dataclasses import replace
 
-    from beton_writers.synthetic import copy_image
+    from ffcv_transfer.writers.synthetic import copy_image
 
     smooth = make_planted(replace(SMALL, pixel_scale=2), seed=3)
     assert smooth["motifs"].shape[1:] == (4, 4)

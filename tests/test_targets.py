@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import yaml
 
-from beton_writers import ImageOptions
-from beton_writers.synthetic import write_synthetic
-from ffcv_transfer import worker as worker_module
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import write_synthetic
+from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.experiment_store import create_class_store
-from ffcv_transfer.influence import class_influence
-from ffcv_transfer.report import gather, write_report
-from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import run_worker
+from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.report import gather, write_report
+from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.engine.worker import run_worker
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
@@ -110,9 +110,9 @@ def test_a_new_target_from_its_recipe_file_is_transferred_from_checkpoints(tiny_
     analyses reach it through the main store with --target."""
     import torch
 
-    from ffcv_transfer import transfer_only
-    from ffcv_transfer.experiment_store import transfer_seed
-    from ffcv_transfer.loader_cache import LoaderCache
+    from ffcv_transfer.engine import transfer_only
+    from ffcv_transfer.store.experiment import transfer_seed
+    from ffcv_transfer.engine.loader_cache import LoaderCache
 
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **SEEDED | {
         "transfer.mode": "cached_features", "run.checkpoints": True, "run.models_per_process": 2}))
@@ -145,7 +145,7 @@ def test_centre_cropped_training_images_are_the_evaluation_crops_flipped_at_rand
     evaluation's centre crop of test_crop_ratio, or its mirror image, about half of each."""
     import torch
 
-    from ffcv_transfer.resident import ResidentLoader
+    from ffcv_transfer.engine.resident import ResidentLoader
     from ffcv_transfer.settings import LoaderConfig
 
     beton = tiny_data / "target_train.beton"

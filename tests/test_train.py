@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from beton_writers.synthetic import PlantedSpec, make_planted
-from ffcv_transfer.data import Batch
-from ffcv_transfer.grouped import GroupedTrainer
-from ffcv_transfer.masks import random_class_masks
-from ffcv_transfer.models import build_model, memory_format_for
+from ffcv_transfer.writers.synthetic import PlantedSpec, make_planted
+from ffcv_transfer.engine.data import Batch
+from ffcv_transfer.engine.grouped import GroupedTrainer
+from ffcv_transfer.store.masks import random_class_masks
+from ffcv_transfer.engine.models import build_model, memory_format_for
 from ffcv_transfer.settings import OptimConfig, SourceConfig
-from ffcv_transfer.train import SequentialTrainer, lr_at, param_groups, source_resolution
+from ffcv_transfer.engine.train import SequentialTrainer, lr_at, param_groups, source_resolution
 
 from .conftest import IdRecorder
 

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from ffcv_transfer.settings import TransferConfig
-from ffcv_transfer.transfer import (extract_features, margins_of, outputs_from_logits, transfer_by_training,
-                                    transfer_cached_features)
+from ffcv_transfer.engine.transfer import extract_features, margins_of, outputs_from_logits, transfer_by_training, transfer_cached_features
 
 
 def test_margins_by_hand():

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer import transfer_only
+from ffcv_transfer.engine import transfer_only
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.experiment_store import create_class_store, transfer_seed
-from ffcv_transfer.influence import class_influence
-from ffcv_transfer.loader_cache import LoaderCache
-from ffcv_transfer.models import build_model
-from ffcv_transfer.report import gather
-from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import run_worker, transfer_models
+from ffcv_transfer.store.experiment import create_class_store, transfer_seed
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.engine.loader_cache import LoaderCache
+from ffcv_transfer.engine.models import build_model
+from ffcv_transfer.findings.report import gather
+from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.engine.worker import run_worker, transfer_models
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 

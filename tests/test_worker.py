@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from beton_writers import read_sidecar
-from beton_writers.common import read_labels
-from ffcv_transfer import worker as worker_module
+from ffcv_transfer.store.betons import read_sidecar
+from ffcv_transfer.store.betons import read_labels
+from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.counterfactual import removal_design, run_removals
-from ffcv_transfer.influence import class_influence, influence_from_store
-from ffcv_transfer.loader_cache import LoaderCache
-from ffcv_transfer.experiment_store import EXPERIMENT_FILE, create_class_store, create_store, init_seed
-from ffcv_transfer.masks import random_class_masks
-from ffcv_transfer.store import ResultStore
-from ffcv_transfer.worker import run_worker
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.influence import influence_from_store
+from ffcv_transfer.engine.loader_cache import LoaderCache
+from ffcv_transfer.store.experiment import EXPERIMENT_FILE, create_class_store, create_store, init_seed
+from ffcv_transfer.store.masks import random_class_masks
+from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.engine.worker import run_worker
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
@@ -215,8 +216,8 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     through ffcv's loaders (the same stored pixels), and the worker completes a store with it."""
     from dataclasses import replace
 
-    from ffcv_transfer.models import build_model
-    from ffcv_transfer.resident import ResidentLoader
+    from ffcv_transfer.engine.models import build_model
+    from ffcv_transfer.engine.resident import ResidentLoader
 
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped",
                                                                           "source.per_model_batch": 0}))
@@ -245,7 +246,7 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, fit_sta
     ways, into columns side by side; each mode's outputs equal those of a store with that mode alone from
     the same seeds (resident loader, seeded order and flips), within float16 storage; analyses pick a mode."""
     from ffcv_transfer.cli import main as cli_main
-    from ffcv_transfer.report import gather, write_report
+    from ffcv_transfer.findings.report import gather, write_report
 
     base = tiny_settings(tiny_data, **{"loader.kind": "resident", "loader.seed": 0, "transfer.epochs": 2,
                                        "transfer.lr_peak_epoch": 1, "transfer.crop_min_scale": 1.0,
@@ -278,8 +279,8 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, fit_sta
 def test_target_images_decoded_small_then_upsampled_with_their_own_statistics(tiny_data):
     """transfer.upsample_from / normalization / test_crop_ratio reach the target loaders: decoded at 8 px,
     normalised with CIFAR-10's statistics, evaluated on a 7/8 centre crop, upsampled to 16 px on the device."""
-    from ffcv_transfer.data import normalisation
-    from ffcv_transfer.models import build_model
+    from ffcv_transfer.engine.data import normalisation
+    from ffcv_transfer.engine.models import build_model
 
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{
         "loader.kind": "resident", "transfer.upsample_from": 8, "transfer.normalization": "cifar10",

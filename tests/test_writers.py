@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beton_writers import (BetonError, BetonRecords, ImageOptions, read_labels, read_sidecar, verify_beton,
-                           write_arrays, write_cifar, write_imagefolder)
-from beton_writers.common import file_sha256, sidecar_paths
+from ffcv_transfer.store.betons import BetonError, BetonRecords, read_labels, read_sidecar, verify_beton
+from ffcv_transfer.writers.common import ImageOptions, write_arrays
+from ffcv_transfer.writers.cifar import write_cifar
+from ffcv_transfer.writers.imagefolder import write_imagefolder
+from ffcv_transfer.store.betons import file_sha256, sidecar_paths
 from ffcv_transfer.cli import main as cli_main
 
 from .conftest import read_with_loader
@@ -83,7 +85,7 @@ def test_jpeg_round_trip_within_tolerance_and_variable_sizes(tmp_path):
     rng = np.random.default_rng(1)
     images = [smooth_images(rng, 1, h, w)[0] for h, w in [(40, 56), (64, 48), (33, 33), (80, 20)]] * 5
     source = _ListSource(images, np.arange(20) % 4)
-    from beton_writers.common import write_beton
+    from ffcv_transfer.writers.common import write_beton
 
     out = tmp_path / "jpg.beton"
     meta = write_beton(source, out, class_names=list("abcd"), options=JPEG, origin="list")
@@ -334,5 +336,5 @@ def test_verify_cli_exit_codes(raw_arrays, tmp_path, capsys):
 
 def test_cli_help_does_not_import_ffcv():
     code = ("import sys; from ffcv_transfer.cli import build_parser; build_parser().format_help(); "
-            "import beton_writers; sys.exit('ffcv' in sys.modules or 'torch' in sys.modules)")
+            "import ffcv_transfer.writers; sys.exit('ffcv' in sys.modules or 'torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

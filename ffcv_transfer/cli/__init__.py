@@ -1,0 +1,46 @@
+"""`ffcv-transfer` command line.
+
+Sub-commands import their (slow) dependencies only when they run; each group of commands lives in its
+own module (data, run, findings); `common` holds what they share."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from ffcv_transfer.cli import data, findings, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffcv-transfer", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (data, run, findings):
+        group.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_settings", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.settings = extra
+    from ffcv_transfer.store.betons import BetonError
+
+    from ffcv_transfer.config import ConfigError
+    from ffcv_transfer.findings.kernel import InfluenceError
+    from ffcv_transfer.engine.launch import LaunchError
+    from ffcv_transfer.store.results import StoreError
+
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except (BetonError, StoreError, InfluenceError, ConfigError, LaunchError) as e:
+        print(f"ffcv-transfer: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+

@@ -1,0 +1,603 @@
+"""Influence of source classes (or examples) on target outputs, from random-subset inclusion masks.
+
+    infl[c, j] = mean(Y[i, j] over models i with M[i, c] = 1) - mean(Y[i, j] over models with M[i, c] = 0)
+
+With S = M^T Y, n_c = M^T 1 and column totals t = 1^T Y this is S/n_c - (t - S)/(N - n_c): one GEMM and
+cheap corrections. Each chunk of outputs is centred on its own column means before the GEMM and its
+sums moved exactly to a common shift (the first chunk's means); influence is invariant to the shift,
+and without it the difference of two large, close means loses most of float32's precision. Chunk
+partial sums are accumulated in float64.
+
+Imports numpy alone; numba, torch and cupy are used only by their backends.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+BACKENDS = ("numpy", "numba", "torch", "cupy")
+DEFAULT_CHUNK = 8192
+DEFAULT_MAX_BYTES = 2 << 30  # the streamed kernels' working set (plan_blocks); --max-memory on the CLI
+# GPU GEMMs accumulate in float32 over at most this many models, then in float64: larger blocks missed the
+# 1e-6 relative-error target at 50,000 models (docs/benchmarks.md#influence-kernel)
+GPU_ROW_BLOCK = 2048
+
+
+class InfluenceError(ValueError):
+    """Inputs that cannot give influences: shapes, dtypes, non-finite outputs."""
+
+
+def available_backends() -> list[str]:
+    found = ["numpy"]
+    try:
+        import numba  # noqa: F401
+
+        found.append("numba")
+    except ImportError:
+        pass
+    try:
+        import torch  # noqa: F401
+
+        found.append("torch")
+    except ImportError:
+        pass
+    if _cuda_cupy():
+        found.append("cupy")
+    return found
+
+
+def _cuda_cupy() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no cupy, no driver or no device all mean "not available"
+        return False
+
+
+def _cuda_torch() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto`: a GPU when there is one (cupy, then torch), else numpy's BLAS, which beats the numba
+    kernel on CPU (benchmarks/bench_influence.py)."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise InfluenceError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
+        return backend
+    if _cuda_cupy():
+        return "cupy"
+    if _cuda_torch():
+        return "torch"
+    return "numpy"
+
+
+# ---------------------------------------------------------------- backends: where the GEMM runs
+
+class ChunkSums(NamedTuple):
+    """One chunk's sums, relative to `mean` (the column means subtracted before summing)."""
+
+    mean: Any
+    sums: Any  # M^T (Y - mean), (C, T)
+    column_sums: Any  # 1^T (Y - mean), (T,)
+    square_sums: Any = None  # M^T (Y - mean)^2, when asked for
+    square_column_sums: Any = None
+
+
+class _Ops:
+    """Where the arithmetic runs; subclasses give put/host/zeros/center/colsum/finite/masked_sums."""
+
+    def centered_sums(self, masks: Any, outputs: Any, squares: bool) -> ChunkSums | None:
+        """The chunk's sums, or None if it holds a non-finite output (which makes a column mean non-finite)."""
+        centered, mean = self.center(outputs)
+        if not self.finite(mean):
+            return None
+        sums = ChunkSums(mean, self.masked_sums(masks, centered), self.colsum(centered))
+        if squares:
+            centered *= centered
+            sums = sums._replace(square_sums=self.masked_sums(masks, centered),
+                                 square_column_sums=self.colsum(centered))
+        return sums
+
+
+class _NumpyOps(_Ops):
+    """Host arrays; S += M^T Y by BLAS dgemm. float64 because sgemm's float32 accumulation alone
+    misses the 1e-6 accuracy target (docs/benchmarks.md#influence-kernel)."""
+
+    name = "numpy"
+
+    def put(self, array: np.ndarray) -> Any:
+        return array
+
+    def host(self, array: Any) -> np.ndarray:
+        return np.asarray(array)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, np.float64)
+
+    def center(self, outputs: Any) -> tuple[Any, Any]:
+        """(outputs minus their column means, those means as subtracted, in float64). Row blocks in
+        threads: numpy releases the GIL in these loops, and the conversion from float16 is slow."""
+        values = np.empty(outputs.shape, np.float64)
+        blocks = [slice(start, start + HOST_BLOCK) for start in range(0, len(outputs), HOST_BLOCK)]
+
+        def convert(rows: slice) -> np.ndarray:
+            np.copyto(values[rows], outputs[rows])
+            return values[rows].sum(axis=0)
+
+        def subtract(rows: slice) -> None:
+            with np.errstate(invalid="ignore"):  # inf - inf: reported as a non-finite mean instead
+                values[rows] -= mean
+
+        pool = _host_pool()
+        mean = sum(pool.map(convert, blocks)) / len(outputs)
+        list(pool.map(subtract, blocks))
+        return values, mean
+
+    def colsum(self, array: Any) -> Any:
+        return array.sum(axis=0, dtype=np.float64)
+
+    def finite(self, array: Any) -> bool:
+        return bool(np.isfinite(array).all())
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        return masks.T.astype(np.float64) @ values
+
+
+HOST_BLOCK = 1024  # rows per thread task in host-side elementwise work
+_POOL = None
+
+
+def _host_pool() -> Any:
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="influence")
+    return _POOL
+
+
+class _NumbaOps(_NumpyOps):
+    """Host arrays; masked row sums by a parallel numba kernel (adds, no multiplies)."""
+
+    name = "numba"
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        out = np.zeros((masks.shape[1], values.shape[1]), np.float64)
+        _numba_kernel()(np.ascontiguousarray(masks, dtype=np.uint8), np.ascontiguousarray(values), out)
+        return out
+
+
+_KERNEL = None
+
+
+def _numba_kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def masked_sums(masks, values, out):  # pragma: no cover - compiled
+            n, classes = masks.shape
+            width = values.shape[1]
+            class_block, col_block = 32, 512
+            class_tiles = (classes + class_block - 1) // class_block
+            col_tiles = (width + col_block - 1) // col_block
+            for tile in numba.prange(class_tiles * col_tiles):
+                c0 = (tile // col_tiles) * class_block
+                j0 = (tile % col_tiles) * col_block
+                c1, j1 = min(c0 + class_block, classes), min(j0 + col_block, width)
+                acc = np.zeros((c1 - c0, j1 - j0), np.float64)
+                for i in range(n):
+                    for c in range(c0, c1):
+                        if masks[i, c]:
+                            for j in range(j0, j1):
+                                acc[c - c0, j - j0] += values[i, j]
+                out[c0:c1, j0:j1] += acc
+
+        _KERNEL = masked_sums
+    return _KERNEL
+
+
+class _TorchOps(_Ops):
+    """torch tensors on CUDA when available, else CPU (float64 GEMM, as numpy). On CUDA the float32 values are split
+    into two float16 halves (hi + lo, ~22 bits) multiplied on tensor cores with float32 accumulation and
+    output: masks are exact in float16, so this keeps float32 accuracy at tensor-core speed."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def put(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def host(self, array: Any) -> np.ndarray:
+        return array.cpu().numpy()
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.torch.zeros(shape, dtype=self.torch.float64, device=self.device)
+
+    def center(self, outputs: Any) -> tuple[Any, Any]:
+        values = outputs.double() if self.device.type == "cpu" else outputs.float()
+        mean = (values.sum(dim=0, dtype=self.torch.float64) / len(values)).to(values.dtype)
+        return values - mean, mean.double()
+
+    def colsum(self, array: Any) -> Any:
+        return array.sum(dim=0, dtype=self.torch.float64)
+
+    def finite(self, array: Any) -> bool:
+        return bool(self.torch.isfinite(array).all())
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        torch = self.torch
+        if self.device.type == "cpu":
+            return masks.T.double() @ values
+        left = masks.T.half()
+        # values ~= (hi + lo) / scale: a per-column power of two puts the largest magnitude near 2^10,
+        # so that lo keeps its precision (fp16 max is 65504)
+        scale = torch.exp2(10 - torch.floor(torch.log2(values.abs().amax(0).clamp_min(1e-30))))
+        scaled = values * scale
+        hi = scaled.half()
+        lo = (scaled - hi.float()).half()
+        out = torch.zeros(left.shape[0], values.shape[1], dtype=torch.float64, device=values.device)
+        for start in range(0, len(values), GPU_ROW_BLOCK):
+            rows = slice(start, start + GPU_ROW_BLOCK)
+            out += torch.mm(left[:, rows], hi[rows], out_dtype=torch.float32) + \
+                torch.mm(left[:, rows], lo[rows], out_dtype=torch.float32)
+        return out / scale.double()
+
+
+class _CupyOps(_NumpyOps):
+    """cupy arrays, accumulators kept on the GPU. Outputs are centred and split into float16 halves
+    hi + lo (~22 bits) by one fused kernel; the class masks get an extra all-ones column so that a
+    single GEMM per row block (cublasSgemmEx: float16 in, float32 accumulation and output) yields the
+    class sums and the column sums together, from the same rounded values."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.cp = cupy
+        self.split = cupy.ElementwiseKernel(
+            "T y, float32 mean, float32 scale", "float16 hi, float16 lo",
+            "float v = ((float)y - mean) * scale; hi = (float16)v; lo = (float16)(v - (float)hi);",
+            "ffcv_transfer_split_hi_lo")
+
+    def put(self, array: np.ndarray) -> Any:
+        return self.cp.asarray(array)
+
+    def host(self, array: Any) -> np.ndarray:
+        return self.cp.asnumpy(array)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.cp.zeros(shape, self.cp.float64)
+
+    def center(self, outputs: Any) -> tuple[Any, Any]:
+        values = outputs.astype(self.cp.float32)
+        mean = (values.sum(axis=0, dtype=self.cp.float64) / len(values)).astype(self.cp.float32)
+        return values - mean, mean.astype(self.cp.float64)
+
+    def _scale(self, peak: Any) -> Any:
+        """Per-column power of two putting the largest magnitude near 2^10, so that lo keeps its
+        precision (float16 max is 65504)."""
+        cp = self.cp
+        return cp.exp2(10 - cp.floor(cp.log2(cp.maximum(peak, 1e-30)))).astype(cp.float32)
+
+    def _hilo_gemm(self, masks: Any, values: Any, mean: Any, scale: Any, with_ones: bool) -> Any:
+        """[masks | 1]^T ((values - mean) * scale) / scale in float64, float32-accumulated per row block."""
+        cp = self.cp
+        n, classes = masks.shape
+        width = classes + 1 if with_ones else classes
+        left = cp.zeros((n, -(-width // 8) * 8), cp.float16)  # padded: tensor cores like multiples of 8
+        left[:, :classes] = masks
+        if with_ones:
+            left[:, classes] = 1
+        hi, lo = self.split(values, mean, scale)
+        out = cp.zeros((left.shape[1], values.shape[1]), cp.float64)
+        block = cp.empty(out.shape, cp.float32)
+        for start in range(0, n, GPU_ROW_BLOCK):
+            rows = slice(start, start + GPU_ROW_BLOCK)
+            _sgemm_ex_at_b(left[rows], hi[rows], block, accumulate=False)
+            _sgemm_ex_at_b(left[rows], lo[rows], block, accumulate=True)
+            out += block
+        return out[:width] / scale.astype(cp.float64)
+
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        cp = self.cp
+        zero = cp.zeros(values.shape[1], cp.float32)
+        return self._hilo_gemm(masks, values, zero, self._scale(cp.abs(values).max(0)), with_ones=False)
+
+    def centered_sums(self, masks: Any, outputs: Any, squares: bool) -> ChunkSums | None:
+        if squares:
+            return super().centered_sums(masks, outputs, squares)
+        cp = self.cp
+        mean = (outputs.sum(axis=0, dtype=cp.float64) / len(outputs)).astype(cp.float32)
+        if not self.finite(mean):
+            return None
+        peak = cp.maximum(outputs.max(0).astype(cp.float32) - mean, mean - outputs.min(0).astype(cp.float32))
+        both = self._hilo_gemm(masks, outputs, mean, self._scale(peak), with_ones=True)
+        return ChunkSums(mean.astype(cp.float64), both[:-1], both[-1])
+
+
+def _sgemm_ex_at_b(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+    """out (float32, (C', T)) (+)= A^T B for row-major float16 A (n, C') and B (n, T), float32-accumulated."""
+    from cupy.cuda import device
+    from cupy_backends.cuda.libs import cublas
+
+    n, classes = a.shape
+    width = b.shape[1]
+    alpha, beta = np.ones(1, np.float32), np.full(1, float(accumulate), np.float32)
+    cuda_r_16f, cuda_r_32f = 2, 0
+    # column-major view: out^T (T x C') = B_cm (T x n) @ A_cm^T (n x C')
+    cublas.sgemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, classes, n,
+                   alpha.ctypes.data, b.data.ptr, cuda_r_16f, width, a.data.ptr, cuda_r_16f, classes,
+                   beta.ctypes.data, out.data.ptr, cuda_r_32f, width)  # alpha, beta: host pointers
+
+
+def _make_ops(backend: str) -> Any:
+    return {"numpy": _NumpyOps, "numba": _NumbaOps, "torch": _TorchOps, "cupy": _CupyOps}[backend]()
+
+
+# ---------------------------------------------------------------- the accumulator
+
+class InfluenceAccumulator:
+    """Streaming class influence: `update(mask_chunk, output_chunk)` any number of times, then `result()`.
+
+    Memory is O(C x T) plus one chunk; on GPU backends the accumulators stay on the device.
+    """
+
+    def __init__(self, num_classes: int, num_outputs: int, *, backend: str = "auto", stderr: bool = False):
+        self.num_classes, self.num_outputs, self.stderr = num_classes, num_outputs, stderr
+        self.backend = resolve_backend(backend)
+        self.ops = _make_ops(self.backend)
+        self.models = 0
+        self.seen = 0  # rows passed to update(), including rejected ones
+        self.bad_rows: list[int] = []
+        self.moves: list[tuple[np.ndarray, np.ndarray]] = []
+        self.square_moves: list[tuple[np.ndarray, np.ndarray]] = []
+        self.shift: Any = None
+        self.counts = self.ops.zeros((num_classes,))
+        self.sums: Any = None  # the first chunk's sums are adopted, later ones added
+        self.totals = self.ops.zeros((num_outputs,))
+        if stderr:
+            self.square_sums: Any = None
+            self.square_totals = self.ops.zeros((num_outputs,))
+
+    def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
+        """Add models: masks (n, C) 0/1, outputs (n, T) float; `rows` names them in error messages."""
+        masks, outputs = _check_chunk(masks, outputs, self.num_classes, self.num_outputs)
+        if len(masks) and not self._accumulate(self.ops.put(masks), self.ops.put(outputs)):
+            # reported by result(), so that one pass names every bad row
+            bad = _non_finite_rows(outputs)
+            names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + len(masks)))
+            if not bad.any():  # every output finite, yet the column sums are not: they overflow
+                raise InfluenceError(f"the outputs of model rows {names[0]}..{names[-1]} are finite but their sums "
+                                     f"overflow (largest magnitude {np.abs(outputs).max():.3g}): rescale them")
+            self.bad_rows.extend(names[bad].tolist())
+        self.seen += len(masks)
+
+    def update_device(self, masks: Any, outputs: Any) -> None:
+        """`update` for arrays already in the backend's memory (e.g. on the GPU), without input checks."""
+        if not self._accumulate(masks, outputs):
+            raise InfluenceError("non-finite outputs in this chunk")
+        self.seen += len(masks)
+
+    def _accumulate(self, masks: Any, outputs: Any) -> bool:
+        """Add a chunk; False (and nothing added) if it holds a non-finite output."""
+        ops, n = self.ops, len(masks)
+        # Sums are kept relative to the first chunk's column means (the shift); each chunk is centred on
+        # its own means, which keeps float32 partial sums small, and moved to the shift exactly.
+        chunk = ops.centered_sums(masks, outputs, self.stderr)
+        if chunk is None:
+            return False
+        if self.shift is None:
+            self.shift = chunk.mean
+        delta = chunk.mean - self.shift
+        counts = ops.colsum(masks)
+        self.sums = chunk.sums if self.sums is None else _add(self.sums, chunk.sums)
+        self.moves.append((ops.host(counts), ops.host(delta)))  # sums += outer(counts, delta), in result()
+        self.totals += chunk.column_sums + n * delta
+        if self.stderr:
+            square_sums = chunk.square_sums + 2 * delta[None, :] * chunk.sums
+            self.square_sums = square_sums if self.square_sums is None else _add(self.square_sums, square_sums)
+            self.square_moves.append((ops.host(counts), ops.host(delta * delta)))
+            self.square_totals += chunk.square_column_sums + 2 * delta * chunk.column_sums + n * delta * delta
+        self.counts += counts
+        self.models += n
+        return True
+
+    def _moved(self, sums: Any, moves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Host sums plus the per-chunk shift corrections sum_k outer(counts_k, delta_k), as one GEMM."""
+        counts, deltas = (np.stack(part) for part in zip(*moves))
+        moved = counts.T @ deltas
+        moved += self.ops.host(sums)
+        return moved
+
+    def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Influences [C, T] float32 (and their standard errors when `stderr`); NaN for a class that
+        every model or no model included, with one warning naming those classes."""
+        if self.bad_rows:
+            shown = ", ".join(map(str, self.bad_rows[:20])) + (" ..." if len(self.bad_rows) > 20 else "")
+            raise InfluenceError(f"non-finite outputs in {len(self.bad_rows)} model row(s): {shown}")
+        if self.models == 0:
+            raise InfluenceError("no models: nothing to compute influence from")
+        total = self.models
+        counts = self.ops.host(self.counts)
+        n_in = counts[:, None]
+        n_out = total - n_in
+        sums, totals = self._moved(self.sums, self.moves), self.ops.host(self.totals)[None, :]
+        degenerate = (counts == 0) | (counts == total)
+        if degenerate.any():
+            classes = np.flatnonzero(degenerate)
+            shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
+            warnings.warn(f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
+                          RuntimeWarning, stacklevel=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if not self.stderr:  # S/n_in - (t - S)/n_out = (S N/n_in - t)/n_out, in place: one (C, T) array
+                sums *= total / n_in
+                sums -= totals
+                sums /= n_out
+                sums[degenerate] = np.nan
+                return sums.astype(np.float32)
+            mean_in, mean_out = sums / n_in, (totals - sums) / n_out
+            influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
+            squares = self._moved(self.square_sums, self.square_moves)
+            square_totals = self.ops.host(self.square_totals)[None, :]
+            var_in = (squares - sums * mean_in) / (n_in - 1)
+            var_out = ((square_totals - squares) - (totals - sums) * mean_out) / (n_out - 1)
+            stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
+            stderr = np.where((n_in < 2) | (n_out < 2), np.nan, stderr).astype(np.float32)
+        return influence, stderr
+
+
+def _add(total: Any, part: Any) -> Any:
+    total += part
+    return total
+
+
+def _non_finite_rows(outputs: np.ndarray) -> np.ndarray:
+    if outputs.dtype == np.float16:  # an all-ones exponent; numpy's float16 isfinite is slow
+        return ((outputs.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    return ~np.isfinite(outputs).all(axis=1)
+
+
+def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    masks, outputs = np.asarray(masks), np.asarray(outputs)
+    if masks.ndim != 2 or outputs.ndim != 2:
+        raise InfluenceError(f"masks and outputs must be 2-D, got shapes {masks.shape} and {outputs.shape}")
+    if masks.shape[0] != outputs.shape[0]:
+        raise InfluenceError(f"{masks.shape[0]} mask rows but {outputs.shape[0]} output rows")
+    if masks.shape[1] != num_classes or outputs.shape[1] != num_outputs:
+        raise InfluenceError(f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), "
+                             f"got {masks.shape} and {outputs.shape}")
+    if outputs.dtype == np.bool_:  # e.g. is_correct: influence on the probability of being right
+        outputs = outputs.astype(np.float32)
+    if outputs.dtype not in (np.float16, np.float32, np.float64):
+        raise InfluenceError(f"outputs must be bool or float16/32/64, got {outputs.dtype}")
+    if masks.dtype != np.bool_:
+        if not (np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
+            raise InfluenceError(f"masks must be bool or 0/1 numbers, got {masks.dtype}")
+        if not np.isin(masks, (0, 1)).all():
+            raise InfluenceError("masks must hold only 0 and 1")
+        masks = masks.astype(np.bool_)
+    return masks, outputs
+
+
+def plan_blocks(num_classes: int, num_outputs: int, num_models: int, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                stderr: bool = False, row_bytes: int = 0, chunk: int = DEFAULT_CHUNK) -> tuple[int, int]:
+    """(models per chunk, outputs per column block) whose working set fits `max_bytes`.
+
+    Per step the kernel holds a chunk's masks (bool, then a float64 copy for the GEMM) and its outputs as
+    read (`row_bytes` a model: whole rows; twice, as the next chunk is read meanwhile) and centred in
+    float64, plus `per_value` (C, block) float64
+    arrays: the sums and a chunk's sums while accumulating; the sums, their shifted copy and the float32
+    result when finishing (with `stderr`, the squares and the variance temporaries too). Measured peaks
+    (tests/test_memory_bounds.py) stay within about 1.3 x `max_bytes`, allocator slack included. Wider
+    column blocks mean fewer passes over the data, so the chunk shrinks before they do."""
+    per_value = 10 if stderr else 3
+    chunk = max(1, min(chunk, num_models))
+    while True:
+        fixed = chunk * (2 * row_bytes + 9 * num_classes)  # rows in work and the next chunk being read
+        columns = (max_bytes - fixed) // (8 * (chunk + per_value * num_classes + 1))
+        if columns >= min(num_outputs, 256) or (columns >= 1 and chunk == 1):
+            return chunk, int(min(columns, num_outputs))
+        if chunk == 1:
+            need = fixed + 8 * (1 + per_value * num_classes + 1)
+            raise InfluenceError(f"{max_bytes / 2**20:.1f} MiB cannot hold one column of {num_classes} classes "
+                                 f"(needs {need / 2**20:.1f} MiB): raise the memory limit")
+        chunk = max(1, chunk // 2)
+
+
+def column_blocks(num_outputs: int, width: int) -> list[slice]:
+    return [slice(start, min(start + width, num_outputs)) for start in range(0, num_outputs, width)]
+
+
+def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
+                    stderr: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
+
+    masks: (N, C) 0/1 (bool or numbers), model i trained on class c iff masks[i, c];
+    outputs: (N, T) float16/32/64, e.g. margins on the target test set. With `stderr`, also the
+    difference-of-means standard errors sqrt(var_in/n_in + var_out/n_out).
+    """
+    masks, outputs = np.asarray(masks), np.asarray(outputs)
+    if masks.ndim != 2 or outputs.ndim != 2:
+        raise InfluenceError(f"masks and outputs must be 2-D, got shapes {masks.shape} and {outputs.shape}")
+    if chunk < 1:
+        raise InfluenceError(f"chunk must be positive, got {chunk}")
+    accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
+    for start in range(0, max(len(masks), 1), chunk):
+        accumulator.update(masks[start:start + chunk], outputs[start:start + chunk])
+    return accumulator.result()
+
+
+EXAMPLE_BLOCK = 8192  # source examples per block of example influence (a multiple of 8: whole packed bytes)
+
+
+def example_influence_blocks(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *,
+                             rows: np.ndarray | None = None, backend: str = "auto", block: int = EXAMPLE_BLOCK,
+                             max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """Example influence [E, T] as (example slice, output slice, float32 block) pieces, so that a caller
+    can keep what it needs (a top-k, a file) without the whole matrix: at the paper's 1.28M source and
+    10,000 target examples that is 51 GB.
+
+    packed_masks: (rows, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1), e.g. a store's memmap;
+    `rows` picks the models in it (default all), aligned with the (N, T) `outputs` (an array or memmap).
+    Examples come `block` at a time; only one chunk of mask bytes is unpacked at a time; the working set
+    stays within `max_bytes`."""
+    if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
+        raise InfluenceError(f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} "
+                             f"{packed_masks.shape}")
+    if packed_masks.shape[1] != (num_examples + 7) // 8:
+        raise InfluenceError(f"{num_examples} examples need {(num_examples + 7) // 8} packed bytes per row, "
+                             f"got {packed_masks.shape[1]}")
+    rows = np.arange(len(packed_masks)) if rows is None else np.asarray(rows)
+    if outputs.ndim != 2 or len(outputs) != len(rows):
+        raise InfluenceError(f"{len(rows)} mask rows but outputs of shape {outputs.shape}")
+    if block < 8 or block % 8:
+        raise InfluenceError(f"block must be a positive multiple of 8, got {block}")
+    block = min(block, -(-num_examples // 8) * 8)
+    chunk, width = plan_blocks(block, outputs.shape[1], len(rows), max_bytes=max_bytes,
+                               row_bytes=block // 8 + outputs.shape[1] * outputs.dtype.itemsize)
+    for start in range(0, num_examples, block):
+        examples = slice(start, min(start + block, num_examples))
+        for columns in column_blocks(outputs.shape[1], width):
+            accumulator = InfluenceAccumulator(examples.stop - start, columns.stop - columns.start, backend=backend)
+            for first in range(0, max(len(rows), 1), chunk):
+                part = rows[first:first + chunk]
+                packed = np.asarray(packed_masks[part, start // 8:(examples.stop + 7) // 8])
+                masks = np.unpackbits(packed, axis=1, count=examples.stop - start).view(np.bool_)
+                accumulator.update(masks, np.asarray(outputs[first:first + chunk, columns]), rows=part)
+            values = accumulator.result()
+            del accumulator  # its sums go before the caller works on the block
+            yield examples, columns, values
+
+
+def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *, backend: str = "auto",
+                      block: int = EXAMPLE_BLOCK, max_bytes: int = DEFAULT_MAX_BYTES,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """The whole example influence [E, T] (float32) from bit-packed example masks (N, ceil(E/8)); `out` may be
+    an (E, T) float32 memmap when it does not fit in memory. `example_influence_blocks` streams it instead."""
+    outputs = np.asarray(outputs)
+    if out is None:
+        out = np.empty((num_examples, outputs.shape[1]), np.float32)
+    for examples, columns, values in example_influence_blocks(np.asarray(packed_masks), outputs, num_examples,
+                                                              backend=backend, block=block, max_bytes=max_bytes):
+        out[examples, columns] = values
+    return out
+
+
