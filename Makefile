@@ -6,7 +6,7 @@ DEMO_OUT ?= out/demo
 # Real-data tests read the shared archives; they skip with a message when the folder is absent.
 export FFCV_TRANSFER_DATA ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest tests -m "slow or system" --durations=15
+
+# ruff's lint and format check (pyproject.toml); `.venv/bin/ruff format .` applies the format
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/bench_writers.py --out benchmarks/results/writers.json

@@ -22,7 +22,7 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x"],
         "slurm": ["submitit>=1.5"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["ffcv-transfer=ffcv_transfer.cli:main"]},
 )

@@ -11,6 +11,7 @@ image raw) both betons must hold the same pixels and labels, which is checked.
 
     python benchmarks/bench_archives.py --out benchmarks/results/archives-cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,12 @@ def extract_case(train: Path, scratch: Path) -> dict:
                 inner.extractall(scratch / member.name[:-4], filter="data")
                 count += len(inner.getnames())
     seconds = time.perf_counter() - start
-    return {"case": "extract every class tar (the alternative)", "images": count, "seconds": round(seconds, 2),
-            "images_per_s": round(count / seconds)}
+    return {
+        "case": "extract every class tar (the alternative)",
+        "images": count,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(count / seconds),
+    }
 
 
 def write_case(writer: str, train: Path, tree: Path, out: Path, preset: str, workers: int) -> dict:
@@ -91,16 +96,23 @@ def write_case(writer: str, train: Path, tree: Path, out: Path, preset: str, wor
         else:
             meta = write_imagefolder(tree, out / "imagenet_train.beton", options=options)
     seconds = time.perf_counter() - start
-    return row | {"images": meta["num_examples"], "seconds": round(seconds, 2),
-                  "images_per_s": round(meta["num_examples"] / seconds), "beton_mb": round(meta["size_bytes"] / 2**20, 1)}
+    return row | {
+        "images": meta["num_examples"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(meta["num_examples"] / seconds),
+        "beton_mb": round(meta["size_bytes"] / 2**20, 1),
+    }
 
 
 def same_betons(a: Path, b: Path) -> bool:
     from ffcv_transfer.store.betons import BetonRecords
 
     first, second = BetonRecords(a), BetonRecords(b)
-    return len(first) == len(second) and np.array_equal(first.labels, second.labels) and all(
-        np.array_equal(first.image(i), second.image(i)) for i in range(len(first)))
+    return (
+        len(first) == len(second)
+        and np.array_equal(first.labels, second.labels)
+        and all(np.array_equal(first.image(i), second.image(i)) for i in range(len(first)))
+    )
 
 
 def main() -> None:
@@ -116,10 +128,16 @@ def main() -> None:
     start = time.perf_counter()
     importlib.import_module("ffcv")  # timed: numba compiles at import
 
-    report = {"machine": machine(), "commit": commit, "command": " ".join(["python", *sys.argv]),
-              "import_ffcv_s": round(time.perf_counter() - start, 1), "workers": args.workers,
-              "data": f"synthesized: {args.classes} class tars x {args.per_class} JPEGs (q90, 320-480 x 240-360 px)",
-              "load_average_before": [round(x, 2) for x in os.getloadavg()], "results": []}
+    report = {
+        "machine": machine(),
+        "commit": commit,
+        "command": " ".join(["python", *sys.argv]),
+        "import_ffcv_s": round(time.perf_counter() - start, 1),
+        "workers": args.workers,
+        "data": f"synthesized: {args.classes} class tars x {args.per_class} JPEGs (q90, 320-480 x 240-360 px)",
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "results": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         train, tree = synthesize(root, args.classes, args.per_class)
@@ -144,8 +162,10 @@ def main() -> None:
     print(f"\n{report['data']}; {report['machine']['cpus']} CPUs, {args.workers} workers, commit {commit}")
     print(f"{'case':44s} {'images/s':>9s} {'seconds':>8s} {'index s':>8s} {'beton MB':>9s}")
     for row in report["results"]:
-        print(f"{row['case']:44s} {row['images_per_s']:>9,d} {row['seconds']:>8} {row.get('index_s', ''):>8} "
-              f"{row.get('beton_mb', ''):>9}")
+        print(
+            f"{row['case']:44s} {row['images_per_s']:>9,d} {row['seconds']:>8} {row.get('index_s', ''):>8} "
+            f"{row.get('beton_mb', ''):>9}"
+        )
     print(f"reference betons identical (imagenet vs imagefolder): {report['reference_betons_identical']}")
 
 

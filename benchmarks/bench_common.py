@@ -1,4 +1,5 @@
 """What the benchmark scripts share: the machine description and running one case in its own process."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-
 
 # how paper_ffcv_imagenet_cifar10.yaml's betons store ImageNet: at most 256 px, half of the images JPEG, half raw
 PAPER_STORAGE = dict(write_mode="proportion", max_resolution=256, compress_probability=0.5, jpeg_quality=90)

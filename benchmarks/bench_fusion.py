@@ -22,6 +22,7 @@ must be to keep the one-model recipe's batch size. Cases, each in its own proces
     python benchmarks/bench_fusion.py --size real160 --device cuda --cases single single+queued+compile \
         sequential+queued sequential+queued+compile                      # 160 px, K=8: the GPU-only ceiling
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import sys
 import time
 
 import numpy as np
-
 from bench_common import case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
 
 SIZES = {
@@ -45,10 +45,10 @@ def run_case(args) -> dict:
 
     from ffcv_transfer.engine.data import Batch
     from ffcv_transfer.engine.grouped import GroupedBatchNorm2d, GroupedTrainer
-    from ffcv_transfer.store.masks import random_class_masks
     from ffcv_transfer.engine.models import build_model
-    from ffcv_transfer.settings import OptimConfig
     from ffcv_transfer.engine.train import SequentialTrainer
+    from ffcv_transfer.settings import OptimConfig
+    from ffcv_transfer.store.masks import random_class_masks
 
     size, device = SIZES[args.size], torch.device(args.device)
     backend, *flags = args.case_name.split("+")
@@ -60,20 +60,36 @@ def run_case(args) -> dict:
     batch = shared_batch(size["batch"], masks, np.arange(size["classes"]))  # classes drawn uniformly
     generator = torch.Generator().manual_seed(0)
     labels = [torch.randint(0, size["classes"], (batch,), generator=generator).numpy() for _ in range(3)]
-    batches = [Batch((torch.randn(batch, 3, size["res"], size["res"], generator=generator).to(
-                    device, memory_format=torch.channels_last), torch.from_numpy(host).to(device)), [host])
-               for host in labels]
+    batches = [
+        Batch(
+            (
+                torch.randn(batch, 3, size["res"], size["res"], generator=generator).to(
+                    device, memory_format=torch.channels_last
+                ),
+                torch.from_numpy(host).to(device),
+            ),
+            [host],
+        )
+        for host in labels
+    ]
     routed = sum(int(masks[:, host].sum()) for host in labels) / len(batches)
     models = [build_model(size["classes"], width=size["width"], device=device) for _ in range(k)]
     queued = size["batch"] if "queued" in flags else 0
-    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, batch_size=batch, per_model_batch=queued,
-                         precision="bf16" if device.type == "cuda" else "fp32")
+    config = OptimConfig(
+        epochs=2,
+        lr=0.1,
+        lr_peak_epoch=1,
+        batch_size=batch,
+        per_model_batch=queued,
+        precision="bf16" if device.type == "cuda" else "fp32",
+    )
     options = {"compile": "default"} if "compile" in flags else {}
     if backend != "grouped":
         per_step = sum(masks[:, host].sum(1) for host in labels) / len(labels)  # each model's rows per batch
         options["examples_per_epoch"] = (per_step * size["steps"]).astype(int)
     trainer = (SequentialTrainer if backend in ("single", "sequential") else GroupedTrainer)(
-        models, masks, config, steps_per_epoch=size["steps"], device=device, **options)
+        models, masks, config, steps_per_epoch=size["steps"], device=device, **options
+    )
 
     def epoch(steps: int, index: int) -> float:
         if device.type == "cuda":
@@ -86,10 +102,17 @@ def run_case(args) -> dict:
 
     warmup = epoch(6, 0)
     seconds = epoch(size["steps"], 1)
-    return {"case": args.case_name, "k": k, "device": str(device), "batch": batch, "warmup_s": warmup,
-            "step_ms": 1000 * seconds / size["steps"], "model_images_per_step": routed,
-            "model_images_per_s": routed * size["steps"] / seconds,
-            "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    return {
+        "case": args.case_name,
+        "k": k,
+        "device": str(device),
+        "batch": batch,
+        "warmup_s": warmup,
+        "step_ms": 1000 * seconds / size["steps"],
+        "model_images_per_step": routed,
+        "model_images_per_s": routed * size["steps"] / seconds,
+        "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+    }
 
 
 def main() -> None:
@@ -101,8 +124,9 @@ def main() -> None:
         return
     rows = []
     for case in args.cases:
-        result = run_in_subprocess(__file__, ["--case", "--case-name", case, "--size", args.size,
-                                              "--device", args.device], case)
+        result = run_in_subprocess(
+            __file__, ["--case", "--case-name", case, "--size", args.size, "--device", args.device], case
+        )
         rows.append({"case": case, **result})
         if "error" not in result:
             print(f"{case:22s} {result['model_images_per_s']:10.0f} model-img/s", file=sys.stderr)
@@ -115,8 +139,10 @@ def print_table(report: dict) -> None:
     s = report["size_settings"]
     single = next((r["model_images_per_s"] for r in report["results"] if r["case"] == "single"), None)
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: ResNet-18 width {s['width']} at {s['res']} px, batch {s['batch']} per model, "
-          f"K={s['k']} over {s['classes']} classes at alpha 0.5; synthetic batches in device memory")
+    print(
+        f"size {report['size']}: ResNet-18 width {s['width']} at {s['res']} px, batch {s['batch']} per model, "
+        f"K={s['k']} over {s['classes']} classes at alpha 0.5; synthetic batches in device memory"
+    )
     print(f"{'case':22s} {'step ms':>8s} {'model-img/s':>12s} {'x single':>9s} {'warm-up s':>10s}")
     for r in report["results"]:
         if "error" in r:

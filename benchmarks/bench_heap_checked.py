@@ -10,6 +10,7 @@ CPU layout costs (JSON + a table).
 
     python benchmarks/bench_heap_checked.py --cases layout demo --out benchmarks/results/heap-checked-cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,30 @@ def layout_rows() -> list[dict]:
         for threads in (1, 2):
             code = STEP.format(threads=threads, layout=layout)
             plain = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            checked = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=heap_checked(plain),
-                                     capture_output=True, text=True, timeout=600)
-            row = {"case": "layout", "layout": "NCHW" if layout == "contiguous_format" else "channels-last",
-                   "threads": threads, "ended": how_it_ended(checked.returncode)}
+            checked = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                env=heap_checked(plain),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            row = {
+                "case": "layout",
+                "layout": "NCHW" if layout == "contiguous_format" else "channels-last",
+                "threads": threads,
+                "ended": how_it_ended(checked.returncode),
+            }
             if checked.returncode == 0:  # timed again without the debugging allocator, which slows each step
-                timed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=plain, capture_output=True,
-                                       text=True, timeout=600, check=True)
+                timed = subprocess.run(
+                    [sys.executable, "-c", code],
+                    cwd=ROOT,
+                    env=plain,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    check=True,
+                )
                 row["step_ms"] = float(timed.stdout.strip().splitlines()[-1])
             rows.append(row)
     return rows
@@ -74,14 +92,22 @@ def demo_row(workdir: Path) -> dict:
 
     out = workdir / "demo"
     began = time.monotonic()
-    done = subprocess.run([str(Path(sys.executable).parent / "ffcv-transfer"), "demo", "--out", str(out),
-                           "--no-progress"], cwd=ROOT, env=heap_checked(dict(os.environ)), capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ffcv-transfer"), "demo", "--out", str(out), "--no-progress"],
+        cwd=ROOT,
+        env=heap_checked(dict(os.environ)),
+        capture_output=True,
+        text=True,
+    )
     row = {"case": "demo", "ended": how_it_ended(done.returncode), "seconds": time.monotonic() - began}
     if (out / "findings.json").exists():
         findings = json.loads((out / "findings.json").read_text())
-        row.update(models=findings["models"], failed=findings["failed"], checks=findings.get("checks"),
-                   counterfactual=findings.get("counterfactual"))
+        row.update(
+            models=findings["models"],
+            failed=findings["failed"],
+            checks=findings.get("checks"),
+            counterfactual=findings.get("counterfactual"),
+        )
     else:
         row["stderr_tail"] = done.stderr[-2000:]
     return row
@@ -106,8 +132,10 @@ def main() -> None:
             step = f"{row['step_ms']:.0f}" if "step_ms" in row else "-"
             print(f"{'layout':8} {row['layout']:14} {row['threads']:>7}  {row['ended']:22} {step:>8}")
         else:
-            print(f"demo: {row['ended']}, {row.get('models')} models, {row.get('failed')} failed, "
-                  f"{row['seconds']:.0f} s (heap-checked; no timing)")
+            print(
+                f"demo: {row['ended']}, {row.get('models')} models, {row.get('failed')} failed, "
+                f"{row['seconds']:.0f} s (heap-checked; no timing)"
+            )
 
 
 if __name__ == "__main__":

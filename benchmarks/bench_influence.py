@@ -16,6 +16,7 @@ process so that its peak memory is its own:
 
     python benchmarks/bench_influence.py --sizes paper large --out benchmarks/results/influence.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import machine, run_in_subprocess, torch_cuda
 
 SIZES = {"small": (2_000, 200, 1_000), "paper": (7_540, 1_000, 10_000), "large": (50_000, 1_000, 10_000)}
@@ -61,8 +61,8 @@ def baseline(masks: np.ndarray, outputs: np.ndarray, device: str, chunk: int = 1
     exc_sum = torch.zeros(width, classes, 1, device=device)
     inc_count = torch.zeros(classes, device=device)
     for start in range(0, n, chunk):
-        mask = torch.from_numpy(masks[start:start + chunk]).to(device).float().T  # C x n
-        out = torch.from_numpy(outputs[start:start + chunk]).to(device).float().T[:, :, None]  # T x n x 1
+        mask = torch.from_numpy(masks[start : start + chunk]).to(device).float().T  # C x n
+        out = torch.from_numpy(outputs[start : start + chunk]).to(device).float().T[:, :, None]  # T x n x 1
         inc_sum += mask @ out
         exc_sum += (1 - mask) @ out
         inc_count += mask.sum(1)
@@ -110,8 +110,8 @@ def timed(fn, backend: str, repeats: int) -> tuple[float, object]:
 
 
 def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
-    from ffcv_transfer.findings.kernel import InfluenceAccumulator, class_influence
     from ffcv_transfer.findings.influence import influence_from_store
+    from ffcv_transfer.findings.kernel import InfluenceAccumulator, class_influence
 
     n, classes, width = SIZES[size]
     row = {"case": case, "size": size, "N": n, "C": classes, "T": width}
@@ -123,11 +123,18 @@ def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
         nbytes = sum(len(np.fromfile(shard, np.uint8)) for shard in shards)
         read_s = time.perf_counter() - start
         tracemalloc.start()  # numpy reports its allocations: the streaming pass's own memory, not page cache
-        seconds, result = timed(lambda: influence_from_store(store_dir, "margins", backend=backend, chunk=args.chunk),
-                                backend, 1)
-        row.update(seconds=seconds, disk_bytes=nbytes, read_floor_s=read_s, gb_per_s=nbytes / seconds / 1e9,
-                   vs_read_floor=seconds / read_s, peak_alloc_mb=tracemalloc.get_traced_memory()[1] / 2**20,
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        seconds, result = timed(
+            lambda: influence_from_store(store_dir, "margins", backend=backend, chunk=args.chunk), backend, 1
+        )
+        row.update(
+            seconds=seconds,
+            disk_bytes=nbytes,
+            read_floor_s=read_s,
+            gb_per_s=nbytes / seconds / 1e9,
+            vs_read_floor=seconds / read_s,
+            peak_alloc_mb=tracemalloc.get_traced_memory()[1] / 2**20,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
         tracemalloc.stop()
     masks, outputs = make_data(size)
     expected = reference(masks, outputs)
@@ -153,15 +160,16 @@ def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
         def compute():
             acc = InfluenceAccumulator(classes, width, backend=backend)
             for start in range(0, n, args.chunk):
-                acc.update_device(dev_masks[start:start + args.chunk], dev_outputs[start:start + args.chunk])
+                acc.update_device(dev_masks[start : start + args.chunk], dev_outputs[start : start + args.chunk])
             return acc
 
         seconds, acc = timed(compute, backend, args.repeats)
         row.update(seconds=seconds, gpu_peak_mb=gpu_peak_mb(backend))
         result = acc.result()
     elif not case.startswith("store-"):  # store cases were timed above
-        seconds, result = timed(lambda: class_influence(masks, outputs, backend=case, chunk=args.chunk), case,
-                                args.repeats)
+        seconds, result = timed(
+            lambda: class_influence(masks, outputs, backend=case, chunk=args.chunk), case, args.repeats
+        )
         row.update(seconds=seconds, gpu_peak_mb=gpu_peak_mb(case))
     row["gflop_s"] = 2 * n * classes * width / row["seconds"] / 1e9
     if result is not None:
@@ -174,8 +182,9 @@ def build_store(size: str, root: Path) -> None:
     from ffcv_transfer.store.results import ResultStore
 
     masks, outputs = make_data(size)
-    store = ResultStore.create(root / size, len(masks), {"margins": ((outputs.shape[1],), np.float16)},
-                               fixed={"masks": masks})
+    store = ResultStore.create(
+        root / size, len(masks), {"margins": ((outputs.shape[1],), np.float16)}, fixed={"masks": masks}
+    )
     writers = [store.writer(f"worker{k}") for k in range(4)]  # rows interleaved over 4 shards
     for start in range(0, len(masks), 1000):
         rows = np.arange(start, min(start + 1000, len(masks)))
@@ -188,8 +197,12 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     parser.add_argument("--chunk", type=int, default=8192, help="models per chunk (default: 8192)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline-outputs", type=int, default=200,
-                        help="on CPU, run the baseline on this many target columns and scale to T")
+    parser.add_argument(
+        "--baseline-outputs",
+        type=int,
+        default=200,
+        help="on CPU, run the baseline on this many target columns and scale to T",
+    )
     parser.add_argument("--out", default="benchmarks/results/influence.json")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -217,10 +230,24 @@ def main() -> None:
             if size != "paper":  # streamed from a store on disk
                 plan += ["store-build"] + [f"store-{b}" for b in backends if b != "numba"]
             for case in plan:
-                result = run_in_subprocess(__file__, ["--case", case, "--size", size, "--store-dir", store_dir,
-                                                      "--chunk", str(args.chunk), "--repeats", str(args.repeats),
-                                                      "--baseline-outputs", str(args.baseline_outputs)],
-                                           f"{size} {case}")
+                result = run_in_subprocess(
+                    __file__,
+                    [
+                        "--case",
+                        case,
+                        "--size",
+                        size,
+                        "--store-dir",
+                        store_dir,
+                        "--chunk",
+                        str(args.chunk),
+                        "--repeats",
+                        str(args.repeats),
+                        "--baseline-outputs",
+                        str(args.baseline_outputs),
+                    ],
+                    f"{size} {case}",
+                )
                 if "error" in result:
                     rows.append({"case": case, "size": size, **result})
                 elif result:
@@ -228,8 +255,9 @@ def main() -> None:
                     print(f"{size:6s} {case:16s} {result['seconds'] * 1e3:10.1f} ms", file=sys.stderr)
 
     for size in args.sizes:
-        base = next((r["seconds"] for r in rows if r["size"] == size and r["case"] == "baseline" and "seconds" in r),
-                    None)
+        base = next(
+            (r["seconds"] for r in rows if r["size"] == size and r["case"] == "baseline" and "seconds" in r), None
+        )
         for r in rows:
             if r["size"] == size and "seconds" in r and base:
                 r["speedup_vs_baseline"] = base / r["seconds"]
@@ -241,21 +269,33 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     print(f"\nmachine: {report['machine']}")
-    print(f"{'size':6s} {'case':16s} {'ms':>10s} {'x baseline':>10s} {'GFLOP/s':>9s} {'GB/s':>6s} "
-          f"{'rel err':>9s} {'RSS MB':>7s} {'GPU MB':>7s}")
+    print(
+        f"{'size':6s} {'case':16s} {'ms':>10s} {'x baseline':>10s} {'GFLOP/s':>9s} {'GB/s':>6s} "
+        f"{'rel err':>9s} {'RSS MB':>7s} {'GPU MB':>7s}"
+    )
     for r in report["results"]:
         if "seconds" not in r:
             print(f"{r['size']:6s} {r['case']:16s} failed: {r.get('error')}")
             continue
-        note = f"  (scaled from {r['scaled_from_outputs']} outputs)" if r.get("scaled_from_outputs", r["T"]) != r["T"] \
+        note = (
+            f"  (scaled from {r['scaled_from_outputs']} outputs)"
+            if r.get("scaled_from_outputs", r["T"]) != r["T"]
             else ""
+        )
         if "vs_read_floor" in r:
-            note += (f"  ({r['vs_read_floor']:.2f}x the {r['read_floor_s'] * 1e3:.0f} ms read of the shards; "
-                     f"peak numpy allocations {r['peak_alloc_mb']:.0f} MB)")
-        fields = [f"{r['seconds'] * 1e3:10.1f}", f"{r.get('speedup_vs_baseline', float('nan')):10.1f}",
-                  f"{r['gflop_s']:9.1f}", f"{r.get('gb_per_s', float('nan')):6.2f}",
-                  f"{r.get('rel_error', float('nan')):9.1e}", f"{r['peak_rss_mb']:7.0f}",
-                  f"{r.get('gpu_peak_mb') or float('nan'):7.0f}"]
+            note += (
+                f"  ({r['vs_read_floor']:.2f}x the {r['read_floor_s'] * 1e3:.0f} ms read of the shards; "
+                f"peak numpy allocations {r['peak_alloc_mb']:.0f} MB)"
+            )
+        fields = [
+            f"{r['seconds'] * 1e3:10.1f}",
+            f"{r.get('speedup_vs_baseline', float('nan')):10.1f}",
+            f"{r['gflop_s']:9.1f}",
+            f"{r.get('gb_per_s', float('nan')):6.2f}",
+            f"{r.get('rel_error', float('nan')):9.1e}",
+            f"{r['peak_rss_mb']:7.0f}",
+            f"{r.get('gpu_peak_mb') or float('nan'):7.0f}",
+        ]
         print(f"{r['size']:6s} {r['case']:16s} {' '.join(fields)}{note}")
 
 

@@ -13,6 +13,7 @@ those of one trial on this machine.
 `--jobs` runs that many trials at once, each in its own process with one torch thread (a trial's ranks
 depend on the thread count: training is chaotic, and a different summation order is enough).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,15 @@ def measure(seed: int, epochs: int, models: int, kinds: tuple[str, ...], top: in
 
     started = time.perf_counter()
     trial = run_trial(seed, models, TrialRecipe(epochs=epochs), kinds, top)
-    return {"seed": seed, "epochs": epochs, "models": models, "copies": trial.ranks,
-            "false_flags": len(trial.false_flags), "min_val_accuracy": round(min(trial.val_accuracy), 3),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "seed": seed,
+        "epochs": epochs,
+        "models": models,
+        "copies": trial.ranks,
+        "false_flags": len(trial.false_flags),
+        "min_val_accuracy": round(min(trial.val_accuracy), 3),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def one_thread() -> None:
@@ -50,8 +57,9 @@ def table(trials: list[dict], top: int) -> str:
         inside = sum(rank <= top for rank in found)
         lines.append(f"| {epochs} | {kind} {role} | {', '.join(map(str, found))} | {inside} of {len(found)} |")
     false_flags = sum(trial["false_flags"] for trial in trials)
-    lines.append(f"\n{len(trials)} trials, {false_flags} false flags, "
-                 f"{sum(trial['seconds'] for trial in trials):.0f} s")
+    lines.append(
+        f"\n{len(trials)} trials, {false_flags} false flags, {sum(trial['seconds'] for trial in trials):.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -60,8 +68,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="data draws")
     parser.add_argument("--epochs", type=int, nargs="+", default=[6], help="each model's epochs on its examples")
     parser.add_argument("--models", type=int, default=32)
-    parser.add_argument("--kinds", nargs="+", default=["exact", "downsampled", "crop"],
-                        help="copy kinds planted in turn (ffcv_transfer.writers.synthetic.LEAK_KINDS)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["exact", "downsampled", "crop"],
+        help="copy kinds planted in turn (ffcv_transfer.writers.synthetic.LEAK_KINDS)",
+    )
     parser.add_argument("--top", type=int, default=5, help="a copy counts as found within this rank")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once, one process and one thread each")
     parser.add_argument("--out", default="benchmarks/results/leaks-cpu.json")
@@ -71,8 +83,11 @@ def main() -> None:
 
     report = {"machine": machine(), "options": vars(args), "trials": []}
     with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), initializer=one_thread) as pool:
-        running = [pool.submit(measure, seed, epochs, args.models, tuple(args.kinds), args.top)
-                   for epochs in args.epochs for seed in args.seeds]
+        running = [
+            pool.submit(measure, seed, epochs, args.models, tuple(args.kinds), args.top)
+            for epochs in args.epochs
+            for seed in args.seeds
+        ]
         for done in tqdm(as_completed(running), total=len(running), desc="trials"):
             report["trials"].append(done.result())
             report["trials"].sort(key=lambda trial: (trial["epochs"], trial["seed"]))

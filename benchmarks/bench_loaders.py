@@ -15,6 +15,7 @@ here), a first epoch (ffcv JIT-compiles its pipeline in it), then timed epochs. 
     python benchmarks/bench_loaders.py --size real --device cuda         # on a GPU machine
     python benchmarks/bench_loaders.py --size jpeg160 --device cuda --loaders ffcv ffcv+omp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import PAPER_STORAGE, case_parser, machine, parse_or_run_case, run_in_subprocess, save_report
 
 SIZES = {  # source: how natural 400x300 images are stored (none: random raw pixels at the resolution)
@@ -39,14 +39,17 @@ def run_case(args: argparse.Namespace) -> dict:
     import torch
 
     from ffcv_transfer.engine.data import ImageLoader
-    from ffcv_transfer.settings import LoaderConfig
     from ffcv_transfer.engine.resident import ResidentLoader
+    from ffcv_transfer.settings import LoaderConfig
 
     size, device = SIZES[args.size], torch.device(args.device)
     kind = ResidentLoader if args.loader == "resident" else ImageLoader
     threading = "omp" if args.loader == "ffcv+omp" else "workqueue"
-    config = (LoaderConfig(threading=threading) if args.train
-              else LoaderConfig(order="sequential", drop_last=False, threading=threading))
+    config = (
+        LoaderConfig(threading=threading)
+        if args.train
+        else LoaderConfig(order="sequential", drop_last=False, threading=threading)
+    )
 
     def synchronise() -> None:
         if device.type == "cuda":
@@ -60,15 +63,27 @@ def run_case(args: argparse.Namespace) -> dict:
         return time.perf_counter() - started, count
 
     started = time.perf_counter()
-    loader = kind(Path(args.data) / "images.beton", train=args.train, resolution=size["res"],
-                  batch_size=size["batch"], config=config, device=device, crop_ratio=1.0)
+    loader = kind(
+        Path(args.data) / "images.beton",
+        train=args.train,
+        resolution=size["res"],
+        batch_size=size["batch"],
+        config=config,
+        device=device,
+        crop_ratio=1.0,
+    )
     synchronise()
     construct_s = time.perf_counter() - started
     first_s, _ = epoch()
     timed = [epoch() for _ in range(args.epochs)]
     seconds, images = sum(t for t, _ in timed), sum(n for _, n in timed)
-    return {"case": f"{args.loader} {'train' if args.train else 'eval'}", "device": str(device),
-            "construct_s": construct_s, "first_epoch_s": first_s, "images_per_s": images / seconds}
+    return {
+        "case": f"{args.loader} {'train' if args.train else 'eval'}",
+        "device": str(device),
+        "construct_s": construct_s,
+        "first_epoch_s": first_s,
+        "images_per_s": images / seconds,
+    }
 
 
 def main() -> None:
@@ -98,9 +113,24 @@ def main() -> None:
         for loader in args.loaders:
             for train in (True, False):
                 extra = ["--train"] if train else []
-                result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device,
-                                                      "--data", folder, "--loader", loader,
-                                                      "--epochs", str(args.epochs), *extra], f"{loader} {train}")
+                result = run_in_subprocess(
+                    __file__,
+                    [
+                        "--case",
+                        "--size",
+                        args.size,
+                        "--device",
+                        args.device,
+                        "--data",
+                        folder,
+                        "--loader",
+                        loader,
+                        "--epochs",
+                        str(args.epochs),
+                        *extra,
+                    ],
+                    f"{loader} {train}",
+                )
                 rows.append({"loader": loader, "train": train, **result})
                 report = {"machine": machine(), "size": args.size, "size_settings": size, "results": rows}
                 save_report(args.out, report)
@@ -110,8 +140,10 @@ def main() -> None:
 def print_table(report: dict) -> None:
     s = report["size_settings"]
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: {s['images']} images (stored {s['source'] or 'raw'}) delivered at {s['res']} px, "
-          f"batch {s['batch']}")
+    print(
+        f"size {report['size']}: {s['images']} images (stored {s['source'] or 'raw'}) delivered at {s['res']} px, "
+        f"batch {s['batch']}"
+    )
     print(f"{'case':16s} {'construct s':>12s} {'first epoch s':>14s} {'img/s':>10s}")
     for r in report["results"]:
         if "error" in r:

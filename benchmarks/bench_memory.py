@@ -19,6 +19,7 @@ the case with the most models, where the GEMM dominates as it does at the paper'
 
     python benchmarks/bench_memory.py --out benchmarks/results/memory-cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import machine, run_in_subprocess, save_report
 
 PAPER = {"class": (7_540, 1_000, 10_000), "example": (50_000, 1_280_000, 10_000)}
-QUICK = {"class": [(1_000, 1_000, 10_000), (4_000, 1_000, 10_000), (2_000, 1_000, 40_000)],
-         "example": [(128, 16_384, 2_000), (128, 65_536, 2_000), (128, 65_536, 8_000), (2_048, 32_768, 2_000)]}
+QUICK = {
+    "class": [(1_000, 1_000, 10_000), (4_000, 1_000, 10_000), (2_000, 1_000, 40_000)],
+    "example": [(128, 16_384, 2_000), (128, 65_536, 2_000), (128, 65_536, 8_000), (2_048, 32_768, 2_000)],
+}
 KEEP = 80  # leakage's default: max(top 10, 4 x 20 candidates)
 
 
@@ -50,8 +52,9 @@ def build(kind: str, n: int, width: int, height: int, root: Path) -> None:
     if kind == "class":
         from ffcv_transfer.store.results import ResultStore
 
-        store = ResultStore.create(root / "store", n, {"margins": ((height,), np.float16)},
-                                   fixed={"masks": rng.random((n, width)) < 0.5})
+        store = ResultStore.create(
+            root / "store", n, {"margins": ((height,), np.float16)}, fixed={"masks": rng.random((n, width)) < 0.5}
+        )
         writer = store.writer()
         for start in range(0, n, 500):
             rows = np.arange(start, min(start + 500, n))
@@ -59,7 +62,7 @@ def build(kind: str, n: int, width: int, height: int, root: Path) -> None:
     else:
         masks = np.lib.format.open_memmap(root / "packed.npy", "w+", np.uint8, (n, width // 8))
         for start in range(0, n, 16):
-            masks[start:start + 16] = np.packbits(rng.random((min(16, n - start), width)) < 0.5, axis=1)
+            masks[start : start + 16] = np.packbits(rng.random((min(16, n - start), width)) < 0.5, axis=1)
         masks.flush()
         np.save(root / "outputs.npy", rng.standard_normal((n, height)).astype(np.float16))
 
@@ -67,8 +70,8 @@ def build(kind: str, n: int, width: int, height: int, root: Path) -> None:
 def run_case(kind: str, n: int, width: int, height: int, max_bytes: int, root: Path) -> dict:
     """One kernel run; `allocated_mb` is the peak of what it allocated (numpy reports to tracemalloc), the
     process's own memory: VmHWM also counts the store's and the result's file pages, which the OS can drop."""
-    from ffcv_transfer.findings.kernel import example_influence_blocks, plan_blocks
     from ffcv_transfer.findings.influence import influence_from_store
+    from ffcv_transfer.findings.kernel import example_influence_blocks, plan_blocks
     from ffcv_transfer.findings.leakage import Z_SAMPLE, ExtremeExamples
 
     if kind == "class":
@@ -89,10 +92,22 @@ def run_case(kind: str, n: int, width: int, height: int, max_bytes: int, root: P
     allocated = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     seconds = time.perf_counter() - began
-    return {"kind": kind, "N": n, "C_or_E": width, "T": height, "max_mb": max_bytes / 2**20, "seconds": seconds,
-            "madds_per_s": n * width * height / seconds, "chunk": chunk, "column_block": block,
-            "passes": -(-height // block), "allocated_mb": allocated, "kept_mb": kept,
-            "working_factor": (allocated - kept) / (max_bytes / 2**20), "vm_hwm_mb": peak_mb()}
+    return {
+        "kind": kind,
+        "N": n,
+        "C_or_E": width,
+        "T": height,
+        "max_mb": max_bytes / 2**20,
+        "seconds": seconds,
+        "madds_per_s": n * width * height / seconds,
+        "chunk": chunk,
+        "column_block": block,
+        "passes": -(-height // block),
+        "allocated_mb": allocated,
+        "kept_mb": kept,
+        "working_factor": (allocated - kept) / (max_bytes / 2**20),
+        "vm_hwm_mb": peak_mb(),
+    }
 
 
 def paper_row(kind: str, rows: list[dict], max_mb: float) -> dict:
@@ -105,8 +120,18 @@ def paper_row(kind: str, rows: list[dict], max_mb: float) -> dict:
     factor = max(r["working_factor"] for r in rows)
     kept = 0.0 if kind == "class" else (Z_SAMPLE * height * 4 + 2 * height * KEEP * 12) / 2**20
     seconds = n * width * height / max(rows, key=lambda r: r["N"])["madds_per_s"]  # the most GEMM-bound case
-    return {"kind": kind, "N": n, "C_or_E": width, "T": height, "max_mb": max_mb, "extrapolated": True,
-            "seconds": seconds, "allocated_mb": factor * max_mb + kept, "kept_mb": kept, "working_factor": factor}
+    return {
+        "kind": kind,
+        "N": n,
+        "C_or_E": width,
+        "T": height,
+        "max_mb": max_mb,
+        "extrapolated": True,
+        "seconds": seconds,
+        "allocated_mb": factor * max_mb + kept,
+        "kept_mb": kept,
+        "working_factor": factor,
+    }
 
 
 def main() -> None:
@@ -132,8 +157,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as root:
                 shape = [str(n), str(width), str(height)]
                 run_in_subprocess(__file__, ["--case", "build", kind, *shape, "--dir", root], f"{kind} build")
-                row = run_in_subprocess(__file__, ["--case", "run", kind, *shape, "--dir", root,
-                                                   "--max-mb", str(args.max_mb)], kind)
+                row = run_in_subprocess(
+                    __file__, ["--case", "run", kind, *shape, "--dir", root, "--max-mb", str(args.max_mb)], kind
+                )
             if "error" in row:
                 sys.exit(1)
             measured.append(row)
@@ -141,15 +167,22 @@ def main() -> None:
             save_report(args.out, report)
         report["results"].append(paper_row(kind, measured, args.max_mb))
         save_report(args.out, report)
-    print(f"{'kind':8} {'N':>7} {'C or E':>10} {'T':>7} {'passes':>6} {'seconds':>11} {'allocated MB':>12} "
-          f"{'kept MB':>8} {'dense result MB':>15}")
+    print(
+        f"{'kind':8} {'N':>7} {'C or E':>10} {'T':>7} {'passes':>6} {'seconds':>11} {'allocated MB':>12} "
+        f"{'kept MB':>8} {'dense result MB':>15}"
+    )
     for r in report["results"]:
         dense = r["C_or_E"] * r["T"] * 4 / 2**20
         label = r["kind"] + ("*" if r.get("extrapolated") else "")
-        print(f"{label:8} {r['N']:>7} {r['C_or_E']:>10} {r['T']:>7} {r.get('passes', ''):>6} {r['seconds']:>11.1f} "
-              f"{r['allocated_mb']:>12.0f} {r['kept_mb']:>8.0f} {dense:>15.0f}")
-    print(f"* extrapolated: time from the measured rates on this machine, allocations from the memory model "
-          f"(budget {args.max_mb:.0f} MB)")
+        print(
+            f"{label:8} {r['N']:>7} {r['C_or_E']:>10} {r['T']:>7} {r.get('passes', ''):>6} {r['seconds']:>11.1f} "
+            f"{r['allocated_mb']:>12.0f} {r['kept_mb']:>8.0f} {dense:>15.0f}"
+        )
+    print(
+        f"* extrapolated: time from the measured rates on this machine, allocations from the memory model "
+        f"(budget {args.max_mb:.0f} MB)"
+    )
+
 
 if __name__ == "__main__":
     main()

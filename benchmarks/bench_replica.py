@@ -12,6 +12,7 @@ finished store without training. Wall times are as measured on the machine given
 (load_average: the 1, 5 and 15 minute load averages at the end; cpu_seconds: the CPU time of the run and its
 worker processes, which on an idle 2-core box is about twice the wall time of training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+from bench_common import machine
 
 from ffcv_transfer.experiments import demo
 from ffcv_transfer.experiments.demo import TinySize
-
-from bench_common import machine
 
 # name -> (config overrides, TinySize) on top of rs_configs/tinyimagenet_demo_cpu.yaml; "default": the demo's own
 CANDIDATES: dict[str, tuple[dict, TinySize]] = {
@@ -35,8 +35,15 @@ CANDIDATES: dict[str, tuple[dict, TinySize]] = {
     "orth64-e6": ({"masks.num_models": 64, "source.epochs": 6}, TinySize()),
     "shared": ({"source.per_model_batch": 0}, TinySize()),  # each model steps on its part of every shared batch
 }
-SETTINGS = ("masks.num_models", "masks.design", "model.width", "source.epochs", "source.min_res",
-            "source.per_model_batch", "transfer.mode")
+SETTINGS = (
+    "masks.num_models",
+    "masks.design",
+    "model.width",
+    "source.epochs",
+    "source.min_res",
+    "source.per_model_batch",
+    "transfer.mode",
+)
 RESULTS = Path(__file__).resolve().parent / "results" / "replica-cpu.json"
 
 
@@ -44,12 +51,11 @@ def power_curve(store_dir: Path, hierarchy=None, start: int = 8, draws: int = 5)
     """The WordNet agreement of n of the store's models for n = start, 2 start, ..., and all N: for n < N,
     over `draws` random subsets of n models (not the first n rows: prefixes of an orthogonal design alias
     classes), the mean of their mean AUCs and the median of their p-values."""
-    from ffcv_transfer.store.betons import read_labels
-
-    from ffcv_transfer.findings.rankings import influence_by_target_class
-    from ffcv_transfer.store.experiment import MASKS, open_experiment, read_sidecars
     from ffcv_transfer.findings.kernel import class_influence
+    from ffcv_transfer.findings.rankings import influence_by_target_class
     from ffcv_transfer.findings.wordnet import wordnet_agreement
+    from ffcv_transfer.store.betons import read_labels
+    from ffcv_transfer.store.experiment import MASKS, open_experiment, read_sidecars
     from ffcv_transfer.store.results import ResultStore
 
     experiment = open_experiment(store_dir)
@@ -60,29 +66,44 @@ def power_curve(store_dir: Path, hierarchy=None, start: int = 8, draws: int = 5)
     masks, margins = values[MASKS].astype(bool), values["margins"].astype(np.float64)
     total, rng = len(masks), np.random.default_rng(0)
     curve = []
-    for n in [n for n in (start * 2 ** i for i in range(20)) if n < total] + [total]:
+    for n in [n for n in (start * 2**i for i in range(20)) if n < total] + [total]:
         found = []
         for _ in range(draws if n < total else 1):
             rows = np.sort(rng.choice(total, n, replace=False))
-            by_class = influence_by_target_class(class_influence(masks[rows], margins[rows], backend="numpy"),
-                                                 labels, len(targets))
+            by_class = influence_by_target_class(
+                class_influence(masks[rows], margins[rows], backend="numpy"), labels, len(targets)
+            )
             found.append(wordnet_agreement(by_class, wnids, targets, hierarchy=hierarchy))
-        curve.append({"models": n, "draws": len(found), "mean_auc": float(np.mean([f["mean_auc"] for f in found])),
-                      "p_value": float(np.median([f["p_value"] for f in found]))})
+        curve.append(
+            {
+                "models": n,
+                "draws": len(found),
+                "mean_auc": float(np.mean([f["mean_auc"] for f in found])),
+                "p_value": float(np.median([f["p_value"] for f in found])),
+            }
+        )
     return curve
 
 
 def brief(agreement: dict) -> dict:
     """semantic.wordnet_agreement's result without the member names: mean AUC, p, and per scored class."""
-    return {"mean_auc": agreement["mean_auc"], "p_value": agreement["p_value"],
-            "classes": {name: {"members": c["members"], "auc": c["auc"], "p_value": c["p_value"]}
-                        for name, c in agreement["classes"].items() if c["auc"] is not None}}
+    return {
+        "mean_auc": agreement["mean_auc"],
+        "p_value": agreement["p_value"],
+        "classes": {
+            name: {"members": c["members"], "auc": c["auc"], "p_value": c["p_value"]}
+            for name, c in agreement["classes"].items()
+            if c["auc"] is not None
+        },
+    }
 
 
 def print_curve(curve: list[dict]) -> None:
     for point in curve:
-        print(f"{point['models']:5d} models: mean AUC {point['mean_auc']:.3f}, median p {point['p_value']:.4f} "
-              f"({point['draws']} draw{'s' if point['draws'] > 1 else ''})")
+        print(
+            f"{point['models']:5d} models: mean AUC {point['mean_auc']:.3f}, median p {point['p_value']:.4f} "
+            f"({point['draws']} draw{'s' if point['draws'] > 1 else ''})"
+        )
 
 
 def summary(out: Path, findings: dict) -> dict:
@@ -93,14 +114,22 @@ def summary(out: Path, findings: dict) -> dict:
     settings = open_experiment(out / "store").to_dict()
     _, values = ResultStore(out / "store").read(["source_acc", "target_acc"])
     overall = findings["reliability"]["columns"]["overall"]
-    return {"settings": {key: settings[section][name] for key in SETTINGS for section, name in [key.split(".")]},
-            "models": findings["models"], "failed": findings["failed"], "seconds": findings["seconds"],
-            "stage_seconds": findings["stage_seconds"],
-            "source_acc": float(values["source_acc"].mean()), "target_acc": float(values["target_acc"].mean()),
-            "wordnet": brief(findings["wordnet_agreement"]),
-            "reliability": {"overall": overall["reliability"], "models_for_0.8": overall["models_needed"]["0.8"],
-                            "reliable": findings["reliability"]["reliable"]},
-            "power_curve": power_curve(out / "store")}
+    return {
+        "settings": {key: settings[section][name] for key in SETTINGS for section, name in [key.split(".")]},
+        "models": findings["models"],
+        "failed": findings["failed"],
+        "seconds": findings["seconds"],
+        "stage_seconds": findings["stage_seconds"],
+        "source_acc": float(values["source_acc"].mean()),
+        "target_acc": float(values["target_acc"].mean()),
+        "wordnet": brief(findings["wordnet_agreement"]),
+        "reliability": {
+            "overall": overall["reliability"],
+            "models_for_0.8": overall["models_needed"]["0.8"],
+            "reliable": findings["reliability"]["reliable"],
+        },
+        "power_curve": power_curve(out / "store"),
+    }
 
 
 def main() -> None:
@@ -117,23 +146,39 @@ def main() -> None:
     if args.power_only:
         print_curve(power_curve(out / "store"))
         return
-    findings = demo.run_demo(out, data="tiny-imagenet", overrides=overrides, tiny=size, counterfactual_seeds=0,
-                             data_dir=args.data_dir, progress=False)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    findings = demo.run_demo(
+        out,
+        data="tiny-imagenet",
+        overrides=overrides,
+        tiny=size,
+        counterfactual_seeds=0,
+        data_dir=args.data_dir,
+        progress=False,
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    record = {"candidate": args.candidate, "machine": machine(), "load_average": os.getloadavg(),
-              "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in used), 1), "commit": commit,
-              "recipe": {"overrides": overrides, "tiny": vars(size)}, **summary(out, findings)}
+    record = {
+        "candidate": args.candidate,
+        "machine": machine(),
+        "load_average": os.getloadavg(),
+        "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in used), 1),
+        "commit": commit,
+        "recipe": {"overrides": overrides, "tiny": vars(size)},
+        **summary(out, findings),
+    }
     results = Path(args.results)
     previous = json.loads(results.read_text()) if results.is_file() else []
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(previous + [record], indent=1) + "\n")
     w = record["wordnet"]
-    print(f"{args.candidate}: {record['models']} models in {record['seconds'] / 60:.1f} min "
-          f"({', '.join(f'{k} {v:.0f}' for k, v in record['stage_seconds'].items())} s); source acc "
-          f"{record['source_acc']:.3f}, target acc {record['target_acc']:.3f}; WordNet mean AUC "
-          f"{w['mean_auc']:.3f} (p {w['p_value']:.4f}); overall reliability {record['reliability']['overall']:.2f}")
+    print(
+        f"{args.candidate}: {record['models']} models in {record['seconds'] / 60:.1f} min "
+        f"({', '.join(f'{k} {v:.0f}' for k, v in record['stage_seconds'].items())} s); source acc "
+        f"{record['source_acc']:.3f}, target acc {record['target_acc']:.3f}; WordNet mean AUC "
+        f"{w['mean_auc']:.3f} (p {w['p_value']:.4f}); overall reliability {record['reliability']['overall']:.2f}"
+    )
     print(" ".join(f"{name} {c['auc']:.2f}" for name, c in w["classes"].items()))
     print_curve(record["power_curve"])
 

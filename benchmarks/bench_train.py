@@ -19,7 +19,8 @@ size's `batch`, about twice it for the union of K >= 4 random halves): the one-m
 kept; with `--per-model-batch` every model steps on exactly that batch from its own queue (the sequential
 backend). `--blurpool` builds the models as the ffcv-flavour config does. Each timed source epoch is also
 taken apart (the sequential backend): waiting for the loader, routing, launching the steps (host time),
-GPU busy (CUDA events around each step) and the start-up (until the first batch): `breakdown` in the JSON. Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
+GPU busy (CUDA events around each step) and the start-up (until the first batch): `breakdown` in the JSON.
+Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
 measured rates it extrapolates to the full recipe (16 source epochs over ImageNet's 1.28M images at
 alpha 0.5, 15 transfer epochs over CIFAR-10's 50k, 10k evaluated): an extrapolation at the benchmark's
@@ -29,6 +30,7 @@ resolution, reported as such.
     python benchmarks/bench_train.py --size real --device cuda         # on a GPU machine
     python benchmarks/bench_train.py --size real64 --device cuda --loaders ffcv resident
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,30 +38,80 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from bench_common import (
+    PAPER_STORAGE,
+    case_parser,
+    machine,
+    parse_or_run_case,
+    run_in_subprocess,
+    save_report,
+    shared_batch,
+)
 
 from ffcv_transfer.settings import THREADING_LAYERS
 
-from bench_common import PAPER_STORAGE, case_parser, machine, parse_or_run_case, run_in_subprocess, save_report, shared_batch
-
 SIZES = {  # source: classes x images per class, generated long side, how it is stored; train and target res
-    "tiny": dict(classes=8, per_class=40, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=64,
-                 target_res=64, batch=64, width=0.25, ks=[1, 2, 4], target_per_class=40),
-    "real": dict(classes=64, per_class=160, long_side=400, source=dict(write_mode="jpg", jpeg_quality=90), res=160,
-                 target_res=224, batch=1024, width=1.0, ks=[1, 2, 4, 8], target_per_class=500),
+    "tiny": dict(
+        classes=8,
+        per_class=40,
+        long_side=400,
+        source=dict(write_mode="jpg", jpeg_quality=90),
+        res=64,
+        target_res=64,
+        batch=64,
+        width=0.25,
+        ks=[1, 2, 4],
+        target_per_class=40,
+    ),
+    "real": dict(
+        classes=64,
+        per_class=160,
+        long_side=400,
+        source=dict(write_mode="jpg", jpeg_quality=90),
+        res=160,
+        target_res=224,
+        batch=1024,
+        width=1.0,
+        ks=[1, 2, 4, 8],
+        target_per_class=500,
+    ),
     # as "real", the images stored as paper_ffcv_imagenet_cifar10.yaml writes ImageNet (at most 256 px, half raw)
     # and timed at 192 px too: the recipe's last 3 epochs (160 -> 192 px, rounded down: epochs 13-15)
-    "paper": dict(classes=64, per_class=160, long_side=400, source=PAPER_STORAGE,
-                  res=160, target_res=224, batch=1024, width=1.0, ks=[8], target_per_class=500,
-                  high_res=192, high_epochs=3),
+    "paper": dict(
+        classes=64,
+        per_class=160,
+        long_side=400,
+        source=PAPER_STORAGE,
+        res=160,
+        target_res=224,
+        batch=1024,
+        width=1.0,
+        ks=[8],
+        target_per_class=500,
+        high_res=192,
+        high_epochs=3,
+    ),
     # the 64 px recipe: 64 px raw squares (as imagenet64_cheap.yaml stores them), transfer at 64 px
-    "real64": dict(classes=64, per_class=640, long_side=86, source=dict(write_mode="raw", square=True, max_resolution=64),
-                   res=64, target_res=64, batch=1024, width=1.0, ks=[8, 16], target_per_class=500),
+    "real64": dict(
+        classes=64,
+        per_class=640,
+        long_side=86,
+        source=dict(write_mode="raw", square=True, max_resolution=64),
+        res=64,
+        target_res=64,
+        batch=1024,
+        width=1.0,
+        ks=[8, 16],
+        target_per_class=500,
+    ),
 }
-RECIPE = dict(source_images=1_281_167, alpha=0.5, source_epochs=16, target_train=50_000, target_epochs=15,
-              target_test=10_000)
+RECIPE = dict(
+    source_images=1_281_167, alpha=0.5, source_epochs=16, target_train=50_000, target_epochs=15, target_test=10_000
+)
 
 
 def natural_images(count: int, long_side: int, seed: int, unique: int = 1024) -> np.ndarray:
@@ -77,11 +129,11 @@ def natural_images(count: int, long_side: int, seed: int, unique: int = 1024) ->
         n = min(64, count - start, unique - start)
         image = torch.zeros(n, 3, height, long_side)
         for octave in range(1, 9):
-            cells = 2 ** octave
+            cells = 2**octave
             coarse = torch.randn(n, 3, cells * 3 // 4 + 1, cells + 1, generator=generator)
-            image += F.interpolate(coarse, size=(height, long_side), mode="bicubic", align_corners=False) / octave ** 0.7
+            image += F.interpolate(coarse, size=(height, long_side), mode="bicubic", align_corners=False) / octave**0.7
         image = (image - image.mean((1, 2, 3), keepdim=True)) / image.std((1, 2, 3), keepdim=True)
-        out[start:start + n] = (image * 45 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        out[start : start + n] = (image * 45 + 128).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     rng = np.random.default_rng(seed)
     for i in range(unique, count):
         copy = np.roll(out[rng.integers(unique)], (rng.integers(height), rng.integers(long_side)), axis=(0, 1))
@@ -90,32 +142,38 @@ def natural_images(count: int, long_side: int, seed: int, unique: int = 1024) ->
 
 
 def write_data(folder: Path, size: dict) -> dict:
-    from ffcv_transfer.writers.common import ImageOptions, write_arrays
     from ffcv_transfer.store.betons import BetonRecords
+    from ffcv_transfer.writers.common import ImageOptions, write_arrays
 
     folder.mkdir(parents=True, exist_ok=True)
     c, per = size["classes"], size["per_class"]
     started = time.perf_counter()
-    write_arrays(natural_images(c * per, size["long_side"], 0), np.repeat(np.arange(c), per),
-                 folder / "source.beton", options=ImageOptions(**size["source"]))
+    write_arrays(
+        natural_images(c * per, size["long_side"], 0),
+        np.repeat(np.arange(c), per),
+        folder / "source.beton",
+        options=ImageOptions(**size["source"]),
+    )
     target_labels = np.repeat(np.arange(10), size["target_per_class"])
     for split, seed in (("target_train", 1), ("target_test", 2)):
         small = natural_images(len(target_labels), 32, seed)[:, :32, :32]
         write_arrays(np.ascontiguousarray(small), target_labels, folder / f"{split}.beton")
-    return {"source_bytes_per_image": float(BetonRecords(folder / "source.beton").sizes.mean()),
-            "write_s": time.perf_counter() - started}
+    return {
+        "source_bytes_per_image": float(BetonRecords(folder / "source.beton").sizes.mean()),
+        "write_s": time.perf_counter() - started,
+    }
 
 
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from ffcv_transfer.engine.worker import TRAINERS
     from ffcv_transfer.engine.data import ImageLoader
-    from ffcv_transfer.settings import LoaderConfig, OptimConfig, TransferConfig
-    from ffcv_transfer.store.masks import random_class_masks
     from ffcv_transfer.engine.models import build_model
     from ffcv_transfer.engine.resident import ResidentLoader
     from ffcv_transfer.engine.transfer import transfer_by_training
+    from ffcv_transfer.engine.worker import TRAINERS
+    from ffcv_transfer.settings import LoaderConfig, OptimConfig, TransferConfig
+    from ffcv_transfer.store.masks import random_class_masks
 
     size, folder, k = SIZES[args.size], Path(args.data), args.k
     device = torch.device(args.device)
@@ -125,13 +183,22 @@ def run_case(args: argparse.Namespace) -> dict:
     batch = shared_batch(size["batch"], masks, np.load(folder / "source.labels.npy"))
     Loader = ResidentLoader if args.loader == "resident" else ImageLoader
     loader_config = LoaderConfig(threading=args.threading, num_workers=args.loader_workers)
-    loader = Loader(folder / "source.beton", train=True, resolution=size["res"], batch_size=batch,
-                    config=loader_config, device=device, classes=union)
-    models = [build_model(size["classes"], width=size["width"], blurpool=args.blurpool, device=device)
-              for _ in range(k)]
+    loader = Loader(
+        folder / "source.beton",
+        train=True,
+        resolution=size["res"],
+        batch_size=batch,
+        config=loader_config,
+        device=device,
+        classes=union,
+    )
+    models = [
+        build_model(size["classes"], width=size["width"], blurpool=args.blurpool, device=device) for _ in range(k)
+    ]
     queued = size["batch"] if args.per_model_batch and not args.backend.startswith("grouped") else 0
-    optim = OptimConfig(epochs=args.epochs + 2, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch,
-                        per_model_batch=queued)
+    optim = OptimConfig(
+        epochs=args.epochs + 2, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch, per_model_batch=queued
+    )
     backend, _, compiled = args.backend.partition("+")
     options = {"compile": "default"} if compiled else {}
     if backend == "sequential":
@@ -150,21 +217,44 @@ def run_case(args: argparse.Namespace) -> dict:
 
     warmup = timed(lambda: trainer.train_epoch(loader, 0))
     clock = StepClock(trainer, device) if backend == "sequential" else None  # the timed epochs only
-    source_s = sum(timed(lambda: trainer.train_epoch(clock.batches(loader) if clock else loader, e + 1))
-                   for e in range(args.epochs)) / args.epochs
+    source_s = (
+        sum(
+            timed(partial(trainer.train_epoch, clock.batches(loader) if clock else loader, e + 1))
+            for e in range(args.epochs)
+        )
+        / args.epochs
+    )
     decoded = len(loader) * batch
     high_s = None
     if "high_res" in size:  # one more epoch at the ramp's end resolution (its first steps compile for it)
         loader.set_resolution(size["high_res"])
         high_s = timed(lambda: trainer.train_epoch(loader, args.epochs + 1))
 
-    target = TransferConfig(mode="fixed_feature", resolution=size["target_res"], batch_size=size["batch"],
-                            epochs=args.epochs + 1, lr_peak_epoch=1, precision=precision)
-    train = Loader(folder / "target_train.beton", train=True, resolution=size["target_res"],
-                   batch_size=size["batch"], config=loader_config, device=device)
-    test = Loader(folder / "target_test.beton", train=False, resolution=size["target_res"],
-                  batch_size=size["batch"], crop_ratio=1.0, device=device,
-                  config=replace(loader_config, order="sequential", drop_last=False))
+    target = TransferConfig(
+        mode="fixed_feature",
+        resolution=size["target_res"],
+        batch_size=size["batch"],
+        epochs=args.epochs + 1,
+        lr_peak_epoch=1,
+        precision=precision,
+    )
+    train = Loader(
+        folder / "target_train.beton",
+        train=True,
+        resolution=size["target_res"],
+        batch_size=size["batch"],
+        config=loader_config,
+        device=device,
+    )
+    test = Loader(
+        folder / "target_test.beton",
+        train=False,
+        resolution=size["target_res"],
+        batch_size=size["batch"],
+        crop_ratio=1.0,
+        device=device,
+        config=replace(loader_config, order="sequential", drop_last=False),
+    )
     passes = _PassTimer(train, device)
     transfer_by_training(models, passes, test, 10, target, steps_per_epoch=len(train), device=device)
     target_epoch_s = float(np.mean(passes.seconds[1:]))  # the first pass includes JIT compilation
@@ -174,19 +264,36 @@ def run_case(args: argparse.Namespace) -> dict:
     per_image_target = target_epoch_s / target_images
     recipe_union = RECIPE["source_images"] * (1 - (1 - RECIPE["alpha"]) ** k)
     high = size.get("high_epochs", 0) if high_s else 0
-    recipe_s = ((RECIPE["source_epochs"] - high) * recipe_union * per_image_source
-                + high * recipe_union * (high_s or 0) / decoded
-                + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target)
-    case = "reference" if args.reference else (f"K={k} {args.backend}" + (" queued" * bool(queued))
-                                               + (" resident" * (args.loader == "resident")))
-    return {"case": case, "k": k, "backend": args.backend, "loader": args.loader, "device": str(device),
-            "precision": precision, "source_batch": batch, "warmup_epoch_s": warmup, "source_epoch_s": source_s,
-            "decoded_images_per_epoch": decoded, "source_images_per_s": decoded / source_s,
-            "high_res_epoch_s": high_s,
-            "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
-            "target_epoch_s": target_epoch_s, "target_images_per_s": target_images / target_epoch_s,
-            "recipe_models_per_hour": 3600 * k / recipe_s, "per_model_batch": queued,
-            "breakdown": clock.per_epoch(args.epochs) if clock else None}
+    recipe_s = (
+        (RECIPE["source_epochs"] - high) * recipe_union * per_image_source
+        + high * recipe_union * (high_s or 0) / decoded
+        + (RECIPE["target_epochs"] * RECIPE["target_train"] + RECIPE["target_test"]) * per_image_target
+    )
+    case = (
+        "reference"
+        if args.reference
+        else (f"K={k} {args.backend}" + (" queued" * bool(queued)) + (" resident" * (args.loader == "resident")))
+    )
+    return {
+        "case": case,
+        "k": k,
+        "backend": args.backend,
+        "loader": args.loader,
+        "device": str(device),
+        "precision": precision,
+        "source_batch": batch,
+        "warmup_epoch_s": warmup,
+        "source_epoch_s": source_s,
+        "decoded_images_per_epoch": decoded,
+        "source_images_per_s": decoded / source_s,
+        "high_res_epoch_s": high_s,
+        "model_images_per_s": float(masks[:, np.load(folder / "source.labels.npy")].sum()) / source_s,
+        "target_epoch_s": target_epoch_s,
+        "target_images_per_s": target_images / target_epoch_s,
+        "recipe_models_per_hour": 3600 * k / recipe_s,
+        "per_model_batch": queued,
+        "breakdown": clock.per_epoch(args.epochs) if clock else None,
+    }
 
 
 class StepClock:
@@ -235,8 +342,10 @@ class StepClock:
 
     def per_epoch(self, epochs: int) -> dict:
         busy = sum(start.elapsed_time(end) for start, end in self.events) / 1000 if self.events else None
-        return {**{f"{name}_s": value / epochs for name, value in self.seconds.items()},
-                "gpu_busy_s": None if busy is None else busy / epochs}
+        return {
+            **{f"{name}_s": value / epochs for name, value in self.seconds.items()},
+            "gpu_busy_s": None if busy is None else busy / epochs,
+        }
 
 
 class _PassTimer:
@@ -262,17 +371,33 @@ def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/train-cpu.json")
     parser.add_argument("--backends", nargs="+", default=["sequential", "grouped"])
     parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
-    parser.add_argument("--loaders", nargs="+", default=["ffcv"], choices=["ffcv", "resident"],
-                        help="source and target loaders of the K-model cases (the reference always uses ffcv)")
+    parser.add_argument(
+        "--loaders",
+        nargs="+",
+        default=["ffcv"],
+        choices=["ffcv", "resident"],
+        help="source and target loaders of the K-model cases (the reference always uses ffcv)",
+    )
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
-    parser.add_argument("--threading", default="workqueue", choices=THREADING_LAYERS,
-                        help="numba threading layer of the ffcv loaders (loader.threading)")
-    parser.add_argument("--loader-workers", type=int, default=0,
-                        help="decoding threads of each ffcv loader (loader.num_workers; default 0: one per core); "
-                        "fewer leave cores to the training loop")
+    parser.add_argument(
+        "--threading",
+        default="workqueue",
+        choices=THREADING_LAYERS,
+        help="numba threading layer of the ffcv loaders (loader.threading)",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="decoding threads of each ffcv loader (loader.num_workers; default 0: one per core); "
+        "fewer leave cores to the training loop",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference case (one model, own loader)")
-    parser.add_argument("--per-model-batch", action="store_true",
-                        help="the sequential K-model cases step each model on exactly the size's batch (queues)")
+    parser.add_argument(
+        "--per-model-batch",
+        action="store_true",
+        help="the sequential K-model cases step each model on exactly the size's batch (queues)",
+    )
     parser.add_argument("--blurpool", action="store_true", help="BlurPool models (the ffcv-flavour config)")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -284,30 +409,65 @@ def main() -> None:
 
     size = SIZES[args.size]
     plan = [(1, "sequential", "ffcv", True)] * (not args.no_reference) + [
-        (k, b, loader, False) for b in args.backends for loader in args.loaders for k in (args.ks or size["ks"])
-        if k > 1 or b.startswith("grouped")]
+        (k, b, loader, False)
+        for b in args.backends
+        for loader in args.loaders
+        for k in (args.ks or size["ks"])
+        if k > 1 or b.startswith("grouped")
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder), size)
-        print(f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source image, written in "
-              f"{data['write_s']:.0f} s", file=sys.stderr)
+        print(
+            f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source image, written in {data['write_s']:.0f} s",
+            file=sys.stderr,
+        )
         for k, backend, loader, reference in plan:
             extra = ["--reference"] if reference else []
-            result = run_in_subprocess(__file__, ["--case", "--size", args.size, "--device", args.device, "--data",
-                                                  folder, "--k", str(k), "--backend", backend, "--loader", loader,
-                                                  "--epochs", str(args.epochs), "--threading", args.threading,
-                                                  "--loader-workers", str(args.loader_workers), *extra,
-                                                  *["--per-model-batch"] * args.per_model_batch,
-                                                  *["--blurpool"] * args.blurpool],
-                                     f"K={k} {backend} {loader}")
+            result = run_in_subprocess(
+                __file__,
+                [
+                    "--case",
+                    "--size",
+                    args.size,
+                    "--device",
+                    args.device,
+                    "--data",
+                    folder,
+                    "--k",
+                    str(k),
+                    "--backend",
+                    backend,
+                    "--loader",
+                    loader,
+                    "--epochs",
+                    str(args.epochs),
+                    "--threading",
+                    args.threading,
+                    "--loader-workers",
+                    str(args.loader_workers),
+                    *extra,
+                    *["--per-model-batch"] * args.per_model_batch,
+                    *["--blurpool"] * args.blurpool,
+                ],
+                f"K={k} {backend} {loader}",
+            )
             rows.append({"k": k, "backend": backend, "loader": loader, **result})
             if "error" not in result:
-                print(f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
-                      file=sys.stderr)
-            report = {"machine": machine(), "size": args.size, "size_settings": size, "threading": args.threading,
-                      "loader_workers": args.loader_workers,
-                      "recipe": RECIPE, "data": data,
-                      "results": with_ratios(rows)}
+                print(
+                    f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
+                    file=sys.stderr,
+                )
+            report = {
+                "machine": machine(),
+                "size": args.size,
+                "size_settings": size,
+                "threading": args.threading,
+                "loader_workers": args.loader_workers,
+                "recipe": RECIPE,
+                "data": data,
+                "results": with_ratios(rows),
+            }
             save_report(args.out, report)
     print_table(report)
 
@@ -315,30 +475,46 @@ def main() -> None:
 def with_ratios(rows: list[dict]) -> list[dict]:
     """The rows, each with its models per hour over the reference case's (`vs_reference`)."""
     base = next((r["recipe_models_per_hour"] for r in rows if r.get("case") == "reference"), None)
-    return [{**r, "vs_reference": r["recipe_models_per_hour"] / base} if base and "recipe_models_per_hour" in r
-            else r for r in rows]
+    return [
+        {**r, "vs_reference": r["recipe_models_per_hour"] / base} if base and "recipe_models_per_hour" in r else r
+        for r in rows
+    ]
 
 
 def print_table(report: dict) -> None:
     s = report["size_settings"]
     print(f"\nmachine: {report['machine']}")
-    print(f"size {report['size']}: {s['classes']} classes x {s['per_class']} {s['source']['write_mode']} images "
-          f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB) trained at "
-          f"{s['res']} px, width {s['width']}, batch {s['batch']} per model; transfer at {s['target_res']} px")
-    print(f"{'case':24s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
-          f"{'x reference':>11s}  epoch s: start-up, wait, routing, launch, GPU busy")
+    print(
+        f"size {report['size']}: {s['classes']} classes x {s['per_class']} {s['source']['write_mode']} images "
+        f"({report['data']['source_bytes_per_image'] / 1e3:.0f} KB) trained at "
+        f"{s['res']} px, width {s['width']}, batch {s['batch']} per model; transfer at {s['target_res']} px"
+    )
+    print(
+        f"{'case':24s} {'src img/s':>10s} {'model-img/s':>12s} {'tgt img/s':>10s} {'models/h*':>10s} "
+        f"{'x reference':>11s}  epoch s: start-up, wait, routing, launch, GPU busy"
+    )
     for r in report["results"]:
         if "error" in r:
             print(f"K={r['k']} {r['backend']} {r['loader']}: failed: {r['error']}")
             continue
         parts = r.get("breakdown") or {}
-        split = ", ".join("-" if parts.get(f"{n}_s") is None else f"{parts[f'{n}_s']:.2f}"
-                          for n in ("startup", "wait", "routing", "launch", "gpu_busy")) if parts else ""
-        print(f"{r['case']:24s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
-              f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} "
-              f"{r.get('vs_reference', float('nan')):11.2f}  {r['source_epoch_s']:.2f}: {split}")
-    print("* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
-          "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions")
+        split = (
+            ", ".join(
+                "-" if parts.get(f"{n}_s") is None else f"{parts[f'{n}_s']:.2f}"
+                for n in ("startup", "wait", "routing", "launch", "gpu_busy")
+            )
+            if parts
+            else ""
+        )
+        print(
+            f"{r['case']:24s} {r['source_images_per_s']:10.0f} {r['model_images_per_s']:12.0f} "
+            f"{r['target_images_per_s']:10.0f} {r['recipe_models_per_hour']:10.2f} "
+            f"{r.get('vs_reference', float('nan')):11.2f}  {r['source_epoch_s']:.2f}: {split}"
+        )
+    print(
+        "* extrapolated to the full recipe (16 epochs over 1.28M images at alpha 0.5, 15 transfer epochs over "
+        "50k, 10k evaluated) from the per-image rates measured here, at this size's resolutions"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ LoaderCache, after a warm-up run that compiles every loader (each case then find
 
     python benchmarks/bench_transfers.py --out benchmarks/results/transfers-cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,20 @@ from bench_common import machine, save_report
 
 MODES = ("cached_features", "fixed_feature", "full_finetune")
 TARGETS = ("target", "second", "third", "fourth")
-CASES = {"modes": [(("target",), MODES[:1]), (("target",), MODES[:2]), (("target",), MODES),
-                   (("target",), MODES[1:2]), (("target",), MODES[2:3])],
-         "targets": [(TARGETS[:1], ("fixed_feature",)), (TARGETS, ("fixed_feature",)),
-                     *(((name,), ("fixed_feature",)) for name in TARGETS[1:])]}
+CASES = {
+    "modes": [
+        (("target",), MODES[:1]),
+        (("target",), MODES[:2]),
+        (("target",), MODES),
+        (("target",), MODES[1:2]),
+        (("target",), MODES[2:3]),
+    ],
+    "targets": [
+        (TARGETS[:1], ("fixed_feature",)),
+        (TARGETS, ("fixed_feature",)),
+        *(((name,), ("fixed_feature",)) for name in TARGETS[1:]),
+    ],
+}
 
 
 def main() -> None:
@@ -38,13 +49,13 @@ def main() -> None:
 
     import yaml
 
-    from ffcv_transfer.writers.common import ImageOptions
-    from ffcv_transfer.writers.synthetic import write_synthetic
     from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.experiments.demo import demo_spec
-    from ffcv_transfer.store.experiment import create_class_store
     from ffcv_transfer.engine.loader_cache import LoaderCache
     from ffcv_transfer.engine.worker import run_worker
+    from ffcv_transfer.experiments.demo import demo_spec
+    from ffcv_transfer.store.experiment import create_class_store
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.synthetic import write_synthetic
 
     config = Path(__file__).resolve().parent.parent / "rs_configs" / "demo_cpu.yaml"
     report = {"machine": machine(), "models": args.models, "source_epochs": args.source_epochs, "results": []}
@@ -52,18 +63,34 @@ def main() -> None:
         root = Path(folder)
         for seed, name in enumerate(TARGETS):
             write_synthetic(root / name, seed=seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
-        recipes = {name: {"data": {"target_name": name, "target_train": str(root / name / "target_train.beton"),
-                                   "target_test": str(root / name / "target_test.beton")}} for name in TARGETS}
+        recipes = {
+            name: {
+                "data": {
+                    "target_name": name,
+                    "target_train": str(root / name / "target_train.beton"),
+                    "target_test": str(root / name / "target_test.beton"),
+                }
+            }
+            for name in TARGETS
+        }
 
         def experiment(targets: tuple[str, ...], modes: tuple[str, ...]):
             tree = yaml.safe_load(config.read_text()) | {"targets": [recipes[name] for name in targets[1:]]}
             tree["data"] |= recipes[targets[0]]["data"]
             path = root / "experiment.yaml"
             path.write_text(yaml.safe_dump(tree))
-            return load_experiment(path, {
-                "data.root": str(root / "target"), "masks.num_models": args.models, "masks.design": "random",
-                "run.models_per_process": args.models, "source.epochs": args.source_epochs,
-                "source.lr_peak_epoch": 1, "transfer.mode": ",".join(modes)})
+            return load_experiment(
+                path,
+                {
+                    "data.root": str(root / "target"),
+                    "masks.num_models": args.models,
+                    "masks.design": "random",
+                    "run.models_per_process": args.models,
+                    "source.epochs": args.source_epochs,
+                    "source.lr_peak_epoch": 1,
+                    "transfer.mode": ",".join(modes),
+                },
+            )
 
         loaders = LoaderCache(size=32)  # shared: every case after the warm-up finds its loaders compiled
         warm_up = [(TARGETS, MODES)]
@@ -75,27 +102,40 @@ def main() -> None:
             seconds = time.perf_counter() - began
             if kind == "warm-up":
                 continue
-            row = {"case": kind, "targets": list(targets), "modes": list(modes), "written": written,
-                   "seconds": seconds, "models_per_hour": 3600 * written / seconds}
+            row = {
+                "case": kind,
+                "targets": list(targets),
+                "modes": list(modes),
+                "written": written,
+                "seconds": seconds,
+                "models_per_hour": 3600 * written / seconds,
+            }
             report["results"].append(row)
             save_report(args.out, report)
             print(row, flush=True)
     seconds = {(tuple(r["targets"]), tuple(r["modes"])): r["seconds"] for r in report["results"]}
     summary = {}
     if "modes" in args.cases:
-        summary["modes"] = {"together_s": seconds[("target",), MODES],
-                            "separately_s": sum(seconds[("target",), (mode,)] for mode in MODES)}
+        summary["modes"] = {
+            "together_s": seconds[("target",), MODES],
+            "separately_s": sum(seconds[("target",), (mode,)] for mode in MODES),
+        }
     if "targets" in args.cases:
-        summary["targets"] = {"together_s": seconds[TARGETS, ("fixed_feature",)],
-                              "separately_s": sum(seconds[(name,), ("fixed_feature",)] for name in TARGETS)}
+        summary["targets"] = {
+            "together_s": seconds[TARGETS, ("fixed_feature",)],
+            "separately_s": sum(seconds[(name,), ("fixed_feature",)] for name in TARGETS),
+        }
     report["summary"] = summary
     save_report(args.out, report)
     print(f"{'targets':32} {'transfer modes':48} {'seconds':>8} {'models/hour':>12}")
     for r in report["results"]:
-        print(f"{', '.join(r['targets']):32} {', '.join(r['modes']):48} {r['seconds']:>8.1f} {r['models_per_hour']:>12.0f}")
+        targets, modes = ", ".join(r["targets"]), ", ".join(r["modes"])
+        print(f"{targets:32} {modes:48} {r['seconds']:>8.1f} {r['models_per_hour']:>12.0f}")
     for kind, s in summary.items():
-        print(f"all {kind} in one run: {s['together_s']:.1f} s; separate runs: {s['separately_s']:.1f} s "
-              f"({s['separately_s'] / s['together_s']:.2f}x)")
+        print(
+            f"all {kind} in one run: {s['together_s']:.1f} s; separate runs: {s['separately_s']:.1f} s "
+            f"({s['separately_s'] / s['together_s']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ that folder, draws the store's masks, trains K models at a time until all are do
 the machine, the recipe, models, seconds, source and target accuracy, the WordNet agreement, the
 reliability summary and the power curve (benchmarks/bench_replica.py). Rerunning with the same OUT resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ffcv_transfer.experiments import demo
-from ffcv_transfer.findings.wordnet import HIERARCHY_FILE, load_hierarchy
-
 from bench_common import machine
 from bench_replica import brief, power_curve, print_curve
+
+from ffcv_transfer.experiments import demo
+from ffcv_transfer.findings.wordnet import HIERARCHY_FILE, load_hierarchy
 
 CONFIG = Path(__file__).resolve().parent.parent / "rs_configs" / "tinyimagenet_gpu.yaml"
 MANIFEST = "manifest.json"
@@ -67,45 +68,59 @@ def prepare(args: argparse.Namespace) -> None:
     def tiny(folders: dict) -> dict:
         kept = {"tiny-imagenet": ["tiny-imagenet/wnids.txt"]}
         for wnid in wnids:
-            kept[f"tiny-imagenet/train/{wnid}"] = folders[f"tiny-imagenet/train/{wnid}"][:args.per_class]
-            kept[f"tiny-imagenet/val/{wnid}"] = folders[f"tiny-imagenet/val/{wnid}"][:args.val_per_class]
+            kept[f"tiny-imagenet/train/{wnid}"] = folders[f"tiny-imagenet/train/{wnid}"][: args.per_class]
+            kept[f"tiny-imagenet/val/{wnid}"] = folders[f"tiny-imagenet/val/{wnid}"][: args.val_per_class]
         return kept
 
     def cifar(folders: dict) -> dict:
         counts = {"train": args.target_per_class, "test": max(args.target_per_class // 2, 1)}
-        return {folder: names[:counts[folder.split("/")[1]]] for folder, names in folders.items()
-                if folder.count("/") == 2}
+        return {
+            folder: names[: counts[folder.split("/")[1]]] for folder, names in folders.items() if folder.count("/") == 2
+        }
 
     # wnids.txt lists the chosen classes only: demo.replica_classes then takes all of them
-    counts = _subset(data_dir / demo.TINY_ARCHIVE, out / demo.TINY_ARCHIVE, tiny,
-                     {"tiny-imagenet/wnids.txt": ("\n".join(wnids) + "\n").encode()})
+    counts = _subset(
+        data_dir / demo.TINY_ARCHIVE,
+        out / demo.TINY_ARCHIVE,
+        tiny,
+        {"tiny-imagenet/wnids.txt": ("\n".join(wnids) + "\n").encode()},
+    )
     _subset(data_dir / demo.CIFAR_ARCHIVE, out / demo.CIFAR_ARCHIVE, cifar)
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     total = sum(p.stat().st_size for p in files)
-    manifest = {"classes": len(wnids), "per_class": args.per_class, "val_per_class": args.val_per_class,
-                "target_per_class": args.target_per_class, "wnids": wnids,
-                "train_images": sum(n for f, n in counts.items() if "/train/" in f),
-                "val_images": sum(n for f, n in counts.items() if "/val/" in f),
-                "bytes": total, "files": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-                                          for p in files},
-                "from": {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()[:16]
-                         for name in (demo.TINY_ARCHIVE, demo.CIFAR_ARCHIVE)}}
+    manifest = {
+        "classes": len(wnids),
+        "per_class": args.per_class,
+        "val_per_class": args.val_per_class,
+        "target_per_class": args.target_per_class,
+        "wnids": wnids,
+        "train_images": sum(n for f, n in counts.items() if "/train/" in f),
+        "val_images": sum(n for f, n in counts.items() if "/val/" in f),
+        "bytes": total,
+        "files": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+        "from": {
+            name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()[:16]
+            for name in (demo.TINY_ARCHIVE, demo.CIFAR_ARCHIVE)
+        },
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"{out}: {len(wnids)} classes x {args.per_class} train + {args.val_per_class} val images, CIFAR-10 "
-          f"{args.target_per_class} train + {max(args.target_per_class // 2, 1)} test per class; "
-          f"{total / 2**20:.1f} MiB")
+    print(
+        f"{out}: {len(wnids)} classes x {args.per_class} train + {args.val_per_class} val images, CIFAR-10 "
+        f"{args.target_per_class} train + {max(args.target_per_class // 2, 1)} test per class; "
+        f"{total / 2**20:.1f} MiB"
+    )
     if total > args.max_mib * 2**20:
         raise SystemExit(f"{total / 2**20:.1f} MiB is over --max-mib {args.max_mib}: take fewer images")
 
 
 def run(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.store.experiment import create_class_store
     from ffcv_transfer.engine.loader_cache import LoaderCache
+    from ffcv_transfer.engine.worker import run_worker
     from ffcv_transfer.findings.names import DATA_ENV
     from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.store.experiment import create_class_store
     from ffcv_transfer.store.results import ResultStore
-    from ffcv_transfer.engine.worker import run_worker
 
     data, out = Path(args.data).resolve(), Path(args.out)
     manifest = json.loads((data / MANIFEST).read_text())
@@ -118,8 +133,9 @@ def run(args: argparse.Namespace) -> None:
     experiment = load_experiment(args.config, overrides)
     started = time.monotonic()
     if not experiment.data.path("target_test").exists():
-        demo.write_tiny_imagenet(out / "data", data, manifest["classes"], manifest["per_class"],
-                                 manifest["target_per_class"])
+        demo.write_tiny_imagenet(
+            out / "data", data, manifest["classes"], manifest["per_class"], manifest["target_per_class"]
+        )
     data_seconds = time.monotonic() - started
     store_dir = out / "store"
     if not (store_dir / "spec.json").exists():
@@ -141,18 +157,28 @@ def run(args: argparse.Namespace) -> None:
     overall = found.reliability.to_json()["columns"]["overall"] if found.reliability else {}
     needed = overall.get("models_needed", {}).get("0.8")
     agreement = found.wordnet
-    result = {"machine": machine(), "config": str(args.config), "overrides": overrides, "manifest": {
-        key: manifest[key] for key in ("classes", "per_class", "val_per_class", "target_per_class", "bytes")},
-        "models": int(len(values["source_acc"])), "requested": store.num_rows,
+    result = {
+        "machine": machine(),
+        "config": str(args.config),
+        "overrides": overrides,
+        "manifest": {
+            key: manifest[key] for key in ("classes", "per_class", "val_per_class", "target_per_class", "bytes")
+        },
+        "models": int(len(values["source_acc"])),
+        "requested": store.num_rows,
         "seconds": {"data": round(data_seconds, 1), "train": round(train_seconds, 1)},
-        "source_acc": float(values["source_acc"].mean()), "target_acc": float(values["target_acc"].mean()),
+        "source_acc": float(values["source_acc"].mean()),
+        "target_acc": float(values["target_acc"].mean()),
         "wordnet": brief(agreement),
         "reliability": {"overall": overall.get("reliability"), "models_for_0.8": needed},
-        "power_curve": power_curve(store_dir)}
+        "power_curve": power_curve(store_dir),
+    }
     (out / "replica.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{result['models']} models ({result['seconds']['train']:.0f} s training, {data_seconds:.0f} s data): "
-          f"source acc {result['source_acc']:.3f}, target acc {result['target_acc']:.3f}; WordNet mean AUC "
-          f"{agreement['mean_auc']:.3f} (p {agreement['p_value']:.4f})")
+    print(
+        f"{result['models']} models ({result['seconds']['train']:.0f} s training, {data_seconds:.0f} s data): "
+        f"source acc {result['source_acc']:.3f}, target acc {result['target_acc']:.3f}; WordNet mean AUC "
+        f"{agreement['mean_auc']:.3f} (p {agreement['p_value']:.4f})"
+    )
     print_curve(result["power_curve"])
     print(f"written {out / 'replica.json'}")
 
@@ -166,8 +192,12 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=200, help="Tiny-ImageNet classes (demo.replica_classes)")
     p.add_argument("--per-class", type=int, default=120, help="training images per class")
     p.add_argument("--val-per-class", type=int, default=25, help="validation images per class")
-    p.add_argument("--target-per-class", type=int, default=1000, help="CIFAR-10 training images per class "
-                   "(half as many test images)")
+    p.add_argument(
+        "--target-per-class",
+        type=int,
+        default=1000,
+        help="CIFAR-10 training images per class (half as many test images)",
+    )
     p.add_argument("--max-mib", type=float, default=50)
     r = commands.add_parser("run", help="train the GPU recipe on a prepared folder and measure the agreement")
     r.add_argument("--data", default="benchmarks/gpu_data/replica")

@@ -4,6 +4,7 @@ compiled, whichever is faster: ceiling*.json), with its extrapolated source mode
 
     python benchmarks/gpu_summary.py gpu-check/          # after benchmarks/gpu_check.sh gpu-check/
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def main(folder: Path) -> None:
         if rates:
             ceilings[report["size_settings"]["res"]] = max(rates)
     for res, rate in sorted(ceilings.items()):
-        print(f"GPU-only ceiling at {res} px: {rate:,.0f} model-images/s (one model, batches in device memory) = "
-              f"{3600 * rate / RECIPE_MODEL_IMAGES:.1f} source models/GPU-hour, source training alone")
+        print(
+            f"GPU-only ceiling at {res} px: {rate:,.0f} model-images/s (one model, batches in device memory) = "
+            f"{3600 * rate / RECIPE_MODEL_IMAGES:.1f} source models/GPU-hour, source training alone"
+        )
     print(f"{'step':10s} {'case':32s} {'model-img/s':>12s} {'of ceiling':>10s} {'models/h*':>10s} {'x reference':>11s}")
     for path in sorted(folder.glob("*.json")):
         if path.name.startswith("ceiling"):
@@ -33,10 +36,14 @@ def main(folder: Path) -> None:
             if "recipe_models_per_hour" not in row:
                 continue
             fraction = f"{row['model_images_per_s'] / ceiling:10.2f}" if ceiling else f"{'-':>10s}"
-            print(f"{path.stem:10s} {row['case']:32s} {row['model_images_per_s']:12,.0f} {fraction} "
-                  f"{row['recipe_models_per_hour']:10.2f} {row.get('vs_reference', float('nan')):11.2f}")
-    print("* source models per GPU-hour, extrapolated to the full recipe (16 source epochs, CIFAR-10 fixed-feature "
-          "transfer) from the rates measured at the case's resolutions")
+            print(
+                f"{path.stem:10s} {row['case']:32s} {row['model_images_per_s']:12,.0f} {fraction} "
+                f"{row['recipe_models_per_hour']:10.2f} {row.get('vs_reference', float('nan')):11.2f}"
+            )
+    print(
+        "* source models per GPU-hour, extrapolated to the full recipe (16 source epochs, CIFAR-10 fixed-feature "
+        "transfer) from the rates measured at the case's resolutions"
+    )
 
 
 if __name__ == "__main__":

@@ -2,16 +2,29 @@
 rs_configs/, `--section.name=value` on the command line and Python code all set the same things.
 `load_experiment` resolves and validates them all at once; every problem is a ConfigError naming the file
 (or the command line) and the setting."""
+
 from __future__ import annotations
 
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ffcv_transfer.settings import RENAMED, SECTIONS, DataConfig, LoaderConfig, MaskConfig, ModelConfig, RunConfig, SourceConfig, Target, TransferConfig
+from ffcv_transfer.settings import (
+    RENAMED,
+    SECTIONS,
+    DataConfig,
+    LoaderConfig,
+    MaskConfig,
+    ModelConfig,
+    RunConfig,
+    SourceConfig,
+    Target,
+    TransferConfig,
+)
 
 TARGETS = "targets"  # the experiment file's list of further targets
 TARGET_KEYS = ("data.target_name", "data.target_train", "data.target_test")  # what a target recipe must name
@@ -50,7 +63,7 @@ class Experiment:
         """(target name, transfer mode) of every transfer of each source model, in the order they run."""
         return tuple((target.name, mode) for target in self.targets for mode in target.transfer.modes)
 
-    def for_target(self, name: str | None = None, mode: str | None = None) -> "Experiment":
+    def for_target(self, name: str | None = None, mode: str | None = None) -> Experiment:
         """This experiment with the one target `name` (in the one mode `mode` if given): what a store of
         one target's transfers (transfer_only.py) is made with."""
         target = self.target(name)
@@ -61,8 +74,13 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         tree: dict[str, Any] = {name: asdict(getattr(self, name)) for name in SECTIONS}
         if self.extra_targets:
-            tree[TARGETS] = [{"data": {"target_name": t.name, "target_train": t.train, "target_test": t.test},
-                              "transfer": asdict(t.transfer)} for t in self.extra_targets]
+            tree[TARGETS] = [
+                {
+                    "data": {"target_name": t.name, "target_train": t.train, "target_test": t.test},
+                    "transfer": asdict(t.transfer),
+                }
+                for t in self.extra_targets
+            ]
         return tree
 
     def save(self, path: str | Path) -> None:
@@ -106,10 +124,15 @@ def _declare():
     config = Config()
     for name, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
-        params = {f.name: Param(_checker(_value_type(hints[f.name]), f.metadata.get("choices")),
-                                f.metadata.get("help", ""), default=None if f.default is MISSING else f.default,
-                                required=f.default is MISSING)
-                  for f in fields(cls)}
+        params = {
+            f.name: Param(
+                _checker(_value_type(hints[f.name]), f.metadata.get("choices")),
+                f.metadata.get("help", ""),
+                default=None if f.default is MISSING else f.default,
+                required=f.default is MISSING,
+            )
+            for f in fields(cls)
+        }
         Section(name, (cls.__doc__ or name).strip().splitlines()[0], config_descriptor=config).params(**params)
     return config
 
@@ -129,7 +152,7 @@ def load_experiment(path: str | Path | None = None, overrides: Mapping[str, Any]
     The file's `targets:` list adds targets: each a target recipe (TARGET_KEYS and transfer settings; see
     `_target_recipe`) over the experiment's own transfer section."""
     where = " + ".join(filter(None, [str(path) if path else "", "command line" if overrides else ""])) or "defaults"
-    settings, recipes = (_read_file(path) if path is not None else ({}, []))
+    settings, recipes = _read_file(path) if path is not None else ({}, [])
     settings |= dict(overrides or {})
     experiment = _resolve(settings, where)
     extra = []
@@ -195,9 +218,11 @@ def _target_recipe(entry: Any, folder: Path, where: str) -> tuple[dict[str, Any]
     stray = sorted(key for key in recipe if key not in TARGET_KEYS and not key.startswith("transfer."))
     missing = [key for key in TARGET_KEYS if key not in recipe]
     if stray or missing:
-        raise ConfigError(f"{where}: a target recipe holds {', '.join(TARGET_KEYS)} and transfer settings"
-                          + (f"; unexpected: {', '.join(stray)}" if stray else "")
-                          + (f"; missing: {', '.join(missing)}" if missing else ""))
+        raise ConfigError(
+            f"{where}: a target recipe holds {', '.join(TARGET_KEYS)} and transfer settings"
+            + (f"; unexpected: {', '.join(stray)}" if stray else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
     return recipe, where
 
 
@@ -208,8 +233,10 @@ def _resolve(settings: Mapping[str, Any], where: str) -> Experiment:
     known = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
-                 for key in unknown]
+        hints = [
+            f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
+            for key in unknown
+        ]
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(hints)}; `ffcv-transfer settings` lists them")
 
     config = _declare()
@@ -231,11 +258,15 @@ def _resolve(settings: Mapping[str, Any], where: str) -> Experiment:
             raise ConfigError(f"{where}: {error}") from None
     run, source = sections["run"], sections["source"]
     if run.fusion == "grouped" and source.per_model_batch:
-        raise ConfigError(f"{where}: source.per_model_batch needs run.fusion sequential: the grouped network steps "
-                          "the K models together, on equal shares of each shared batch")
+        raise ConfigError(
+            f"{where}: source.per_model_batch needs run.fusion sequential: the grouped network steps "
+            "the K models together, on equal shares of each shared batch"
+        )
     if run.compile != "none" and run.fusion == "sequential" and not source.per_model_batch:
-        raise ConfigError(f"{where}: run.compile {run.compile} with run.fusion sequential needs "
-                          "source.per_model_batch (else each model's sub-batch changes size every step)")
+        raise ConfigError(
+            f"{where}: run.compile {run.compile} with run.fusion sequential needs "
+            "source.per_model_batch (else each model's sub-batch changes size every step)"
+        )
     return Experiment(**sections)
 
 

@@ -6,13 +6,13 @@ import pytest
 from torch import nn
 
 from ffcv_transfer.writers.common import ImageOptions
-from ffcv_transfer.writers.synthetic import PlantedSpec
-from ffcv_transfer.writers.synthetic import write_synthetic
+from ffcv_transfer.writers.synthetic import PlantedSpec, write_synthetic
 
 
 def pytest_addoption(parser):
-    parser.addoption("--data-dir", default=None,
-                     help="folder with the real data archives (default: $FFCV_TRANSFER_DATA)")
+    parser.addoption(
+        "--data-dir", default=None, help="folder with the real data archives (default: $FFCV_TRANSFER_DATA)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +27,16 @@ def data_dir(request) -> Path:
 
 
 # A planted data set small enough for a worker to train a model in seconds (tests of the engine's mechanics)
-TINY_SPEC = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
-                        source_val_per_class=10, target_train_per_class=20, target_test_per_class=10)
+TINY_SPEC = PlantedSpec(
+    num_targets=3,
+    num_unrelated=2,
+    num_misleading=0,
+    resolution=16,
+    source_train_per_class=40,
+    source_val_per_class=10,
+    target_train_per_class=20,
+    target_test_per_class=10,
+)
 DEMO_CONFIG = Path(__file__).parent.parent / "rs_configs" / "demo_cpu.yaml"
 
 
@@ -42,10 +50,24 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_settings(data: Path, **extra) -> dict:
     """demo_cpu.yaml shrunk to seconds on the tiny planted data: 4 random subsets, 1 epoch at 16 px, per-model
     batches of 16 (source) and 20 (transfer), cached-feature transfer alone."""
-    return {"data.root": str(data), "masks.num_models": 4, "masks.design": "random", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
-            "source.batch_size": 32, "source.per_model_batch": 16, "transfer.per_model_batch": 20, "source.min_res": 16, "source.max_res": 16, "source.val_res": 16,
-            "transfer.resolution": 16, "transfer.head_max_iter": 20, "transfer.mode": "cached_features",
-            "run.models_per_process": 4, **extra}
+    return {
+        "data.root": str(data),
+        "masks.num_models": 4,
+        "masks.design": "random",
+        "source.epochs": 1,
+        "source.lr_peak_epoch": 0.5,
+        "source.batch_size": 32,
+        "source.per_model_batch": 16,
+        "transfer.per_model_batch": 20,
+        "source.min_res": 16,
+        "source.max_res": 16,
+        "source.val_res": 16,
+        "transfer.resolution": 16,
+        "transfer.head_max_iter": 20,
+        "transfer.mode": "cached_features",
+        "run.models_per_process": 4,
+        **extra,
+    }
 
 
 def read_with_loader(beton: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +75,14 @@ def read_with_loader(beton: Path, batch_size: int = 256) -> tuple[np.ndarray, np
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=2, order=OrderOption.SEQUENTIAL,
-                    drop_last=False, pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    loader = Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=2,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
     images, labels = [], []
     for batch_images, batch_labels in loader:
         images.append(np.array(batch_images))

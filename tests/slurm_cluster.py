@@ -8,6 +8,7 @@ folder under one temporary folder: nothing in /etc or /run is touched and a syst
 any, is left alone. Clients reach this cluster through `cluster.env` (SLURM_CONF). `stop()` cancels the
 jobs and ends the three daemons by their pids.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ def _config(folder: Path, node: str, munge_socket: Path) -> str:
     """slurm.conf for one node (the `slurmd -C` line of this machine) on non-default ports."""
     return f"""\
 ClusterName=ffcv-transfer-test
-SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
+SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=16818
 SlurmUser=root
@@ -83,8 +84,10 @@ class SlurmCluster:
         return subprocess.run(command, env=self.env, check=check, capture_output=True, text=True).stdout
 
     def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n" + "".join(log.read_text().splitlines(True)[-20:])
-                         for log in sorted(self.folder.glob("*.log")))
+        return "\n".join(
+            f"--- {log.name}\n" + "".join(log.read_text().splitlines(True)[-20:])
+            for log in sorted(self.folder.glob("*.log"))
+        )
 
     def stop(self) -> None:
         """Cancel every job (their slurmstepd would outlive slurmd), end the daemons by pid, and remove
@@ -109,8 +112,10 @@ class SlurmCluster:
 def start_cluster(timeout_s: float = 60) -> SlurmCluster:
     """Install what is missing, start munged, slurmctld and slurmd, and wait until the node is idle."""
     if os.geteuid() != 0:
-        raise SlurmUnavailable("a SLURM test cluster needs root: it installs SLURM and munge with apt and runs "
-                               "slurmctld, slurmd and munged (as user munge)")
+        raise SlurmUnavailable(
+            "a SLURM test cluster needs root: it installs SLURM and munge with apt and runs "
+            "slurmctld, slurmd and munged (as user munge)"
+        )
     install_packages()
     # in /tmp: munged, as user munge, must reach its socket (pytest's temporary folders are root's alone),
     # and short: slurmd's per-step unix sockets live in the spool folder (108-byte path limit)
@@ -126,16 +131,42 @@ def start_cluster(timeout_s: float = 60) -> SlurmCluster:
     cluster = SlurmCluster(folder, {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")})
     log = open(folder / "daemons.out", "ab")
     try:
-        cluster.daemons.append(subprocess.Popen(
-            ["munged", "--foreground", f"--socket={munge_socket}", f"--pid-file={munge}/munged.pid",
-             f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed", f"--key-file={MUNGE_KEY}"],
-            user="munge", group="munge", extra_groups=[], stdout=log, stderr=log, start_new_session=True))
+        cluster.daemons.append(
+            subprocess.Popen(
+                [
+                    "munged",
+                    "--foreground",
+                    f"--socket={munge_socket}",
+                    f"--pid-file={munge}/munged.pid",
+                    f"--log-file={munge}/munged.log",
+                    f"--seed-file={munge}/munged.seed",
+                    f"--key-file={MUNGE_KEY}",
+                ],
+                user="munge",
+                group="munge",
+                extra_groups=[],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        )
         _wait_for(lambda: munge_socket.exists(), timeout_s, "munged socket", cluster)
         for daemon in ("slurmctld", "slurmd"):
-            cluster.daemons.append(subprocess.Popen([daemon, "-D", "-f", cluster.env["SLURM_CONF"]], env=cluster.env,
-                                                    stdout=log, stderr=log, start_new_session=True))
-        _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle", timeout_s,
-                  "an idle node", cluster)
+            cluster.daemons.append(
+                subprocess.Popen(
+                    [daemon, "-D", "-f", cluster.env["SLURM_CONF"]],
+                    env=cluster.env,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            )
+        _wait_for(
+            lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle",
+            timeout_s,
+            "an idle node",
+            cluster,
+        )
     except BaseException:
         cluster.stop()
         raise
@@ -150,6 +181,8 @@ def _wait_for(ready, timeout_s: float, what: str, cluster: SlurmCluster) -> None
         dead = [d.args[0] for d in cluster.daemons if d.poll() is not None]
         if dead or time.monotonic() > deadline:
             reason = f"{', '.join(dead)} exited" if dead else f"no {what} after {timeout_s:.0f} s"
-            raise RuntimeError(f"SLURM test cluster in {cluster.folder}: {reason}\n{cluster.logs()}\n"
-                               + (cluster.folder / "daemons.out").read_text()[-2000:])
+            raise RuntimeError(
+                f"SLURM test cluster in {cluster.folder}: {reason}\n{cluster.logs()}\n"
+                + (cluster.folder / "daemons.out").read_text()[-2000:]
+            )
         time.sleep(0.25)

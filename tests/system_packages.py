@@ -1,10 +1,11 @@
 """Debian packages that some tests need (SLURM, Chromium), installed with apt when missing so that
 `make demo` never pays for them. Root only; callers skip with a message otherwise."""
+
 import os
 import shutil
 import subprocess
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def apt_install(packages: Sequence[str], commands: Sequence[str]) -> float:
@@ -16,6 +17,10 @@ def apt_install(packages: Sequence[str], commands: Sequence[str]) -> float:
     start = time.monotonic()
     apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
     subprocess.run([*apt, "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*apt, "install", "-y", "-qq", "--no-install-recommends", *packages], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(
+        [*apt, "install", "-y", "-qq", "--no-install-recommends", *packages],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     return time.monotonic() - start

@@ -1,19 +1,29 @@
 """Mask designs, counterfactual designs and their summaries, and class names: checked against hand-computed
 cases and brute-force references (no training)."""
+
 import gzip
 import itertools
 
 import numpy as np
 import pytest
 
-from ffcv_transfer.findings.rankings import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
-from ffcv_transfer.findings.counterfactual import KINDS, accuracy_by_arm, accuracy_by_removal, changes_against_all, correct_by_removal, format_gain, paired_gain
 from ffcv_transfer.experiments.removals import balanced_draws, removal_design, without_class_design
-from ffcv_transfer.findings.plots import accuracy_versus_removed
+from ffcv_transfer.findings.counterfactual import (
+    KINDS,
+    accuracy_by_arm,
+    accuracy_by_removal,
+    changes_against_all,
+    correct_by_removal,
+    format_gain,
+    paired_gain,
+)
 from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.names import display_names, read_names_file
+from ffcv_transfer.findings.plots import accuracy_versus_removed
+from ffcv_transfer.findings.rankings import influence_by_target_class, rank_sources, ranking_stderr, top_and_bottom
 from ffcv_transfer.store.experiment import create_store
 from ffcv_transfer.store.masks import orthogonal_class_masks
-from ffcv_transfer.findings.names import display_names, read_names_file
+
 from .conftest import row_values
 
 
@@ -23,8 +33,11 @@ def test_orthogonal_masks_balance_every_class_and_pair(models, classes):
     np.testing.assert_array_equal(signs.sum(0), 0)  # each class in exactly half the models
     np.testing.assert_array_equal(signs.T @ signs, models * np.eye(classes))  # every pair balanced
     if classes <= models // 2:  # resolution IV: no main effect aliased with a two-class interaction
-        worst = max(abs((signs[:, i] * signs[:, j]) @ signs[:, k])
-                    for i, j in itertools.combinations(range(classes), 2) for k in range(classes))
+        worst = max(
+            abs((signs[:, i] * signs[:, j]) @ signs[:, k])
+            for i, j in itertools.combinations(range(classes), 2)
+            for k in range(classes)
+        )
         assert worst == 0
     assert len({row.tobytes() for row in signs}) == models  # no model trained twice
     sizes = (signs > 0).sum(1)
@@ -59,8 +72,14 @@ def test_removal_design_removes_the_chosen_classes():
         assert removed[(KINDS.index("most_positive"), 2, seed)] == {5, 2}
         assert len(removed[(KINDS.index("random"), 2, seed)]) == 2
     masks, removals = removal_design(scores, [1], seeds=2, kinds=["random"], chosen=[4, 0])
-    assert [tuple(r) for r in removals] == [(0, 0, 0), (KINDS.index("random"), 1, 0), (KINDS.index("chosen"), 2, 0),
-                                            (0, 0, 1), (KINDS.index("random"), 1, 1), (KINDS.index("chosen"), 2, 1)]
+    assert [tuple(r) for r in removals] == [
+        (0, 0, 0),
+        (KINDS.index("random"), 1, 0),
+        (KINDS.index("chosen"), 2, 0),
+        (0, 0, 1),
+        (KINDS.index("random"), 1, 1),
+        (KINDS.index("chosen"), 2, 1),
+    ]
     assert np.flatnonzero(~masks[2]).tolist() == np.flatnonzero(~masks[5]).tolist() == [0, 4]
     lean, lean_removals = removal_design(scores, [1], seeds=2, kinds=["random"], chosen=[4, 0], baseline=False)
     np.testing.assert_array_equal(lean, masks[removals[:, 0] != 0])  # the same rows, less the all-classes ones
@@ -99,8 +118,9 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
         kind, k, _ = removals[row]
         expected.setdefault((KINDS[kind], int(k)), []).append(float(accuracy[row]))
     assert sorted(baseline) == sorted(expected.pop(("none", 0)))
-    assert {(kind, k): sorted(v) for kind, by_k in curves.items() for k, v in by_k.items()} == \
-        {key: sorted(v) for key, v in expected.items()}
+    assert {(kind, k): sorted(v) for kind, by_k in curves.items() for k, v in by_k.items()} == {
+        key: sorted(v) for key, v in expected.items()
+    }
     # rows per seed: none, most_negative 1 and 3, random 1 and 3; row 3 (random 1, seed 0) is unfinished
     gain = paired_gain(arms, ("random", 1), ("none", 0))
     assert gain["per_seed"] == {1: pytest.approx(accuracy[8] - accuracy[5])} and gain["stderr"] is None
@@ -113,8 +133,9 @@ def test_accuracy_by_removal_groups_the_completed_rows(tmp_path):
     assert format_gain(paired_gain(arms, ("chosen", 1), ("none", 0))) == ""
     changes = changes_against_all(arms)
     assert {kind: sorted(by_k) for kind, by_k in changes.items()} == {"most_negative": [1, 3], "random": [1, 3]}
-    assert changes["most_negative"][3]["per_seed"] == pytest.approx({0: accuracy[2] - accuracy[0],
-                                                                      1: accuracy[7] - accuracy[5]})
+    assert changes["most_negative"][3]["per_seed"] == pytest.approx(
+        {0: accuracy[2] - accuracy[0], 1: accuracy[7] - accuracy[5]}
+    )
     assert changes["random"][1]["per_seed"] == pytest.approx({1: accuracy[8] - accuracy[5]})
     plot = accuracy_versus_removed(tmp_path / "cf.png", curves, baseline, "counterfactuals", changes)
     assert plot.stat().st_size > 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,8 +158,12 @@ def test_display_names_prefer_the_users_file_then_wordnet(tmp_path, monkeypatch)
         f.write("n00000001\tthing one, first thing\nn00000002\tthing two\n")
     monkeypatch.setenv("FFCV_TRANSFER_DATA", str(tmp_path))
     names = ["goldfish", "n00000001", "n00000002", "cat"]
-    assert display_names(names, ["n01443537", "n00000001", "n00000002", None]) == \
-        ["goldfish", "thing one", "thing two", "cat"]
+    assert display_names(names, ["n01443537", "n00000001", "n00000002", None]) == [
+        "goldfish",
+        "thing one",
+        "thing two",
+        "cat",
+    ]
     user = tmp_path / "names.tsv"
     user.write_text("# my names\ncat\tkitty\nn00000002\tsecond\n")
     assert display_names(names, names_file=user) == ["goldfish", "thing one", "second", "kitty"]
@@ -166,12 +191,17 @@ def test_ranking_stderr_against_group_statistics():
             assert stderr[c, k] == pytest.approx(expected, rel=1e-4)
     per_example = class_influence(masks, margins)
     means = np.column_stack([margins[:, m].mean(1) for m in columns])
-    np.testing.assert_allclose(class_influence(masks, means)[:, :3],
-                               influence_by_target_class(per_example, labels, 3), rtol=1e-4, atol=1e-5)
-    ranked = rank_sources(influence_by_target_class(per_example, labels, 3), list("abcdef"), ["x", "y", "z"],
-                          stderr[:, :3])
+    np.testing.assert_allclose(
+        class_influence(masks, means)[:, :3], influence_by_target_class(per_example, labels, 3), rtol=1e-4, atol=1e-5
+    )
+    ranked = rank_sources(
+        influence_by_target_class(per_example, labels, 3), list("abcdef"), ["x", "y", "z"], stderr[:, :3]
+    )
     assert ranked["y"][0]["source"] == "a" and ranked["y"][0]["stderr"] == pytest.approx(float(stderr[0, 1]))
     best = top_and_bottom(per_example.mean(1), list("abcdef"), 2, stderr[:, 3])
-    assert all(entry["stderr"] == pytest.approx(float(stderr[entry["index"], 3]))
-               for entries in best.values() for entry in entries)
+    assert all(
+        entry["stderr"] == pytest.approx(float(stderr[entry["index"], 3]))
+        for entries in best.values()
+        for entry in entries
+    )
     assert "stderr" not in top_and_bottom(per_example.mean(1), list("abcdef"), 2)["positive"][0]

@@ -5,6 +5,7 @@ libc_malloc_debug preloaded where present: it aborts on a corrupted heap at the 
 corruption fails too) and a given torch thread count; the oneDNN bug kills the
 child, which the parent sees as a non-zero exit status. Before the CPU layout became NCHW, the trainer
 check died at 2 threads (SIGSEGV, or SIGABRT "free(): invalid next size")."""
+
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from ffcv_transfer.engine.grouped import GroupedTrainer
 from ffcv_transfer.engine.heap_check import heap_checked
 from ffcv_transfer.engine.models import build_model
-from ffcv_transfer.settings import OptimConfig
 from ffcv_transfer.engine.train import SequentialTrainer
+from ffcv_transfer.settings import OptimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_BATCHES = (1, 3, 7, 63, 65)  # the bug needs an odd batch; even ones for contrast
@@ -31,8 +32,7 @@ CPU_SHAPES = ((0.125, 16), (0.125, 32), (0.125, 64), (0.25, 32))
 def run_child(call: str, threads: int) -> subprocess.CompletedProcess:
     env = heap_checked({**os.environ, "OMP_NUM_THREADS": str(threads)})
     code = f"import torch; torch.set_num_threads({threads}); from tests.test_cpu_safety import *; {call}"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def every_convolution_forward_and_backward() -> None:
@@ -57,10 +57,16 @@ def trainers_on_odd_sub_batches() -> None:
     masks[:, 0] = True
     for trainer_class in (SequentialTrainer, GroupedTrainer):
         models = [build_model(7, stem="small", width=0.125) for _ in masks]
-        trainer = trainer_class(models, masks, OptimConfig(epochs=1, lr=0.05, lr_peak_epoch=0.5, precision="fp32"),
-                                steps_per_epoch=6)
-        batches = [(torch.randn(n, 3, 32, 32).contiguous(memory_format=torch.channels_last),
-                    torch.as_tensor(rng.integers(0, 7, n))) for n in (33, 65, 127, 7, 129, 63)]
+        trainer = trainer_class(
+            models, masks, OptimConfig(epochs=1, lr=0.05, lr_peak_epoch=0.5, precision="fp32"), steps_per_epoch=6
+        )
+        batches = [
+            (
+                torch.randn(n, 3, 32, 32).contiguous(memory_format=torch.channels_last),
+                torch.as_tensor(rng.integers(0, 7, n)),
+            )
+            for n in (33, 65, 127, 7, 129, 63)
+        ]
         losses = trainer.train_epoch(batches, epoch=0)
         assert np.isfinite(losses).all(), losses
 
@@ -94,26 +100,67 @@ def test_train_command_at_the_shipped_cpu_recipe_survives_with_heap_checks(tmp_p
     random class halves in two processes, one on 1 thread and one on 2 (ffcv sets torch's threads to
     loader.num_workers), a batch of 129 so that sub-batches are often odd: both complete every row."""
     from ffcv_transfer.writers.common import ImageOptions
-    from ffcv_transfer.writers.synthetic import PlantedSpec
-    from ffcv_transfer.writers.synthetic import write_synthetic
+    from ffcv_transfer.writers.synthetic import PlantedSpec, write_synthetic
 
     from .conftest import DEMO_CONFIG
 
     data = tmp_path / "data"
-    write_synthetic(data, seed=0, spec=PlantedSpec(num_targets=2, num_unrelated=2, source_train_per_class=120,
-                                                   source_val_per_class=20, target_train_per_class=40,
-                                                   target_test_per_class=20),
-                    options=ImageOptions(write_mode="raw", num_workers=2))
+    write_synthetic(
+        data,
+        seed=0,
+        spec=PlantedSpec(
+            num_targets=2,
+            num_unrelated=2,
+            source_train_per_class=120,
+            source_val_per_class=20,
+            target_train_per_class=40,
+            target_test_per_class=20,
+        ),
+        options=ImageOptions(write_mode="raw", num_workers=2),
+    )
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
     store = tmp_path / "store"
-    subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store), f"--data.root={data}",
-                    "--masks.num_models=20", "--masks.design=random", "--source.epochs=3",
-                    "--source.batch_size=129", "--transfer.head_max_iter=20", "--transfer.mode=cached_features"],
-                   check=True, cwd=ROOT)
-    runs = [subprocess.Popen([*cli, "train", "--store", str(store), "--models", rows, "--k", "10", "--no-progress",
-                              f"--loader.num_workers={threads}"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=heap_checked(dict(os.environ)))
-            for rows, threads in (("0-9", 1), ("10-19", 2))]
+    subprocess.run(
+        [
+            *cli,
+            "masks",
+            "--config",
+            str(DEMO_CONFIG),
+            "--store",
+            str(store),
+            f"--data.root={data}",
+            "--masks.num_models=20",
+            "--masks.design=random",
+            "--source.epochs=3",
+            "--source.batch_size=129",
+            "--transfer.head_max_iter=20",
+            "--transfer.mode=cached_features",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    runs = [
+        subprocess.Popen(
+            [
+                *cli,
+                "train",
+                "--store",
+                str(store),
+                "--models",
+                rows,
+                "--k",
+                "10",
+                "--no-progress",
+                f"--loader.num_workers={threads}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=heap_checked(dict(os.environ)),
+        )
+        for rows, threads in (("0-9", 1), ("10-19", 2))
+    ]
     for run, threads in zip(runs, (1, 2)):
         output = run.communicate(timeout=900)[0]
         assert run.returncode == 0, f"{threads} thread(s): exit {run.returncode}\n{output[-2000:]}"

@@ -1,6 +1,7 @@
 """Loaders over planted betons (ffcv's and the device-resident one): the evaluation pipeline returns
 the stored pixels normalised; the training pipeline crops, flips, follows progressive resizing and loads
 only the chosen classes."""
+
 import os
 import subprocess
 import sys
@@ -9,17 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer.writers.common import ImageOptions
-from ffcv_transfer.writers.synthetic import PlantedSpec
-from ffcv_transfer.writers.synthetic import make_planted, write_synthetic
-from ffcv_transfer.store.betons import BetonError
 from ffcv_transfer.engine.data import MEAN, STD, ImageLoader, class_indices
-from ffcv_transfer.settings import LoaderConfig
-from ffcv_transfer.engine.train import resolution_at
 from ffcv_transfer.engine.resident import PixelCache, ResidentLoader
+from ffcv_transfer.engine.train import resolution_at
+from ffcv_transfer.settings import LoaderConfig
+from ffcv_transfer.store.betons import BetonError
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec, make_planted, write_synthetic
 
-SPEC = PlantedSpec(num_targets=3, num_unrelated=3, num_misleading=0, source_train_per_class=100,
-                   source_val_per_class=20, target_train_per_class=20, target_test_per_class=20)
+SPEC = PlantedSpec(
+    num_targets=3,
+    num_unrelated=3,
+    num_misleading=0,
+    source_train_per_class=100,
+    source_val_per_class=20,
+    target_train_per_class=20,
+    target_test_per_class=20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +41,17 @@ def collect(loader):
 
 
 def normalised(arrays: np.ndarray) -> torch.Tensor:
-    return (torch.as_tensor(arrays).permute(0, 3, 1, 2).double() - torch.as_tensor(MEAN).view(1, 3, 1, 1)) \
-        / torch.as_tensor(STD).view(1, 3, 1, 1)
+    return (
+        torch.as_tensor(arrays).permute(0, 3, 1, 2).double() - torch.as_tensor(MEAN).view(1, 3, 1, 1)
+    ) / torch.as_tensor(STD).view(1, 3, 1, 1)
 
 
 @pytest.mark.parametrize("kind", [ImageLoader, ResidentLoader])
 def test_eval_loader_returns_stored_images_normalised(betons, kind):
     config = LoaderConfig(order="sequential", drop_last=False, num_workers=2)
-    loader = kind(betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4],
-                  crop_ratio=1.0)
+    loader = kind(
+        betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4], crop_ratio=1.0
+    )
     images, labels = collect(loader)
     arrays, truth = make_planted(SPEC, seed=2)["source_val"]
     keep = np.isin(truth, [1, 4])
@@ -50,8 +59,9 @@ def test_eval_loader_returns_stored_images_normalised(betons, kind):
     torch.testing.assert_close(images.double(), normalised(arrays[keep]), rtol=0, atol=1e-5)
     assert images.is_contiguous()  # the CPU's layout (models.memory_format_for)
     # kept across a pass of more batches than ffcv has buffers (it reuses them), labels stay each batch's own
-    loader = kind(betons["source_val"], train=False, resolution=32, batch_size=4, config=config, classes=[1, 4],
-                  crop_ratio=1.0)
+    loader = kind(
+        betons["source_val"], train=False, resolution=32, batch_size=4, config=config, classes=[1, 4], crop_ratio=1.0
+    )
     np.testing.assert_array_equal(torch.cat([labels for _, labels in loader]).numpy(), truth[keep])
 
 
@@ -64,8 +74,15 @@ def test_target_normalisations_and_nearest_upsampling_on_the_device(betons):
     config = LoaderConfig(order="sequential", drop_last=False)
     arrays = torch.as_tensor(make_planted(SPEC, seed=2)["target_test"][0]).permute(0, 3, 1, 2).double()
     for kind in ("cifar10", "none"):
-        loader = ResidentLoader(betons["target_test"], train=False, resolution=32, batch_size=16, config=config,
-                                crop_ratio=1.0, normalization=kind)
+        loader = ResidentLoader(
+            betons["target_test"],
+            train=False,
+            resolution=32,
+            batch_size=16,
+            config=config,
+            crop_ratio=1.0,
+            normalization=kind,
+        )
         mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) * 255 for v in NORMALIZATIONS[kind])
         images, _ = collect(loader)
         torch.testing.assert_close(images.double(), (arrays - mean) / std, rtol=0, atol=1e-5)
@@ -77,8 +94,9 @@ def test_target_normalisations_and_nearest_upsampling_on_the_device(betons):
 def test_train_loader_crops_subsets_and_resizes(betons):
     classes = [0, 2, 5]
     config = LoaderConfig(order="random", num_workers=2)
-    loader = ImageLoader(betons["source_train"], train=True, resolution=24, batch_size=64, config=config,
-                         classes=classes)
+    loader = ImageLoader(
+        betons["source_train"], train=True, resolution=24, batch_size=64, config=config, classes=classes
+    )
     n = len(class_indices(betons["source_train"], classes))
     assert n == 300 and len(loader) == n // 64
     images, labels = collect(loader)
@@ -94,8 +112,14 @@ def test_batches_carry_their_labels_and_indices_on_the_host_too(betons, kind):
     from ffcv_transfer.engine.data import Batch
 
     loader_class = ImageLoader if kind == "ffcv" else ResidentLoader
-    loader = loader_class(betons["source_val"], train=True, resolution=16, batch_size=32, with_indices=True,
-                          config=LoaderConfig(num_workers=2))
+    loader = loader_class(
+        betons["source_val"],
+        train=True,
+        resolution=16,
+        batch_size=32,
+        with_indices=True,
+        config=LoaderConfig(num_workers=2),
+    )
     for batch in loader:
         assert isinstance(batch, Batch) and len(batch.host) == 2
         np.testing.assert_array_equal(batch.host[0], batch[1].numpy())
@@ -118,8 +142,9 @@ def test_pixel_cache_reads_each_beton_once_and_holds_at_most_its_bound(betons):
     pixels.pixels(betons["target_test"], torch.device("cpu"))
     assert len(pixels.held) == 1  # source_val went
     roomy = PixelCache()
-    loaders = [ResidentLoader(betons["source_val"], train=False, resolution=16, batch_size=8, pixels=roomy)
-               for _ in range(2)]
+    loaders = [
+        ResidentLoader(betons["source_val"], train=False, resolution=16, batch_size=8, pixels=roomy) for _ in range(2)
+    ]
     assert loaders[0].images is loaders[1].images and len(roomy.held) == 1
 
 
@@ -128,15 +153,24 @@ def test_resident_loader_halves_by_area_and_flips_whole_images(betons):
     crops of the whole area: each image once per epoch, itself or its mirror, in random order."""
     arrays, truth = make_planted(SPEC, seed=2)["source_train"]
     config = LoaderConfig(order="sequential", drop_last=False)
-    half = ResidentLoader(betons["source_train"], train=False, resolution=16, batch_size=64, config=config,
-                          crop_ratio=1.0)
+    half = ResidentLoader(
+        betons["source_train"], train=False, resolution=16, batch_size=64, config=config, crop_ratio=1.0
+    )
     images, _ = collect(half)
     pooled = normalised(arrays).reshape(len(arrays), 3, 16, 2, 16, 2).mean((3, 5))
     torch.testing.assert_close(images.double(), pooled, rtol=0, atol=1e-5)
 
     picked = class_indices(betons["source_train"], [0, 3])
-    train = ResidentLoader(betons["source_train"], train=True, resolution=32, batch_size=64, crop_scale=(1.0, 1.0),
-                           config=LoaderConfig(seed=0), indices=picked, with_indices=True)
+    train = ResidentLoader(
+        betons["source_train"],
+        train=True,
+        resolution=32,
+        batch_size=64,
+        crop_scale=(1.0, 1.0),
+        config=LoaderConfig(seed=0),
+        indices=picked,
+        with_indices=True,
+    )
     assert len(train) == len(picked) // 64
     images, labels, indices = (torch.cat(parts) for parts in zip(*train))
     assert len(set(indices.tolist())) == len(indices) == len(train) * 64 and set(indices.tolist()) <= set(picked)
@@ -156,17 +190,29 @@ def test_resident_loader_refuses_images_of_several_sizes_and_square_writes_fix_i
     from ffcv_transfer.writers.imagefolder import write_imagefolder
 
     rng = np.random.default_rng(0)
-    pictures = {"a": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "b": rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)}
+    pictures = {
+        "a": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+        "b": rng.integers(0, 256, (16, 24, 3), dtype=np.uint8),
+    }
     for name, picture in pictures.items():
         (tmp_path / "src" / name).mkdir(parents=True)
         Image.fromarray(picture).save(tmp_path / "src" / name / "x.png")
     write_imagefolder(tmp_path / "src", tmp_path / "mixed.beton", options=ImageOptions(write_mode="raw"))
     with pytest.raises(BetonError, match="mixed.beton: images of 2 sizes"):
         ResidentLoader(tmp_path / "mixed.beton", train=False, resolution=16, batch_size=2)
-    write_imagefolder(tmp_path / "src", tmp_path / "square.beton",
-                      options=ImageOptions(write_mode="raw", square=True, max_resolution=16))
-    loader = ResidentLoader(tmp_path / "square.beton", train=False, resolution=16, batch_size=2, crop_ratio=1.0,
-                            config=LoaderConfig(order="sequential", drop_last=False))
+    write_imagefolder(
+        tmp_path / "src",
+        tmp_path / "square.beton",
+        options=ImageOptions(write_mode="raw", square=True, max_resolution=16),
+    )
+    loader = ResidentLoader(
+        tmp_path / "square.beton",
+        train=False,
+        resolution=16,
+        batch_size=2,
+        crop_ratio=1.0,
+        config=LoaderConfig(order="sequential", drop_last=False),
+    )
     images, labels = collect(loader)
     assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
     torch.testing.assert_close(images[1:].double(), normalised(pictures["b"][None, :, 4:20]), rtol=0, atol=1e-5)
@@ -197,8 +243,13 @@ print(numba.threading_layer(), len(caught), "takes effect in a new process" in s
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.stdout.split() == ["workqueue", "omp", "1", "True"], done.stderr[-2000:]
-    chosen = subprocess.run([sys.executable, "-c", "import os, ffcv_transfer.writers; print(os.environ['NUMBA_THREADING_LAYER'])"],
-                            capture_output=True, text=True, timeout=300, env={**env, "NUMBA_THREADING_LAYER": "omp"})
+    chosen = subprocess.run(
+        [sys.executable, "-c", "import os, ffcv_transfer.writers; print(os.environ['NUMBA_THREADING_LAYER'])"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "NUMBA_THREADING_LAYER": "omp"},
+    )
     assert chosen.stdout.strip() == "omp", chosen.stderr[-2000:]  # the environment's choice is kept
     with pytest.raises(ValueError, match="loader.threading"):
         LoaderConfig(threading="threads")

@@ -14,17 +14,18 @@ counterfactual's seeds (the models of a seed start from the same weights; the ra
 the 7 classes once). That it is better holds on average over runs, not in every run of 7 seeds: one
 model's target accuracy spreads across initial weights more than the effect (docs/benchmarks.md#counterfactual).
 The second test asserts "better" with 28 seeds of the counterfactual alone."""
+
 import json
 from functools import partial
 
 import numpy as np
 import pytest
 
-from ffcv_transfer.store.betons import read_sidecar
-from ffcv_transfer.findings.rankings import influence_by_target_class
-from ffcv_transfer.findings.counterfactual import KINDS, accuracy_by_arm, paired_gain
-from ffcv_transfer.experiments.removals import removal_design, run_removals
 from ffcv_transfer.experiments.demo import DEMO_CONFIG, demo_spec, format_findings, run_demo, train_in_workers
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.findings.counterfactual import KINDS, accuracy_by_arm, paired_gain
+from ffcv_transfer.findings.rankings import influence_by_target_class
+from ffcv_transfer.store.betons import read_sidecar
 from ffcv_transfer.store.results import ResultStore
 
 
@@ -92,22 +93,28 @@ def test_removing_the_planted_harmful_class_beats_removing_a_random_one(tmp_path
     seeds of two models from the same initial weights, one without the misleading class and one without a
     random class (each of the 7 dealt 4 times), trained by the worker as the demo does. The demo's 7 seeds
     cannot separate the arms; the pooled gain puts 28 seeds well above zero (docs/benchmarks.md#counterfactual)."""
+    from ffcv_transfer.config import load_experiment
     from ffcv_transfer.writers.common import ImageOptions
     from ffcv_transfer.writers.synthetic import write_synthetic
-    from ffcv_transfer.config import load_experiment
 
     write_synthetic(tmp_path / "data", seed=0, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
     experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tmp_path / "data")})
     planted = read_sidecar(tmp_path / "data" / "target_test.beton")["extra"]["planted"]
     (harmful,) = [m["source"] for m in planted["misleading"]]
     num_classes = len(planted["source_names"])
-    masks, removals = removal_design(np.zeros(num_classes), [1], COUNTERFACTUAL_SEEDS, kinds=("random",),
-                                     chosen=[harmful], baseline=False)
+    masks, removals = removal_design(
+        np.zeros(num_classes), [1], COUNTERFACTUAL_SEEDS, kinds=("random",), chosen=[harmful], baseline=False
+    )
     random_rows = removals[:, 0] == KINDS.index("random")
     removed = np.nonzero(~masks[random_rows])[1]
     assert (np.bincount(removed, minlength=num_classes) == COUNTERFACTUAL_SEEDS // num_classes).all()
-    store = run_removals(tmp_path / "counterfactual", experiment, masks, removals,
-                         train=partial(train_in_workers, workers=2, progress=False))
+    store = run_removals(
+        tmp_path / "counterfactual",
+        experiment,
+        masks,
+        removals,
+        train=partial(train_in_workers, workers=2, progress=False),
+    )
     assert store.status()["completed"] >= len(masks) - 2
     gain = paired_gain(accuracy_by_arm(store), ("chosen", 1), ("random", 1))
     assert len(gain["per_seed"]) >= COUNTERFACTUAL_SEEDS - 2 and gain["mean"] > 0, gain

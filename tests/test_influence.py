@@ -1,4 +1,5 @@
 """Influence kernel against float64 references, hand-computed cases and closed forms."""
+
 import subprocess
 import sys
 import warnings
@@ -6,9 +7,17 @@ import warnings
 import numpy as np
 import pytest
 
-from ffcv_transfer.findings.kernel import InfluenceAccumulator, InfluenceError, available_backends, class_influence, example_influence, example_influence_blocks, plan_blocks
-from ffcv_transfer.findings.influence import influence_from_store
 from ffcv_transfer.cli import main as cli_main
+from ffcv_transfer.findings.influence import influence_from_store
+from ffcv_transfer.findings.kernel import (
+    InfluenceAccumulator,
+    InfluenceError,
+    available_backends,
+    class_influence,
+    example_influence,
+    example_influence_blocks,
+    plan_blocks,
+)
 from ffcv_transfer.store.results import ResultStore
 
 BACKENDS = available_backends()
@@ -156,19 +165,36 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
     assert relative_error(result, expected) < 1e-6
     # 1.5 KB holds one model and 2 of the 10 columns a pass: five passes over the store, the same numbers
     assert plan_blocks(8, 10, len(used), max_bytes=1500, stderr=True, row_bytes=20) == (1, 2)
-    blocked, blocked_stderr = influence_from_store(tmp_path / "store", "margins", backend="numpy", stderr=True,
-                                                   max_bytes=1500)
+    blocked, blocked_stderr = influence_from_store(
+        tmp_path / "store", "margins", backend="numpy", stderr=True, max_bytes=1500
+    )
     whole, whole_stderr = class_influence(masks[used], outputs[used], stderr=True)
     assert relative_error(blocked, expected) < 1e-6 and relative_error(blocked_stderr, whole_stderr) < 1e-6
     with pytest.raises(InfluenceError, match="cannot hold one column"):
         influence_from_store(tmp_path / "store", "margins", max_bytes=100)
     out = tmp_path / "infl.npy"
-    assert cli_main(["influence", str(tmp_path / "store"), "--backend", "numpy", "--stderr", "--out", str(out),
-                     "--max-memory", "0.000001"]) == 0
+    assert (
+        cli_main(
+            [
+                "influence",
+                str(tmp_path / "store"),
+                "--backend",
+                "numpy",
+                "--stderr",
+                "--out",
+                str(out),
+                "--max-memory",
+                "0.000001",
+            ]
+        )
+        == 0
+    )
     assert relative_error(np.load(out), expected) < 1e-6 and np.load(tmp_path / "infl.stderr.npy").shape == (8, 10)
 
 
 def test_kernel_and_store_import_without_torch_or_ffcv():
-    code = ("import sys, ffcv_transfer.findings.kernel, ffcv_transfer.findings.influence, ffcv_transfer.store.results; "
-            "sys.exit(bool({'torch', 'ffcv', 'cupy'} & set(sys.modules)))")
+    code = (
+        "import sys, ffcv_transfer.findings.kernel, ffcv_transfer.findings.influence, ffcv_transfer.store.results; "
+        "sys.exit(bool({'torch', 'ffcv', 'cupy'} & set(sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -2,6 +2,7 @@
 job arrays on a real single-node SLURM cluster started for the test (tests/slurm_cluster.py), with one
 array task killed mid-run and one requeued by a preemption signal. Each case asserts that the store ends
 complete with every row written exactly once."""
+
 import signal
 import subprocess
 import sys
@@ -14,16 +15,17 @@ import pytest
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
 from ffcv_transfer.engine.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
-from ffcv_transfer.store.results import ResultStore
 from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.store.results import ResultStore
 
 from .conftest import DEMO_CONFIG, tiny_settings
 from .slurm_cluster import SlurmUnavailable, start_cluster
 
 
 def make_store(data: Path, path: Path, models: int, k: int) -> ResultStore:
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(data, **{"masks.num_models": models,
-                                                                     "run.models_per_process": k}))
+    experiment = load_experiment(
+        DEMO_CONFIG, tiny_settings(data, **{"masks.num_models": models, "run.models_per_process": k})
+    )
     return create_class_store(path, experiment)
 
 
@@ -42,11 +44,16 @@ def assert_complete_once(store: ResultStore, masks: np.ndarray) -> dict:
 
 def test_local_workers_one_per_gpu_or_cpu_workers_sharing_the_cores():
     gpus = local_workers([2, 3], None, "cpu")
-    assert [(w.label, w.device, w.env) for w in gpus] == [("gpu2", "cuda", {"CUDA_VISIBLE_DEVICES": "2"}),
-                                                          ("gpu3", "cuda", {"CUDA_VISIBLE_DEVICES": "3"})]
+    assert [(w.label, w.device, w.env) for w in gpus] == [
+        ("gpu2", "cuda", {"CUDA_VISIBLE_DEVICES": "2"}),
+        ("gpu3", "cuda", {"CUDA_VISIBLE_DEVICES": "3"}),
+    ]
     cpus = local_workers(None, 3, "cpu", cores=16)
     assert [(w.label, w.device, w.env["OMP_NUM_THREADS"]) for w in cpus] == [
-        ("worker0", "cpu", "5"), ("worker1", "cpu", "5"), ("worker2", "cpu", "5")]
+        ("worker0", "cpu", "5"),
+        ("worker1", "cpu", "5"),
+        ("worker2", "cpu", "5"),
+    ]
     assert local_workers(None, 4, "cpu", cores=2)[0].env["OMP_NUM_THREADS"] == "1"
     with pytest.raises(LaunchError, match="one worker per GPU"):
         local_workers([0, 1], 2, "cpu")
@@ -65,6 +72,7 @@ def test_rounds_go_on_while_rows_are_pending_with_no_more_workers_than_batches(t
                 writer.write(row, x=np.float32(row))
             writer.close()
             return [] if rows_per_round else [f"worker0 {exit_text(-signal.SIGABRT)}: round{round_no}.log"]
+
         return run_round
 
     store = ResultStore.create(tmp_path / "a", 10, {"x": ((), "float32")})
@@ -74,8 +82,11 @@ def test_rounds_go_on_while_rows_are_pending_with_no_more_workers_than_batches(t
     store = ResultStore.create(tmp_path / "b", 10, {"x": ((), "float32")})
     with pytest.raises(LaunchError, match="incomplete after 2 rounds: 4 rows pending, 0 claimed"):
         run_rounds(store, rounds_writing(store, 3), most_workers=4, k=2, max_rounds=2, log_dir=tmp_path)
-    with pytest.raises(LaunchError, match=f"round 1 completed no row; see the worker logs in {tmp_path}\n"
-                       "  worker0 was killed by SIGABRT \\(signal 6\\): round1.log"):
+    with pytest.raises(
+        LaunchError,
+        match=f"round 1 completed no row; see the worker logs in {tmp_path}\n"
+        "  worker0 was killed by SIGABRT \\(signal 6\\): round1.log",
+    ):
         run_rounds(store, rounds_writing(store, 0), most_workers=4, k=2, max_rounds=2, log_dir=tmp_path)
 
 
@@ -88,12 +99,26 @@ def test_exit_text_names_the_signal():
 def test_slurm_options_become_sbatch_lines(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string  # what submitit writes for these parameters
 
-    options = SlurmOptions(tasks=8, parallelism=3, time_min=30, partition="gpu", gpus_per_task=1, cpus_per_task=6,
-                           sbatch={"account": "abc"})
+    options = SlurmOptions(
+        tasks=8,
+        parallelism=3,
+        time_min=30,
+        partition="gpu",
+        gpus_per_task=1,
+        cpus_per_task=6,
+        sbatch={"account": "abc"},
+    )
     parameters = options.executor_parameters(tasks=8)
     text = _make_sbatch_string(command="run", folder=tmp_path, map_count=8, **parameters)
-    for line in ("#SBATCH --array=0-7%3", "#SBATCH --time=30", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-task=1",
-                 "#SBATCH --cpus-per-task=6", "#SBATCH --account=abc", "export OMP_NUM_THREADS=6"):
+    for line in (
+        "#SBATCH --array=0-7%3",
+        "#SBATCH --time=30",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --account=abc",
+        "export OMP_NUM_THREADS=6",
+    ):
         assert line in text
     assert SlurmOptions(tasks=8).executor_parameters(tasks=2)["array_parallelism"] == 2  # later rounds: fewer
     with pytest.raises(LaunchError, match="must be >= 1"):
@@ -102,13 +127,17 @@ def test_slurm_options_become_sbatch_lines(tmp_path):
 
 def test_launch_refuses_bad_options_with_clear_errors(tiny_data, tmp_path, capsys, monkeypatch):
     store = make_store(tiny_data, tmp_path / "store", models=2, k=2)
-    cases = [(["--executor", "slurm", "--gpus", "0,1"], "--gpus: not an option of --executor slurm (a SLURM task "
-                                                         "gets its GPUs with --gpus-per-task)"),
-             (["--tasks", "4", "--no-wait"], "--tasks, --no-wait: not an option of --executor local"),
-             (["--gpus", "0,x"], "--gpus '0,x': expected ranges"),
-             (["--gpus", "0", "--workers", "2"], "with --gpus there is one worker per GPU"),
-             (["--executor", "slurm", "--sbatch", "account"], "expected KEY=VALUE"),
-             (["--source.epochz=2"], "did you mean source.epochs")]
+    cases = [
+        (
+            ["--executor", "slurm", "--gpus", "0,1"],
+            "--gpus: not an option of --executor slurm (a SLURM task gets its GPUs with --gpus-per-task)",
+        ),
+        (["--tasks", "4", "--no-wait"], "--tasks, --no-wait: not an option of --executor local"),
+        (["--gpus", "0,x"], "--gpus '0,x': expected ranges"),
+        (["--gpus", "0", "--workers", "2"], "with --gpus there is one worker per GPU"),
+        (["--executor", "slurm", "--sbatch", "account"], "expected KEY=VALUE"),
+        (["--source.epochz=2"], "did you mean source.epochs"),
+    ]
     for extra, message in cases:
         assert cli_main(["launch", "--store", str(store.path), *extra]) == 2
         assert message in capsys.readouterr().err
@@ -132,12 +161,15 @@ def test_local_launcher_two_cpu_workers_complete_the_store_once(tiny_data, tmp_p
     status = assert_complete_once(store, masks)
     # both workers trained at once, two rows each (one claim of K=2): no row trained twice, none lost
     assert sorted((name.split("-")[0], counts["written"]) for name, counts in status["workers"].items()) == [
-        ("worker0", 2), ("worker1", 2)]
+        ("worker0", 2),
+        ("worker1", 2),
+    ]
     logs = sorted((store.path / "launches").glob("*-local/round1-worker*.log"))
     assert len(logs) == 2 and all("this worker wrote 2 rows" in log.read_text() for log in logs)
 
 
 # ------------------------------------------------------------------------------------------- SLURM
+
 
 @pytest.fixture(scope="module")
 def slurm():
@@ -151,9 +183,26 @@ def slurm():
 
 def launch_on_slurm(cluster, store: ResultStore, log: Path, *options: str) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "ffcv_transfer.cli", "launch", "--executor", "slurm",
-                                 "--store", str(store.path), "--time-min", "30", "--poll-s", "1", *options],
-                                env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ffcv_transfer.cli",
+                "launch",
+                "--executor",
+                "slurm",
+                "--store",
+                str(store.path),
+                "--time-min",
+                "30",
+                "--poll-s",
+                "1",
+                *options,
+            ],
+            env=cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_for_worker(store: ResultStore, launcher: subprocess.Popen, written: int, timeout_s: float = 400) -> str:
@@ -164,8 +213,10 @@ def wait_for_worker(store: ResultStore, launcher: subprocess.Popen, written: int
             if name.startswith("slurm-") and counts["written"] >= written and counts["claimed"]:
                 return name
         time.sleep(0.5)
-    raise AssertionError(f"no SLURM worker with {written} rows written and claims on more "
-                         f"(launcher {'exited' if launcher.poll() is not None else 'still running'})")
+    raise AssertionError(
+        f"no SLURM worker with {written} rows written and claims on more "
+        f"(launcher {'exited' if launcher.poll() is not None else 'still running'})"
+    )
 
 
 def finish(launcher: subprocess.Popen, log: Path, cluster, timeout_s: float = 600) -> str:

@@ -1,8 +1,10 @@
 """The package's wings and what each may import (each wing's __init__ docstring states it), read from the
 source with ast: module-level and function-level imports alike, relative ones resolved."""
+
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,9 @@ def test_store_findings_and_settings_import_no_training_stack_at_module_level(mo
 
 def test_the_kernel_imports_nothing_of_the_package():
     """`findings.kernel` stands alone: numpy and the standard library at module level."""
-    for name, _, line, module_level in imports("ffcv_transfer.findings.kernel", MODULES["ffcv_transfer.findings.kernel"]):
+    for name, _, line, module_level in imports(
+        "ffcv_transfer.findings.kernel", MODULES["ffcv_transfer.findings.kernel"]
+    ):
         assert name.split(".")[0] != "ffcv_transfer", f"kernel.py:{line}: imports {name}"
         if module_level:
-            assert name.split(".")[0] in {"numpy", "__future__", "os", "warnings", "typing", "pathlib"}, name
+            assert name.split(".")[0] in {"numpy", *sys.stdlib_module_names}, f"kernel.py:{line}: imports {name}"

@@ -1,6 +1,7 @@
 """Example-level influence and leakage: copies of target test images planted in the source set (exact,
 downsampled, cropped-and-resized) are found as near-duplicates with large influence, through example
 masks that the trainers route on example indices."""
+
 import json
 
 import numpy as np
@@ -8,25 +9,35 @@ import pytest
 import torch
 from torch import nn
 
-from ffcv_transfer.writers.common import ImageOptions
-from ffcv_transfer.writers.synthetic import PlantedSpec
-from ffcv_transfer.store.betons import read_sidecar
-from ffcv_transfer.writers.synthetic import make_planted, motif_overlap, write_synthetic
-from ffcv_transfer.store import experiment as experiment_store
-from ffcv_transfer.findings import leakage
-from ffcv_transfer.experiments.leak_trial import TrialRecipe, run_trial
 from ffcv_transfer.engine.grouped import GroupedTrainer
-from ffcv_transfer.findings.kernel import example_influence
-from ffcv_transfer.store.masks import random_example_masks
-from ffcv_transfer.settings import OptimConfig
 from ffcv_transfer.engine.train import SequentialTrainer
+from ffcv_transfer.experiments.leak_trial import TrialRecipe, run_trial
+from ffcv_transfer.findings import leakage
+from ffcv_transfer.findings.kernel import example_influence
+from ffcv_transfer.settings import OptimConfig
+from ffcv_transfer.store import experiment as experiment_store
+from ffcv_transfer.store.betons import read_sidecar
+from ffcv_transfer.store.masks import random_example_masks
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import PlantedSpec, make_planted, motif_overlap, write_synthetic
 
 from .conftest import IdRecorder
 from .test_synthetic import motif_scores
 
-NEAR_DUP = PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=0, resolution=32, source_train_per_class=60,
-                       source_val_per_class=5, target_train_per_class=5, target_test_per_class=25,
-                       background_class=True, misleading_conflict="none", leaks=24, mislabelled_leaks=6)
+NEAR_DUP = PlantedSpec(
+    num_targets=4,
+    num_unrelated=2,
+    num_misleading=0,
+    resolution=32,
+    source_train_per_class=60,
+    source_val_per_class=5,
+    target_train_per_class=5,
+    target_test_per_class=25,
+    background_class=True,
+    misleading_conflict="none",
+    leaks=24,
+    mislabelled_leaks=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +50,9 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
     (images, labels), (test_images, test_labels) = near_dup["source_train"], near_dup["target_test"]
     regular = len(plain["source_train"][1])
     for split in ("source_train", "source_val", "target_train", "target_test"):  # the other images are unchanged
-        np.testing.assert_array_equal(near_dup[split][0][:regular if split == "source_train" else None],
-                                      plain[split][0])
+        np.testing.assert_array_equal(
+            near_dup[split][0][: regular if split == "source_train" else None], plain[split][0]
+        )
     leaks, twin = near_dup["design"]["leaks"], near_dup["design"]["twin"]
     assert [leak["source"] for leak in leaks] == list(range(regular, len(labels))) and len(leaks) == 30
     assert len({leak["target_test"] for leak in leaks}) == 30
@@ -56,11 +68,11 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
     leaked[[leak["target_test"] for leak in leaks]] = True
     np.testing.assert_array_equal(atypical["target_test"][0][~leaked], test_images[~leaked])
     assert all(not np.array_equal(a, b) for a, b in zip(atypical["target_test"][0][leaked], test_images[leaked]))
-    scores = motif_scores(atypical["target_test"][0], atypical["motifs"][:NEAR_DUP.num_targets])
+    scores = motif_scores(atypical["target_test"][0], atypical["motifs"][: NEAR_DUP.num_targets])
     own = scores[np.arange(len(test_labels)), np.minimum(test_labels, NEAR_DUP.num_targets - 1)]
     typical = ~leaked & (test_labels < NEAR_DUP.num_targets)
     assert own[leaked].max() < np.quantile(own[typical], 0.05)  # the class motif is gone from leaked images
-    bank = atypical["motifs"][NEAR_DUP.num_motifs - NEAR_DUP.num_distractor_bank:]  # the last motifs
+    bank = atypical["motifs"][NEAR_DUP.num_motifs - NEAR_DUP.num_distractor_bank :]  # the last motifs
     for leak in atypical["design"]["leaks"]:  # in its place, distractors least like the copy's class motif
         overlaps = np.array([motif_overlap(atypical["motifs"][leak["twin_of"]], d) for d in bank])
         pasted = motif_scores(atypical["target_test"][0][leak["target_test"]][None], bank)[0]
@@ -68,8 +80,9 @@ def test_planted_copies_are_appended_with_their_ground_truth(near_dup):
     for leak in atypical["design"]["leaks"][:3]:  # copies of the re-rendered (motif-less) images
         assert leak["atypical"]
         if leak["kind"] == "exact":
-            np.testing.assert_array_equal(atypical["source_train"][0][leak["source"]],
-                                          atypical["target_test"][0][leak["target_test"]])
+            np.testing.assert_array_equal(
+                atypical["source_train"][0][leak["source"]], atypical["target_test"][0][leak["target_test"]]
+            )
 
 
 def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup):
@@ -81,8 +94,9 @@ def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup)
     thumbs = np.concatenate([leakage.thumbnails(x) for x in images])  # (E, D)
     source_banks = np.stack([leakage.crop_bank(x) for x in images])
     target_thumbs = np.concatenate([leakage.thumbnails(x) for x in test_images])
-    scores = np.maximum(np.einsum("tbd,ed->etb", banks, thumbs).max(-1),
-                        np.einsum("ebd,td->etb", source_banks, target_thumbs).max(-1))
+    scores = np.maximum(
+        np.einsum("tbd,ed->etb", banks, thumbs).max(-1), np.einsum("ebd,td->etb", source_banks, target_thumbs).max(-1)
+    )
     planted = np.zeros(scores.shape, bool)
     for leak in near_dup["design"]["leaks"]:
         planted[leak["source"], leak["target_test"]] = True
@@ -100,7 +114,9 @@ def test_near_duplicates_separate_every_copy_from_every_unrelated_pair(near_dup)
     bits = np.minimum((hashes[:, None] != target_hashes[None]).sum(-1), (hashes[:, None] != mirrored[None]).sum(-1))
     assert bits[~planted].min() > leakage.MAX_HASH_DISTANCE
     mirror = images[near_dup["design"]["leaks"][0]["source"]][:, ::-1]
-    assert leakage.near_duplicate(mirror, test_images[near_dup["design"]["leaks"][0]["target_test"]])["similarity"] > 0.99
+    assert (
+        leakage.near_duplicate(mirror, test_images[near_dup["design"]["leaks"][0]["target_test"]])["similarity"] > 0.99
+    )
 
 
 def test_perceptual_hash_threshold_holds_on_smooth_images():
@@ -112,8 +128,12 @@ def test_perceptual_hash_threshold_holds_on_smooth_images():
     data = make_planted(LEAKY, seed=4)
     (images, _), (test_images, _) = data["source_train"], data["target_test"]
     hashes = np.stack([leakage.perceptual_hash(x) for x in images])
-    bits = np.minimum(*[(hashes[:, None] != np.stack([leakage.perceptual_hash(x[:, ::step]) for x in test_images])
-                         ).sum(-1) for step in (1, -1)])  # as near_duplicate: the smaller over a flip
+    bits = np.minimum(
+        *[
+            (hashes[:, None] != np.stack([leakage.perceptual_hash(x[:, ::step]) for x in test_images])).sum(-1)
+            for step in (1, -1)
+        ]
+    )  # as near_duplicate: the smaller over a flip
     planted = np.zeros(bits.shape, bool)
     for leak in data["design"]["leaks"]:
         planted[leak["source"], leak["target_test"]] = True
@@ -130,8 +150,9 @@ def test_example_masks_route_each_model_exactly_its_examples():
     masks = random_example_masks(3, 300, 0.5, seed=0)
     assert (masks.sum(1) == 150).all()
     models = [IdRecorder(6) for _ in range(3)]
-    trainer = SequentialTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5,
-                           example_labels=labels)
+    trainer = SequentialTrainer(
+        models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5, example_labels=labels
+    )
     np.testing.assert_array_equal(trainer.class_masks, experiment_store.classes_of(masks, labels, 6))
     with pytest.raises(ValueError, match="third element"):
         trainer.train_epoch([(images[:8], torch.as_tensor(labels[:8]))], 0)
@@ -139,8 +160,13 @@ def test_example_masks_route_each_model_exactly_its_examples():
         model.seen.clear()
     for epoch in range(2):
         order = torch.as_tensor(rng.permutation(300))
-        trainer.train_epoch([(images[order[i:i + 64]], torch.as_tensor(labels)[order[i:i + 64]], order[i:i + 64])
-                             for i in range(0, 300, 64)], epoch)
+        trainer.train_epoch(
+            [
+                (images[order[i : i + 64]], torch.as_tensor(labels)[order[i : i + 64]], order[i : i + 64])
+                for i in range(0, 300, 64)
+            ],
+            epoch,
+        )
         for model, mask in zip(models, masks):
             assert sorted(model.seen) == np.flatnonzero(mask).tolist()  # all, only, once
             model.seen.clear()
@@ -151,18 +177,20 @@ def test_grouped_backend_packs_each_model_its_examples():
     labels = rng.integers(0, 6, 300)
     masks = random_example_masks(3, 300, 0.5, seed=1)
     models = [nn.Sequential(nn.Conv2d(3, 2, 1)) for _ in range(3)]
-    trainer = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 5,
-                             example_labels=labels)
+    trainer = GroupedTrainer(
+        models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, precision="fp32"), 5, example_labels=labels
+    )
     order = torch.as_tensor(rng.permutation(300)[:64])
     images = torch.zeros(64, 3, 1, 1)
     images[:, 0, 0, 0] = order.float()
-    packed, packed_labels, weights = trainer.pack_sub_batches(images, torch.as_tensor(labels)[order],
-                                                                 masks[:, order.numpy()])
+    packed, packed_labels, weights = trainer.pack_sub_batches(
+        images, torch.as_tensor(labels)[order], masks[:, order.numpy()]
+    )
     for k in range(3):
         mine = order[torch.as_tensor(masks[k])[order]]
         assert int(weights[:, k].sum()) == len(mine)
-        assert packed[:len(mine), 3 * k, 0, 0].long().tolist() == mine.tolist()
-        assert packed_labels[:len(mine), k].tolist() == labels[mine.numpy()].tolist()
+        assert packed[: len(mine), 3 * k, 0, 0].long().tolist() == mine.tolist()
+        assert packed_labels[: len(mine), k].tolist() == labels[mine.numpy()].tolist()
 
 
 @pytest.mark.slow
@@ -176,27 +204,38 @@ def test_every_exact_and_downsampled_leak_is_found_and_nothing_unplanted_is_flag
     (docs/benchmarks.md#leak-detection)."""
     trial = run_trial(seed=0, models=32, recipe=TrialRecipe(epochs=12))
     assert min(trial.val_accuracy) > 0.5  # the models learned (chance 0.25, 20 images)
-    resampled = {(leak["source"], leak["target_test"]) for leak in trial.leaks
-                 if leak["kind"] in ("exact", "downsampled") and leak["role"] == "leak"}
+    resampled = {
+        (leak["source"], leak["target_test"])
+        for leak in trial.leaks
+        if leak["kind"] in ("exact", "downsampled") and leak["role"] == "leak"
+    }
     leaked = {(f["source"], f["target"]) for f in trial.found["leakage"]}
     assert len(resampled) == 4 and resampled <= leaked, trial.ranks
     assert not trial.false_flags, trial.false_flags
 
 
 TOP = 20
-LEAKY_TINY = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=0, resolution=16, source_train_per_class=40,
-                         source_val_per_class=10, target_train_per_class=20, target_test_per_class=10, leaks=3,
-                         mislabelled_leaks=1)
+LEAKY_TINY = PlantedSpec(
+    num_targets=3,
+    num_unrelated=2,
+    num_misleading=0,
+    resolution=16,
+    source_train_per_class=40,
+    source_val_per_class=10,
+    target_train_per_class=20,
+    target_test_per_class=10,
+    leaks=3,
+    mislabelled_leaks=1,
+)
 
 
 def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp_path, monkeypatch):
     """Through the engine (ffcv loader yielding example indices, worker, store) on tiny data: every
     model is routed exactly its examples each epoch, the store's example influence is the kernel's on
     what the store holds, and find_leaks writes its JSON and grid with the planted copies scored."""
-    from ffcv_transfer.store.betons import read_labels
-    from ffcv_transfer.store.betons import BetonRecords
-    from ffcv_transfer.engine import worker as worker_module
     from ffcv_transfer.config import load_experiment
+    from ffcv_transfer.engine import worker as worker_module
+    from ffcv_transfer.store.betons import BetonRecords, read_labels
     from ffcv_transfer.store.results import ResultStore
 
     from .conftest import DEMO_CONFIG, tiny_settings
@@ -208,7 +247,9 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
     labels = read_labels(data / "source_train.beton")
     masks = experiment_store.example_masks_of(store, len(labels))
     assert masks.shape == (4, len(labels)) and (masks.sum(1) == round(0.5 * len(labels))).all()
-    np.testing.assert_array_equal(store.fixed("masks"), experiment_store.classes_of(masks, labels, LEAKY_TINY.num_sources))
+    np.testing.assert_array_equal(
+        store.fixed("masks"), experiment_store.classes_of(masks, labels, LEAKY_TINY.num_sources)
+    )
 
     routed = []
 
@@ -237,14 +278,19 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
 
     rows, values = ResultStore(store.path).read(["example_masks", "margins"])
     expected = example_influence(values["example_masks"], values["margins"].astype(np.float64), len(labels))
-    extremes, models = leakage.extreme_examples_from_store(store.path, len(labels), keep=TOP, max_bytes=1 << 16,
-                                                        spill_dir=tmp_path)  # outputs spilled to disk
+    extremes, models = leakage.extreme_examples_from_store(
+        store.path, len(labels), keep=TOP, max_bytes=1 << 16, spill_dir=tmp_path
+    )  # outputs spilled to disk
     assert models == 4 and not list(tmp_path.glob("outputs-*"))
     for j in range(expected.shape[1]):  # each target's TOP extremes on both sides, as the dense matrix ranks them
         column = np.nan_to_num(expected[:, j], nan=np.inf)
         np.testing.assert_allclose(extremes.negative_values[j], np.sort(column)[:TOP], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(extremes.positive_values[j], -np.sort(-np.nan_to_num(expected[:, j], nan=-np.inf))[:TOP],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            extremes.positive_values[j],
+            -np.sort(-np.nan_to_num(expected[:, j], nan=-np.inf))[:TOP],
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
     result = leakage.find_leaks(store.path, tmp_path / "leaks", top=TOP)
     saved = json.loads((tmp_path / "leaks" / "leaks.json").read_text())

@@ -2,6 +2,7 @@
 is capped (RLIMIT_AS) a few hundred MB above what Python and numpy take at start, on sizes whose dense
 (whole-matrix) computation needs several times that; the same child shows the dense path failing under
 the cap, and the parent checks the streamed numbers against a float64 reference."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def run_capped(body: str, tmp_path: Path) -> dict:
     """Run `body` after the preamble in a capped child; it prints one JSON line."""
     script = textwrap.dedent(CHILD_PREAMBLE.format(headroom=HEADROOM_MB)) + textwrap.dedent(body)
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # each extra malloc arena reserves 64 MB of address space
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -56,14 +58,17 @@ def test_class_influence_streams_target_columns_under_a_memory_cap(tmp_path):
     outputs = (rng.standard_normal((models, width)) + 3 * masks[:, :1]).astype(np.float16)
     store = ResultStore.create(tmp_path / "store", models, {"margins": ((width,), np.float16)}, fixed={"masks": masks})
     store.writer().write_many(range(models), margins=outputs)
-    found = run_capped("""
+    found = run_capped(
+        """
         from ffcv_transfer.cli import main
         from ffcv_transfer.findings.influence import influence_from_store
         code = main(["influence", "store", "--backend", "numpy", "--out", "infl.npy",
                      "--max-memory", str(budget / 2**30)])
         dense = dense_fails(lambda: influence_from_store("store", "margins", backend="numpy", max_bytes=2**40))
         print(json.dumps({"code": code, "dense_fails": dense}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert found == {"code": 0, "dense_fails": True}
     result = np.load(tmp_path / "infl.npy")
     expected = influence_reference(masks, outputs)
@@ -86,7 +91,8 @@ def test_leak_extremes_stream_example_blocks_under_a_memory_cap(tmp_path):
         outputs[:, j] += 4 * masks[:, e]
     np.save(tmp_path / "packed.npy", np.packbits(masks, axis=1))
     np.save(tmp_path / "outputs.npy", outputs.astype(np.float32))
-    found = run_capped(f"""
+    found = run_capped(
+        f"""
         from ffcv_transfer.findings.kernel import example_influence, example_influence_blocks
         from ffcv_transfer.findings.leakage import ExtremeExamples
         packed, outputs = np.load("packed.npy", mmap_mode="r"), np.load("outputs.npy")
@@ -96,7 +102,9 @@ def test_leak_extremes_stream_example_blocks_under_a_memory_cap(tmp_path):
                  negative=extremes.negative, negative_values=extremes.negative_values)
         dense = dense_fails(lambda: example_influence(packed, outputs, {examples}, backend="numpy"))
         print(json.dumps({{"dense_fails": dense}}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert found == {"dense_fails": True}
     saved = np.load(tmp_path / "extremes.npz")
     for j, e in planted.items():

@@ -1,4 +1,5 @@
 """ResNet-18 variants against known architecture facts."""
+
 import copy
 
 import pytest
@@ -41,8 +42,9 @@ def test_channels_last_matches_contiguous():
     reference = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     x = torch.randn(3, 3, 32, 32)
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), reference(x),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        model(x.contiguous(memory_format=torch.channels_last)), reference(x), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_bad_arguments_are_rejected():

@@ -1,18 +1,19 @@
 """Per-model batches (`per_model_batch`): the rows of the shared batches queue per model and each model
 steps on exactly `per_model_batch` of them, its learning rate following its own steps; routing happens on
 the host, with no device-to-host sync per batch; the worker and the counterfactual's removal models use it."""
+
 import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.engine.data import Batch
+from ffcv_transfer.engine.train import SequentialTrainer, lr_at
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.settings import OptimConfig
 from ffcv_transfer.store.experiment import create_class_store
 from ffcv_transfer.store.masks import random_class_masks
-from ffcv_transfer.settings import OptimConfig
-from ffcv_transfer.engine.train import SequentialTrainer, lr_at
 
 from .conftest import DEMO_CONFIG, IdRecorder, tiny_settings
 
@@ -32,26 +33,41 @@ class StepRecorder(IdRecorder):
         return super().forward(x)
 
 
+def recording(step, rates: list, optimizer):
+    """`step`, which first appends the optimizer's learning rate to `rates`."""
+
+    def recorded(*args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    return recorded
+
+
 def epoch_batches(labels: np.ndarray, rng) -> list[Batch]:
     """One epoch in a random order, shared batches of SHARED (the last one short), each image's pixel 0 its
     example id, the labels on the host too."""
     order = rng.permutation(len(labels))
     images = torch.zeros(len(labels), 3, 2, 2)
     images[:, 0, 0, 0] = torch.arange(float(len(labels)))
-    return [Batch((images[order[i:i + SHARED]], torch.as_tensor(labels[order[i:i + SHARED]])),
-                  [labels[order[i:i + SHARED]]]) for i in range(0, len(labels), SHARED)]
+    return [
+        Batch(
+            (images[order[i : i + SHARED]], torch.as_tensor(labels[order[i : i + SHARED]])),
+            [labels[order[i : i + SHARED]]],
+        )
+        for i in range(0, len(labels), SHARED)
+    ]
 
 
 def trained(labels, masks, epochs=2, seed=0):
     counts = np.bincount(labels, minlength=CLASSES)
     models = [StepRecorder(CLASSES) for _ in masks]
     config = OptimConfig(epochs=epochs, lr=0.2, lr_peak_epoch=1, precision="fp32", per_model_batch=PER_MODEL)
-    trainer = SequentialTrainer(models, masks, config, steps_per_epoch=-(-len(labels) // SHARED),
-                                examples_per_epoch=masks.astype(int) @ counts)
+    trainer = SequentialTrainer(
+        models, masks, config, steps_per_epoch=-(-len(labels) // SHARED), examples_per_epoch=masks.astype(int) @ counts
+    )
     rates = [[] for _ in masks]
     for k, optimizer in enumerate(trainer.optimizers):  # the learning rate of each of model k's steps
-        optimizer.step = (lambda step, k, optimizer: lambda *a, **kw: (rates[k].append(optimizer.param_groups[0]["lr"]),
-                                                                       step(*a, **kw))[1])(optimizer.step, k, optimizer)
+        optimizer.step = recording(optimizer.step, rates[k], optimizer)
     rng = np.random.default_rng(seed)
     seen = []
     for epoch in range(epochs):
@@ -109,8 +125,9 @@ def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
     calls = []
     for name in ("item", "tolist", "cpu", "nonzero"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n),
-                                                                                              _o(self, *a, **kw))[1])
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n), _o(self, *a, **kw))[1]
+        )
     counted = []
     for examples in (4 * SHARED, 8 * SHARED):
         labels = rng.integers(0, CLASSES, examples)
@@ -119,10 +136,17 @@ def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
         if fusion == "grouped":
             trainer = GroupedTrainer(models, masks, config, steps_per_epoch=examples // SHARED)
         else:
-            trainer = SequentialTrainer(models, masks, config, steps_per_epoch=examples // SHARED,
-                                        examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES))
-        batches = [Batch((torch.randn(SHARED, 3, 8, 8), torch.as_tensor(labels[i:i + SHARED])), [labels[i:i + SHARED]])
-                   for i in range(0, examples, SHARED)]
+            trainer = SequentialTrainer(
+                models,
+                masks,
+                config,
+                steps_per_epoch=examples // SHARED,
+                examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES),
+            )
+        batches = [
+            Batch((torch.randn(SHARED, 3, 8, 8), torch.as_tensor(labels[i : i + SHARED])), [labels[i : i + SHARED]])
+            for i in range(0, examples, SHARED)
+        ]
         calls.clear()
         trainer.fit(batches, 2)
         trainer.accuracy(batches)
@@ -139,12 +163,16 @@ def test_the_worker_and_the_removal_models_step_on_the_per_model_batch(tiny_data
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             for model in self.models:
-                model.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0]))
-                                                if module.training and module.fc.out_features == 5 else None)
+                model.register_forward_pre_hook(
+                    lambda module, inputs: (
+                        sizes.append(len(inputs[0])) if module.training and module.fc.out_features == 5 else None
+                    )
+                )
 
     monkeypatch.setitem(worker_module.TRAINERS, "sequential", Recording)
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16,
-                                                                          "source.batch_size": 48}))
+    experiment = load_experiment(
+        DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16, "source.batch_size": 48})
+    )
     store = create_class_store(tmp_path / "store", experiment)
     assert worker_module.run_worker(store.path, experiment, progress=False) == 4
     assert sizes and set(sizes) == {16}
@@ -156,8 +184,9 @@ def test_the_worker_and_the_removal_models_step_on_the_per_model_batch(tiny_data
 
 def test_per_model_batches_need_the_sequential_fusion(tiny_data):
     with pytest.raises(ConfigError, match="per_model_batch needs run.fusion sequential"):
-        load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16,
-                                                                 "run.fusion": "grouped"}))
+        load_experiment(
+            DEMO_CONFIG, tiny_settings(tiny_data, **{"source.per_model_batch": 16, "run.fusion": "grouped"})
+        )
 
 
 @pytest.mark.slow
@@ -172,16 +201,19 @@ def test_the_compiled_per_model_step_matches_eager():
     labels = rng.integers(0, CLASSES, 4 * SHARED)
     masks = np.array([[True, True, True, False, False, False], [True] * CLASSES])
     images = torch.as_tensor(rng.normal(size=(len(labels), 3, 16, 16)), dtype=torch.float32)
-    batches = [Batch((images[i:i + SHARED], torch.as_tensor(labels[i:i + SHARED])), [labels[i:i + SHARED]])
-               for i in range(0, len(labels), SHARED)]
+    batches = [
+        Batch((images[i : i + SHARED], torch.as_tensor(labels[i : i + SHARED])), [labels[i : i + SHARED]])
+        for i in range(0, len(labels), SHARED)
+    ]
     examples = masks.astype(int) @ np.bincount(labels, minlength=CLASSES)
     config = OptimConfig(epochs=2, lr=0.05, lr_peak_epoch=1, precision="fp32", per_model_batch=PER_MODEL)
     early, losses = {}, {}
     for mode in ("none", "default"):
         torch.manual_seed(0)
         models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
-        trainer = SequentialTrainer(models, masks, config, steps_per_epoch=len(batches), compile=mode,
-                                    examples_per_epoch=examples)
+        trainer = SequentialTrainer(
+            models, masks, config, steps_per_epoch=len(batches), compile=mode, examples_per_epoch=examples
+        )
         trainer.train_epoch(batches[:1], 0)  # model 0 steps once, model 1 twice
         early[mode] = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model in models]
         losses[mode] = [trainer.train_epoch(batches, epoch) for epoch in range(2)]
@@ -198,16 +230,19 @@ def test_the_compiled_fixed_feature_transfer_matches_eager():
     compiled transfer agree within 1e-4 (only the head trains, so the summation-order differences stay
     small), and the backbones are untouched."""
     from ffcv_transfer.engine.models import build_model
-    from ffcv_transfer.settings import TransferConfig
     from ffcv_transfer.engine.transfer import transfer_by_training
+    from ffcv_transfer.settings import TransferConfig
 
     rng = np.random.default_rng(6)
     labels = torch.as_tensor(rng.integers(0, 3, 3 * SHARED))
-    images = torch.as_tensor(rng.normal(size=(len(labels), 3, 16, 16)), dtype=torch.float32) + labels[:, None, None, None]
-    train = [(images[i:i + SHARED], labels[i:i + SHARED]) for i in range(0, 2 * SHARED, SHARED)]
-    test = [(images[2 * SHARED:], labels[2 * SHARED:])]
-    config = TransferConfig(mode="fixed_feature", epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32",
-                            per_model_batch=PER_MODEL)
+    images = (
+        torch.as_tensor(rng.normal(size=(len(labels), 3, 16, 16)), dtype=torch.float32) + labels[:, None, None, None]
+    )
+    train = [(images[i : i + SHARED], labels[i : i + SHARED]) for i in range(0, 2 * SHARED, SHARED)]
+    test = [(images[2 * SHARED :], labels[2 * SHARED :])]
+    config = TransferConfig(
+        mode="fixed_feature", epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32", per_model_batch=PER_MODEL
+    )
     margins = {}
     for mode in ("none", "default"):
         torch.manual_seed(0)
@@ -215,8 +250,9 @@ def test_the_compiled_fixed_feature_transfer_matches_eager():
         backbone = [model.stem[0].weight.clone() for model in models]
         torch.manual_seed(1)
         torch._dynamo.utils.counters.clear()
-        outputs, failed = transfer_by_training(models, train, test, 3, config, steps_per_epoch=len(train),
-                                               examples_per_epoch=2 * SHARED, compile=mode)
+        outputs, failed = transfer_by_training(
+            models, train, test, 3, config, steps_per_epoch=len(train), examples_per_epoch=2 * SHARED, compile=mode
+        )
         assert not failed
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (mode != "none")  # it did compile
         for model, weight in zip(models, backbone):

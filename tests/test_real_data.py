@@ -1,5 +1,6 @@
 """Real archives from the shared data folder (--data-dir or $FFCV_TRANSFER_DATA) through the ImageFolder
 writer, read back with ffcv's Loader and checked against the archive itself."""
+
 import io
 import tarfile
 from pathlib import PurePosixPath
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ffcv_transfer.writers.common import ImageOptions
 from ffcv_transfer.store.betons import read_sidecar, verify_beton
+from ffcv_transfer.writers.common import ImageOptions
 from ffcv_transfer.writers.imagefolder import write_imagefolder
 
 from .conftest import read_with_loader
@@ -76,11 +77,25 @@ def test_demo_on_tiny_imagenet_runs_end_to_end(data_dir, tmp_path):
     (named from their wnids) -> CIFAR-10, through to the report."""
     from ffcv_transfer.experiments.demo import TinySize, format_findings, run_demo
 
-    settings = {"masks.num_models": 8, "masks.design": "orthogonal", "source.epochs": 1, "source.lr_peak_epoch": 0.5,
-                "source.batch_size": 32, "source.per_model_batch": 16,  # 40 examples per model: 2 steps an epoch
-                "run.models_per_process": 8, "transfer.head_max_iter": 20}
-    findings = run_demo(tmp_path, data="tiny-imagenet", overrides=settings, counterfactual_seeds=0, data_dir=data_dir,
-                        tiny=TinySize(classes=4, per_class=20, target_per_class=20), progress=False)
+    settings = {
+        "masks.num_models": 8,
+        "masks.design": "orthogonal",
+        "source.epochs": 1,
+        "source.lr_peak_epoch": 0.5,
+        "source.batch_size": 32,
+        "source.per_model_batch": 16,  # 40 examples per model: 2 steps an epoch
+        "run.models_per_process": 8,
+        "transfer.head_max_iter": 20,
+    }
+    findings = run_demo(
+        tmp_path,
+        data="tiny-imagenet",
+        overrides=settings,
+        counterfactual_seeds=0,
+        data_dir=data_dir,
+        tiny=TinySize(classes=4, per_class=20, target_per_class=20),
+        progress=False,
+    )
     source = read_sidecar(tmp_path / "data" / "tiny_train.beton")
     target = read_sidecar(tmp_path / "data" / "cifar10_test.beton")
     assert source["num_classes"] == 4 and source["num_examples"] == 80 and target["num_examples"] == 100

@@ -4,6 +4,7 @@ Simulated models: random 50% class masks (masks.random_class_masks, as the engin
 output on target example j is the sum of the true effects truth[c, j] of the classes it includes plus
 Gaussian noise. Influence rankings from N models then carry noise of variance ~1/N, from the noise and
 from the other classes' random inclusion, as real ones do."""
+
 import json
 import tarfile
 
@@ -11,11 +12,26 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu, norm, spearmanr
 
-from ffcv_transfer.findings.rankings import influence_by_target_class, ranking_stderr
 from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.rankings import influence_by_target_class, ranking_stderr
+from ffcv_transfer.findings.reliability import (
+    Reliability,
+    assess,
+    benjamini_hochberg,
+    models_needed,
+    seeds_to_resolve,
+    significance,
+    spearman_brown,
+    split_half,
+)
+from ffcv_transfer.findings.wordnet import (
+    CIFAR10_CONCEPTS,
+    Hierarchy,
+    concept_members,
+    load_hierarchy,
+    wordnet_agreement,
+)
 from ffcv_transfer.store.masks import random_class_masks
-from ffcv_transfer.findings.reliability import Reliability, assess, benjamini_hochberg, models_needed, seeds_to_resolve, significance, spearman_brown, split_half
-from ffcv_transfer.findings.wordnet import CIFAR10_CONCEPTS, Hierarchy, concept_members, load_hierarchy, wordnet_agreement
 
 PER_CLASS = 20  # test examples per target class
 
@@ -32,14 +48,13 @@ class World:
         self.truth = self.effects[:, self.labels] + deviation * rng.standard_normal((num_sources, len(self.labels)))
 
     def models(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        masks = random_class_masks(n, len(self.truth), 0.5, seed=int(rng.integers(2 ** 31)))
+        masks = random_class_masks(n, len(self.truth), 0.5, seed=int(rng.integers(2**31)))
         return masks, masks @ self.truth + self.noise * rng.standard_normal((n, len(self.labels)))
 
     def by_class(self, masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """(C, K + 1) float64: the per-class influence vectors, then the overall one."""
         influence = class_influence(masks, outputs).astype(np.float64)
-        return np.column_stack([influence_by_target_class(influence, self.labels, self.num_classes),
-                                influence.mean(1)])
+        return np.column_stack([influence_by_target_class(influence, self.labels, self.num_classes), influence.mean(1)])
 
     def replicate_correlation(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(K + 1,): the Spearman correlation (scipy's) between two independent n-model replicates: the
@@ -54,19 +69,26 @@ CALIBRATION = dict(num_sources=50, scales=np.array([0.3, 0.5, 0.8, 1.2, 2.0]), n
 
 def test_split_half_predicts_the_replicate_correlation_and_the_models_needed():
     world, rng, n, reps = World(**CALIBRATION), np.random.default_rng(7), 100, 30
-    predicted = np.array([split_half(*world.models(n, rng), world.labels, world.num_classes, splits=20, seed=r).full
-                          for r in range(reps)])
+    predicted = np.array(
+        [
+            split_half(*world.models(n, rng), world.labels, world.num_classes, splits=20, seed=r).full
+            for r in range(reps)
+        ]
+    )
     measured = np.array([world.replicate_correlation(n, rng) for _ in range(reps)])
     gap = predicted.mean(0) - measured.mean(0)
-    print(f"\nN={n}: predicted {predicted.mean(0).round(3)} (single-run sd {predicted.std(0).round(3)}), "
-          f"measured {measured.mean(0).round(3)}, gap max {np.abs(gap).max():.3f} mean {gap.mean():.3f}")
+    print(
+        f"\nN={n}: predicted {predicted.mean(0).round(3)} (single-run sd {predicted.std(0).round(3)}), "
+        f"measured {measured.mean(0).round(3)}, gap max {np.abs(gap).max():.3f} mean {gap.mean():.3f}"
+    )
     assert 0.15 < measured.mean(0).min() and measured.mean(0).max() < 0.7  # the range the check is meant for
     assert np.abs(gap).max() < 0.08 and abs(gap.mean()) < 0.04
 
     goal = 0.8
     needed = [models_needed(rho, n, goal) for rho in predicted.mean(0)]
-    reached = np.array([np.mean([world.replicate_correlation(need, rng)[k] for _ in range(12)])
-                        for k, need in enumerate(needed)])
+    reached = np.array(
+        [np.mean([world.replicate_correlation(need, rng)[k] for _ in range(12)]) for k, need in enumerate(needed)]
+    )
     print(f"models for {goal}: {needed}, measured there: {reached.round(3)}")
     assert all(need > 2 * n for need in needed)  # far beyond the models at hand: a real extrapolation
     assert np.abs(reached - goal).max() < 0.07 and abs(reached.mean() - goal) < 0.03
@@ -104,7 +126,7 @@ def test_benjamini_hochberg_controls_the_false_discovery_rate():
         effects = np.zeros((num_sources, 4))
         for k in range(4):
             effects[rng.choice(num_sources, 20, replace=False), k] = np.repeat([2.0, -2.0], 10)
-        masks = random_class_masks(200, num_sources, 0.5, seed=int(rng.integers(2 ** 31)))
+        masks = random_class_masks(200, num_sources, 0.5, seed=int(rng.integers(2**31)))
         outputs = masks @ effects[:, labels] + 10 * rng.standard_normal((200, len(labels)))
         by_class = influence_by_target_class(class_influence(masks, outputs).astype(np.float64), labels, 4)
         tests = significance(by_class, ranking_stderr(masks, outputs, labels, 4)[:, :4], q)
@@ -116,8 +138,10 @@ def test_benjamini_hochberg_controls_the_false_discovery_rate():
         null_p.append(tests.p[~real])
     fdr, raw_fdr, power = np.mean(rates), np.mean(raw_rates), np.mean(power)
     null_below = np.mean(np.concatenate(null_p) <= q)
-    print(f"\nFDR {fdr:.3f} (BH at q {q}; uncorrected p <= {q}: {raw_fdr:.3f}), power {power:.2f}, "
-          f"null p <= {q}: {null_below:.4f}")
+    print(
+        f"\nFDR {fdr:.3f} (BH at q {q}; uncorrected p <= {q}: {raw_fdr:.3f}), power {power:.2f}, "
+        f"null p <= {q}: {null_below:.4f}"
+    )
     assert 0.04 <= null_below <= 0.06  # the z-test's p-values are calibrated (12,800 null p-values)
     assert fdr <= q + 0.02
     assert raw_fdr > 2 * q and power > 0.3  # without the correction it fails, and the test has power
@@ -142,23 +166,31 @@ def test_banner_until_enough_models():
     assert many.banner() is None and min(many.reliability) > 0.9
     report = json.loads(json.dumps(many.to_json()))
     assert report["reliable"] and report["banner"] is None
-    assert all(column["significant"] > 0 and column["models_needed"]["0.8"] < 800
-               for column in report["columns"].values())
+    assert all(
+        column["significant"] > 0 and column["models_needed"]["0.8"] < 800 for column in report["columns"].values()
+    )
     assert list(report["columns"]) == names + ["overall"]
 
 
 def test_banner_text_by_hand():
-    summary = Reliability(columns=("cat", "dog", "ship", "overall"), num_models=100, half_models=50, splits=20,
-                          split_half=(-0.05, 0.18, 0.9, 0.82), reliability=(-0.1, 0.3, 0.95, 0.9),
-                          significant=((), (4,), (), (1, 2)),
-                          models_needed={0.8: (None, 934, 22, 45), 0.9: (None, 2100, 48, 100)})
+    summary = Reliability(
+        columns=("cat", "dog", "ship", "overall"),
+        num_models=100,
+        half_models=50,
+        splits=20,
+        split_half=(-0.05, 0.18, 0.9, 0.82),
+        reliability=(-0.1, 0.3, 0.95, 0.9),
+        significant=((), (4,), (), (1, 2)),
+        models_needed={0.8: (None, 934, 22, 45), 0.9: (None, 2100, 48, 100)},
+    )
     # dog: an irreproducible order, but a significant class; ship: nothing significant, but a reproducible order
     assert summary.flagged() == [0]
     assert summary.banner() == (
         "Rankings not yet reliable with 100 models (split-half reliability below 0.5 and no source class "
         "significant at BH q <= 0.05): cat -0.10, 0 significant, no signal measurable yet. Noise falls as "
         "1/sqrt(models); where no signal is measurable yet, train more models and check again before reading "
-        "those rankings.")
+        "those rankings."
+    )
     columns = summary.to_json()["columns"]
     assert columns["cat"]["models_needed"] == {"0.8": None, "0.9": None} and columns["overall"]["reliable"]
 
@@ -195,8 +227,7 @@ def test_auc_by_hand_and_as_mann_whitney():
     # member pairs won: 0.9 beats all 3; 0.5 beats 0.1 and 0.3 and ties 0.5: 5.5 of 6
     assert result["classes"]["t0"]["auc"] == pytest.approx(5.5 / 6)
     # the permutation p against the exact one: of the 10 possible member pairs, 2 do as well (0.9 with either 0.5)
-    exact = np.mean([_auc(values[:, 0], np.isin(np.arange(5), pair)) >= 5.5 / 6 - 1e-12
-                     for pair in _pairs(5)])
+    exact = np.mean([_auc(values[:, 0], np.isin(np.arange(5), pair)) >= 5.5 / 6 - 1e-12 for pair in _pairs(5)])
     assert exact == 0.2 and result["p_value"] == pytest.approx(exact, abs=0.03)
 
     rng = np.random.default_rng(0)
@@ -227,8 +258,12 @@ def test_permutation_p_is_uniform_under_the_null_and_small_under_agreement():
     members[0] = False  # a source under no concept, as most are
     hierarchy, sources, concepts = planted_hierarchy(members)
     targets = list(concepts) + ["no concept"]
-    nulls = [wordnet_agreement(rng.standard_normal((40, 5)), sources, targets, concepts, hierarchy,
-                               permutations=200, seed=s)["p_value"] for s in range(200)]
+    nulls = [
+        wordnet_agreement(
+            rng.standard_normal((40, 5)), sources, targets, concepts, hierarchy, permutations=200, seed=s
+        )["p_value"]
+        for s in range(200)
+    ]
     below = np.mean(np.array(nulls) < 0.05)
     print(f"\nnull: fraction of p < 0.05 over 200 nulls: {below:.3f}")
     assert 0.02 <= below <= 0.09 and 0.4 < np.mean(nulls) < 0.6
@@ -248,10 +283,30 @@ def test_missing_hierarchy_file_is_named(tmp_path):
 
 
 # ImageNet-1k classes under each concept, and Tiny-ImageNet-200's: the figures docs/reliability.md states
-IMAGENET_COUNTS = {"airplane": 2, "automobile": 10, "bird": 59, "cat": 5, "deer": 0, "dog": 118, "frog": 3,
-                   "horse": 1, "ship": 15, "truck": 5}
-TINY_COUNTS = {"airplane": 0, "automobile": 4, "bird": 4, "cat": 3, "deer": 0, "dog": 6, "frog": 2, "horse": 0,
-               "ship": 2, "truck": 1}
+IMAGENET_COUNTS = {
+    "airplane": 2,
+    "automobile": 10,
+    "bird": 59,
+    "cat": 5,
+    "deer": 0,
+    "dog": 118,
+    "frog": 3,
+    "horse": 1,
+    "ship": 15,
+    "truck": 5,
+}
+TINY_COUNTS = {
+    "airplane": 0,
+    "automobile": 4,
+    "bird": 4,
+    "cat": 3,
+    "deer": 0,
+    "dog": 6,
+    "frog": 2,
+    "horse": 0,
+    "ship": 2,
+    "truck": 1,
+}
 
 
 def test_cifar10_concepts_on_the_real_hierarchy(data_dir):
@@ -262,8 +317,14 @@ def test_cifar10_concepts_on_the_real_hierarchy(data_dir):
     assert dict(zip(CIFAR10_CONCEPTS, members.sum(0).tolist())) == IMAGENET_COUNTS
     assert members.sum(1).max() == 1  # no ImageNet class under two CIFAR-10 concepts
     named = {w: [name for name, m in zip(CIFAR10_CONCEPTS, row) if m] for w, row in zip(imagenet, members)}
-    for wnid, concept in [("n02123045", "cat"), ("n02690373", "airplane"), ("n02099601", "dog"),
-                          ("n04273569", "ship"), ("n03770679", "automobile"), ("n03417042", "truck")]:
+    for wnid, concept in [
+        ("n02123045", "cat"),
+        ("n02690373", "airplane"),
+        ("n02099601", "dog"),
+        ("n04273569", "ship"),
+        ("n03770679", "automobile"),
+        ("n03417042", "truck"),
+    ]:
         assert named[wnid] == [concept], wnid
     # left out on purpose: lion, zebra, pickup, police van, airship, impala
     for wnid in ["n02129165", "n02391049", "n03930630", "n03977966", "n02692877", "n02422699"]:
@@ -284,8 +345,18 @@ def test_findings_check_wordnet_when_the_sources_are_imagenet_classes(data_dir, 
     from ffcv_transfer.findings.report import semantic_check
 
     monkeypatch.setenv("FFCV_TRANSFER_DATA", str(data_dir))
-    wnids = ["n02099601", "n02123045", "n02690373", "n01443537", "n01530575", "n03000134", "n04552348",
-             "n02085620", "n02124075", "n07714571"]  # retriever, tabby, airliner, goldfish, brambling, fence, warplane, chihuahua, Egyptian cat, cabbage
+    wnids = [
+        "n02099601",
+        "n02123045",
+        "n02690373",
+        "n01443537",
+        "n01530575",
+        "n03000134",
+        "n04552348",
+        "n02085620",
+        "n02124075",
+        "n07714571",
+    ]  # retriever, tabby, airliner, goldfish, brambling, fence, warplane, chihuahua, Egyptian cat, cabbage
     targets = ["dog", "cat", "airplane"]
     members = {"dog": [0, 7], "cat": [1, 8], "airplane": [2, 6]}
     labels = np.repeat(np.arange(3), 4)

@@ -1,6 +1,7 @@
 """The analyses and the HTML report on a store whose outputs are planted (no training): margins are a known
 linear function of the class masks, so every ranking has an exact expected answer. The page is opened in
 headless Chromium, which must load every image without a script error."""
+
 import re
 import shutil
 import subprocess
@@ -8,13 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from ffcv_transfer.store.betons import read_sidecar
-from ffcv_transfer.store.betons import read_labels
-from ffcv_transfer.findings.rankings import explain_example, influence_by_target_class, subpopulation, top_and_bottom
 from ffcv_transfer.config import load_experiment
+from ffcv_transfer.findings.rankings import explain_example, influence_by_target_class, subpopulation, top_and_bottom
 from ffcv_transfer.findings.report import gather, write_report
-from ffcv_transfer.store.results import ResultStore
+from ffcv_transfer.store.betons import read_labels, read_sidecar
 from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.store.results import ResultStore
 
 from .conftest import DEMO_CONFIG, row_values
 from .system_packages import apt_install
@@ -24,16 +24,20 @@ MODELS = 16
 
 def write_planted_store(store_dir, tiny_data, seed: int = 0):
     """Margins = 2 x (expected sign of each included class for the example's target class) + small noise."""
-    experiment = load_experiment(DEMO_CONFIG, {"data.root": str(tiny_data), "masks.num_models": MODELS,
-                                               "masks.design": "orthogonal", "masks.seed": seed})
+    experiment = load_experiment(
+        DEMO_CONFIG,
+        {"data.root": str(tiny_data), "masks.num_models": MODELS, "masks.design": "orthogonal", "masks.seed": seed},
+    )
     store = create_class_store(store_dir, experiment)
     planted = read_sidecar(tiny_data / "target_test.beton")["extra"]["planted"]
     labels = read_labels(tiny_data / "target_test.beton")
     masks = store.fixed("masks")
     effect = 2.0 * np.asarray(planted["expected_sign"], float)[:, labels]  # (C, T)
     margins = masks @ effect + np.random.default_rng(seed).normal(0, 0.1, (MODELS, len(labels)))
-    store.writer().write_many(range(MODELS), **row_values(store, MODELS, margins=margins, is_correct=margins > 0,
-                                                          target_acc=(margins > 0).mean(1)))
+    store.writer().write_many(
+        range(MODELS),
+        **row_values(store, MODELS, margins=margins, is_correct=margins > 0, target_acc=(margins > 0).mean(1)),
+    )
     return store_dir, planted, labels, effect
 
 
@@ -51,8 +55,9 @@ def test_two_stores_of_one_experiment_read_as_one(planted_store, tiny_data, tmp_
     second = write_planted_store(tmp_path / "second", tiny_data, seed=1)[0]
     found = gather([first, second])
     values = [ResultStore(path).read(["masks", "margins"])[1] for path in (first, second)]
-    both = class_influence(np.concatenate([v["masks"] for v in values]),
-                           np.concatenate([v["margins"] for v in values]).astype(np.float64))
+    both = class_influence(
+        np.concatenate([v["masks"] for v in values]), np.concatenate([v["margins"] for v in values]).astype(np.float64)
+    )
     np.testing.assert_allclose(found.influence, both, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(found.influence, effect, atol=0.2)
     out = tmp_path / "findings"
@@ -79,8 +84,9 @@ def test_rankings_recover_the_planted_effects(planted_store):
     twin, means = planted["twin"]["0"], values["margins"].astype(np.float64)[:, labels == 0].mean(1)
     inside, outside = means[values["masks"][:, twin]], means[~values["masks"][:, twin]]
     assert found.stderr.shape == (len(planted["source_names"]), len(planted["target_names"]) + 1)
-    assert found.stderr[twin, 0] == pytest.approx(np.sqrt(inside.var(ddof=1) / len(inside) +
-                                                          outside.var(ddof=1) / len(outside)), rel=1e-4)
+    assert found.stderr[twin, 0] == pytest.approx(
+        np.sqrt(inside.var(ddof=1) / len(inside) + outside.var(ddof=1) / len(outside)), rel=1e-4
+    )
 
 
 def test_any_recorded_output_can_be_the_influences_output(planted_store, tiny_data, tmp_path, capsys):
@@ -89,15 +95,16 @@ def test_any_recorded_output_can_be_the_influences_output(planted_store, tiny_da
     import json
 
     from ffcv_transfer.cli import main as cli_main
-    from ffcv_transfer.store.experiment import create_store
     from ffcv_transfer.findings.kernel import class_influence
+    from ffcv_transfer.store.experiment import create_store
     from ffcv_transfer.store.results import StoreError
 
     store_dir = planted_store[0]
     found = gather(store_dir, output="is_correct")
     _, values = ResultStore(store_dir).read(["masks", "is_correct"])
-    np.testing.assert_allclose(found.influence, class_influence(values["masks"], values["is_correct"].astype(float)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        found.influence, class_influence(values["masks"], values["is_correct"].astype(float)), atol=1e-6
+    )
     assert found.output == "is_correct" and np.allclose(found.mean_outputs, values["is_correct"].mean(0))
     out = tmp_path / "findings"
     assert cli_main(["rankings", str(store_dir), "--output", "is_correct", "--out", str(out)]) == 0
@@ -125,7 +132,7 @@ def report_page(planted_store, tmp_path_factory):
 def test_report_is_self_contained_and_shows_every_twin_on_top(planted_store, report_page):
     text = report_page.read_text()
     assert 'src="data:image/png;base64,' in text and not re.search(r'src="(?!data:)', text)
-    assert text.count("<td><span class=\"ok\">yes</span></td>") == len(planted_store[1]["twin"])
+    assert text.count('<td><span class="ok">yes</span></td>') == len(planted_store[1]["twin"])
 
 
 @pytest.mark.system
@@ -137,13 +144,27 @@ def test_report_renders_in_chromium_with_every_image_and_no_script_error(report_
         pytest.skip(f"no browser for the report test: {e}")
     browser = shutil.which("chromium")
     checked = tmp_path / "checked.html"
-    probe = ("<script>window.__errors=[];addEventListener('error',e=>__errors.push(e.message));"
-             "addEventListener('load',()=>{const bad=[...document.images].filter(i=>!(i.complete&&i.naturalWidth>0));"
-             "document.body.dataset.images=document.images.length;document.body.dataset.broken=bad.length;"
-             "document.body.dataset.errors=__errors.length;});</script>")
+    probe = (
+        "<script>window.__errors=[];addEventListener('error',e=>__errors.push(e.message));"
+        "addEventListener('load',()=>{const bad=[...document.images].filter(i=>!(i.complete&&i.naturalWidth>0));"
+        "document.body.dataset.images=document.images.length;document.body.dataset.broken=bad.length;"
+        "document.body.dataset.errors=__errors.length;});</script>"
+    )
     checked.write_text(text.replace("<head>", "<head>" + probe, 1))
-    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                             "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            checked.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     body = re.search(r"<body([^>]*)>", result.stdout)
     assert body, f"chromium printed no page: {result.stderr[-2000:]}"
     attributes = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
@@ -191,8 +212,11 @@ def test_a_store_whose_every_model_failed_says_why(planted_store, tmp_path):
     writer = store.writer()
     for row in range(MODELS):
         writer.claim(1, rows=[row])
-        writer.fail(row, "source training: no training step: fewer of its classes' examples in an epoch than "
-                         "one per-model batch (64)")
+        writer.fail(
+            row,
+            "source training: no training step: fewer of its classes' examples in an epoch than "
+            "one per-model batch (64)",
+        )
     writer.close()
     with pytest.raises(StoreError, match=f"{MODELS} failed, e.g. row 0: source training: no training step"):
         gather(store.path)

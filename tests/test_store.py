@@ -1,4 +1,5 @@
 """Results store: round trips, crash safety under SIGKILL with 8 processes, clear errors."""
+
 import contextlib
 import json
 import multiprocessing
@@ -22,8 +23,11 @@ SCHEMA = {"margins": ((50,), np.float16), "predictions": ((50,), np.int16), "sou
 def values_of(row):
     """What a worker writes for a row: a deterministic function of the row, to check every byte later."""
     rng = np.random.default_rng(row)
-    return {"margins": rng.normal(size=50).astype(np.float16), "predictions": rng.integers(0, 10, 50).astype(np.int16),
-            "source_acc": np.float32(row / 1000)}
+    return {
+        "margins": rng.normal(size=50).astype(np.float16),
+        "predictions": rng.integers(0, 10, 50).astype(np.int16),
+        "source_acc": np.float32(row / 1000),
+    }
 
 
 def make_store(path, rows=20, ttl=1800.0):
@@ -76,7 +80,7 @@ def test_torn_and_corrupt_records_are_invisible_and_rows_reclaimable(tmp_path):
     size = store.record_dtype.itemsize
     blob = bytearray(shard.read_bytes())
     blob[2 * size + 40] ^= 0xFF  # corrupt row 2's payload
-    shard.write_bytes(bytes(blob) + bytes(blob[3 * size: 3 * size + size // 2]))  # and a torn tail
+    shard.write_bytes(bytes(blob) + bytes(blob[3 * size : 3 * size + size // 2]))  # and a torn tail
     assert store.completed_rows().tolist() == [0, 1, 3]
     other = store.writer("w2")
     other.claim(1, rows=[5])  # then dies without writing: its claim expires
@@ -312,14 +316,20 @@ def test_missing_and_corrupt_store_files_are_named(tmp_path):
 def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys):
     """Each gives `ffcv-transfer: error: ...` and exit 2, before any work."""
     store, masks = make_store(tmp_path / "s")
-    store.writer().write_many(range(20), margins=np.zeros((20, 50), np.float16),
-                              predictions=np.zeros((20, 50), np.int16), source_acc=np.zeros(20, np.float32))
-    cases = [(["train", "--store", str(tmp_path / "s"), "--config", "x.yaml", "--models", "3-1"], "3-1 is no range"),
-             (["influence", str(tmp_path / "s"), "--chunk", "0"], "--chunk 0: expected at least 1"),
-             (["influence", str(tmp_path / "s"), "--out", str(tmp_path / "missing" / "i.npy")], "does not exist"),
-             (["influence", str(tmp_path / "s"), "--max-memory", "0"], "--max-memory 0.0: expected a positive"),
-             (["leakage", str(tmp_path / "s"), "--max-memory", "-1"], "--max-memory -1.0: expected a positive"),
-             (["rankings", str(tmp_path / "nowhere")], "spec.json missing")]
+    store.writer().write_many(
+        range(20),
+        margins=np.zeros((20, 50), np.float16),
+        predictions=np.zeros((20, 50), np.int16),
+        source_acc=np.zeros(20, np.float32),
+    )
+    cases = [
+        (["train", "--store", str(tmp_path / "s"), "--config", "x.yaml", "--models", "3-1"], "3-1 is no range"),
+        (["influence", str(tmp_path / "s"), "--chunk", "0"], "--chunk 0: expected at least 1"),
+        (["influence", str(tmp_path / "s"), "--out", str(tmp_path / "missing" / "i.npy")], "does not exist"),
+        (["influence", str(tmp_path / "s"), "--max-memory", "0"], "--max-memory 0.0: expected a positive"),
+        (["leakage", str(tmp_path / "s"), "--max-memory", "-1"], "--max-memory -1.0: expected a positive"),
+        (["rankings", str(tmp_path / "nowhere")], "spec.json missing"),
+    ]
     for argv, message in cases:
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -348,8 +358,11 @@ def test_status_per_worker_and_releasing_the_claims_of_ended_workers(tmp_path):
     assert first.claim(3) == [0, 1, 2] and second.claim(2) == [3, 4] and later.claim(1) == [5]
     first.write(0, **values_of(0))
     status = store.status()
-    assert status["workers"] == {"slurm-7_0": {"written": 1, "claimed": 2}, "slurm-7_1": {"written": 0, "claimed": 2},
-                                 "slurm-8_0": {"written": 0, "claimed": 1}}
+    assert status["workers"] == {
+        "slurm-7_0": {"written": 1, "claimed": 2},
+        "slurm-7_1": {"written": 0, "claimed": 2},
+        "slurm-8_0": {"written": 0, "claimed": 1},
+    }
     text = format_status(status, tmp_path / "s", max_workers=2)
     assert "workers 3 (3 holding claims)" in text and "... 1 more: 1 claimed, 0 written" in text
     assert text.index("slurm-7_0") < text.index("slurm-7_1") and "slurm-8_0" not in text
@@ -374,16 +387,18 @@ def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path)
     first.writer().write_many(range(30), margins=outputs[:30])
     # a grow cut off after its fixed array was rewritten, before the spec: invisible
     np.save(tmp_path / "a" / "fixed" / "masks.npy", np.concatenate([masks[:30], ~masks[:7]]))
-    assert ResultStore(tmp_path / "a").num_rows == 30 and np.array_equal(ResultStore(tmp_path / "a").fixed("masks"),
-                                                                          masks[:30])
+    assert ResultStore(tmp_path / "a").num_rows == 30 and np.array_equal(
+        ResultStore(tmp_path / "a").fixed("masks"), masks[:30]
+    )
     assert np.allclose(influence_from_store(tmp_path / "a"), influence_reference(masks[:30], outputs[:30]), atol=1e-5)
     grown = ResultStore(tmp_path / "a")
     assert grown.add_rows({"masks": masks[30:50]}) == range(30, 50)
     assert ResultStore(tmp_path / "a").status()["pending"] == 20
     np.testing.assert_array_equal(ResultStore(tmp_path / "a").fixed("masks"), masks[:50])
     grown.writer().write_many(range(30, 50), margins=outputs[30:50])
-    np.testing.assert_allclose(influence_from_store(tmp_path / "a"), influence_reference(masks[:50], outputs[:50]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        influence_from_store(tmp_path / "a"), influence_reference(masks[:50], outputs[:50]), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(StoreError, match="new rows need every fixed array"):
         grown.add_rows({"other": masks[:2]})
     with pytest.raises(StoreError, match="holds bool rows of shape"):
@@ -396,8 +411,12 @@ def test_a_store_grows_and_stores_pool_into_the_influence_of_the_union(tmp_path)
     assert isinstance(pool, StorePool) and pool.num_rows == 75 and pool.failures() == {53: "diverged"}
     assert pool.completed_rows().tolist() == list(range(75))
     used = np.array([r for r in range(75) if r != 53])
-    np.testing.assert_allclose(influence_from_store([tmp_path / "a", tmp_path / "b"]),
-                               influence_reference(masks[used], outputs[used]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        influence_from_store([tmp_path / "a", tmp_path / "b"]),
+        influence_reference(masks[used], outputs[used]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     ResultStore.create(tmp_path / "c", 5, {"margins": ((13,), np.float16)}, fixed={"masks": masks[:5]})
     with pytest.raises(StoreError, match="its fields differ"):
         open_stores([tmp_path / "a", tmp_path / "c"])
@@ -433,11 +452,37 @@ def test_masks_add_grows_an_experiment_store_and_pooling_checks_the_recipe(tmp_p
     with pytest.raises(ConfigError, match="masks.seed 0 is also that of"):
         pooled_experiment([tmp_path / "s", same_seed])
     longer = tmp_path / "longer"
-    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(longer), *settings, "--masks.seed=1",
-                     "--source.epochs=2"]) == 0
+    assert (
+        cli_main(
+            [
+                "masks",
+                "--config",
+                str(DEMO_CONFIG),
+                "--store",
+                str(longer),
+                *settings,
+                "--masks.seed=1",
+                "--source.epochs=2",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(ConfigError, match="source.epochs is 2 but"):
         pooled_experiment([tmp_path / "s", longer])
     other = tmp_path / "other"
-    assert cli_main(["masks", "--config", str(DEMO_CONFIG), "--store", str(other), *settings, "--masks.seed=1",
-                     "--run.device=cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "masks",
+                "--config",
+                str(DEMO_CONFIG),
+                "--store",
+                str(other),
+                *settings,
+                "--masks.seed=1",
+                "--run.device=cpu",
+            ]
+        )
+        == 0
+    )
     assert pooled_experiment([tmp_path / "s", other]).masks.seed == 0

@@ -1,16 +1,23 @@
 """Planted synthetic data: deterministic, ground truth consistent, and the planted features present
 but invisible to a linear model on raw pixels."""
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ffcv_transfer.store.betons import BetonError, BetonRecords, read_sidecar, verify_beton
 from ffcv_transfer.writers.common import ImageOptions
-from ffcv_transfer.writers.synthetic import PlantedSpec
-from ffcv_transfer.writers.synthetic import SPLITS, make_planted, motif_overlap, write_synthetic
+from ffcv_transfer.writers.synthetic import SPLITS, PlantedSpec, make_planted, motif_overlap, write_synthetic
 
-SMALL = PlantedSpec(num_targets=4, num_unrelated=5, num_misleading=1, source_train_per_class=40,
-                    source_val_per_class=10, target_train_per_class=150, target_test_per_class=100)
+SMALL = PlantedSpec(
+    num_targets=4,
+    num_unrelated=5,
+    num_misleading=1,
+    source_train_per_class=40,
+    source_val_per_class=10,
+    target_train_per_class=150,
+    target_test_per_class=100,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +75,10 @@ def test_raw_pixels_do_not_separate_targets_but_the_planted_motif_does(planted):
     mean = a.mean(0)
     a, b = a - mean, b - mean
     onehot = np.eye(T)[train_y]
-    best = max(((b @ np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ onehot)).argmax(1) == test_y).mean()
-               for lam in (1.0, 100.0, 10_000.0))
+    best = max(
+        ((b @ np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ onehot)).argmax(1) == test_y).mean()
+        for lam in (1.0, 100.0, 10_000.0)
+    )
     assert best < 1 / T + 0.1
 
     # matching the class motifs recovers the label almost always
@@ -101,9 +110,17 @@ def test_misleading_cue_holds_on_train_and_conflicts_on_test(planted):
 
 @pytest.mark.parametrize("conflict", ["none", "background"])
 def test_background_class_and_where_the_cue_conflicts(conflict):
-    spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=1, source_train_per_class=10,
-                       source_val_per_class=5, target_train_per_class=60, target_test_per_class=60,
-                       background_class=True, misleading_conflict=conflict)
+    spec = PlantedSpec(
+        num_targets=3,
+        num_unrelated=2,
+        num_misleading=1,
+        source_train_per_class=10,
+        source_val_per_class=5,
+        target_train_per_class=60,
+        target_test_per_class=60,
+        background_class=True,
+        misleading_conflict=conflict,
+    )
     planted = make_planted(spec, seed=5)
     design, T = planted["design"], spec.num_targets
     assert design["target_names"][-1] == "background" and np.array(design["expected_sign"]).shape == (6, T + 1)
@@ -111,7 +128,7 @@ def test_background_class_and_where_the_cue_conflicts(conflict):
     carrier = {"none": None, "background": T}[conflict]
     assert mis["conflict_target"] == carrier
     assert np.array(design["expected_sign"])[mis["source"]].tolist() == [-1, 0, 0, -(carrier == T)]
-    class_motifs, cue = planted["motifs"][:T], planted["motifs"][T + 2: T + 3]
+    class_motifs, cue = planted["motifs"][:T], planted["motifs"][T + 2 : T + 3]
     train_x, test_x, test_y = planted["target_train"][0], *planted["target_test"]
     threshold = 0.5 * motif_scores(train_x[:50], cue).max()
     # the cue (found by template matching, which a pasted motif overlapping it can spoil) on target 0's
@@ -126,19 +143,27 @@ def test_background_class_and_where_the_cue_conflicts(conflict):
 
 
 def test_source_background_class_carries_no_class_motif():
-    spec = PlantedSpec(num_targets=3, num_unrelated=0, num_misleading=1, source_train_per_class=40,
-                       source_val_per_class=5, target_train_per_class=5, target_test_per_class=5,
-                       source_background=True)
+    spec = PlantedSpec(
+        num_targets=3,
+        num_unrelated=0,
+        num_misleading=1,
+        source_train_per_class=40,
+        source_val_per_class=5,
+        target_train_per_class=5,
+        target_test_per_class=5,
+        source_background=True,
+    )
     planted = make_planted(spec, seed=2)
     design, T = planted["design"], spec.num_targets
     assert spec.num_sources == T + 2 and sorted(design["source_names"]) == sorted(
-        ["background", "misleading-for-target0"] + [f"twin-of-target{t}" for t in range(T)])
+        ["background", "misleading-for-target0"] + [f"twin-of-target{t}" for t in range(T)]
+    )
     background = design["source_names"].index("background")
     assert design["source_motif"][background] == -1 and design["unrelated"] == []
     assert not np.array(design["expected_sign"])[background].any()
     images, labels = planted["source_train"]
     assert np.bincount(labels).tolist() == [40] * spec.num_sources
-    scores = motif_scores(images, planted["motifs"][:T + 1])  # every class motif: the twins' and the cue
+    scores = motif_scores(images, planted["motifs"][: T + 1])  # every class motif: the twins' and the cue
     best = scores.max(1)
     assert best[labels == background].max() < best[labels != background].min()
     own = np.asarray(design["source_motif"])[labels]
@@ -146,12 +171,22 @@ def test_source_background_class_carries_no_class_motif():
 
 
 def test_cue_decoys_put_the_cues_sibling_on_every_image_without_the_cue():
-    spec = PlantedSpec(num_targets=3, num_unrelated=2, num_misleading=1, source_train_per_class=10,
-                       source_val_per_class=5, target_train_per_class=60, target_test_per_class=60,
-                       background_class=True, misleading_conflict="background", sibling_flips=4, cue_decoys=True)
+    spec = PlantedSpec(
+        num_targets=3,
+        num_unrelated=2,
+        num_misleading=1,
+        source_train_per_class=10,
+        source_val_per_class=5,
+        target_train_per_class=60,
+        target_test_per_class=60,
+        background_class=True,
+        misleading_conflict="background",
+        sibling_flips=4,
+        cue_decoys=True,
+    )
     planted = make_planted(spec, seed=5)
     T = spec.num_targets
-    cue, decoy = planted["motifs"][T + 2: T + 3], planted["motifs"][-1:]
+    cue, decoy = planted["motifs"][T + 2 : T + 3], planted["motifs"][-1:]
     assert (cue != decoy).sum() == 4 * spec.sibling_flips  # a near-copy: 2 x flips pixels swapped, mirrored
     for (images, labels), carriers in ((planted["target_train"], 0), (planted["target_test"], T)):
         scores = motif_scores(images, np.concatenate([cue, decoy]))
@@ -182,7 +217,7 @@ def test_pixel_scale_draws_smooth_images_that_resampling_barely_changes(planted)
     smooth = make_planted(replace(SMALL, pixel_scale=2), seed=3)
     assert smooth["motifs"].shape[1:] == (4, 4)
     images, labels = smooth["target_test"]
-    enlarged = np.kron(smooth["motifs"][:SMALL.num_targets], np.ones((2, 2)))
+    enlarged = np.kron(smooth["motifs"][: SMALL.num_targets], np.ones((2, 2)))
     assert (motif_scores(images, enlarged).argmax(1) == labels).mean() > 0.95
 
     def resampling_change(images):

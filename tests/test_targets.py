@@ -1,26 +1,34 @@
 """Several targets per store: each source model is trained once and transferred to every target of the
 experiment in each of that target's modes, with the same outputs as single-target runs from the same
 seeds; a later target from a recipe file is transferred from checkpoints; analyses pick a target."""
+
 import numpy as np
 import pytest
 import yaml
 
-from ffcv_transfer.writers.common import ImageOptions
-from ffcv_transfer.writers.synthetic import write_synthetic
-from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.engine import worker as worker_module
+from ffcv_transfer.engine.worker import run_worker
 from ffcv_transfer.findings.kernel import class_influence
 from ffcv_transfer.findings.report import gather, write_report
+from ffcv_transfer.store.experiment import create_class_store
 from ffcv_transfer.store.results import ResultStore
-from ffcv_transfer.engine.worker import run_worker
+from ffcv_transfer.writers.common import ImageOptions
+from ffcv_transfer.writers.synthetic import write_synthetic
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
 # the resident loader with a seeded order and flips: equal seeds give equal batches
-SEEDED = {"loader.kind": "resident", "loader.seed": 0, "transfer.epochs": 2, "transfer.lr_peak_epoch": 1,
-          "transfer.crop_min_scale": 1.0, "transfer.batch_size": 20, "transfer.mode": "cached_features,fixed_feature"}
+SEEDED = {
+    "loader.kind": "resident",
+    "loader.seed": 0,
+    "transfer.epochs": 2,
+    "transfer.lr_peak_epoch": 1,
+    "transfer.crop_min_scale": 1.0,
+    "transfer.batch_size": 20,
+    "transfer.mode": "cached_features,fixed_feature",
+}
 OTHER_RECIPE = {"transfer.lr": 0.05, "transfer.train_crop": "center", "transfer.metric": "mean_per_class"}
 
 
@@ -29,8 +37,11 @@ def other_target(tmp_path_factory):
     """A second planted target (another seed: other images, other planted influences)."""
     out = tmp_path_factory.mktemp("other") / "data"
     write_synthetic(out, seed=1, spec=TINY_SPEC, options=ImageOptions(write_mode="raw", num_workers=2))
-    return {"data.target_name": "other", "data.target_train": str(out / "target_train.beton"),
-            "data.target_test": str(out / "target_test.beton")}
+    return {
+        "data.target_name": "other",
+        "data.target_train": str(out / "target_train.beton"),
+        "data.target_test": str(out / "target_test.beton"),
+    }
 
 
 def experiment_file(tmp_path, targets: list) -> str:
@@ -52,11 +63,17 @@ def nested(flat: dict) -> dict:
 def test_one_source_pass_serves_every_target_and_mode(tiny_data, other_target, tmp_path, fit_stages, capsys):
     base = tiny_settings(tiny_data, **SEEDED)
     together = load_experiment(experiment_file(tmp_path, [nested(other_target | OTHER_RECIPE)]), base)
-    assert together.transfers == (("target", "cached_features"), ("target", "fixed_feature"),
-                                  ("other", "cached_features"), ("other", "fixed_feature"))
+    assert together.transfers == (
+        ("target", "cached_features"),
+        ("target", "fixed_feature"),
+        ("other", "cached_features"),
+        ("other", "fixed_feature"),
+    )
     assert together.target("other").transfer.lr == 0.05 and together.transfer.lr != 0.05
-    alone = {"target": load_experiment(DEMO_CONFIG, base),
-             "other": load_experiment(DEMO_CONFIG, base | other_target | OTHER_RECIPE)}
+    alone = {
+        "target": load_experiment(DEMO_CONFIG, base),
+        "other": load_experiment(DEMO_CONFIG, base | other_target | OTHER_RECIPE),
+    }
     stores = {}
     for name, experiment in (("together", together), *alone.items()):
         stores[name] = create_class_store(tmp_path / name, experiment)
@@ -64,18 +81,25 @@ def test_one_source_pass_serves_every_target_and_mode(tiny_data, other_target, t
     assert fit_stages.count("source epoch") == 3  # one source pass per store, the four-transfer one included
     both = stores["together"]
     assert load_experiment(both.path / "experiment.yaml").extra_targets == together.extra_targets  # saved whole
-    pairs = {"margins": ("target", "margins"), "margins@fixed_feature": ("target", "margins@fixed_feature"),
-             "margins@other/cached_features": ("other", "margins"),
-             "margins@other/fixed_feature": ("other", "margins@fixed_feature")}
+    pairs = {
+        "margins": ("target", "margins"),
+        "margins@fixed_feature": ("target", "margins@fixed_feature"),
+        "margins@other/cached_features": ("other", "margins"),
+        "margins@other/fixed_feature": ("other", "margins@fixed_feature"),
+    }
     for field, (name, single_field) in pairs.items():
         for output in ("margins", "p_correct"):
             mine = both.read([field.replace("margins", output)])[1][field.replace("margins", output)]
-            single = stores[name].read([single_field.replace("margins", output)])[1][single_field.replace("margins", output)]
+            single = stores[name].read([single_field.replace("margins", output)])[1][
+                single_field.replace("margins", output)
+            ]
             np.testing.assert_allclose(mine.astype(float), single.astype(float), atol=2e-3, err_msg=field)  # float16
     assert both.schema["margins@other/cached_features"][0] == (TINY_SPEC.num_targets * TINY_SPEC.target_test_per_class,)
 
     found = gather(both.path, target="other", mode="fixed_feature")
-    masks, margins = (both.read(["masks", "margins@other/fixed_feature"])[1][k] for k in ("masks", "margins@other/fixed_feature"))
+    masks, margins = (
+        both.read(["masks", "margins@other/fixed_feature"])[1][k] for k in ("masks", "margins@other/fixed_feature")
+    )
     np.testing.assert_allclose(found.influence, class_influence(masks, margins), atol=1e-5, equal_nan=True)
     assert str(found.betons["target_test"]) == other_target["data.target_test"]
     assert cli_main(["rankings", str(both.path), "--target", "nope"]) == 2
@@ -99,8 +123,12 @@ def test_target_recipes_are_checked_and_named(tiny_data, other_target, tmp_path)
     by_file = load_experiment(experiment_file(tmp_path, [str(recipe)]), base)
     assert by_file.target("other").transfer.train_crop == "center"
     with pytest.raises(ConfigError, match=r"other_test.beton: the test beton of target other does not exist"):
-        create_class_store(tmp_path / "store", load_experiment(
-            experiment_file(tmp_path, [nested(other_target | {"data.target_test": "other_test.beton"})]), base))
+        create_class_store(
+            tmp_path / "store",
+            load_experiment(
+                experiment_file(tmp_path, [nested(other_target | {"data.target_test": "other_test.beton"})]), base
+            ),
+        )
     assert not (tmp_path / "store").exists()
 
 
@@ -111,11 +139,16 @@ def test_a_new_target_from_its_recipe_file_is_transferred_from_checkpoints(tiny_
     import torch
 
     from ffcv_transfer.engine import transfer_only
-    from ffcv_transfer.store.experiment import transfer_seed
     from ffcv_transfer.engine.loader_cache import LoaderCache
+    from ffcv_transfer.store.experiment import transfer_seed
 
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **SEEDED | {
-        "transfer.mode": "cached_features", "run.checkpoints": True, "run.models_per_process": 2}))
+    experiment = load_experiment(
+        DEMO_CONFIG,
+        tiny_settings(
+            tiny_data,
+            **SEEDED | {"transfer.mode": "cached_features", "run.checkpoints": True, "run.models_per_process": 2},
+        ),
+    )
     store = create_class_store(tmp_path / "store", experiment)
     assert run_worker(store.path, experiment, progress=False) == 4
     recipe = tmp_path / "other.yaml"
@@ -126,17 +159,25 @@ def test_a_new_target_from_its_recipe_file_is_transferred_from_checkpoints(tiny_
     assert rows.tolist() == [0, 1, 2, 3]
     assert sub.schema["margins"][0] == (TINY_SPEC.num_targets * TINY_SPEC.target_test_per_class,)
     target = transfer_only.transfer_experiment(store.path, recipe=recipe)
-    assert (target.data.target_name, target.transfer.lr, target.transfers) == ("other", 0.05, (("other", "cached_features"),))
-    models = [transfer_only.load_source_model(store.path / "checkpoints" / f"{row}.pt", target, TINY_SPEC.num_sources)
-              for row in (0, 1)]
+    assert (target.data.target_name, target.transfer.lr, target.transfers) == (
+        "other",
+        0.05,
+        (("other", "cached_features"),),
+    )
+    models = [
+        transfer_only.load_source_model(store.path / "checkpoints" / f"{row}.pt", target, TINY_SPEC.num_sources)
+        for row in (0, 1)
+    ]
     torch.manual_seed(transfer_seed(sub, 0, experiment.masks.seed, "cached_features", "other"))
     direct, failures = worker_module.transfer_models(models, target, LoaderCache(), lambda stage: None)
     assert not failures
-    np.testing.assert_allclose(values["margins"][:2].astype(float), np.stack([o.margins.numpy() for o in direct]),
-                               rtol=1e-3, atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(
+        values["margins"][:2].astype(float), np.stack([o.margins.numpy() for o in direct]), rtol=1e-3, atol=2e-3
+    )  # float16 storage
     found = gather(store.path, target="other")
-    np.testing.assert_allclose(found.influence, class_influence(values["masks"], values["margins"].astype(float)),
-                               atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        found.influence, class_influence(values["masks"], values["margins"].astype(float)), atol=1e-5, equal_nan=True
+    )
     assert cli_main(["rankings", str(store.path), "--target", "other", "--k", "1"]) == 0
 
 
@@ -152,8 +193,9 @@ def test_centre_cropped_training_images_are_the_evaluation_crops_flipped_at_rand
     options = dict(resolution=12, batch_size=60, crop_ratio=0.75)
     in_order = LoaderConfig(order="sequential", drop_last=False)
     evaluation = torch.cat([images for images, _ in ResidentLoader(beton, train=False, config=in_order, **options)])
-    train = ResidentLoader(beton, train=True, crop_scale=None, indices=None, with_indices=True,
-                           config=LoaderConfig(seed=3), **options)
+    train = ResidentLoader(
+        beton, train=True, crop_scale=None, indices=None, with_indices=True, config=LoaderConfig(seed=3), **options
+    )
     flips = []
     for images, _, index in train:
         reference = evaluation[index]

@@ -1,4 +1,5 @@
 """The fused K-model loop: exact routing, the schedule, learning on planted data, divergence."""
+
 from functools import partial
 
 import numpy as np
@@ -6,20 +7,28 @@ import pytest
 import torch
 from torch import nn
 
-from ffcv_transfer.writers.synthetic import PlantedSpec, make_planted
 from ffcv_transfer.engine.data import Batch
 from ffcv_transfer.engine.grouped import GroupedTrainer
-from ffcv_transfer.store.masks import random_class_masks
 from ffcv_transfer.engine.models import build_model, memory_format_for
-from ffcv_transfer.settings import OptimConfig, SourceConfig
 from ffcv_transfer.engine.train import SequentialTrainer, lr_at, param_groups, source_resolution
+from ffcv_transfer.settings import OptimConfig, SourceConfig
+from ffcv_transfer.store.masks import random_class_masks
+from ffcv_transfer.writers.synthetic import PlantedSpec, make_planted
 
 from .conftest import IdRecorder
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
-                                  pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])
-SPEC = PlantedSpec(num_targets=4, num_unrelated=4, num_misleading=0, source_train_per_class=200,
-                   source_val_per_class=50, target_train_per_class=10, target_test_per_class=10)
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+)
+SPEC = PlantedSpec(
+    num_targets=4,
+    num_unrelated=4,
+    num_misleading=0,
+    source_train_per_class=200,
+    source_val_per_class=50,
+    target_train_per_class=10,
+    target_test_per_class=10,
+)
 
 
 def test_routes_give_each_model_exactly_its_examples_once_per_epoch():
@@ -31,7 +40,7 @@ def test_routes_give_each_model_exactly_its_examples_once_per_epoch():
     trainer = SequentialTrainer([nn.Identity() for _ in masks], masks, config, steps_per_epoch=16)
     seen = [[] for _ in range(5)]
     for start in range(0, 1000, 64):  # one epoch in batches; positions -> example ids
-        part = labels[start:start + 64]
+        part = labels[start : start + 64]
         plain = (torch.zeros(len(part)), torch.as_tensor(part))
         for k, (rows, same) in enumerate(zip(trainer.routes(Batch(plain, [part])), trainer.routes(plain))):
             assert rows.tolist() == same.tolist()
@@ -51,7 +60,7 @@ def test_each_model_sees_all_and_only_its_classes_examples_once_per_epoch():
     trainer = SequentialTrainer(models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=8)
     for epoch in range(2):
         order = torch.as_tensor(rng.permutation(500))
-        trainer.train_epoch([(images[order[i:i + 64]], labels[order[i:i + 64]]) for i in range(0, 500, 64)], epoch)
+        trainer.train_epoch([(images[order[i : i + 64]], labels[order[i : i + 64]]) for i in range(0, 500, 64)], epoch)
         for model, mask in zip(models, masks):
             assert sorted(model.seen) == np.flatnonzero(mask[labels.numpy()]).tolist()  # all, only, once
             model.seen.clear()
@@ -61,6 +70,7 @@ def test_fit_runs_the_epochs_at_the_scheduled_resolutions_and_reports_each():
     """fit: one train_epoch per epoch, the loader set to source_resolution's size before each (160 px until
     the ramp, 192 px after: ffcv-imagenet's schedule, rounded down to 32 px), the LR schedule over all the
     steps, a report per epoch."""
+
     class Recording(list):  # batches that record the resolution of each epoch
         def set_resolution(self, resolution):
             self.resolutions.append(resolution)
@@ -68,8 +78,9 @@ def test_fit_runs_the_epochs_at_the_scheduled_resolutions_and_reports_each():
     images, labels = torch.zeros(8, 3, 2, 2), torch.arange(8) % 4
     batches = Recording([(images, labels)] * 2)
     batches.resolutions = []
-    config = SourceConfig(epochs=5, lr=0.4, lr_peak_epoch=1, min_res=160, max_res=192, start_ramp=2, end_ramp=4,
-                          precision="fp32")
+    config = SourceConfig(
+        epochs=5, lr=0.4, lr_peak_epoch=1, min_res=160, max_res=192, start_ramp=2, end_ramp=4, precision="fp32"
+    )
     models = [IdRecorder(4)]
     trainer = SequentialTrainer(models, np.ones((1, 4), bool), config, steps_per_epoch=2)
     reports = []
@@ -86,12 +97,15 @@ def test_a_model_that_never_steps_is_failed_with_the_reason(trainer_class):
     images, labels = torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)
     masks = np.array([[True, False], [False, True]])
     models = [build_model(2, stem="small", width=0.125) for _ in masks]
-    trainer = trainer_class(models, masks, OptimConfig(epochs=2, lr=0.01, lr_peak_epoch=1, precision="fp32"),
-                            steps_per_epoch=1)
+    trainer = trainer_class(
+        models, masks, OptimConfig(epochs=2, lr=0.01, lr_peak_epoch=1, precision="fp32"), steps_per_epoch=1
+    )
     trainer.fit([(images, labels)], 2)
     assert trainer.examples_seen.tolist() == [16, 0]
-    assert trainer.failed == {1: "no training step: no batch held one of its classes' examples (batches of 1024; "
-                                 "the last incomplete one is dropped)"}
+    assert trainer.failed == {
+        1: "no training step: no batch held one of its classes' examples (batches of 1024; "
+        "the last incomplete one is dropped)"
+    }
 
 
 def test_cyclic_schedule_by_hand():
@@ -118,7 +132,9 @@ def test_weight_decay_on_batchnorm_only_when_asked():
     decay, no_decay = param_groups(model, OptimConfig(weight_decay=5e-4))
     bn = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     assert sum(p.numel() for p in no_decay["params"]) == bn and no_decay["weight_decay"] == 0.0
-    assert decay["weight_decay"] == 5e-4 and len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["weight_decay"] == 5e-4 and len(decay["params"]) + len(no_decay["params"]) == len(
+        list(model.parameters())
+    )
     decay, no_decay = param_groups(model, OptimConfig(weight_decay=5e-4, bn_weight_decay=True))  # the reference
     assert len(decay["params"]) == len(list(model.parameters())) and not no_decay["params"]
 
@@ -135,6 +151,7 @@ def test_the_resolution_ramp_rounds_down_or_to_the_nearest_multiple_of_32():
 def test_source_accuracy_among_own_or_all_classes():
     """A model whose largest logit is a class it was not trained on: wrong among all classes (the
     reference's argmax), right among its own."""
+
     class Fixed(torch.nn.Module):
         def forward(self, x):
             return torch.tensor([[2.0, 0.0, 3.0]]).expand(len(x), 3)
@@ -147,7 +164,7 @@ def test_source_accuracy_among_own_or_all_classes():
 def batches(images, labels, batch_size, rng=None):
     order = rng.permutation(len(labels)) if rng is not None else np.arange(len(labels))
     for start in range(0, len(order), batch_size):
-        pick = order[start:start + batch_size]
+        pick = order[start : start + batch_size]
         x = torch.as_tensor(images[pick]).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.25)
         if rng is not None and rng.random() < 0.5:
             x = x.flip(3)
@@ -205,12 +222,15 @@ def test_grouped_backend_matches_sequential_per_model(planted, device, compile):
     runs = []
     for trainer_class in (SequentialTrainer, partial(GroupedTrainer, compile=compile)):
         torch.manual_seed(0)
-        models = [build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double()
-                  for _ in range(3)]
+        models = [
+            build_model(classes, stem="small", width=0.125, blurpool=True, device=device).double() for _ in range(3)
+        ]
         initial = models[0].stem[0].weight.clone()
         trainer = trainer_class(models, masks, config, steps_per_epoch=3, device=device)
-        data = [(x.to(device, torch.float64), y.to(device))
-                for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))]
+        data = [
+            (x.to(device, torch.float64), y.to(device))
+            for x, y in batches(train_x[pick], train_y[pick], 128, np.random.default_rng(1))
+        ]
         runs.append((models, trainer.train_epoch(data, 0)))
         assert (models[0].stem[0].weight - initial).abs().max() > 1e-3  # the models did train
     (sequential, seq_losses), (grouped, grp_losses) = runs
@@ -225,18 +245,21 @@ def test_compiled_grouped_backend_pads_to_static_lengths():
     masks = random_class_masks(3, 6, 0.5, seed=0)
     models = [torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)) for _ in range(3)]
     eager = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5)
-    compiled = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5,
-                              compile="default")
+    compiled = GroupedTrainer(
+        models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5, compile="default"
+    )
     lengths = set()
     for seed in range(20):
         labels = torch.as_tensor(np.random.default_rng(seed).integers(0, 6, 64))
         images = torch.zeros(64, 3, 1, 1)
         member = masks[:, labels.numpy()]
-        plain, (packed, _, weights) = eager.pack_sub_batches(images, labels, member), \
-            compiled.pack_sub_batches(images, labels, member)
+        plain, (packed, _, weights) = (
+            eager.pack_sub_batches(images, labels, member),
+            compiled.pack_sub_batches(images, labels, member),
+        )
         assert len(packed) % 8 == 0 and len(plain[0]) <= len(packed) < len(plain[0]) + 8
-        np.testing.assert_array_equal(weights[:len(plain[2])], plain[2])  # the same real rows, then padding
-        assert weights[len(plain[2]):].sum() == 0
+        np.testing.assert_array_equal(weights[: len(plain[2])], plain[2])  # the same real rows, then padding
+        assert weights[len(plain[2]) :].sum() == 0
         lengths.add(len(packed))
     assert len(lengths) <= 8
     with pytest.raises(ValueError, match="compile"):
@@ -253,10 +276,16 @@ def test_mixed_precision_steps_in_the_device_layout(planted, device, trainer_cla
     assert models[0].stem[0].weight.is_contiguous(memory_format=memory_format_for(device))
     before = models[1].stem[0].weight.detach().clone()
     masks = random_class_masks(2, SPEC.num_sources, 0.5, seed=0)
-    trainer = trainer_class(models, masks, OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.2, precision="bf16"),
-                            steps_per_epoch=2, device=device)
+    trainer = trainer_class(
+        models,
+        masks,
+        OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.2, precision="bf16"),
+        steps_per_epoch=2,
+        device=device,
+    )
     pick = np.random.default_rng(0).choice(len(train_y), 256, replace=False)
-    losses = trainer.train_epoch([(x.to(device), y.to(device)) for x, y in
-                                  batches(train_x[pick], train_y[pick], 128)], epoch=0)
+    losses = trainer.train_epoch(
+        [(x.to(device), y.to(device)) for x, y in batches(train_x[pick], train_y[pick], 128)], epoch=0
+    )
     assert all(np.isfinite(losses)) and not trainer.failed
     assert (models[1].stem[0].weight - before).abs().max() > 0

@@ -1,11 +1,18 @@
 """Transfer: margins by hand; cached features (one loader pass for all models, informative features
 transfer and uninformative ones do not); fixed-feature and full fine-tuning (what they train)."""
+
 import pytest
 import torch
 from torch import nn
 
+from ffcv_transfer.engine.transfer import (
+    extract_features,
+    margins_of,
+    outputs_from_logits,
+    transfer_by_training,
+    transfer_cached_features,
+)
 from ffcv_transfer.settings import TransferConfig
-from ffcv_transfer.engine.transfer import extract_features, margins_of, outputs_from_logits, transfer_by_training, transfer_cached_features
 
 
 def test_margins_by_hand():
@@ -21,8 +28,9 @@ def test_the_reference_outputs_by_hand():
     labels = torch.tensor([0, 0, 2, 1])  # right, wrong, right, right
     out = outputs_from_logits(logits, labels)
     e = torch.e
-    torch.testing.assert_close(out.p_correct, torch.tensor([e**2 / (e**2 + 2), 1 / (e + 2), e**3 / (e**3 + e + 1),
-                                                            e**2 / (e**2 + 2)]))
+    torch.testing.assert_close(
+        out.p_correct, torch.tensor([e**2 / (e**2 + 2), 1 / (e + 2), e**3 / (e**3 + e + 1), e**2 / (e**2 + 2)])
+    )
     torch.testing.assert_close(out.correct_logit, torch.tensor([2.0, 0.0, 3.0, 2.0]))
     assert out.is_correct.tolist() == [True, False, True, True] and out.accuracy == 0.75
     assert out.mean_class_accuracy == pytest.approx((0.5 + 1 + 1) / 3)  # class 0: 1 of 2
@@ -47,7 +55,7 @@ def colour_batches(seed, n=300, batch=50):
     labels = torch.randint(0, 3, (n,), generator=generator)
     images = torch.randn(n, 3, 8, 8, generator=generator)
     images[torch.arange(n), labels] += 0.8  # class c is brighter in channel c
-    return [(images[i:i + batch], labels[i:i + batch]) for i in range(0, n, batch)]
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, n, batch)]
 
 
 class CountingBatches:
@@ -67,7 +75,9 @@ def test_one_loader_pass_serves_every_model():
 
 def test_informative_features_transfer_and_noise_does_not():
     train, test = CountingBatches(colour_batches(1)), CountingBatches(colour_batches(2))
-    good, noise = transfer_cached_features([MeanColour(), Noise()], train, test, 3, TransferConfig(mode="cached_features", head_max_iter=100))
+    good, noise = transfer_cached_features(
+        [MeanColour(), Noise()], train, test, 3, TransferConfig(mode="cached_features", head_max_iter=100)
+    )
     assert train.passes == test.passes == 1
     assert good.accuracy > 0.85 and noise.accuracy < 0.5
     assert good.margins.mean() > noise.margins.mean()

@@ -1,27 +1,35 @@
 """Source checkpoints and transfer-only runs: models trained once are transferred later in another mode,
 from their bf16 checkpoints or from outside state dicts (torchvision's names, the reference's wrapper),
 with the same outputs as transferring those weights directly; a cut-off run resumes."""
+
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer.engine import transfer_only
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.store.experiment import create_class_store, transfer_seed
-from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.engine import transfer_only
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.models import build_model
-from ffcv_transfer.findings.report import gather
-from ffcv_transfer.store.results import ResultStore
 from ffcv_transfer.engine.worker import run_worker, transfer_models
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.report import gather
+from ffcv_transfer.store.experiment import create_class_store, transfer_seed
+from ffcv_transfer.store.results import ResultStore
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
-SEEDED = {"loader.kind": "resident", "loader.seed": 0, "transfer.epochs": 2, "transfer.lr_peak_epoch": 1,
-          "transfer.crop_min_scale": 1.0, "transfer.batch_size": 20, "run.models_per_process": 2}
+SEEDED = {
+    "loader.kind": "resident",
+    "loader.seed": 0,
+    "transfer.epochs": 2,
+    "transfer.lr_peak_epoch": 1,
+    "transfer.crop_min_scale": 1.0,
+    "transfer.batch_size": 20,
+    "run.models_per_process": 2,
+}
 
 
 def direct_outputs(models, experiment, sub, first_row, mode):
@@ -66,14 +74,20 @@ def test_checkpointed_models_transfer_later_and_a_cut_off_run_resumes(tiny_data,
     target = load_experiment(sub.path / "experiment.yaml")
     assert target.transfer.modes == ("fixed_feature",)
     for first in (0, 2):  # each group against transferring its checkpoints' (bf16-rounded) weights here
-        models = [transfer_only.load_source_model(store.path / "checkpoints" / f"{row}.pt", target, 5)
-                  for row in (first, first + 1)]
-        np.testing.assert_allclose(values["margins"][first:first + 2].astype(float),
-                                   direct_outputs(models, target, sub, first, "fixed_feature"), rtol=1e-3,
-                                   atol=2e-3)  # float16 storage
+        models = [
+            transfer_only.load_source_model(store.path / "checkpoints" / f"{row}.pt", target, 5)
+            for row in (first, first + 1)
+        ]
+        np.testing.assert_allclose(
+            values["margins"][first : first + 2].astype(float),
+            direct_outputs(models, target, sub, first, "fixed_feature"),
+            rtol=1e-3,
+            atol=2e-3,
+        )  # float16 storage
     found = gather(store.path, mode="fixed_feature")  # through the main store
-    np.testing.assert_allclose(found.influence, class_influence(values["masks"], values["margins"].astype(float)),
-                               atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        found.influence, class_influence(values["masks"], values["margins"].astype(float)), atol=1e-5, equal_nan=True
+    )
 
 
 def torchvision_names(state: dict) -> dict:
@@ -100,17 +114,31 @@ def test_outside_checkpoints_with_torchvision_names_are_imported_and_transferred
         torch.save({"state_dict": torchvision_names(model.state_dict()), "epoch": 16}, folder / f"{name}.pt")
     masks = np.random.default_rng(0).random((3, TINY_SPEC.num_sources)) < 0.5
     np.save(folder / "masks.npy", masks)
-    argv = ["transfer", "--store", str(tmp_path / "store"), "--mode", "cached_features", "--no-progress",
-            "--checkpoints", str(folder), "--config", str(DEMO_CONFIG), *[f"--{k}={v}" for k, v in settings.items()]]
+    argv = [
+        "transfer",
+        "--store",
+        str(tmp_path / "store"),
+        "--mode",
+        "cached_features",
+        "--no-progress",
+        "--checkpoints",
+        str(folder),
+        "--config",
+        str(DEMO_CONFIG),
+        *[f"--{k}={v}" for k, v in settings.items()],
+    ]
     assert cli_main(argv) == 0
     sub = ResultStore(tmp_path / "store" / "transfers" / "target" / "cached_features")
     rows, values = sub.read(["masks", "margins"])
     assert rows.tolist() == [0, 1, 2] and np.array_equal(values["masks"], masks)
     for model in models:  # what the checkpoints hold: bf16-rounded weights
         model.load_state_dict({k: v.bfloat16().to(v.dtype) for k, v in model.state_dict().items()})
-    np.testing.assert_allclose(values["margins"][:2].astype(float),
-                               direct_outputs(models[:2], experiment, sub, 0, "cached_features"), rtol=1e-3,
-                               atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(
+        values["margins"][:2].astype(float),
+        direct_outputs(models[:2], experiment, sub, 0, "cached_features"),
+        rtol=1e-3,
+        atol=2e-3,
+    )  # float16 storage
     capsys.readouterr()
 
     np.save(folder / "masks.npy", masks[:2])  # a mask row short

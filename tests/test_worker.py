@@ -1,6 +1,7 @@
 """The worker's mechanics on planted betons: masks, store schema, claiming, writing, resuming after a
 kill -9, and a diverging model marked failed and left out of the influences. (Whether the models learn
 enough for the influences to recover the planted ground truth is the end-to-end test.)"""
+
 import os
 import signal
 import subprocess
@@ -11,18 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_transfer.store.betons import read_sidecar
-from ffcv_transfer.store.betons import read_labels
-from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.config import ConfigError, load_experiment
-from ffcv_transfer.experiments.removals import removal_design, run_removals
-from ffcv_transfer.findings.kernel import class_influence
-from ffcv_transfer.findings.influence import influence_from_store
+from ffcv_transfer.engine import worker as worker_module
 from ffcv_transfer.engine.loader_cache import LoaderCache
+from ffcv_transfer.engine.worker import run_worker
+from ffcv_transfer.experiments.removals import removal_design, run_removals
+from ffcv_transfer.findings.influence import influence_from_store
+from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.store.betons import read_labels, read_sidecar
 from ffcv_transfer.store.experiment import EXPERIMENT_FILE, create_class_store, create_store, init_seed
 from ffcv_transfer.store.masks import random_class_masks
 from ffcv_transfer.store.results import ResultStore
-from ffcv_transfer.engine.worker import run_worker
 
 from .conftest import DEMO_CONFIG, TINY_SPEC, tiny_settings
 
@@ -40,9 +40,20 @@ def test_random_class_masks_have_exact_subset_sizes():
 def filled(tiny_data, tmp_path_factory):
     """A store of 4 rows filled by one worker with K = 2 (the reference transfer: an SGD head), whose
     second model returns NaN logits; what the worker built and which loaders it asked for, recorded."""
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{
-        "transfer.mode": "fixed_feature", "transfer.epochs": 1, "transfer.lr_peak_epoch": 0.5,
-        "transfer.batch_size": 32, "transfer.crop_min_scale": 1.0, "run.models_per_process": 2}))
+    experiment = load_experiment(
+        DEMO_CONFIG,
+        tiny_settings(
+            tiny_data,
+            **{
+                "transfer.mode": "fixed_feature",
+                "transfer.epochs": 1,
+                "transfer.lr_peak_epoch": 0.5,
+                "transfer.batch_size": 32,
+                "transfer.crop_min_scale": 1.0,
+                "run.models_per_process": 2,
+            },
+        ),
+    )
     store = create_class_store(tmp_path_factory.mktemp("worker") / "store", experiment)
     built, initial, loaders = [], [], []
     real_build_model = worker_module.build_model
@@ -64,8 +75,15 @@ def filled(tiny_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(worker_module, "build_model", build_model)
         written = run_worker(store.path, experiment, progress=False, loaders=Recording())
-    return {"store": store, "experiment": experiment, "written": written, "initial": initial, "loaders": loaders,
-            "build_model": real_build_model, "num_test": read_sidecar(tiny_data / "target_test.beton")["num_examples"]}
+    return {
+        "store": store,
+        "experiment": experiment,
+        "written": written,
+        "initial": initial,
+        "loaders": loaders,
+        "build_model": real_build_model,
+        "num_test": read_sidecar(tiny_data / "target_test.beton")["num_examples"],
+    }
 
 
 def test_the_store_keeps_its_experiment(filled):
@@ -104,8 +122,19 @@ def test_the_diverged_row_is_failed_and_a_rerun_finds_nothing_pending(filled):
 
 def test_the_stored_outputs_agree_with_each_other(filled):
     store, num_test = filled["store"], filled["num_test"]
-    rows, values = store.read(["masks", "margins", "is_correct", "predictions", "source_acc", "target_acc",
-                               "p_correct", "correct_logit", "target_mean_class_acc"])
+    rows, values = store.read(
+        [
+            "masks",
+            "margins",
+            "is_correct",
+            "predictions",
+            "source_acc",
+            "target_acc",
+            "p_correct",
+            "correct_logit",
+            "target_mean_class_acc",
+        ]
+    )
     assert rows.tolist() == [0, 2, 3]
     np.testing.assert_array_equal(values["masks"], store.fixed("masks")[[0, 2, 3]])
     assert values["margins"].shape == (3, num_test) and np.isfinite(values["margins"]).all()
@@ -133,10 +162,16 @@ def test_the_failed_row_is_left_out_of_the_influences(filled):
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("settings, reason", [
-    ({"source.batch_size": 512, "source.per_model_batch": 0},
-     "no batch held one of its classes' examples (batches of 512; the last incomplete one is dropped)"),
-    ({"source.per_model_batch": 512}, "fewer of its classes' examples in an epoch than one per-model batch (512)")])
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        (
+            {"source.batch_size": 512, "source.per_model_batch": 0},
+            "no batch held one of its classes' examples (batches of 512; the last incomplete one is dropped)",
+        ),
+        ({"source.per_model_batch": 512}, "fewer of its classes' examples in an epoch than one per-model batch (512)"),
+    ],
+)
 def test_models_whose_classes_fill_no_batch_are_failed_not_stored(tiny_data, tmp_path, settings, reason):
     """A shared batch (dropped as the last incomplete one) or a per-model batch larger than any model's
     examples: every row fails with the reason instead of being transferred and stored at chance accuracy."""
@@ -162,7 +197,9 @@ def test_counterfactual_arms_of_a_seed_start_from_the_same_weights(tiny_data, tm
 def test_rows_are_seeded_by_their_index_by_default_and_in_stores_made_before_init_seeds(tmp_path):
     expected = [int(np.random.SeedSequence([7, row]).generate_state(1)[0]) for row in range(3)]
     new = create_store(tmp_path / "new", np.ones((3, 4), bool), 2)
-    old = ResultStore.create(tmp_path / "old", 3, {"margins": ((2,), "float16")}, fixed={"masks": np.ones((3, 4), bool)})
+    old = ResultStore.create(
+        tmp_path / "old", 3, {"margins": ((2,), "float16")}, fixed={"masks": np.ones((3, 4), bool)}
+    )
     assert [init_seed(new, row, 7) for row in range(3)] == [init_seed(old, row, 7) for row in range(3)] == expected
     with pytest.raises(ValueError, match="2 init seeds for 3 models"):
         create_store(tmp_path / "bad", np.ones((3, 4), bool), 2, init_seeds=[0, 1])
@@ -172,8 +209,9 @@ def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
     experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data))
     create_class_store(tmp_path / "store", experiment)
     with pytest.raises(ConfigError, match=r"nowhere/source_train.beton: data.source_train does not exist"):
-        run_worker(tmp_path / "store", load_experiment(DEMO_CONFIG, tiny_settings(tmp_path / "nowhere")),
-                   progress=False)
+        run_worker(
+            tmp_path / "store", load_experiment(DEMO_CONFIG, tiny_settings(tmp_path / "nowhere")), progress=False
+        )
     mismatch = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"data.target_test": "source_val.beton"}))
     with pytest.raises(ConfigError, match=r"source_val.beton: \d+ examples, but store .* has \d+ output columns"):
         run_worker(tmp_path / "store", mismatch, progress=False)
@@ -185,12 +223,18 @@ def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path
     2 rows are written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
-    overrides = [f"--{key}={value}" for key, value in
-                 tiny_settings(tiny_data, **{"run.models_per_process": 2, "run.fusion": "grouped",
-                                             "source.per_model_batch": 0}).items()]
+    overrides = [
+        f"--{key}={value}"
+        for key, value in tiny_settings(
+            tiny_data, **{"run.models_per_process": 2, "run.fusion": "grouped", "source.per_model_batch": 0}
+        ).items()
+    ]
     subprocess.run([*cli, "masks", "--config", str(DEMO_CONFIG), "--store", str(store_dir), *overrides], check=True)
-    process = subprocess.Popen([*cli, "train", "--store", str(store_dir), "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*cli, "train", "--store", str(store_dir), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     store = ResultStore(store_dir)
     try:
         deadline = time.monotonic() + 600
@@ -219,8 +263,9 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     from ffcv_transfer.engine.models import build_model
     from ffcv_transfer.engine.resident import ResidentLoader
 
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped",
-                                                                          "source.per_model_batch": 0}))
+    experiment = load_experiment(
+        DEMO_CONFIG, tiny_settings(tiny_data, **{"run.fusion": "grouped", "source.per_model_batch": 0})
+    )
     resident = replace(experiment, loader=replace(experiment.loader, kind="resident"))
     torch.manual_seed(0)
     models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
@@ -231,8 +276,9 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     by_ffcv, by_resident = outputs
     for a, b in zip(by_ffcv, by_resident):
         np.testing.assert_allclose(b.margins.numpy(), a.margins.numpy(), rtol=1e-3, atol=1e-3)
-    assert isinstance(LoaderCache().get(resident, "target_test", train=False, resolution=16, batch_size=8),
-                      ResidentLoader)
+    assert isinstance(
+        LoaderCache().get(resident, "target_test", train=False, resolution=16, batch_size=8), ResidentLoader
+    )
 
     store = create_class_store(tmp_path / "store", resident)
     assert run_worker(store.path, resident, progress=False) == 4
@@ -248,9 +294,17 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, fit_sta
     from ffcv_transfer.cli import main as cli_main
     from ffcv_transfer.findings.report import gather, write_report
 
-    base = tiny_settings(tiny_data, **{"loader.kind": "resident", "loader.seed": 0, "transfer.epochs": 2,
-                                       "transfer.lr_peak_epoch": 1, "transfer.crop_min_scale": 1.0,
-                                       "transfer.batch_size": 20})
+    base = tiny_settings(
+        tiny_data,
+        **{
+            "loader.kind": "resident",
+            "loader.seed": 0,
+            "transfer.epochs": 2,
+            "transfer.lr_peak_epoch": 1,
+            "transfer.crop_min_scale": 1.0,
+            "transfer.batch_size": 20,
+        },
+    )
     stores = {}
     for mode in ("cached_features,fixed_feature", "cached_features", "fixed_feature"):
         experiment = load_experiment(DEMO_CONFIG, {**base, "transfer.mode": mode})
@@ -264,11 +318,13 @@ def test_one_source_pass_serves_every_transfer_mode(tiny_data, tmp_path, fit_sta
             together = both.read([field.replace("margins", name)])[1][field.replace("margins", name)]
             single = stores[alone].read([name])[1][name]
             np.testing.assert_allclose(together.astype(float), single.astype(float), atol=2e-3, err_msg=field)
-    assert not np.allclose(both.read(["margins"])[1]["margins"], both.read(["margins@fixed_feature"])[1][
-        "margins@fixed_feature"])  # two different transfers
+    assert not np.allclose(
+        both.read(["margins"])[1]["margins"], both.read(["margins@fixed_feature"])[1]["margins@fixed_feature"]
+    )  # two different transfers
     found = gather(both.path, mode="fixed_feature")
-    expected = class_influence(*(both.read(["masks", "margins@fixed_feature"])[1][k] for k in
-                                 ("masks", "margins@fixed_feature")))
+    expected = class_influence(
+        *(both.read(["masks", "margins@fixed_feature"])[1][k] for k in ("masks", "margins@fixed_feature"))
+    )
     np.testing.assert_allclose(found.influence, expected, atol=1e-5, equal_nan=True)
     assert cli_main(["rankings", str(both.path), "--mode", "full_finetune"]) == 2
     assert "this store's transfer modes are cached_features, fixed_feature" in capsys.readouterr().err
@@ -282,9 +338,18 @@ def test_target_images_decoded_small_then_upsampled_with_their_own_statistics(ti
     from ffcv_transfer.engine.data import normalisation
     from ffcv_transfer.engine.models import build_model
 
-    experiment = load_experiment(DEMO_CONFIG, tiny_settings(tiny_data, **{
-        "loader.kind": "resident", "transfer.upsample_from": 8, "transfer.normalization": "cifar10",
-        "transfer.test_crop_ratio": 0.875}))
+    experiment = load_experiment(
+        DEMO_CONFIG,
+        tiny_settings(
+            tiny_data,
+            **{
+                "loader.kind": "resident",
+                "transfer.upsample_from": 8,
+                "transfer.normalization": "cifar10",
+                "transfer.test_crop_ratio": 0.875,
+            },
+        ),
+    )
     models = [build_model(TINY_SPEC.num_sources, stem="small", width=0.125) for _ in range(2)]
     cache = LoaderCache()
     outputs, failures = worker_module.transfer_models(models, experiment, cache, lambda stage: None)

@@ -1,4 +1,5 @@
 """Beton writers: round trips against the input arrays, sidecars, verify, and every bad input."""
+
 import json
 import pickle
 import subprocess
@@ -10,12 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ffcv_transfer.store.betons import BetonError, BetonRecords, read_labels, read_sidecar, verify_beton
-from ffcv_transfer.writers.common import ImageOptions, write_arrays
-from ffcv_transfer.writers.cifar import write_cifar
-from ffcv_transfer.writers.imagefolder import write_imagefolder
-from ffcv_transfer.store.betons import file_sha256, sidecar_paths
 from ffcv_transfer.cli import main as cli_main
+from ffcv_transfer.store.betons import (
+    BetonError,
+    BetonRecords,
+    file_sha256,
+    read_labels,
+    read_sidecar,
+    sidecar_paths,
+    verify_beton,
+)
+from ffcv_transfer.writers.cifar import write_cifar
+from ffcv_transfer.writers.common import ImageOptions, write_arrays
+from ffcv_transfer.writers.imagefolder import write_imagefolder
 
 from .conftest import read_with_loader
 
@@ -46,6 +54,7 @@ def make_imagefolder(root: Path, classes: dict[str, int], rng, size=(20, 24), su
 
 
 # ---------------------------------------------------------------- round trips
+
 
 @pytest.fixture(scope="module")
 def raw_arrays(tmp_path_factory):
@@ -116,13 +125,18 @@ class _ListSource:
 def test_max_resolution_resizes_longer_side(tmp_path):
     rng = np.random.default_rng(2)
     out = tmp_path / "small.beton"
-    meta = write_arrays(smooth_images(rng, 6, 40, 64), np.zeros(6, int), out,
-                        options=ImageOptions(write_mode="raw", max_resolution=32, num_workers=1))
+    meta = write_arrays(
+        smooth_images(rng, 6, 40, 64),
+        np.zeros(6, int),
+        out,
+        options=ImageOptions(write_mode="raw", max_resolution=32, num_workers=1),
+    )
     assert (meta["resolution"]["height"]["max"], meta["resolution"]["width"]["max"]) == (20, 32)
     assert BetonRecords(out).image(0).shape == (20, 32, 3)
 
 
 # ---------------------------------------------------------------- ImageFolder
+
 
 @pytest.fixture
 def folder_tree(tmp_path):
@@ -188,6 +202,7 @@ def test_imagefolder_class_subset_and_wnid_names(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR pickles
 
+
 def write_cifar_pickles(folder: Path, variant: str, rng) -> dict:
     """The authors' format: dicts with bytes keys, data N x 3072 uint8 in R, G, B planes."""
     folder.mkdir(parents=True)
@@ -246,6 +261,7 @@ def test_cifar_bad_inputs(tmp_path):
 
 # ---------------------------------------------------------------- bad inputs
 
+
 def test_missing_and_empty_folders_are_named(tmp_path):
     with pytest.raises(BetonError, match=f"{tmp_path / 'nope'}: no such file or folder"):
         write_imagefolder(tmp_path / "nope", tmp_path / "x.beton")
@@ -279,8 +295,12 @@ def test_existing_output_is_kept_unless_overwrite(raw_arrays, tmp_path):
     folder.mkdir()
     with pytest.raises(BetonError, match="folder.beton: is a directory"):  # refused before anything is written
         write_arrays(images, labels, folder, class_names=meta["class_names"], options=RAW, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.beton", "arr.labels.npy", "arr.meta.json",
-                                                          "folder.beton"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "arr.beton",
+        "arr.labels.npy",
+        "arr.meta.json",
+        "folder.beton",
+    ]
 
 
 def test_verify_catches_truncation_corruption_and_mismatch(raw_arrays, tmp_path):
@@ -335,6 +355,8 @@ def test_verify_cli_exit_codes(raw_arrays, tmp_path, capsys):
 
 
 def test_cli_help_does_not_import_ffcv():
-    code = ("import sys; from ffcv_transfer.cli import build_parser; build_parser().format_help(); "
-            "import ffcv_transfer.writers; sys.exit('ffcv' in sys.modules or 'torch' in sys.modules)")
+    code = (
+        "import sys; from ffcv_transfer.cli import build_parser; build_parser().format_help(); "
+        "import ffcv_transfer.writers; sys.exit('ffcv' in sys.modules or 'torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -2,12 +2,13 @@
 
 Sub-commands import their (slow) dependencies only when they run; each group of commands lives in its
 own module (data, run, findings); `common` holds what they share."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ffcv_transfer.cli import data, findings, run
 
@@ -26,11 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_settings", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.settings = extra
-    from ffcv_transfer.store.betons import BetonError
-
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.findings.kernel import InfluenceError
     from ffcv_transfer.engine.launch import LaunchError
+    from ffcv_transfer.findings.kernel import InfluenceError
+    from ffcv_transfer.store.betons import BetonError
     from ffcv_transfer.store.results import StoreError
 
     run: Callable[[argparse.Namespace], None] = args.run
@@ -43,4 +43,3 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
-

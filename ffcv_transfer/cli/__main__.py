@@ -1,4 +1,5 @@
 """`python -m ffcv_transfer.cli ...`: the `ffcv-transfer` command."""
+
 import sys
 
 from ffcv_transfer.cli import main

@@ -1,5 +1,7 @@
 """What the `ffcv-transfer` command groups share: `--section.name=value` settings, row ranges, the
-kernel's memory limit, and the experiment a command runs (a YAML file, or the one saved in its store). Imports nothing slow."""
+kernel's memory limit, and the experiment a command runs (a YAML file, or the one saved in its store).
+Imports nothing slow."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,24 +12,38 @@ SETTINGS_HELP = "Any setting can be overridden as --section.name=value; `ffcv-tr
 
 
 def add_memory_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-memory", type=float, default=2.0, metavar="GIB",
-                        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel "
-                             "makes more passes over narrower blocks of target columns")
+    parser.add_argument(
+        "--max-memory",
+        type=float,
+        default=2.0,
+        metavar="GIB",
+        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel "
+        "makes more passes over narrower blocks of target columns",
+    )
 
 
 def add_output_option(parser: argparse.ArgumentParser, flags: tuple[str, ...] = ("--output",)) -> None:
     from ffcv_transfer.store.experiment import OUTPUTS
 
-    parser.add_argument(*flags, dest="output", default="margins", choices=OUTPUTS,
-                        help="the per-example output influence is computed on (default: margins)")
+    parser.add_argument(
+        *flags,
+        dest="output",
+        default="margins",
+        choices=OUTPUTS,
+        help="the per-example output influence is computed on (default: margins)",
+    )
     add_mode_option(parser)
 
 
 def add_mode_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", help="of a store with several targets (the experiment's `targets:`), or a "
-                        "target added by `ffcv-transfer transfer`, the one analysed (default: the first)")
-    parser.add_argument("--mode", help="of that target's transfer modes (transfer.mode), the one analysed "
-                        "(default: the first)")
+    parser.add_argument(
+        "--target",
+        help="of a store with several targets (the experiment's `targets:`), or a "
+        "target added by `ffcv-transfer transfer`, the one analysed (default: the first)",
+    )
+    parser.add_argument(
+        "--mode", help="of that target's transfer modes (transfer.mode), the one analysed (default: the first)"
+    )
 
 
 def max_bytes_of(args: argparse.Namespace) -> int:

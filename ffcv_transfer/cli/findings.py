@@ -1,12 +1,20 @@
 """The analysis sub-commands of `ffcv-transfer` (rankings, explain, subpopulation, counterfactual, report).
 Each reads a finished store and writes its figures and JSON under --out (default STORE/findings)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-from ffcv_transfer.cli.common import SETTINGS_HELP, add_memory_option, add_output_option, max_bytes_of, parse_rows, store_experiment
+from ffcv_transfer.cli.common import (
+    SETTINGS_HELP,
+    add_memory_option,
+    add_output_option,
+    max_bytes_of,
+    parse_rows,
+    store_experiment,
+)
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -22,13 +30,15 @@ def _source_class(found, value: str) -> int:
         return int(value)
     if value in found.source_names:
         return found.source_names.index(value)
-    raise ValueError(f"--source-class {value!r}: not an index below {len(found.source_names)} nor a class name "
-                     f"(e.g. {', '.join(found.source_names[:3])})")
+    raise ValueError(
+        f"--source-class {value!r}: not an index below {len(found.source_names)} nor a class name "
+        f"(e.g. {', '.join(found.source_names[:3])})"
+    )
 
 
 def cmd_rankings(args: argparse.Namespace) -> None:
-    from ffcv_transfer.findings.rankings import top_and_bottom
     from ffcv_transfer.findings.plots import influence_bars
+    from ffcv_transfer.findings.rankings import top_and_bottom
     from ffcv_transfer.findings.reliability import describe_column
     from ffcv_transfer.findings.report import gather
     from ffcv_transfer.findings.wordnet import describe_agreement
@@ -48,8 +58,10 @@ def cmd_rankings(args: argparse.Namespace) -> None:
         best, worst = rankings[name]["positive"], rankings[name]["negative"]
         print(f"{name}: chart {chart}" + (f"; {describe_column(stated[name])}" if stated[name] else ""))
         for p, q in zip(best, worst):
-            print(f"  {p['source']:30s} {p['influence']:+8.3f} ±{p['stderr']:6.3f}    "
-                  f"{q['source']:30s} {q['influence']:+8.3f} ±{q['stderr']:6.3f}")
+            print(
+                f"  {p['source']:30s} {p['influence']:+8.3f} ±{p['stderr']:6.3f}    "
+                f"{q['source']:30s} {q['influence']:+8.3f} ±{q['stderr']:6.3f}"
+            )
     if found.wordnet:
         rankings["wordnet_agreement"] = found.wordnet
         print(describe_agreement(found.wordnet))
@@ -58,17 +70,18 @@ def cmd_rankings(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
-    from ffcv_transfer.store.betons import BetonRecords
-
     from ffcv_transfer.findings.rankings import explain_example
     from ffcv_transfer.findings.report import explanation_grid, gather
+    from ffcv_transfer.store.betons import BetonRecords
 
     found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     j = args.example
     negative = explain_example(found.influence, j, args.k)
     target = found.target_names[found.labels[j]]
-    print(f"target test example {j} ({target}), mean {found.output} over the models {found.mean_outputs[j]:+.3f}; "
-          "most negative source classes:")
+    print(
+        f"target test example {j} ({target}), mean {found.output} over the models {found.mean_outputs[j]:+.3f}; "
+        "most negative source classes:"
+    )
     for c in negative:
         print(f"  {found.source_names[c]:30s} {found.influence[c, j]:+8.3f}")
     target_images, source_images = BetonRecords(found.betons["target_test"]), BetonRecords(found.betons["source_val"])
@@ -80,24 +93,26 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def _check_without(args: argparse.Namespace, found, example: int, source_class: int, out: Path) -> None:
     """Retrain `args.check` models with every class and as many without `source_class`."""
-    from ffcv_transfer.findings.counterfactual import correct_by_removal
     from ffcv_transfer.experiments.removals import run_removals, without_class_design
+    from ffcv_transfer.findings.counterfactual import correct_by_removal
 
     experiment = store_experiment(args)
     masks, removals = without_class_design(len(found.source_names), source_class, args.check)
-    store = run_removals(out / f"check_{example}_without_{source_class}", experiment, masks, removals,
-                         progress=not args.no_progress)
+    store = run_removals(
+        out / f"check_{example}_without_{source_class}", experiment, masks, removals, progress=not args.no_progress
+    )
     rates = correct_by_removal(store, example)
-    print(f"retrained {rates['models']} models: example {example} predicted correctly by {rates['with']:.0%} of those "
-          f"with {found.source_names[source_class]} and {rates['without']:.0%} of those without it")
+    print(
+        f"retrained {rates['models']} models: example {example} predicted correctly by {rates['with']:.0%} of those "
+        f"with {found.source_names[source_class]} and {rates['without']:.0%} of those without it"
+    )
 
 
 def cmd_subpopulation(args: argparse.Namespace) -> None:
-    from ffcv_transfer.store.betons import BetonRecords
-
-    from ffcv_transfer.findings.rankings import subpopulation
     from ffcv_transfer.findings.plots import image_grid
+    from ffcv_transfer.findings.rankings import subpopulation
     from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.store.betons import BetonRecords
 
     found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
     c = _source_class(found, args.source_class)
@@ -106,14 +121,23 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
     images = BetonRecords(found.betons["target_test"])
     for j in chosen:
         print(f"  #{j:<6d} {found.target_names[found.labels[j]]:20s} {found.influence[c, j]:+8.3f}")
-    grid = image_grid(out / f"subpopulation_{c}.png", [images.image(int(j)) for j in chosen],
-                      [f"#{j} {found.influence[c, j]:+.2f}" for j in chosen], f"most influenced by {found.source_names[c]}")
+    grid = image_grid(
+        out / f"subpopulation_{c}.png",
+        [images.image(int(j)) for j in chosen],
+        [f"#{j} {found.influence[c, j]:+.2f}" for j in chosen],
+        f"most influenced by {found.source_names[c]}",
+    )
     print(f"images: {grid}")
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
-    from ffcv_transfer.findings.counterfactual import accuracy_by_arm, accuracy_by_removal, changes_against_all, format_gain
     from ffcv_transfer.experiments.removals import removal_design, run_removals
+    from ffcv_transfer.findings.counterfactual import (
+        accuracy_by_arm,
+        accuracy_by_removal,
+        changes_against_all,
+        format_gain,
+    )
     from ffcv_transfer.findings.plots import accuracy_versus_removed
     from ffcv_transfer.findings.report import gather
 
@@ -124,30 +148,52 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     arms = accuracy_by_arm(store)
     baseline, curves = accuracy_by_removal(arms)
     changes = changes_against_all(arms)
-    plot = accuracy_versus_removed(out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}",
-                                   changes)
+    plot = accuracy_versus_removed(
+        out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}", changes
+    )
     (out / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1) + "\n")
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")
     for kind, by_k in curves.items():
         for k, accuracies in sorted(by_k.items()):
             change = format_gain(changes[kind][k])
-            print(f"without {k} {kind.replace('_', ' ')}: {sum(accuracies) / len(accuracies):.4f} "
-                  f"({len(accuracies)} models{'; against all classes, seed by seed: ' + change if change else ''})")
+            print(
+                f"without {k} {kind.replace('_', ' ')}: {sum(accuracies) / len(accuracies):.4f} "
+                f"({len(accuracies)} models{'; against all classes, seed by seed: ' + change if change else ''})"
+            )
     print(f"plot: {plot}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from ffcv_transfer.findings.report import write_report
 
-    print(f"wrote {write_report(args.store, args.out, k=args.k, counterfactual_dir=args.counterfactual, names_file=args.names, progress=True, output=args.output, mode=args.mode, target=args.target)}")
+    written = write_report(
+        args.store,
+        args.out,
+        k=args.k,
+        counterfactual_dir=args.counterfactual,
+        names_file=args.names,
+        progress=True,
+        output=args.output,
+        mode=args.mode,
+        target=args.target,
+    )
+    print(f"wrote {written}")
 
 
 def cmd_leakage(args: argparse.Namespace) -> None:
     from ffcv_transfer.findings.leakage import find_leaks
 
-    found = find_leaks(args.store, args.out, top=args.top, min_similarity=args.min_similarity,
-                       max_hash_distance=args.max_hash_distance, max_bytes=max_bytes_of(args), key=args.output,
-                       mode=args.mode, target=args.target)
+    found = find_leaks(
+        args.store,
+        args.out,
+        top=args.top,
+        min_similarity=args.min_similarity,
+        max_hash_distance=args.max_hash_distance,
+        max_bytes=max_bytes_of(args),
+        key=args.output,
+        mode=args.mode,
+        target=args.target,
+    )
     for kind in ("leakage", "mislabelled"):
         print(f"{kind}: {len(found[kind])} source images confirmed as near-duplicates of a target image")
         for entry in found[kind][:20]:
@@ -162,17 +208,26 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     def store_parser(name: str, help: str, pooled: bool = False, **kwargs) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help, **kwargs)
         if pooled:
-            p.add_argument("store", metavar="STORE", nargs="+", help="a results store with completed rows, or "
-                           "several stores of one experiment read as one (outputs go beside the first)")
+            p.add_argument(
+                "store",
+                metavar="STORE",
+                nargs="+",
+                help="a results store with completed rows, or "
+                "several stores of one experiment read as one (outputs go beside the first)",
+            )
         else:
             p.add_argument("store", metavar="STORE", help="a results store with completed rows")
-        p.add_argument("--names", help="class names file, KEY<TAB>NAME per line (default: the beton's names; "
-                       "WordNet words for wnids from $FFCV_TRANSFER_DATA/imagenet-meta)")
+        p.add_argument(
+            "--names",
+            help="class names file, KEY<TAB>NAME per line (default: the beton's names; "
+            "WordNet words for wnids from $FFCV_TRANSFER_DATA/imagenet-meta)",
+        )
         add_output_option(p)
         return p
 
-    p = store_parser("rankings", "most positive and most negative source classes, overall and per target class",
-                     pooled=True)
+    p = store_parser(
+        "rankings", "most positive and most negative source classes, overall and per target class", pooled=True
+    )
     p.add_argument("--k", type=int, default=5, help="classes at each end (default: 5)")
     p.add_argument("--out", help="folder for rankings.json and the bar charts (default: STORE/findings)")
     p.set_defaults(run=cmd_rankings)
@@ -180,8 +235,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = store_parser("explain", "a target example's most negative source classes, with images", epilog=SETTINGS_HELP)
     p.add_argument("--example", type=int, required=True, help="index of the target test example")
     p.add_argument("--k", type=int, default=3, help="source classes to show (default: 3)")
-    p.add_argument("--check", type=int, default=0, metavar="R",
-                   help="also retrain R models with all classes and R without the most negative one")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also retrain R models with all classes and R without the most negative one",
+    )
     p.add_argument("--out", help="folder for the figure (default: STORE/findings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_explain, takes_settings=True)
@@ -193,27 +253,51 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for the image grid (default: STORE/findings)")
     p.set_defaults(run=cmd_subpopulation)
 
-    p = commands.add_parser("counterfactual", help="retrain without the k most negative / most positive / random "
-                            "source classes and plot target accuracy against k", epilog=SETTINGS_HELP)
+    p = commands.add_parser(
+        "counterfactual",
+        help="retrain without the k most negative / most positive / random "
+        "source classes and plot target accuracy against k",
+        epilog=SETTINGS_HELP,
+    )
     p.add_argument("store", metavar="STORE", help="the experiment whose influences choose the classes")
     add_output_option(p)
     p.add_argument("--ks", default="1,2,4", help="numbers of classes removed, e.g. 1,2,4 or 1-3 (default: 1,2,4)")
     p.add_argument("--seeds", type=int, default=3, help="models per (kind, k), and full-set models (default: 3)")
-    p.add_argument("--kinds", nargs="+", default=["most_negative", "most_positive", "random"],
-                   choices=["most_negative", "most_positive", "random"], help="which classes are removed")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["most_negative", "most_positive", "random"],
+        choices=["most_negative", "most_positive", "random"],
+        help="which classes are removed",
+    )
     p.add_argument("--out", help="folder for the removal store, plot and JSON (default: STORE/findings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_counterfactual, takes_settings=True)
 
-    p = commands.add_parser("leakage", help="source images that are near-duplicates of target images, found by "
-                            "example-level influence (a store made by `masks --examples`)")
+    p = commands.add_parser(
+        "leakage",
+        help="source images that are near-duplicates of target images, found by "
+        "example-level influence (a store made by `masks --examples`)",
+    )
     p.add_argument("store", metavar="STORE")
-    p.add_argument("--top", type=int, default=DEFAULT_TOP, help="source images examined per target image at each "
-                   f"end of its influence ranking (default: {DEFAULT_TOP})")
-    p.add_argument("--min-similarity", type=float, default=MIN_SIMILARITY, help="aligned-thumbnail correlation "
-                   f"that makes a near-duplicate (default: {MIN_SIMILARITY})")
-    p.add_argument("--max-hash-distance", type=int, default=MAX_HASH_DISTANCE, help="or at most this many "
-                   f"perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=DEFAULT_TOP,
+        help=f"source images examined per target image at each end of its influence ranking (default: {DEFAULT_TOP})",
+    )
+    p.add_argument(
+        "--min-similarity",
+        type=float,
+        default=MIN_SIMILARITY,
+        help=f"aligned-thumbnail correlation that makes a near-duplicate (default: {MIN_SIMILARITY})",
+    )
+    p.add_argument(
+        "--max-hash-distance",
+        type=int,
+        default=MAX_HASH_DISTANCE,
+        help=f"or at most this many perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})",
+    )
     add_memory_option(p)
     add_output_option(p)
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")

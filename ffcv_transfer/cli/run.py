@@ -1,11 +1,22 @@
 """`ffcv-transfer` commands that run an experiment: settings, demo, masks, train, launch, store status and
 influence."""
+
 from __future__ import annotations
 
 import argparse
 import os
 
-from ffcv_transfer.cli.common import DATA_ENV, SETTINGS_HELP, add_memory_option, add_mode_option, experiment_from_args, max_bytes_of, parse_rows, parse_settings, store_experiment
+from ffcv_transfer.cli.common import (
+    DATA_ENV,
+    SETTINGS_HELP,
+    add_memory_option,
+    add_mode_option,
+    experiment_from_args,
+    max_bytes_of,
+    parse_rows,
+    parse_settings,
+    store_experiment,
+)
 from ffcv_transfer.settings import TRANSFER_MODES
 
 
@@ -26,16 +37,18 @@ def cmd_store_verify(args: argparse.Namespace) -> None:
     torn = sum(1 for counts in shards.values() if counts["torn_bytes"])
     print(f"{args.store}: {len(shards)} shards, {sum(c['intact'] for c in shards.values())} intact records")
     if bad:
-        raise StoreError(f"{args.store}: {bad} rejected record{'s' * (bad != 1)} (their rows are pending again; "
-                         "`ffcv-transfer train` recomputes them)")
+        raise StoreError(
+            f"{args.store}: {bad} rejected record{'s' * (bad != 1)} (their rows are pending again; "
+            "`ffcv-transfer train` recomputes them)"
+        )
     if torn:
         print(f"{torn} shard(s) end in a torn record: a writer was killed mid-write; its row is pending again")
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from pathlib import Path
+
+    import numpy as np
 
     from ffcv_transfer.config import ConfigError
     from ffcv_transfer.findings.influence import influence_from_store
@@ -48,8 +61,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
     max_bytes = max_bytes_of(args)
     store = open_stores(args.store)
     if args.mode is not None or args.target is not None:
-        from ffcv_transfer.store.experiment import open_experiment, transfer_field
-        from ffcv_transfer.store.experiment import later_transfer_stores
+        from ffcv_transfer.store.experiment import later_transfer_stores, open_experiment, transfer_field
 
         later = later_transfer_stores([Path(path) for path in args.store], args.target, args.mode)
         if later:  # a transfer made by `ffcv-transfer transfer`: its own store, bare names
@@ -64,9 +76,18 @@ def cmd_influence(args: argparse.Namespace) -> None:
     partials = [Path(f"{final}.partial") for final in finals]
     try:  # filled block by block, so the (C, T) result never has to fit in memory; renamed when complete
         out, *out_stderr = [np.lib.format.open_memmap(p, "w+", np.float32, shape) for p in partials]
-        influence_from_store(args.store, args.key, mask_key=args.mask_key, backend=args.backend, chunk=args.chunk,
-                             stderr=args.stderr, progress=True, max_bytes=max_bytes, out=out,
-                             out_stderr=out_stderr[0] if out_stderr else None)
+        influence_from_store(
+            args.store,
+            args.key,
+            mask_key=args.mask_key,
+            backend=args.backend,
+            chunk=args.chunk,
+            stderr=args.stderr,
+            progress=True,
+            max_bytes=max_bytes,
+            out=out,
+            out_stderr=out_stderr[0] if out_stderr else None,
+        )
         for array, partial, final in zip([out, *out_stderr], partials, finals):
             array.flush()
             os.replace(partial, final)
@@ -93,11 +114,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ffcv_transfer.experiments.demo import TinySize, format_findings, run_demo
 
     data_dir = args.data_dir or os.environ.get(DATA_ENV) or "../shared/data"
-    findings = run_demo(args.out, data=args.data, config=args.config, overrides=parse_settings(args.settings),
-                        seed=args.seed, counterfactual_seeds=args.counterfactual_seeds, data_dir=data_dir,
-                        tiny=TinySize(**{name: value for name in ("classes", "per_class", "target_per_class")
-                                         if (value := getattr(args, name)) is not None}),
-                        workers=args.workers, progress=not args.no_progress)
+    findings = run_demo(
+        args.out,
+        data=args.data,
+        config=args.config,
+        overrides=parse_settings(args.settings),
+        seed=args.seed,
+        counterfactual_seeds=args.counterfactual_seeds,
+        data_dir=data_dir,
+        tiny=TinySize(
+            **{
+                name: value
+                for name in ("classes", "per_class", "target_per_class")
+                if (value := getattr(args, name)) is not None
+            }
+        ),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     print(format_findings(findings))
     print(f"\nfindings: {args.out}/findings.json")
 
@@ -110,8 +144,10 @@ def cmd_masks(args: argparse.Namespace) -> None:
         if args.config or args.examples or args.settings:
             raise ConfigError("--add grows a store with its own experiment: no --config, --examples or settings")
         rows = add_models(args.store, args.add)
-        print(f"added rows {rows.start}-{rows.stop - 1} to {args.store}; `ffcv-transfer train --store "
-              f"{args.store}` trains them")
+        print(
+            f"added rows {rows.start}-{rows.stop - 1} to {args.store}; `ffcv-transfer train --store "
+            f"{args.store}` trains them"
+        )
         return
     if not args.config:
         raise ConfigError("masks: --config is required to create a store (or --add N to grow one)")
@@ -119,15 +155,17 @@ def cmd_masks(args: argparse.Namespace) -> None:
     store = create(args.store, experiment_from_args(args, args.config))
     masks = store.fixed(MASKS)
     fewest, most = masks.sum(1).min(), masks.sum(1).max()
-    print(f"wrote {args.store}: {masks.shape[0]} models x {masks.shape[1]} source classes "
-          f"({fewest if fewest == most else f'{fewest}-{most}'} classes each), "
-          f"{store.schema['margins'][0][0]} target test examples")
+    print(
+        f"wrote {args.store}: {masks.shape[0]} models x {masks.shape[1]} source classes "
+        f"({fewest if fewest == most else f'{fewest}-{most}'} classes each), "
+        f"{store.schema['margins'][0][0]} target test examples"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.store.results import ResultStore, format_status
     from ffcv_transfer.engine.worker import run_worker
+    from ffcv_transfer.store.results import ResultStore, format_status
 
     if args.k is not None:
         args.settings += [f"--run.models_per_process={args.k}"]
@@ -143,9 +181,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_transfer(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.store.results import ResultStore, format_status
     from ffcv_transfer.engine.transfer_only import import_checkpoints, run_transfer, transfer_experiment
     from ffcv_transfer.store.experiment import transfer_store_path
+    from ffcv_transfer.store.results import ResultStore, format_status
 
     if args.checkpoints:
         if not args.config:
@@ -153,10 +191,13 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         store = import_checkpoints(args.checkpoints, args.store, experiment_from_args(args, args.config))
         print(f"imported {store.num_rows} checkpoints from {args.checkpoints} into {args.store}")
     elif args.config or args.settings:
-        raise ConfigError("transfer: a store's models are transferred with its own experiment; --config and "
-                          "settings only go with --checkpoints")
-    written = run_transfer(args.store, args.target, args.mode, args.recipe, progress=not args.no_progress,
-                           label=args.label)
+        raise ConfigError(
+            "transfer: a store's models are transferred with its own experiment; --config and "
+            "settings only go with --checkpoints"
+        )
+    written = run_transfer(
+        args.store, args.target, args.mode, args.recipe, progress=not args.no_progress, label=args.label
+    )
     print(f"this worker wrote {written} rows")
     experiment = transfer_experiment(args.store, args.target, args.mode, args.recipe)
     sub = transfer_store_path(args.store, *experiment.transfers[0])
@@ -173,12 +214,17 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from ffcv_transfer.engine.launch import SlurmOptions, launch_local, launch_slurm
     from ffcv_transfer.store.results import ResultStore, format_status
 
-    foreign = [name for name in (SLURM_OPTIONS if args.executor == "local" else LOCAL_OPTIONS)
-               if getattr(args, name) not in (None, False)]
+    foreign = [
+        name
+        for name in (SLURM_OPTIONS if args.executor == "local" else LOCAL_OPTIONS)
+        if getattr(args, name) not in (None, False)
+    ]
     if foreign:
         hint = " (a SLURM task gets its GPUs with --gpus-per-task)" if "gpus" in foreign else ""
-        raise ConfigError(f"{', '.join('--' + name.replace('_', '-') for name in foreign)}: not an option of "
-                          f"--executor {args.executor}{hint}")
+        raise ConfigError(
+            f"{', '.join('--' + name.replace('_', '-') for name in foreign)}: not an option of "
+            f"--executor {args.executor}{hint}"
+        )
     ResultStore(args.store)  # a missing store is named before its experiment.yaml is looked for
     if args.k is not None:
         args.settings += [f"--run.models_per_process={args.k}"]
@@ -192,8 +238,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
         if not all(len(pair) == 2 and all(pair) for pair in pairs):
             raise ConfigError(f"--sbatch {' '.join(args.sbatch)}: expected KEY=VALUE, e.g. --sbatch account=abc")
         sizes = {name: getattr(args, name) for name in SLURM_SIZES if getattr(args, name) is not None}
-        status = launch_slurm(args.store, experiment, SlurmOptions(**sizes, sbatch=dict(pairs)),
-                              wait=not args.no_wait, **common)
+        status = launch_slurm(
+            args.store, experiment, SlurmOptions(**sizes, sbatch=dict(pairs)), wait=not args.no_wait, **common
+        )
     print(format_status(status, args.store))
 
 
@@ -211,42 +258,71 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="experiment YAML to resolve (with any --section.name=value after it)")
     p.set_defaults(run=cmd_settings, takes_settings=True)
 
-    p = commands.add_parser("demo", help="the whole pipeline, from data to an HTML report (minutes on a CPU)",
-                            epilog=SETTINGS_HELP)
+    p = commands.add_parser(
+        "demo", help="the whole pipeline, from data to an HTML report (minutes on a CPU)", epilog=SETTINGS_HELP
+    )
     p.add_argument("--out", default="out/demo", help="output folder; rerunning resumes (default: out/demo)")
-    p.add_argument("--data", default="planted", choices=["planted", "tiny-imagenet"],
-                   help="planted synthetic data made on the fly (default), or the real small replica "
-                   "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir")
+    p.add_argument(
+        "--data",
+        default="planted",
+        choices=["planted", "tiny-imagenet"],
+        help="planted synthetic data made on the fly (default), or the real small replica "
+        "Tiny-ImageNet-200 -> CIFAR-10 from --data-dir",
+    )
     p.add_argument("--config", help="experiment YAML (default: rs_configs/demo_cpu.yaml or tinyimagenet_demo_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the planted data")
-    p.add_argument("--counterfactual-seeds", type=int, default=7,
-                   help="retrain this many times with all classes, without the most negative class and without a "
-                   "random one (each class in turn, shuffled), the models of a seed from the same initial weights "
-                   "(default: 7; 0 skips)")
-    p.add_argument("--workers", type=int, help="local worker processes that train the models, the rows and cores "
-                   "split evenly (default: one per core)")
+    p.add_argument(
+        "--counterfactual-seeds",
+        type=int,
+        default=7,
+        help="retrain this many times with all classes, without the most negative class and without a "
+        "random one (each class in turn, shuffled), the models of a seed from the same initial weights "
+        "(default: 7; 0 skips)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes that train the models, the rows and cores split evenly (default: one per core)",
+    )
     group = p.add_argument_group("--data tiny-imagenet")
     group.add_argument("--data-dir", help=f"folder with the archives (default: ${DATA_ENV} or ../shared/data)")
-    group.add_argument("--classes", type=int, help="Tiny-ImageNet classes: those under a CIFAR-10 concept first "
-                       "(22), then others evenly spaced (default: demo.TinySize's)")
+    group.add_argument(
+        "--classes",
+        type=int,
+        help="Tiny-ImageNet classes: those under a CIFAR-10 concept first "
+        "(22), then others evenly spaced (default: demo.TinySize's)",
+    )
     group.add_argument("--per-class", type=int, help="training images per source class (default: demo.TinySize's)")
-    group.add_argument("--target-per-class", type=int,
-                       help="CIFAR-10 training images per class; half as many test images (default: demo.TinySize's)")
+    group.add_argument(
+        "--target-per-class",
+        type=int,
+        help="CIFAR-10 training images per class; half as many test images (default: demo.TinySize's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_demo, takes_settings=True)
 
-    p = commands.add_parser("masks", help="draw the random class subsets and create the results store",
-                            epilog=SETTINGS_HELP)
+    p = commands.add_parser(
+        "masks", help="draw the random class subsets and create the results store", epilog=SETTINGS_HELP
+    )
     p.add_argument("--config", help="experiment YAML (see rs_configs/); required to create a store")
     p.add_argument("--store", required=True, metavar="DIR", help="results store to create (or, with --add, grow)")
-    p.add_argument("--add", type=int, metavar="N", help="add N models to an existing store: new random subsets, "
-                   "rows pending for `train`")
-    p.add_argument("--examples", action="store_true", help="random subsets of the source examples instead of "
-                   "classes (example-level influence; `ffcv-transfer leakage` reads the store)")
+    p.add_argument(
+        "--add",
+        type=int,
+        metavar="N",
+        help="add N models to an existing store: new random subsets, rows pending for `train`",
+    )
+    p.add_argument(
+        "--examples",
+        action="store_true",
+        help="random subsets of the source examples instead of "
+        "classes (example-level influence; `ffcv-transfer leakage` reads the store)",
+    )
     p.set_defaults(run=cmd_masks, takes_settings=True)
 
-    p = commands.add_parser("train", help="train, transfer and record pending models of a store (K at a time)",
-                            epilog=SETTINGS_HELP)
+    p = commands.add_parser(
+        "train", help="train, transfer and record pending models of a store (K at a time)", epilog=SETTINGS_HELP
+    )
     p.add_argument("--store", required=True, metavar="DIR")
     p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
     p.add_argument("--models", help="only these rows, e.g. 0-63,100 (default: all pending)")
@@ -255,38 +331,64 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--label", help="first part of this worker's name in `store status` (e.g. gpu0)")
     p.set_defaults(run=cmd_train, takes_settings=True)
 
-    p = commands.add_parser("transfer", help="transfer already-trained source models (the store's checkpoints, or "
-                            "a folder of outside ones) to a target in a transfer mode, into "
-                            "STORE/transfers/TARGET/MODE; resumable", epilog=SETTINGS_HELP)
-    p.add_argument("--store", required=True, metavar="DIR", help="a store trained with --run.checkpoints=true, "
-                   "or, with --checkpoints, the store to create")
+    p = commands.add_parser(
+        "transfer",
+        help="transfer already-trained source models (the store's checkpoints, or "
+        "a folder of outside ones) to a target in a transfer mode, into "
+        "STORE/transfers/TARGET/MODE; resumable",
+        epilog=SETTINGS_HELP,
+    )
+    p.add_argument(
+        "--store",
+        required=True,
+        metavar="DIR",
+        help="a store trained with --run.checkpoints=true, or, with --checkpoints, the store to create",
+    )
     p.add_argument("--target", help="one of the experiment's targets (default: the first, or --recipe's)")
-    p.add_argument("--recipe", metavar="FILE", help="a new target: its recipe file (data.target_name, "
-                   "data.target_train, data.target_test and transfer settings, e.g. rs_configs/targets/NAME.yaml), "
-                   "over the experiment's transfer section")
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="a new target: its recipe file (data.target_name, "
+        "data.target_train, data.target_test and transfer settings, e.g. rs_configs/targets/NAME.yaml), "
+        "over the experiment's transfer section",
+    )
     p.add_argument("--mode", choices=TRANSFER_MODES, help="transfer mode (default: the target's first)")
-    p.add_argument("--checkpoints", metavar="DIR", help="outside source models: DIR/*.pt (torchvision's or this "
-                   "package's ResNet-18 names, bare or as {'state_dict': ...}) and DIR/masks.npy (their classes, "
-                   "one row per file in name order)")
+    p.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="outside source models: DIR/*.pt (torchvision's or this "
+        "package's ResNet-18 names, bare or as {'state_dict': ...}) and DIR/masks.npy (their classes, "
+        "one row per file in name order)",
+    )
     p.add_argument("--config", help="with --checkpoints: the experiment (data, model, transfer recipe)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--label", help="first part of this worker's name in `store status`")
     p.set_defaults(run=cmd_transfer, takes_settings=True)
 
-    p = commands.add_parser("launch", help="run many workers over one store: one per GPU, several on the CPU, "
-                            "or a SLURM job array", epilog=SETTINGS_HELP)
+    p = commands.add_parser(
+        "launch",
+        help="run many workers over one store: one per GPU, several on the CPU, or a SLURM job array",
+        epilog=SETTINGS_HELP,
+    )
     p.add_argument("--store", required=True, metavar="DIR", help="results store (made by `masks`)")
     p.add_argument("--config", help="experiment YAML (default: the one saved in the store by `masks`)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local", help="where workers run (default: local)")
     p.add_argument("--k", type=int, help="models per worker process (run.models_per_process)")
-    p.add_argument("--max-rounds", type=int, default=3,
-                   help="start workers again while rows are pending after all have ended (default: 3 rounds)")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=3,
+        help="start workers again while rows are pending after all have ended (default: 3 rounds)",
+    )
     p.add_argument("--log-dir", help="worker logs (default: DIR/launches/TIME-EXECUTOR)")
     p.add_argument("--poll-s", type=float, default=10, help="seconds between progress checks (default: 10)")
     group = p.add_argument_group("--executor local")
     group.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3 or 0-3: one worker per GPU")
-    group.add_argument("--workers", type=int, help="workers on run.device (default 1); CPU workers share the "
-                       "cores, OMP_NUM_THREADS = cores // workers each")
+    group.add_argument(
+        "--workers",
+        type=int,
+        help="workers on run.device (default 1); CPU workers share the cores, OMP_NUM_THREADS = cores // workers each",
+    )
     group = p.add_argument_group("--executor slurm (submitit; timed-out or preempted tasks requeue and resume)")
     group.add_argument("--tasks", type=int, help="array tasks, each one worker (default: 1)")
     group.add_argument("--parallelism", type=int, help="array tasks running at once (default: all)")
@@ -294,16 +396,30 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--partition", help="SLURM partition (default: the cluster's)")
     group.add_argument("--gpus-per-task", type=int, help="GPUs per task (default: 0; run.device becomes cuda)")
     group.add_argument("--cpus-per-task", type=int, help="CPUs per task, also its OMP_NUM_THREADS (default: 1)")
-    group.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
-                       help="any other sbatch option, repeatable: --sbatch account=abc --sbatch mem=32G")
+    group.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=abc --sbatch mem=32G",
+    )
     group.add_argument("--no-wait", action="store_true", help="submit and return (no further rounds)")
     p.set_defaults(run=cmd_launch, takes_settings=True)
 
     p = commands.add_parser("influence", help="class influence from a results store")
-    p.add_argument("store", metavar="DIR", nargs="+", help="a results store, or several read as one (their rows "
-                   "numbered store after store)")
-    p.add_argument("--output", "--key", dest="key", default="margins", help="per-example output: margins, "
-                   "p_correct, correct_logit, is_correct, or any per-row field (default: margins)")
+    p.add_argument(
+        "store",
+        metavar="DIR",
+        nargs="+",
+        help="a results store, or several read as one (their rows numbered store after store)",
+    )
+    p.add_argument(
+        "--output",
+        "--key",
+        dest="key",
+        default="margins",
+        help="per-example output: margins, "
+        "p_correct, correct_logit, is_correct, or any per-row field (default: margins)",
+    )
     add_mode_option(p)
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])

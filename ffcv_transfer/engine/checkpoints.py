@@ -7,21 +7,26 @@ outside checkpoints (a folder of state dicts with their class masks) brought ont
 Outside state dicts may use torchvision's ResNet-18 names (conv1, bn1, layerI.J..., downsample, fc) or
 this package's (stem, layers, shortcut, fc), bare or wrapped as the reference saves them
 ({"state_dict": ...} or {"model": ...}, keys perhaps prefixed "module." or "model.")."""
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
 from ffcv_transfer.store.results import StoreError
 
+
 def save_checkpoint(path: Path, model: nn.Module, classes: np.ndarray, row: int) -> None:
     """Write atomically (a temporary file renamed): a reader never sees half a checkpoint."""
-    state = {name: value.detach().to("cpu", torch.bfloat16 if value.is_floating_point() else value.dtype)
-             for name, value in model.state_dict().items()}
+    state = {
+        name: value.detach().to("cpu", torch.bfloat16 if value.is_floating_point() else value.dtype)
+        for name, value in model.state_dict().items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     torch.save({"state_dict": state, "classes": np.asarray(classes, bool), "row": row}, partial)
@@ -65,14 +70,20 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | Pa
     for name, value in state.items():
         target = name if name in own else re.sub(r"\.weight$", ".conv.weight", name)
         if target not in own:
-            raise StoreError(f"{source}: parameter {name!r} has no place in the model "
-                             f"(model: {', '.join(list(own)[:4])}, ...)")
+            raise StoreError(
+                f"{source}: parameter {name!r} has no place in the model (model: {', '.join(list(own)[:4])}, ...)"
+            )
         if own[target].shape != value.shape:
-            raise StoreError(f"{source}: {name} has shape {tuple(value.shape)}, the model's {tuple(own[target].shape)}:"
-                             " check model.width, model.stem and the number of source classes")
+            raise StoreError(
+                f"{source}: {name} has shape {tuple(value.shape)}, the model's {tuple(own[target].shape)}:"
+                " check model.width, model.stem and the number of source classes"
+            )
         placed[target] = value.to(own[target].dtype)
-    missing = [name for name in own if name not in placed and not name.endswith("num_batches_tracked")
-               and not name.endswith(".blur")]
+    missing = [
+        name
+        for name in own
+        if name not in placed and not name.endswith("num_batches_tracked") and not name.endswith(".blur")
+    ]
     if missing:
         raise StoreError(f"{source}: no value for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(placed, strict=False)
@@ -87,8 +98,10 @@ def outside_checkpoints(folder: str | Path) -> tuple[list[Path], np.ndarray]:
         raise StoreError(f"{folder}: no *.pt checkpoints")
     masks_file = folder / "masks.npy"
     if not masks_file.is_file():
-        raise StoreError(f"{masks_file}: missing; it holds the (checkpoints, classes) bool masks, one row per "
-                         "*.pt file in name order")
+        raise StoreError(
+            f"{masks_file}: missing; it holds the (checkpoints, classes) bool masks, one row per "
+            "*.pt file in name order"
+        )
     masks = np.load(masks_file)
     if masks.ndim != 2 or len(masks) != len(files) or not np.isin(masks, (0, 1)).all():
         raise StoreError(f"{masks_file}: expected a ({len(files)}, classes) 0/1 array, got {masks.dtype} {masks.shape}")

@@ -1,11 +1,12 @@
 """ffcv Loaders over source and target betons. Batches come out as normalised float tensors on the
 chosen device (CPU or CUDA) in that device's layout (models.memory_format_for), labels as int64; the
 class subset to load is found from the beton's sidecar labels, without reading the beton."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,11 @@ def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.
     return np.flatnonzero(np.isin(read_labels(beton), np.asarray(classes)))
 
 
-def select_examples(beton: str | Path, classes: Sequence[int] | np.ndarray | None = None,
-                    indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+def select_examples(
+    beton: str | Path,
+    classes: Sequence[int] | np.ndarray | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray | None:
     """The sorted beton positions a loader reads: those of `classes`, or `indices`, or None for all."""
     if classes is not None and indices is not None:
         raise ValueError("give classes or indices, not both")
@@ -53,8 +57,10 @@ def decoding_threads(config: LoaderConfig, device: torch.device) -> int:
 def normalisation(device: torch.device, kind: str = "imagenet") -> tuple[torch.Tensor, torch.Tensor]:
     """The (mean, std) of 0-255 pixels of settings.NORMALIZATIONS[kind], as (1, 3, 1, 1) float32 tensors on
     `device`."""
-    return tuple(torch.tensor(np.array(v) * 255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                 for v in NORMALIZATIONS[kind])
+    return tuple(
+        torch.tensor(np.array(v) * 255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        for v in NORMALIZATIONS[kind]
+    )
 
 
 class Batch(tuple):
@@ -63,7 +69,7 @@ class Batch(tuple):
 
     host: tuple[np.ndarray, ...]
 
-    def __new__(cls, items: Sequence[torch.Tensor], host: Sequence[np.ndarray]) -> "Batch":
+    def __new__(cls, items: Sequence[torch.Tensor], host: Sequence[np.ndarray]) -> Batch:
         batch = super().__new__(cls, items)
         batch.host = tuple(host)
         return batch
@@ -103,7 +109,7 @@ def _index_decoder():
             def decoder(indices, destination, metadata, storage_state):
                 for ix, sample_id in enumerate(indices):
                     destination[ix] = sample_id
-                return destination[:len(indices)]
+                return destination[: len(indices)]
 
             return decoder
 
@@ -118,12 +124,22 @@ class ImageLoader:
     `classes` loads the examples of those classes, `indices` exactly those examples (not both). Images
     come normalised with `normalization` (settings.NORMALIZATIONS)."""
 
-    def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
-                 config: LoaderConfig = LoaderConfig(),
-                 device: str | torch.device = "cpu", classes: Sequence[int] | np.ndarray | None = None,
-                 crop_ratio: float = 224 / 256, crop_scale: tuple[float, float] | None = (0.08, 1.0),
-                 indices: Sequence[int] | np.ndarray | None = None, with_indices: bool = False,
-                 normalization: str = "imagenet"):
+    def __init__(
+        self,
+        beton: str | Path,
+        *,
+        train: bool,
+        resolution: int,
+        batch_size: int,
+        config: LoaderConfig = LoaderConfig(),
+        device: str | torch.device = "cpu",
+        classes: Sequence[int] | np.ndarray | None = None,
+        crop_ratio: float = 224 / 256,
+        crop_scale: tuple[float, float] | None = (0.08, 1.0),
+        indices: Sequence[int] | np.ndarray | None = None,
+        with_indices: bool = False,
+        normalization: str = "imagenet",
+    ):
         from ffcv_transfer.threading_layer import use_threading_layer
 
         use_threading_layer(config.threading)  # before ffcv's import, which starts numba's threads
@@ -135,20 +151,36 @@ class ImageLoader:
         indices = select_examples(beton, classes, indices)
         self.device = torch.device(device)
         size = (resolution, resolution)
-        self.decoder = (RandomResizedCropRGBImageDecoder(size, scale=crop_scale) if train and crop_scale
-                        else CenterCropRGBImageDecoder(size, crop_ratio))
-        image = [self.decoder] + ([RandomHorizontalFlip()] if train else []) + \
-            [ToTensor(), ToDevice(self.device, non_blocking=True),
-             ToTorchImage(channels_last=memory_format_for(self.device) == torch.channels_last)]
+        self.decoder = (
+            RandomResizedCropRGBImageDecoder(size, scale=crop_scale)
+            if train and crop_scale
+            else CenterCropRGBImageDecoder(size, crop_ratio)
+        )
+        image = (
+            [self.decoder]
+            + ([RandomHorizontalFlip()] if train else [])
+            + [
+                ToTensor(),
+                ToDevice(self.device, non_blocking=True),
+                ToTorchImage(channels_last=memory_format_for(self.device) == torch.channels_last),
+            ]
+        )
         label = [IntDecoder(), ToTensor(), Squeeze()]  # kept on the host: trainers route on it there
         pipelines = {"image": image, "label": label}
         self.with_indices = with_indices
         if with_indices:  # the label field decoded a second time, into the sample index
             pipelines["index"] = PipelineSpec("label", decoder=_index_decoder(), transforms=[ToTensor(), Squeeze()])
-        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=decoding_threads(config, self.device),
-                             order=getattr(OrderOption, config.order.upper()), os_cache=config.os_cache,
-                             drop_last=config.drop_last, indices=indices, seed=config.seed,
-                             pipelines=pipelines)
+        self.loader = Loader(
+            str(beton),
+            batch_size=batch_size,
+            num_workers=decoding_threads(config, self.device),
+            order=getattr(OrderOption, config.order.upper()),
+            os_cache=config.os_cache,
+            drop_last=config.drop_last,
+            indices=indices,
+            seed=config.seed,
+            pipelines=pipelines,
+        )
         self.mean, self.std = normalisation(self.device, normalization)
 
     def set_resolution(self, resolution: int) -> None:

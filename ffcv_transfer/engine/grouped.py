@@ -14,9 +14,10 @@ fp16 shares one gradient scaler among the K models.
 with static shapes: the padded sub-batch length is rounded up to a multiple of batch_size / 8, so each
 resolution compiles at most 8 shapes instead of one per batch (padding rows carry weight 0).
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ from torch import nn
 
 from ffcv_transfer.engine.data import to_device
 from ffcv_transfer.engine.models import BlurPoolConv2d, memory_format_for
-from ffcv_transfer.settings import COMPILE_MODES, OptimConfig
 from ffcv_transfer.engine.train import LockstepTrainer, lr_at, param_groups
+from ffcv_transfer.settings import COMPILE_MODES, OptimConfig
 
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
 
@@ -46,8 +47,9 @@ class _WeightedBatchNorm(torch.autograd.Function):
     0) pass no gradient back: their losses carry weight 0, so they have none to pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, x: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         stats = torch.promote_types(x.dtype, torch.float32)
         weights = weights.to(stats)  # (n, C)
         count = weights.sum(0) * (x.shape[2] * x.shape[3])
@@ -64,11 +66,15 @@ class _WeightedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
         x, weights, gamma, mean, invstd, per = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) else grad.contiguous()
+        grad = (
+            grad.contiguous(memory_format=torch.channels_last)
+            if x.is_contiguous(memory_format=torch.channels_last)
+            else grad.contiguous()
+        )
         if x.is_cuda:
             sum_dy, sum_dy_xmu, grad_gamma, grad_beta = torch.batch_norm_backward_reduce(
-                grad, x, mean, invstd, gamma, True, True, True)
+                grad, x, mean, invstd, gamma, True, True, True
+            )
             one = torch.ones(1, dtype=torch.int32, device=x.device)  # the kernel divides by the counts' sum
             grad_x = torch.batch_norm_backward_elemt(grad, x, mean, invstd, gamma, sum_dy / per, sum_dy_xmu / per, one)
         else:
@@ -76,8 +82,11 @@ class _WeightedBatchNorm(torch.autograd.Function):
             centred = x.to(mean.dtype) - mean[None, :, None, None]
             grad_beta, sum_dy_xmu = g.sum((0, 2, 3)), (g * centred).sum((0, 2, 3))
             grad_gamma = sum_dy_xmu * invstd
-            grad_x = (g - (grad_beta / per)[None, :, None, None]
-                      - centred * (invstd.square() * sum_dy_xmu / per)[None, :, None, None])
+            grad_x = (
+                g
+                - (grad_beta / per)[None, :, None, None]
+                - centred * (invstd.square() * sum_dy_xmu / per)[None, :, None, None]
+            )
             grad_x = (grad_x * (gamma * invstd)[None, :, None, None]).to(x.dtype)
         grad_x *= weights[:, :, None, None].to(grad_x.dtype)
         return grad_x, None, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype), None
@@ -88,8 +97,13 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, sources: list[nn.BatchNorm2d], weights: _Weights):
         first = sources[0]
-        super().__init__(len(sources) * first.num_features, first.eps, first.momentum, device=first.weight.device,
-                         dtype=first.weight.dtype)
+        super().__init__(
+            len(sources) * first.num_features,
+            first.eps,
+            first.momentum,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
         self.models, self.weights = len(sources), weights
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
@@ -123,9 +137,18 @@ class GroupedLinear(nn.Module):
 
 def _grouped_conv(sources: list[nn.Conv2d]) -> nn.Conv2d:
     first, k = sources[0], len(sources)
-    conv = nn.Conv2d(k * first.in_channels, k * first.out_channels, first.kernel_size, first.stride, first.padding,
-                     first.dilation, k * first.groups, first.bias is not None, device=first.weight.device,
-                     dtype=first.weight.dtype)
+    conv = nn.Conv2d(
+        k * first.in_channels,
+        k * first.out_channels,
+        first.kernel_size,
+        first.stride,
+        first.padding,
+        first.dilation,
+        k * first.groups,
+        first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
     with torch.no_grad():
         conv.weight.copy_(torch.cat([s.weight for s in sources]))
         if first.bias is not None:
@@ -151,8 +174,7 @@ def _stack(sources: list[nn.Module], weights: _Weights) -> nn.Module:
     import copy
 
     stacked = copy.copy(first)  # same class and settings (ReLU, pooling, containers); children replaced
-    stacked._modules = {name: _stack([s._modules[name] for s in sources], weights)
-                        for name in first._modules}
+    stacked._modules = {name: _stack([s._modules[name] for s in sources], weights) for name in first._modules}
     return stacked
 
 
@@ -172,9 +194,16 @@ class GroupedTrainer(LockstepTrainer):
     """The `grouped` backend: same interface as train.SequentialTrainer, the K models trained as one grouped
     network (copied back into `models` after every epoch)."""
 
-    def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None,
-                 compile: str = "none"):
+    def __init__(
+        self,
+        models: list[nn.Module],
+        class_masks: np.ndarray,
+        config: OptimConfig,
+        steps_per_epoch: int,
+        device: str | torch.device = "cpu",
+        example_labels: np.ndarray | None = None,
+        compile: str = "none",
+    ):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
@@ -190,12 +219,12 @@ class GroupedTrainer(LockstepTrainer):
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 8 * SHAPE_BUCKETS)
             self.forward = torch.compile(self.network, mode=None if compile == "default" else compile, dynamic=False)
             self.pad_to = max(1, -(-config.batch_size // SHAPE_BUCKETS))
-        self.optimizer = torch.optim.SGD(param_groups(self.network, config), lr=0.0,
-                                         momentum=config.momentum)
+        self.optimizer = torch.optim.SGD(param_groups(self.network, config), lr=0.0, momentum=config.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
-    def pack_sub_batches(self, images: torch.Tensor, labels: torch.Tensor, member: np.ndarray
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pack_sub_batches(
+        self, images: torch.Tensor, labels: torch.Tensor, member: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n_max, K*3, H, W) images, (n_max, K) labels and (n_max, K) weights of the K sub-batches, from
         `member` (K, B) on the host (LockstepTrainer.members): laid out there, so packing needs no sync."""
         counts = member.sum(1)
@@ -226,8 +255,12 @@ class GroupedTrainer(LockstepTrainer):
             self.weights.value = weights
             with self.autocast():
                 logits = self.forward(packed)  # (n, K, C)
-                losses = F.cross_entropy(logits.permute(0, 2, 1), packed_labels, reduction="none",
-                                         label_smoothing=self.config.label_smoothing)  # (n, K)
+                losses = F.cross_entropy(
+                    logits.permute(0, 2, 1),
+                    packed_labels,
+                    reduction="none",
+                    label_smoothing=self.config.label_smoothing,
+                )  # (n, K)
             per_model = torch.where(weights > 0, losses, 0.0).sum(0) / weights.sum(0).clamp_min(1)
             total = torch.where(alive, per_model, 0.0).sum()  # a diverged model's NaN must not reach the others
             self.optimizer.zero_grad(set_to_none=True)

@@ -2,12 +2,19 @@
 heap-checked benchmark run `ffcv-transfer`, and how a user checks another torch build the same way
 (docs/engine.md#cpu-layout). MALLOC_CHECK_=3 aborts on the first corrupted chunk instead of letting a
 run go on with damaged memory; since glibc 2.34 it needs libc_malloc_debug preloaded."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-MALLOC_DEBUG = next((p for p in ("/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
-                                  "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0") if Path(p).exists()), None)
+MALLOC_DEBUG = next(
+    (
+        p
+        for p in ("/lib/x86_64-linux-gnu/libc_malloc_debug.so.0", "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0")
+        if Path(p).exists()
+    ),
+    None,
+)
 
 
 def heap_checked(env: dict[str, str]) -> dict[str, str]:

@@ -11,6 +11,7 @@ completed no row, or after `max_rounds`.
 SLURM array tasks are requeued by submitit on a timeout or preemption signal and resume from the store
 (StoreTask).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ffcv_transfer.store.results import ResultStore
 
@@ -51,8 +53,9 @@ class LocalWorker:
     env: dict[str, str]  # variables set for its process
 
 
-def local_workers(gpus: Sequence[int] | None, workers: int | None, device: str,
-                  cores: int | None = None) -> list[LocalWorker]:
+def local_workers(
+    gpus: Sequence[int] | None, workers: int | None, device: str, cores: int | None = None
+) -> list[LocalWorker]:
     """One worker per GPU (CUDA_VISIBLE_DEVICES=g, device cuda), or else `workers` workers (default 1) on
     `device`, sharing this machine's cores: OMP_NUM_THREADS = cores // workers each."""
     if gpus is not None:
@@ -81,15 +84,20 @@ class SlurmOptions:
     def __post_init__(self) -> None:
         counts = (self.tasks, 1 if self.parallelism is None else self.parallelism, self.time_min, self.cpus_per_task)
         if min(counts) < 1 or self.gpus_per_task < 0:
-            raise LaunchError(f"{self}: tasks, parallelism, time_min and cpus_per_task must be >= 1, "
-                              f"gpus_per_task >= 0")
+            raise LaunchError(
+                f"{self}: tasks, parallelism, time_min and cpus_per_task must be >= 1, gpus_per_task >= 0"
+            )
 
     def executor_parameters(self, tasks: int) -> dict[str, Any]:
         """submitit.SlurmExecutor parameters for an array of `tasks` tasks."""
-        parameters = {"job_name": "ffcv-transfer", "time": self.time_min, "cpus_per_task": self.cpus_per_task,
-                      "array_parallelism": min(self.parallelism or tasks, tasks),
-                      "setup": [f"export OMP_NUM_THREADS={self.cpus_per_task}"],
-                      "additional_parameters": dict(self.sbatch)}
+        parameters = {
+            "job_name": "ffcv-transfer",
+            "time": self.time_min,
+            "cpus_per_task": self.cpus_per_task,
+            "array_parallelism": min(self.parallelism or tasks, tasks),
+            "setup": [f"export OMP_NUM_THREADS={self.cpus_per_task}"],
+            "additional_parameters": dict(self.sbatch),
+        }
         if self.partition:
             parameters["partition"] = self.partition
         if self.gpus_per_task:
@@ -130,8 +138,10 @@ class _Progress:
     def __call__(self) -> None:
         s = self.store.status()
         holding = sum(1 for counts in s["workers"].values() if counts["claimed"])
-        line = (f"{s['completed']}/{s['rows']} completed, {s['claimed']} claimed by {_count(holding, 'worker')}, "
-                f"{s['pending']} pending, {s['failed']} failed")
+        line = (
+            f"{s['completed']}/{s['rows']} completed, {s['claimed']} claimed by {_count(holding, 'worker')}, "
+            f"{s['pending']} pending, {s['failed']} failed"
+        )
         stages = [f"{label}: {stage}" for label, log in self.logs.items() if (stage := _last_line(log))]
         line = "; ".join([line, *stages])
         if line != self.last:
@@ -171,8 +181,14 @@ def _log_dir(store: ResultStore, log_dir: str | Path | None, executor: str) -> P
     return path
 
 
-def run_rounds(store: ResultStore, run_round: Callable[[int, int], list[str]], most_workers: int, k: int,
-               max_rounds: int, log_dir: Path) -> dict[str, Any]:
+def run_rounds(
+    store: ResultStore,
+    run_round: Callable[[int, int], list[str]],
+    most_workers: int,
+    k: int,
+    max_rounds: int,
+    log_dir: Path,
+) -> dict[str, Any]:
     """Call run_round(round, workers), which starts that many workers, returns once all have ended and
     says how each that failed ended, while rows are pending, with no more workers than batches of `k`
     pending rows; returns the status of the complete store, or raises LaunchError after a round that
@@ -188,14 +204,24 @@ def run_rounds(store: ResultStore, run_round: Callable[[int, int], list[str]], m
             how = "".join(f"\n  {line}" for line in ended_badly)
             raise LaunchError(f"round {round_no} completed no row; see the worker logs in {log_dir}{how}")
     if status["pending"] or status["claimed"]:
-        raise LaunchError(f"store {store.path} incomplete after {max_rounds} rounds: {status['pending']} rows "
-                          f"pending, {status['claimed']} claimed by live workers; launch again to go on")
+        raise LaunchError(
+            f"store {store.path} incomplete after {max_rounds} rounds: {status['pending']} rows "
+            f"pending, {status['claimed']} claimed by live workers; launch again to go on"
+        )
     return status
 
 
-def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequence[int] | None = None,
-                 workers: int | None = None, log_dir: str | Path | None = None, max_rounds: int = 3,
-                 poll_s: float = 10, say: Say = _say) -> dict[str, Any]:
+def launch_local(
+    store_dir: str | Path,
+    experiment: Experiment,
+    *,
+    gpus: Sequence[int] | None = None,
+    workers: int | None = None,
+    log_dir: str | Path | None = None,
+    max_rounds: int = 3,
+    poll_s: float = 10,
+    say: Say = _say,
+) -> dict[str, Any]:
     """Workers on this machine (`local_workers`), each an `ffcv-transfer train` process logging to
     LOG_DIR/roundR-LABEL.log, until the store is complete; returns its final status."""
     store = _open(store_dir, experiment)
@@ -211,13 +237,33 @@ def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequenc
             for worker in team[:count]:
                 log = log_dir / f"round{round_no}-{worker.label}.log"
                 with open(log, "wb") as out:
-                    command = [sys.executable, "-m", "ffcv_transfer.cli", "train", "--store", str(store.path),
-                               "--config", str(config), "--no-progress", "--label", worker.label,
-                               f"--run.device={worker.device}"]
-                    started.append((worker, log, subprocess.Popen(command, env={**os.environ, **worker.env},
-                                                                  stdout=out, stderr=subprocess.STDOUT)))
-            say(f"round {round_no}: {_count(count, 'local worker')} ({', '.join(w.label for w in team[:count])}); "
-                f"logs in {log_dir}")
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "ffcv_transfer.cli",
+                        "train",
+                        "--store",
+                        str(store.path),
+                        "--config",
+                        str(config),
+                        "--no-progress",
+                        "--label",
+                        worker.label,
+                        f"--run.device={worker.device}",
+                    ]
+                    started.append(
+                        (
+                            worker,
+                            log,
+                            subprocess.Popen(
+                                command, env={**os.environ, **worker.env}, stdout=out, stderr=subprocess.STDOUT
+                            ),
+                        )
+                    )
+            say(
+                f"round {round_no}: {_count(count, 'local worker')} ({', '.join(w.label for w in team[:count])}); "
+                f"logs in {log_dir}"
+            )
             progress.logs = {worker.label: log for worker, log, _ in started}
             _wait_until(lambda: all(process.poll() is not None for _, _, process in started), poll_s, progress)
         finally:
@@ -225,8 +271,11 @@ def launch_local(store_dir: str | Path, experiment: Experiment, *, gpus: Sequenc
                 if process.poll() is None:
                     process.terminate()
                     process.wait()
-        ended_badly = [f"{worker.label} {exit_text(process.returncode)}: {log}"
-                       for worker, log, process in started if process.returncode]
+        ended_badly = [
+            f"{worker.label} {exit_text(process.returncode)}: {log}"
+            for worker, log, process in started
+            if process.returncode
+        ]
         for line in ended_badly:
             print(f"  {line}", file=sys.stderr, flush=True)  # also without progress output: a crash is news
         return ended_badly
@@ -251,8 +300,7 @@ def _import_submitit():
     except ImportError:
         raise LaunchError("the slurm executor needs submitit: pip install -e .[slurm]") from None
     if not shutil.which("sbatch"):
-        raise LaunchError("the slurm executor needs SLURM's sbatch on PATH: run the launcher on a SLURM "
-                          "login node")
+        raise LaunchError("the slurm executor needs SLURM's sbatch on PATH: run the launcher on a SLURM login node")
     return submitit
 
 
@@ -262,8 +310,9 @@ ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 def _live_tasks(job_id: str) -> int:
     """Tasks of a job (array) that are pending, running or requeued."""
-    result = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True
+    )
     if result.returncode:
         if "Invalid job id" in result.stderr:
             return 0  # long ended: slurmctld forgot it
@@ -281,9 +330,17 @@ def _outcome(job: Any) -> tuple[bool, str]:
         return False, f"failed ({str(error).strip().splitlines()[-1]}); log {job.paths.stderr}"
 
 
-def launch_slurm(store_dir: str | Path, experiment: Experiment, options: SlurmOptions = SlurmOptions(), *,
-                 log_dir: str | Path | None = None, max_rounds: int = 3, poll_s: float = 10, wait: bool = True,
-                 say: Say = _say) -> dict[str, Any]:
+def launch_slurm(
+    store_dir: str | Path,
+    experiment: Experiment,
+    options: SlurmOptions = SlurmOptions(),
+    *,
+    log_dir: str | Path | None = None,
+    max_rounds: int = 3,
+    poll_s: float = 10,
+    wait: bool = True,
+    say: Say = _say,
+) -> dict[str, Any]:
     """A SLURM job array of `options.tasks` workers (submitit; its files in LOG_DIR/roundR). With `wait`,
     follow the store until every task has ended and submit further rounds until it is complete; without,
     return after the first submission. Returns the store's status."""
@@ -301,8 +358,10 @@ def launch_slurm(store_dir: str | Path, experiment: Experiment, options: SlurmOp
         executor.update_parameters(**parameters)
         jobs = executor.map_array(StoreTask(), [str(store.path)] * count, [experiment] * count)
         job_id = jobs[0].job_id.split("_")[0]
-        say(f"round {round_no}: SLURM job {job_id}, {_count(count, 'task')} ({parameters['array_parallelism']} "
-            f"at a time); logs in {executor.folder}")
+        say(
+            f"round {round_no}: SLURM job {job_id}, {_count(count, 'task')} ({parameters['array_parallelism']} "
+            f"at a time); logs in {executor.folder}"
+        )
         return job_id, jobs
 
     def run_round(round_no: int, count: int) -> list[str]:

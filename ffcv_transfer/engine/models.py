@@ -3,10 +3,11 @@ a width multiplier for cheap runs, and optional BlurPool (as in FFCV's ResNet re
 
 Memory layout: channels-last on CUDA (what its convolution kernels want), plain NCHW on the CPU. In torch
 2.13's CPU build, oneDNN's backward of a channels-last 1x1 strided convolution with few input channels
-(4, 8 or 12 seen; the shortcut of width 0.125 has 8) writes out of bounds for odd batch sizes with 2 threads (with 1 thread at
-64 px), killing the process or corrupting its heap; no NCHW shape of the CPU models does
+(4, 8 or 12 seen; the shortcut of width 0.125 has 8) writes out of bounds for odd batch sizes with 2 threads
+(with 1 thread at 64 px), killing the process or corrupting its heap; no NCHW shape of the CPU models does
 (tests/test_cpu_safety.py). A model converts its input to its own layout, so no caller can hand a CPU
 model a channels-last batch."""
+
 from __future__ import annotations
 
 import torch
@@ -57,11 +58,16 @@ class ResNet18(nn.Module):
             raise ValueError(f"need width > 0 and num_classes >= 1, got {width} and {num_classes}")
         widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
         if stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
-                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, widths[0], 7, 2, 3, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                      nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            )
         layers, inputs = [], widths[0]
         for index, outputs in enumerate(widths):
             stride = 1 if index == 0 else 2
@@ -104,8 +110,15 @@ def layout_of(weight: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def build_model(num_classes: int, *, stem: str = "imagenet", width: float = 1.0, blurpool: bool = False,
-                device: str | torch.device = "cpu", memory_format: torch.memory_format | None = None) -> ResNet18:
+def build_model(
+    num_classes: int,
+    *,
+    stem: str = "imagenet",
+    width: float = 1.0,
+    blurpool: bool = False,
+    device: str | torch.device = "cpu",
+    memory_format: torch.memory_format | None = None,
+) -> ResNet18:
     """A ResNet18 on `device` in `memory_format` (default: memory_format_for(device))."""
     model = ResNet18(num_classes, stem=stem, width=width, blurpool=blurpool).to(device)
     return model.to(memory_format=memory_format or memory_format_for(device))

@@ -1,18 +1,19 @@
-"""A device-resident loader for low-resolution recipes: the beton's images are read once into device
-memory (uint8, one tensor per beton and device, in a PixelCache that loaders share), and each batch is
-gathered, cropped, flipped, resized and normalised on the device. No decoding per epoch and no ffcv
-pipeline: 64 px ImageNet's pixels fit beside the models in an H100's memory.
+"""A device-resident loader for low-resolution recipes: the beton's images are read once into device memory (uint8, one
+tensor per beton and device, in a PixelCache that loaders share), and each batch is gathered, cropped, flipped,
+resized and normalised on the device. No decoding per epoch and no ffcv pipeline: 64 px ImageNet's pixels fit beside
+the models in an H100's memory.
 
-Same interface as data.ImageLoader. Training crops are random-resized (area fraction in `crop_scale`,
-aspect ratio 3/4..4/3; `crop_scale` None: the evaluation's centre crop) with a random flip; evaluation takes the centre crop of `crop_ratio` of the shorter
-side; both resample bilinearly (ffcv resizes with OpenCV's area filter: equal for crops at the stored
-size, softer when shrinking much). Every image of a beton must have the same size."""
+Same interface as data.ImageLoader. Training crops are random-resized (area fraction in `crop_scale`, aspect ratio
+3/4..4/3; `crop_scale` None: the evaluation's centre crop) with a random flip; evaluation takes the centre crop of
+`crop_ratio` of the shorter side; both resample bilinearly (ffcv resizes with OpenCV's area filter: equal for crops
+at the stored size, softer when shrinking much). Every image of a beton must have the same size."""
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from ffcv_transfer.engine.data import Batch, beton_identity, normalisation, select_examples, to_device
 from ffcv_transfer.engine.models import memory_format_for
 from ffcv_transfer.settings import LoaderConfig
+
 
 class PixelCache:
     """Betons' pixels in device memory, read once and shared by every ResidentLoader over them; at most
@@ -43,15 +45,16 @@ class PixelCache:
 
 def read_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, H, W, 3) uint8, labels (N,) int64) of every record, on `device`."""
-    from ffcv_transfer.store.betons import BetonError
-    from ffcv_transfer.store.betons import BetonRecords
+    from ffcv_transfer.store.betons import BetonError, BetonRecords
 
     records = BetonRecords(beton)
     sizes = {(int(h), int(w)) for h, w in zip(records.images["height"], records.images["width"])}
     if len(sizes) != 1:
-        raise BetonError(f"{beton}: images of {len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); the resident "
-                         "loader needs one size: write the beton with --square --max-resolution R")
-    (height, width), = sizes
+        raise BetonError(
+            f"{beton}: images of {len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); the resident "
+            "loader needs one size: write the beton with --square --max-resolution R"
+        )
+    ((height, width),) = sizes
     images = torch.empty((len(records), height, width, 3), dtype=torch.uint8, device=device)
     chunk = 4096
     for start in range(0, len(records), chunk):  # via host memory in chunks, not all of it at once
@@ -62,13 +65,26 @@ def read_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, 
 
 class ResidentLoader:
     """Iterate for (images, labels), or (images, labels, indices) with `with_indices`: normalised
-    float32 images on the device, in its layout (models.memory_format_for). `classes` or `indices` select the examples."""
+    float32 images on the device, in its layout (models.memory_format_for). `classes` or `indices` select the
+    examples."""
 
-    def __init__(self, beton: str | Path, *, train: bool, resolution: int, batch_size: int,
-                 config: LoaderConfig = LoaderConfig(), device: str | torch.device = "cpu",
-                 classes: Sequence[int] | np.ndarray | None = None, crop_ratio: float = 224 / 256,
-                 crop_scale: tuple[float, float] | None = (0.08, 1.0), indices: Sequence[int] | np.ndarray | None = None,
-                 with_indices: bool = False, pixels: PixelCache | None = None, normalization: str = "imagenet"):
+    def __init__(
+        self,
+        beton: str | Path,
+        *,
+        train: bool,
+        resolution: int,
+        batch_size: int,
+        config: LoaderConfig = LoaderConfig(),
+        device: str | torch.device = "cpu",
+        classes: Sequence[int] | np.ndarray | None = None,
+        crop_ratio: float = 224 / 256,
+        crop_scale: tuple[float, float] | None = (0.08, 1.0),
+        indices: Sequence[int] | np.ndarray | None = None,
+        with_indices: bool = False,
+        pixels: PixelCache | None = None,
+        normalization: str = "imagenet",
+    ):
         from ffcv_transfer.store.betons import read_labels
 
         selected = select_examples(beton, classes, indices)
@@ -102,15 +118,22 @@ class ResidentLoader:
         if self.order != "sequential":
             examples = examples[torch.randperm(len(examples), generator=self.order_generator).numpy()]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            host = [examples[start:start + self.batch_size]]
+            host = [examples[start : start + self.batch_size]]
             picked = to_device(host[0], self.device)
             pixels = self.images[picked].permute(0, 3, 1, 2).float()
-            images = F.grid_sample(pixels, self._grid(len(picked), *pixels.shape[2:]), mode="bilinear",
-                                   padding_mode="border", align_corners=False)
+            images = F.grid_sample(
+                pixels,
+                self._grid(len(picked), *pixels.shape[2:]),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )
             images = ((images - self.mean) / self.std).contiguous(memory_format=memory_format_for(self.device))
             host.insert(0, self.host_labels[host[0]])
-            yield Batch((images, self.labels[picked]) + ((picked,) if self.with_indices else ()),
-                        host if self.with_indices else host[:1])
+            yield Batch(
+                (images, self.labels[picked]) + ((picked,) if self.with_indices else ()),
+                host if self.with_indices else host[:1],
+            )
 
     def _grid(self, n: int, height: int, width: int) -> torch.Tensor:
         """Sampling grids of the crops: (n, R, R, 2) in grid_sample's [-1, 1] coordinates."""
@@ -128,11 +151,15 @@ class ResidentLoader:
             crop_w = torch.full((n,), side / width, device=self.device)
             crop_h = torch.full((n,), side / height, device=self.device)
             centre_x = centre_y = torch.zeros(n, device=self.device)
-            flip = (torch.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0) if self.train
-                    else torch.ones(n, device=self.device))
+            flip = (
+                torch.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+                if self.train
+                else torch.ones(n, device=self.device)
+            )
         zero = torch.zeros(n, device=self.device)
-        theta = torch.stack([torch.stack([crop_w * flip, zero, centre_x], 1),
-                             torch.stack([zero, crop_h, centre_y], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([crop_w * flip, zero, centre_x], 1), torch.stack([zero, crop_h, centre_y], 1)], 1
+        )
         return F.affine_grid(theta, [n, 3, self.resolution, self.resolution], align_corners=False)
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:

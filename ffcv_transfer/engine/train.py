@@ -27,9 +27,10 @@ model's mask density).
 `train_epoch` is the step loop: here `sequential` (the K models one after another on their
 sub-batches, or on their queued per-model batches), in grouped.py `grouped` (one grouped network).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +43,9 @@ from ffcv_transfer.settings import OptimConfig, SourceConfig
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # settings.PRECISIONS
 
 
-def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32,
-                  rounding: str = "down") -> int:
+def resolution_at(
+    epoch: int, start: int, end: int, start_ramp: int, end_ramp: int, step: int = 32, rounding: str = "down"
+) -> int:
     """Progressive resizing: `start` px until start_ramp, linear to `end` px at end_ramp, rounded down
     (ffcv-imagenet) or to the nearest (MadryLab/data-transfer) multiple of `step`, kept within start..end."""
     if start == end:
@@ -55,8 +57,9 @@ def resolution_at(epoch: int, start: int, end: int, start_ramp: int, end_ramp: i
 
 def source_resolution(config: SourceConfig) -> Callable[[int], int]:
     """The source recipe's resolution schedule: epoch -> pixels."""
-    return lambda epoch: resolution_at(epoch, config.min_res, config.max_res, config.start_ramp, config.end_ramp,
-                                       rounding=config.ramp_rounding)
+    return lambda epoch: resolution_at(
+        epoch, config.min_res, config.max_res, config.start_ramp, config.end_ramp, rounding=config.ramp_rounding
+    )
 
 
 def lr_at(epoch: float, config: OptimConfig) -> float:
@@ -70,8 +73,11 @@ def lr_at(epoch: float, config: OptimConfig) -> float:
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Weight decay on every trainable parameter, BatchNorm's only with config.bn_weight_decay."""
     weight_decay = config.weight_decay
-    batchnorm = set() if config.bn_weight_decay else {
-        id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    batchnorm = (
+        set()
+        if config.bn_weight_decay
+        else {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in batchnorm]
     no_decay = [p for p in trainable if id(p) in batchnorm]
@@ -84,8 +90,15 @@ class LockstepTrainer:
     With `example_labels` (E,), the masks are (K, E) over examples: batches must carry each example's
     index as a third element, and `class_masks` (K, C) holds the classes each model has examples of."""
 
-    def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None):
+    def __init__(
+        self,
+        models: list[nn.Module],
+        class_masks: np.ndarray,
+        config: OptimConfig,
+        steps_per_epoch: int,
+        device: str | torch.device = "cpu",
+        example_labels: np.ndarray | None = None,
+    ):
         class_masks = np.asarray(class_masks, bool)
         if class_masks.ndim != 2 or len(class_masks) != len(models):
             raise ValueError(f"need one mask row per model: {len(models)} models, masks {class_masks.shape}")
@@ -97,8 +110,9 @@ class LockstepTrainer:
         if self.by_example:
             example_labels = np.asarray(example_labels, np.int64)
             if example_labels.shape != (class_masks.shape[1],):
-                raise ValueError(f"example masks {class_masks.shape} need one label per example, "
-                                 f"got {example_labels.shape}")
+                raise ValueError(
+                    f"example masks {class_masks.shape} need one label per example, got {example_labels.shape}"
+                )
             num_classes = int(example_labels.max()) + 1 if len(example_labels) else 0
             self.class_masks = np.zeros((len(models), num_classes), bool)
             for k, row in enumerate(class_masks):
@@ -116,8 +130,10 @@ class LockstepTrainer:
         on a GPU)."""
         column = 2 if self.by_example and not by_class else 1
         if len(batch) <= column:
-            raise ValueError("example masks route on example indices: batches need a third element "
-                             "(ImageLoader(..., with_indices=True))")
+            raise ValueError(
+                "example masks route on example indices: batches need a third element "
+                "(ImageLoader(..., with_indices=True))"
+            )
         host = getattr(batch, "host", None)
         keys = host[column - 1] if host is not None else batch[column].cpu().numpy()
         return (self.class_masks if by_class else self.masks)[:, keys]
@@ -131,8 +147,14 @@ class LockstepTrainer:
         _, positions = np.nonzero(member)  # row-major: model 0's positions in batch order, then model 1's, ...
         return list(to_device(positions, self.device).split(member.sum(1).tolist()))
 
-    def fit(self, batches: Iterable, epochs: int, resolution: Callable[[int], int] | None = None,
-            on_epoch: Callable[[str], None] = lambda stage: None, stage: str = "epoch") -> None:
+    def fit(
+        self,
+        batches: Iterable,
+        epochs: int,
+        resolution: Callable[[int], int] | None = None,
+        on_epoch: Callable[[str], None] = lambda stage: None,
+        stage: str = "epoch",
+    ) -> None:
         """The whole run: `epochs` passes over `batches` (an iterable that makes a new epoch each time it is
         iterated), each at `resolution(epoch)` pixels when given (`batches.set_resolution`), reporting
         "STAGE e/EPOCHS" to `on_epoch` after each; the learning rate follows the step count (lr_at)."""
@@ -142,10 +164,12 @@ class LockstepTrainer:
             self.train_epoch(batches, epoch)
             on_epoch(f"{stage} {epoch + 1}/{epochs}")
         own = "examples" if self.by_example else "classes' examples"
-        why = (f"fewer of its {own} in an epoch than one per-model batch ({self.config.per_model_batch})"
-               if self.config.per_model_batch else
-               f"no batch held one of its {own} (batches of {self.config.batch_size}; the last incomplete one "
-               "is dropped)")
+        why = (
+            f"fewer of its {own} in an epoch than one per-model batch ({self.config.per_model_batch})"
+            if self.config.per_model_batch
+            else f"no batch held one of its {own} (batches of {self.config.batch_size}; the last incomplete one "
+            "is dropped)"
+        )
         for k in np.flatnonzero(self.examples_seen == 0):  # e.g. fewer examples than one batch, dropped as the last
             self.failed.setdefault(int(k), f"no training step: {why}")
 
@@ -197,17 +221,29 @@ class SequentialTrainer(LockstepTrainer):
     per epoch with per_model_batch. `compile` (settings.COMPILE_MODES, with per_model_batch): each model's
     forward torch.compiled for its static batch shape."""
 
-    def __init__(self, models: list[nn.Module], class_masks: np.ndarray, config: OptimConfig,
-                 steps_per_epoch: int, device: str | torch.device = "cpu", example_labels: np.ndarray | None = None,
-                 examples_per_epoch: Sequence[int] | None = None, compile: str = "none"):
+    def __init__(
+        self,
+        models: list[nn.Module],
+        class_masks: np.ndarray,
+        config: OptimConfig,
+        steps_per_epoch: int,
+        device: str | torch.device = "cpu",
+        example_labels: np.ndarray | None = None,
+        examples_per_epoch: Sequence[int] | None = None,
+        compile: str = "none",
+    ):
         super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
         if compile != "none" and not config.per_model_batch:
             raise ValueError("compiling the sequential step needs per_model_batch: static batch shapes")
         # one graph per model and resolution (dynamic=False: the per-model batch never changes size)
-        self.forwards = models if compile == "none" else [
-            torch.compile(model, mode=None if compile == "default" else compile, dynamic=False) for model in models]
-        self.optimizers = [torch.optim.SGD(param_groups(m, config), lr=0.0, momentum=config.momentum)
-                           for m in models]
+        self.forwards = (
+            models
+            if compile == "none"
+            else [
+                torch.compile(model, mode=None if compile == "default" else compile, dynamic=False) for model in models
+            ]
+        )
+        self.optimizers = [torch.optim.SGD(param_groups(m, config), lr=0.0, momentum=config.momentum) for m in models]
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16") for _ in models]
         self.model_steps = np.zeros(len(models), np.int64)
         self.loss_sums = torch.zeros(len(models), device=self.device)  # of the current epoch, per model
@@ -237,8 +273,9 @@ class SequentialTrainer(LockstepTrainer):
                     continue
                 queues[k].append(images[rows], labels[rows])
                 while queues[k].count >= size:
-                    self.step_model(k, *queues[k].take(size), lr_at(self.model_steps[k] / self.steps_per_epoch_of[k],
-                                                               self.config))
+                    self.step_model(
+                        k, *queues[k].take(size), lr_at(self.model_steps[k] / self.steps_per_epoch_of[k], self.config)
+                    )
             self.step += 1
         return self._mean_losses(self.loss_sums, self.counts, epoch)  # a queue's remainder is dropped
 

@@ -12,18 +12,19 @@ Modes (`transfer.mode`):
   adaptation, an exactly optimised head.
 All K models share each pass of the target loaders.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffcv_transfer.settings import TransferConfig
 from ffcv_transfer.engine.train import SequentialTrainer
+from ffcv_transfer.settings import TransferConfig
 
 
 @dataclass
@@ -52,13 +53,23 @@ def outputs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> TransferO
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, is_correct.float())
     counts = torch.bincount(labels, minlength=len(per_class)).float()
     mean_class = float((per_class[counts > 0] / counts[counts > 0]).mean())
-    return TransferOutputs(margins_of(logits, labels), is_correct, predictions, p_correct,
-                           logits.gather(1, labels[:, None])[:, 0], float(is_correct.float().mean()), mean_class)
+    return TransferOutputs(
+        margins_of(logits, labels),
+        is_correct,
+        predictions,
+        p_correct,
+        logits.gather(1, labels[:, None])[:, 0],
+        float(is_correct.float().mean()),
+        mean_class,
+    )
 
 
 @torch.no_grad()
-def _one_pass(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              apply: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _one_pass(
+    models: Sequence[nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    apply: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     for model in models:
         model.eval()
     results: list[list[torch.Tensor]] = [[] for _ in models]
@@ -70,14 +81,16 @@ def _one_pass(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor,
     return [torch.cat(r) for r in results], torch.cat(labels)
 
 
-def extract_features(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def extract_features(
+    models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Penultimate features of every model over one pass of `batches`: ([K x (N, D)], labels (N,))."""
     return _one_pass(models, batches, lambda model, images: model.features(images))
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    weight_decay: float, max_iter: int) -> nn.Module:
+def fit_linear_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int
+) -> nn.Module:
     """Multinomial logistic regression on standardised features, L2-penalised, by full-batch L-BFGS."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     linear = nn.Linear(features.shape[1], num_classes).to(features.device)
@@ -104,8 +117,13 @@ class _Standardise(nn.Module):
         return (x - self.mean) / self.std
 
 
-def transfer_cached_features(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
-                             num_classes: int, config: TransferConfig) -> list[TransferOutputs]:
+def transfer_cached_features(
+    models: Sequence[nn.Module],
+    train_batches: Iterable,
+    test_batches: Iterable,
+    num_classes: int,
+    config: TransferConfig,
+) -> list[TransferOutputs]:
     """Fit a linear head per model on its cached target-train features; outputs on the target test set."""
     train_features, train_labels = extract_features(models, train_batches)
     test_features, test_labels = extract_features(models, test_batches)
@@ -117,11 +135,18 @@ def transfer_cached_features(models: Sequence[nn.Module], train_batches: Iterabl
     return outputs
 
 
-def transfer_by_training(models: Sequence[nn.Module], train_batches: Iterable, test_batches: Iterable,
-                         num_classes: int, config: TransferConfig, steps_per_epoch: int,
-                         device: str | torch.device = "cpu", on_epoch: Callable[[str], None] = lambda stage: None,
-                         examples_per_epoch: int | None = None, compile: str = "none"
-                         ) -> tuple[list[TransferOutputs], dict[int, str]]:
+def transfer_by_training(
+    models: Sequence[nn.Module],
+    train_batches: Iterable,
+    test_batches: Iterable,
+    num_classes: int,
+    config: TransferConfig,
+    steps_per_epoch: int,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[str], None] = lambda stage: None,
+    examples_per_epoch: int | None = None,
+    compile: str = "none",
+) -> tuple[list[TransferOutputs], dict[int, str]]:
     """fixed_feature or full_finetune: replace each model's head with a new `num_classes`-way linear layer
     and train all K in lockstep on the same target batches (`on_epoch` hears of each pass; with
     config.per_model_batch, `examples_per_epoch` is the training examples in one pass, and `compile`
@@ -133,11 +158,18 @@ def transfer_by_training(models: Sequence[nn.Module], train_batches: Iterable, t
         model.requires_grad_(config.mode == "full_finetune")
         model.fc = nn.Linear(model.fc.in_features, num_classes).to(device)  # trainable
     every_class = np.ones((len(models), num_classes), bool)
-    trainer = SequentialTrainer(list(models), every_class, config, steps_per_epoch, device=device, compile=compile,
-                                examples_per_epoch=None if examples_per_epoch is None else [examples_per_epoch] * len(models))
+    trainer = SequentialTrainer(
+        list(models),
+        every_class,
+        config,
+        steps_per_epoch,
+        device=device,
+        compile=compile,
+        examples_per_epoch=None if examples_per_epoch is None else [examples_per_epoch] * len(models),
+    )
     trainer.fit(train_batches, config.epochs, on_epoch=on_epoch, stage="transfer epoch")
     logits, labels = _one_pass(models, test_batches, lambda model, images: _logits(model, images, trainer))
-    return [outputs_from_logits(l, labels) for l in logits], trainer.failed
+    return [outputs_from_logits(logit, labels) for logit in logits], trainer.failed
 
 
 def _logits(model: nn.Module, images: torch.Tensor, trainer: SequentialTrainer) -> torch.Tensor:

@@ -5,6 +5,7 @@ the target is one of the experiment's or a new one from a target recipe file. Re
 their own, STORE/transfers/TARGET/MODE, with the rows' masks and init seeds and the experiment of that one
 transfer: every analysis reads it by its path, or through the main store with `--target`/`--mode`.
 Resumable like `train`: rows already written are skipped, claims of killed workers are taken over."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,19 +15,31 @@ from pathlib import Path
 
 import torch
 
-from ffcv_transfer.store.experiment import CHECKPOINTS, checkpoint_path, pending_transfer_rows, transfer_store_path
-from ffcv_transfer.engine.checkpoints import load_into, outside_checkpoints, read_state_dict, save_checkpoint
 from ffcv_transfer.config import ConfigError, Experiment, with_target
-from ffcv_transfer.store.experiment import INIT_SEEDS, MASKS, create_store, open_experiment, read_sidecars, target_test_counts, transfer_seed
-from ffcv_transfer.settings import TRANSFER_MODES
+from ffcv_transfer.engine.checkpoints import load_into, outside_checkpoints, read_state_dict, save_checkpoint
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.models import build_model
-from ffcv_transfer.store.results import ResultStore, StoreError, worker_name
 from ffcv_transfer.engine.worker import record_values, transfer_models
+from ffcv_transfer.settings import TRANSFER_MODES
+from ffcv_transfer.store.experiment import (
+    CHECKPOINTS,
+    INIT_SEEDS,
+    MASKS,
+    checkpoint_path,
+    create_store,
+    open_experiment,
+    pending_transfer_rows,
+    read_sidecars,
+    target_test_counts,
+    transfer_seed,
+    transfer_store_path,
+)
+from ffcv_transfer.store.results import ResultStore, StoreError, worker_name
 
 
-def transfer_experiment(store_dir: str | Path, target: str | None = None, mode: str | None = None,
-                        recipe: str | Path | None = None) -> Experiment:
+def transfer_experiment(
+    store_dir: str | Path, target: str | None = None, mode: str | None = None, recipe: str | Path | None = None
+) -> Experiment:
     """The one-transfer experiment of a store's models to `target` (default: the first; with `recipe`, the
     target of that recipe file) in `mode` (default: the target's first)."""
     experiment = open_experiment(store_dir)
@@ -39,23 +52,36 @@ def transfer_experiment(store_dir: str | Path, target: str | None = None, mode: 
     return experiment.for_target(chosen.name, mode or chosen.transfer.modes[0])
 
 
-def run_transfer(store_dir: str | Path, target: str | None = None, mode: str | None = None,
-                 recipe: str | Path | None = None, progress: bool = True, label: str | None = None,
-                 loaders: LoaderCache | None = None) -> int:
+def run_transfer(
+    store_dir: str | Path,
+    target: str | None = None,
+    mode: str | None = None,
+    recipe: str | Path | None = None,
+    progress: bool = True,
+    label: str | None = None,
+    loaders: LoaderCache | None = None,
+) -> int:
     """Transfer every checkpointed source model of the store (`transfer_experiment` says to which target
     and how) into STORE/transfers/TARGET/MODE, K at a time; returns how many rows this call wrote."""
     from tqdm import tqdm
 
     store = ResultStore(store_dir)
     if not list((store.path / CHECKPOINTS).glob("*.pt")):
-        raise StoreError(f"{store.path / CHECKPOINTS}: no checkpoints; train with --run.checkpoints=true or "
-                         "import a folder (`transfer --checkpoints DIR`)")
+        raise StoreError(
+            f"{store.path / CHECKPOINTS}: no checkpoints; train with --run.checkpoints=true or "
+            "import a folder (`transfer --checkpoints DIR`)"
+        )
     experiment = transfer_experiment(store_dir, target, mode, recipe)
     target, mode = experiment.transfers[0]
     sub_dir = transfer_store_path(store_dir, target, mode)
     if not (sub_dir / "spec.json").exists():
-        create_store(sub_dir, store.fixed(MASKS), target_test_counts(experiment), init_seeds=store.fixed(INIT_SEEDS),
-                     experiment=experiment)
+        create_store(
+            sub_dir,
+            store.fixed(MASKS),
+            target_test_counts(experiment),
+            init_seeds=store.fixed(INIT_SEEDS),
+            experiment=experiment,
+        )
     sub = ResultStore(sub_dir)
     num_classes = sub.fixed(MASKS).shape[1]
     todo = pending_transfer_rows(store_dir, target, mode)
@@ -101,8 +127,10 @@ def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Ex
     files, masks = outside_checkpoints(folder)
     num_classes = read_sidecars(experiment)["source_train"]["num_classes"]
     if masks.shape[1] != num_classes:
-        raise ConfigError(f"{Path(folder) / 'masks.npy'}: masks over {masks.shape[1]} classes, the source beton "
-                          f"{experiment.data.path('source_train')} has {num_classes}")
+        raise ConfigError(
+            f"{Path(folder) / 'masks.npy'}: masks over {masks.shape[1]} classes, the source beton "
+            f"{experiment.data.path('source_train')} has {num_classes}"
+        )
     store = create_store(store_dir, masks, target_test_counts(experiment), experiment=experiment)
     try:
         for row, file in enumerate(files):
@@ -113,5 +141,3 @@ def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Ex
         shutil.rmtree(store.path)  # nothing half-imported is left
         raise
     return store
-
-

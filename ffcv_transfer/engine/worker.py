@@ -1,38 +1,54 @@
 """The worker: claim pending rows of a store, train their source models K at a time on one shared
 loader, transfer each to every target of the experiment in each of its transfer modes, and write the
-outputs; rows whose model diverged are marked failed with the reason. Run it any number of times, in any number of processes: completed rows are skipped and
-rows of a killed worker are taken over."""
+outputs; rows whose model diverged are marked failed with the reason.
+Run it any number of times, in any number of processes: completed rows are skipped and rows of a killed
+worker are taken over."""
+
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ffcv_transfer.engine.checkpoints import save_checkpoint
 from ffcv_transfer.config import Experiment
+from ffcv_transfer.engine.checkpoints import save_checkpoint
 from ffcv_transfer.engine.data import Upsampled
-from ffcv_transfer.store.experiment import checkpoint_path, EXAMPLE_MASKS, MASKS, OUTPUT_SCHEMA, check_inputs, example_masks_of, init_seed, transfer_field, transfer_seed
 from ffcv_transfer.engine.grouped import GroupedTrainer
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.models import build_model
-from ffcv_transfer.store.results import ResultStore, worker_name
 from ffcv_transfer.engine.train import SequentialTrainer, source_resolution
 from ffcv_transfer.engine.transfer import TransferOutputs, transfer_by_training, transfer_cached_features
+from ffcv_transfer.store.experiment import (
+    EXAMPLE_MASKS,
+    MASKS,
+    OUTPUT_SCHEMA,
+    check_inputs,
+    checkpoint_path,
+    example_masks_of,
+    init_seed,
+    transfer_field,
+    transfer_seed,
+)
+from ffcv_transfer.store.results import ResultStore, worker_name
 
 TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
 Transfers = dict[tuple[str, str], TransferOutputs]  # by (target name, transfer mode)
 
 
-def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, loaders: LoaderCache,
-               on_epoch: Callable[[str], None] = lambda stage: None
-               ) -> tuple[dict[int, str], dict[int, tuple[float, Transfers]]]:
+def train_rows(
+    store: ResultStore,
+    rows: Sequence[int],
+    experiment: Experiment,
+    loaders: LoaderCache,
+    on_epoch: Callable[[str], None] = lambda stage: None,
+) -> tuple[dict[int, str], dict[int, tuple[float, Transfers]]]:
     """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer)
     by row).
     A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
@@ -52,15 +68,30 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     labels = read_labels(experiment.data.path("source_train"))
     if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
         examples = example_masks_of(store, len(labels), rows)
-        train = loaders.get(decoding, "source_train", train=True, resolution=source.min_res,
-                            batch_size=source.batch_size, crop_min_scale=source.crop_min_scale,
-                            indices=np.flatnonzero(examples.any(axis=0)))
+        train = loaders.get(
+            decoding,
+            "source_train",
+            train=True,
+            resolution=source.min_res,
+            batch_size=source.batch_size,
+            crop_min_scale=source.crop_min_scale,
+            indices=np.flatnonzero(examples.any(axis=0)),
+        )
         if source.per_model_batch:
             trainer_class = partial(trainer_class, examples_per_epoch=examples.sum(1))
-        trainer = trainer_class(models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels)
+        trainer = trainer_class(
+            models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels
+        )
     else:
-        train = loaders.get(decoding, "source_train", train=True, resolution=source.min_res,
-                            batch_size=source.batch_size, crop_min_scale=source.crop_min_scale, classes=union)
+        train = loaders.get(
+            decoding,
+            "source_train",
+            train=True,
+            resolution=source.min_res,
+            batch_size=source.batch_size,
+            crop_min_scale=source.crop_min_scale,
+            classes=union,
+        )
         if source.per_model_batch:
             counts = np.bincount(labels, minlength=masks.shape[1])
             trainer_class = partial(trainer_class, examples_per_epoch=masks.astype(np.int64) @ counts)
@@ -70,9 +101,18 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     alive = [k for k in range(len(rows)) if rows[k] not in failures]
     if not alive:
         return failures, {}
-    source_acc = trainer.accuracy(loaders.get(experiment, "source_val", train=False, resolution=source.val_res,
-                                              batch_size=source.batch_size, crop_ratio=source.val_crop_ratio,
-                                              classes=union), among_own=source.val_accuracy == "own_classes")
+    source_acc = trainer.accuracy(
+        loaders.get(
+            experiment,
+            "source_val",
+            train=False,
+            resolution=source.val_res,
+            batch_size=source.batch_size,
+            crop_ratio=source.val_crop_ratio,
+            classes=union,
+        ),
+        among_own=source.val_accuracy == "own_classes",
+    )
     if experiment.run.checkpoints:  # before transfer, which changes the models
         for k in alive:
             save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[k], rows[k])
@@ -81,18 +121,27 @@ def train_rows(store: ResultStore, rows: Sequence[int], experiment: Experiment, 
     for n, (target, mode) in enumerate(transfers):  # the last transfer may change the models; the others get copies
         transferred = [models[k] if n == len(transfers) - 1 else copy.deepcopy(models[k]) for k in alive]
         torch.manual_seed(transfer_seed(store, rows[alive[0]], experiment.masks.seed, mode, target))
-        outputs[target, mode], transfer_failures = transfer_models(transferred, experiment, loaders, on_epoch,
-                                                                   mode, target)
+        outputs[target, mode], transfer_failures = transfer_models(
+            transferred, experiment, loaders, on_epoch, mode, target
+        )
         for k, reason in transfer_failures.items():
             failures.setdefault(rows[alive[k]], f"transfer ({target}, {mode}): {reason}")
-    results = {rows[k]: (source_acc[k], {pair: outputs[pair][i] for pair in transfers})
-               for i, k in enumerate(alive) if rows[k] not in failures}
+    results = {
+        rows[k]: (source_acc[k], {pair: outputs[pair][i] for pair in transfers})
+        for i, k in enumerate(alive)
+        if rows[k] not in failures
+    }
     return failures, results
 
 
-def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, on_epoch: Callable[[str], None],
-                    mode: str | None = None, target: str | None = None
-                    ) -> tuple[list[TransferOutputs], dict[int, str]]:
+def transfer_models(
+    models: list,
+    experiment: Experiment,
+    loaders: LoaderCache,
+    on_epoch: Callable[[str], None],
+    mode: str | None = None,
+    target: str | None = None,
+) -> tuple[list[TransferOutputs], dict[int, str]]:
     """Each model transferred to the experiment's target `target` (default: its first) in `mode`
     (default: the target's first transfer mode): (test outputs, failures by index). fixed_feature and
     full_finetune change the models."""
@@ -106,8 +155,16 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
 
     def loader(split: str, train: bool, **crops):
         """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
-        made = loaders.get(decoding, split, train=train, resolution=config.upsample_from or config.resolution,
-                           batch_size=config.batch_size, normalization=config.normalization, target=chosen, **crops)
+        made = loaders.get(
+            decoding,
+            split,
+            train=train,
+            resolution=config.upsample_from or config.resolution,
+            batch_size=config.batch_size,
+            normalization=config.normalization,
+            target=chosen,
+            **crops,
+        )
         return Upsampled(made, config.resolution) if config.upsample_from else made
 
     test = loader("target_test", False, crop_ratio=config.test_crop_ratio)
@@ -116,13 +173,24 @@ def transfer_models(models: list, experiment: Experiment, loaders: LoaderCache, 
         outputs = transfer_cached_features(models, train, test, sidecar["num_classes"], config)
         report("transfer (cached_features)")
         return outputs, {}
-    crops = (dict(crop_min_scale=config.crop_min_scale) if config.train_crop == "random_resized"
-             else dict(crop_min_scale=None, crop_ratio=config.test_crop_ratio))
+    crops = (
+        dict(crop_min_scale=config.crop_min_scale)
+        if config.train_crop == "random_resized"
+        else dict(crop_min_scale=None, crop_ratio=config.test_crop_ratio)
+    )
     train = loader("target_train", True, **crops)
-    return transfer_by_training(models, train, test, sidecar["num_classes"], config, steps_per_epoch=len(train),
-                                device=experiment.run.device, on_epoch=report,
-                                examples_per_epoch=sidecar["num_examples"],
-                                compile=experiment.run.compile if config.per_model_batch else "none")
+    return transfer_by_training(
+        models,
+        train,
+        test,
+        sidecar["num_classes"],
+        config,
+        steps_per_epoch=len(train),
+        device=experiment.run.device,
+        on_epoch=report,
+        examples_per_epoch=sidecar["num_examples"],
+        compile=experiment.run.compile if config.per_model_batch else "none",
+    )
 
 
 def decoding_experiment(experiment: Experiment, per_model_batch: int) -> Experiment:
@@ -131,8 +199,14 @@ def decoding_experiment(experiment: Experiment, per_model_batch: int) -> Experim
     return replace(experiment, loader=replace(experiment.loader, drop_last=False)) if per_model_batch else experiment
 
 
-def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int] | None = None,
-               progress: bool = True, label: str | None = None, loaders: LoaderCache | None = None) -> int:
+def run_worker(
+    store_dir: str | Path,
+    experiment: Experiment,
+    rows: Sequence[int] | None = None,
+    progress: bool = True,
+    label: str | None = None,
+    loaders: LoaderCache | None = None,
+) -> int:
     """Claim and complete rows K at a time until none is pending; returns how many were written.
     `label` starts this worker's name in the store (`store status` lists workers by name); `loaders`
     (default: a new LoaderCache) lets successive runs in one process share their loaders."""
@@ -170,8 +244,9 @@ def run_worker(store_dir: str | Path, experiment: Experiment, rows: Sequence[int
     return written
 
 
-def record_values(store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
-                  ) -> dict[str, np.ndarray]:
+def record_values(
+    store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
+) -> dict[str, np.ndarray]:
     """The store's fields for each (source accuracy, outputs by transfer); a store made before a field
     existed gets the fields it has."""
     values = {"source_acc": np.array([acc for acc, _ in results], np.float32)}

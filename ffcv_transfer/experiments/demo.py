@@ -1,6 +1,7 @@
 """The main job on the embedded default: planted synthetic data generated on the fly, then masks ->
 train -> transfer -> store -> influence -> findings -> counterfactual retraining -> HTML report.
 Rerunning with the same --out resumes: the data and finished rows are kept."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,10 +9,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,10 +34,22 @@ def demo_spec():
     takes its twin's detector."""
     from ffcv_transfer.writers.synthetic import PlantedSpec
 
-    return PlantedSpec(num_targets=4, num_unrelated=2, num_misleading=1, resolution=32, source_train_per_class=150,
-                       source_val_per_class=30, target_train_per_class=100, target_test_per_class=150,
-                       motif_amplitude=1.2, noise=0.05, background_class=True, misleading_conflict="background",
-                       sibling_flips=4, cue_decoys=True)
+    return PlantedSpec(
+        num_targets=4,
+        num_unrelated=2,
+        num_misleading=1,
+        resolution=32,
+        source_train_per_class=150,
+        source_val_per_class=30,
+        target_train_per_class=100,
+        target_test_per_class=150,
+        motif_amplitude=1.2,
+        noise=0.05,
+        background_class=True,
+        misleading_conflict="background",
+        sibling_flips=4,
+        cue_decoys=True,
+    )
 
 
 def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class: int, target_per_class: int) -> None:
@@ -45,29 +59,40 @@ def write_tiny_imagenet(out: Path, data_dir: str | Path, classes: int, per_class
     archives."""
     import tarfile
 
+    from ffcv_transfer.findings.wordnet import load_hierarchy
     from ffcv_transfer.writers.common import ImageOptions
     from ffcv_transfer.writers.imagefolder import write_imagefolder
-
-    from ffcv_transfer.findings.wordnet import load_hierarchy
 
     data_dir = Path(data_dir)
     archives = {name: data_dir / name for name in (TINY_ARCHIVE, CIFAR_ARCHIVE)}
     missing = [str(path) for path in archives.values() if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"--data tiny-imagenet needs {', '.join(missing)} (pass --data-dir or set "
-                                "FFCV_TRANSFER_DATA to the shared data folder)")
+        raise FileNotFoundError(
+            f"--data tiny-imagenet needs {', '.join(missing)} (pass --data-dir or set "
+            "FFCV_TRANSFER_DATA to the shared data folder)"
+        )
     with tarfile.open(archives[TINY_ARCHIVE], "r|*") as archive:
         member = next(m for m in archive if m.name.endswith("tiny-imagenet/wnids.txt"))
-        wnids = replica_classes(archive.extractfile(member).read().decode().split(), classes,
-                                load_hierarchy(data_dir / "imagenet-meta"))
+        wnids = replica_classes(
+            archive.extractfile(member).read().decode().split(), classes, load_hierarchy(data_dir / "imagenet-meta")
+        )
     options = ImageOptions(write_mode="jpg", max_resolution=64)
-    for name, subdir, chosen, count in (("tiny_train", "tiny-imagenet/train", wnids, per_class),
-                                        ("tiny_val", "tiny-imagenet/val", wnids, None),
-                                        ("cifar10_train", "cifar10/train", None, target_per_class),
-                                        ("cifar10_test", "cifar10/test", None, max(target_per_class // 2, 1))):
+    for name, subdir, chosen, count in (
+        ("tiny_train", "tiny-imagenet/train", wnids, per_class),
+        ("tiny_val", "tiny-imagenet/val", wnids, None),
+        ("cifar10_train", "cifar10/train", None, target_per_class),
+        ("cifar10_test", "cifar10/test", None, max(target_per_class // 2, 1)),
+    ):
         archive = archives[TINY_ARCHIVE if name.startswith("tiny") else CIFAR_ARCHIVE]
-        write_imagefolder(archive, out / f"{name}.beton", subdir=subdir, classes=chosen, per_class=count,
-                          options=options, overwrite=True)
+        write_imagefolder(
+            archive,
+            out / f"{name}.beton",
+            subdir=subdir,
+            classes=chosen,
+            per_class=count,
+            options=options,
+            overwrite=True,
+        )
 
 
 def replica_classes(wnids: Sequence[str], count: int, hierarchy) -> list[str]:
@@ -97,24 +122,31 @@ class TinySize:
     target_per_class: int = 200
 
 
-def run_demo(out: str | Path, data: str = "planted", config: str | Path | None = None,
-             overrides: Mapping[str, Any] | None = None, seed: int = 0, counterfactual_seeds: int = 7,
-             data_dir: str | Path | None = None, tiny: TinySize = TinySize(), workers: int | None = None,
-             progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path,
+    data: str = "planted",
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    counterfactual_seeds: int = 7,
+    data_dir: str | Path | None = None,
+    tiny: TinySize = TinySize(),
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Everything under `out`: data/, store/, counterfactual/, influence.npy, findings.json, report.html.
     `data`: "planted" (generated, with its ground truth) or "tiny-imagenet" (Tiny-ImageNet-200 -> CIFAR-10
     from `data_dir`). The counterfactual retrains, per seed, one model on every source class, one without
     the most negative class, one without a random class and, on planted data, one without the planted
     harmful class where it is not the most negative (`counterfactual_seeds` 0 skips it). Models train in
     `workers` local worker processes (default: one per core), the rows split evenly."""
+    from ffcv_transfer.config import load_experiment
+    from ffcv_transfer.findings.rankings import rank_sources
+    from ffcv_transfer.findings.report import gather, write_report
+    from ffcv_transfer.store.experiment import create_class_store
+    from ffcv_transfer.store.results import ResultStore
     from ffcv_transfer.writers.common import ImageOptions
     from ffcv_transfer.writers.synthetic import write_synthetic
-
-    from ffcv_transfer.findings.rankings import rank_sources
-    from ffcv_transfer.config import load_experiment
-    from ffcv_transfer.findings.report import gather, write_report
-    from ffcv_transfer.store.results import ResultStore
-    from ffcv_transfer.store.experiment import create_class_store
 
     if data not in DATASETS:
         raise ValueError(f"--data {data!r}: choose one of {', '.join(DATASETS)}")
@@ -143,8 +175,13 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     np.save(out / "influence.npy", found.influence)
     by_class = found.by_class
     status = ResultStore(store_dir).status()
-    findings = {"data": data, "store": str(store_dir), "models": status["completed"], "failed": status["failed"],
-                "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1])}
+    findings = {
+        "data": data,
+        "store": str(store_dir),
+        "models": status["completed"],
+        "failed": status["failed"],
+        "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1]),
+    }
     if found.reliability:
         findings["reliability"] = found.reliability.to_json()
     if found.wordnet:
@@ -155,11 +192,11 @@ def run_demo(out: str | Path, data: str = "planted", config: str | Path | None =
     counterfactual_dir = None
     if counterfactual_seeds:
         counterfactual_dir = out / "counterfactual"
-        findings["counterfactual"] = _counterfactual(counterfactual_dir, experiment, found, counterfactual_seeds,
-                                                     train)
+        findings["counterfactual"] = _counterfactual(counterfactual_dir, experiment, found, counterfactual_seeds, train)
         lap("counterfactual")
-    findings["report"] = str(write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir,
-                                          found=found))
+    findings["report"] = str(
+        write_report(store_dir, out / "report.html", counterfactual_dir=counterfactual_dir, found=found)
+    )
     lap("report")
     findings["seconds"], findings["stage_seconds"] = round(time.monotonic() - started, 1), stages
     (out / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")
@@ -177,8 +214,11 @@ def train_in_workers(store_dir: Path, experiment, workers: int, progress: bool) 
     if not pending:
         return
     threads = max(1, len(os.sched_getaffinity(0)) // workers)  # ffcv sets torch's threads to its own count
-    experiment = replace(experiment, run=replace(experiment.run, models_per_process=math.ceil(pending / workers)),
-                         loader=replace(experiment.loader, num_workers=threads))
+    experiment = replace(
+        experiment,
+        run=replace(experiment.run, models_per_process=math.ceil(pending / workers)),
+        loader=replace(experiment.loader, num_workers=threads),
+    )
     launch_local(store_dir, experiment, workers=workers, poll_s=2, say=print if progress else lambda text: None)
 
 
@@ -187,8 +227,8 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     on planted data, without the planted harmful classes (an arm of its own only where they are not the
     most negative class), the models of a seed from the same initial weights; mean target accuracy per
     arm and, seed by seed, the gain of removing the planted harmful classes over removing a random one."""
-    from ffcv_transfer.findings.counterfactual import accuracy_by_arm, accuracy_by_removal, paired_gain
     from ffcv_transfer.experiments.removals import removal_design, run_removals
+    from ffcv_transfer.findings.counterfactual import accuracy_by_arm, accuracy_by_removal, paired_gain
     from ffcv_transfer.findings.reliability import seeds_to_resolve
 
     overall = found.influence.mean(1)
@@ -198,9 +238,12 @@ def _counterfactual(path: Path, experiment, found, seeds: int, train: Callable[[
     masks, removals = removal_design(overall, [1], seeds, ["most_negative", "random"], harmful if own_arm else ())
     arms = accuracy_by_arm(run_removals(path, experiment, masks, removals, train=train))
     baseline, curves = accuracy_by_removal(arms)
-    result = {"seeds": seeds, "all_classes": float(np.mean(baseline)),
-              **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1])) for kind, by_k in curves.items()},
-              "removed_first": found.source_names[removed_first]}
+    result = {
+        "seeds": seeds,
+        "all_classes": float(np.mean(baseline)),
+        **{kind: float(np.mean(by_k[len(harmful) if kind == "chosen" else 1])) for kind, by_k in curves.items()},
+        "removed_first": found.source_names[removed_first],
+    }
     if harmful:
         arm = ("chosen", len(harmful)) if own_arm else ("most_negative", 1)
         result["planted_harmful"] = [found.source_names[c] for c in harmful]
@@ -216,11 +259,18 @@ def _checks(by_class: np.ndarray, overall: np.ndarray, planted: dict) -> dict:
     the most negative class over the whole test set."""
     names = planted["target_names"]
     twin_on_top = {t: int(np.nanargmax(by_class[:, int(t)])) == twin for t, twin in planted["twin"].items()}
-    misleading_negative = {names[t]: bool(by_class[m["source"], t] < 0) for m in planted["misleading"]
-                           for t in (m["target"], m["conflict_target"]) if t is not None}
+    misleading_negative = {
+        names[t]: bool(by_class[m["source"], t] < 0)
+        for m in planted["misleading"]
+        for t in (m["target"], m["conflict_target"])
+        if t is not None
+    }
     misleading = {m["source"] for m in planted["misleading"]}
-    return {"twin_on_top": twin_on_top, "misleading_negative": misleading_negative,
-            "misleading_most_negative": bool(misleading and int(np.nanargmin(overall)) in misleading)}
+    return {
+        "twin_on_top": twin_on_top,
+        "misleading_negative": misleading_negative,
+        "misleading_most_negative": bool(misleading and int(np.nanargmin(overall)) in misleading),
+    }
 
 
 def format_findings(findings: dict) -> str:
@@ -230,10 +280,13 @@ def format_findings(findings: dict) -> str:
 
     checks = findings.get("checks")
     stages = ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in findings["stage_seconds"].items())
-    lines = [f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s "
-             f"({stages}); store {findings['store']}", "",
-             f"{'target':12s} {'most positive source class (± s.e.)':40s} {'most negative source class (± s.e.)':40s}"
-             + (" planted twin" if checks else "")]
+    lines = [
+        f"{findings['models']} models ({findings['failed']} failed) in {findings['seconds']:.0f} s "
+        f"({stages}); store {findings['store']}",
+        "",
+        f"{'target':12s} {'most positive source class (± s.e.)':40s} {'most negative source class (± s.e.)':40s}"
+        + (" planted twin" if checks else ""),
+    ]
 
     def cell(entry: dict) -> str:
         spread = f"±{entry['stderr']:4.2f}" if "stderr" in entry else ""
@@ -241,8 +294,13 @@ def format_findings(findings: dict) -> str:
 
     for name, ranked in findings["ranking"].items():
         t = name.removeprefix("target")
-        twin = "" if not checks or t not in checks["twin_on_top"] else \
-            " on top" if checks["twin_on_top"][t] else " NOT on top"
+        twin = (
+            ""
+            if not checks or t not in checks["twin_on_top"]
+            else " on top"
+            if checks["twin_on_top"][t]
+            else " NOT on top"
+        )
         lines.append(f"{name:12s} {cell(ranked[0])} {cell(ranked[-1])}{twin}")
     for target, negative in (checks or {}).get("misleading_negative", {}).items():
         lines.append(f"misleading class on {target}: {'negative' if negative else 'NOT negative'}")
@@ -250,17 +308,32 @@ def format_findings(findings: dict) -> str:
         most = "yes" if checks["misleading_most_negative"] else "NO"
         lines.append(f"misleading class the most negative overall: {most}")
     if cf := findings.get("counterfactual"):
-        lines.append(f"counterfactual target accuracy ({cf['seeds']} seeds): all classes {cf['all_classes']:.3f}, "
-                     f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
-                     f"without a random class {cf['random']:.3f}" + (f", without the planted harmful "
-                     f"{', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}" if "chosen" in cf else ""))
+        lines.append(
+            f"counterfactual target accuracy ({cf['seeds']} seeds): all classes {cf['all_classes']:.3f}, "
+            f"without the most negative class ({cf['removed_first']}) {cf['most_negative']:.3f}, "
+            f"without a random class {cf['random']:.3f}"
+            + (
+                f", without the planted harmful {', '.join(cf['planted_harmful'])} {cf['chosen']:.3f}"
+                if "chosen" in cf
+                else ""
+            )
+        )
         gain = cf.get("planted_harmful_gain_over_random", {"mean": None})
         if change := format_gain(gain):
             needed = gain.get("seeds_to_resolve")
-            resolved = "" if needed is None else (" (resolved at 2 s.e.)" if needed <= len(gain["per_seed"]) else
-                                                  f" (~{needed} seeds would resolve a gain this size at 2 s.e.)")
-            lines.append(f"removing the planted harmful class instead of a random one, seed by seed: {change} "
-                         f"target accuracy{resolved}")
+            resolved = (
+                ""
+                if needed is None
+                else (
+                    " (resolved at 2 s.e.)"
+                    if needed <= len(gain["per_seed"])
+                    else f" (~{needed} seeds would resolve a gain this size at 2 s.e.)"
+                )
+            )
+            lines.append(
+                f"removing the planted harmful class instead of a random one, seed by seed: {change} "
+                f"target accuracy{resolved}"
+            )
     if banner := (findings.get("reliability") or {}).get("banner"):
         lines.append(f"NOTE: {banner}")
     if agreement := findings.get("wordnet_agreement"):

@@ -11,6 +11,7 @@ run on 240 images sometimes fails to learn), then one copy of it per example mas
 its own examples (example routing, the grouped backend), then cached-feature transfer. Images are drawn at
 half resolution (`pixel_scale` 2): smooth, so that what a model memorises of a resampled copy also holds
 for the original (docs/planted-data.md, docs/benchmarks.md#leak-detection)."""
+
 from __future__ import annotations
 
 import copy
@@ -19,16 +20,31 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ffcv_transfer.writers.synthetic import PlantedSpec
 from ffcv_transfer.engine.data import MEAN, STD
+from ffcv_transfer.writers.synthetic import PlantedSpec
 
 # copies: exact, downsampled to 3/4 and back, a 15/16 crop resized back (kinds in turn); 2 more mislabelled
-LEAKY = PlantedSpec(num_targets=3, num_unrelated=0, num_misleading=0, resolution=32, source_train_per_class=60,
-                    source_val_per_class=5, target_train_per_class=50, target_test_per_class=10,
-                    motif_amplitude=1.2, noise=0.05, background_class=True, source_background=True,
-                    misleading_conflict="none",
-                    leaks=6, mislabelled_leaks=2, atypical_leaks=True, leak_downsample=0.75, leak_crop=0.9375,
-                    pixel_scale=2)
+LEAKY = PlantedSpec(
+    num_targets=3,
+    num_unrelated=0,
+    num_misleading=0,
+    resolution=32,
+    source_train_per_class=60,
+    source_val_per_class=5,
+    target_train_per_class=50,
+    target_test_per_class=10,
+    motif_amplitude=1.2,
+    noise=0.05,
+    background_class=True,
+    source_background=True,
+    misleading_conflict="none",
+    leaks=6,
+    mislabelled_leaks=2,
+    atypical_leaks=True,
+    leak_downsample=0.75,
+    leak_crop=0.9375,
+    pixel_scale=2,
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +59,10 @@ class TrialRecipe:
 def normalised(images: np.ndarray) -> torch.Tensor:
     """(n, H, W, 3) uint8 -> normalised float (n, 3, H, W), in the CPU's layout (NCHW)."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
-    return ((x - torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1))
-            / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)).contiguous()
+    return (
+        (x - torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1))
+        / torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    ).contiguous()
 
 
 class ShuffledBatches:
@@ -64,15 +82,16 @@ class ShuffledBatches:
             yield torch.where(flip, self.x[keys].flip(3), self.x[keys]), self.y[keys], keys
 
 
-def train_and_transfer(data: dict, masks: np.ndarray, seed: int,
-                       recipe: TrialRecipe = TrialRecipe()) -> tuple[np.ndarray, list[float]]:
+def train_and_transfer(
+    data: dict, masks: np.ndarray, seed: int, recipe: TrialRecipe = TrialRecipe()
+) -> tuple[np.ndarray, list[float]]:
     """Warm-started models, one per row of the (N, E) example `masks`, on `make_planted` data. Returns their
     (N, T) target test margins and their source validation accuracies."""
     from ffcv_transfer.engine.grouped import GroupedTrainer
     from ffcv_transfer.engine.models import build_model
-    from ffcv_transfer.settings import SourceConfig, TransferConfig
     from ffcv_transfer.engine.train import SequentialTrainer
     from ffcv_transfer.engine.transfer import transfer_cached_features
+    from ffcv_transfer.settings import SourceConfig, TransferConfig
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -82,23 +101,47 @@ def train_and_transfer(data: dict, masks: np.ndarray, seed: int,
     batches = ShuffledBatches(x, y, rng, recipe.batch_size)
     val = [(normalised(data["source_val"][0]), torch.as_tensor(data["source_val"][1]))]
     regular = np.zeros((recipe.pretrain_candidates, len(y)), bool)
-    regular[:, :len(y) - len(data["design"]["leaks"])] = True
+    regular[:, : len(y) - len(data["design"]["leaks"])] = True
     candidates = [build_model(num_classes, stem="small", width=recipe.width) for _ in regular]
-    pretrain = SequentialTrainer(candidates, regular, SourceConfig(batch_size=recipe.batch_size, epochs=recipe.pretrain_epochs,
-                                                              lr=0.1, lr_peak_epoch=2, weight_decay=5e-4, precision="fp32"),
-                            len(batches), example_labels=labels)
+    pretrain = SequentialTrainer(
+        candidates,
+        regular,
+        SourceConfig(
+            batch_size=recipe.batch_size,
+            epochs=recipe.pretrain_epochs,
+            lr=0.1,
+            lr_peak_epoch=2,
+            weight_decay=5e-4,
+            precision="fp32",
+        ),
+        len(batches),
+        example_labels=labels,
+    )
     pretrain.fit(batches, recipe.pretrain_epochs)
     base = candidates[int(np.argmax(pretrain.accuracy(val)))]
     models = [copy.deepcopy(base) for _ in masks]
-    config = SourceConfig(batch_size=recipe.batch_size, epochs=recipe.epochs, lr=0.05, lr_peak_epoch=1,
-                          weight_decay=5e-4, precision="fp32")
+    config = SourceConfig(
+        batch_size=recipe.batch_size,
+        epochs=recipe.epochs,
+        lr=0.05,
+        lr_peak_epoch=1,
+        weight_decay=5e-4,
+        precision="fp32",
+    )
     trainer = GroupedTrainer(models, masks, config, len(batches), example_labels=labels)
     trainer.fit(batches, recipe.epochs)
     if trainer.failed:
         raise RuntimeError(f"models {sorted(trainer.failed)} diverged")
-    target = [(normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")]
-    outputs = transfer_cached_features(models, [target[0]], [target[1]], int(target[0][1].max()) + 1,
-                                       TransferConfig(mode="cached_features", precision="fp32"))
+    target = [
+        (normalised(data[split][0]), torch.as_tensor(data[split][1])) for split in ("target_train", "target_test")
+    ]
+    outputs = transfer_cached_features(
+        models,
+        [target[0]],
+        [target[1]],
+        int(target[0][1].max()) + 1,
+        TransferConfig(mode="cached_features", precision="fp32"),
+    )
     return np.stack([o.margins.numpy() for o in outputs]), trainer.accuracy(val)
 
 
@@ -110,8 +153,14 @@ def copy_ranks(influence: np.ndarray, leaks: list[dict]) -> list[dict]:
         column = influence[:, leak["target_test"]]
         value = column[leak["source"]]
         beaten = (column > value) if leak["role"] == "leak" else (column < value)
-        ranks.append({"kind": leak["kind"], "role": leak["role"], "rank": int(beaten.sum()) + 1,
-                      "influence": round(float(value), 3)})
+        ranks.append(
+            {
+                "kind": leak["kind"],
+                "role": leak["role"],
+                "rank": int(beaten.sum()) + 1,
+                "influence": round(float(value), 3),
+            }
+        )
     return ranks
 
 
@@ -133,21 +182,27 @@ class TrialOutcome:
         return {(f["source"], f["target"]) for f in self.found["leakage"] + self.found["mislabelled"]} - planted
 
 
-def run_trial(seed: int, models: int = 32, recipe: TrialRecipe = TrialRecipe(), kinds: tuple[str, ...] | None = None,
-              top: int | None = None) -> TrialOutcome:
+def run_trial(
+    seed: int,
+    models: int = 32,
+    recipe: TrialRecipe = TrialRecipe(),
+    kinds: tuple[str, ...] | None = None,
+    top: int | None = None,
+) -> TrialOutcome:
     """The planted data of `seed` (copy kinds `kinds`, LEAKY's by default), `models` models on random halves
     of its source examples, their example influence, and the pairs `leakage.flag_examples` flags (`top`:
     its default unless given)."""
-    from ffcv_transfer.writers.synthetic import make_planted
     from ffcv_transfer.findings import leakage
     from ffcv_transfer.findings.kernel import example_influence
     from ffcv_transfer.store.masks import random_example_masks
+    from ffcv_transfer.writers.synthetic import make_planted
 
     data = make_planted(replace(LEAKY, leak_kinds=kinds) if kinds else LEAKY, seed=seed)
     (images, labels), (test_images, _) = data["source_train"], data["target_test"]
     masks = random_example_masks(models, len(labels), 0.5, seed=seed)
     margins, val_accuracy = train_and_transfer(data, masks, seed, recipe)
     influence = example_influence(np.packbits(masks, axis=1), margins.astype(np.float64), len(labels))
-    found = leakage.flag_examples(influence, images.__getitem__, test_images.__getitem__, candidates=0,
-                                  **({"top": top} if top else {}))
+    found = leakage.flag_examples(
+        influence, images.__getitem__, test_images.__getitem__, candidates=0, **({"top": top} if top else {})
+    )
     return TrialOutcome(data["design"]["leaks"], influence, found, val_accuracy)

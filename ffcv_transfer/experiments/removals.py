@@ -7,10 +7,12 @@ array `removal`: kind, k, seed), trained by the same worker as any experiment. T
 start from the same initial weights (the store's init seeds), so arms are compared in pairs
 (`ffcv_transfer.findings.counterfactual` reads them).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +21,14 @@ from ffcv_transfer.store.experiment import MASKS, REMOVAL, create_store, read_si
 from ffcv_transfer.store.results import ResultStore, StoreError
 
 
-def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
-                   kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
-                   chosen: Sequence[int] = (), baseline: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def removal_design(
+    scores: np.ndarray,
+    ks: Sequence[int],
+    seeds: int,
+    kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
+    chosen: Sequence[int] = (),
+    baseline: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Masks (rows, C) and removals (rows, 3: kind index, k, seed): for each seed, one model on every class
     (unless `baseline` is False) and one per (kind, k) without its k classes, and with `chosen` one more
     without those classes (kind "chosen", e.g. a planted harmful class). `scores`: each source class's mean
@@ -34,7 +41,9 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
     if unknown:
         raise ValueError(f"unknown removal kinds {unknown}; choose from {list(KINDS[1:4])}")
     if not ks or min(ks) < 1 or max(ks) >= num_classes:
-        raise ValueError(f"each k must lie in 1..{num_classes - 1} (the source set has {num_classes} classes), got {list(ks)}")
+        raise ValueError(
+            f"each k must lie in 1..{num_classes - 1} (the source set has {num_classes} classes), got {list(ks)}"
+        )
     if seeds < 1:
         raise ValueError(f"need at least one seed, got {seeds}")
     ascending = np.argsort(scores, kind="stable")
@@ -46,8 +55,11 @@ def removal_design(scores: np.ndarray, ks: Sequence[int], seeds: int,
             removals.append((0, 0, seed))
         for kind in kinds:
             for k in ks:
-                removed = {"most_negative": ascending[:k], "most_positive": ascending[::-1][:k],
-                           "random": random[k][seed]}[kind]
+                removed = {
+                    "most_negative": ascending[:k],
+                    "most_positive": ascending[::-1][:k],
+                    "random": random[k][seed],
+                }[kind]
                 masks.append(~np.isin(np.arange(num_classes), removed))
                 removals.append((KINDS.index(kind), k, seed))
         if len(chosen):
@@ -88,8 +100,14 @@ def without_class_design(num_classes: int, source_class: int, repeats: int) -> t
     return masks, removals
 
 
-def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.ndarray, progress: bool = True,
-                 train: Callable[[Path, Any], None] | None = None):
+def run_removals(
+    path: str | Path,
+    experiment,
+    masks: np.ndarray,
+    removals: np.ndarray,
+    progress: bool = True,
+    train: Callable[[Path, Any], None] | None = None,
+):
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
     the experiment's recipe, transferred to its first target in that target's first transfer mode (the
     accuracy compared), by `train(path, experiment)` when given (else a worker in this process); returns
@@ -100,8 +118,9 @@ def run_removals(path: str | Path, experiment, masks: np.ndarray, removals: np.n
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
-        create_store(path, masks, num_test, extra_fixed={REMOVAL: removals}, init_seeds=removals[:, 2],
-                     experiment=experiment)
+        create_store(
+            path, masks, num_test, extra_fixed={REMOVAL: removals}, init_seeds=removals[:, 2], experiment=experiment
+        )
     store = ResultStore(path)
     if not np.array_equal(store.fixed(MASKS), masks):
         raise StoreError(f"{path}: holds a different removal design; choose another folder")

@@ -4,6 +4,7 @@ Each row of a removal store is one model with its removal beside its mask (fixed
 k, seed). The models of one seed start from the same initial weights, so arms are compared in pairs: the
 spread of per-model target accuracy across initialisations then cancels out of their differences.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -56,8 +57,11 @@ def changes_against_all(arms: Arms) -> dict[str, dict[int, dict[str, Any]]]:
 def _gain(first: dict[int, float], second: dict[int, float]) -> dict[str, Any]:
     gains = {seed: first[seed] - second[seed] for seed in sorted(set(first) & set(second))}
     values = np.array(list(gains.values()))
-    return {"per_seed": gains, "mean": float(values.mean()) if len(values) else None,
-            "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None}
+    return {
+        "per_seed": gains,
+        "mean": float(values.mean()) if len(values) else None,
+        "stderr": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None,
+    }
 
 
 def format_gain(gain: dict[str, Any]) -> str:
@@ -73,5 +77,8 @@ def correct_by_removal(store, example: int) -> dict[str, float]:
     rows, values = store.read(["is_correct"])
     kinds = store.fixed(REMOVAL)[rows][:, 0]
     correct = values["is_correct"][:, example]
-    return {"with": float(correct[kinds == 0].mean()), "without": float(correct[kinds == KINDS.index("chosen")].mean()),
-            "models": int(len(rows))}
+    return {
+        "with": float(correct[kinds == 0].mean()),
+        "without": float(correct[kinds == KINDS.index("chosen")].mean()),
+        "models": int(len(rows)),
+    }

@@ -10,11 +10,13 @@ partial sums are accumulated in float64.
 
 Imports numpy alone; numba, torch and cupy are used only by their backends.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -83,6 +85,7 @@ def resolve_backend(backend: str) -> str:
 
 # ---------------------------------------------------------------- backends: where the GEMM runs
 
+
 class ChunkSums(NamedTuple):
     """One chunk's sums, relative to `mean` (the column means subtracted before summing)."""
 
@@ -104,8 +107,9 @@ class _Ops:
         sums = ChunkSums(mean, self.masked_sums(masks, centered), self.colsum(centered))
         if squares:
             centered *= centered
-            sums = sums._replace(square_sums=self.masked_sums(masks, centered),
-                                 square_column_sums=self.colsum(centered))
+            sums = sums._replace(
+                square_sums=self.masked_sums(masks, centered), square_column_sums=self.colsum(centered)
+            )
         return sums
 
 
@@ -255,8 +259,9 @@ class _TorchOps(_Ops):
         out = torch.zeros(left.shape[0], values.shape[1], dtype=torch.float64, device=values.device)
         for start in range(0, len(values), GPU_ROW_BLOCK):
             rows = slice(start, start + GPU_ROW_BLOCK)
-            out += torch.mm(left[:, rows], hi[rows], out_dtype=torch.float32) + \
-                torch.mm(left[:, rows], lo[rows], out_dtype=torch.float32)
+            out += torch.mm(left[:, rows], hi[rows], out_dtype=torch.float32) + torch.mm(
+                left[:, rows], lo[rows], out_dtype=torch.float32
+            )
         return out / scale.double()
 
 
@@ -273,9 +278,11 @@ class _CupyOps(_NumpyOps):
 
         self.cp = cupy
         self.split = cupy.ElementwiseKernel(
-            "T y, float32 mean, float32 scale", "float16 hi, float16 lo",
+            "T y, float32 mean, float32 scale",
+            "float16 hi, float16 lo",
             "float v = ((float)y - mean) * scale; hi = (float16)v; lo = (float16)(v - (float)hi);",
-            "ffcv_transfer_split_hi_lo")
+            "ffcv_transfer_split_hi_lo",
+        )
 
     def put(self, array: np.ndarray) -> Any:
         return self.cp.asarray(array)
@@ -343,9 +350,25 @@ def _sgemm_ex_at_b(a: Any, b: Any, out: Any, accumulate: bool) -> None:
     alpha, beta = np.ones(1, np.float32), np.full(1, float(accumulate), np.float32)
     cuda_r_16f, cuda_r_32f = 2, 0
     # column-major view: out^T (T x C') = B_cm (T x n) @ A_cm^T (n x C')
-    cublas.sgemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, classes, n,
-                   alpha.ctypes.data, b.data.ptr, cuda_r_16f, width, a.data.ptr, cuda_r_16f, classes,
-                   beta.ctypes.data, out.data.ptr, cuda_r_32f, width)  # alpha, beta: host pointers
+    cublas.sgemmEx(
+        device.get_cublas_handle(),
+        cublas.CUBLAS_OP_N,
+        cublas.CUBLAS_OP_T,
+        width,
+        classes,
+        n,
+        alpha.ctypes.data,
+        b.data.ptr,
+        cuda_r_16f,
+        width,
+        a.data.ptr,
+        cuda_r_16f,
+        classes,
+        beta.ctypes.data,
+        out.data.ptr,
+        cuda_r_32f,
+        width,
+    )  # alpha, beta: host pointers
 
 
 def _make_ops(backend: str) -> Any:
@@ -353,6 +376,7 @@ def _make_ops(backend: str) -> Any:
 
 
 # ---------------------------------------------------------------- the accumulator
+
 
 class InfluenceAccumulator:
     """Streaming class influence: `update(mask_chunk, output_chunk)` any number of times, then `result()`.
@@ -385,8 +409,10 @@ class InfluenceAccumulator:
             bad = _non_finite_rows(outputs)
             names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + len(masks)))
             if not bad.any():  # every output finite, yet the column sums are not: they overflow
-                raise InfluenceError(f"the outputs of model rows {names[0]}..{names[-1]} are finite but their sums "
-                                     f"overflow (largest magnitude {np.abs(outputs).max():.3g}): rescale them")
+                raise InfluenceError(
+                    f"the outputs of model rows {names[0]}..{names[-1]} are finite but their sums "
+                    f"overflow (largest magnitude {np.abs(outputs).max():.3g}): rescale them"
+                )
             self.bad_rows.extend(names[bad].tolist())
         self.seen += len(masks)
 
@@ -444,8 +470,11 @@ class InfluenceAccumulator:
         if degenerate.any():
             classes = np.flatnonzero(degenerate)
             shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
-            warnings.warn(f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{len(classes)} class(es) included in every model or in none, influence is NaN: {shown}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             if not self.stderr:  # S/n_in - (t - S)/n_out = (S N/n_in - t)/n_out, in place: one (C, T) array
                 sums *= total / n_in
@@ -482,8 +511,9 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
     if masks.shape[0] != outputs.shape[0]:
         raise InfluenceError(f"{masks.shape[0]} mask rows but {outputs.shape[0]} output rows")
     if masks.shape[1] != num_classes or outputs.shape[1] != num_outputs:
-        raise InfluenceError(f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), "
-                             f"got {masks.shape} and {outputs.shape}")
+        raise InfluenceError(
+            f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), got {masks.shape} and {outputs.shape}"
+        )
     if outputs.dtype == np.bool_:  # e.g. is_correct: influence on the probability of being right
         outputs = outputs.astype(np.float32)
     if outputs.dtype not in (np.float16, np.float32, np.float64):
@@ -497,8 +527,16 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
     return masks, outputs
 
 
-def plan_blocks(num_classes: int, num_outputs: int, num_models: int, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                stderr: bool = False, row_bytes: int = 0, chunk: int = DEFAULT_CHUNK) -> tuple[int, int]:
+def plan_blocks(
+    num_classes: int,
+    num_outputs: int,
+    num_models: int,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    stderr: bool = False,
+    row_bytes: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[int, int]:
     """(models per chunk, outputs per column block) whose working set fits `max_bytes`.
 
     Per step the kernel holds a chunk's masks (bool, then a float64 copy for the GEMM) and its outputs as
@@ -517,8 +555,10 @@ def plan_blocks(num_classes: int, num_outputs: int, num_models: int, *, max_byte
             return chunk, int(min(columns, num_outputs))
         if chunk == 1:
             need = fixed + 8 * (1 + per_value * num_classes + 1)
-            raise InfluenceError(f"{max_bytes / 2**20:.1f} MiB cannot hold one column of {num_classes} classes "
-                                 f"(needs {need / 2**20:.1f} MiB): raise the memory limit")
+            raise InfluenceError(
+                f"{max_bytes / 2**20:.1f} MiB cannot hold one column of {num_classes} classes "
+                f"(needs {need / 2**20:.1f} MiB): raise the memory limit"
+            )
         chunk = max(1, chunk // 2)
 
 
@@ -526,8 +566,9 @@ def column_blocks(num_outputs: int, width: int) -> list[slice]:
     return [slice(start, min(start + width, num_outputs)) for start in range(0, num_outputs, width)]
 
 
-def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
-                    stderr: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def class_influence(
+    masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK, stderr: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
 
     masks: (N, C) 0/1 (bool or numbers), model i trained on class c iff masks[i, c];
@@ -541,16 +582,23 @@ def class_influence(masks: np.ndarray, outputs: np.ndarray, *, backend: str = "a
         raise InfluenceError(f"chunk must be positive, got {chunk}")
     accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
     for start in range(0, max(len(masks), 1), chunk):
-        accumulator.update(masks[start:start + chunk], outputs[start:start + chunk])
+        accumulator.update(masks[start : start + chunk], outputs[start : start + chunk])
     return accumulator.result()
 
 
 EXAMPLE_BLOCK = 8192  # source examples per block of example influence (a multiple of 8: whole packed bytes)
 
 
-def example_influence_blocks(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *,
-                             rows: np.ndarray | None = None, backend: str = "auto", block: int = EXAMPLE_BLOCK,
-                             max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[slice, slice, np.ndarray]]:
+def example_influence_blocks(
+    packed_masks: np.ndarray,
+    outputs: np.ndarray,
+    num_examples: int,
+    *,
+    rows: np.ndarray | None = None,
+    backend: str = "auto",
+    block: int = EXAMPLE_BLOCK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Iterator[tuple[slice, slice, np.ndarray]]:
     """Example influence [E, T] as (example slice, output slice, float32 block) pieces, so that a caller
     can keep what it needs (a top-k, a file) without the whole matrix: at the paper's 1.28M source and
     10,000 target examples that is 51 GB.
@@ -560,44 +608,57 @@ def example_influence_blocks(packed_masks: np.ndarray, outputs: np.ndarray, num_
     Examples come `block` at a time; only one chunk of mask bytes is unpacked at a time; the working set
     stays within `max_bytes`."""
     if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
-        raise InfluenceError(f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} "
-                             f"{packed_masks.shape}")
+        raise InfluenceError(
+            f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} {packed_masks.shape}"
+        )
     if packed_masks.shape[1] != (num_examples + 7) // 8:
-        raise InfluenceError(f"{num_examples} examples need {(num_examples + 7) // 8} packed bytes per row, "
-                             f"got {packed_masks.shape[1]}")
+        raise InfluenceError(
+            f"{num_examples} examples need {(num_examples + 7) // 8} packed bytes per row, got {packed_masks.shape[1]}"
+        )
     rows = np.arange(len(packed_masks)) if rows is None else np.asarray(rows)
     if outputs.ndim != 2 or len(outputs) != len(rows):
         raise InfluenceError(f"{len(rows)} mask rows but outputs of shape {outputs.shape}")
     if block < 8 or block % 8:
         raise InfluenceError(f"block must be a positive multiple of 8, got {block}")
     block = min(block, -(-num_examples // 8) * 8)
-    chunk, width = plan_blocks(block, outputs.shape[1], len(rows), max_bytes=max_bytes,
-                               row_bytes=block // 8 + outputs.shape[1] * outputs.dtype.itemsize)
+    chunk, width = plan_blocks(
+        block,
+        outputs.shape[1],
+        len(rows),
+        max_bytes=max_bytes,
+        row_bytes=block // 8 + outputs.shape[1] * outputs.dtype.itemsize,
+    )
     for start in range(0, num_examples, block):
         examples = slice(start, min(start + block, num_examples))
         for columns in column_blocks(outputs.shape[1], width):
             accumulator = InfluenceAccumulator(examples.stop - start, columns.stop - columns.start, backend=backend)
             for first in range(0, max(len(rows), 1), chunk):
-                part = rows[first:first + chunk]
-                packed = np.asarray(packed_masks[part, start // 8:(examples.stop + 7) // 8])
+                part = rows[first : first + chunk]
+                packed = np.asarray(packed_masks[part, start // 8 : (examples.stop + 7) // 8])
                 masks = np.unpackbits(packed, axis=1, count=examples.stop - start).view(np.bool_)
-                accumulator.update(masks, np.asarray(outputs[first:first + chunk, columns]), rows=part)
+                accumulator.update(masks, np.asarray(outputs[first : first + chunk, columns]), rows=part)
             values = accumulator.result()
             del accumulator  # its sums go before the caller works on the block
             yield examples, columns, values
 
 
-def example_influence(packed_masks: np.ndarray, outputs: np.ndarray, num_examples: int, *, backend: str = "auto",
-                      block: int = EXAMPLE_BLOCK, max_bytes: int = DEFAULT_MAX_BYTES,
-                      out: np.ndarray | None = None) -> np.ndarray:
+def example_influence(
+    packed_masks: np.ndarray,
+    outputs: np.ndarray,
+    num_examples: int,
+    *,
+    backend: str = "auto",
+    block: int = EXAMPLE_BLOCK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """The whole example influence [E, T] (float32) from bit-packed example masks (N, ceil(E/8)); `out` may be
     an (E, T) float32 memmap when it does not fit in memory. `example_influence_blocks` streams it instead."""
     outputs = np.asarray(outputs)
     if out is None:
         out = np.empty((num_examples, outputs.shape[1]), np.float32)
-    for examples, columns, values in example_influence_blocks(np.asarray(packed_masks), outputs, num_examples,
-                                                              backend=backend, block=block, max_bytes=max_bytes):
+    for examples, columns, values in example_influence_blocks(
+        np.asarray(packed_masks), outputs, num_examples, backend=backend, block=block, max_bytes=max_bytes
+    ):
         out[examples, columns] = values
     return out
-
-

@@ -22,17 +22,19 @@ second test: a pair is a near-duplicate when either passes.
 
 The store: `experiment_store.create_example_store` draws the masks (packed bits, fixed array
 `example_masks`; `masks` holds, per model, the classes it has examples of, which is what the worker's
-input checks read) and the worker trains each model on its examples (train.py routes on example indices). `find_leaks` is the
-entry point: it reads the store, writes leaks.json and image grids, and returns the findings.
+input checks read) and the worker trains each model on its examples (train.py routes on example indices).
+`find_leaks` is the entry point: it reads the store, writes leaks.json and image grids, and returns the findings.
 """
+
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,25 +71,30 @@ class ExtremeExamples:
     mad: np.ndarray  # (T,) float64: 1.4826 x MAD, at least 1e-12
 
     @classmethod
-    def from_blocks(cls, blocks: Iterable[tuple[slice, slice, np.ndarray]], num_examples: int, num_targets: int,
-                    keep: int) -> "ExtremeExamples":
+    def from_blocks(
+        cls, blocks: Iterable[tuple[slice, slice, np.ndarray]], num_examples: int, num_targets: int, keep: int
+    ) -> ExtremeExamples:
         """Merge (example slice, target slice, float32 values) pieces (`influence.example_influence_blocks`)."""
         sample = np.unique(np.linspace(0, num_examples - 1, min(num_examples, Z_SAMPLE)).round().astype(np.int64))
         sampled = np.full((len(sample), num_targets), np.nan, np.float32)
-        ends = {sign: (np.full((num_targets, keep), -1, np.int64), np.full((num_targets, keep), np.nan, np.float32))
-                for sign in (1, -1)}  # per target, sign x influence, largest first
+        ends = {
+            sign: (np.full((num_targets, keep), -1, np.int64), np.full((num_targets, keep), np.nan, np.float32))
+            for sign in (1, -1)
+        }  # per target, sign x influence, largest first
         for examples, block_columns, block in blocks:
             here = (sample >= examples.start) & (sample < examples.stop)
             sampled[here, block_columns] = block[sample[here] - examples.start]
             for first in range(0, block.shape[1], MERGE_COLUMNS):  # bounds the sort's temporaries
-                values = block[:, first:first + MERGE_COLUMNS]
+                values = block[:, first : first + MERGE_COLUMNS]
                 columns = slice(block_columns.start + first, block_columns.start + first + values.shape[1])
                 for sign, (index, kept) in ends.items():
                     ranked = np.where(np.isfinite(values), sign * values, -np.inf)
                     order = _best_rows(ranked, keep)
                     both_index = np.concatenate([index[columns], (order + examples.start).T], 1)
-                    both_values = np.concatenate([np.where(index[columns] >= 0, kept[columns], -np.inf),
-                                                  np.take_along_axis(ranked, order, 0).T], 1)
+                    both_values = np.concatenate(
+                        [np.where(index[columns] >= 0, kept[columns], -np.inf), np.take_along_axis(ranked, order, 0).T],
+                        1,
+                    )
                     best = np.lexsort((both_index, -both_values), axis=1)[:, :keep]
                     best_values = np.take_along_axis(both_values, best, 1)
                     found = np.isfinite(best_values)
@@ -98,7 +105,7 @@ class ExtremeExamples:
         return cls(num_examples, positive, positive_values, negative, -negative_values, median, mad)
 
     @classmethod
-    def from_dense(cls, influence: np.ndarray, keep: int) -> "ExtremeExamples":
+    def from_dense(cls, influence: np.ndarray, keep: int) -> ExtremeExamples:
         influence = np.asarray(influence, np.float32)
         whole = (slice(0, influence.shape[0]), slice(0, influence.shape[1]), influence)
         return cls.from_blocks([whole], influence.shape[0], influence.shape[1], keep)
@@ -145,17 +152,23 @@ def robust_z(influence: np.ndarray) -> np.ndarray:
     return (np.asarray(influence, np.float64) - median) / mad
 
 
-def extreme_examples_from_store(store_dir: str | Path, num_examples: int, keep: int, key: str = "margins",
-                                backend: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
-                                spill_dir: str | Path | None = None) -> tuple[ExtremeExamples, int]:
+def extreme_examples_from_store(
+    store_dir: str | Path,
+    num_examples: int,
+    keep: int,
+    key: str = "margins",
+    backend: str = "auto",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    spill_dir: str | Path | None = None,
+) -> tuple[ExtremeExamples, int]:
     """(ExtremeExamples, number of models used) over the completed, non-failed rows, streamed: the masks
     stay in the store's file and are read a block of examples at a time; the outputs are gathered once,
     onto disk (a file in `spill_dir`, removed after) when they would take more than a quarter of
     `max_bytes`, else in memory."""
     import tempfile
 
-    from ffcv_transfer.store.experiment import EXAMPLE_MASKS
     from ffcv_transfer.findings.kernel import InfluenceError, example_influence_blocks
+    from ffcv_transfer.store.experiment import EXAMPLE_MASKS
     from ffcv_transfer.store.results import ResultStore
 
     store = ResultStore(store_dir)
@@ -172,16 +185,18 @@ def extreme_examples_from_store(store_dir: str | Path, num_examples: int, keep: 
             outputs = np.empty((len(rows), width), dtype)
         done = 0
         for part, values in store.iter_chunks([key]):
-            outputs[done:done + len(part)] = values[key].reshape(len(part), width)
+            outputs[done : done + len(part)] = values[key].reshape(len(part), width)
             done += len(part)
-        blocks = example_influence_blocks(store.fixed(EXAMPLE_MASKS), outputs, num_examples, rows=rows,
-                                          backend=backend, max_bytes=max_bytes)
+        blocks = example_influence_blocks(
+            store.fixed(EXAMPLE_MASKS), outputs, num_examples, rows=rows, backend=backend, max_bytes=max_bytes
+        )
         extremes = ExtremeExamples.from_blocks(blocks, num_examples, width, keep)
         del outputs
     return extremes, len(rows)
 
 
 # ------------------------------------------------------------------ near-duplicates
+
 
 def _grey(image: np.ndarray) -> np.ndarray:
     """H x W x 3 (or H x W) uint8 -> WORK_SIZE x WORK_SIZE float grey, area-resampled."""
@@ -191,7 +206,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return np.asarray(picture.convert("L").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX), np.float64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _area_matrix(source: int, target: int) -> np.ndarray:
     """(target, source) matrix averaging a length-`source` signal into `target` equal bins (box filter)."""
     edges = np.linspace(0, source, target + 1)
@@ -223,8 +238,9 @@ def crop_bank(image: np.ndarray) -> np.ndarray:
     for side in CROP_SIDES:
         matrix = _area_matrix(side, THUMB_SIZE)
         windows = np.lib.stride_tricks.sliding_window_view(grey, (side, side))  # (n, n, side, side)
-        thumbs.append(np.einsum("is,yxst,jt->yxij", matrix, windows, matrix, optimize=True)
-                      .reshape(-1, THUMB_SIZE, THUMB_SIZE))
+        thumbs.append(
+            np.einsum("is,yxst,jt->yxij", matrix, windows, matrix, optimize=True).reshape(-1, THUMB_SIZE, THUMB_SIZE)
+        )
     thumbs = np.concatenate(thumbs)
     return _normalised(np.concatenate([thumbs, thumbs[:, :, ::-1]]))
 
@@ -235,7 +251,7 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(max((crop_bank(a) @ thumbnails(b)[0]).max(), (crop_bank(b) @ thumbnails(a)[0]).max()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dct_matrix(n: int) -> np.ndarray:
     k = np.arange(n)
     return np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))
@@ -256,25 +272,36 @@ def hash_distance(a: np.ndarray, b: np.ndarray) -> int:
     return int(min((ha != perceptual_hash(b)).sum(), (ha != perceptual_hash(b[:, ::-1])).sum()))
 
 
-def near_duplicate(a: np.ndarray, b: np.ndarray, min_similarity: float = MIN_SIMILARITY,
-                   max_hash_distance: int = MAX_HASH_DISTANCE) -> dict[str, Any]:
+def near_duplicate(
+    a: np.ndarray, b: np.ndarray, min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE
+) -> dict[str, Any]:
     """{"similarity", "hash_distance", "duplicate"}: a duplicate when either test passes."""
     return _verdict(similarity(a, b), hash_distance(a, b), min_similarity, max_hash_distance)
 
 
 def _verdict(score: float, bits: int, min_similarity: float, max_hash_distance: int) -> dict[str, Any]:
-    return {"similarity": round(score, 4), "hash_distance": bits,
-            "duplicate": bool(score >= min_similarity or bits <= max_hash_distance)}
+    return {
+        "similarity": round(score, 4),
+        "hash_distance": bits,
+        "duplicate": bool(score >= min_similarity or bits <= max_hash_distance),
+    }
 
 
 # ------------------------------------------------------------------ flagging
+
 
 class _Pixels:
     """Near-duplicate checks between source image e and target image j, with each image's thumbnail,
     hash and crop bank computed once (banks, the costly part, are kept for the most recent images)."""
 
-    def __init__(self, source_image: Callable[[int], np.ndarray], target_image: Callable[[int], np.ndarray],
-                 min_similarity: float, max_hash_distance: int, cached: int = 512):
+    def __init__(
+        self,
+        source_image: Callable[[int], np.ndarray],
+        target_image: Callable[[int], np.ndarray],
+        min_similarity: float,
+        max_hash_distance: int,
+        cached: int = 512,
+    ):
         self.min_similarity, self.max_hash_distance = min_similarity, max_hash_distance
         self.image = {"source": source_image, "target": target_image}
         self.summary = lru_cache(maxsize=None)(self._summary)
@@ -296,10 +323,17 @@ class _Pixels:
         return self.checked[e, j]
 
 
-def flag_examples(influence: np.ndarray | ExtremeExamples, source_image: Callable[[int], np.ndarray],
-                  target_image: Callable[[int], np.ndarray], *, top: int = DEFAULT_TOP,
-                  min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
-                  targets: Sequence[int] | None = None, candidates: int = 20) -> dict[str, list[dict]]:
+def flag_examples(
+    influence: np.ndarray | ExtremeExamples,
+    source_image: Callable[[int], np.ndarray],
+    target_image: Callable[[int], np.ndarray],
+    *,
+    top: int = DEFAULT_TOP,
+    min_similarity: float = MIN_SIMILARITY,
+    max_hash_distance: int = MAX_HASH_DISTANCE,
+    targets: Sequence[int] | None = None,
+    candidates: int = 20,
+) -> dict[str, list[dict]]:
     """Flag (source image, target image) pairs from an (E, T) example influence, whole or as its
     `ExtremeExamples` (which must keep at least max(top, 4 x candidates) a side).
 
@@ -313,20 +347,31 @@ def flag_examples(influence: np.ndarray | ExtremeExamples, source_image: Callabl
     keep = max(top, 4 * candidates)
     extremes = influence if isinstance(influence, ExtremeExamples) else ExtremeExamples.from_dense(influence, keep)
     if extremes.positive.shape[1] < keep:
-        raise ValueError(f"the extremes keep {extremes.positive.shape[1]} source images a side; top={top} and "
-                         f"candidates={candidates} need {keep}")
+        raise ValueError(
+            f"the extremes keep {extremes.positive.shape[1]} source images a side; top={top} and "
+            f"candidates={candidates} need {keep}"
+        )
     targets = np.arange(len(extremes.median)) if targets is None else np.asarray(targets, np.int64)
     pixels = _Pixels(source_image, target_image, min_similarity, max_hash_distance)
     found: dict[str, list[dict]] = {"leakage": [], "mislabelled": [], "misleading": []}
 
     def entry(e: int, j: int, value: float, rank: int) -> dict:
         match = pixels.check(e, j)
-        return {"source": e, "target": j, "influence": float(value), "z": round(float(extremes.z(value, j)), 2),
-                "rank": rank, "similarity": match["similarity"], "hash_distance": match["hash_distance"]}
+        return {
+            "source": e,
+            "target": j,
+            "influence": float(value),
+            "z": round(float(extremes.z(value, j)), 2),
+            "rank": rank,
+            "similarity": match["similarity"],
+            "hash_distance": match["hash_distance"],
+        }
 
     for j in targets.tolist():
-        for finding, sign, index, values in (("leakage", 1, extremes.positive, extremes.positive_values),
-                                             ("mislabelled", -1, extremes.negative, extremes.negative_values)):
+        for finding, sign, index, values in (
+            ("leakage", 1, extremes.positive, extremes.positive_values),
+            ("mislabelled", -1, extremes.negative, extremes.negative_values),
+        ):
             for rank, (e, value) in enumerate(zip(index[j, :top].tolist(), values[j, :top].tolist()), 1):
                 if e >= 0 and sign * value > 0 and pixels.check(e, j)["duplicate"]:
                     found[finding].append(entry(e, j, value, rank))
@@ -336,8 +381,9 @@ def flag_examples(influence: np.ndarray | ExtremeExamples, source_image: Callabl
         which = np.broadcast_to(np.arange(len(targets))[:, None], index.shape)
         listed = index >= 0
         order = np.lexsort((which[listed], index[listed], z[listed]))[: 4 * candidates]  # z, then (e, j)
-        for k, e, value in zip(which[listed][order].tolist(), index[listed][order].tolist(),
-                               values[listed][order].tolist()):
+        for k, e, value in zip(
+            which[listed][order].tolist(), index[listed][order].tolist(), values[listed][order].tolist()
+        ):
             j = int(targets[k])
             if value < 0 and not pixels.check(e, j)["duplicate"]:
                 found["misleading"].append(entry(e, j, value, int((values[k] < value).sum()) + 1))
@@ -356,28 +402,41 @@ def score_against_planted(found: dict[str, list[dict]], planted: Sequence[dict])
     for role, finding in (("leak", "leakage"), ("mislabelled", "mislabelled")):
         truth = {(p["source"], p["target_test"]) for p in planted if p["role"] == role}
         flagged = {(f["source"], f["target"]) for f in found[finding]}
-        result[finding] = {"planted": len(truth), "flagged": len(flagged), "recall": len(truth & flagged) / len(truth)
-                           if truth else None, "missed": sorted(truth - flagged),
-                           "false_flags": sorted(flagged - truth)}
+        result[finding] = {
+            "planted": len(truth),
+            "flagged": len(flagged),
+            "recall": len(truth & flagged) / len(truth) if truth else None,
+            "missed": sorted(truth - flagged),
+            "false_flags": sorted(flagged - truth),
+        }
     return result
 
 
 # ------------------------------------------------------------------ the command
 
-def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top: int = DEFAULT_TOP,
-               min_similarity: float = MIN_SIMILARITY, max_hash_distance: int = MAX_HASH_DISTANCE,
-               key: str = "margins", candidates: int = 20, grid_rows: int = 12, backend: str = "auto",
-               max_bytes: int = DEFAULT_MAX_BYTES, mode: str | None = None, target: str | None = None
-               ) -> dict[str, Any]:
+
+def find_leaks(
+    store_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    top: int = DEFAULT_TOP,
+    min_similarity: float = MIN_SIMILARITY,
+    max_hash_distance: int = MAX_HASH_DISTANCE,
+    key: str = "margins",
+    candidates: int = 20,
+    grid_rows: int = 12,
+    backend: str = "auto",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    mode: str | None = None,
+    target: str | None = None,
+) -> dict[str, Any]:
     """Example-level findings of a store made by `experiment_store.create_example_store` and filled by the worker:
     leakage (positive influence + near-duplicate), mislabelled copies (negative + near-duplicate) and
     unconfirmed misleading candidates (`flag_examples`). Writes OUT_DIR/leaks.json (the findings, the
     thresholds, and, on planted data, recall and false flags against the planted copies) and
     OUT_DIR/leaks.png / mislabelled.png (target image beside each flagged source image); OUT_DIR defaults
     to STORE/leakage. Returns the JSON's content."""
-    from ffcv_transfer.store.betons import read_labels, read_sidecar
-    from ffcv_transfer.store.betons import BetonRecords
-
+    from ffcv_transfer.store.betons import BetonRecords, read_labels, read_sidecar
     from ffcv_transfer.store.experiment import open_experiment, transfer_field
 
     store_dir = Path(store_dir)
@@ -388,11 +447,19 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     target_beton = experiment.target(target).path(experiment.data.root, "target_test")
     source_labels, target_labels = read_labels(source_beton), read_labels(target_beton)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extremes, models = extreme_examples_from_store(store_dir, len(source_labels), max(top, 4 * candidates), key,
-                                                   backend, max_bytes, spill_dir=out_dir)
+    extremes, models = extreme_examples_from_store(
+        store_dir, len(source_labels), max(top, 4 * candidates), key, backend, max_bytes, spill_dir=out_dir
+    )
     sources, targets = BetonRecords(source_beton), BetonRecords(target_beton)
-    found = flag_examples(extremes, sources.image, targets.image, top=top, min_similarity=min_similarity,
-                          max_hash_distance=max_hash_distance, candidates=candidates)
+    found = flag_examples(
+        extremes,
+        sources.image,
+        targets.image,
+        top=top,
+        min_similarity=min_similarity,
+        max_hash_distance=max_hash_distance,
+        candidates=candidates,
+    )
     source_names = read_sidecar(source_beton)["class_names"]
     target_names = read_sidecar(target_beton)["class_names"]
     for entries in found.values():
@@ -400,10 +467,14 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
             item["source_class"] = source_names[source_labels[item["source"]]]
             item["target_class"] = target_names[target_labels[item["target"]]]
     result: dict[str, Any] = {
-        "store": str(store_dir), "models": models, "source_examples": len(source_labels),
-        "target_examples": len(target_labels), "key": key,
+        "store": str(store_dir),
+        "models": models,
+        "source_examples": len(source_labels),
+        "target_examples": len(target_labels),
+        "key": key,
         "thresholds": {"top": top, "min_similarity": min_similarity, "max_hash_distance": max_hash_distance},
-        **found}
+        **found,
+    }
     planted = read_sidecar(source_beton).get("extra", {}).get("planted", {}).get("leaks")
     if planted:
         result["planted"] = score_against_planted(found, planted)
@@ -412,24 +483,31 @@ def find_leaks(store_dir: str | Path, out_dir: str | Path | None = None, *, top:
     return result
 
 
-def _grids(found: dict[str, list[dict]], source_image: Callable[[int], np.ndarray],
-           target_image: Callable[[int], np.ndarray], out_dir: Path, rows: int) -> list[Path]:
+def _grids(
+    found: dict[str, list[dict]],
+    source_image: Callable[[int], np.ndarray],
+    target_image: Callable[[int], np.ndarray],
+    out_dir: Path,
+    rows: int,
+) -> list[Path]:
     """One PNG per confirmed finding: pairs of (target image, flagged source image), four pairs a row."""
     from ffcv_transfer.findings.plots import image_grid
 
     paths = []
-    for finding, title in (("leakage", "leakage: target test image, then a near-duplicate source image with "
-                                       "large positive influence"),
-                           ("mislabelled", "mislabelled copies: target test image, then a near-duplicate source "
-                                           "image with large negative influence")):
+    for finding, title in (
+        ("leakage", "leakage: target test image, then a near-duplicate source image with large positive influence"),
+        (
+            "mislabelled",
+            "mislabelled copies: target test image, then a near-duplicate source image with large negative influence",
+        ),
+    ):
         shown = found[finding][: 4 * rows]
         if not shown:
             continue
         images, captions = [], []
         for item in shown:
             images += [target_image(item["target"]), source_image(item["source"])]
-            captions += [f"target {item['target']}", f"src {item['source']} {item['influence']:+.2f} "
-                                                     f"z{item['z']:+.1f}"]
+            captions += [f"target {item['target']}", f"src {item['source']} {item['influence']:+.2f} z{item['z']:+.1f}"]
         name = "leaks.png" if finding == "leakage" else "mislabelled.png"
         paths.append(image_grid(out_dir / name, images, captions, title, columns=8))
     return paths

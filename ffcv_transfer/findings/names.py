@@ -1,12 +1,13 @@
 """Readable class names for findings: the beton's own names, ImageNet short names for wnids (the writer
 stores them), WordNet words for other wnids, or a user-given file."""
+
 from __future__ import annotations
 
 import gzip
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 WNID = re.compile(r"^n\d{8}$")
 DATA_ENV = "FFCV_TRANSFER_DATA"
@@ -38,8 +39,9 @@ def default_wordnet_words() -> Path | None:
     return path if path and path.is_file() else None
 
 
-def display_names(class_names: Sequence[str], wnids: Sequence[str] | None = None,
-                  names_file: str | Path | None = None) -> list[str]:
+def display_names(
+    class_names: Sequence[str], wnids: Sequence[str] | None = None, names_file: str | Path | None = None
+) -> list[str]:
     """One label per class: the user's file first (keyed by class name or wnid), then WordNet's first
     lemma for a wnid the beton writer could not name, else the beton's own name."""
     user = read_names_file(names_file) if names_file else {}

@@ -1,7 +1,8 @@
 """Findings from an influence matrix: source classes ranked for each target class."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,8 +45,9 @@ def _entry(names: Sequence[str], values: np.ndarray, stderr: np.ndarray | None, 
     return entry
 
 
-def rank_sources(by_class: np.ndarray, source_names: Sequence[str], target_names: Sequence[str],
-                 stderr: np.ndarray | None = None) -> dict[str, list[dict]]:
+def rank_sources(
+    by_class: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], stderr: np.ndarray | None = None
+) -> dict[str, list[dict]]:
     """For each target class, every source class from most positive to most negative influence (with its
     standard error when `stderr`, shaped like by_class, is given)."""
     ranking = {}
@@ -56,14 +58,17 @@ def rank_sources(by_class: np.ndarray, source_names: Sequence[str], target_names
     return ranking
 
 
-def top_and_bottom(values: np.ndarray, names: Sequence[str], k: int, stderr: np.ndarray | None = None
-                   ) -> dict[str, list[dict]]:
+def top_and_bottom(
+    values: np.ndarray, names: Sequence[str], k: int, stderr: np.ndarray | None = None
+) -> dict[str, list[dict]]:
     """The k most positive and the k most negative entries of `values` (one per source class), named, with
     their standard errors when given."""
     values = np.asarray(values, float)
     order = np.argsort(-values, kind="stable")
-    return {"positive": [_entry(names, values, stderr, i) for i in order[:k]],
-            "negative": [_entry(names, values, stderr, i) for i in order[::-1][:k]]}
+    return {
+        "positive": [_entry(names, values, stderr, i) for i in order[:k]],
+        "negative": [_entry(names, values, stderr, i) for i in order[::-1][:k]],
+    }
 
 
 def explain_example(influence: np.ndarray, example: int, k: int) -> np.ndarray:
@@ -74,8 +79,9 @@ def explain_example(influence: np.ndarray, example: int, k: int) -> np.ndarray:
     return np.argsort(influence[:, example], kind="stable")[:k]
 
 
-def subpopulation(influence: np.ndarray, source_class: int, k: int, labels: np.ndarray | None = None,
-                  target_class: int | None = None) -> np.ndarray:
+def subpopulation(
+    influence: np.ndarray, source_class: int, k: int, labels: np.ndarray | None = None, target_class: int | None = None
+) -> np.ndarray:
     """The k target test examples that `source_class` influences most positively (optionally only those
     of `target_class`): a subpopulation found without annotations."""
     influence = np.asarray(influence)

@@ -6,17 +6,19 @@ Noise model throughout: an influence estimated from N models is its true value p
 correlation of a ranking between two independent N-model replicates is then rho(N) = s / (s + v/N), s the
 variance of the true influences across source classes; Spearman-Brown and `models_needed` both follow from it.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from ffcv_transfer.findings.rankings import ranking_means
 from ffcv_transfer.findings.kernel import class_influence
+from ffcv_transfer.findings.rankings import ranking_means
 
 THRESHOLD = 0.5  # a ranking whose full-N split-half reliability is below this gets the banner
 GOALS = (0.8, 0.9)  # reliabilities the models-needed estimates aim at
@@ -43,8 +45,9 @@ class SplitHalf(NamedTuple):
     half_models: int  # models in each half
 
 
-def split_half(masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, num_classes: int, splits: int = 20,
-               seed: int = 0) -> SplitHalf:
+def split_half(
+    masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, num_classes: int, splits: int = 20, seed: int = 0
+) -> SplitHalf:
     """Split-half reliability of the influence ranking of each target class (and of the mean over all test
     examples, last): for `splits` random splits of the N models into two halves of N // 2, the Spearman
     correlation between the halves' influence vectors, averaged, and projected to N models by Spearman-Brown
@@ -61,8 +64,10 @@ def split_half(masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, num_c
         warnings.simplefilter("ignore", RuntimeWarning)  # the kernel's warning for such classes; dropped below
         for _ in range(splits):
             order = rng.permutation(len(masks))
-            a, b = (class_influence(masks[rows], means[rows], backend="numpy")
-                    for rows in (order[:half], order[half:2 * half]))
+            a, b = (
+                class_influence(masks[rows], means[rows], backend="numpy")
+                for rows in (order[:half], order[half : 2 * half])
+            )
             kept = np.isfinite(a).all(1) & np.isfinite(b).all(1)
             total += spearman(a[kept], b[kept])
     r = total / splits
@@ -137,21 +142,32 @@ class Reliability:
         and no source class significant. Either alone supports reading a ranking: a reproducible order, or
         classes at its ends that differ from noise (with few true effects, as on planted data, the order of
         the null classes between them never reproduces, however many models)."""
-        return [k for k, rho in enumerate(self.reliability)
-                if not rho >= self.threshold and not self.significant[k]]
+        return [k for k, rho in enumerate(self.reliability) if not rho >= self.threshold and not self.significant[k]]
 
     def to_json(self) -> dict:
         """A JSON-able summary: settings, per-column statistics, whether all are reliable, the banner."""
         flagged = set(self.flagged())
-        columns = {name: {"split_half": _number(self.split_half[k]), "reliability": _number(self.reliability[k]),
-                          "significant": len(self.significant[k]),
-                          "significant_sources": list(self.significant[k]),
-                          "models_needed": {str(goal): needed[k] for goal, needed in self.models_needed.items()},
-                          "reliable": k not in flagged}
-                   for k, name in enumerate(self.columns)}
-        return {"num_models": self.num_models, "half_models": self.half_models, "splits": self.splits,
-                "threshold": self.threshold, "q_level": self.q_level, "reliable": not flagged,
-                "columns": columns, "banner": self.banner()}
+        columns = {
+            name: {
+                "split_half": _number(self.split_half[k]),
+                "reliability": _number(self.reliability[k]),
+                "significant": len(self.significant[k]),
+                "significant_sources": list(self.significant[k]),
+                "models_needed": {str(goal): needed[k] for goal, needed in self.models_needed.items()},
+                "reliable": k not in flagged,
+            }
+            for k, name in enumerate(self.columns)
+        }
+        return {
+            "num_models": self.num_models,
+            "half_models": self.half_models,
+            "splits": self.splits,
+            "threshold": self.threshold,
+            "q_level": self.q_level,
+            "reliable": not flagged,
+            "columns": columns,
+            "banner": self.banner(),
+        }
 
     def banner(self) -> str | None:
         """None when every ranking is reliable; otherwise which are not, each with the models that would make
@@ -169,39 +185,62 @@ class Reliability:
             elif needed > self.num_models:
                 part += f", ~{needed} models for {goal}"
             parts.append(part)
-        return (f"Rankings not yet reliable with {self.num_models} models (split-half reliability below "
-                f"{self.threshold} and no source class significant at BH q <= {self.q_level}): {'; '.join(parts)}. "
-                f"Noise falls as 1/sqrt(models); where no signal is measurable yet, train more models and check "
-                f"again before reading those rankings.")
+        return (
+            f"Rankings not yet reliable with {self.num_models} models (split-half reliability below "
+            f"{self.threshold} and no source class significant at BH q <= {self.q_level}): {'; '.join(parts)}. "
+            f"Noise falls as 1/sqrt(models); where no signal is measurable yet, train more models and check "
+            f"again before reading those rankings."
+        )
 
 
 def describe_column(column: dict) -> str:
     """One ranking's entry of `Reliability.to_json()["columns"]`, in words."""
     needed = ", ".join(f"{'?' if n is None else n} models for {goal}" for goal, n in column["models_needed"].items())
     reliability = "n/a" if column["reliability"] is None else f"{column['reliability']:.2f}"
-    return (f"reliability {reliability}, {column['significant']} source classes significant"
-            f" ({needed}){'' if column['reliable'] else ' - not yet reliable'}")
+    return (
+        f"reliability {reliability}, {column['significant']} source classes significant"
+        f" ({needed}){'' if column['reliable'] else ' - not yet reliable'}"
+    )
 
 
-def assess(masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, target_names: Sequence[str],
-           splits: int = 20, seed: int = 0, q: float = Q_LEVEL, threshold: float = THRESHOLD,
-           goals: Sequence[float] = GOALS) -> Reliability:
+def assess(
+    masks: np.ndarray,
+    outputs: np.ndarray,
+    labels: np.ndarray,
+    target_names: Sequence[str],
+    splits: int = 20,
+    seed: int = 0,
+    q: float = Q_LEVEL,
+    threshold: float = THRESHOLD,
+    goals: Sequence[float] = GOALS,
+) -> Reliability:
     """The reliability of the ranking of every target class and of the overall one, from the models' masks
     (N, C) and outputs (N, T) with the test labels (T,): split-half reliability at N, significant source
     classes, models needed for each goal."""
     masks = np.asarray(masks, bool)
     halves = split_half(masks, outputs, labels, len(target_names), splits=splits, seed=seed)
-    influence, stderr = class_influence(masks, ranking_means(outputs, labels, len(target_names)), backend="numpy",
-                                        stderr=True)
+    influence, stderr = class_influence(
+        masks, ranking_means(outputs, labels, len(target_names)), backend="numpy", stderr=True
+    )
     tests = significance(influence, stderr, q)
-    significant = tuple(tuple(int(c) for c in np.argsort(tests.q[:, k], kind="stable")[:tests.counts[k]])
-                        for k in range(influence.shape[1]))
+    significant = tuple(
+        tuple(int(c) for c in np.argsort(tests.q[:, k], kind="stable")[: tests.counts[k]])
+        for k in range(influence.shape[1])
+    )
     full = tuple(float(x) for x in halves.full)
-    return Reliability(columns=(*target_names, "overall"), num_models=len(masks), half_models=halves.half_models,
-                       splits=splits, split_half=tuple(float(x) for x in halves.half), reliability=full,
-                       significant=significant, q_level=q, threshold=threshold, qvalues=tests.q,
-                       models_needed={goal: tuple(models_needed(rho, len(masks), goal) for rho in full)
-                                      for goal in goals})
+    return Reliability(
+        columns=(*target_names, "overall"),
+        num_models=len(masks),
+        half_models=halves.half_models,
+        splits=splits,
+        split_half=tuple(float(x) for x in halves.half),
+        reliability=full,
+        significant=significant,
+        q_level=q,
+        threshold=threshold,
+        qvalues=tests.q,
+        models_needed={goal: tuple(models_needed(rho, len(masks), goal) for rho in full) for goal in goals},
+    )
 
 
 def seeds_to_resolve(differences: Sequence[float] | np.ndarray, effect: float | None = None, z: float = 2.0) -> int:
@@ -215,4 +254,4 @@ def seeds_to_resolve(differences: Sequence[float] | np.ndarray, effect: float | 
     if effect == 0:
         raise ValueError("an effect of 0 cannot be resolved by any number of seeds")
     # the variance, not the squared sd: no square-root round-off to push an exact integer over
-    return max(2, math.ceil(z * z * differences.var(ddof=1) / effect ** 2 - 1e-9))
+    return max(2, math.ceil(z * z * differences.var(ddof=1) / effect**2 - 1e-9))

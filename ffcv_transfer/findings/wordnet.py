@@ -4,13 +4,14 @@ class's own word (e.g. the dog breeds for CIFAR-10's "dog") rank high in that cl
 Per target class with members, the AUC of members against the other source classes by influence; their
 mean; and a one-sided permutation p-value of the mean under a joint relabelling of the source classes.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -87,16 +88,18 @@ def load_hierarchy(meta_dir: str | Path | None = None) -> Hierarchy:
     return Hierarchy(dict(data["nodes"]), parents)
 
 
-def concept_members(source_wnids: Sequence[str], concepts: Mapping[str, Sequence[str]],
-                    hierarchy: Hierarchy) -> np.ndarray:
+def concept_members(
+    source_wnids: Sequence[str], concepts: Mapping[str, Sequence[str]], hierarchy: Hierarchy
+) -> np.ndarray:
     """(C, K) bool, K in the order of `concepts`: whether source class c lies under one of concept k's synsets.
     Sources unknown to the hierarchy are members of nothing; an unknown concept synset is a ValueError."""
     unknown = sorted({w for synsets in concepts.values() for w in synsets} - set(hierarchy.names))
     if unknown:
         raise ValueError(f"concept synsets not in the hierarchy: {', '.join(unknown)}")
     ancestry = [hierarchy.ancestors(wnid) for wnid in source_wnids]
-    return np.array([[not ancestors.isdisjoint(synsets) for synsets in concepts.values()]
-                     for ancestors in ancestry], bool).reshape(len(source_wnids), len(concepts))
+    return np.array(
+        [[not ancestors.isdisjoint(synsets) for synsets in concepts.values()] for ancestors in ancestry], bool
+    ).reshape(len(source_wnids), len(concepts))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -110,10 +113,15 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def wordnet_agreement(by_class: np.ndarray, source_wnids: Sequence[str], target_names: Sequence[str],
-                      concepts: Mapping[str, Sequence[str]] = CIFAR10_CONCEPTS,
-                      hierarchy: Hierarchy | str | Path | None = None, permutations: int = 10_000,
-                      seed: int = 0) -> dict:
+def wordnet_agreement(
+    by_class: np.ndarray,
+    source_wnids: Sequence[str],
+    target_names: Sequence[str],
+    concepts: Mapping[str, Sequence[str]] = CIFAR10_CONCEPTS,
+    hierarchy: Hierarchy | str | Path | None = None,
+    permutations: int = 10_000,
+    seed: int = 0,
+) -> dict:
     """How high the source classes under each target class's concept rank in its influence ranking.
 
     by_class: (C, K) influence of each source class (wnids `source_wnids`) per target class (`target_names`,
@@ -136,12 +144,25 @@ def wordnet_agreement(by_class: np.ndarray, source_wnids: Sequence[str], target_
     members = concept_members(wnids, dict(enumerate(synsets)), hierarchy).astype(np.float64)
     n1 = members.sum(0)
     scored = np.flatnonzero((n1 > 0) & (n1 < len(wnids)))
-    classes = {name: {"synsets": list(synsets[k]), "members": int(n1[k]),
-                      "member_names": [hierarchy.short_name(wnids[c]) for c in np.flatnonzero(members[:, k])],
-                      "auc": None, "p_value": None} for k, name in enumerate(target_names)}
-    result = {"classes": classes, "mean_auc": None, "p_value": None, "permutations": permutations,
-              "scored": [target_names[k] for k in scored],
-              "unscored": [name for k, name in enumerate(target_names) if k not in scored], "sources": len(wnids)}
+    classes = {
+        name: {
+            "synsets": list(synsets[k]),
+            "members": int(n1[k]),
+            "member_names": [hierarchy.short_name(wnids[c]) for c in np.flatnonzero(members[:, k])],
+            "auc": None,
+            "p_value": None,
+        }
+        for k, name in enumerate(target_names)
+    }
+    result = {
+        "classes": classes,
+        "mean_auc": None,
+        "p_value": None,
+        "permutations": permutations,
+        "scored": [target_names[k] for k in scored],
+        "unscored": [name for k, name in enumerate(target_names) if k not in scored],
+        "sources": len(wnids),
+    }
     if not len(scored):
         return result
     ranks = np.column_stack([_average_ranks(by_class[:, k]) for k in scored])  # (C, S)
@@ -168,5 +189,7 @@ def describe_agreement(agreement: dict) -> str:
     """`wordnet_agreement`'s result in one line."""
     if agreement["mean_auc"] is None:
         return "WordNet agreement: no target class has source classes under its concept"
-    return (f"WordNet agreement: mean AUC {agreement['mean_auc']:.3f} over {', '.join(agreement['scored'])} "
-            f"(permutation p = {agreement['p_value']:.4f}; 0.5: chance)")
+    return (
+        f"WordNet agreement: mean AUC {agreement['mean_auc']:.3f} over {', '.join(agreement['scored'])} "
+        f"(permutation p = {agreement['p_value']:.4f}; 0.5: chance)"
+    )

@@ -5,6 +5,7 @@ A beton `NAME.beton` always comes with `NAME.meta.json` (what it holds and how i
 the beton. `ffcv_transfer.writers` writes all three; everything else reads them through this module.
 ffcv is imported only when records are read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -120,8 +121,12 @@ def verify_beton(beton: str | Path, *, decode: bool = True, progress: bool = Tru
 
     if decode:
         _check_images(beton, reader, progress)
-    return {"beton": str(beton), "num_examples": int(reader.num_samples), "num_classes": meta["num_classes"],
-            "decoded": decode}
+    return {
+        "beton": str(beton),
+        "num_examples": int(reader.num_samples),
+        "num_classes": meta["num_classes"],
+        "decoded": decode,
+    }
 
 
 class BetonRecords:
@@ -152,7 +157,7 @@ class BetonRecords:
         size = int(self.sizes[index])
         if ptr + size > len(self.data):
             raise BetonError(f"{self.beton}: record {index} runs past the end of the file")
-        blob = self.data[ptr:ptr + size]
+        blob = self.data[ptr : ptr + size]
         if mode == RAW_MODE:
             if size != width * height * 3:
                 raise BetonError(f"{self.beton}: raw record {index} holds {size} bytes, not {height}x{width}x3")

@@ -15,11 +15,13 @@
 store.py is the generic on-disk format (records, claims, failures); this module is the experiment's
 schema on top of it, and the one place that creates such stores and opens their experiment.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,13 +36,28 @@ INIT_SEEDS = "init_seeds"
 EXAMPLE_MASKS = "example_masks"
 REMOVAL = "removal"
 # settings that may differ between stores read as one: how many models and their draw, where and how fast
-POOL_FREE = {"masks.num_models", "masks.seed", "data.root", "run.device", "run.fusion", "run.compile",
-             "run.checkpoints", "loader.num_workers", "loader.threading", "loader.os_cache"}
+POOL_FREE = {
+    "masks.num_models",
+    "masks.seed",
+    "data.root",
+    "run.device",
+    "run.fusion",
+    "run.compile",
+    "run.checkpoints",
+    "loader.num_workers",
+    "loader.threading",
+    "loader.os_cache",
+}
 CHECKPOINTS = "checkpoints"  # STORE/checkpoints/ROW.pt: the source models' weights (run.checkpoints)
 TRANSFERS = "transfers"  # STORE/transfers/TARGET/MODE: a store of later transfers of the checkpointed source models
 # (T,) per row; stores made before p_correct and correct_logit lack them (analyses then name what is missing)
-OUTPUT_SCHEMA = {"margins": "float16", "is_correct": "bool", "predictions": "int16", "p_correct": "float16",
-                 "correct_logit": "float16"}
+OUTPUT_SCHEMA = {
+    "margins": "float16",
+    "is_correct": "bool",
+    "predictions": "int16",
+    "p_correct": "float16",
+    "correct_logit": "float16",
+}
 OUTPUTS = ("margins", "p_correct", "correct_logit", "is_correct")  # what influence can be computed on
 TRANSFER_SCALARS = ("target_acc", "target_mean_class_acc")  # float32 per row and transfer
 ACCURACY_FIELDS = {"top1": "target_acc", "mean_per_class": "target_mean_class_acc"}  # by transfer.metric
@@ -49,9 +66,14 @@ TARGET_SPLITS = ("target_train", "target_test")
 DEFAULT_TARGET = "target"  # data.target_name's default
 
 
-def create_store(path: str | Path, masks: np.ndarray, num_target_test: int | dict[str, int],
-                 extra_fixed: dict[str, np.ndarray] | None = None, init_seeds: np.ndarray | None = None,
-                 experiment: Experiment | None = None) -> ResultStore:
+def create_store(
+    path: str | Path,
+    masks: np.ndarray,
+    num_target_test: int | dict[str, int],
+    extra_fixed: dict[str, np.ndarray] | None = None,
+    init_seeds: np.ndarray | None = None,
+    experiment: Experiment | None = None,
+) -> ResultStore:
     """A store with one row per model: its class mask and the seed of its initial weights (fixed; by
     default the row index), its source accuracy and, per transfer (target, mode) of `experiment` (one
     when none is given), per target test example its outputs (OUTPUT_SCHEMA) and its target accuracies
@@ -67,15 +89,15 @@ def create_store(path: str | Path, masks: np.ndarray, num_target_test: int | dic
         field = partial(transfer_field, experiment=experiment, target=target, mode=mode)
         schema |= {field(name): ((count,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
         schema |= {field(name): ((), "float32") for name in TRANSFER_SCALARS}
-    store = ResultStore.create(path, len(masks), schema,
-                               fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})})
+    store = ResultStore.create(
+        path, len(masks), schema, fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})}
+    )
     if experiment is not None:
         experiment.save(store.path / EXPERIMENT_FILE)
     return store
 
 
-def transfer_field(name: str, experiment: Experiment | None, target: str | None = None, mode: str | None = None
-                   ) -> str:
+def transfer_field(name: str, experiment: Experiment | None, target: str | None = None, mode: str | None = None) -> str:
     """The store field of output `name` of the transfer to `target` (default: the first) in `mode`
     (default: the target's first): the first transfer's fields carry the bare names (as in stores of one
     transfer), the first target's other modes `name@mode`, other targets' `name@target/mode`. An unknown
@@ -86,8 +108,10 @@ def transfer_field(name: str, experiment: Experiment | None, target: str | None 
     chosen = experiment.target(target)
     modes = chosen.transfer.modes
     if mode is not None and mode not in modes:
-        raise ConfigError(f"--mode {mode}: this store's transfer modes{'' if len(experiment.targets) == 1 else f' to {chosen.name}'}"
-                          f" are {', '.join(modes)}")
+        raise ConfigError(
+            f"--mode {mode}: this store's transfer modes{'' if len(experiment.targets) == 1 else f' to {chosen.name}'}"
+            f" are {', '.join(modes)}"
+        )
     mode = mode or modes[0]
     if chosen.name != first.name:
         return f"{name}@{chosen.name}/{mode}"
@@ -120,9 +144,13 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     labels = read_labels(experiment.data.path("source_train"))
     m = experiment.masks
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
-    return create_store(path, classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
-                        target_test_counts(experiment),
-                        extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)}, experiment=experiment)
+    return create_store(
+        path,
+        classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
+        target_test_counts(experiment),
+        extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)},
+        experiment=experiment,
+    )
 
 
 def add_models(store_dir: str | Path, count: int) -> range:
@@ -137,8 +165,10 @@ def add_models(store_dir: str | Path, count: int) -> range:
         raise ConfigError(f"--add {count}: expected at least one model")
     m, first = experiment.masks, store.num_rows
     if m.design != "random":
-        raise ConfigError(f"{store_dir}: a {m.design} design is balanced as a whole and cannot grow; make another "
-                          "store with another masks.seed and read both as one (`influence S1 S2`)")
+        raise ConfigError(
+            f"{store_dir}: a {m.design} design is balanced as a whole and cannot grow; make another "
+            "store with another masks.seed and read both as one (`influence S1 S2`)"
+        )
     if INIT_SEEDS not in store.fixed_names or REMOVAL in store.fixed_names:
         raise ConfigError(f"{store_dir}: only stores made by `ffcv-transfer masks` can grow")
     new = {INIT_SEEDS: np.arange(first, first + count, dtype=np.int64)}
@@ -147,8 +177,10 @@ def add_models(store_dir: str | Path, count: int) -> range:
 
         labels = read_labels(experiment.data.path("source_train"))
         examples = random_example_masks(count, len(labels), m.alpha, m.seed, first_row=first)
-        new |= {EXAMPLE_MASKS: np.packbits(examples, axis=1),
-                MASKS: classes_of(examples, labels, store.fixed(MASKS).shape[1])}
+        new |= {
+            EXAMPLE_MASKS: np.packbits(examples, axis=1),
+            MASKS: classes_of(examples, labels, store.fixed(MASKS).shape[1]),
+        }
     else:
         new[MASKS] = random_class_masks(count, store.fixed(MASKS).shape[1], m.alpha, m.seed, first_row=first)
     rows = store.add_rows(new)
@@ -169,18 +201,24 @@ def pooled_experiment(store_dirs: Sequence[str | Path]) -> Experiment:
     for path, experiment in zip(store_dirs, experiments):
         other = experiment.to_dict()
         if other.get(TARGETS_KEY) != first.get(TARGETS_KEY):
-            raise ConfigError(f"{path}: its further targets differ from those of {store_dirs[0]}: stores read as one "
-                              "must share their recipe")
+            raise ConfigError(
+                f"{path}: its further targets differ from those of {store_dirs[0]}: stores read as one "
+                "must share their recipe"
+            )
         for section, values in first.items():
             if section == TARGETS_KEY:
                 continue
             for key, value in values.items():
                 if f"{section}.{key}" not in POOL_FREE and other[section][key] != value:
-                    raise ConfigError(f"{path}: {section}.{key} is {other[section][key]!r} but {store_dirs[0]} has "
-                                      f"{value!r}: stores read as one must share their recipe")
+                    raise ConfigError(
+                        f"{path}: {section}.{key} is {other[section][key]!r} but {store_dirs[0]} has "
+                        f"{value!r}: stores read as one must share their recipe"
+                    )
         if experiment.masks.seed in seeds:
-            raise ConfigError(f"{path}: masks.seed {experiment.masks.seed} is also that of {seeds[experiment.masks.seed]}:"
-                              " the two drew the same masks; pool stores with different seeds")
+            raise ConfigError(
+                f"{path}: masks.seed {experiment.masks.seed} is also that of {seeds[experiment.masks.seed]}:"
+                " the two drew the same masks; pool stores with different seeds"
+            )
         seeds[experiment.masks.seed] = path
     return experiments[0]
 
@@ -198,8 +236,10 @@ def example_masks_of(store: ResultStore, num_examples: int, rows: Sequence[int] 
     packed = store.fixed(EXAMPLE_MASKS)
     packed = np.asarray(packed if rows is None else packed[list(rows)])
     if packed.shape[1] != (num_examples + 7) // 8:
-        raise ValueError(f"{store.path}: example masks hold {packed.shape[1] * 8} bits per model, not the "
-                         f"{num_examples} source examples")
+        raise ValueError(
+            f"{store.path}: example masks hold {packed.shape[1] * 8} bits per model, not the "
+            f"{num_examples} source examples"
+        )
     return np.unpackbits(packed, axis=1, count=num_examples).astype(bool)
 
 
@@ -220,8 +260,11 @@ def transfer_seed(store: ResultStore, row: int, base_seed: int, mode: str, targe
     from ffcv_transfer.settings import TRANSFER_MODES
 
     named = [] if target == DEFAULT_TARGET else [zlib.crc32(target.encode())]
-    return int(np.random.SeedSequence([base_seed, init_seed(store, row, base_seed),
-                                       1 + TRANSFER_MODES.index(mode), *named]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence(
+            [base_seed, init_seed(store, row, base_seed), 1 + TRANSFER_MODES.index(mode), *named]
+        ).generate_state(1)[0]
+    )
 
 
 def open_experiment(store_dir: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -256,8 +299,10 @@ def target_sidecars(experiment: Experiment) -> dict[str, dict[str, dict]]:
         for split in TARGET_SPLITS:
             path = target.path(experiment.data.root, split)
             if not path.is_file():
-                raise ConfigError(f"{path}: the {split.split('_')[1]} beton of target {target.name} does not exist "
-                                  f"(data.root is {experiment.data.root!r})")
+                raise ConfigError(
+                    f"{path}: the {split.split('_')[1]} beton of target {target.name} does not exist "
+                    f"(data.root is {experiment.data.root!r})"
+                )
             found[target.name][split] = read_sidecar(path)
     return found
 
@@ -268,19 +313,25 @@ def check_inputs(store: ResultStore, experiment: Experiment) -> None:
     num_classes = store.fixed(MASKS).shape[1]
     for split in ("source_train", "source_val"):
         if sidecars[split]["num_classes"] != num_classes:
-            raise ConfigError(f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
-                              f"masks of store {store.path} cover {num_classes}")
+            raise ConfigError(
+                f"{experiment.data.path(split)}: {sidecars[split]['num_classes']} classes, but the "
+                f"masks of store {store.path} cover {num_classes}"
+            )
     if EXAMPLE_MASKS in store.fixed_names:
         bits, examples = store.fixed(EXAMPLE_MASKS).shape[1] * 8, sidecars["source_train"]["num_examples"]
         if not bits - 8 < examples <= bits:
-            raise ConfigError(f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
-                              f"of store {store.path} cover {bits - 7}..{bits}")
+            raise ConfigError(
+                f"{experiment.data.path('source_train')}: {examples} examples, but the example masks "
+                f"of store {store.path} cover {bits - 7}..{bits}"
+            )
     for name, count in target_test_counts(experiment).items():
         field = transfer_field("margins", experiment, name)
         columns = store.schema[field][0][0] if field in store.schema else None
         if count != columns:
-            raise ConfigError(f"{experiment.target(name).path(experiment.data.root, 'target_test')}: {count} examples, "
-                              f"but store {store.path} has {columns or 'no'} output columns for target {name}")
+            raise ConfigError(
+                f"{experiment.target(name).path(experiment.data.root, 'target_test')}: {count} examples, "
+                f"but store {store.path} has {columns or 'no'} output columns for target {name}"
+            )
 
 
 def checkpoint_path(store_dir: str | Path, row: int) -> Path:

@@ -1,4 +1,5 @@
 """Random subsets of the source classes (or examples), one per source model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,13 +38,15 @@ def orthogonal_class_masks(num_models: int, num_classes: int, seed: int) -> np.n
     if num_models < 4 or num_models != 1 << bits:
         raise ValueError(f"an orthogonal design needs a power of two >= 4 models, got {num_models}")
     if num_classes > num_models - 1:
-        raise ValueError(f"an orthogonal design of {num_models} models holds at most {num_models - 1} classes, "
-                         f"got {num_classes}; raise masks.num_models")
+        raise ValueError(
+            f"an orthogonal design of {num_models} models holds at most {num_models - 1} classes, "
+            f"got {num_classes}; raise masks.num_models"
+        )
     rng = np.random.default_rng(seed)
     patterns = np.arange(1, num_models)
     odd = np.bitwise_count(patterns) % 2 == 1
     best, spread = None, np.inf
-    for _ in range(max(1, min(256, 2 ** 22 // (num_models * num_classes)))):
+    for _ in range(max(1, min(256, 2**22 // (num_models * num_classes)))):
         chosen = np.concatenate([rng.permutation(patterns[odd]), rng.permutation(patterns[~odd])])[:num_classes]
         masks = (np.bitwise_count(np.arange(num_models)[:, None] & chosen) % 2 == 1) ^ (rng.random(num_classes) < 0.5)
         deviation = np.abs(masks.sum(1) - num_classes / 2).max()
@@ -58,8 +61,7 @@ def class_masks(config: MaskConfig, num_classes: int) -> np.ndarray:
     return random_class_masks(config.num_models, num_classes, config.alpha, config.seed)
 
 
-def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int, first_row: int = 0
-                         ) -> np.ndarray:
+def random_example_masks(num_models: int, num_examples: int, alpha: float, seed: int, first_row: int = 0) -> np.ndarray:
     """(N, E) bool over source *examples* (example-level influence): each model includes exactly
     round(alpha * E) examples drawn without replacement. Store it packed: np.packbits(masks, axis=1)."""
     if not 0 < alpha < 1:

@@ -20,6 +20,7 @@ page-granular writes on a shared file system cannot corrupt a neighbour. Should 
 complete the same row (an expired claim taken over while its owner was still alive), readers keep the
 first record in (shard name, offset) order, so a row is never counted twice.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,8 +31,9 @@ import time
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +117,9 @@ class ResultStore:
             spec = json.loads(spec_path.read_text())
             self.num_rows = int(spec["num_rows"])
             self.claim_ttl_s = float(spec["claim_ttl_s"])
-            self.schema = {name: (tuple(entry["shape"]), np.dtype(entry["dtype"]))
-                           for name, entry in spec["schema"].items()}
+            self.schema = {
+                name: (tuple(entry["shape"]), np.dtype(entry["dtype"])) for name, entry in spec["schema"].items()
+            }
             self.fixed_names = list(spec.get("fixed", []))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{spec_path}: not a valid store spec ({type(e).__name__}: {e})") from None
@@ -124,17 +127,27 @@ class ResultStore:
             raise StoreError(f"{spec_path}: not an ffcv-transfer store spec")
         self.version = int(spec.get("version", 1))
         if self.version not in MAGICS:
-            raise StoreError(f"{spec_path}: store format version {self.version}; this ffcv-transfer reads versions "
-                             f"{', '.join(map(str, MAGICS))}: upgrade it")
-        self.record_dtype = np.dtype(HEADER.descr + [(name, dtype, shape) for name, (shape, dtype) in
-                                                      self.schema.items()])
+            raise StoreError(
+                f"{spec_path}: store format version {self.version}; this ffcv-transfer reads versions "
+                f"{', '.join(map(str, MAGICS))}: upgrade it"
+            )
+        self.record_dtype = np.dtype(
+            HEADER.descr + [(name, dtype, shape) for name, (shape, dtype) in self.schema.items()]
+        )
         self.magic = MAGICS[self.version]
         # the bytes each record's crc32 covers: from the row index on (version 1: the payload alone)
         self.checked_from = HEADER.fields["row"][1] if self.version >= 2 else HEADER.itemsize
 
     @classmethod
-    def create(cls, path: str | Path, num_rows: int, schema: dict[str, tuple[tuple[int, ...], Any]], *,
-               fixed: dict[str, np.ndarray] | None = None, claim_ttl_s: float = 1800.0) -> "ResultStore":
+    def create(
+        cls,
+        path: str | Path,
+        num_rows: int,
+        schema: dict[str, tuple[tuple[int, ...], Any]],
+        *,
+        fixed: dict[str, np.ndarray] | None = None,
+        claim_ttl_s: float = 1800.0,
+    ) -> ResultStore:
         """Make an empty store for `num_rows` rows, each holding the arrays of `schema`
         (name -> (shape, dtype)); `fixed` arrays (first axis = rows) are stored once, up front."""
         path = Path(path)
@@ -150,15 +163,24 @@ class ResultStore:
                 raise StoreError(f"{path}: {name!r} is both a fixed array and a per-row field")
         entries = {}
         for name, (shape, dtype) in schema.items():
-            entries[name] = {"shape": [int(s) for s in np.atleast_1d(shape)] if shape != () else [],
-                             "dtype": np.dtype(dtype).str}
+            entries[name] = {
+                "shape": [int(s) for s in np.atleast_1d(shape)] if shape != () else [],
+                "dtype": np.dtype(dtype).str,
+            }
         for sub in ("fixed", "shards", "claims", "failed"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         for name, array in fixed.items():
             with open(path / "fixed" / f"{name}.npy", "wb") as f:
                 np.save(f, np.asarray(array))
-        spec = {"format": STORE_FORMAT, "version": STORE_VERSION, "num_rows": num_rows, "schema": entries,
-                "fixed": sorted(fixed), "claim_ttl_s": claim_ttl_s, "created": _now()}
+        spec = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "num_rows": num_rows,
+            "schema": entries,
+            "fixed": sorted(fixed),
+            "claim_ttl_s": claim_ttl_s,
+            "created": _now(),
+        }
         _atomic_write(path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
         return cls(path)
 
@@ -174,7 +196,7 @@ class ResultStore:
             raise StoreError(f"{file}: unreadable ({e})") from None
         if len(array) < self.num_rows:
             raise StoreError(f"{file}: {len(array)} rows, the store has {self.num_rows}")
-        return array[:self.num_rows]  # longer after an `add_rows` cut off before its spec was written
+        return array[: self.num_rows]  # longer after an `add_rows` cut off before its spec was written
 
     def add_rows(self, fixed: dict[str, np.ndarray]) -> range:
         """Grow the store by len(arrays) rows, given each fixed array's new rows; returns the new rows.
@@ -182,8 +204,10 @@ class ResultStore:
         spec's row count is written last: a crash in between leaves the store as it was (readers take
         the first `num_rows` rows of a longer array), and a later `add_rows` starts over."""
         if sorted(fixed) != sorted(self.fixed_names):
-            raise StoreError(f"{self.path}: new rows need every fixed array ({', '.join(self.fixed_names)}), "
-                             f"got {', '.join(sorted(fixed)) or 'none'}")
+            raise StoreError(
+                f"{self.path}: new rows need every fixed array ({', '.join(self.fixed_names)}), "
+                f"got {', '.join(sorted(fixed)) or 'none'}"
+            )
         counts = {len(array) for array in fixed.values()}
         if len(counts) != 1 or 0 in counts:
             raise StoreError(f"{self.path}: the new rows' fixed arrays differ in length or are empty")
@@ -192,14 +216,16 @@ class ResultStore:
             old = self.fixed(name)
             new = np.asarray(new)
             if new.shape[1:] != old.shape[1:] or new.dtype != old.dtype:
-                raise StoreError(f"{self.path}: fixed array {name!r} holds {old.dtype} rows of shape "
-                                 f"{old.shape[1:]}, the new rows are {new.dtype} {new.shape[1:]}")
+                raise StoreError(
+                    f"{self.path}: fixed array {name!r} holds {old.dtype} rows of shape "
+                    f"{old.shape[1:]}, the new rows are {new.dtype} {new.shape[1:]}"
+                )
             file, partial = self.path / "fixed" / f"{name}.npy", self.path / "fixed" / f"{name}.npy.partial"
             grown = np.lib.format.open_memmap(partial, "w+", old.dtype, (len(old) + count, *old.shape[1:]))
             for start in range(0, len(old), 65536):  # in blocks: example masks can be gigabytes
                 block = slice(start, min(start + 65536, len(old)))
                 grown[block] = old[block]
-            grown[len(old):] = new
+            grown[len(old) :] = new
             grown.flush()
             del grown
             with open(partial, "rb+") as f:
@@ -226,7 +252,7 @@ class ResultStore:
         ok = (records["magic"] == self.magic) & (records["row"] < self.num_rows)
         crcs = records["crc"]
         for i in np.flatnonzero(ok):
-            ok[i] = zlib.crc32(raw[i, self.checked_from:]) == crcs[i]
+            ok[i] = zlib.crc32(raw[i, self.checked_from :]) == crcs[i]
         return records, ok
 
     def verify(self) -> dict[str, dict[str, int]]:
@@ -240,8 +266,11 @@ class ResultStore:
         shards, rows, shard_ids, record_ids, counts = [], [], [], [], {}
         for shard in self._shards():
             records, ok = self._valid_records(shard)
-            counts[shard.stem] = {"intact": int(ok.sum()), "rejected": int((~ok).sum()),
-                                  "torn_bytes": shard.stat().st_size % self.record_dtype.itemsize}
+            counts[shard.stem] = {
+                "intact": int(ok.sum()),
+                "rejected": int((~ok).sum()),
+                "torn_bytes": shard.stat().st_size % self.record_dtype.itemsize,
+            }
             found = np.flatnonzero(ok)
             rows.append(records["row"][found].astype(np.int64))
             shard_ids.append(np.full(len(found), len(shards)))
@@ -271,8 +300,9 @@ class ResultStore:
                 raise StoreError(f"{self.path}: no field {name!r} (have: {have})")
         return names
 
-    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
-                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def iter_chunks(
+        self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Completed rows in row order, `chunk` at a time: (rows, {name: array}); fixed arrays too.
         Memory is bounded by the chunk."""
         names = self.require(names)
@@ -342,13 +372,21 @@ class ResultStore:
         live = {r: c["worker"] for r, c in self.claims().items() if not c["stale"] and r not in completed | failed}
         written = {name: shard["intact"] for name, shard in counts.items()}
         holding = Counter(live.values())
-        workers = {name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
-                   for name in sorted(set(written) | set(holding))}
-        return {"rows": self.num_rows, "completed": len(completed), "claimed": len(live), "failed": len(failed),
-                "pending": self.num_rows - len(completed | failed | set(live)),
-                "duplicates": sum(written.values()) - len(rows),
-                "rejected": sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values()),
-                "workers": workers, "failure_reasons": dict(Counter(failures.values()).most_common())}
+        workers = {
+            name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
+            for name in sorted(set(written) | set(holding))
+        }
+        return {
+            "rows": self.num_rows,
+            "completed": len(completed),
+            "claimed": len(live),
+            "failed": len(failed),
+            "pending": self.num_rows - len(completed | failed | set(live)),
+            "duplicates": sum(written.values()) - len(rows),
+            "rejected": sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values()),
+            "workers": workers,
+            "failure_reasons": dict(Counter(failures.values()).most_common()),
+        }
 
     def release_claims(self, worker_prefix: str) -> int:
         """Drop the claims of every writer whose name starts with `worker_prefix`, for a caller that knows
@@ -361,7 +399,7 @@ class ResultStore:
                 released += 1
         return released
 
-    def writer(self, worker: str | None = None) -> "StoreWriter":
+    def writer(self, worker: str | None = None) -> StoreWriter:
         return StoreWriter(self, worker)
 
 
@@ -390,11 +428,15 @@ class StorePool:
         return np.concatenate([store.completed_rows() + offset for store, offset in zip(self.stores, self.offsets)])
 
     def failures(self) -> dict[int, str]:
-        return {int(row + offset): reason for store, offset in zip(self.stores, self.offsets)
-                for row, reason in store.failures().items()}
+        return {
+            int(row + offset): reason
+            for store, offset in zip(self.stores, self.offsets)
+            for row, reason in store.failures().items()
+        }
 
-    def iter_chunks(self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
-                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def iter_chunks(
+        self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         names = self.require(names)
         for store, offset in zip(self.stores, self.offsets):
             for rows, values in store.iter_chunks(names, chunk, skip_failed):
@@ -434,8 +476,9 @@ class StoreWriter:
         return self.store.path / "claims" / f"{row}.claim"
 
     def _claim_body(self) -> bytes:
-        return json.dumps({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": _now()}).encode()
+        return json.dumps(
+            {"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+        ).encode()
 
     def claim(self, count: int = 1, rows: Iterable[int] | None = None) -> list[int]:
         """Claim up to `count` pending rows (from `rows`, default all) in row order. A row that another
@@ -469,8 +512,9 @@ class StoreWriter:
                 info = _read_claim(file)
             except FileNotFoundError:
                 return False  # just released: leave it to the next round
-            stale = age > CLAIM_WRITE_GRACE_S if info is None else (age > self.store.claim_ttl_s
-                                                                    or _owner_is_dead(info))
+            stale = (
+                age > CLAIM_WRITE_GRACE_S if info is None else (age > self.store.claim_ttl_s or _owner_is_dead(info))
+            )
             if not stale:
                 return False
             _atomic_write(file, self._claim_body())  # take over an expired or torn claim...
@@ -504,20 +548,24 @@ class StoreWriter:
             raise StoreError(f"{store.path}: row {bad[0]} outside 0..{store.num_rows - 1}")
         missing, extra = set(store.schema) - set(values), set(values) - set(store.schema)
         if missing or extra:
-            raise StoreError(f"{store.path}: rows {rows[:5].tolist()} fields mismatch (missing {sorted(missing)}, "
-                             f"unknown {sorted(extra)})")
+            raise StoreError(
+                f"{store.path}: rows {rows[:5].tolist()} fields mismatch (missing {sorted(missing)}, "
+                f"unknown {sorted(extra)})"
+            )
         records = np.zeros(len(rows), store.record_dtype)
         for name, (shape, dtype) in store.schema.items():
             value = np.asarray(values[name])
             if value.shape != (len(rows), *shape):
-                raise StoreError(f"{store.path}: field {name!r} of rows {rows[:5].tolist()} has shape "
-                                 f"{value.shape[1:]}, expected {shape}")
+                raise StoreError(
+                    f"{store.path}: field {name!r} of rows {rows[:5].tolist()} has shape "
+                    f"{value.shape[1:]}, expected {shape}"
+                )
             if not np.can_cast(value.dtype, dtype, casting="same_kind"):
                 raise StoreError(f"{store.path}: field {name!r} is {value.dtype}, expected {dtype}")
             records[name] = value
         records["magic"], records["row"] = store.magic, rows
         raw = records.view(np.uint8).reshape(len(rows), -1)
-        records["crc"] = [zlib.crc32(raw[i, store.checked_from:]) for i in range(len(rows))]
+        records["crc"] = [zlib.crc32(raw[i, store.checked_from :]) for i in range(len(rows))]
         if self._shard is None:
             self._shard = open(self.shard_path, "ab", buffering=0)
         self._shard.write(records.tobytes())  # one write call: a crash leaves a short or bad-crc tail
@@ -541,16 +589,20 @@ class StoreWriter:
 
 def format_status(status: dict[str, Any], path: str | Path, max_workers: int = 20) -> str:
     """The counts, failure reasons, then the workers: those holding claims first, then by rows written."""
-    lines = [f"store {path}: {status['rows']} rows",
-             f"  completed {status['completed']:>8}",
-             f"  claimed   {status['claimed']:>8}",
-             f"  pending   {status['pending']:>8}",
-             f"  failed    {status['failed']:>8}"]
+    lines = [
+        f"store {path}: {status['rows']} rows",
+        f"  completed {status['completed']:>8}",
+        f"  claimed   {status['claimed']:>8}",
+        f"  pending   {status['pending']:>8}",
+        f"  failed    {status['failed']:>8}",
+    ]
     if status["duplicates"]:
         lines.append(f"  duplicate records {status['duplicates']} (rows trained twice; readers keep the first)")
     if status.get("rejected"):
-        lines.append(f"  rejected records {status['rejected']} (torn or corrupt: their rows are pending again; "
-                     "`ffcv-transfer store verify` lists them by shard)")
+        lines.append(
+            f"  rejected records {status['rejected']} (torn or corrupt: their rows are pending again; "
+            "`ffcv-transfer store verify` lists them by shard)"
+        )
     for reason, count in status["failure_reasons"].items():
         lines.append(f"    {count:>6} x {reason}")
     workers = sorted(status["workers"].items(), key=lambda item: (-item[1]["claimed"], -item[1]["written"], item[0]))
@@ -558,10 +610,14 @@ def format_status(status: dict[str, Any], path: str | Path, max_workers: int = 2
         active = sum(1 for _, counts in workers if counts["claimed"])
         lines.append(f"  workers {len(workers)} ({active} holding claims): claimed / written rows")
         width = max(len(name) for name, _ in workers[:max_workers])
-        lines += [f"    {name:<{width}} {counts['claimed']:>6} {counts['written']:>8}"
-                  for name, counts in workers[:max_workers]]
+        lines += [
+            f"    {name:<{width}} {counts['claimed']:>6} {counts['written']:>8}"
+            for name, counts in workers[:max_workers]
+        ]
         if len(workers) > max_workers:
             rest = [counts for _, counts in workers[max_workers:]]
-            lines.append(f"    ... {len(rest)} more: {sum(c['claimed'] for c in rest)} claimed, "
-                         f"{sum(c['written'] for c in rest)} written")
+            lines.append(
+                f"    ... {len(rest)} more: {sum(c['claimed'] for c in rest)} claimed, "
+                f"{sum(c['written'] for c in rest)} written"
+            )
     return "\n".join(lines)

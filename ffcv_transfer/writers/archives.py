@@ -6,6 +6,7 @@ read with `os.pread`, which gives ffcv's writer processes random access at no di
 and zips allow no cheap random access, so the members a writer needs are copied, in one streaming pass,
 into one unnamed temporary pack file in the output folder (gone when it is closed, even after a crash).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -18,9 +19,10 @@ import tempfile
 import zipfile
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 
@@ -107,7 +109,7 @@ class Inputs:
             self.pack.close()
             raise
 
-    def __enter__(self) -> "Inputs":
+    def __enter__(self) -> Inputs:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -170,8 +172,11 @@ class Inputs:
         for path in pending:
             opener = next(o for suffixes, o in DECOMPRESSORS.items() if path.name.lower().endswith(suffixes))
             try:
-                with opener(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as archive, \
-                        tqdm(desc=f"read {path.name}", unit=" files", leave=False, disable=not self.progress) as bar:
+                with (
+                    opener(path, "rb") as raw,
+                    tarfile.open(fileobj=raw, mode="r|") as archive,
+                    tqdm(desc=f"read {path.name}", unit=" files", leave=False, disable=not self.progress) as bar,
+                ):
                     for member in archive:
                         key = member_key(member.name)
                         if member.isreg() and self._wanted(key, member.size):
@@ -250,19 +255,34 @@ class BlobSource:
     copyright banner of FGVC-Aircraft). Columns rather than Blob objects keep ImageNet's 1.28 M records
     compact in the writer's forked processes."""
 
-    def __init__(self, sources: Sequence[str | int], which: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                 names: Sequence[str], labels: Sequence[int], crop_bottom: int = 0):
+    def __init__(
+        self,
+        sources: Sequence[str | int],
+        which: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        names: Sequence[str],
+        labels: Sequence[int],
+        crop_bottom: int = 0,
+    ):
         self.sources, self.names, self.crop_bottom = list(sources), list(names), crop_bottom
         self.which, self.offsets, self.sizes = (np.asarray(a, np.int64) for a in (which, offsets, sizes))
         self.labels = np.asarray(labels, np.int64)
 
     @classmethod
-    def of(cls, blobs: Sequence[Blob], labels: Sequence[int], crop_bottom: int = 0) -> "BlobSource":
+    def of(cls, blobs: Sequence[Blob], labels: Sequence[int], crop_bottom: int = 0) -> BlobSource:
         """The source of `blobs` with their labels."""
         sources = list(dict.fromkeys(b.source for b in blobs))
         index = {source: i for i, source in enumerate(sources)}
-        return cls(sources, np.array([index[b.source] for b in blobs]), np.array([b.offset for b in blobs]),
-                   np.array([b.size for b in blobs]), [b.name for b in blobs], labels, crop_bottom)
+        return cls(
+            sources,
+            np.array([index[b.source] for b in blobs]),
+            np.array([b.offset for b in blobs]),
+            np.array([b.size for b in blobs]),
+            [b.name for b in blobs],
+            labels,
+            crop_bottom,
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -270,14 +290,15 @@ class BlobSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         from PIL import Image
 
-        data = read_range(self.sources[self.which[index]], int(self.offsets[index]), int(self.sizes[index]),
-                          self.names[index])
+        data = read_range(
+            self.sources[self.which[index]], int(self.offsets[index]), int(self.sizes[index]), self.names[index]
+        )
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image.convert("RGB"))
         if self.crop_bottom:
             if array.shape[0] <= self.crop_bottom:
                 raise ValueError(f"{array.shape[0]} rows, not more than the {self.crop_bottom} to crop")
-            array = array[:-self.crop_bottom]
+            array = array[: -self.crop_bottom]
         return array, int(self.labels[index])
 
     def describe(self, index: int) -> str:

@@ -3,6 +3,7 @@
 SRC is the extracted folder (`cifar-10-batches-py/` or `cifar-100-python/`) or the original
 `.tar.gz`, which is read in place.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -12,15 +13,25 @@ from typing import Any
 
 import numpy as np
 
-from ffcv_transfer.writers.common import ArraySource, ImageOptions, write_beton
 from ffcv_transfer.store.betons import BetonError
+from ffcv_transfer.writers.common import ArraySource, ImageOptions, write_beton
 
 # split -> batch files, and the file holding class names, per variant
 LAYOUTS = {
-    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
-                "meta": "batches.meta", "names_key": "label_names", "labels_key": "labels"},
-    "cifar100": {"train": ["train"], "test": ["test"], "meta": "meta",
-                 "names_key": "fine_label_names", "labels_key": "fine_labels"},
+    "cifar10": {
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "names_key": "label_names",
+        "labels_key": "labels",
+    },
+    "cifar100": {
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "names_key": "fine_label_names",
+        "labels_key": "fine_labels",
+    },
 }
 
 
@@ -62,12 +73,14 @@ def load_cifar(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, lis
         raise BetonError(f"split {split!r} must be train or test")
     everything = {n for layout in LAYOUTS.values() for n in layout[split] + [layout["meta"]]}
     blobs = _read_members(src, everything)
-    for variant, layout in LAYOUTS.items():
-        if layout["meta"] in blobs and all(n in blobs for n in layout[split]):
-            break
-    else:
-        raise BetonError(f"{src}: no CIFAR-10 ({', '.join(LAYOUTS['cifar10'][split])}, batches.meta) "
-                         f"or CIFAR-100 ({split}, meta) batch files for the {split} split")
+    present = [name for name, layout in LAYOUTS.items() if {layout["meta"], *layout[split]} <= blobs.keys()]
+    if not present:
+        raise BetonError(
+            f"{src}: no CIFAR-10 ({', '.join(LAYOUTS['cifar10'][split])}, batches.meta) "
+            f"or CIFAR-100 ({split}, meta) batch files for the {split} split"
+        )
+    variant = present[0]
+    layout = LAYOUTS[variant]
     meta = _unpickle(blobs[layout["meta"]], layout["meta"], src)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout["names_key"]]]
     images, labels = [], []
@@ -96,5 +109,12 @@ def write_cifar(
     """Write one split of CIFAR-10/100 (pickle batches) to `out`; returns the sidecar dict."""
     images, labels, names, variant = load_cifar(src, split)
     origin = f"{src}:{split}"
-    return write_beton(ArraySource(images, labels, origin), out, class_names=names, options=options,
-                       origin=origin, extra={"dataset": variant, "split": split}, overwrite=overwrite)
+    return write_beton(
+        ArraySource(images, labels, origin),
+        out,
+        class_names=names,
+        options=options,
+        origin=origin,
+        extra={"dataset": variant, "split": split},
+        overwrite=overwrite,
+    )

@@ -1,21 +1,31 @@
 """What every beton writer shares: the two ffcv fields, atomic writes, and the sidecar
-(`ffcv_transfer.store.betons` reads them). The three files appear only once the beton is complete: everything is written under
-temporary names and renamed at the end, beton last.
+(`ffcv_transfer.store.betons` reads them). The three files appear only once the beton is complete:
+everything is written under temporary names and renamed at the end, beton last.
 """
+
 from __future__ import annotations
 
 import datetime
 import json
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from ffcv_transfer.store.betons import (JPEG_MODE, SIDECAR_FORMAT, SIDECAR_VERSION, BetonError, file_sha256,
-                                        open_reader, sidecar_paths, stored_records)
+from ffcv_transfer.store.betons import (
+    JPEG_MODE,
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    BetonError,
+    file_sha256,
+    open_reader,
+    sidecar_paths,
+    stored_records,
+)
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 PAGE_SIZE = 1 << 23  # ffcv's default page; one stored image must fit in it
@@ -97,13 +107,15 @@ class _GuardedSource:
             if self.options.square:
                 side = min(image.shape[:2])
                 top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
-                image = np.ascontiguousarray(image[top:top + side, left:left + side])
+                image = np.ascontiguousarray(image[top : top + side, left : left + side])
             stored = np.array(image.shape[:2])
             if self.options.max_resolution and stored.max() > self.options.max_resolution:
                 stored = (stored * (self.options.max_resolution / stored.max())).astype(int)
             if self.options.write_mode != "jpg" and stored.prod() * 3 > PAGE_SIZE:
-                raise ValueError(f"a {stored[0]}x{stored[1]} image does not fit ffcv's {PAGE_SIZE >> 20} MiB "
-                                 f"page uncompressed; set max_resolution or write_mode jpg")
+                raise ValueError(
+                    f"a {stored[0]}x{stored[1]} image does not fit ffcv's {PAGE_SIZE >> 20} MiB "
+                    f"page uncompressed; set max_resolution or write_mode jpg"
+                )
             return image, label
         except Exception as e:  # noqa: BLE001 - any failure is reported with its example after the write
             with open(self.error_log, "a") as log:
@@ -124,7 +136,11 @@ def _stored_stats(beton: Path) -> dict[str, Any]:
     def stats(values: np.ndarray) -> dict[str, float]:
         return {"min": int(values.min()), "max": int(values.max()), "mean": round(float(values.mean()), 3)}
 
-    return {"height": stats(heights), "width": stats(widths), "jpeg_fraction": float((image["mode"] == JPEG_MODE).mean())}
+    return {
+        "height": stats(heights),
+        "width": stats(widths),
+        "jpeg_fraction": float((image["mode"] == JPEG_MODE).mean()),
+    }
 
 
 def write_beton(
@@ -236,8 +252,9 @@ def write_arrays(
     source = ArraySource(images, labels, origin)
     if class_names is None:
         class_names = [str(c) for c in range(int(source.labels.max()) + 1)]
-    return write_beton(source, out, class_names=class_names, options=options, origin=origin,
-                       extra=extra, overwrite=overwrite)
+    return write_beton(
+        source, out, class_names=class_names, options=options, origin=origin, extra=extra, overwrite=overwrite
+    )
 
 
 @contextmanager

@@ -5,6 +5,7 @@ it (e.g. `cifar10/test` or `train`). An archive is streamed once: the chosen ima
 single temporary pack file beside the output (one sequential write, not one file per image; removed
 afterwards) and the writer's workers read them back by offset.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,13 @@ import re
 import tarfile
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from io import BytesIO
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,12 +85,15 @@ class Tree:
             if any(self.images.get(folder / d) for d in subdirs):
                 return folder
             if len(subdirs) > 1:
-                raise BetonError(f"{shown}: holds folders of folders ({', '.join(subdirs[:8])}); "
-                                 f"choose the ImageFolder root with --subdir")
+                raise BetonError(
+                    f"{shown}: holds folders of folders ({', '.join(subdirs[:8])}); "
+                    f"choose the ImageFolder root with --subdir"
+                )
             folder = folder / subdirs[0]
 
-    def scan(self, root: PurePosixPath, classes: Sequence[str] | None, per_class: int | None = None
-             ) -> tuple[list[PurePosixPath], np.ndarray, list[str]]:
+    def scan(
+        self, root: PurePosixPath, classes: Sequence[str] | None, per_class: int | None = None
+    ) -> tuple[list[PurePosixPath], np.ndarray, list[str]]:
         """Image paths sorted by class then file name, their labels, and the sorted class folder names
         (only `classes`, when given; only the first `per_class` images of each, when given)."""
         names = sorted(self.subdirs.get(root, ()))
@@ -102,8 +107,9 @@ class Tree:
         for index, name in enumerate(names):
             images = sorted(self.images.get(root / name, ()))[:per_class]
             if not images:
-                raise BetonError(f"{self.origin(root)}: class folder {name}/ holds no images "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise BetonError(
+                    f"{self.origin(root)}: class folder {name}/ holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             files += [root / name / image for image in images]
             labels += [index] * len(images)
         return files, np.asarray(labels, np.int64), names
@@ -141,8 +147,9 @@ def _folder_tree(src: Path) -> Tree:
 
 
 @contextmanager
-def open_tree(src: Path, subdir: str | None, workdir: Path, classes: Sequence[str] | None = None
-              ) -> Iterator[tuple[Tree, PurePosixPath, int | None]]:
+def open_tree(
+    src: Path, subdir: str | None, workdir: Path, classes: Sequence[str] | None = None
+) -> Iterator[tuple[Tree, PurePosixPath, int | None]]:
     """Yield (tree, the folder `subdir` names in it, pack file descriptor or None) for a folder or
     an archive. From an archive with `subdir` given, only the class folders in `classes` are packed."""
     start = PurePosixPath(subdir.strip("/")) if subdir else TOP
@@ -221,5 +228,13 @@ def write_imagefolder(
         extra = {"folder_names": folder_names} | ({"per_class": per_class} if per_class else {})
         if wnids:
             extra["imagenet1k_index"] = [known[n][0] if n in known else None for n in folder_names]
-        return write_beton(ImageFolderSource(tree, files, labels, pack_fd), out, class_names=class_names,
-                           wnids=wnids, options=options, origin=origin, extra=extra, overwrite=overwrite)
+        return write_beton(
+            ImageFolderSource(tree, files, labels, pack_fd),
+            out,
+            class_names=class_names,
+            wnids=wnids,
+            options=options,
+            origin=origin,
+            extra=extra,
+            overwrite=overwrite,
+        )

@@ -16,6 +16,7 @@ examples go by class, then file name (the order `write imagefolder` gives the sa
 folders). A split whose beton is already complete, from the same archives with the same storage
 options, is kept as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,16 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ffcv_transfer.writers.archives import BlobSource, Inputs, load_mat, mat_column, tar_members
 from ffcv_transfer.store.betons import BetonError, read_sidecar
+from ffcv_transfer.writers.archives import BlobSource, Inputs, load_mat, mat_column, tar_members
 from ffcv_transfer.writers.common import ImageOptions, write_beton, writer_progress
 from ffcv_transfer.writers.imagefolder import imagenet1k_classes
 
@@ -45,8 +47,9 @@ META = "data/meta.mat"
 # `./write_imagenet.sh 500 0.50 90` (proportion mode, longer side <= 500, half JPEG, quality 90).
 PRESETS = {
     "reference": ImageOptions(write_mode="smart", max_resolution=256, compress_probability=0.0, jpeg_quality=90),
-    "ffcv-imagenet": ImageOptions(write_mode="proportion", max_resolution=500, compress_probability=0.5,
-                                  jpeg_quality=90),
+    "ffcv-imagenet": ImageOptions(
+        write_mode="proportion", max_resolution=500, compress_probability=0.5, jpeg_quality=90
+    ),
 }
 
 
@@ -60,8 +63,9 @@ def _comparable(writer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in writer.items() if k not in ("num_workers", "chunk_size")}
 
 
-def finished_split(out: Path, identity: list[dict[str, Any]], options: ImageOptions, overwrite: bool
-                   ) -> dict[str, Any] | None:
+def finished_split(
+    out: Path, identity: list[dict[str, Any]], options: ImageOptions, overwrite: bool
+) -> dict[str, Any] | None:
     """The sidecar of `out` if it is complete from these archives with these options (None if it must be
     written); another existing `out` is a BetonError unless `overwrite`."""
     if not out.exists():
@@ -70,12 +74,12 @@ def finished_split(out: Path, identity: list[dict[str, Any]], options: ImageOpti
         meta = read_sidecar(out)
     except BetonError:
         meta = {}
-    if meta.get("extra", {}).get("archives") == identity and \
-            _comparable(meta["writer"]) == _comparable(asdict(options)):
+    if meta.get("extra", {}).get("archives") == identity and _comparable(meta["writer"]) == _comparable(
+        asdict(options)
+    ):
         return meta
     if not overwrite:
-        raise BetonError(f"{out}: already exists from other archives or storage options (pass overwrite "
-                         f"to replace it)")
+        raise BetonError(f"{out}: already exists from other archives or storage options (pass overwrite to replace it)")
     return None
 
 
@@ -89,14 +93,18 @@ def _class_names(wnids: Sequence[str], words: dict[str, str]) -> tuple[list[str]
 def _class_tars(f: Any, train: Path) -> list[tarfile.TarInfo]:
     """The class tars of the train tar (open as `f`), sorted by name (= by wnid)."""
     if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
-        raise BetonError(f"{train}: compressed; the train tar is read in place, so it must be the official "
-                         f"uncompressed ILSVRC2012_img_train.tar")
+        raise BetonError(
+            f"{train}: compressed; the train tar is read in place, so it must be the official "
+            f"uncompressed ILSVRC2012_img_train.tar"
+        )
     f.seek(0)
     members = [m for m in tar_members(f, train.stat().st_size, str(train)) if m.isreg()]
     strays = [m.name for m in members if not CLASS_TAR.match(PurePosixPath(m.name).name)]
     if strays or not members:
-        raise BetonError(f"{train}: expected one nXXXXXXXX.tar per class (ILSVRC2012_img_train.tar), found "
-                         + (", ".join(strays[:5]) if strays else "no member"))
+        raise BetonError(
+            f"{train}: expected one nXXXXXXXX.tar per class (ILSVRC2012_img_train.tar), found "
+            + (", ".join(strays[:5]) if strays else "no member")
+        )
     return sorted(members, key=lambda m: PurePosixPath(m.name).name)
 
 
@@ -106,8 +114,11 @@ def _index_class(outer: tarfile.TarFile, member: tarfile.TarInfo, label: str) ->
     if not inner:
         raise BetonError(f"{label}: a class tar without images")
     inner.sort(key=lambda m: m.name)
-    return {"names": [PurePosixPath(m.name).name for m in inner],
-            "offsets": [member.offset_data + m.offset_data for m in inner], "sizes": [m.size for m in inner]}
+    return {
+        "names": [PurePosixPath(m.name).name for m in inner],
+        "offsets": [member.offset_data + m.offset_data for m in inner],
+        "sizes": [m.size for m in inner],
+    }
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -132,8 +143,9 @@ def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list
         members = _class_tars(f, train)
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r:") as outer:  # reads one header; extractfile serves any member
-            for label, member in enumerate(tqdm(members, desc=f"index {train.name}", unit=" classes",
-                                                disable=not progress)):
+            for label, member in enumerate(
+                tqdm(members, desc=f"index {train.name}", unit=" classes", disable=not progress)
+            ):
                 wnid = CLASS_TAR.match(PurePosixPath(member.name).name).group(1)
                 cached = staging / f"{wnid}.json"
                 if cached.exists():
@@ -146,20 +158,21 @@ def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list
                 sizes += index["sizes"]
                 names += [f"{train.name}:{member.name}/{n}" for n in index["names"]]
                 labels += [label] * len(index["names"])
-    return wnids, BlobSource([str(train)], np.zeros(len(labels), np.int64), np.array(offsets), np.array(sizes),
-                             names, labels)
+    return wnids, BlobSource(
+        [str(train)], np.zeros(len(labels), np.int64), np.array(offsets), np.array(sizes), names, labels
+    )
 
 
-def read_devkit(devkit: Path, workdir: Path, progress: bool = True
-                ) -> tuple[dict[int, str], dict[str, str], list[int]]:
+def read_devkit(devkit: Path, workdir: Path, progress: bool = True) -> tuple[dict[int, str], dict[str, str], list[int]]:
     """(ILSVRC2012_ID -> wnid of the leaf synsets, wnid -> first word, validation IDs in image order)."""
     with Inputs([devkit], workdir, progress) as kit:
         truth_key = kit.require(GROUND_TRUTH, "the devkit's validation labels: one ILSVRC2012_ID per image")
         meta_key = kit.require(META, "the devkit's synsets, which map ILSVRC2012_IDs to wnids")
         synsets = load_mat(kit, meta_key, ["synsets"])["synsets"]
         origin = kit.files[meta_key].name
-        ids, wnids, words, children = (mat_column(synsets, f, origin)
-                                       for f in ("ILSVRC2012_ID", "WNID", "words", "num_children"))
+        ids, wnids, words, children = (
+            mat_column(synsets, f, origin) for f in ("ILSVRC2012_ID", "WNID", "words", "num_children")
+        )
         try:
             truth = [int(line) for line in kit.text(truth_key)]
         except ValueError as e:
@@ -181,8 +194,9 @@ def index_val(inputs: Inputs, wnids: Sequence[str], leaves: dict[int, str], trut
     keys = [inputs.find(VAL_IMAGE.format(n)) for n in range(1, len(truth) + 1)]
     missing = [VAL_IMAGE.format(n) for n, k in enumerate(keys, 1) if k is None]
     if missing:
-        raise BetonError(f"{val}: {len(missing)} image(s) labelled in {GROUND_TRUTH} are absent: "
-                         f"{', '.join(missing[:5])}")
+        raise BetonError(
+            f"{val}: {len(missing)} image(s) labelled in {GROUND_TRUTH} are absent: {', '.join(missing[:5])}"
+        )
     position = {w: i for i, w in enumerate(wnids)}
     labels = [position[leaves[t]] for t in truth]
     order = sorted(range(len(keys)), key=lambda i: (labels[i], keys[i]))
@@ -193,16 +207,24 @@ def _check_inputs(train: Path | None, val: Path | None, devkit: Path | None) -> 
     if train is None and val is None:
         raise BetonError("write_imagenet: give the train tar, the val tar, or both")
     if val is not None and devkit is None:
-        raise BetonError(f"{val}: the val split needs the devkit (ILSVRC2012_devkit_t12.tar.gz: "
-                         f"{GROUND_TRUTH} and {META})")
+        raise BetonError(
+            f"{val}: the val split needs the devkit (ILSVRC2012_devkit_t12.tar.gz: {GROUND_TRUTH} and {META})"
+        )
     for path in (train, val, devkit):
         if path is not None and not path.exists():
             raise BetonError(f"{path}: no such file or folder")
 
 
-def write_imagenet(outdir: str | Path, *, train: str | Path | None = None, val: str | Path | None = None,
-                   devkit: str | Path | None = None, options: ImageOptions = PRESETS["reference"],
-                   progress: bool = True, overwrite: bool = False) -> dict[str, dict[str, Any]]:
+def write_imagenet(
+    outdir: str | Path,
+    *,
+    train: str | Path | None = None,
+    val: str | Path | None = None,
+    devkit: str | Path | None = None,
+    options: ImageOptions = PRESETS["reference"],
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Write `imagenet_train.beton` from the train tar and/or `imagenet_val.beton` from the val tar and the
     devkit (its .tar.gz, folder, or the two files) into `outdir`; returns {split: sidecar}. Everything
     that can be checked cheaply (the devkit, the val images, the class tars) is checked before writing."""
@@ -212,8 +234,10 @@ def write_imagenet(outdir: str | Path, *, train: str | Path | None = None, val: 
     outdir.mkdir(parents=True, exist_ok=True)
     archives = {split: paths for split, paths in (("train", [train]), ("val", [val, devkit])) if paths[0]}
     outs = {split: outdir / f"imagenet_{split}.beton" for split in archives}
-    written = {split: finished_split(outs[split], archive_identity(paths), options, overwrite)
-               for split, paths in archives.items()}
+    written = {
+        split: finished_split(outs[split], archive_identity(paths), options, overwrite)
+        for split, paths in archives.items()
+    }
     staging = outdir / ".imagenet_train.staging"
     with ExitStack() as stack:
         leaves, words, truth = read_devkit(devkit, outdir, progress) if val else ({}, {}, [])
@@ -224,8 +248,10 @@ def write_imagenet(outdir: str | Path, *, train: str | Path | None = None, val: 
             with open(train, "rb") as f:
                 train_wnids = [CLASS_TAR.match(PurePosixPath(m.name).name).group(1) for m in _class_tars(f, train)]
             if train_wnids != wnids:
-                raise BetonError(f"{train}: its {len(train_wnids)} class tars are not the devkit's {len(wnids)} "
-                                 f"leaf synsets ({META}): train and val labels would differ")
+                raise BetonError(
+                    f"{train}: its {len(train_wnids)} class tars are not the devkit's {len(wnids)} "
+                    f"leaf synsets ({META}): train and val labels would differ"
+                )
         for split in [s for s, meta in written.items() if meta is None]:
             if split == "train":
                 wnids, source = index_train(train, staging, progress)
@@ -235,8 +261,16 @@ def write_imagenet(outdir: str | Path, *, train: str | Path | None = None, val: 
             identity = archive_identity(archives[split])
             extra = {"dataset": "imagenet", "split": split, "archives": identity, "imagenet1k_index": standard}
             with writer_progress(progress):
-                written[split] = write_beton(source, outs[split], class_names=names, wnids=wnids, options=options,
-                                             origin=str(archives[split][0]), extra=extra, overwrite=overwrite)
+                written[split] = write_beton(
+                    source,
+                    outs[split],
+                    class_names=names,
+                    wnids=wnids,
+                    options=options,
+                    origin=str(archives[split][0]),
+                    extra=extra,
+                    overwrite=overwrite,
+                )
             if split == "train":
                 shutil.rmtree(staging)  # the beton is complete: nothing left to resume
     return written

@@ -49,6 +49,7 @@ that a model which memorised a resized copy also knows the original (docs/plante
 
 The ground truth lies in every sidecar's `extra.planted`, with source class indices in beton order.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,10 @@ class PlantedSpec:
         if not 16 <= self.resolution <= 64 or self.resolution % 8:
             raise BetonError(f"resolution {self.resolution} must be a multiple of 8 in 16..64")
         if self.pixel_scale < 1 or self.resolution % (8 * self.pixel_scale) or self.drawn_resolution < 16:
-            raise BetonError(f"pixel_scale {self.pixel_scale}: resolution / pixel_scale must be a multiple of 8, "
-                             f"at least 16 (resolution {self.resolution})")
+            raise BetonError(
+                f"pixel_scale {self.pixel_scale}: resolution / pixel_scale must be a multiple of 8, "
+                f"at least 16 (resolution {self.resolution})"
+            )
         if self.num_targets < 2 or self.num_unrelated < 0 or self.num_distractors < 1:
             raise BetonError("need at least 2 target classes, >= 0 unrelated source classes and 1 distractor")
         if self.misleading_conflict not in CONFLICTS:
@@ -107,24 +110,31 @@ class PlantedSpec:
             raise BetonError("misleading_conflict 'background' needs background_class")
         if not 0 <= self.num_misleading <= self.num_targets:
             raise BetonError(f"num_misleading {self.num_misleading} must be in 0..{self.num_targets}")
-        if not 0 <= self.sibling_flips <= self.motif_size ** 2 // 4:
-            raise BetonError(f"sibling_flips {self.sibling_flips} must be in 0..{self.motif_size ** 2 // 4}")
+        if not 0 <= self.sibling_flips <= self.motif_size**2 // 4:
+            raise BetonError(f"sibling_flips {self.sibling_flips} must be in 0..{self.motif_size**2 // 4}")
         if self.cue_decoys and not (self.sibling_flips and self.num_misleading):
-            raise BetonError("cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the "
-                             "cues' siblings)")
+            raise BetonError(
+                "cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the cues' siblings)"
+            )
         if self.leaks < 0 or self.mislabelled_leaks < 0:
             raise BetonError("leaks and mislabelled_leaks must be >= 0")
         if self.leaks + self.mislabelled_leaks > self.num_targets * self.target_test_per_class:
-            raise BetonError(f"{self.leaks + self.mislabelled_leaks} leaked copies, but only "
-                             f"{self.num_targets * self.target_test_per_class} target test images of target classes")
+            raise BetonError(
+                f"{self.leaks + self.mislabelled_leaks} leaked copies, but only "
+                f"{self.num_targets * self.target_test_per_class} target test images of target classes"
+            )
         if not (0 < self.leak_downsample < 1 and 0 < self.leak_crop < 1):
-            raise BetonError(f"leak_downsample {self.leak_downsample} and leak_crop {self.leak_crop} must lie in (0, 1)")
+            raise BetonError(
+                f"leak_downsample {self.leak_downsample} and leak_crop {self.leak_crop} must lie in (0, 1)"
+            )
         if not self.leak_kinds or set(self.leak_kinds) - set(LEAK_KINDS):
             raise BetonError(f"leak_kinds {self.leak_kinds} must be a non-empty selection of {', '.join(LEAK_KINDS)}")
         half = self.motif_size * self.motif_size // 2
         if math.comb(half, half // 2) < self.num_motifs:
-            raise BetonError(f"{self.num_motifs} classes and distractors need more distinct motifs than "
-                             f"{self.resolution} px allows; raise the resolution")
+            raise BetonError(
+                f"{self.num_motifs} classes and distractors need more distinct motifs than "
+                f"{self.resolution} px allows; raise the resolution"
+            )
 
     @property
     def drawn_resolution(self) -> int:
@@ -205,7 +215,7 @@ def motif_overlap(a: np.ndarray, b: np.ndarray) -> float:
     m = len(a)
     padded = np.pad(b, m - 1)
     shifts = range(2 * m - 1)
-    return max(float((a * padded[y:y + m, x:x + m]).sum()) for y in shifts for x in shifts) / a.size
+    return max(float((a * padded[y : y + m, x : x + m]).sum()) for y in shifts for x in shifts) / a.size
 
 
 def _bilinear_matrix(source: int, target: int) -> np.ndarray:
@@ -223,14 +233,26 @@ def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, An
     """Source classes in a shuffled order, with their motifs, and the ground truth."""
     T, U, K = spec.num_targets, spec.num_unrelated, spec.num_misleading
     # motif ids: targets' features 0..T-1, unrelated T..T+U-1, cues T+U..T+U+K-1
-    kinds = [("twin", t) for t in range(T)] + [("unrelated", k) for k in range(U)] + \
-            [("background", 0)] * spec.source_background + [("misleading", t) for t in range(K)]
+    kinds = (
+        [("twin", t) for t in range(T)]
+        + [("unrelated", k) for k in range(U)]
+        + [("background", 0)] * spec.source_background
+        + [("misleading", t) for t in range(K)]
+    )
     order = rng.permutation(len(kinds))
     sources = [kinds[i] for i in order]
-    motif_of = {"twin": lambda t: t, "unrelated": lambda k: T + k, "misleading": lambda t: T + U + t,
-                "background": lambda _: NO_MOTIF}
-    names = {"twin": "twin-of-target{}", "unrelated": "unrelated{}", "misleading": "misleading-for-target{}",
-             "background": "background"}
+    motif_of = {
+        "twin": lambda t: t,
+        "unrelated": lambda k: T + k,
+        "misleading": lambda t: T + U + t,
+        "background": lambda _: NO_MOTIF,
+    }
+    names = {
+        "twin": "twin-of-target{}",
+        "unrelated": "unrelated{}",
+        "misleading": "misleading-for-target{}",
+        "background": "background",
+    }
     expected_sign = np.zeros((len(sources), T + spec.background_class), np.int64)
     for s, (kind, i) in enumerate(sources):
         if kind == "twin":
@@ -242,8 +264,10 @@ def _planted_design(spec: PlantedSpec, rng: np.random.Generator) -> dict[str, An
         "source_motif": [motif_of[kind](i) for kind, i in sources],
         "target_names": [f"target{t}" for t in range(T)] + (["background"] if spec.background_class else []),
         "twin": {str(t): sources.index(("twin", t)) for t in range(T)},
-        "misleading": [{"source": sources.index(("misleading", t)), "target": t,
-                        "conflict_target": _conflict_target(spec, t)} for t in range(K)],
+        "misleading": [
+            {"source": sources.index(("misleading", t)), "target": t, "conflict_target": _conflict_target(spec, t)}
+            for t in range(K)
+        ],
         "unrelated": [sources.index(("unrelated", k)) for k in range(U)],
         "expected_sign": expected_sign.tolist(),
     }
@@ -254,8 +278,9 @@ def _conflict_target(spec: PlantedSpec, t: int) -> int | None:
     return {"next": (t + 1) % spec.num_targets, "background": spec.num_targets, "none": None}[spec.misleading_conflict]
 
 
-def _slots(labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: PlantedSpec,
-           rng: np.random.Generator) -> np.ndarray:
+def _slots(
+    labels: np.ndarray, feature: np.ndarray, extra: np.ndarray, spec: PlantedSpec, rng: np.random.Generator
+) -> np.ndarray:
     """Per image: its class feature, a random distractor, and an extra motif (or none)."""
     bank = spec.distractor_bank
     distractors = rng.integers(bank[0], bank[-1] + 1, size=(2, len(labels)))
@@ -271,7 +296,7 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     motifs = make_motifs(spec.num_motifs, spec.motif_size, rng)
     if spec.sibling_flips:  # the last T + K motifs: near-copies of the targets' features and of the cues
         originals = list(range(T)) + list(range(T + U, T + U + K))
-        motifs[-(T + K):] = [sibling(motifs[i], spec.sibling_flips, rng) for i in originals]
+        motifs[-(T + K) :] = [sibling(motifs[i], spec.sibling_flips, rng) for i in originals]
     design = _planted_design(spec, rng)
     cue_of_target = np.full(T, NO_MOTIF)
     cue_of_target[:K] = T + U + np.arange(K)
@@ -289,8 +314,10 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     classes = T + spec.background_class
     target_feature = np.append(np.arange(T), NO_MOTIF)
     cue_of_target, conflict_cue = np.append(cue_of_target, NO_MOTIF), np.append(conflict_cue, NO_MOTIF)
-    for split, per_class, cue in (("target_train", spec.target_train_per_class, cue_of_target),
-                                  ("target_test", spec.target_test_per_class, conflict_cue)):
+    for split, per_class, cue in (
+        ("target_train", spec.target_train_per_class, cue_of_target),
+        ("target_test", spec.target_test_per_class, conflict_cue),
+    ):
         labels = np.repeat(np.arange(classes), per_class)
         extra = cue[labels]
         if split == "target_test" and spec.misleading_conflict == "background" and K:  # the cues in turn
@@ -304,12 +331,14 @@ def make_planted(spec: PlantedSpec, seed: int) -> dict[str, Any]:
     design["leaks"] = []
     if spec.leaks or spec.mislabelled_leaks:  # its own random stream: the other images stay as without leaks
         splits["source_train"], splits["target_test"], design["leaks"] = _plant_leaks(
-            splits["source_train"], splits["target_test"], design, motifs, spec, np.random.default_rng([seed, 1]))
+            splits["source_train"], splits["target_test"], design, motifs, spec, np.random.default_rng([seed, 1])
+        )
     return splits
 
 
-def copy_image(image: np.ndarray, kind: str, rng: np.random.Generator, downsample: float = 0.5,
-               crop: float = 0.875) -> np.ndarray:
+def copy_image(
+    image: np.ndarray, kind: str, rng: np.random.Generator, downsample: float = 0.5, crop: float = 0.875
+) -> np.ndarray:
     """A near-duplicate of an H x W x 3 uint8 image: "exact", "downsampled" (to `downsample` of each side
     by area averaging, bilinear back up) or "crop" (a random crop of `crop` of each side, bilinear back up)."""
     from PIL import Image
@@ -328,9 +357,14 @@ def copy_image(image: np.ndarray, kind: str, rng: np.random.Generator, downsampl
     raise BetonError(f"unknown copy kind {kind!r} (one of {', '.join(LEAK_KINDS)})")
 
 
-def _plant_leaks(source: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], design: dict[str, Any],
-                 motifs: np.ndarray, spec: PlantedSpec, rng: np.random.Generator
-                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[dict]]:
+def _plant_leaks(
+    source: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    design: dict[str, Any],
+    motifs: np.ndarray,
+    spec: PlantedSpec,
+    rng: np.random.Generator,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[dict]]:
     """Source training images and labels with the copies appended, the target test split (its leaked
     images re-rendered without their class motif if `atypical_leaks`), and the record of each copy."""
     (images, labels), (test_images, test_labels) = source, test
@@ -353,11 +387,23 @@ def _plant_leaks(source: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
         kind = spec.leak_kinds[n % len(spec.leak_kinds)]
         copies.append(copy_image(test_images[j], kind, rng, spec.leak_downsample, spec.leak_crop))
         copy_labels.append(design["twin"][str(twin_of[n])])
-        records.append({"source": len(images) + n, "target_test": int(j), "kind": kind,
-                        "role": "leak" if n < spec.leaks else "mislabelled", "source_class": copy_labels[-1],
-                        "target_class": int(target), "twin_of": twin_of[n], "atypical": spec.atypical_leaks})
-    return ((np.concatenate([images, np.stack(copies)]), np.concatenate([labels, copy_labels])),
-            (test_images, test_labels), records)
+        records.append(
+            {
+                "source": len(images) + n,
+                "target_test": int(j),
+                "kind": kind,
+                "role": "leak" if n < spec.leaks else "mislabelled",
+                "source_class": copy_labels[-1],
+                "target_class": int(target),
+                "twin_of": twin_of[n],
+                "atypical": spec.atypical_leaks,
+            }
+        )
+    return (
+        (np.concatenate([images, np.stack(copies)]), np.concatenate([labels, copy_labels])),
+        (test_images, test_labels),
+        records,
+    )
 
 
 def write_synthetic(
@@ -378,7 +424,14 @@ def write_synthetic(
         images, labels = data[split]
         names = design["source_names"] if split.startswith("source") else design["target_names"]
         paths[split] = outdir / f"{split}.beton"
-        write_arrays(images, labels, paths[split], class_names=names, options=options,
-                     origin=f"planted-synthetic(seed={seed}):{split}", extra={"planted": planted, "split": split},
-                     overwrite=overwrite)
+        write_arrays(
+            images,
+            labels,
+            paths[split],
+            class_names=names,
+            options=options,
+            origin=f"planted-synthetic(seed={seed}):{split}",
+            extra={"planted": planted, "split": split},
+            overwrite=overwrite,
+        )
     return paths

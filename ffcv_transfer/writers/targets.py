@@ -6,15 +6,17 @@ there, then writes both betons; CIFAR-10/100 go through cifar.py. Nothing is dow
 is an error naming it and what it is. If the test beton fails, the train beton this call wrote is
 removed again, so a pair is written whole or not at all.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from ffcv_transfer.store.betons import BetonError, sidecar_paths
 from ffcv_transfer.writers.archives import Blob, BlobSource, Inputs
 from ffcv_transfer.writers.cifar import load_cifar
 from ffcv_transfer.writers.common import ArraySource, ExampleSource, ImageOptions, write_beton, writer_progress
-from ffcv_transfer.store.betons import BetonError, sidecar_paths
 from ffcv_transfer.writers.target_layouts import READERS, Layout, Split
 
 CIFARS = ("cifar10", "cifar100")
@@ -52,8 +54,10 @@ def _find_images(inputs: Inputs, split: Split, allow_missing: bool) -> tuple[lis
             blobs.append(inputs.files[key])
             labels.append(label)
     if missing and not allow_missing:
-        raise BetonError(f"{split.listed_in}: {len(missing)} listed image(s) absent from "
-                         f"{', '.join(inputs.labels)}: {', '.join(missing[:5])}")
+        raise BetonError(
+            f"{split.listed_in}: {len(missing)} listed image(s) absent from "
+            f"{', '.join(inputs.labels)}: {', '.join(missing[:5])}"
+        )
     return blobs, labels, missing
 
 
@@ -76,9 +80,16 @@ def _remove(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_target(name: str, archives: Sequence[str | Path], outdir: str | Path, *,
-                 options: ImageOptions | None = None, allow_missing: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, dict[str, Any]]:
+def write_target(
+    name: str,
+    archives: Sequence[str | Path],
+    outdir: str | Path,
+    *,
+    options: ImageOptions | None = None,
+    allow_missing: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Write target `name`'s canonical train and test splits to `outdir`/NAME_{train,test}.beton;
     returns {split: sidecar}. `options` default to `default_options(name)`; `allow_missing` leaves out
     listed images that are absent (recorded in the sidecar) instead of failing."""
@@ -95,8 +106,9 @@ def write_target(name: str, archives: Sequence[str | Path], outdir: str | Path, 
     common = {"dataset": name, "archives": [a.name for a in archives]}
     if name in CIFARS:
         class_names, sources, extra = _cifar_sources(name, archives)
-        return _write_pair(outs, sources, class_names, {s: common | extra for s in SPLITS}, options, progress,
-                           overwrite, archives)
+        return _write_pair(
+            outs, sources, class_names, {s: common | extra for s in SPLITS}, options, progress, overwrite, archives
+        )
     with Inputs(archives, outdir, progress) as inputs:
         layout: Layout = READERS[name](inputs)
         sources, extras = {}, {}
@@ -105,22 +117,39 @@ def write_target(name: str, archives: Sequence[str | Path], outdir: str | Path, 
             if not blobs:
                 raise BetonError(f"{listed.listed_in}: no {split} images")
             sources[split] = BlobSource.of(blobs, labels, layout.crop_bottom)
-            extras[split] = common | layout.extra | {"rule": layout.rule, "crop_bottom": layout.crop_bottom} | (
-                {"missing": len(missing), "missing_first": missing[:20]} if missing else {})
+            extras[split] = (
+                common
+                | layout.extra
+                | {"rule": layout.rule, "crop_bottom": layout.crop_bottom}
+                | ({"missing": len(missing), "missing_first": missing[:20]} if missing else {})
+            )
         return _write_pair(outs, sources, layout.class_names, extras, options, progress, overwrite, archives)
 
 
-def _write_pair(outs: dict[str, Path], sources: dict[str, ExampleSource], class_names: Sequence[str],
-                extras: dict[str, dict], options: ImageOptions, progress: bool, overwrite: bool,
-                archives: Sequence[Path]) -> dict[str, dict[str, Any]]:
+def _write_pair(
+    outs: dict[str, Path],
+    sources: dict[str, ExampleSource],
+    class_names: Sequence[str],
+    extras: dict[str, dict],
+    options: ImageOptions,
+    progress: bool,
+    overwrite: bool,
+    archives: Sequence[Path],
+) -> dict[str, dict[str, Any]]:
     written: dict[str, dict[str, Any]] = {}
     origin = ", ".join(map(str, archives))
     try:
         for split in SPLITS:
             with writer_progress(progress):
-                written[split] = write_beton(sources[split], outs[split], class_names=class_names, options=options,
-                                             origin=f"{origin} ({split})",
-                                             extra=extras[split] | {"split": split}, overwrite=overwrite)
+                written[split] = write_beton(
+                    sources[split],
+                    outs[split],
+                    class_names=class_names,
+                    options=options,
+                    origin=f"{origin} ({split})",
+                    extra=extras[split] | {"split": split},
+                    overwrite=overwrite,
+                )
     except BaseException:
         for split in written:  # a train beton without its test beton is half a target
             _remove(outs[split])
