@@ -19,7 +19,7 @@ import numpy as np
 
 from ffcv_transfer.findings.names import DATA_ENV
 
-CONFIGS = Path(__file__).resolve().parent.parent / "rs_configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "rs_configs"
 DEMO_CONFIG = CONFIGS / "demo_cpu.yaml"
 TINY_CONFIG = CONFIGS / "tinyimagenet_demo_cpu.yaml"
 DATASETS = {"planted": DEMO_CONFIG, "tiny-imagenet": TINY_CONFIG}
