@@ -1,6 +1,6 @@
-"""Fusion backends on synthetic batches already in device memory (no loader, no decoding), JSON + a table:
+"""Fusions on synthetic batches already in device memory (no loader, no decoding), JSON + a table:
 model-images/s of one ResNet-18 at the full batch (the compute ceiling per model) against K models that
-split each batch by class masks (alpha 0.5), trained by each backend. The K models' shared batch is sized so
+split each batch by class masks (alpha 0.5), trained by each fusion. The K models' shared batch is sized so
 that each model's sub-batch averages the single model's batch (twice it at alpha 0.5), as a shared loader
 must be to keep the one-model recipe's batch size. Cases, each in its own process:
 
@@ -11,7 +11,7 @@ must be to keep the one-model recipe's batch size. Cases, each in its own proces
                     each model steps on exactly the batch, static shapes
   <case>+compile    through torch.compile (grouped; single and sequential with +queued), compilation in
                     the untimed warm-up
-  grouped+plainbn   a diagnostic, not a backend: the grouped network with ordinary BatchNorm over all rows
+  grouped+plainbn   a diagnostic, not a fusion: the grouped network with ordinary BatchNorm over all rows
                     (padding rows counted, so the statistics are wrong) to price the weighted BatchNorm
   <case>+cudnn      with torch.backends.cudnn.benchmark (kernels autotuned per shape; the timed steps
                     cycle through three batches, so every shape has been tuned: the steady state of a
@@ -51,11 +51,11 @@ def run_case(args) -> dict:
     from ffcv_transfer.store.masks import random_class_masks
 
     size, device = SIZES[args.size], torch.device(args.device)
-    backend, *flags = args.case_name.split("+")
+    fusion, *flags = args.case_name.split("+")
     torch.backends.cudnn.benchmark = "cudnn" in flags
     if "plainbn" in flags:
         GroupedBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
-    k = 1 if backend == "single" else size["k"]
+    k = 1 if fusion == "single" else size["k"]
     masks = np.ones((1, size["classes"]), bool) if k == 1 else random_class_masks(k, size["classes"], 0.5, seed=0)
     batch = shared_batch(size["batch"], masks, np.arange(size["classes"]))  # classes drawn uniformly
     generator = torch.Generator().manual_seed(0)
@@ -84,10 +84,10 @@ def run_case(args) -> dict:
         precision="bf16" if device.type == "cuda" else "fp32",
     )
     options = {"compile": "default"} if "compile" in flags else {}
-    if backend != "grouped":
+    if fusion != "grouped":
         per_step = sum(masks[:, host].sum(1) for host in labels) / len(labels)  # each model's rows per batch
         options["examples_per_epoch"] = (per_step * size["steps"]).astype(int)
-    trainer = (SequentialTrainer if backend in ("single", "sequential") else GroupedTrainer)(
+    trainer = (SequentialTrainer if fusion in ("single", "sequential") else GroupedTrainer)(
         models, masks, config, steps_per_epoch=size["steps"], device=device, **options
     )
 

@@ -9,16 +9,16 @@ own process (own loader, own JIT warm-up):
 
   reference     one model with its own loader over its own classes (MadryLab/data-transfer's way: one
                 model per process)
-  K=<k> <backend>   k models with random class halves on ONE shared loader over the union of their
-                classes, fused by the `sequential` or `grouped` backend (`grouped+compile`: torch.compile'd,
+  K=<k> <fusion>    k models with random class halves on ONE shared loader over the union of their
+                classes, fused by the `sequential` or `grouped` fusion (`grouped+compile`: torch.compile'd,
                 its compilation in the warm-up epoch); with `--loaders resident` also each case on
                 the device-resident loader (pixels read once into device memory, crops on the device)
 
 The shared loader's batch is sized so that each model's sub-batch averages the reference's batch (the
 size's `batch`, about twice it for the union of K >= 4 random halves): the one-model recipe's batch size,
 kept; with `--per-model-batch` every model steps on exactly that batch from its own queue (the sequential
-backend). `--blurpool` builds the models as the ffcv-flavour config does. Each timed source epoch is also
-taken apart (the sequential backend): waiting for the loader, routing, launching the steps (host time),
+fusion). `--blurpool` builds the models as the ffcv-flavour config does. Each timed source epoch is also
+taken apart (the sequential fusion): waiting for the loader, routing, launching the steps (host time),
 GPU busy (CUDA events around each step) and the start-up (until the first batch): `breakdown` in the JSON.
 Each case times `--epochs` source epochs after a warm-up epoch (JIT compilation excluded), then
 fixed-feature transfer epochs on the target for the same k models and one evaluation pass. From the
@@ -179,8 +179,8 @@ def run_case(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     masks = random_class_masks(k, size["classes"], 0.5, seed=k)
-    union = np.flatnonzero(masks.any(0))
-    batch = shared_batch(size["batch"], masks, np.load(folder / "source.labels.npy"))
+    labels = np.load(folder / "source.labels.npy")
+    batch = shared_batch(size["batch"], masks, labels)
     Loader = ResidentLoader if args.loader == "resident" else ImageLoader
     loader_config = LoaderConfig(threading=args.threading, num_workers=args.loader_workers)
     loader = Loader(
@@ -190,7 +190,7 @@ def run_case(args: argparse.Namespace) -> dict:
         batch_size=batch,
         config=loader_config,
         device=device,
-        classes=union,
+        indices=np.flatnonzero(masks.any(0)[labels]),  # the union of the K models' classes
     )
     models = [
         build_model(size["classes"], width=size["width"], blurpool=args.blurpool, device=device) for _ in range(k)
@@ -199,12 +199,11 @@ def run_case(args: argparse.Namespace) -> dict:
     optim = OptimConfig(
         epochs=args.epochs + 2, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch, per_model_batch=queued
     )
-    backend, _, compiled = args.backend.partition("+")
+    fusion, _, compiled = args.backend.partition("+")
     options = {"compile": "default"} if compiled else {}
-    if backend == "sequential":
-        labels = np.load(folder / "source.labels.npy")
+    if fusion == "sequential":
         options["examples_per_epoch"] = masks.astype(np.int64) @ np.bincount(labels, minlength=size["classes"])
-    trainer = TRAINERS[backend](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
+    trainer = TRAINERS[fusion](models, masks, optim, steps_per_epoch=len(loader), device=device, **options)
 
     def timed(step) -> float:
         if device.type == "cuda":
@@ -216,7 +215,7 @@ def run_case(args: argparse.Namespace) -> dict:
         return time.perf_counter() - started
 
     warmup = timed(lambda: trainer.train_epoch(loader, 0))
-    clock = StepClock(trainer, device) if backend == "sequential" else None  # the timed epochs only
+    clock = StepClock(trainer, device) if fusion == "sequential" else None  # the timed epochs only
     source_s = (
         sum(
             timed(partial(trainer.train_epoch, clock.batches(loader) if clock else loader, e + 1))
@@ -297,7 +296,7 @@ def run_case(args: argparse.Namespace) -> dict:
 
 
 class StepClock:
-    """Where the sequential backend's source epochs go, accumulated over the epochs timed: seconds blocked
+    """Where the sequential fusion's source epochs go, accumulated over the epochs timed: seconds blocked
     waiting for the loader's next batch (the first of each epoch counted as start-up), in routing, in the
     steps on the host (launching their kernels), and the GPU's time inside the steps (CUDA events, read
     after the run: no sync added while it runs)."""
@@ -369,7 +368,9 @@ class _PassTimer:
 
 def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/train-cpu.json")
-    parser.add_argument("--backends", nargs="+", default=["sequential", "grouped"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["sequential", "grouped"], help="the fusions to time (run.fusion; +compile)"
+    )
     parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
     parser.add_argument(
         "--loaders",

@@ -83,10 +83,14 @@ class Experiment:
             ]
         return tree
 
-    def save(self, path: str | Path) -> None:
+    def to_yaml(self) -> str:
+        """The experiment file's text (`load_experiment` reads it back)."""
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
 
 
 def _value_type(annotation: Any) -> type:

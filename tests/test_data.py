@@ -50,7 +50,13 @@ def normalised(arrays: np.ndarray) -> torch.Tensor:
 def test_eval_loader_returns_stored_images_normalised(betons, kind):
     config = LoaderConfig(order="sequential", drop_last=False, num_workers=2)
     loader = kind(
-        betons["source_val"], train=False, resolution=32, batch_size=25, config=config, classes=[1, 4], crop_ratio=1.0
+        betons["source_val"],
+        train=False,
+        resolution=32,
+        batch_size=25,
+        config=config,
+        indices=class_indices(betons["source_val"], [1, 4]),
+        crop_ratio=1.0,
     )
     images, labels = collect(loader)
     arrays, truth = make_planted(SPEC, seed=2)["source_val"]
@@ -60,7 +66,13 @@ def test_eval_loader_returns_stored_images_normalised(betons, kind):
     assert images.is_contiguous()  # the CPU's layout (models.memory_format_for)
     # kept across a pass of more batches than ffcv has buffers (it reuses them), labels stay each batch's own
     loader = kind(
-        betons["source_val"], train=False, resolution=32, batch_size=4, config=config, classes=[1, 4], crop_ratio=1.0
+        betons["source_val"],
+        train=False,
+        resolution=32,
+        batch_size=4,
+        config=config,
+        indices=class_indices(betons["source_val"], [1, 4]),
+        crop_ratio=1.0,
     )
     np.testing.assert_array_equal(torch.cat([labels for _, labels in loader]).numpy(), truth[keep])
 
@@ -95,7 +107,12 @@ def test_train_loader_crops_subsets_and_resizes(betons):
     classes = [0, 2, 5]
     config = LoaderConfig(order="random", num_workers=2)
     loader = ImageLoader(
-        betons["source_train"], train=True, resolution=24, batch_size=64, config=config, classes=classes
+        betons["source_train"],
+        train=True,
+        resolution=24,
+        batch_size=64,
+        config=config,
+        indices=class_indices(betons["source_train"], classes),
     )
     n = len(class_indices(betons["source_train"], classes))
     assert n == 300 and len(loader) == n // 64

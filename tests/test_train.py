@@ -209,9 +209,9 @@ def test_diverged_model_is_marked_failed_and_the_others_go_on(planted, trainer_c
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("compile", ["none", pytest.param("default", marks=pytest.mark.slow)])
-def test_grouped_backend_matches_sequential_per_model(planted, device, compile):
+def test_grouped_fusion_matches_sequential_per_model(planted, device, compile):
     """Same seeds, same batches, in float64 (so that only the order of summation differs): after three
-    steps every parameter and BatchNorm statistic of each model agrees between the backends, eager and
+    steps every parameter and BatchNorm statistic of each model agrees between the fusions, eager and
     compiled (torch.compile, sub-batches padded to static lengths; minutes on a CPU), to 1e-9 relative,
     and each model's epoch loss (accumulated in float32) to 1e-6."""
     (train_x, train_y) = planted["source_train"]
@@ -241,7 +241,7 @@ def test_grouped_backend_matches_sequential_per_model(planted, device, compile):
                 assert ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item() < 1e-9, name
 
 
-def test_compiled_grouped_backend_pads_to_static_lengths():
+def test_compiled_grouped_fusion_pads_to_static_lengths():
     masks = random_class_masks(3, 6, 0.5, seed=0)
     models = [torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)) for _ in range(3)]
     eager = GroupedTrainer(models, masks, OptimConfig(epochs=1, lr_peak_epoch=0.5, batch_size=64, precision="fp32"), 5)

@@ -14,6 +14,7 @@ import torch
 
 from ffcv_transfer.config import ConfigError, load_experiment
 from ffcv_transfer.engine import worker as worker_module
+from ffcv_transfer.engine.data import LoaderSpec
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.worker import run_worker
 from ffcv_transfer.experiments.removals import removal_design, run_removals
@@ -69,7 +70,7 @@ def filled(tiny_data, tmp_path_factory):
     class Recording(LoaderCache):
         def get(self, *args, **kwargs):
             made = super().get(*args, **kwargs)
-            loaders.append((args[1], kwargs["train"], made))
+            loaders.append((args[1].split, args[1].train, made))
             return made
 
     with pytest.MonkeyPatch.context() as patch:
@@ -219,7 +220,7 @@ def test_inputs_that_do_not_match_the_store_are_refused(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_completes_every_row_once(tiny_data, tmp_path):
-    """`ffcv-transfer masks` then `train` (grouped backend) with K=2 over 4 rows; SIGKILL once the first
+    """`ffcv-transfer masks` then `train` (grouped fusion) with K=2 over 4 rows; SIGKILL once the first
     2 rows are written; a restarted worker takes over the dead worker's claims at once and completes the rest."""
     store_dir = tmp_path / "store"
     cli = [sys.executable, "-m", "ffcv_transfer.cli"]
@@ -277,7 +278,7 @@ def test_resident_loader_gives_the_ffcv_loaders_transfer_and_runs_the_worker(tin
     for a, b in zip(by_ffcv, by_resident):
         np.testing.assert_allclose(b.margins.numpy(), a.margins.numpy(), rtol=1e-3, atol=1e-3)
     assert isinstance(
-        LoaderCache().get(resident, "target_test", train=False, resolution=16, batch_size=8), ResidentLoader
+        LoaderCache().get(resident, LoaderSpec("target_test", train=False, resolution=16, batch_size=8)), ResidentLoader
     )
 
     store = create_class_store(tmp_path / "store", resident)

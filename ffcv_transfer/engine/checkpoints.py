@@ -10,7 +10,6 @@ this package's (stem, layers, shortcut, fc), bare or wrapped as the reference sa
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -18,19 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from ffcv_transfer.store.files import atomic_path
 from ffcv_transfer.store.results import StoreError
 
 
 def save_checkpoint(path: Path, model: nn.Module, classes: np.ndarray, row: int) -> None:
-    """Write atomically (a temporary file renamed): a reader never sees half a checkpoint."""
+    """Write whole or not at all (`files.atomic_path`): a reader never sees half a checkpoint."""
     state = {
         name: value.detach().to("cpu", torch.bfloat16 if value.is_floating_point() else value.dtype)
         for name, value in model.state_dict().items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save({"state_dict": state, "classes": np.asarray(classes, bool), "row": row}, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save({"state_dict": state, "classes": np.asarray(classes, bool), "row": row}, partial)
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:

@@ -1,12 +1,16 @@
-"""ffcv Loaders over source and target betons. Batches come out as normalised float tensors on the
-chosen device (CPU or CUDA) in that device's layout (models.memory_format_for), labels as int64; the
-class subset to load is found from the beton's sidecar labels, without reading the beton."""
+"""Loaders over source and target betons: what each yields (`Batch`), what trainers and transfers ask of
+one (`Loader`), and the ffcv one (`ImageLoader`; resident.ResidentLoader keeps pixels on the device,
+`Upsampled` wraps either). Batches come out as normalised float tensors on the chosen device (CPU or
+CUDA) in that device's layout (models.memory_format_for), labels as int64. A loader reads the examples
+it is given (`LoaderSpec` says how): choosing them (a group's classes or examples) is the caller's."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +22,37 @@ from ffcv_transfer.settings import NORMALIZATIONS, LoaderConfig
 MEAN, STD = (np.array(values) * 255 for values in NORMALIZATIONS["imagenet"])  # of 0-255 pixels
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How to load one split (loader_cache.LoaderCache makes the loader): training (random order,
+    random-resized crops of area fraction `crop_min_scale`..1, or with it None centre crops of `crop_ratio`;
+    flips) or evaluation (in order, every example, centre crops of `crop_ratio`), at `resolution` px in
+    batches of `batch_size`, normalised with `normalization` (settings.NORMALIZATIONS); `with_indices`:
+    batches carry each example's beton position (what example masks route on). `target`: whose
+    target_train/target_test `split` is (default: the experiment's first)."""
+
+    split: str
+    train: bool
+    resolution: int
+    batch_size: int
+    crop_min_scale: float | None = 1.0
+    crop_ratio: float = 1.0
+    normalization: str = "imagenet"
+    with_indices: bool = False
+    target: str | None = None
+
+
+class Loader(Protocol):
+    """What the trainers and transfers iterate: one epoch of `Batch`es per iteration, `len` batches of it,
+    and a resolution that may change between epochs (progressive resizing)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def set_resolution(self, resolution: int) -> None: ...
+
+
 def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Positions in the beton of the examples whose label is in `classes` (from NAME.labels.npy)."""
     from ffcv_transfer.store.betons import read_labels
@@ -25,16 +60,8 @@ def class_indices(beton: str | Path, classes: Sequence[int] | np.ndarray) -> np.
     return np.flatnonzero(np.isin(read_labels(beton), np.asarray(classes)))
 
 
-def select_examples(
-    beton: str | Path,
-    classes: Sequence[int] | np.ndarray | None = None,
-    indices: Sequence[int] | np.ndarray | None = None,
-) -> np.ndarray | None:
-    """The sorted beton positions a loader reads: those of `classes`, or `indices`, or None for all."""
-    if classes is not None and indices is not None:
-        raise ValueError("give classes or indices, not both")
-    if classes is not None:
-        return class_indices(beton, classes)
+def sorted_examples(indices: Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+    """The beton positions a loader reads, sorted (None: all)."""
     return None if indices is None else np.sort(np.asarray(indices, np.int64))
 
 
@@ -83,20 +110,23 @@ def to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
 
 class Upsampled:
     """A loader whose images are upsampled on their device, nearest-neighbour, to `size` px: what the
-    reference does to 32 px CIFAR images (nn.Upsample before the model) instead of resizing on the CPU."""
+    reference does to 32 px CIFAR images (nn.Upsample before the model) instead of resizing on the CPU.
+    `set_resolution` sets the resolution decoded, before upsampling."""
 
-    def __init__(self, loader, size: int):
+    def __init__(self, loader: Loader, size: int):
         self.loader, self.size = loader, size
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def set_resolution(self, resolution: int) -> None:
+        self.loader.set_resolution(resolution)
+
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             images, *rest = batch
             upsampled = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="nearest")
-            host = getattr(batch, "host", None)
-            yield (upsampled, *rest) if host is None else Batch((upsampled, *rest), host)
+            yield Batch((upsampled, *rest), batch.host)
 
 
 def _index_decoder():
@@ -121,8 +151,8 @@ class ImageLoader:
     position in the beton, int64: what example masks route on). Training: random-resized-crop (area
     fraction in `crop_scale`; None: the evaluation's centre crop) + flip; evaluation: centre crop of
     `crop_ratio` of the shorter side.
-    `classes` loads the examples of those classes, `indices` exactly those examples (not both). Images
-    come normalised with `normalization` (settings.NORMALIZATIONS)."""
+    `indices`: the beton positions to load (None: all). Images come normalised with `normalization`
+    (settings.NORMALIZATIONS)."""
 
     def __init__(
         self,
@@ -133,7 +163,6 @@ class ImageLoader:
         batch_size: int,
         config: LoaderConfig = LoaderConfig(),
         device: str | torch.device = "cpu",
-        classes: Sequence[int] | np.ndarray | None = None,
         crop_ratio: float = 224 / 256,
         crop_scale: tuple[float, float] | None = (0.08, 1.0),
         indices: Sequence[int] | np.ndarray | None = None,
@@ -148,7 +177,7 @@ class ImageLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        indices = select_examples(beton, classes, indices)
+        indices = sorted_examples(indices)
         self.device = torch.device(device)
         size = (resolution, resolution)
         self.decoder = (

@@ -1,4 +1,4 @@
-"""The `grouped` fusion backend (HFTA-style): the K models become one network whose convolutions have
+"""The `grouped` fusion (HFTA-style): the K models become one network whose convolutions have
 K times the groups, whose BatchNorm keeps per-model statistics, and whose head is a batched matmul, so
 each step is one forward and one backward instead of K.
 
@@ -6,7 +6,7 @@ Each model still sees exactly its own classes' examples: the sub-batches are pad
 stacked along channels (model k's images in channel block k); a per-example weight marks the real ones,
 and BatchNorm statistics and losses count only those. With SGD (elementwise, with the same learning
 rate for all), one optimiser over the stacked parameters equals K separate optimisers. The models agree
-with the sequential backend up to floating-point summation order, except in two corners: a model
+with the sequential fusion up to floating-point summation order, except in two corners: a model
 with no example in a batch still gets a momentum and weight-decay step here (sequential skips it), and
 fp16 shares one gradient scaler among the K models.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffcv_transfer.engine.data import to_device
+from ffcv_transfer.engine.data import Batch, to_device
 from ffcv_transfer.engine.models import BlurPoolConv2d, memory_format_for
 from ffcv_transfer.engine.train import LockstepTrainer, lr_at, param_groups
 from ffcv_transfer.settings import COMPILE_MODES, OptimConfig
@@ -170,7 +170,7 @@ def _stack(sources: list[nn.Module], weights: _Weights) -> nn.Module:
         stacked.blur = torch.cat([s.blur for s in sources])
         return stacked
     if any(True for _ in first.parameters(recurse=False)) or any(True for _ in first.buffers(recurse=False)):
-        raise TypeError(f"grouped backend: no grouped version of {type(first).__name__}")
+        raise TypeError(f"grouped fusion: no grouped version of {type(first).__name__}")
     import copy
 
     stacked = copy.copy(first)  # same class and settings (ReLU, pooling, containers); children replaced
@@ -191,20 +191,20 @@ def _unstack(stacked: nn.Module, targets: list[nn.Module]) -> None:
 
 
 class GroupedTrainer(LockstepTrainer):
-    """The `grouped` backend: same interface as train.SequentialTrainer, the K models trained as one grouped
+    """The `grouped` fusion: same interface as train.SequentialTrainer, the K models trained as one grouped
     network (copied back into `models` after every epoch)."""
 
     def __init__(
         self,
         models: list[nn.Module],
-        class_masks: np.ndarray,
+        masks: np.ndarray,
         config: OptimConfig,
         steps_per_epoch: int,
         device: str | torch.device = "cpu",
         example_labels: np.ndarray | None = None,
         compile: str = "none",
     ):
-        super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
+        super().__init__(models, masks, config, steps_per_epoch, device, example_labels)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
         self.weights = _Weights()
@@ -240,7 +240,7 @@ class GroupedTrainer(LockstepTrainer):
         packed = packed.reshape(longest, k * c, h, w).contiguous(memory_format=self.memory_format)
         return packed, labels[index].T, weights
 
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
+    def train_epoch(self, batches: Iterable[Batch], epoch: int) -> list[float]:
         k = len(self.models)
         loss_sums = torch.zeros(k, device=self.device)
         counts = torch.zeros(k, device=self.device)

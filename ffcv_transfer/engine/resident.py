@@ -14,14 +14,24 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffcv_transfer.engine.data import Batch, beton_identity, normalisation, select_examples, to_device
+from ffcv_transfer.engine.data import Batch, beton_identity, normalisation, sorted_examples, to_device
 from ffcv_transfer.engine.models import memory_format_for
 from ffcv_transfer.settings import LoaderConfig
+
+
+class Pixels(NamedTuple):
+    """Every record of a beton: images (N, H, W, 3) uint8 and labels (N,) int64 on a device, and the labels
+    on the host too (what batches carry for routing, read with the records rather than again)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    host_labels: np.ndarray
 
 
 class PixelCache:
@@ -30,21 +40,21 @@ class PixelCache:
 
     def __init__(self, max_bytes: int = 32 * 2**30):
         self.max_bytes = max_bytes
-        self.held: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.held: OrderedDict[tuple, Pixels] = OrderedDict()
 
-    def pixels(self, beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (N, H, W, 3) uint8, labels (N,) int64) of every record of `beton`, on `device`."""
+    def pixels(self, beton: str | Path, device: torch.device) -> Pixels:
+        """Every record of `beton`, on `device`."""
         key = (*beton_identity(beton), str(device))
         if key not in self.held:
             self.held[key] = read_pixels(beton, device)
-            while len(self.held) > 1 and sum(images.nbytes for images, _ in self.held.values()) > self.max_bytes:
+            while len(self.held) > 1 and sum(held.images.nbytes for held in self.held.values()) > self.max_bytes:
                 self.held.popitem(last=False)
         self.held.move_to_end(key)
         return self.held[key]
 
 
-def read_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, H, W, 3) uint8, labels (N,) int64) of every record, on `device`."""
+def read_pixels(beton: str | Path, device: torch.device) -> Pixels:
+    """Every record of `beton`, on `device`."""
     from ffcv_transfer.store.betons import BetonError, BetonRecords
 
     records = BetonRecords(beton)
@@ -60,13 +70,14 @@ def read_pixels(beton: str | Path, device: torch.device) -> tuple[torch.Tensor, 
     for start in range(0, len(records), chunk):  # via host memory in chunks, not all of it at once
         stop = min(start + chunk, len(records))
         images[start:stop] = torch.from_numpy(np.stack([records.image(i) for i in range(start, stop)]))
-    return images, torch.as_tensor(records.labels, device=device)
+    host_labels = np.asarray(records.labels, np.int64)
+    return Pixels(images, torch.as_tensor(host_labels, device=device), host_labels)
 
 
 class ResidentLoader:
     """Iterate for (images, labels), or (images, labels, indices) with `with_indices`: normalised
-    float32 images on the device, in its layout (models.memory_format_for). `classes` or `indices` select the
-    examples."""
+    float32 images on the device, in its layout (models.memory_format_for). `indices`: the beton positions
+    to load (None: all)."""
 
     def __init__(
         self,
@@ -77,7 +88,6 @@ class ResidentLoader:
         batch_size: int,
         config: LoaderConfig = LoaderConfig(),
         device: str | torch.device = "cpu",
-        classes: Sequence[int] | np.ndarray | None = None,
         crop_ratio: float = 224 / 256,
         crop_scale: tuple[float, float] | None = (0.08, 1.0),
         indices: Sequence[int] | np.ndarray | None = None,
@@ -85,12 +95,9 @@ class ResidentLoader:
         pixels: PixelCache | None = None,
         normalization: str = "imagenet",
     ):
-        from ffcv_transfer.store.betons import read_labels
-
-        selected = select_examples(beton, classes, indices)
+        selected = sorted_examples(indices)
         self.device = torch.device(device)
-        self.images, self.labels = (pixels or PixelCache()).pixels(beton, self.device)
-        self.host_labels = read_labels(beton).astype(np.int64)
+        self.images, self.labels, self.host_labels = (pixels or PixelCache()).pixels(beton, self.device)
         self.examples = np.arange(len(self.host_labels)) if selected is None else selected
         self.train, self.batch_size, self.resolution = train, batch_size, resolution
         self.crop_ratio, self.crop_scale, self.with_indices = crop_ratio, crop_scale, with_indices

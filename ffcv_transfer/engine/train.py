@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffcv_transfer.engine.data import to_device
+from ffcv_transfer.engine.data import Batch, Loader, to_device
 from ffcv_transfer.settings import OptimConfig, SourceConfig
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # settings.PRECISIONS
@@ -85,37 +85,36 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
 
 
 class LockstepTrainer:
-    """What the fusion backends share: K models, their class masks, the step count, failures.
+    """What the fusions share: K models, their masks, the step count, failures.
 
-    With `example_labels` (E,), the masks are (K, E) over examples: batches must carry each example's
-    index as a third element, and `class_masks` (K, C) holds the classes each model has examples of."""
+    `masks` (K, C) holds each model's classes; with `example_labels` (E,), `masks` (K, E) holds its examples
+    instead: batches must carry each example's index as a third element, and `class_masks` (K, C) becomes
+    the classes each model has examples of."""
 
     def __init__(
         self,
         models: list[nn.Module],
-        class_masks: np.ndarray,
+        masks: np.ndarray,
         config: OptimConfig,
         steps_per_epoch: int,
         device: str | torch.device = "cpu",
         example_labels: np.ndarray | None = None,
     ):
-        class_masks = np.asarray(class_masks, bool)
-        if class_masks.ndim != 2 or len(class_masks) != len(models):
-            raise ValueError(f"need one mask row per model: {len(models)} models, masks {class_masks.shape}")
+        masks = np.asarray(masks, bool)
+        if masks.ndim != 2 or len(masks) != len(models):
+            raise ValueError(f"need one mask row per model: {len(models)} models, masks {masks.shape}")
         self.models, self.config, self.steps_per_epoch = models, config, steps_per_epoch
         self.device = torch.device(device)
-        self.masks = class_masks  # (K, C), or (K, E) over examples: what routing keys on
+        self.masks = masks  # (K, C), or (K, E) over examples: what routing keys on
         self.by_example = example_labels is not None
-        self.class_masks = class_masks  # (K, C): the classes each model has examples of
+        self.class_masks = masks  # (K, C): the classes each model has examples of
         if self.by_example:
             example_labels = np.asarray(example_labels, np.int64)
-            if example_labels.shape != (class_masks.shape[1],):
-                raise ValueError(
-                    f"example masks {class_masks.shape} need one label per example, got {example_labels.shape}"
-                )
+            if example_labels.shape != (masks.shape[1],):
+                raise ValueError(f"example masks {masks.shape} need one label per example, got {example_labels.shape}")
             num_classes = int(example_labels.max()) + 1 if len(example_labels) else 0
             self.class_masks = np.zeros((len(models), num_classes), bool)
-            for k, row in enumerate(class_masks):
+            for k, row in enumerate(masks):
                 self.class_masks[k, example_labels[row]] = True
         # whole batches for every model, no routing: with masks over every class (or every example)
         self.takes_everything = {False: bool(self.masks.all()), True: bool(self.class_masks.all())}  # by by_class
@@ -149,7 +148,7 @@ class LockstepTrainer:
 
     def fit(
         self,
-        batches: Iterable,
+        batches: Loader,
         epochs: int,
         resolution: Callable[[int], int] | None = None,
         on_epoch: Callable[[str], None] = lambda stage: None,
@@ -173,7 +172,7 @@ class LockstepTrainer:
         for k in np.flatnonzero(self.examples_seen == 0):  # e.g. fewer examples than one batch, dropped as the last
             self.failed.setdefault(int(k), f"no training step: {why}")
 
-    def train_epoch(self, batches: Iterable, epoch: int) -> list[float]:
+    def train_epoch(self, batches: Iterable[Batch], epoch: int) -> list[float]:
         """One pass (the step loop): each fusion's own."""
         raise NotImplementedError
 
@@ -182,7 +181,7 @@ class LockstepTrainer:
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     @torch.no_grad()
-    def accuracy(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], among_own: bool = True) -> list[float]:
+    def accuracy(self, batches: Loader, among_own: bool = True) -> list[float]:
         """Each model's accuracy on its own classes' examples, choosing among its classes or, with
         `among_own` false, among every logit (source.val_accuracy; MadryLab/data-transfer measures it so).
         Routed on the host like training: one sync at the end."""
@@ -215,7 +214,7 @@ class LockstepTrainer:
 
 
 class SequentialTrainer(LockstepTrainer):
-    """The `sequential` backend: each batch is routed, then the K models step one after another on their
+    """The `sequential` fusion: each batch is routed, then the K models step one after another on their
     sub-batches, or on their queued per-model batches, each with its own optimiser (and gradient scaler for
     fp16). `examples_per_epoch` (K,): each model's examples in one pass of the loader, which sets its steps
     per epoch with per_model_batch. `compile` (settings.COMPILE_MODES, with per_model_batch): each model's
@@ -224,7 +223,7 @@ class SequentialTrainer(LockstepTrainer):
     def __init__(
         self,
         models: list[nn.Module],
-        class_masks: np.ndarray,
+        masks: np.ndarray,
         config: OptimConfig,
         steps_per_epoch: int,
         device: str | torch.device = "cpu",
@@ -232,7 +231,7 @@ class SequentialTrainer(LockstepTrainer):
         examples_per_epoch: Sequence[int] | None = None,
         compile: str = "none",
     ):
-        super().__init__(models, class_masks, config, steps_per_epoch, device, example_labels)
+        super().__init__(models, masks, config, steps_per_epoch, device, example_labels)
         if compile != "none" and not config.per_model_batch:
             raise ValueError("compiling the sequential step needs per_model_batch: static batch shapes")
         # one graph per model and resolution (dynamic=False: the per-model batch never changes size)
@@ -253,7 +252,7 @@ class SequentialTrainer(LockstepTrainer):
                 raise ValueError("per_model_batch needs examples_per_epoch: each model's examples in one pass")
             self.steps_per_epoch_of = np.maximum(np.asarray(examples_per_epoch) // config.per_model_batch, 1)
 
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> list[float]:
+    def train_epoch(self, batches: Iterable[Batch], epoch: int) -> list[float]:
         """One pass over `batches` (images already normalised, on the device); returns each model's
         mean loss. A model whose loss turns NaN/inf is recorded in `failed` and trained no further."""
         self.loss_sums.zero_()

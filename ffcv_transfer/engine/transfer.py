@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ffcv_transfer.engine.data import Batch, Loader
 from ffcv_transfer.engine.train import SequentialTrainer
 from ffcv_transfer.settings import TransferConfig
 
@@ -67,7 +68,7 @@ def outputs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> TransferO
 @torch.no_grad()
 def _one_pass(
     models: Sequence[nn.Module],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch],
     apply: Callable[[nn.Module, torch.Tensor], torch.Tensor],
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     for model in models:
@@ -81,9 +82,7 @@ def _one_pass(
     return [torch.cat(r) for r in results], torch.cat(labels)
 
 
-def extract_features(
-    models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def extract_features(models: Sequence[nn.Module], batches: Iterable[Batch]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Penultimate features of every model over one pass of `batches`: ([K x (N, D)], labels (N,))."""
     return _one_pass(models, batches, lambda model, images: model.features(images))
 
@@ -119,8 +118,8 @@ class _Standardise(nn.Module):
 
 def transfer_cached_features(
     models: Sequence[nn.Module],
-    train_batches: Iterable,
-    test_batches: Iterable,
+    train_batches: Loader,
+    test_batches: Loader,
     num_classes: int,
     config: TransferConfig,
 ) -> list[TransferOutputs]:
@@ -137,8 +136,8 @@ def transfer_cached_features(
 
 def transfer_by_training(
     models: Sequence[nn.Module],
-    train_batches: Iterable,
-    test_batches: Iterable,
+    train_batches: Loader,
+    test_batches: Loader,
     num_classes: int,
     config: TransferConfig,
     steps_per_epoch: int,

@@ -9,7 +9,6 @@ Resumable like `train`: rows already written are skipped, claims of killed worke
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from ffcv_transfer.config import ConfigError, Experiment, with_target
 from ffcv_transfer.engine.checkpoints import load_into, outside_checkpoints, read_state_dict, save_checkpoint
+from ffcv_transfer.engine.claims import GroupOutcome, Report, run_claims
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.models import build_model
 from ffcv_transfer.engine.worker import record_values, transfer_models
@@ -34,7 +34,7 @@ from ffcv_transfer.store.experiment import (
     transfer_seed,
     transfer_store_path,
 )
-from ffcv_transfer.store.results import ResultStore, StoreError, worker_name
+from ffcv_transfer.store.results import ResultStore, StoreError
 
 
 def transfer_experiment(
@@ -62,9 +62,8 @@ def run_transfer(
     loaders: LoaderCache | None = None,
 ) -> int:
     """Transfer every checkpointed source model of the store (`transfer_experiment` says to which target
-    and how) into STORE/transfers/TARGET/MODE, K at a time; returns how many rows this call wrote."""
-    from tqdm import tqdm
-
+    and how) into STORE/transfers/TARGET/MODE, K at a time (claims.run_claims); returns how many rows this
+    call wrote."""
     store = ResultStore(store_dir)
     if not list((store.path / CHECKPOINTS).glob("*.pt")):
         raise StoreError(
@@ -84,31 +83,24 @@ def run_transfer(
         )
     sub = ResultStore(sub_dir)
     num_classes = sub.fixed(MASKS).shape[1]
-    todo = pending_transfer_rows(store_dir, target, mode)
     trained, values = store.read(["source_acc"])
     source_acc = dict(zip(trained.tolist(), values["source_acc"].tolist()))
     loaders = loaders or LoaderCache()
-    writer = sub.writer(worker_name(label))
-    bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
-    written, start = 0, time.monotonic()
-    try:
-        while claimed := writer.claim(experiment.run.models_per_process, rows=todo):
-            models = [load_source_model(checkpoint_path(store.path, row), experiment, num_classes) for row in claimed]
-            torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode, target))
-            outputs, failures = transfer_models(models, experiment, loaders, lambda stage: writer.heartbeat())
-            for k, reason in failures.items():
-                writer.fail(claimed[k], f"transfer ({target}, {mode}): {reason}")
-            good = [k for k in range(len(claimed)) if k not in failures]
-            if good:
-                results = [(source_acc.get(claimed[k], float("nan")), {(target, mode): outputs[k]}) for k in good]
-                writer.write_many([claimed[k] for k in good], **record_values(sub, experiment, results))
-                written += len(good)
-            bar.update(len(claimed))
-            bar.set_postfix_str(f"{3600 * bar.n / (time.monotonic() - start):.1f} models/h", refresh=True)
-    finally:
-        writer.close()
-        bar.close()
-    return written
+
+    def transfer_group(claimed: list[int], report: Report) -> GroupOutcome:
+        models = [load_source_model(checkpoint_path(store.path, row), experiment, num_classes) for row in claimed]
+        torch.manual_seed(transfer_seed(sub, claimed[0], experiment.masks.seed, mode, target))
+        outputs, failures = transfer_models(models, experiment, loaders, report)
+        good = [k for k in range(len(claimed)) if k not in failures]
+        results = [(source_acc.get(claimed[k], float("nan")), {(target, mode): outputs[k]}) for k in good]
+        return GroupOutcome(
+            [claimed[k] for k in good],
+            record_values(experiment, results) if good else {},
+            {claimed[k]: f"transfer ({target}, {mode}): {reason}" for k, reason in failures.items()},
+        )
+
+    todo = pending_transfer_rows(store_dir, target, mode)
+    return run_claims(sub, experiment.run.models_per_process, transfer_group, todo, progress, label)
 
 
 def load_source_model(path: Path, experiment: Experiment, num_classes: int) -> torch.nn.Module:

@@ -2,14 +2,13 @@
 loader, transfer each to every target of the experiment in each of its transfer modes, and write the
 outputs; rows whose model diverged are marked failed with the reason.
 Run it any number of times, in any number of processes: completed rows are skipped and rows of a killed
-worker are taken over."""
+worker are taken over (claims.run_claims)."""
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 
 from ffcv_transfer.config import Experiment
 from ffcv_transfer.engine.checkpoints import save_checkpoint
-from ffcv_transfer.engine.data import Upsampled
+from ffcv_transfer.engine.claims import GroupOutcome, Report, run_claims
+from ffcv_transfer.engine.data import Loader, LoaderSpec, Upsampled
 from ffcv_transfer.engine.grouped import GroupedTrainer
 from ffcv_transfer.engine.loader_cache import LoaderCache
 from ffcv_transfer.engine.models import build_model
@@ -35,11 +35,37 @@ from ffcv_transfer.store.experiment import (
     transfer_field,
     transfer_seed,
 )
-from ffcv_transfer.store.results import ResultStore, worker_name
+from ffcv_transfer.store.results import ResultStore
 
 TRAINERS = {"sequential": SequentialTrainer, "grouped": GroupedTrainer}  # by settings.FUSIONS
 
 Transfers = dict[tuple[str, str], TransferOutputs]  # by (target name, transfer mode)
+
+
+@dataclass(frozen=True)
+class GroupExamples:
+    """What a group of K rows trains on, from its store's masks and the source labels (read once per
+    group): `masks`, what the trainer routes on ((K, C) classes, or (K, E) examples with `example_labels`
+    (E,)); `examples`, the source_train positions the shared loader reads (the union of the K subsets);
+    `per_model`, each model's examples in one pass; `classes`, the union of the K models' classes."""
+
+    masks: np.ndarray
+    example_labels: np.ndarray | None
+    examples: np.ndarray
+    per_model: np.ndarray
+    classes: np.ndarray
+
+
+def group_examples(store: ResultStore, rows: Sequence[int], labels: np.ndarray) -> GroupExamples:
+    """The examples of `rows`: over their example masks in a store that has them
+    (experiment_store.create_example_store), else over their class masks."""
+    classes = np.asarray(store.fixed(MASKS)[list(rows)], bool)
+    union = classes.any(axis=0)
+    if EXAMPLE_MASKS in store.fixed_names:
+        examples = example_masks_of(store, len(labels), rows)
+        return GroupExamples(examples, labels, np.flatnonzero(examples.any(axis=0)), examples.sum(1), union)
+    counts = np.bincount(labels, minlength=classes.shape[1])
+    return GroupExamples(classes, None, np.flatnonzero(union[labels]), classes.astype(np.int64) @ counts, union)
 
 
 def train_rows(
@@ -47,75 +73,58 @@ def train_rows(
     rows: Sequence[int],
     experiment: Experiment,
     loaders: LoaderCache,
-    on_epoch: Callable[[str], None] = lambda stage: None,
+    on_epoch: Report = lambda stage: None,
 ) -> tuple[dict[int, str], dict[int, tuple[float, Transfers]]]:
     """Train and transfer the models of `rows`: (failures by row, (source accuracy, outputs by transfer)
-    by row).
-    A store with example masks (experiment_store.create_example_store) trains each model on its examples."""
+    by row)."""
     from ffcv_transfer.store.betons import read_labels
 
     source, device = experiment.source, experiment.run.device
-    masks = np.asarray(store.fixed(MASKS)[list(rows)])
-    union = np.flatnonzero(masks.any(axis=0))
+    group = group_examples(store, rows, read_labels(experiment.data.path("source_train")))
     models = []
     for row in rows:  # each model's initial weights from its row's seed, whatever else this process ran
         torch.manual_seed(init_seed(store, row, experiment.masks.seed))
-        models.append(build_model(masks.shape[1], **asdict(experiment.model), device=device))
+        models.append(build_model(len(group.classes), **asdict(experiment.model), device=device))
     trainer_class = TRAINERS[experiment.run.fusion]
     if experiment.run.compile != "none":  # validated: static shapes
         trainer_class = partial(trainer_class, compile=experiment.run.compile)
-    decoding = decoding_experiment(experiment, source.per_model_batch)  # validated: the sequential fusion
-    labels = read_labels(experiment.data.path("source_train"))
-    if EXAMPLE_MASKS in store.fixed_names:  # route on example indices; the loader reads the union of the K subsets
-        examples = example_masks_of(store, len(labels), rows)
-        train = loaders.get(
-            decoding,
+    if source.per_model_batch:  # validated: the sequential fusion
+        trainer_class = partial(trainer_class, examples_per_epoch=group.per_model)
+    train = loaders.get(
+        decoding_experiment(experiment, source.per_model_batch),
+        LoaderSpec(
             "source_train",
             train=True,
             resolution=source.min_res,
             batch_size=source.batch_size,
             crop_min_scale=source.crop_min_scale,
-            indices=np.flatnonzero(examples.any(axis=0)),
-        )
-        if source.per_model_batch:
-            trainer_class = partial(trainer_class, examples_per_epoch=examples.sum(1))
-        trainer = trainer_class(
-            models, examples, source, steps_per_epoch=len(train), device=device, example_labels=labels
-        )
-    else:
-        train = loaders.get(
-            decoding,
-            "source_train",
-            train=True,
-            resolution=source.min_res,
-            batch_size=source.batch_size,
-            crop_min_scale=source.crop_min_scale,
-            classes=union,
-        )
-        if source.per_model_batch:
-            counts = np.bincount(labels, minlength=masks.shape[1])
-            trainer_class = partial(trainer_class, examples_per_epoch=masks.astype(np.int64) @ counts)
-        trainer = trainer_class(models, masks, source, steps_per_epoch=len(train), device=device)
+            with_indices=group.example_labels is not None,  # example masks route on example indices
+        ),
+        group.examples,
+    )
+    trainer = trainer_class(
+        models, group.masks, source, steps_per_epoch=len(train), device=device, example_labels=group.example_labels
+    )
     trainer.fit(train, source.epochs, resolution=source_resolution(source), on_epoch=on_epoch, stage="source epoch")
     failures = {rows[k]: f"source training: {reason}" for k, reason in trainer.failed.items()}
     alive = [k for k in range(len(rows)) if rows[k] not in failures]
     if not alive:
         return failures, {}
+    val_spec = LoaderSpec(
+        "source_val",
+        train=False,
+        resolution=source.val_res,
+        batch_size=source.batch_size,
+        crop_ratio=source.val_crop_ratio,
+    )
+    val_examples = np.flatnonzero(group.classes[read_labels(experiment.data.path("source_val"))])
     source_acc = trainer.accuracy(
-        loaders.get(
-            experiment,
-            "source_val",
-            train=False,
-            resolution=source.val_res,
-            batch_size=source.batch_size,
-            crop_ratio=source.val_crop_ratio,
-            classes=union,
-        ),
-        among_own=source.val_accuracy == "own_classes",
+        loaders.get(experiment, val_spec, val_examples), among_own=source.val_accuracy == "own_classes"
     )
     if experiment.run.checkpoints:  # before transfer, which changes the models
+        masks = store.fixed(MASKS)
         for k in alive:
-            save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[k], rows[k])
+            save_checkpoint(checkpoint_path(store.path, rows[k]), models[k], masks[rows[k]], rows[k])
     transfers = experiment.transfers
     outputs: dict[tuple[str, str], list[TransferOutputs]] = {}
     for n, (target, mode) in enumerate(transfers):  # the last transfer may change the models; the others get copies
@@ -138,7 +147,7 @@ def transfer_models(
     models: list,
     experiment: Experiment,
     loaders: LoaderCache,
-    on_epoch: Callable[[str], None],
+    on_epoch: Report,
     mode: str | None = None,
     target: str | None = None,
 ) -> tuple[list[TransferOutputs], dict[int, str]]:
@@ -153,18 +162,18 @@ def transfer_models(
     report = on_epoch if len(experiment.targets) == 1 else (lambda stage: on_epoch(f"{chosen.name}: {stage}"))
     decoding = decoding_experiment(experiment, config.per_model_batch)
 
-    def loader(split: str, train: bool, **crops):
+    def loader(split: str, train: bool, **crops) -> Loader:
         """Decoded at upsample_from px and upsampled on the device when set, else at the resolution."""
-        made = loaders.get(
-            decoding,
+        spec = LoaderSpec(
             split,
             train=train,
             resolution=config.upsample_from or config.resolution,
             batch_size=config.batch_size,
             normalization=config.normalization,
-            target=chosen,
+            target=chosen.name,
             **crops,
         )
+        made = loaders.get(decoding, spec)
         return Upsampled(made, config.resolution) if config.upsample_from else made
 
     test = loader("target_test", False, crop_ratio=config.test_crop_ratio)
@@ -207,48 +216,23 @@ def run_worker(
     label: str | None = None,
     loaders: LoaderCache | None = None,
 ) -> int:
-    """Claim and complete rows K at a time until none is pending; returns how many were written.
-    `label` starts this worker's name in the store (`store status` lists workers by name); `loaders`
-    (default: a new LoaderCache) lets successive runs in one process share their loaders."""
-    from tqdm import tqdm
-
+    """Claim and complete rows K at a time until none is pending (claims.run_claims); returns how many were
+    written. `label` starts this worker's name in the store (`store status` lists workers by name);
+    `loaders` (default: a new LoaderCache) lets successive runs in one process share their loaders."""
     store = ResultStore(store_dir)
     check_inputs(store, experiment)
     loaders = loaders or LoaderCache()
-    writer = store.writer(worker_name(label))
-    todo = _pending(store, rows)
-    bar = tqdm(total=len(todo), unit="model", disable=not progress, dynamic_ncols=True)
-    start, written = time.monotonic(), 0
 
-    def on_epoch(stage: str) -> None:
-        writer.heartbeat()
-        bar.set_description(f"rows {claimed[0]}-{claimed[-1]}: {stage}", refresh=True)
-        if not progress:  # a line per stage for logs (the local launcher shows each worker's latest)
-            print(f"rows {claimed[0]}-{claimed[-1]}: {stage}", flush=True)
+    def train_group(claimed: list[int], report: Report) -> GroupOutcome:
+        failures, results = train_rows(store, claimed, experiment, loaders, report)
+        done = sorted(results)
+        return GroupOutcome(done, record_values(experiment, [results[r] for r in done]) if done else {}, failures)
 
-    try:
-        while claimed := writer.claim(experiment.run.models_per_process, rows=rows):
-            failures, results = train_rows(store, claimed, experiment, loaders, on_epoch)
-            for row, reason in failures.items():
-                writer.fail(row, reason)
-            if results:
-                done = sorted(results)
-                writer.write_many(done, **record_values(store, experiment, [results[r] for r in done]))
-                written += len(done)
-            bar.update(len(claimed))
-            per_hour = 3600 * bar.n / (time.monotonic() - start)
-            bar.set_postfix_str(f"{per_hour:.1f} models/h, {len(failures)} failed", refresh=True)
-    finally:
-        writer.close()
-        bar.close()
-    return written
+    return run_claims(store, experiment.run.models_per_process, train_group, rows, progress, label)
 
 
-def record_values(
-    store: ResultStore, experiment: Experiment, results: list[tuple[float, Transfers]]
-) -> dict[str, np.ndarray]:
-    """The store's fields for each (source accuracy, outputs by transfer); a store made before a field
-    existed gets the fields it has."""
+def record_values(experiment: Experiment, results: list[tuple[float, Transfers]]) -> dict[str, np.ndarray]:
+    """The store's fields for each (source accuracy, outputs by transfer)."""
     values = {"source_acc": np.array([acc for acc, _ in results], np.float32)}
     for target, mode in experiment.transfers:
         outputs = [by_transfer[target, mode] for _, by_transfer in results]
@@ -257,9 +241,4 @@ def record_values(
         values[field("target_mean_class_acc")] = np.array([out.mean_class_accuracy for out in outputs], np.float32)
         for name in OUTPUT_SCHEMA:
             values[field(name)] = np.stack([getattr(out, name).cpu().numpy() for out in outputs])
-    return {name: value for name, value in values.items() if name in store.schema}
-
-
-def _pending(store: ResultStore, rows: Sequence[int] | None) -> list[int]:
-    done = set(store.completed_rows().tolist()) | set(store.failures())
-    return [r for r in (range(store.num_rows) if rows is None else rows) if r not in done]
+    return values

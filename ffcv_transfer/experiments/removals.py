@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ffcv_transfer.config import Experiment
 from ffcv_transfer.findings.counterfactual import KINDS
 from ffcv_transfer.store.experiment import MASKS, REMOVAL, create_store, read_sidecars
 from ffcv_transfer.store.results import ResultStore, StoreError
@@ -102,16 +102,16 @@ def without_class_design(num_classes: int, source_class: int, repeats: int) -> t
 
 def run_removals(
     path: str | Path,
-    experiment,
+    experiment: Experiment,
     masks: np.ndarray,
     removals: np.ndarray,
     progress: bool = True,
-    train: Callable[[Path, Any], None] | None = None,
-):
+    train: Callable[[Path, Experiment], None] | None = None,
+) -> ResultStore:
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
     the experiment's recipe, transferred to its first target in that target's first transfer mode (the
-    accuracy compared), by `train(path, experiment)` when given (else a worker in this process); returns
-    the store."""
+    accuracy compared), by `train(path, experiment)` when given (e.g. launched workers), else by a worker in
+    this process (engine.worker.run_worker, on the one claim loop); returns the store."""
     from ffcv_transfer.engine.worker import run_worker
 
     experiment = experiment.for_target(None, experiment.transfer.modes[0])

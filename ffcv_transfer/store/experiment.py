@@ -27,6 +27,7 @@ import numpy as np
 
 from ffcv_transfer.config import TARGETS as TARGETS_KEY
 from ffcv_transfer.config import ConfigError, Experiment, load_experiment
+from ffcv_transfer.store.files import atomic_write
 from ffcv_transfer.store.masks import class_masks, random_class_masks, random_example_masks
 from ffcv_transfer.store.results import ResultStore, StoreError
 
@@ -93,7 +94,7 @@ def create_store(
         path, len(masks), schema, fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})}
     )
     if experiment is not None:
-        experiment.save(store.path / EXPERIMENT_FILE)
+        atomic_write(store.path / EXPERIMENT_FILE, experiment.to_yaml().encode())
     return store
 
 
@@ -158,7 +159,6 @@ def add_models(store_dir: str | Path, count: int) -> range:
     random subsets drawn for the new rows (another draw than any earlier row's), their init seeds the row
     indices, the saved experiment's masks.num_models updated. Returns the new rows, pending for `train`."""
     import dataclasses
-    import os
 
     store, experiment = ResultStore(store_dir), open_experiment(store_dir)
     if count < 1:
@@ -185,9 +185,7 @@ def add_models(store_dir: str | Path, count: int) -> range:
         new[MASKS] = random_class_masks(count, store.fixed(MASKS).shape[1], m.alpha, m.seed, first_row=first)
     rows = store.add_rows(new)
     grown = dataclasses.replace(experiment, masks=dataclasses.replace(m, num_models=store.num_rows))
-    partial = store.path / f"{EXPERIMENT_FILE}.partial"
-    grown.save(partial)
-    os.replace(partial, store.path / EXPERIMENT_FILE)
+    atomic_write(store.path / EXPERIMENT_FILE, grown.to_yaml().encode())
     return rows
 
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from ffcv_transfer.store.files import atomic_path, atomic_write, temporary_path
+
 STORE_FORMAT = "ffcv-transfer/store"
 STORE_VERSION = 2
 MAGICS = {1: b"FTR1", 2: b"FTR2"}  # record magic by format version
@@ -52,16 +54,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def worker_name(label: str | None = None) -> str:
     """A writer name unique to this process (it names the writer's shard file), after an optional label
     saying which launcher's worker this is (e.g. "slurm-12_3", "gpu1")."""
@@ -70,8 +62,9 @@ def worker_name(label: str | None = None) -> str:
 
 def _create_whole(path: Path, data: bytes) -> bool:
     """Create `path` holding `data`, all or nothing: written to a temporary file, then hard-linked into
-    place (which fails if `path` exists); False if it existed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    place (which fails if `path` exists); False if it existed. Not fsynced: a claim lost in a crash only
+    leaves its row pending again."""
+    tmp = temporary_path(path)
     tmp.write_bytes(data)
     try:
         os.link(tmp, path)
@@ -181,7 +174,7 @@ class ResultStore:
             "claim_ttl_s": claim_ttl_s,
             "created": _now(),
         }
-        _atomic_write(path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+        atomic_write(path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
         return cls(path)
 
     # ------------------------------------------------------------ reading
@@ -200,8 +193,8 @@ class ResultStore:
 
     def add_rows(self, fixed: dict[str, np.ndarray]) -> range:
         """Grow the store by len(arrays) rows, given each fixed array's new rows; returns the new rows.
-        Each fixed array is rewritten (old rows, then new) under a temporary name and renamed, and the
-        spec's row count is written last: a crash in between leaves the store as it was (readers take
+        Each fixed array is rewritten whole (old rows, then new; `files.atomic_path`), and the spec's row
+        count is written last: a crash in between leaves the store as it was (readers take
         the first `num_rows` rows of a longer array), and a later `add_rows` starts over."""
         if sorted(fixed) != sorted(self.fixed_names):
             raise StoreError(
@@ -220,21 +213,18 @@ class ResultStore:
                     f"{self.path}: fixed array {name!r} holds {old.dtype} rows of shape "
                     f"{old.shape[1:]}, the new rows are {new.dtype} {new.shape[1:]}"
                 )
-            file, partial = self.path / "fixed" / f"{name}.npy", self.path / "fixed" / f"{name}.npy.partial"
-            grown = np.lib.format.open_memmap(partial, "w+", old.dtype, (len(old) + count, *old.shape[1:]))
-            for start in range(0, len(old), 65536):  # in blocks: example masks can be gigabytes
-                block = slice(start, min(start + 65536, len(old)))
-                grown[block] = old[block]
-            grown[len(old) :] = new
-            grown.flush()
-            del grown
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, file)
+            with atomic_path(self.path / "fixed" / f"{name}.npy") as partial:
+                grown = np.lib.format.open_memmap(partial, "w+", old.dtype, (len(old) + count, *old.shape[1:]))
+                for start in range(0, len(old), 65536):  # in blocks: example masks can be gigabytes
+                    block = slice(start, min(start + 65536, len(old)))
+                    grown[block] = old[block]
+                grown[len(old) :] = new
+                grown.flush()
+                del grown
         spec = json.loads((self.path / "spec.json").read_text())
         first = int(spec["num_rows"])
         spec["num_rows"] = first + count
-        _atomic_write(self.path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+        atomic_write(self.path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
         self.num_rows = first + count
         return range(first, first + count)
 
@@ -517,7 +507,7 @@ class StoreWriter:
             )
             if not stale:
                 return False
-            _atomic_write(file, self._claim_body())  # take over an expired or torn claim...
+            atomic_write(file, self._claim_body())  # take over an expired or torn claim...
             if (_read_claim(file) or {}).get("worker") != self.worker:
                 return False  # ...unless another writer took it over at the same time
         self.held.add(row)
@@ -576,7 +566,7 @@ class StoreWriter:
     def fail(self, row: int, reason: str) -> None:
         """Mark a row failed (e.g. diverged); failed rows are not claimed again and are skipped by readers."""
         body = json.dumps({"reason": reason, "worker": self.worker, "time": _now()}).encode()
-        _atomic_write(self.store.path / "failed" / f"{row}.json", body)
+        atomic_write(self.store.path / "failed" / f"{row}.json", body)
         self.release(row)
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
-"""What every beton writer shares: the two ffcv fields, atomic writes, and the sidecar
-(`ffcv_transfer.store.betons` reads them). The three files appear only once the beton is complete:
-everything is written under temporary names and renamed at the end, beton last.
+"""What every beton writer shares: the two ffcv fields and the sidecar (`ffcv_transfer.store.betons` reads
+them). The three files appear only once the beton is complete: each is written through
+`ffcv_transfer.store.files.atomic_path` and renamed at the end, beton last.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ffcv_transfer.store.betons import (
     sidecar_paths,
     stored_records,
 )
+from ffcv_transfer.store.files import atomic_path, temporary_path
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 PAGE_SIZE = 1 << 23  # ffcv's default page; one stored image must fit in it
@@ -123,12 +124,6 @@ class _GuardedSource:
             return np.zeros((1, 1, 3), np.uint8), -1
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def _stored_stats(beton: Path) -> dict[str, Any]:
     image, _ = stored_records(open_reader(beton))
     heights, widths = image["height"].astype(np.int64), image["width"].astype(np.int64)
@@ -183,29 +178,33 @@ def write_beton(
         raise BetonError(f"{origin}: {len(wnids)} wnids for {num_classes} classes")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}"
-    tmp_beton = out.with_name(f".{out.name}.tmp-{tag}")
-    tmp_meta, tmp_labels = (p.with_name(f".{p.name}.tmp-{tag}") for p in (meta_path, labels_path))
-    error_log = out.with_name(f".{out.name}.errors-{tag}")
-    try:
-        fields = {
-            "image": RGBImageField(
-                write_mode=options.write_mode,
-                max_resolution=options.max_resolution,
-                smart_threshold=options.smart_threshold,
-                jpeg_quality=options.jpeg_quality,
-                compress_probability=options.compress_probability,
-            ),
-            "label": IntField(),
-        }
-        num_workers = options.num_workers or os.cpu_count() or 1
-        writer = DatasetWriter(str(tmp_beton), fields, page_size=PAGE_SIZE, num_workers=min(num_workers, len(source)))
-        writer.from_indexed_dataset(_GuardedSource(source, error_log, options), chunksize=options.chunk_size)
-        if error_log.exists():
-            errors = error_log.read_text().splitlines()
-            shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-            raise BetonError(f"{origin}: {len(errors)} example(s) could not be read; nothing was written:\n  {shown}")
-
+    error_log = temporary_path(out.with_name(f"{out.name}.errors"))
+    # renamed into place on leaving the block in reverse order: labels, sidecar, then the beton
+    with atomic_path(out) as tmp_beton, atomic_path(meta_path) as tmp_meta, atomic_path(labels_path) as tmp_labels:
+        try:
+            fields = {
+                "image": RGBImageField(
+                    write_mode=options.write_mode,
+                    max_resolution=options.max_resolution,
+                    smart_threshold=options.smart_threshold,
+                    jpeg_quality=options.jpeg_quality,
+                    compress_probability=options.compress_probability,
+                ),
+                "label": IntField(),
+            }
+            num_workers = options.num_workers or os.cpu_count() or 1
+            writer = DatasetWriter(
+                str(tmp_beton), fields, page_size=PAGE_SIZE, num_workers=min(num_workers, len(source))
+            )
+            writer.from_indexed_dataset(_GuardedSource(source, error_log, options), chunksize=options.chunk_size)
+            if error_log.exists():
+                errors = error_log.read_text().splitlines()
+                shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
+                raise BetonError(
+                    f"{origin}: {len(errors)} example(s) could not be read; nothing was written:\n  {shown}"
+                )
+        finally:
+            error_log.unlink(missing_ok=True)
         with open(tmp_labels, "wb") as f:
             np.save(f, labels)
         meta = {
@@ -228,13 +227,7 @@ def write_beton(
             "extra": extra or {},
         }
         tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-        _fsync_replace(tmp_labels, labels_path)
-        _fsync_replace(tmp_meta, meta_path)
-        _fsync_replace(tmp_beton, out)
-        return meta
-    finally:
-        for path in (tmp_beton, tmp_meta, tmp_labels, error_log):
-            path.unlink(missing_ok=True)
+    return meta
 
 
 def write_arrays(

@@ -20,7 +20,6 @@ options, is kept as it is.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ffcv_transfer.store.betons import BetonError, read_sidecar
+from ffcv_transfer.store.files import atomic_write
 from ffcv_transfer.writers.archives import BlobSource, Inputs, load_mat, mat_column, tar_members
 from ffcv_transfer.writers.common import ImageOptions, write_beton, writer_progress
 from ffcv_transfer.writers.imagefolder import imagenet1k_classes
@@ -122,9 +122,7 @@ def _index_class(outer: tarfile.TarFile, member: tarfile.TarInfo, label: str) ->
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)  # a class's index appears whole or not at all
+    atomic_write(path, json.dumps(value).encode())  # a class's index appears whole or not at all
 
 
 def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list[str], BlobSource]:
