@@ -1,8 +1,9 @@
 """Influence kernel benchmark (JSON + a table).
 
 Sizes: "paper" (N=7,540 models, C=1,000 classes, T=10,000 target outputs, in memory) and "large"
-(N=50,000, streamed from a results store on disk); "small" (both ways) for quick checks. Cases, each in its own
-process so that its peak memory is its own:
+(N=50,000, streamed from a results store on disk); "small" (both ways) for quick checks; "examples"
+(N=1,000 models, E=32,768 source examples, T=1,000 target outputs: example-level influence from bit-packed
+masks). Cases, each in its own process so that its peak memory is its own:
 
   baseline   MadryLab/data-transfer's BatchInfluencesMeter algorithm, re-implemented: per chunk of 1,024
              models a batched mat-vec class_mask[C, n] @ outputs[T, n, 1] for included and for excluded
@@ -13,6 +14,8 @@ process so that its peak memory is its own:
   <backend>-resident   GPU backends with the data already on the device (compute only).
   store-<backend>      influence_from_store over the on-disk store, with the time to read the same
                        shard files as the disk floor (both with a warm page cache).
+  packed-<backend>     ("examples" only) example_influence from np.packbits masks, as a store keeps them:
+                       numpy unpacks each chunk and runs a GEMM, numba reads the bytes (its table kernel).
 
     python benchmarks/bench_influence.py --sizes paper large --out benchmarks/results/influence.json
 """
@@ -32,7 +35,12 @@ from pathlib import Path
 import numpy as np
 from bench_common import machine, run_in_subprocess, torch_cuda
 
-SIZES = {"small": (2_000, 200, 1_000), "paper": (7_540, 1_000, 10_000), "large": (50_000, 1_000, 10_000)}
+SIZES = {
+    "small": (2_000, 200, 1_000),
+    "paper": (7_540, 1_000, 10_000),
+    "large": (50_000, 1_000, 10_000),
+    "examples": (1_000, 32_768, 1_000),
+}
 
 
 def make_data(size: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +119,7 @@ def timed(fn, backend: str, repeats: int) -> tuple[float, object]:
 
 def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
     from ffcv_transfer.findings.influence import influence_from_store
-    from ffcv_transfer.findings.kernel import InfluenceAccumulator, class_influence
+    from ffcv_transfer.findings.kernel import InfluenceAccumulator, class_influence, example_influence
 
     n, classes, width = SIZES[size]
     row = {"case": case, "size": size, "N": n, "C": classes, "T": width}
@@ -152,10 +160,16 @@ def run_case(case: str, size: str, args: argparse.Namespace) -> dict:
         seconds, result = timed(lambda: m.T @ y, "numpy", args.repeats)
         row.update(seconds=seconds)
         result = None
+    elif case.startswith("packed-"):
+        backend, packed = case.removeprefix("packed-"), np.packbits(masks, axis=1)
+        seconds, result = timed(
+            lambda: example_influence(packed, outputs, classes, backend=backend), backend, args.repeats
+        )
+        row.update(seconds=seconds, gpu_peak_mb=gpu_peak_mb(backend))
     elif case.endswith("-resident"):
         backend = case.removesuffix("-resident")
         accumulator = InfluenceAccumulator(classes, width, backend=backend)
-        dev_masks, dev_outputs = accumulator.ops.put(masks), accumulator.ops.put(outputs)
+        dev_masks, dev_outputs = accumulator.backend.put_masks(masks), accumulator.backend.put(outputs)
 
         def compute():
             acc = InfluenceAccumulator(classes, width, backend=backend)
@@ -224,10 +238,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as store_dir:
         for size in args.sizes:
             plan = []
-            if size != "large":  # in memory
+            if size == "examples":
+                plan += [f"packed-{b}" for b in backends]
+            elif size != "large":  # in memory
                 plan += ["baseline", "sgemm", "dgemm", *backends]
                 plan += [f"{b}-resident" for b in backends if b == "cupy" or (b == "torch" and gpu)]
-            if size != "paper":  # streamed from a store on disk
+            if size in ("small", "large"):  # streamed from a store on disk
                 plan += ["store-build"] + [f"store-{b}" for b in backends if b != "numba"]
             for case in plan:
                 result = run_in_subprocess(

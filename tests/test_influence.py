@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from ffcv_transfer.cli import main as cli_main
-from ffcv_transfer.findings.influence import influence_from_store
+from ffcv_transfer.findings.influence import influence_from_store, write_influence
 from ffcv_transfer.findings.kernel import (
+    TABLE_CLASSES,
+    TABLE_COLUMNS,
     InfluenceAccumulator,
+    InfluenceBackend,
     InfluenceError,
+    NumbaBackend,
     available_backends,
     class_influence,
     example_influence,
@@ -190,6 +194,103 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
         == 0
     )
     assert relative_error(np.load(out), expected) < 1e-6 and np.load(tmp_path / "infl.stderr.npy").shape == (8, 10)
+
+
+def test_write_influence_writes_whole_files_or_leaves_the_earlier_ones(tmp_path):
+    rng = np.random.default_rng(10)
+    masks, outputs = random_case(rng, 40, 5, 7)
+    store = ResultStore.create(tmp_path / "store", 40, {"margins": ((7,), np.float16)}, fixed={"masks": masks})
+    store.writer().write_many(range(40), margins=outputs)
+    out = tmp_path / "infl.npy"
+    written = write_influence([tmp_path / "store"], out, stderr=True, backend="numpy", max_bytes=1500)
+    assert written == [out, tmp_path / "infl.stderr.npy"]
+    influence, stderr = np.load(written[0]), np.load(written[1])
+    assert relative_error(influence, reference(masks, outputs)) < 1e-6
+    np.testing.assert_allclose(stderr, class_influence(masks, outputs, stderr=True)[1], rtol=1e-5)
+    for row in range(40):  # now the computation fails after the files were opened
+        store.writer().fail(row, "diverged")
+    with pytest.raises(InfluenceError, match="every completed row is marked failed"):
+        write_influence([tmp_path / "store"], out, stderr=True, backend="numpy")
+    np.testing.assert_array_equal(np.load(written[0]), influence)
+    np.testing.assert_array_equal(np.load(written[1]), stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infl.npy", "infl.stderr.npy", "store"]
+
+
+numba_only = pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+
+
+@numba_only
+def test_numba_table_sums_equal_float64_sums_across_tiles():
+    """The table kernel against float64 numpy on the same inputs: class tiles (more than TABLE_CLASSES
+    columns), a partial column tile, and an odd number of eight-model groups (the last one short)."""
+    rng = np.random.default_rng(7)
+    backend = NumbaBackend()
+    for models, classes, width in [
+        (21, TABLE_CLASSES + 100, TABLE_COLUMNS + 5),
+        (8, 3, 1),
+        (70, 45, 2 * TABLE_COLUMNS),
+    ]:
+        masks = rng.random((models, classes)) < 0.5
+        values = rng.normal(size=(models, width))
+        expected = masks.T.astype(np.float64) @ values
+        for put in (backend.put_masks(masks), backend.put_packed_masks(np.packbits(masks, axis=1), classes)):
+            np.testing.assert_allclose(backend.masked_sums(put, values), expected, rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(backend.mask_counts(put), masks.sum(0))
+
+
+@numba_only
+def test_numba_example_influence_from_packed_bytes_matches_numpy_and_the_reference():
+    rng = np.random.default_rng(8)
+    masks, outputs = random_case(rng, 83, 203, 37, np.float16)  # 203 examples: a partial last byte
+    packed = np.packbits(masks, axis=1)
+    numba, numpy = (example_influence(packed, outputs, 203, backend=name, block=64) for name in ("numba", "numpy"))
+    np.testing.assert_allclose(numba, numpy, rtol=1e-5, atol=1e-6)
+    assert relative_error(numba, reference(masks, outputs)) < 1e-6
+    accumulator = InfluenceAccumulator(203, 37, backend="numba")
+    with pytest.raises(InfluenceError, match=r"203 classes need packed masks \(n, 26\) uint8"):
+        accumulator.update_packed(packed[:, :25], outputs)
+
+
+def test_any_influence_backend_subclass_drives_the_accumulator():
+    """A backend is the seven abstract methods; one written here (float64 numpy, masks as 0/1 floats)
+    gives the definition's numbers, and a class that leaves one out cannot be made."""
+
+    class Plain(InfluenceBackend):
+        def put(self, array):
+            return np.array(array)
+
+        def host(self, array):
+            return array
+
+        def zeros(self, shape):
+            return np.zeros(shape)
+
+        def center(self, outputs):
+            mean = outputs.astype(np.float64).mean(0)
+            return outputs - mean, mean
+
+        def colsum(self, array):
+            return array.sum(0, dtype=np.float64)
+
+        def finite(self, array):
+            return bool(np.isfinite(array).all())
+
+        def masked_sums(self, masks, values):
+            return masks.T.astype(np.float64) @ values
+
+    rng = np.random.default_rng(9)
+    masks, outputs = random_case(rng, 90, 6, 4, np.float64)
+    accumulator = InfluenceAccumulator(6, 4, backend=Plain())
+    accumulator.update(masks[:40], outputs[:40])
+    accumulator.update_packed(np.packbits(masks[40:], axis=1), outputs[40:])
+    assert relative_error(accumulator.result(), reference(masks, outputs)) < 1e-6  # float32 results
+
+    class Incomplete(InfluenceBackend):
+        def put(self, array):
+            return array
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
 
 
 def test_kernel_and_store_import_without_torch_or_ffcv():

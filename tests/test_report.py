@@ -220,3 +220,39 @@ def test_a_store_whose_every_model_failed_says_why(planted_store, tmp_path):
     writer.close()
     with pytest.raises(StoreError, match=f"{MODELS} failed, e.g. row 0: source training: no training step"):
         gather(store.path)
+
+
+def test_a_source_class_by_name_or_index_and_a_wrong_one_is_a_one_line_error(planted_store, tmp_path, capsys):
+    from ffcv_transfer.cli import main as cli_main
+    from ffcv_transfer.findings.names import class_index
+
+    names = ["cat", "dog", "7"]
+    assert [class_index(names, value) for value in ("0", "dog", "2", "7", "3", "emu")] == [0, 1, 2, 2, None, None]
+    store_dir = planted_store[0]
+    found = gather(store_dir)
+    out = tmp_path / "findings"
+    for value in ("1", found.source_names[1]):
+        assert cli_main(["subpopulation", str(store_dir), "--source-class", value, "--k", "4", "--out", str(out)]) == 0
+        assert f"images: {out / 'subpopulation_1.png'}" in capsys.readouterr().out
+    assert cli_main(["subpopulation", str(store_dir), "--source-class", "emu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ffcv-transfer: error: --source-class 'emu': not an index below") and err.count("\n") == 1
+
+
+def test_influence_of_a_transfer_mode_is_read_from_its_field(planted_store, tmp_path):
+    """`ffcv-transfer influence --mode M`: the experiment's own mode is a field of the store (the first mode
+    the bare name); a mode it does not have is a ConfigError naming its modes."""
+    from ffcv_transfer.config import ConfigError
+    from ffcv_transfer.findings.influence import transfer_outputs, write_influence
+    from ffcv_transfer.findings.kernel import class_influence
+    from ffcv_transfer.store.experiment import open_experiment
+
+    store_dir = planted_store[0]
+    first_mode = open_experiment(store_dir).targets[0].transfer.modes[0]
+    assert transfer_outputs([store_dir], "margins", mode=first_mode) == ([store_dir], "margins")
+    with pytest.raises(ConfigError, match="--mode nope: this store's transfer modes are"):
+        transfer_outputs([store_dir], "margins", mode="nope")
+    [written] = write_influence([store_dir], tmp_path / "infl.npy", mode=first_mode, backend="numpy")
+    values = ResultStore(store_dir).read(["masks", "margins"])[1]
+    expected = class_influence(values["masks"], values["margins"].astype(np.float64), backend="numpy")
+    np.testing.assert_allclose(np.load(written), expected, rtol=1e-5, atol=1e-6)

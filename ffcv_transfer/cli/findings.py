@@ -4,8 +4,6 @@ Each reads a finished store and writes its figures and JSON under --out (default
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ffcv_transfer.cli.common import (
     SETTINGS_HELP,
@@ -17,64 +15,35 @@ from ffcv_transfer.cli.common import (
 )
 
 
-def _out(args: argparse.Namespace) -> Path:
-    first = args.store[0] if isinstance(args.store, list) else args.store
-    out = Path(args.out) if args.out else Path(first) / "findings"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _source_class(found, value: str) -> int:
-    """A source class given as an index or a name."""
-    if value.isdigit() and int(value) < len(found.source_names):
-        return int(value)
-    if value in found.source_names:
-        return found.source_names.index(value)
-    raise ValueError(
-        f"--source-class {value!r}: not an index below {len(found.source_names)} nor a class name "
-        f"(e.g. {', '.join(found.source_names[:3])})"
-    )
-
-
 def cmd_rankings(args: argparse.Namespace) -> None:
-    from ffcv_transfer.findings.plots import influence_bars
-    from ffcv_transfer.findings.rankings import top_and_bottom
     from ffcv_transfer.findings.reliability import describe_column
-    from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.findings.report import findings_dir, gather, write_rankings
     from ffcv_transfer.findings.wordnet import describe_agreement
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
-    by_class = found.by_class
-    columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
-    columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
-    stated = found.reliability.to_json()["columns"] if found.reliability else {}
-    stated = {"all target examples": stated.get("overall"), **{name: stated.get(name) for name in found.target_names}}
+    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
     if found.reliability and (banner := found.reliability.banner()):
         print(f"NOTE: {banner}\n")
-    rankings = {}
-    for n, (name, (values, stderr)) in enumerate(columns.items()):
-        rankings[name] = top_and_bottom(values, found.source_names, args.k, stderr) | {"reliability": stated[name]}
-        chart = influence_bars(out / f"rankings_{n}.png", found.source_names, values, args.k, name, stderr)
-        best, worst = rankings[name]["positive"], rankings[name]["negative"]
-        print(f"{name}: chart {chart}" + (f"; {describe_column(stated[name])}" if stated[name] else ""))
-        for p, q in zip(best, worst):
+    rankings, charts, written = write_rankings(found, findings_dir(args.store, args.out), args.k)
+    for (name, ranking), chart in zip(rankings.items(), charts):
+        stated = ranking["reliability"]
+        print(f"{name}: chart {chart}" + (f"; {describe_column(stated)}" if stated else ""))
+        for p, q in zip(ranking["positive"], ranking["negative"]):
             print(
                 f"  {p['source']:30s} {p['influence']:+8.3f} ±{p['stderr']:6.3f}    "
                 f"{q['source']:30s} {q['influence']:+8.3f} ±{q['stderr']:6.3f}"
             )
     if found.wordnet:
-        rankings["wordnet_agreement"] = found.wordnet
         print(describe_agreement(found.wordnet))
-    (out / "rankings.json").write_text(json.dumps(rankings, indent=1) + "\n")
-    print(f"wrote {out / 'rankings.json'}")
+    print(f"wrote {written}")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from ffcv_transfer.findings.rankings import explain_example
-    from ffcv_transfer.findings.report import explanation_grid, gather
+    from ffcv_transfer.findings.report import explanation_grid, findings_dir, gather
     from ffcv_transfer.store.betons import BetonRecords
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
+    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
+    out = findings_dir(args.store, args.out)
     j = args.example
     negative = explain_example(found.influence, j, args.k)
     target = found.target_names[found.labels[j]]
@@ -88,34 +57,40 @@ def cmd_explain(args: argparse.Namespace) -> None:
     grid = explanation_grid(out / f"explain_{j}.png", found, j, negative, target_images, source_images, per_class=4)
     print(f"images: {grid}")
     if args.check:
-        _check_without(args, found, j, int(negative[0]), out)
+        from ffcv_transfer.experiments.explain_check import check_without_class
 
-
-def _check_without(args: argparse.Namespace, found, example: int, source_class: int, out: Path) -> None:
-    """Retrain `args.check` models with every class and as many without `source_class`."""
-    from ffcv_transfer.experiments.removals import run_removals, without_class_design
-    from ffcv_transfer.findings.counterfactual import correct_by_removal
-
-    experiment = store_experiment(args)
-    masks, removals = without_class_design(len(found.source_names), source_class, args.check)
-    store = run_removals(
-        out / f"check_{example}_without_{source_class}", experiment, masks, removals, progress=not args.no_progress
-    )
-    rates = correct_by_removal(store, example)
-    print(
-        f"retrained {rates['models']} models: example {example} predicted correctly by {rates['with']:.0%} of those "
-        f"with {found.source_names[source_class]} and {rates['without']:.0%} of those without it"
-    )
+        source_class = int(negative[0])
+        rates = check_without_class(
+            out,
+            store_experiment(args),
+            len(found.source_names),
+            j,
+            source_class,
+            args.check,
+            progress=not args.no_progress,
+        )
+        print(
+            f"retrained {rates['models']} models: example {j} predicted correctly by {rates['with']:.0%} of those "
+            f"with {found.source_names[source_class]} and {rates['without']:.0%} of those without it"
+        )
 
 
 def cmd_subpopulation(args: argparse.Namespace) -> None:
+    from ffcv_transfer.config import ConfigError
+    from ffcv_transfer.findings.names import class_index
     from ffcv_transfer.findings.plots import image_grid
     from ffcv_transfer.findings.rankings import subpopulation
-    from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.findings.report import findings_dir, gather
     from ffcv_transfer.store.betons import BetonRecords
 
-    found, out = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target), _out(args)
-    c = _source_class(found, args.source_class)
+    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
+    out = findings_dir(args.store, args.out)
+    c = class_index(found.source_names, args.source_class)
+    if c is None:
+        raise ConfigError(
+            f"--source-class {args.source_class!r}: not an index below {len(found.source_names)} nor a class name "
+            f"(e.g. {', '.join(found.source_names[:3])})"
+        )
     target = found.target_names.index(args.target_class) if args.target_class else None
     chosen = subpopulation(found.influence, c, args.k, found.labels, target)
     images = BetonRecords(found.betons["target_test"])
@@ -132,26 +107,15 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from ffcv_transfer.experiments.removals import removal_design, run_removals
-    from ffcv_transfer.findings.counterfactual import (
-        accuracy_by_arm,
-        accuracy_by_removal,
-        changes_against_all,
-        format_gain,
-    )
-    from ffcv_transfer.findings.plots import accuracy_versus_removed
-    from ffcv_transfer.findings.report import gather
+    from ffcv_transfer.findings.counterfactual import format_gain, write_counterfactual
+    from ffcv_transfer.findings.report import findings_dir, gather
 
-    found, out = gather(args.store, output=args.output, mode=args.mode, target=args.target), _out(args)
+    found = gather(args.store, output=args.output, mode=args.mode, target=args.target)
+    out = findings_dir(args.store, args.out)
     experiment = store_experiment(args)
     masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
     store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
-    arms = accuracy_by_arm(store)
-    baseline, curves = accuracy_by_removal(arms)
-    changes = changes_against_all(arms)
-    plot = accuracy_versus_removed(
-        out / "counterfactual.png", curves, baseline, f"counterfactuals of {args.store}", changes
-    )
-    (out / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1) + "\n")
+    baseline, curves, changes, plot = write_counterfactual(store, out, f"counterfactuals of {args.store}")
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")
     for kind, by_k in curves.items():
         for k, accuracies in sorted(by_k.items()):

@@ -51,52 +51,29 @@ def cmd_influence(args: argparse.Namespace) -> None:
     import numpy as np
 
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.findings.influence import influence_from_store
-    from ffcv_transfer.store.results import open_stores
+    from ffcv_transfer.findings.influence import write_influence
 
     if args.chunk < 1:
         raise ConfigError(f"--chunk {args.chunk}: expected at least 1 row per chunk")
     if not Path(args.out).resolve().parent.is_dir():  # before the computation, not after it
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
-    max_bytes = max_bytes_of(args)
-    store = open_stores(args.store)
-    if args.mode is not None or args.target is not None:
-        from ffcv_transfer.store.experiment import later_transfer_stores, open_experiment, transfer_field
-
-        later = later_transfer_stores([Path(path) for path in args.store], args.target, args.mode)
-        if later:  # a transfer made by `ffcv-transfer transfer`: its own store, bare names
-            args.store = [str(path) for path in later]
-        else:
-            args.key = transfer_field(args.key, open_experiment(args.store[0]), args.target, args.mode)
-    store.require([args.mask_key, args.key])
-    if args.key not in store.schema:
-        raise ConfigError(f"--key {args.key}: a fixed array of {args.store}, not a per-model output")
-    shape = (store.fixed(args.mask_key).shape[1], int(np.prod(store.schema[args.key][0])))
-    finals = [Path(args.out), Path(args.out.removesuffix(".npy") + ".stderr.npy")][: 1 + args.stderr]
-    partials = [Path(f"{final}.partial") for final in finals]
-    try:  # filled block by block, so the (C, T) result never has to fit in memory; renamed when complete
-        out, *out_stderr = [np.lib.format.open_memmap(p, "w+", np.float32, shape) for p in partials]
-        influence_from_store(
-            args.store,
-            args.key,
-            mask_key=args.mask_key,
-            backend=args.backend,
-            chunk=args.chunk,
-            stderr=args.stderr,
-            progress=True,
-            max_bytes=max_bytes,
-            out=out,
-            out_stderr=out_stderr[0] if out_stderr else None,
-        )
-        for array, partial, final in zip([out, *out_stderr], partials, finals):
-            array.flush()
-            os.replace(partial, final)
-    finally:
-        for partial in partials:
-            partial.unlink(missing_ok=True)
-    print(f"wrote {finals[0]}: influence {shape[0]} classes x {shape[1]} outputs")
+    written = write_influence(
+        args.store,
+        args.out,
+        args.key,
+        target=args.target,
+        mode=args.mode,
+        mask_key=args.mask_key,
+        backend=args.backend,
+        chunk=args.chunk,
+        stderr=args.stderr,
+        progress=True,
+        max_bytes=max_bytes_of(args),
+    )
+    classes, outputs = np.load(written[0], mmap_mode="r").shape
+    print(f"wrote {written[0]}: influence {classes} classes x {outputs} outputs")
     if args.stderr:
-        print(f"wrote {finals[1]}")
+        print(f"wrote {written[1]}")
 
 
 def cmd_settings(args: argparse.Namespace) -> None:

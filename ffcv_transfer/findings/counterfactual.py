@@ -7,7 +7,9 @@ spread of per-model target accuracy across initialisations then cancels out of t
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,23 @@ def format_gain(gain: dict[str, Any]) -> str:
         return ""
     spread = "" if gain["stderr"] is None else f" ± {gain['stderr']:.4f}"
     return f"{gain['mean']:+.4f}{spread} ({len(gain['per_seed'])} seed{'s' * (len(gain['per_seed']) > 1)})"
+
+
+def write_counterfactual(
+    store, out: str | Path, title: str
+) -> tuple[list[float], dict[str, dict[int, list[float]]], dict[str, dict[int, dict[str, Any]]], Path]:
+    """Read a removal store's arms and write OUT/counterfactual.png (target accuracy against the classes
+    removed, titled `title`) and OUT/counterfactual.json (baseline and curves). Returns (`accuracy_by_removal`'s
+    baseline and curves, `changes_against_all`, the plot's path)."""
+    from ffcv_transfer.findings.plots import accuracy_versus_removed
+
+    out = Path(out)
+    arms = accuracy_by_arm(store)
+    baseline, curves = accuracy_by_removal(arms)
+    changes = changes_against_all(arms)
+    plot = accuracy_versus_removed(out / "counterfactual.png", curves, baseline, title, changes)
+    (out / "counterfactual.json").write_text(json.dumps({"baseline": baseline, "curves": curves}, indent=1) + "\n")
+    return baseline, curves, changes, plot
 
 
 def correct_by_removal(store, example: int) -> dict[str, float]:

@@ -1,10 +1,14 @@
 """Class influence streamed from results stores: the kernel (`ffcv_transfer.findings.kernel`) fed chunk by
-chunk from disk, with the next chunk read while the current one is computed."""
+chunk from disk, with the next chunk read while the current one is computed; `write_influence` streams it
+into .npy files."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -12,10 +16,12 @@ from ffcv_transfer.findings.kernel import (
     DEFAULT_CHUNK,
     DEFAULT_MAX_BYTES,
     InfluenceAccumulator,
+    InfluenceBackend,
     InfluenceError,
     column_blocks,
     plan_blocks,
 )
+from ffcv_transfer.store.files import atomic_path
 from ffcv_transfer.store.results import open_stores
 
 
@@ -24,7 +30,7 @@ def influence_from_store(
     key: str = "margins",
     *,
     mask_key: str = "masks",
-    backend: str = "auto",
+    backend: str | InfluenceBackend = "auto",
     chunk: int = DEFAULT_CHUNK,
     stderr: bool = False,
     progress: bool = False,
@@ -38,8 +44,6 @@ def influence_from_store(
     columns per pass over the store. The next chunk is read from disk while the current one is computed.
     `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
 
     store = open_stores(store_dir)
     store_dir = store_dir if isinstance(store_dir, (str, Path)) else " + ".join(map(str, store_dir))
@@ -69,7 +73,7 @@ def influence_from_store(
         out_stderr = np.empty((num_classes, num_outputs), np.float32)
     with (
         ThreadPoolExecutor(1) as reader,
-        tqdm(total=total * len(blocks), desc="influence", unit=" models", disable=not progress) as bar,
+        progress_bar(total * len(blocks), progress) as bar,
     ):
         for columns in blocks:
             chunks = store.iter_chunks([mask_key, key], chunk=chunk)
@@ -87,3 +91,81 @@ def influence_from_store(
             else:
                 out[:, columns] = accumulator.result()
     return (out, out_stderr) if stderr else out
+
+
+def transfer_outputs(
+    store_dirs: Sequence[str | Path], key: str, target: str | None = None, mode: str | None = None
+) -> tuple[list[Path], str]:
+    """(stores, field) holding output `key` of the transfer to `target` in `mode`: a transfer made later by
+    `ffcv-transfer transfer` is its own store per source store (STORE/transfers/TARGET/MODE) under the
+    bare name; one of the experiment's own transfers is a field of the stores (`transfer_field`)."""
+    from ffcv_transfer.store.experiment import later_transfer_stores, open_experiment, transfer_field
+
+    stores = [Path(path) for path in store_dirs]
+    if target is None and mode is None:
+        return stores, key
+    if later := later_transfer_stores(stores, target, mode):
+        return later, key
+    return stores, transfer_field(key, open_experiment(stores[0]), target, mode)
+
+
+def stderr_path(out: str | Path) -> Path:
+    """Where `write_influence` puts the standard errors beside OUT.npy: OUT.stderr.npy."""
+    return Path(str(out).removesuffix(".npy") + ".stderr.npy")
+
+
+def write_influence(
+    store_dirs: Sequence[str | Path],
+    out: str | Path,
+    key: str = "margins",
+    *,
+    target: str | None = None,
+    mode: str | None = None,
+    mask_key: str = "masks",
+    backend: str | InfluenceBackend = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    stderr: bool = False,
+    progress: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> list[Path]:
+    """Write the class influence of the stores (read as one) on output `key` of a transfer
+    (`transfer_outputs`) to `out`, a (C, T) float32 .npy, and with `stderr` its standard errors to
+    `stderr_path(out)`; returns the paths written. The arrays are memmaps filled block by block
+    (`influence_from_store`), so the result never has to fit in memory; each file appears whole or not
+    at all (`store.files.atomic_path`): an error leaves what was there before."""
+    stores, key = transfer_outputs(store_dirs, key, target, mode)
+    store = open_stores(stores)
+    store.require([mask_key, key])
+    if key not in store.schema:
+        raise InfluenceError(f"{stores[0]}: {key!r} is a fixed array, not a per-model output")
+    shape = (store.fixed(mask_key).shape[1], int(np.prod(store.schema[key][0])))
+    finals = [Path(out), stderr_path(out)][: 1 + stderr]
+    with ExitStack() as files:
+        temporary = [files.enter_context(atomic_path(final)) for final in finals]
+        arrays = [np.lib.format.open_memmap(path, "w+", np.float32, shape) for path in temporary]
+        influence_from_store(
+            stores,
+            key,
+            mask_key=mask_key,
+            backend=backend,
+            chunk=chunk,
+            stderr=stderr,
+            progress=progress,
+            max_bytes=max_bytes,
+            out=arrays[0],
+            out_stderr=arrays[1] if stderr else None,
+        )
+        for array in arrays:
+            array.flush()
+        del arrays  # the maps are closed before their files are renamed
+    return finals
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm's bar over `total` models when `enabled`, else a silent stand-in: tqdm comes with the engine
+    extra, and the light core streams stores without it."""
+    if not enabled:
+        return nullcontext(SimpleNamespace(update=lambda count: None))
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="influence", unit=" models")

@@ -8,11 +8,14 @@ sums moved exactly to a common shift (the first chunk's means); influence is inv
 and without it the difference of two large, close means loses most of float32's precision. Chunk
 partial sums are accumulated in float64.
 
-Imports numpy alone; numba, torch and cupy are used only by their backends.
+Where the sums run is a backend (`InfluenceBackend`: numpy's BLAS, numba's table kernel, torch, cupy, or
+any subclass), given to `InfluenceAccumulator` by name or as an instance. Imports numpy alone; numba,
+torch and cupy are imported only when their backend is made.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,12 +37,8 @@ class InfluenceError(ValueError):
 
 def available_backends() -> list[str]:
     found = ["numpy"]
-    try:
-        import numba  # noqa: F401
-
+    if _has_numba():
         found.append("numba")
-    except ImportError:
-        pass
     try:
         import torch  # noqa: F401
 
@@ -69,9 +68,10 @@ def _cuda_torch() -> bool:
         return False
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto`: a GPU when there is one (cupy, then torch), else numpy's BLAS, which beats the numba
-    kernel on CPU (benchmarks/bench_influence.py)."""
+def resolve_backend(backend: str, *, packed: bool = False) -> str:
+    """`auto`: a GPU when there is one (cupy, then torch); else on the CPU numpy's BLAS for class masks,
+    and for bit-packed example masks (`packed`) numba's table kernel when numba is installed, each the
+    faster there (benchmarks/bench_influence.py, docs/benchmarks.md#influence-kernel)."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise InfluenceError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
@@ -80,10 +80,20 @@ def resolve_backend(backend: str) -> str:
         return "cupy"
     if _cuda_torch():
         return "torch"
+    if packed and _has_numba():
+        return "numba"
     return "numpy"
 
 
-# ---------------------------------------------------------------- backends: where the GEMM runs
+def _has_numba() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- backends: where the sums run
 
 
 class ChunkSums(NamedTuple):
@@ -96,8 +106,56 @@ class ChunkSums(NamedTuple):
     square_column_sums: Any = None
 
 
-class _Ops:
-    """Where the arithmetic runs; subclasses give put/host/zeros/center/colsum/finite/masked_sums."""
+class InfluenceBackend(abc.ABC):
+    """Where the accumulator's arithmetic runs and in which memory its arrays live.
+
+    A backend supplies the seven abstract methods; `InfluenceAccumulator` takes any instance. Masks reach
+    the backend through `put_masks` (0/1 rows as bool) or `put_packed_masks` (rows bit-packed along the
+    columns, as the example-level stores keep them) and come back only to `masked_sums` and
+    `mask_counts`, so a backend chooses its own mask format; the defaults keep them as bool arrays."""
+
+    name: str = "custom"
+
+    @abc.abstractmethod
+    def put(self, array: np.ndarray) -> Any:
+        """A host array in the backend's memory."""
+
+    @abc.abstractmethod
+    def host(self, array: Any) -> np.ndarray:
+        """A backend array as a numpy array."""
+
+    @abc.abstractmethod
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        """float64 zeros in the backend's memory."""
+
+    @abc.abstractmethod
+    def center(self, outputs: Any) -> tuple[Any, Any]:
+        """(outputs minus their column means, those means as subtracted, in float64)."""
+
+    @abc.abstractmethod
+    def colsum(self, array: Any) -> Any:
+        """Column sums in float64."""
+
+    @abc.abstractmethod
+    def finite(self, array: Any) -> bool:
+        """Whether every value is finite."""
+
+    @abc.abstractmethod
+    def masked_sums(self, masks: Any, values: Any) -> Any:
+        """M^T values (C, T) in float64, for masks as made by `put_masks` or `put_packed_masks`."""
+
+    def put_masks(self, masks: np.ndarray) -> Any:
+        """(n, C) bool host masks in the backend's mask format."""
+        return self.put(masks)
+
+    def put_packed_masks(self, packed: np.ndarray, count: int) -> Any:
+        """(n, ceil(count / 8)) uint8 host rows, bit-packed along the columns (np.packbits(masks, axis=1)),
+        in the backend's mask format: the masks of `count` columns."""
+        return self.put_masks(np.unpackbits(packed, axis=1, count=count).view(np.bool_))
+
+    def mask_counts(self, masks: Any) -> Any:
+        """(C,) float64: the models that include each column of the masks."""
+        return self.colsum(masks)
 
     def centered_sums(self, masks: Any, outputs: Any, squares: bool) -> ChunkSums | None:
         """The chunk's sums, or None if it holds a non-finite output (which makes a column mean non-finite)."""
@@ -113,7 +171,7 @@ class _Ops:
         return sums
 
 
-class _NumpyOps(_Ops):
+class NumpyBackend(InfluenceBackend):
     """Host arrays; S += M^T Y by BLAS dgemm. float64 because sgemm's float32 accumulation alone
     misses the 1e-6 accuracy target (docs/benchmarks.md#influence-kernel)."""
 
@@ -129,8 +187,8 @@ class _NumpyOps(_Ops):
         return np.zeros(shape, np.float64)
 
     def center(self, outputs: Any) -> tuple[Any, Any]:
-        """(outputs minus their column means, those means as subtracted, in float64). Row blocks in
-        threads: numpy releases the GIL in these loops, and the conversion from float16 is slow."""
+        """Row blocks in threads: numpy releases the GIL in these loops, and the conversion from float16 is
+        slow."""
         values = np.empty(outputs.shape, np.float64)
         blocks = [slice(start, start + HOST_BLOCK) for start in range(0, len(outputs), HOST_BLOCK)]
 
@@ -170,49 +228,117 @@ def _host_pool() -> Any:
     return _POOL
 
 
-class _NumbaOps(_NumpyOps):
-    """Host arrays; masked row sums by a parallel numba kernel (adds, no multiplies)."""
+# The table kernel's tiles: TABLE_COLUMNS outputs (a compile-time constant, so that the inner loops unroll
+# into whole vector registers; values are padded to a multiple of it) by TABLE_CLASSES classes (the
+# accumulator tile, 1 MB in float64, sized to a core's L2)
+TABLE_COLUMNS = 32
+TABLE_CLASSES = 4096
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], np.float64)
+
+
+class NumbaBackend(NumpyBackend):
+    """Host arrays; M^T Y by a parallel numba kernel that never multiplies by a mask: masks are kept packed
+    along the models (one byte holds eight models' bits for one class), and for each group of eight models
+    a table of the 256 subset sums of their eight output rows turns eight masked row additions into one
+    table lookup per class (the "four Russians" method; two groups share each pass over the accumulator).
+    Bit-packed example masks are regrouped straight from their bytes, never unpacked to a dense array.
+    Sums are float64 throughout, like numpy's dgemm. On CPUs it beats BLAS where the masks are wide and
+    the outputs few (example-level influence); BLAS wins on class masks (docs/benchmarks.md#influence-kernel)."""
 
     name = "numba"
 
+    def __init__(self) -> None:
+        self.kernels = _numba_kernels()
+
+    def put_masks(self, masks: np.ndarray) -> Any:
+        return np.packbits(masks, axis=0, bitorder="little")
+
+    def put_packed_masks(self, packed: np.ndarray, count: int) -> Any:
+        codes = np.empty(((len(packed) + 7) // 8, count), np.uint8)
+        self.kernels.regroup(np.ascontiguousarray(packed), codes)
+        return codes
+
+    def mask_counts(self, masks: Any) -> Any:
+        return _POPCOUNT[masks].sum(axis=0)
+
     def masked_sums(self, masks: Any, values: Any) -> Any:
-        out = np.zeros((masks.shape[1], values.shape[1]), np.float64)
-        _numba_kernel()(np.ascontiguousarray(masks, dtype=np.uint8), np.ascontiguousarray(values), out)
-        return out
+        rows, width = values.shape
+        padded = -(-width // TABLE_COLUMNS) * TABLE_COLUMNS
+        if padded != width or not values.flags.c_contiguous:
+            values = np.pad(values, ((0, 0), (0, padded - width)))
+        out = np.zeros((masks.shape[1], padded), np.float64)
+        self.kernels.table_sums(masks, values, rows, out)
+        return out[:, :width]
 
 
-_KERNEL = None
+_KERNELS = None
 
 
-def _numba_kernel():
-    global _KERNEL
-    if _KERNEL is None:
+class _NumbaKernels(NamedTuple):
+    regroup: Any
+    table_sums: Any
+
+
+def _numba_kernels() -> _NumbaKernels:
+    global _KERNELS
+    if _KERNELS is None:
         import numba
 
+        columns, classes_per_tile = TABLE_COLUMNS, TABLE_CLASSES
+
         @numba.njit(parallel=True, cache=True)
-        def masked_sums(masks, values, out):  # pragma: no cover - compiled
-            n, classes = masks.shape
-            width = values.shape[1]
-            class_block, col_block = 32, 512
-            class_tiles = (classes + class_block - 1) // class_block
-            col_tiles = (width + col_block - 1) // col_block
-            for tile in numba.prange(class_tiles * col_tiles):
-                c0 = (tile // col_tiles) * class_block
-                j0 = (tile % col_tiles) * col_block
-                c1, j1 = min(c0 + class_block, classes), min(j0 + col_block, width)
-                acc = np.zeros((c1 - c0, j1 - j0), np.float64)
-                for i in range(n):
-                    for c in range(c0, c1):
-                        if masks[i, c]:
-                            for j in range(j0, j1):
-                                acc[c - c0, j - j0] += values[i, j]
-                out[c0:c1, j0:j1] += acc
+        def regroup(packed, codes):  # pragma: no cover - compiled
+            """codes[g, e] = bits of example e in models 8g..8g+7 (model 8g + k at bit k), from rows packed
+            along the examples (example e at bit 7 - e % 8 of byte e // 8)."""
+            models = packed.shape[0]
+            groups, count = codes.shape
+            for g in numba.prange(groups):
+                first = 8 * g
+                size = min(8, models - first)
+                for e in range(count):
+                    byte, shift = e >> 3, 7 - (e & 7)
+                    code = 0
+                    for k in range(size):
+                        code |= ((packed[first + k, byte] >> shift) & 1) << k
+                    codes[g, e] = code
 
-        _KERNEL = masked_sums
-    return _KERNEL
+        @numba.njit(parallel=True, cache=True)
+        def table_sums(codes, values, models, out):  # pragma: no cover - compiled
+            """out[c, j] += sum of values[i, j] over the models i whose bit is set in codes (as `regroup`)."""
+            groups, classes = codes.shape
+            column_tiles = values.shape[1] // columns
+            class_tiles = (classes + classes_per_tile - 1) // classes_per_tile
+            for tile in numba.prange(column_tiles * class_tiles):
+                j0 = (tile % column_tiles) * columns
+                c0 = (tile // column_tiles) * classes_per_tile
+                c1 = min(c0 + classes_per_tile, classes)
+                tables = np.empty((2, 256, columns))
+                acc = np.zeros((c1 - c0, columns))
+                for g0 in range(0, groups, 2):
+                    for half in range(2):  # each table: the 256 subset sums of a group's rows
+                        for j in range(columns):
+                            tables[half, 0, j] = 0.0
+                        first = 8 * (g0 + half)
+                        for k in range(max(0, min(8, models - first))):
+                            low = 1 << k
+                            for b in range(low, 2 * low):
+                                for j in range(columns):
+                                    tables[half, b, j] = tables[half, b - low, j] + values[first + k, j0 + j]
+                    second = g0 + 1 < groups
+                    for c in range(c1 - c0):
+                        a = codes[g0, c0 + c]
+                        b = codes[g0 + 1, c0 + c] if second else 0
+                        for j in range(columns):
+                            acc[c, j] += tables[0, a, j] + tables[1, b, j]
+                for c in range(c1 - c0):
+                    for j in range(columns):
+                        out[c0 + c, j0 + j] += acc[c, j]
+
+        _KERNELS = _NumbaKernels(regroup, table_sums)
+    return _KERNELS
 
 
-class _TorchOps(_Ops):
+class TorchBackend(InfluenceBackend):
     """torch tensors on CUDA when available, else CPU (float64 GEMM, as numpy). On CUDA the float32 values are split
     into two float16 halves (hi + lo, ~22 bits) multiplied on tensor cores with float32 accumulation and
     output: masks are exact in float16, so this keeps float32 accuracy at tensor-core speed."""
@@ -265,7 +391,7 @@ class _TorchOps(_Ops):
         return out / scale.double()
 
 
-class _CupyOps(_NumpyOps):
+class CupyBackend(InfluenceBackend):
     """cupy arrays, accumulators kept on the GPU. Outputs are centred and split into float16 halves
     hi + lo (~22 bits) by one fused kernel; the class masks get an extra all-ones column so that a
     single GEMM per row block (cublasSgemmEx: float16 in, float32 accumulation and output) yields the
@@ -292,6 +418,12 @@ class _CupyOps(_NumpyOps):
 
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return self.cp.zeros(shape, self.cp.float64)
+
+    def colsum(self, array: Any) -> Any:
+        return array.sum(axis=0, dtype=self.cp.float64)
+
+    def finite(self, array: Any) -> bool:
+        return bool(self.cp.isfinite(array).all())
 
     def center(self, outputs: Any) -> tuple[Any, Any]:
         values = outputs.astype(self.cp.float32)
@@ -371,60 +503,91 @@ def _sgemm_ex_at_b(a: Any, b: Any, out: Any, accumulate: bool) -> None:
     )  # alpha, beta: host pointers
 
 
-def _make_ops(backend: str) -> Any:
-    return {"numpy": _NumpyOps, "numba": _NumbaOps, "torch": _TorchOps, "cupy": _CupyOps}[backend]()
+BACKEND_TYPES: dict[str, type[InfluenceBackend]] = {
+    "numpy": NumpyBackend,
+    "numba": NumbaBackend,
+    "torch": TorchBackend,
+    "cupy": CupyBackend,
+}
+
+
+def make_backend(backend: str | InfluenceBackend = "auto", *, packed: bool = False) -> InfluenceBackend:
+    """A backend instance: `backend` itself when it is one, else the named one (`resolve_backend`)."""
+    if isinstance(backend, InfluenceBackend):
+        return backend
+    return BACKEND_TYPES[resolve_backend(backend, packed=packed)]()
 
 
 # ---------------------------------------------------------------- the accumulator
 
 
 class InfluenceAccumulator:
-    """Streaming class influence: `update(mask_chunk, output_chunk)` any number of times, then `result()`.
+    """Streaming class influence: `update(mask_chunk, output_chunk)` (or `update_packed`) any number of
+    times, then `result()`. `backend`: a name (`resolve_backend`) or any `InfluenceBackend`.
 
     Memory is O(C x T) plus one chunk; on GPU backends the accumulators stay on the device.
     """
 
-    def __init__(self, num_classes: int, num_outputs: int, *, backend: str = "auto", stderr: bool = False):
+    def __init__(
+        self, num_classes: int, num_outputs: int, *, backend: str | InfluenceBackend = "auto", stderr: bool = False
+    ):
         self.num_classes, self.num_outputs, self.stderr = num_classes, num_outputs, stderr
-        self.backend = resolve_backend(backend)
-        self.ops = _make_ops(self.backend)
+        self.backend = make_backend(backend)
         self.models = 0
         self.seen = 0  # rows passed to update(), including rejected ones
         self.bad_rows: list[int] = []
         self.moves: list[tuple[np.ndarray, np.ndarray]] = []
         self.square_moves: list[tuple[np.ndarray, np.ndarray]] = []
         self.shift: Any = None
-        self.counts = self.ops.zeros((num_classes,))
+        self.counts = self.backend.zeros((num_classes,))
         self.sums: Any = None  # the first chunk's sums are adopted, later ones added
-        self.totals = self.ops.zeros((num_outputs,))
+        self.totals = self.backend.zeros((num_outputs,))
         if stderr:
             self.square_sums: Any = None
-            self.square_totals = self.ops.zeros((num_outputs,))
+            self.square_totals = self.backend.zeros((num_outputs,))
 
     def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
         """Add models: masks (n, C) 0/1, outputs (n, T) float; `rows` names them in error messages."""
         masks, outputs = _check_chunk(masks, outputs, self.num_classes, self.num_outputs)
-        if len(masks) and not self._accumulate(self.ops.put(masks), self.ops.put(outputs)):
+        self._add(self.backend.put_masks(masks), outputs, rows)
+
+    def update_packed(self, packed: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
+        """`update` with the masks bit-packed along the classes: packed (n, ceil(C / 8)) uint8 as made by
+        np.packbits(masks, axis=1); the backend reads the bits in its own way (`put_packed_masks`)."""
+        packed = np.asarray(packed)
+        if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != (self.num_classes + 7) // 8:
+            raise InfluenceError(
+                f"{self.num_classes} classes need packed masks (n, {(self.num_classes + 7) // 8}) uint8, "
+                f"got {packed.dtype} {packed.shape}"
+            )
+        outputs = _check_outputs(outputs, len(packed), self.num_outputs)
+        self._add(self.backend.put_packed_masks(packed, self.num_classes), outputs, rows)
+
+    def _add(self, masks: Any, outputs: np.ndarray, rows: Iterable[int] | None) -> None:
+        """Accumulate a checked chunk (its masks in the backend's format), or record its non-finite rows."""
+        n = len(outputs)
+        if n and not self._accumulate(masks, self.backend.put(outputs)):
             # reported by result(), so that one pass names every bad row
             bad = _non_finite_rows(outputs)
-            names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + len(masks)))
+            names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + n))
             if not bad.any():  # every output finite, yet the column sums are not: they overflow
                 raise InfluenceError(
                     f"the outputs of model rows {names[0]}..{names[-1]} are finite but their sums "
                     f"overflow (largest magnitude {np.abs(outputs).max():.3g}): rescale them"
                 )
             self.bad_rows.extend(names[bad].tolist())
-        self.seen += len(masks)
+        self.seen += n
 
     def update_device(self, masks: Any, outputs: Any) -> None:
-        """`update` for arrays already in the backend's memory (e.g. on the GPU), without input checks."""
+        """`update` for arrays already in the backend's memory (e.g. on the GPU), without input checks:
+        masks as made by the backend's `put_masks`, outputs by its `put`."""
         if not self._accumulate(masks, outputs):
             raise InfluenceError("non-finite outputs in this chunk")
-        self.seen += len(masks)
+        self.seen += len(outputs)
 
     def _accumulate(self, masks: Any, outputs: Any) -> bool:
         """Add a chunk; False (and nothing added) if it holds a non-finite output."""
-        ops, n = self.ops, len(masks)
+        ops, n = self.backend, len(outputs)
         # Sums are kept relative to the first chunk's column means (the shift); each chunk is centred on
         # its own means, which keeps float32 partial sums small, and moved to the shift exactly.
         chunk = ops.centered_sums(masks, outputs, self.stderr)
@@ -433,7 +596,7 @@ class InfluenceAccumulator:
         if self.shift is None:
             self.shift = chunk.mean
         delta = chunk.mean - self.shift
-        counts = ops.colsum(masks)
+        counts = ops.mask_counts(masks)
         self.sums = chunk.sums if self.sums is None else _add(self.sums, chunk.sums)
         self.moves.append((ops.host(counts), ops.host(delta)))  # sums += outer(counts, delta), in result()
         self.totals += chunk.column_sums + n * delta
@@ -450,7 +613,7 @@ class InfluenceAccumulator:
         """Host sums plus the per-chunk shift corrections sum_k outer(counts_k, delta_k), as one GEMM."""
         counts, deltas = (np.stack(part) for part in zip(*moves))
         moved = counts.T @ deltas
-        moved += self.ops.host(sums)
+        moved += self.backend.host(sums)
         return moved
 
     def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -462,10 +625,10 @@ class InfluenceAccumulator:
         if self.models == 0:
             raise InfluenceError("no models: nothing to compute influence from")
         total = self.models
-        counts = self.ops.host(self.counts)
+        counts = self.backend.host(self.counts)
         n_in = counts[:, None]
         n_out = total - n_in
-        sums, totals = self._moved(self.sums, self.moves), self.ops.host(self.totals)[None, :]
+        sums, totals = self._moved(self.sums, self.moves), self.backend.host(self.totals)[None, :]
         degenerate = (counts == 0) | (counts == total)
         if degenerate.any():
             classes = np.flatnonzero(degenerate)
@@ -485,7 +648,7 @@ class InfluenceAccumulator:
             mean_in, mean_out = sums / n_in, (totals - sums) / n_out
             influence = np.where(degenerate[:, None], np.nan, mean_in - mean_out).astype(np.float32)
             squares = self._moved(self.square_sums, self.square_moves)
-            square_totals = self.ops.host(self.square_totals)[None, :]
+            square_totals = self.backend.host(self.square_totals)[None, :]
             var_in = (squares - sums * mean_in) / (n_in - 1)
             var_out = ((square_totals - squares) - (totals - sums) * mean_out) / (n_out - 1)
             stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
@@ -514,10 +677,7 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
         raise InfluenceError(
             f"expected masks (n, {num_classes}) and outputs (n, {num_outputs}), got {masks.shape} and {outputs.shape}"
         )
-    if outputs.dtype == np.bool_:  # e.g. is_correct: influence on the probability of being right
-        outputs = outputs.astype(np.float32)
-    if outputs.dtype not in (np.float16, np.float32, np.float64):
-        raise InfluenceError(f"outputs must be bool or float16/32/64, got {outputs.dtype}")
+    outputs = _check_outputs(outputs, len(masks), num_outputs)
     if masks.dtype != np.bool_:
         if not (np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
             raise InfluenceError(f"masks must be bool or 0/1 numbers, got {masks.dtype}")
@@ -525,6 +685,19 @@ def _check_chunk(masks: Any, outputs: Any, num_classes: int, num_outputs: int) -
             raise InfluenceError("masks must hold only 0 and 1")
         masks = masks.astype(np.bool_)
     return masks, outputs
+
+
+def _check_outputs(outputs: Any, num_models: int, num_outputs: int) -> np.ndarray:
+    """(n, T) float16/32/64 outputs of `num_models` models; bool (e.g. is_correct: influence on the
+    probability of being right) becomes float32."""
+    outputs = np.asarray(outputs)
+    if outputs.shape != (num_models, num_outputs):
+        raise InfluenceError(f"expected outputs ({num_models}, {num_outputs}), got {outputs.shape}")
+    if outputs.dtype == np.bool_:
+        outputs = outputs.astype(np.float32)
+    if outputs.dtype not in (np.float16, np.float32, np.float64):
+        raise InfluenceError(f"outputs must be bool or float16/32/64, got {outputs.dtype}")
+    return outputs
 
 
 def plan_blocks(
@@ -567,7 +740,12 @@ def column_blocks(num_outputs: int, width: int) -> list[slice]:
 
 
 def class_influence(
-    masks: np.ndarray, outputs: np.ndarray, *, backend: str = "auto", chunk: int = DEFAULT_CHUNK, stderr: bool = False
+    masks: np.ndarray,
+    outputs: np.ndarray,
+    *,
+    backend: str | InfluenceBackend = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    stderr: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
 
@@ -595,7 +773,7 @@ def example_influence_blocks(
     num_examples: int,
     *,
     rows: np.ndarray | None = None,
-    backend: str = "auto",
+    backend: str | InfluenceBackend = "auto",
     block: int = EXAMPLE_BLOCK,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[tuple[slice, slice, np.ndarray]]:
@@ -605,8 +783,9 @@ def example_influence_blocks(
 
     packed_masks: (rows, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1), e.g. a store's memmap;
     `rows` picks the models in it (default all), aligned with the (N, T) `outputs` (an array or memmap).
-    Examples come `block` at a time; only one chunk of mask bytes is unpacked at a time; the working set
-    stays within `max_bytes`."""
+    Examples come `block` at a time; only one chunk of mask bytes is read at a time; the working set
+    stays within `max_bytes`. `backend` "auto" reads the bits with numba's table kernel on a CPU when
+    numba is installed (`resolve_backend`)."""
     if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
         raise InfluenceError(
             f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} {packed_masks.shape}"
@@ -621,6 +800,7 @@ def example_influence_blocks(
     if block < 8 or block % 8:
         raise InfluenceError(f"block must be a positive multiple of 8, got {block}")
     block = min(block, -(-num_examples // 8) * 8)
+    backend = make_backend(backend, packed=True)
     chunk, width = plan_blocks(
         block,
         outputs.shape[1],
@@ -635,8 +815,7 @@ def example_influence_blocks(
             for first in range(0, max(len(rows), 1), chunk):
                 part = rows[first : first + chunk]
                 packed = np.asarray(packed_masks[part, start // 8 : (examples.stop + 7) // 8])
-                masks = np.unpackbits(packed, axis=1, count=examples.stop - start).view(np.bool_)
-                accumulator.update(masks, np.asarray(outputs[first : first + chunk, columns]), rows=part)
+                accumulator.update_packed(packed, np.asarray(outputs[first : first + chunk, columns]), rows=part)
             values = accumulator.result()
             del accumulator  # its sums go before the caller works on the block
             yield examples, columns, values
@@ -647,7 +826,7 @@ def example_influence(
     outputs: np.ndarray,
     num_examples: int,
     *,
-    backend: str = "auto",
+    backend: str | InfluenceBackend = "auto",
     block: int = EXAMPLE_BLOCK,
     max_bytes: int = DEFAULT_MAX_BYTES,
     out: np.ndarray | None = None,

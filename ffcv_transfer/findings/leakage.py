@@ -146,12 +146,6 @@ def _robust_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return median, np.maximum(mad, 1e-12)
 
 
-def robust_z(influence: np.ndarray) -> np.ndarray:
-    """Each column's values as robust z-scores: (value - median) / (1.4826 * MAD), over the source images."""
-    median, mad = _robust_scale(influence)
-    return (np.asarray(influence, np.float64) - median) / mad
-
-
 def extreme_examples_from_store(
     store_dir: str | Path,
     num_examples: int,

@@ -56,3 +56,13 @@ def display_names(
             label = words[name].split(",")[0]
         labels.append(label or name)
     return labels
+
+
+def class_index(names: Sequence[str], value: str) -> int | None:
+    """The class that `value` names, given as an index below len(names) or as one of the names; None when
+    it is neither."""
+    if value.isdigit() and int(value) < len(names):
+        return int(value)
+    if value in names:
+        return list(names).index(value)
+    return None

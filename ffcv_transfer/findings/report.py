@@ -197,6 +197,36 @@ def gather(
     )
 
 
+def findings_dir(store_dir: str | Path | Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """`out`, or else the (first) store's STORE/findings: the folder an analysis writes to, created."""
+    first = store_dir if isinstance(store_dir, (str, Path)) else store_dir[0]
+    folder = Path(out) if out else Path(first) / "findings"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_rankings(found: Findings, out: str | Path, k: int) -> tuple[dict[str, Any], list[Path], Path]:
+    """The k most positive and most negative source classes over all target examples and for each target
+    class, each with its standard errors and stated reliability, as bar charts OUT/rankings_N.png and
+    OUT/rankings.json (with the WordNet agreement when there is one). Returns (the JSON's content, one
+    chart per column in its order, the JSON's path)."""
+    out = Path(out)
+    columns = {"all target examples": (found.influence.mean(1), found.stderr[:, -1])}
+    by_class = found.by_class
+    columns |= {name: (by_class[:, t], found.stderr[:, t]) for t, name in enumerate(found.target_names)}
+    stated = found.reliability.to_json()["columns"] if found.reliability else {}
+    stated = {"all target examples": stated.get("overall"), **{name: stated.get(name) for name in found.target_names}}
+    rankings: dict[str, Any] = {}
+    charts = []
+    for n, (name, (values, stderr)) in enumerate(columns.items()):
+        rankings[name] = top_and_bottom(values, found.source_names, k, stderr) | {"reliability": stated[name]}
+        charts.append(influence_bars(out / f"rankings_{n}.png", found.source_names, values, k, name, stderr))
+    if found.wordnet:
+        rankings["wordnet_agreement"] = found.wordnet
+    (out / "rankings.json").write_text(json.dumps(rankings, indent=1) + "\n")
+    return rankings, charts, out / "rankings.json"
+
+
 def semantic_check(
     influence: np.ndarray, labels: np.ndarray, source_wnids: Sequence[str] | None, target_names: Sequence[str]
 ) -> dict | None:
