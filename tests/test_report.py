@@ -256,3 +256,41 @@ def test_influence_of_a_transfer_mode_is_read_from_its_field(planted_store, tmp_
     values = ResultStore(store_dir).read(["masks", "margins"])[1]
     expected = class_influence(values["masks"], values["margins"].astype(np.float64), backend="numpy")
     np.testing.assert_allclose(np.load(written), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_counterfactual_command_removes_the_most_negative_class_and_reports_each_arm(
+    planted_store, tmp_path, monkeypatch, capsys
+):
+    """`counterfactual` without training: the worker is replaced by one that scores each removal model 0.6
+    when the class it lacks is the most negative by mean influence (float64 reference), else 0.5."""
+    from ffcv_transfer.cli import main as cli_main
+    from ffcv_transfer.engine import worker
+    from ffcv_transfer.findings.counterfactual import KINDS
+
+    from .conftest import influence_reference
+
+    store_dir = planted_store[0]
+    values = ResultStore(store_dir).read(["masks", "margins"])[1]
+    harmful = int(np.argmin(influence_reference(values["masks"], values["margins"]).mean(1)))
+
+    def scored(path, experiment, **kwargs):
+        removal = ResultStore(path)
+        masks = removal.fixed("masks")
+        accuracy = np.where(masks.all(1), 0.55, np.where(~masks[:, harmful], 0.6, 0.5)).astype(np.float32)
+        removal.writer().write_many(
+            range(removal.num_rows), **row_values(removal, removal.num_rows, target_acc=accuracy)
+        )
+        return removal.num_rows
+
+    monkeypatch.setattr(worker, "run_worker", scored)
+    out = tmp_path / "cf"
+    argv = ["counterfactual", str(store_dir), "--ks", "1", "--seeds", "2", "--kinds", "most_negative", "random"]
+    assert cli_main([*argv, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    removal = ResultStore(out / "counterfactual")
+    kinds = removal.fixed("removal")[:, 0]
+    negative = removal.fixed("masks")[kinds == KINDS.index("most_negative")]
+    assert (negative.sum(1) == negative.shape[1] - 1).all() and not negative[:, harmful].any()
+    assert "all classes: 0.5500 target accuracy (2 models)" in printed
+    assert "without 1 most negative: 0.6000 (2 models; against all classes, seed by seed: +0.0500" in printed
+    assert (out / "counterfactual.png").exists() and (out / "counterfactual.json").exists()

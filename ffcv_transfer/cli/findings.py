@@ -106,15 +106,16 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
-    from ffcv_transfer.experiments.removals import removal_design, run_removals
+    from ffcv_transfer.experiments.removals import run_counterfactual
     from ffcv_transfer.findings.counterfactual import format_gain, write_counterfactual
     from ffcv_transfer.findings.report import findings_dir, gather
 
     found = gather(args.store, output=args.output, mode=args.mode, target=args.target)
     out = findings_dir(args.store, args.out)
-    experiment = store_experiment(args)
-    masks, removals = removal_design(found.influence.mean(1), parse_rows(args.ks, "--ks"), args.seeds, args.kinds)
-    store = run_removals(out / "counterfactual", experiment, masks, removals, progress=not args.no_progress)
+    ks = parse_rows(args.ks, "--ks")
+    store = run_counterfactual(
+        found.influence, out, store_experiment(args), ks, args.seeds, args.kinds, progress=not args.no_progress
+    )
     baseline, curves, changes, plot = write_counterfactual(store, out, f"counterfactuals of {args.store}")
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")
     for kind, by_k in curves.items():

@@ -129,3 +129,19 @@ def run_removals(
     else:
         train(path, experiment)
     return store
+
+
+def run_counterfactual(
+    influence: np.ndarray,
+    out: str | Path,
+    experiment: Experiment,
+    ks: Sequence[int],
+    seeds: int,
+    kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
+    progress: bool = True,
+) -> ResultStore:
+    """The paper's counterfactual of an influence matrix (C, T): `removal_design` over each source class's
+    mean influence on the target test set, trained into OUT/counterfactual (`run_removals`: a rerun
+    resumes)."""
+    masks, removals = removal_design(np.asarray(influence).mean(1), ks, seeds, kinds)
+    return run_removals(Path(out) / "counterfactual", experiment, masks, removals, progress=progress)
