@@ -6,7 +6,7 @@ DEMO_OUT ?= out/demo
 # Real-data tests read the shared archives; they skip with a message when the folder is absent.
 export FFCV_TRANSFER_DATA ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo test test-slow lint check-light bench
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,11 @@ test-slow: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+# the light core alone (`pip install .`, numpy only) in a throw-away virtualenv: the kernel runs, the command
+# names the missing extra; needs no set-up, only python3 and PyPI
+check-light:
+	@bash scripts/check_light_install.sh
 
 bench: setup
 	$(PY) benchmarks/bench_writers.py --out benchmarks/results/writers.json

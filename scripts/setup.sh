@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of ffcv-transfer on a Debian machine:
-#   system libraries for ffcv -> .venv -> torch -> ffcv 1.0.2 -> this project (editable, with [dev,slurm]).
+#   system libraries for ffcv -> .venv -> torch -> ffcv 1.0.2 -> this project (editable, with [engine,dev,slurm]).
 # SLURM itself is not installed here: only its test does, as root (tests/slurm_cluster.py).
 # Fast when already done: a stamp in .venv records the hash of the inputs.
 set -euo pipefail
@@ -50,7 +50,7 @@ cp -r scripts/opencv-shim/opencv2 "$shim/"
 sed "s#@SHIM@#$shim#" scripts/opencv-shim/opencv4.pc.in > "$shim/opencv4.pc"
 pip_install -c constraints.txt numpy numba pillow setuptools wheel
 PKG_CONFIG_PATH=$shim${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} pip_install -c constraints.txt --no-build-isolation ffcv==1.0.2
-pip_install -c constraints.txt -e ".[dev,slurm]"
+pip_install -c constraints.txt -e ".[engine,dev,slurm]"
 
 echo "$inputs_hash" > "$stamp"
 echo "setup: ready ($venv)"

@@ -1,7 +1,9 @@
 """`ffcv-transfer` command line.
 
 Sub-commands import their (slow) dependencies only when they run; each group of commands lives in its
-own module (data, run, findings); `common` holds what they share."""
+own module (data, run, findings); `common` holds what they share. Parsing needs numpy alone, so under the
+light core (`pip install ffcv-transfer`, no extras) `--help` works and a command that needs the training
+stack says which extra to install instead of failing with a traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 from collections.abc import Callable
 
 from ffcv_transfer.cli import data, findings, run
+
+# The `engine` extra's distributions (setup.py) by the name they are imported as.
+ENGINE_MODULES = frozenset({"torch", "ffcv", "numba", "fastargs", "yaml", "PIL", "scipy", "tqdm", "matplotlib"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (BetonError, StoreError, InfluenceError, ConfigError, LaunchError) as e:
         print(f"ffcv-transfer: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in ENGINE_MODULES:  # a submodule missing from an installed package is no missing extra
+            raise
+        print(
+            f'ffcv-transfer: error: {args.command} needs the engine extra: pip install "ffcv-transfer[engine]" '
+            f"(missing: {e.name})",
+            file=sys.stderr,
+        )
         return 2
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
