@@ -195,11 +195,11 @@ def run_case(args: argparse.Namespace) -> dict:
     models = [
         build_model(size["classes"], width=size["width"], blurpool=args.blurpool, device=device) for _ in range(k)
     ]
-    queued = size["batch"] if args.per_model_batch and not args.backend.startswith("grouped") else 0
+    queued = size["batch"] if args.per_model_batch and not args.fusion.startswith("grouped") else 0
     optim = OptimConfig(
         epochs=args.epochs + 2, lr=0.1, lr_peak_epoch=1, precision=precision, batch_size=batch, per_model_batch=queued
     )
-    fusion, _, compiled = args.backend.partition("+")
+    fusion, _, compiled = args.fusion.partition("+")
     options = {"compile": "default"} if compiled else {}
     if fusion == "sequential":
         options["examples_per_epoch"] = masks.astype(np.int64) @ np.bincount(labels, minlength=size["classes"])
@@ -271,12 +271,12 @@ def run_case(args: argparse.Namespace) -> dict:
     case = (
         "reference"
         if args.reference
-        else (f"K={k} {args.backend}" + (" queued" * bool(queued)) + (" resident" * (args.loader == "resident")))
+        else (f"K={k} {args.fusion}" + (" queued" * bool(queued)) + (" resident" * (args.loader == "resident")))
     )
     return {
         "case": case,
         "k": k,
-        "backend": args.backend,
+        "fusion": args.fusion,
         "loader": args.loader,
         "device": str(device),
         "precision": precision,
@@ -369,7 +369,7 @@ class _PassTimer:
 def main() -> None:
     parser = case_parser(__doc__, SIZES, "benchmarks/results/train-cpu.json")
     parser.add_argument(
-        "--backends", nargs="+", default=["sequential", "grouped"], help="the fusions to time (run.fusion; +compile)"
+        "--fusions", nargs="+", default=["sequential", "grouped"], help="the fusions to time (run.fusion; +compile)"
     )
     parser.add_argument("--ks", type=int, nargs="+", help="models per loader (default: the size's)")
     parser.add_argument(
@@ -401,7 +401,7 @@ def main() -> None:
     )
     parser.add_argument("--blurpool", action="store_true", help="BlurPool models (the ffcv-flavour config)")
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--fusion", help=argparse.SUPPRESS)
     parser.add_argument("--loader", default="ffcv", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = parse_or_run_case(parser, run_case)
@@ -411,7 +411,7 @@ def main() -> None:
     size = SIZES[args.size]
     plan = [(1, "sequential", "ffcv", True)] * (not args.no_reference) + [
         (k, b, loader, False)
-        for b in args.backends
+        for b in args.fusions
         for loader in args.loaders
         for k in (args.ks or size["ks"])
         if k > 1 or b.startswith("grouped")
@@ -423,7 +423,7 @@ def main() -> None:
             f"data: {data['source_bytes_per_image'] / 1e3:.1f} KB per source image, written in {data['write_s']:.0f} s",
             file=sys.stderr,
         )
-        for k, backend, loader, reference in plan:
+        for k, fusion, loader, reference in plan:
             extra = ["--reference"] if reference else []
             result = run_in_subprocess(
                 __file__,
@@ -437,8 +437,8 @@ def main() -> None:
                     folder,
                     "--k",
                     str(k),
-                    "--backend",
-                    backend,
+                    "--fusion",
+                    fusion,
                     "--loader",
                     loader,
                     "--epochs",
@@ -451,9 +451,9 @@ def main() -> None:
                     *["--per-model-batch"] * args.per_model_batch,
                     *["--blurpool"] * args.blurpool,
                 ],
-                f"K={k} {backend} {loader}",
+                f"K={k} {fusion} {loader}",
             )
-            rows.append({"k": k, "backend": backend, "loader": loader, **result})
+            rows.append({"k": k, "fusion": fusion, "loader": loader, **result})
             if "error" not in result:
                 print(
                     f"{result['case']:24s} {result['recipe_models_per_hour']:8.2f} models/h (recipe, extrapolated)",
@@ -496,7 +496,7 @@ def print_table(report: dict) -> None:
     )
     for r in report["results"]:
         if "error" in r:
-            print(f"K={r['k']} {r['backend']} {r['loader']}: failed: {r['error']}")
+            print(f"K={r['k']} {r['fusion']} {r['loader']}: failed: {r['error']}")
             continue
         parts = r.get("breakdown") or {}
         split = (

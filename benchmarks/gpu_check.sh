@@ -42,13 +42,13 @@ device=cuda
 default_steps="device ceiling paper ceiling64 train64 tests summary"
 ceiling=(--size real160 --cases single single+queued+compile sequential+queued)
 ceiling64=(--size real --cases single sequential+queued)
-paper=(--size paper --ks 8 16 --backends sequential --per-model-batch --blurpool --threading omp --epochs 1)
-train64=(--size real64 --ks 16 --backends sequential --per-model-batch --epochs 1)
+paper=(--size paper --ks 8 16 --fusions sequential --per-model-batch --blurpool --threading omp --epochs 1)
+train64=(--size real64 --ks 16 --fusions sequential --per-model-batch --epochs 1)
 loaders=(--size jpeg160 --loaders ffcv ffcv+omp --epochs 2)
-grouped=(--size real --ks 8 --backends grouped grouped+compile --no-reference --epochs 2)
+grouped=(--size real --ks 8 --fusions grouped grouped+compile --no-reference --epochs 2)
 influence=(--sizes paper)
-bestk64=(--size real64 --ks 24 32 --backends sequential --per-model-batch --no-reference --epochs 1)
-bestk=(--size paper --ks 24 32 --backends sequential --per-model-batch --blurpool --threading omp --no-reference --epochs 1)
+bestk64=(--size real64 --ks 24 32 --fusions sequential --per-model-batch --no-reference --epochs 1)
+bestk=(--size paper --ks 24 32 --fusions sequential --per-model-batch --blurpool --threading omp --no-reference --epochs 1)
 replica=(run --data benchmarks/gpu_data/replica --minutes 4)
 tests=(-k "cuda or cupy or torch")
 dry_run=0
@@ -56,13 +56,13 @@ for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1; device=cpu; budget=${GPU_CHECK_BUDGET:-2400}; scale=8
                ceiling=(--size tiny --cases single sequential+queued); ceiling64=(--size tiny --cases single)
-               paper=(--size tiny --ks 2 --backends sequential --per-model-batch --blurpool --threading omp
+               paper=(--size tiny --ks 2 --fusions sequential --per-model-batch --blurpool --threading omp
                --loader-workers 1)
-               train64=(--size tiny --ks 2 --backends sequential --per-model-batch --loaders resident --no-reference)
+               train64=(--size tiny --ks 2 --fusions sequential --per-model-batch --loaders resident --no-reference)
                loaders=(--size tiny --loaders ffcv+omp resident --epochs 1)
-               grouped=(--size tiny --ks 2 --backends grouped+compile --no-reference)
-               bestk64=(--size tiny --ks 3 --backends sequential --per-model-batch --no-reference --loader-workers 1)
-               bestk=(--size tiny --ks 3 --backends sequential --per-model-batch --no-reference --loader-workers 1)
+               grouped=(--size tiny --ks 2 --fusions grouped+compile --no-reference)
+               bestk64=(--size tiny --ks 3 --fusions sequential --per-model-batch --no-reference --loader-workers 1)
+               bestk=(--size tiny --ks 3 --fusions sequential --per-model-batch --no-reference --loader-workers 1)
                influence=(--sizes small); replica=(run --data benchmarks/gpu_data/replica --models 4 --device cpu) ;;
     *) out=$arg ;;
   esac

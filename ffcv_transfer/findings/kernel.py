@@ -68,10 +68,10 @@ def _cuda_torch() -> bool:
         return False
 
 
-def resolve_backend(backend: str, *, packed: bool = False) -> str:
-    """`auto`: a GPU when there is one (cupy, then torch); else on the CPU numpy's BLAS for class masks,
-    and for bit-packed example masks (`packed`) numba's table kernel when numba is installed, each the
-    faster there (benchmarks/bench_influence.py, docs/benchmarks.md#influence-kernel)."""
+def resolve_backend(backend: str) -> str:
+    """`auto`: a GPU when there is one (cupy, then torch), else numpy's BLAS: on 2 CPU cores numba's table
+    kernel is within 15% of it either way, ahead on class masks and behind on bit-packed example masks
+    (benchmarks/bench_influence.py, docs/benchmarks.md#influence-kernel)."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise InfluenceError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
@@ -80,8 +80,6 @@ def resolve_backend(backend: str, *, packed: bool = False) -> str:
         return "cupy"
     if _cuda_torch():
         return "torch"
-    if packed and _has_numba():
-        return "numba"
     return "numpy"
 
 
@@ -242,8 +240,8 @@ class NumbaBackend(NumpyBackend):
     a table of the 256 subset sums of their eight output rows turns eight masked row additions into one
     table lookup per class (the "four Russians" method; two groups share each pass over the accumulator).
     Bit-packed example masks are regrouped straight from their bytes, never unpacked to a dense array.
-    Sums are float64 throughout, like numpy's dgemm. On CPUs it beats BLAS where the masks are wide and
-    the outputs few (example-level influence); BLAS wins on class masks (docs/benchmarks.md#influence-kernel)."""
+    Sums are float64 throughout, like numpy's dgemm. On 2 CPU cores it is within 15% of BLAS, ahead on
+    class masks and behind on packed example masks (docs/benchmarks.md#influence-kernel)."""
 
     name = "numba"
 
@@ -511,11 +509,11 @@ BACKEND_TYPES: dict[str, type[InfluenceBackend]] = {
 }
 
 
-def make_backend(backend: str | InfluenceBackend = "auto", *, packed: bool = False) -> InfluenceBackend:
+def make_backend(backend: str | InfluenceBackend = "auto") -> InfluenceBackend:
     """A backend instance: `backend` itself when it is one, else the named one (`resolve_backend`)."""
     if isinstance(backend, InfluenceBackend):
         return backend
-    return BACKEND_TYPES[resolve_backend(backend, packed=packed)]()
+    return BACKEND_TYPES[resolve_backend(backend)]()
 
 
 # ---------------------------------------------------------------- the accumulator
@@ -784,8 +782,8 @@ def example_influence_blocks(
     packed_masks: (rows, ceil(E/8)) uint8 as made by np.packbits(masks, axis=1), e.g. a store's memmap;
     `rows` picks the models in it (default all), aligned with the (N, T) `outputs` (an array or memmap).
     Examples come `block` at a time; only one chunk of mask bytes is read at a time; the working set
-    stays within `max_bytes`. `backend` "auto" reads the bits with numba's table kernel on a CPU when
-    numba is installed (`resolve_backend`)."""
+    stays within `max_bytes`. With `backend` "numba" the bits are read straight from the bytes (numba's
+    table kernel); the others unpack each chunk (`resolve_backend` says which "auto" picks)."""
     if packed_masks.dtype != np.uint8 or packed_masks.ndim != 2:
         raise InfluenceError(
             f"packed masks must be 2-D uint8 (np.packbits), got {packed_masks.dtype} {packed_masks.shape}"
@@ -800,7 +798,7 @@ def example_influence_blocks(
     if block < 8 or block % 8:
         raise InfluenceError(f"block must be a positive multiple of 8, got {block}")
     block = min(block, -(-num_examples // 8) * 8)
-    backend = make_backend(backend, packed=True)
+    backend = make_backend(backend)
     chunk, width = plan_blocks(
         block,
         outputs.shape[1],
