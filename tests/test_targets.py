@@ -204,3 +204,49 @@ def test_centre_cropped_training_images_are_the_evaluation_crops_flipped_at_rand
         assert (same | mirrored).all()
         flips.append(mirrored & ~same)
     assert 0.3 < torch.cat(flips).float().mean() < 0.7
+
+
+def test_removals_retrain_and_score_the_target_and_mode_asked_for(tiny_data, other_target, tmp_path, monkeypatch):
+    """`counterfactual --target other --mode fixed_feature` and `explain --check` with them: the removal
+    models are transferred to that target in that mode (the worker is replaced by a recorder; no training)."""
+    from .conftest import row_values
+
+    base = tiny_settings(tiny_data, **{"transfer.mode": "cached_features,fixed_feature"})
+    experiment = load_experiment(experiment_file(tmp_path, [nested(other_target | OTHER_RECIPE)]), base)
+    store = create_class_store(tmp_path / "store", experiment)
+    rng = np.random.default_rng(0)
+    planted = {
+        name: rng.normal(size=(store.num_rows, *shape))
+        for name, (shape, _) in store.schema.items()
+        if "margins" in name
+    }
+    store.writer().write_many(range(store.num_rows), **row_values(store, store.num_rows, **planted))
+    seen = []
+
+    def recorder(path, experiment, **kwargs):
+        seen.append((experiment.data.target_name, experiment.data.target_test, experiment.transfer.modes))
+        removal = ResultStore(path)
+        removal.writer().write_many(range(removal.num_rows), **row_values(removal, removal.num_rows))
+        return removal.num_rows
+
+    monkeypatch.setattr(worker_module, "run_worker", recorder)
+    asked = ["--target", "other", "--mode", "fixed_feature", "--no-progress"]
+    cf = [
+        "counterfactual",
+        str(store.path),
+        "--ks",
+        "1",
+        "--seeds",
+        "1",
+        "--kinds",
+        "random",
+        "--out",
+        str(tmp_path / "cf"),
+    ]
+    assert cli_main([*cf, *asked]) == 0
+    assert (
+        cli_main(["explain", str(store.path), "--example", "3", "--check", "1", "--out", str(tmp_path / "x"), *asked])
+        == 0
+    )
+    assert seen == [("other", other_target["data.target_test"], ("fixed_feature",))] * 2
+    assert cli_main([*cf, "--target", "other", "--mode", "full_finetune"]) == 2  # not a mode of that target

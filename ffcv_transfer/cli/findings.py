@@ -68,6 +68,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
             source_class,
             args.check,
             progress=not args.no_progress,
+            target=args.target,
+            mode=args.mode,
         )
         print(
             f"retrained {rates['models']} models: example {j} predicted correctly by {rates['with']:.0%} of those "
@@ -113,8 +115,10 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     found = gather(args.store, output=args.output, mode=args.mode, target=args.target)
     out = findings_dir(args.store, args.out)
     ks = parse_rows(args.ks, "--ks")
+    experiment = store_experiment(args)
+    progress = not args.no_progress
     store = run_counterfactual(
-        found.influence, out, store_experiment(args), ks, args.seeds, args.kinds, progress=not args.no_progress
+        found.influence, out, experiment, ks, args.seeds, args.kinds, progress, target=args.target, mode=args.mode
     )
     baseline, curves, changes, plot = write_counterfactual(store, out, f"counterfactuals of {args.store}")
     print(f"all classes: {sum(baseline) / max(len(baseline), 1):.4f} target accuracy ({len(baseline)} models)")

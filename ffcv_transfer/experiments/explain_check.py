@@ -17,10 +17,14 @@ def check_without_class(
     source_class: int,
     repeats: int,
     progress: bool = True,
+    target: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, float]:
     """Train `repeats` models on all `num_classes` source classes and `repeats` without `source_class`, into
-    the removal store OUT_DIR/check_EXAMPLE_without_CLASS (rerunning resumes), and return how often each
-    kind predicts target test example `example` correctly (`correct_by_removal`: with, without, models)."""
+    the removal store OUT_DIR/check_EXAMPLE_without_CLASS (rerunning resumes), transferred to `target` in
+    `mode` (defaults: the first), and return how often each kind predicts that target's test example
+    `example` correctly (`correct_by_removal`: with, without, models)."""
     masks, removals = without_class_design(num_classes, source_class, repeats)
     path = Path(out_dir) / f"check_{example}_without_{source_class}"
-    return correct_by_removal(run_removals(path, experiment, masks, removals, progress=progress), example)
+    store = run_removals(path, experiment, masks, removals, progress=progress, target=target, mode=mode)
+    return correct_by_removal(store, example)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_transfer.config import Experiment
+from ffcv_transfer.config import ConfigError, Experiment
 from ffcv_transfer.findings.counterfactual import KINDS
 from ffcv_transfer.store.experiment import MASKS, REMOVAL, create_store, read_sidecars
 from ffcv_transfer.store.results import ResultStore, StoreError
@@ -107,14 +107,20 @@ def run_removals(
     removals: np.ndarray,
     progress: bool = True,
     train: Callable[[Path, Experiment], None] | None = None,
+    target: str | None = None,
+    mode: str | None = None,
 ) -> ResultStore:
     """Create the removal store at `path` (kept when it exists: rerunning resumes) and train its rows with
-    the experiment's recipe, transferred to its first target in that target's first transfer mode (the
-    accuracy compared), by `train(path, experiment)` when given (e.g. launched workers), else by a worker in
-    this process (engine.worker.run_worker, on the one claim loop); returns the store."""
+    the experiment's recipe, transferred to `target` (default: the first) in `mode` (default: that target's
+    first transfer mode), whose accuracy the arms compare, by `train(path, experiment)` when given (e.g.
+    launched workers), else by a worker in this process (engine.worker.run_worker, on the one claim loop);
+    returns the store."""
     from ffcv_transfer.engine.worker import run_worker
 
-    experiment = experiment.for_target(None, experiment.transfer.modes[0])
+    chosen = experiment.target(target)
+    if mode is not None and mode not in chosen.transfer.modes:
+        raise ConfigError(f"--mode {mode}: target {chosen.name} is transferred {', '.join(chosen.transfer.modes)}")
+    experiment = experiment.for_target(chosen.name, mode or chosen.transfer.modes[0])
     path = Path(path)
     if not (path / "spec.json").exists():
         num_test = read_sidecars(experiment)["target_test"]["num_examples"]
@@ -139,9 +145,12 @@ def run_counterfactual(
     seeds: int,
     kinds: Sequence[str] = ("most_negative", "most_positive", "random"),
     progress: bool = True,
+    target: str | None = None,
+    mode: str | None = None,
 ) -> ResultStore:
-    """The paper's counterfactual of an influence matrix (C, T): `removal_design` over each source class's
-    mean influence on the target test set, trained into OUT/counterfactual (`run_removals`: a rerun
-    resumes)."""
+    """The paper's counterfactual of an influence matrix (C, T) of `target`'s test set in `mode`:
+    `removal_design` over each source class's mean influence, trained into OUT/counterfactual and scored
+    on that target and mode (`run_removals`: a rerun resumes)."""
     masks, removals = removal_design(np.asarray(influence).mean(1), ks, seeds, kinds)
-    return run_removals(Path(out) / "counterfactual", experiment, masks, removals, progress=progress)
+    path = Path(out) / "counterfactual"
+    return run_removals(path, experiment, masks, removals, progress=progress, target=target, mode=mode)
