@@ -6,6 +6,7 @@ rs_configs/, `--section.name=value` on the command line and Python code all set 
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -114,10 +115,12 @@ def _checker(kind: type, choices: tuple[str, ...] | None):
                 raise ValueError(value)  # YAML's true is no number
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
+            if kind is float and not math.isfinite(float(value)):  # inf and nan pass every range check
+                raise ValueError(value)
             return kind(value)
 
         def help(self) -> str:
-            return f"one of {', '.join(choices)}" if choices else f"a {kind.__name__}"
+            return f"one of {', '.join(choices)}" if choices else f"a {kind.__name__}{' (finite)' * (kind is float)}"
 
     return OneOf(list(choices)) if choices else Parse()
 

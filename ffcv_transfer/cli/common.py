@@ -5,6 +5,7 @@ Imports nothing slow."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 DATA_ENV = "FFCV_TRANSFER_DATA"
@@ -50,9 +51,30 @@ def max_bytes_of(args: argparse.Namespace) -> int:
     """`--max-memory` in bytes, checked."""
     from ffcv_transfer.config import ConfigError
 
-    if not args.max_memory > 0:
-        raise ConfigError(f"--max-memory {args.max_memory}: expected a positive number of GiB")
+    if not (args.max_memory > 0 and math.isfinite(args.max_memory)):
+        raise ConfigError(f"--max-memory {args.max_memory}: expected a positive, finite number of GiB")
     return int(args.max_memory * 2**30)
+
+
+def check_at_least(value: float, least: float, option: str, what: str) -> None:
+    """Refuse an option's value below `least` (what it counts: `what`) before any work."""
+    from ffcv_transfer.config import ConfigError
+
+    if not value >= least:
+        raise ConfigError(f"{option} {value}: expected {what} of at least {least}")
+
+
+def check_folder_can_be(path: str | Path, option: str) -> None:
+    """Refuse a folder to be written that cannot be one: an existing file, or under one (before any work,
+    so nothing is computed for an output that cannot be made)."""
+    from ffcv_transfer.config import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{option} {path}: {blocking} is a file, not a folder")
 
 
 def parse_settings(tokens: list[str]) -> dict[str, str]:

@@ -4,15 +4,29 @@ Each reads a finished store and writes its figures and JSON under --out (default
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ffcv_transfer.cli.common import (
     SETTINGS_HELP,
     add_memory_option,
     add_output_option,
+    check_at_least,
+    check_folder_can_be,
     max_bytes_of,
     parse_rows,
     store_experiment,
 )
+
+
+def checked_classes(args: argparse.Namespace):
+    """The classes of the store a findings command reads (`report.classes_of`), after checking its --k and
+    --out: every argument is refused before the influence is computed."""
+    from ffcv_transfer.findings.report import classes_of
+
+    check_at_least(args.k, 1, "--k", "a count")
+    if args.out:
+        check_folder_can_be(args.out, "--out")
+    return classes_of(args.store, args.names, mode=args.mode, target=args.target)
 
 
 def cmd_rankings(args: argparse.Namespace) -> None:
@@ -20,7 +34,8 @@ def cmd_rankings(args: argparse.Namespace) -> None:
     from ffcv_transfer.findings.report import findings_dir, gather, write_rankings
     from ffcv_transfer.findings.wordnet import describe_agreement
 
-    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
+    classes = checked_classes(args)
+    found = gather(args.store, output=args.output, classes=classes)
     if found.reliability and (banner := found.reliability.banner()):
         print(f"NOTE: {banner}\n")
     rankings, charts, written = write_rankings(found, findings_dir(args.store, args.out), args.k)
@@ -42,9 +57,11 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from ffcv_transfer.findings.report import explanation_grid, findings_dir, gather
     from ffcv_transfer.store.betons import BetonRecords
 
-    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
+    classes = checked_classes(args)
+    j = classes.example(args.example)
+    check_at_least(args.check, 0, "--check", "a number of models")
+    found = gather(args.store, output=args.output, classes=classes)
     out = findings_dir(args.store, args.out)
-    j = args.example
     negative = explain_example(found.influence, j, args.k)
     target = found.target_names[found.labels[j]]
     print(
@@ -78,22 +95,16 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_subpopulation(args: argparse.Namespace) -> None:
-    from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.findings.names import class_index
     from ffcv_transfer.findings.plots import image_grid
     from ffcv_transfer.findings.rankings import subpopulation
     from ffcv_transfer.findings.report import findings_dir, gather
     from ffcv_transfer.store.betons import BetonRecords
 
-    found = gather(args.store, args.names, output=args.output, mode=args.mode, target=args.target)
+    classes = checked_classes(args)
+    c = classes.source_class(args.source_class)
+    target = classes.target_class(args.target_class) if args.target_class else None
+    found = gather(args.store, output=args.output, classes=classes)
     out = findings_dir(args.store, args.out)
-    c = class_index(found.source_names, args.source_class)
-    if c is None:
-        raise ConfigError(
-            f"--source-class {args.source_class!r}: not an index below {len(found.source_names)} nor a class name "
-            f"(e.g. {', '.join(found.source_names[:3])})"
-        )
-    target = found.target_names.index(args.target_class) if args.target_class else None
     chosen = subpopulation(found.influence, c, args.k, found.labels, target)
     images = BetonRecords(found.betons["target_test"])
     for j in chosen:
@@ -108,14 +119,24 @@ def cmd_subpopulation(args: argparse.Namespace) -> None:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
+    from ffcv_transfer.config import ConfigError
     from ffcv_transfer.experiments.removals import run_counterfactual
     from ffcv_transfer.findings.counterfactual import format_gain, write_counterfactual
-    from ffcv_transfer.findings.report import findings_dir, gather
+    from ffcv_transfer.findings.report import classes_of, findings_dir, gather
 
-    found = gather(args.store, output=args.output, mode=args.mode, target=args.target)
-    out = findings_dir(args.store, args.out)
     ks = parse_rows(args.ks, "--ks")
+    check_at_least(args.seeds, 1, "--seeds", "a number of models")
+    if args.out:
+        check_folder_can_be(args.out, "--out")
     experiment = store_experiment(args)
+    classes = classes_of(args.store, mode=args.mode, target=args.target)
+    if not 1 <= min(ks) <= max(ks) < len(classes.source_names):
+        raise ConfigError(
+            f"--ks {args.ks}: the source set has {len(classes.source_names)} classes; remove 1 to "
+            f"{len(classes.source_names) - 1} of them"
+        )
+    found = gather(args.store, output=args.output, classes=classes)
+    out = findings_dir(args.store, args.out)
     progress = not args.no_progress
     store = run_counterfactual(
         found.influence, out, experiment, ks, args.seeds, args.kinds, progress, target=args.target, mode=args.mode
@@ -133,8 +154,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from ffcv_transfer.config import ConfigError
     from ffcv_transfer.findings.report import write_report
 
+    check_at_least(args.k, 1, "--k", "a count")
+    if args.counterfactual and not (Path(args.counterfactual) / "spec.json").is_file():
+        raise ConfigError(f"--counterfactual {args.counterfactual}: no removal store there (made by `counterfactual`)")
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; the report is an HTML file")
     written = write_report(
         args.store,
         args.out,
@@ -150,8 +177,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_leakage(args: argparse.Namespace) -> None:
+    from ffcv_transfer.config import ConfigError
     from ffcv_transfer.findings.leakage import find_leaks
 
+    check_at_least(args.top, 1, "--top", "a number of source images")
+    check_at_least(args.max_hash_distance, 0, "--max-hash-distance", "a number of bits")
+    if not -1 <= args.min_similarity <= 1:
+        raise ConfigError(f"--min-similarity {args.min_similarity}: a correlation, expected a number in -1..1")
+    if args.out:
+        check_folder_can_be(args.out, "--out")
     found = find_leaks(
         args.store,
         args.out,

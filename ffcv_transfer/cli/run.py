@@ -11,6 +11,8 @@ from ffcv_transfer.cli.common import (
     SETTINGS_HELP,
     add_memory_option,
     add_mode_option,
+    check_at_least,
+    check_folder_can_be,
     experiment_from_args,
     max_bytes_of,
     parse_rows,
@@ -52,11 +54,15 @@ def cmd_influence(args: argparse.Namespace) -> None:
 
     from ffcv_transfer.config import ConfigError
     from ffcv_transfer.findings.influence import write_influence
+    from ffcv_transfer.findings.kernel import resolve_backend
 
     if args.chunk < 1:
         raise ConfigError(f"--chunk {args.chunk}: expected at least 1 row per chunk")
+    max_bytes = max_bytes_of(args)
     if not Path(args.out).resolve().parent.is_dir():  # before the computation, not after it
         raise ConfigError(f"--out {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; the influence is written to a .npy file")
     written = write_influence(
         args.store,
         args.out,
@@ -64,11 +70,11 @@ def cmd_influence(args: argparse.Namespace) -> None:
         target=args.target,
         mode=args.mode,
         mask_key=args.mask_key,
-        backend=args.backend,
+        backend=resolve_backend(args.backend),
         chunk=args.chunk,
         stderr=args.stderr,
         progress=True,
-        max_bytes=max_bytes_of(args),
+        max_bytes=max_bytes,
     )
     classes, outputs = np.load(written[0], mmap_mode="r").shape
     print(f"wrote {written[0]}: influence {classes} classes x {outputs} outputs")
@@ -88,9 +94,26 @@ def cmd_settings(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from ffcv_transfer.experiments.demo import TinySize, format_findings, run_demo
+    from pathlib import Path
 
+    from ffcv_transfer.config import ConfigError
+    from ffcv_transfer.experiments.demo import CIFAR_ARCHIVE, TINY_ARCHIVE, TinySize, format_findings, run_demo
+
+    check_folder_can_be(args.out, "--out")
+    if args.workers is not None:
+        check_at_least(args.workers, 1, "--workers", "a number of processes")
+    check_at_least(args.counterfactual_seeds, 0, "--counterfactual-seeds", "a number of seeds")
+    for name in ("classes", "per_class", "target_per_class"):
+        if getattr(args, name) is not None:
+            check_at_least(getattr(args, name), 1, f"--{name.replace('_', '-')}", "a count")
     data_dir = args.data_dir or os.environ.get(DATA_ENV) or "../shared/data"
+    if args.data == "tiny-imagenet":
+        missing = [name for name in (TINY_ARCHIVE, CIFAR_ARCHIVE) if not (Path(data_dir) / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"--data-dir {data_dir}: --data tiny-imagenet needs {' and '.join(missing)} there (pass --data-dir "
+                f"or set {DATA_ENV} to the shared data folder)"
+            )
     findings = run_demo(
         args.out,
         data=args.data,
@@ -115,9 +138,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_masks(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.store.experiment import MASKS, add_models, create_class_store, create_example_store
+    from ffcv_transfer.store.experiment import (
+        MASKS,
+        add_models,
+        create_class_store,
+        create_example_store,
+        describe_rows_without_a_step,
+        examples_per_row,
+        rows_without_a_step,
+    )
 
     if args.add is not None:
+        check_at_least(args.add, 1, "--add", "a number of models")
         if args.config or args.examples or args.settings:
             raise ConfigError("--add grows a store with its own experiment: no --config, --examples or settings")
         rows = add_models(args.store, args.add)
@@ -128,8 +160,13 @@ def cmd_masks(args: argparse.Namespace) -> None:
         return
     if not args.config:
         raise ConfigError("masks: --config is required to create a store (or --add N to grow one)")
+    check_folder_can_be(args.store, "--store")
     create = create_example_store if args.examples else create_class_store
-    store = create(args.store, experiment_from_args(args, args.config))
+    experiment = experiment_from_args(args, args.config)
+    store = create(args.store, experiment)
+    examples = examples_per_row(store, experiment)
+    if len(stuck := rows_without_a_step(experiment, examples)):  # all of them is refused by `create`
+        print(f"warning: {describe_rows_without_a_step(experiment, examples, stuck)}; they will be failed rows")
     masks = store.fixed(MASKS)
     fewest, most = masks.sum(1).min(), masks.sum(1).max()
     print(
@@ -137,6 +174,31 @@ def cmd_masks(args: argparse.Namespace) -> None:
         f"({fewest if fewest == most else f'{fewest}-{most}'} classes each), "
         f"{store.schema['margins'][0][0]} target test examples"
     )
+
+
+def check_device(experiment, gpus: list[int] | None = None) -> None:
+    """Refuse a CUDA run.device (or --gpus) that this machine has no device for, before any worker starts."""
+    from ffcv_transfer.config import ConfigError
+
+    kind, _, index = experiment.run.device.partition(":")
+    wanted = gpus or ([int(index or 0)] if kind == "cuda" else [])
+    if not wanted:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if max(wanted) >= count:
+        where = f"--gpus {','.join(map(str, gpus))}" if gpus else f"run.device {experiment.run.device}"
+        raise ConfigError(f"{where}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)}")
+
+
+def check_some_completed(status: dict, store: str) -> None:
+    """A run in which every row failed is an error (exit 2) naming the reasons, not a success."""
+    from ffcv_transfer.store.results import StoreError
+
+    if status["failed"] and not status["completed"]:
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in status["failure_reasons"].items())
+        raise StoreError(f"{store}: every finished row failed ({status['failed']}): {reasons}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -151,9 +213,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     num_rows = ResultStore(args.store).num_rows
     if rows is not None and max(rows) >= num_rows:
         raise ConfigError(f"--models {args.models}: store {args.store} has rows 0-{num_rows - 1}")
+    check_device(experiment)
     written = run_worker(args.store, experiment, rows=rows, progress=not args.no_progress, label=args.label)
     print(f"this worker wrote {written} rows")
-    print(format_status(ResultStore(args.store).status(), args.store))
+    status = ResultStore(args.store).status()
+    print(format_status(status, args.store))
+    check_some_completed(status, args.store)
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -188,7 +253,7 @@ SLURM_OPTIONS = (*SLURM_SIZES, "sbatch", "no_wait")
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import ConfigError
-    from ffcv_transfer.engine.launch import SlurmOptions, launch_local, launch_slurm
+    from ffcv_transfer.engine.launch import SlurmOptions, launch_local, launch_slurm, local_workers
     from ffcv_transfer.store.results import ResultStore, format_status
 
     foreign = [
@@ -202,6 +267,11 @@ def cmd_launch(args: argparse.Namespace) -> None:
             f"{', '.join('--' + name.replace('_', '-') for name in foreign)}: not an option of "
             f"--executor {args.executor}{hint}"
         )
+    if not args.poll_s > 0:
+        raise ConfigError(f"--poll-s {args.poll_s}: expected a positive number of seconds")
+    check_at_least(args.max_rounds, 1, "--max-rounds", "a number of rounds")
+    if args.workers is not None:
+        check_at_least(args.workers, 1, "--workers", "a number of processes")
     ResultStore(args.store)  # a missing store is named before its experiment.yaml is looked for
     if args.k is not None:
         args.settings += [f"--run.models_per_process={args.k}"]
@@ -209,6 +279,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
     common = {"log_dir": args.log_dir, "max_rounds": args.max_rounds, "poll_s": args.poll_s}
     if args.executor == "local":
         gpus = parse_rows(args.gpus, "--gpus") if args.gpus is not None else None
+        local_workers(gpus, args.workers, experiment.run.device)  # its own mistakes (--gpus with --workers) first
+        check_device(experiment, gpus)
         status = launch_local(args.store, experiment, gpus=gpus, workers=args.workers, **common)
     else:
         pairs = [item.split("=", 1) for item in args.sbatch or []]
@@ -219,6 +291,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
             args.store, experiment, SlurmOptions(**sizes, sbatch=dict(pairs)), wait=not args.no_wait, **common
         )
     print(format_status(status, args.store))
+    check_some_completed(status, args.store)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:

@@ -36,8 +36,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], np.ndarr
     """(state dict in this package's names, its class mask when the file holds one); errors name the file."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise StoreError(f"{path}: not a readable checkpoint ({error})") from None
+    except Exception as error:  # noqa: BLE001 - unpickling junk raises any kind of error; each means "not a checkpoint"
+        raise StoreError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     classes = saved.get("classes") if isinstance(saved, dict) else None
     for wrapper in ("state_dict", "model"):
         if isinstance(saved, dict) and isinstance(saved.get(wrapper), dict):

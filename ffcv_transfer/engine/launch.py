@@ -128,12 +128,12 @@ class StoreTask:
 
 
 class _Progress:
-    """Prints one line of store counts, and of each log's latest line (the workers' stages), whenever
-    they change."""
+    """Prints one line of store counts, and of each running worker's stage (its log's latest line) or how
+    a finished one ended, whenever they change."""
 
     def __init__(self, store: ResultStore, say: Say):
         self.store, self.say, self.start, self.last = store, say, time.monotonic(), ""
-        self.logs: dict[str, Path] = {}  # worker label -> its log, for the current round
+        self.workers: dict[str, tuple[Path, subprocess.Popen]] = {}  # label -> its log and process, this round
 
     def __call__(self) -> None:
         s = self.store.status()
@@ -142,11 +142,24 @@ class _Progress:
             f"{s['completed']}/{s['rows']} completed, {s['claimed']} claimed by {_count(holding, 'worker')}, "
             f"{s['pending']} pending, {s['failed']} failed"
         )
-        stages = [f"{label}: {stage}" for label, log in self.logs.items() if (stage := _last_line(log))]
+        stages = [
+            f"{label}: {stage}"
+            for label, (log, process) in self.workers.items()
+            if (stage := worker_stage(log, process))
+        ]
         line = "; ".join([line, *stages])
         if line != self.last:
             self.say(f"[{time.monotonic() - self.start:6.0f} s] {line}")
             self.last = line
+
+
+def worker_stage(log: Path, process: subprocess.Popen) -> str:
+    """A running worker's latest stage, the last line of its log; for one that has ended, how it ended (its
+    log then ends in the store's status table, whose last line is some worker's row)."""
+    returncode = process.poll()
+    if returncode is None:
+        return _last_line(log)
+    return "done" if returncode == 0 else exit_text(returncode)
 
 
 def _last_line(log: Path) -> str:
@@ -264,7 +277,7 @@ def launch_local(
                 f"round {round_no}: {_count(count, 'local worker')} ({', '.join(w.label for w in team[:count])}); "
                 f"logs in {log_dir}"
             )
-            progress.logs = {worker.label: log for worker, log, _ in started}
+            progress.workers = {worker.label: (log, process) for worker, log, process in started}
             _wait_until(lambda: all(process.poll() is not None for _, _, process in started), poll_s, progress)
         finally:
             for _, _, process in started:

@@ -129,7 +129,7 @@ def import_checkpoints(folder: str | Path, store_dir: str | Path, experiment: Ex
             model = build_model(num_classes, **asdict(experiment.model), device="cpu")
             load_into(model, read_state_dict(file)[0], file)
             save_checkpoint(checkpoint_path(store.path, row), model, masks[row], row)
-    except StoreError:
-        shutil.rmtree(store.path)  # nothing half-imported is left
+    except BaseException:
+        shutil.rmtree(store.path)  # nothing half-imported is left to block the retry
         raise
     return store

@@ -39,15 +39,19 @@ def available_backends() -> list[str]:
     found = ["numpy"]
     if _has_numba():
         found.append("numba")
-    try:
-        import torch  # noqa: F401
-
+    if _has_torch():
         found.append("torch")
-    except ImportError:
-        pass
     if _cuda_cupy():
         found.append("cupy")
     return found
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cuda_cupy() -> bool:
@@ -75,6 +79,9 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         if backend not in BACKENDS:
             raise InfluenceError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
+        if backend != "numpy" and not {"numba": _has_numba, "torch": _has_torch, "cupy": _cuda_cupy}[backend]():
+            available = ", ".join(available_backends())
+            raise InfluenceError(f"backend {backend}: not available here (available: {available})")
         return backend
     if _cuda_cupy():
         return "cupy"

@@ -16,9 +16,11 @@ WORDNET_WORDS = Path("imagenet-meta") / "wordnet30_words.txt.gz"
 
 def read_names_file(path: str | Path) -> dict[str, str]:
     """KEY<TAB>NAME per line (WordNet's words.txt format; .gz allowed): KEY a class name or a wnid."""
+    from ffcv_transfer.config import ConfigError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such names file")
+        raise ConfigError(f"--names {path}: no such names file")
     opener = gzip.open if path.suffix == ".gz" else open
     names = {}
     with opener(path, "rt", encoding="utf-8") as lines:

@@ -121,6 +121,82 @@ class Findings:
         return influence_by_target_class(self.influence, self.labels, len(self.target_names))
 
 
+@dataclass(frozen=True)
+class Classes:
+    """What a store's findings are about, read from its sidecars without computing anything: what a command
+    checks its arguments against before any work (`classes_of`)."""
+
+    stores: list[Path]  # the stores `gather` reads (a later transfer's when --target/--mode chose one)
+    target: str | None  # of these stores' experiment (None: its first)
+    mode: str | None
+    source_names: list[str]
+    target_names: list[str]
+    betons: dict[str, Path]
+    labels: np.ndarray  # (T,) target test labels
+
+    def source_class(self, value: str) -> int:
+        """The source class `value` names (an index or a name); a ConfigError when none does."""
+        from ffcv_transfer.config import ConfigError
+        from ffcv_transfer.findings.names import class_index
+
+        c = class_index(self.source_names, value)
+        if c is None:
+            raise ConfigError(
+                f"--source-class {value!r}: not an index below {len(self.source_names)} nor a class name "
+                f"(e.g. {', '.join(self.source_names[:3])})"
+            )
+        return c
+
+    def target_class(self, value: str) -> int:
+        """The target class named `value`; a ConfigError listing them when none is."""
+        from ffcv_transfer.config import ConfigError
+
+        if value not in self.target_names:
+            raise ConfigError(f"--target-class {value!r}: the target classes are {', '.join(self.target_names)}")
+        return self.target_names.index(value)
+
+    def example(self, j: int) -> int:
+        """`j` when it is a target test example; a ConfigError otherwise."""
+        from ffcv_transfer.config import ConfigError
+
+        if not 0 <= j < len(self.labels):
+            raise ConfigError(f"--example {j}: the target test examples are 0-{len(self.labels) - 1}")
+        return j
+
+
+def classes_of(
+    store_dir: str | Path | Sequence[str | Path],
+    names_file: str | Path | None = None,
+    mode: str | None = None,
+    target: str | None = None,
+) -> Classes:
+    """The classes, betons and target labels of what `gather` reads (same arguments), from the experiment
+    and the sidecars alone; a missing beton, names file or unknown target is an error here."""
+    from ffcv_transfer.findings.names import display_names
+    from ffcv_transfer.store.betons import read_labels
+    from ffcv_transfer.store.experiment import later_transfer_stores, pooled_experiment, read_sidecars, target_sidecars
+
+    store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
+    if later := later_transfer_stores(store_dirs, target, mode):
+        return classes_of(later, names_file)
+    experiment = pooled_experiment(store_dirs)
+    sidecars = read_sidecars(experiment)
+    chosen = experiment.target(target)
+    sidecars |= target_sidecars(experiment)[chosen.name]
+    betons = {split: experiment.data.path(split) for split in ("source_train", "source_val")}
+    betons |= {split: chosen.path(experiment.data.root, split) for split in ("target_train", "target_test")}
+    source = sidecars["source_train"]
+    return Classes(
+        stores=store_dirs,
+        target=target,
+        mode=mode,
+        source_names=display_names(source["class_names"], source.get("wnids"), names_file),
+        target_names=list(sidecars["target_test"]["class_names"]),
+        betons=betons,
+        labels=read_labels(betons["target_test"]),
+    )
+
+
 def gather(
     store_dir: str | Path | Sequence[str | Path],
     names_file: str | Path | None = None,
@@ -128,18 +204,17 @@ def gather(
     output: str = "margins",
     mode: str | None = None,
     target: str | None = None,
+    classes: Classes | None = None,
 ) -> Findings:
     """The findings of a store, or of several stores of one experiment read as one
     (`experiment_store.pooled_experiment`; `Findings.store` is then the first), on one of its per-example
     outputs (`experiment_store.OUTPUTS`) of one of its transfers (default: the first target's first
-    mode), or of a transfer made later by `ffcv-transfer transfer` (STORE/transfers/TARGET/MODE)."""
+    mode), or of a transfer made later by `ffcv-transfer transfer` (STORE/transfers/TARGET/MODE).
+    `classes`: `classes_of` these arguments when a caller has read them already."""
     from ffcv_transfer.findings.influence import influence_from_store
-    from ffcv_transfer.findings.names import display_names
-    from ffcv_transfer.store.betons import read_labels
     from ffcv_transfer.store.experiment import (
         MASKS,
         OUTPUTS,
-        later_transfer_stores,
         pooled_experiment,
         read_sidecars,
         target_sidecars,
@@ -147,13 +222,11 @@ def gather(
     )
     from ffcv_transfer.store.results import StoreError, open_stores
 
-    store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
-    if later := later_transfer_stores(store_dirs, target, mode):
-        return gather(later, names_file, progress, output)
+    classes = classes or classes_of(store_dir, names_file, mode, target)
+    store_dirs, target, mode = classes.stores, classes.target, classes.mode
     experiment = pooled_experiment(store_dirs)
-    sidecars = read_sidecars(experiment)
     chosen = experiment.target(target)
-    sidecars |= target_sidecars(experiment)[chosen.name]
+    sidecars = read_sidecars(experiment) | target_sidecars(experiment)[chosen.name]
     store = open_stores(store_dirs)
     if output not in OUTPUTS:
         raise StoreError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
@@ -172,10 +245,7 @@ def gather(
     influence = influence_from_store(store_dirs, key, progress=progress)
     _, values = store.read([MASKS, key])
     outputs = values[key].astype(np.float64)
-    betons = {split: experiment.data.path(split) for split in ("source_train", "source_val")}
-    betons |= {split: chosen.path(experiment.data.root, split) for split in ("target_train", "target_test")}
-    labels = read_labels(betons["target_test"])
-    source, target_names = sidecars["source_train"], list(sidecars["target_test"]["class_names"])
+    labels, target_names = classes.labels, classes.target_names
     reliability = assess(values[MASKS], outputs, labels, target_names) if len(outputs) >= 4 else None
     return Findings(
         store=store_dirs[0],
@@ -188,12 +258,12 @@ def gather(
         labels=labels,
         mean_outputs=outputs.mean(0),
         stderr=ranking_stderr(values[MASKS], outputs, labels, len(target_names)),
-        source_names=display_names(source["class_names"], source.get("wnids"), names_file),
+        source_names=classes.source_names,
         target_names=target_names,
-        betons=betons,
+        betons=classes.betons,
         planted=sidecars["target_test"].get("extra", {}).get("planted"),
         reliability=reliability,
-        wordnet=semantic_check(influence, labels, source.get("wnids"), target_names),
+        wordnet=semantic_check(influence, labels, sidecars["source_train"].get("wnids"), target_names),
     )
 
 

@@ -124,14 +124,78 @@ def target_test_counts(experiment: Experiment) -> dict[str, int]:
     return {name: sidecars["target_test"]["num_examples"] for name, sidecars in target_sidecars(experiment).items()}
 
 
+DRAW_BYTES_PER_ENTRY = 24  # a mask draw's peak per (model, class or example): float64 keys, int64 order, the bool
+
+
+def check_draw_fits(experiment: Experiment, columns: int, what: str) -> None:
+    """Refuse a mask draw of masks.num_models x `columns` that this machine's memory cannot hold, before
+    drawing."""
+    import os
+
+    needed = experiment.masks.num_models * columns * DRAW_BYTES_PER_ENTRY
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > physical:
+        raise ConfigError(
+            f"masks.num_models {experiment.masks.num_models}: drawing their masks over {columns} {what} needs about "
+            f"{needed / 2**30:.3g} GiB, more than this machine's {physical / 2**30:.3g} GiB"
+        )
+
+
+def rows_without_a_step(experiment: Experiment, examples: np.ndarray) -> np.ndarray:
+    """The rows whose models cannot take one training step, given each row's source training examples:
+    fewer than one per-model batch (source.per_model_batch), or none at all."""
+    return np.flatnonzero(examples < max(experiment.source.per_model_batch, 1))
+
+
+def class_examples_per_row(experiment: Experiment, masks: np.ndarray) -> np.ndarray:
+    """Each row's source training examples: those of the classes its class mask holds."""
+    from ffcv_transfer.store.betons import read_labels
+
+    counts = np.bincount(read_labels(experiment.data.path("source_train")), minlength=masks.shape[1])
+    return masks.astype(np.int64) @ counts
+
+
+def examples_per_row(store: ResultStore, experiment: Experiment) -> np.ndarray:
+    """Each row's source training examples in a store of `experiment`: its own (example-level stores) or
+    those of its classes."""
+    if EXAMPLE_MASKS in store.fixed_names:
+        return np.unpackbits(store.fixed(EXAMPLE_MASKS), axis=1).sum(1)
+    return class_examples_per_row(experiment, store.fixed(MASKS))
+
+
+def describe_rows_without_a_step(experiment: Experiment, examples: np.ndarray, rows: np.ndarray) -> str:
+    """Which rows cannot take a step and why, in one line."""
+    shown = ", ".join(map(str, rows[:8])) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    batch = experiment.source.per_model_batch
+    return (
+        f"{len(rows)} of {len(examples)} models (rows {shown}) cannot take one training step: their source "
+        f"examples ({examples[rows].min()}-{examples[rows].max()}) are "
+        + (f"fewer than one per-model batch (source.per_model_batch {batch})" if batch else "none")
+    )
+
+
+def check_models_can_step(experiment: Experiment, examples: np.ndarray) -> None:
+    """Refuse a design in which no model can take one training step (every row would fail only once
+    training had started)."""
+    rows = rows_without_a_step(experiment, examples)
+    if len(rows) == len(examples):
+        raise ConfigError(
+            f"{describe_rows_without_a_step(experiment, examples, rows)}: use more examples per class, larger "
+            "subsets (masks.alpha) or a smaller source.per_model_batch"
+        )
+
+
 def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
-    """Draw the experiment's class masks and create its store (`ffcv-transfer masks`)."""
+    """Draw the experiment's class masks and create its store (`ffcv-transfer masks`); a design in which no
+    model can take a training step is refused (`check_models_can_step`)."""
     sidecars = read_sidecars(experiment)
     num_classes = sidecars["source_train"]["num_classes"]
+    check_draw_fits(experiment, num_classes, "classes")
     try:
         masks = class_masks(experiment.masks, num_classes)
     except ValueError as error:  # e.g. more classes than an orthogonal design of num_models holds
         raise ConfigError(f"{experiment.data.path('source_train')}: {num_classes} classes: {error}") from None
+    check_models_can_step(experiment, class_examples_per_row(experiment, masks))
     return create_store(path, masks, target_test_counts(experiment), experiment=experiment)
 
 
@@ -144,7 +208,9 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     sidecars = read_sidecars(experiment)
     labels = read_labels(experiment.data.path("source_train"))
     m = experiment.masks
+    check_draw_fits(experiment, len(labels), "examples")
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
+    check_models_can_step(experiment, masks.sum(1))
     return create_store(
         path,
         classes_of(masks, labels, sidecars["source_train"]["num_classes"]),

@@ -116,6 +116,21 @@ class PlantedSpec:
             raise BetonError(
                 "cue_decoys needs sibling_flips > 0 and a misleading class (the decoys are the cues' siblings)"
             )
+        if not (0 <= self.noise < math.inf and 0 <= self.motif_amplitude < math.inf):
+            raise BetonError(
+                f"noise {self.noise} and motif_amplitude {self.motif_amplitude} must be finite and >= 0 "
+                "(--noise, --motif-amplitude)"
+            )
+        per_class = (
+            self.source_train_per_class,
+            self.source_val_per_class,
+            self.target_train_per_class,
+            self.target_test_per_class,
+        )
+        if min(per_class) < 1:
+            raise BetonError(
+                f"images per class {per_class} (source train, source val, target train, test) must be >= 1"
+            )
         if self.leaks < 0 or self.mislabelled_leaks < 0:
             raise BetonError("leaks and mislabelled_leaks must be >= 0")
         if self.leaks + self.mislabelled_leaks > self.num_targets * self.target_test_per_class:
