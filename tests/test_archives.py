@@ -259,6 +259,18 @@ def test_imagenet_malformed_archives_are_named(imagenet, tmp_path):
     assert cli_main(["write", "imagenet", str(out), "--val", str(imagenet["val_tar"])]) == 2
 
 
+def test_imagenet_wrong_archives_say_what_they_are_and_leave_no_staging(imagenet, tmp_path):
+    """The devkit or the train tar passed as --val is named as not the validation archive; a tar refused
+    as the train tar leaves no .imagenet_train.staging folder behind."""
+    out = tmp_path / "out"
+    for wrong in (imagenet["devkit"], imagenet["train_tar"]):
+        with pytest.raises(BetonError, match=f"{wrong}: holds no validation image .*not the validation archive"):
+            write_imagenet(out, val=wrong, devkit=imagenet["devkit"], options=RAW, progress=False)
+    with pytest.raises(BetonError, match="expected one nXXXXXXXX.tar per class"):
+        write_imagenet(out, train=imagenet["val_tar"], options=RAW, progress=False)
+    assert not (out / ".imagenet_train.staging").exists() and not outputs(out)
+
+
 # ---------------------------------------------------------------- transfer targets
 
 
@@ -352,6 +364,16 @@ def test_caltech101_thirty_per_class_without_background(tmp_path):
         expected["test"] += [(data[k], label) for k in keys[30:]]
     written = write_and_check("caltech101", [archive], tmp_path, expected, classes)
     assert written["train"]["class_counts"] == [30, 30] and written["test"]["class_counts"] == [1, 2]
+
+
+def test_caltech101_inside_the_zip_it_is_served_in_is_named(tmp_path):
+    """caltech-101.zip (the download) wraps 101_ObjectCategories.tar.gz: the error says to pass that."""
+    archive, _ = caltech_archive(tmp_path, "101_ObjectCategories", {"accordion": 32}, "w:gz", lambda c, n: f"{n}.jpg")
+    wrapped = tmp_path / "caltech-101.zip"
+    with zipfile.ZipFile(wrapped, "w") as zipped:
+        zipped.write(archive, "caltech-101/101_ObjectCategories.tar.gz")
+    with pytest.raises(BetonError, match=r"caltech-101/101_ObjectCategories.tar.gz: extract and pass those instead"):
+        write_target("caltech101", [wrapped], tmp_path / "betons", options=RAW, progress=False)
 
 
 def test_caltech256_sixty_per_class_with_clutter(tmp_path):

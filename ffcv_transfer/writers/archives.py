@@ -204,8 +204,18 @@ class Inputs:
         """The key of `path` (see `find`); a BetonError naming the file and what it is if it is absent."""
         key = self.find(path)
         if key is None:
-            raise BetonError(f"{path} ({what}) is missing: it is in none of {', '.join(self.labels)}")
+            raise BetonError(f"{path} ({what}) is missing: {self.where_missing()}")
         return key
+
+    def where_missing(self) -> str:
+        """The end of a 'something is missing' message: the inputs searched, and the archives they hold
+        inside (a download that wraps the dataset's own archive, such as caltech-101.zip around
+        101_ObjectCategories.tar.gz), which are not opened: the user should pass those instead."""
+        inner = sorted(key for key in self.files if key.lower().endswith((*COMPRESSED_TARS, ".tar", ".zip")))
+        found = f"it is in none of {', '.join(self.labels)}"
+        if inner:
+            found += f"; they hold the archive(s) {', '.join(inner[:4])}: extract and pass those instead"
+        return found
 
     def read(self, key: str) -> bytes:
         blob = self.files[key]

@@ -131,6 +131,8 @@ def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list
     from tqdm import tqdm
 
     identity = archive_identity([train])
+    with open(train, "rb") as f:
+        members = _class_tars(f, train)  # a refused archive leaves no staging folder behind
     manifest = staging / "archive.json"
     if staging.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != identity):
         shutil.rmtree(staging)
@@ -138,8 +140,6 @@ def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list
     _write_json(manifest, identity)
     wnids, offsets, sizes, names, labels = [], [], [], [], []
     with open(train, "rb") as f:
-        members = _class_tars(f, train)
-        f.seek(0)
         with tarfile.open(fileobj=f, mode="r:") as outer:  # reads one header; extractfile serves any member
             for label, member in enumerate(
                 tqdm(members, desc=f"index {train.name}", unit=" classes", disable=not progress)
@@ -149,7 +149,11 @@ def index_train(train: Path, staging: Path, progress: bool = True) -> tuple[list
                 if cached.exists():
                     index = json.loads(cached.read_text())
                 else:
-                    index = _index_class(outer, member, f"{train}:{member.name}")
+                    try:
+                        index = _index_class(outer, member, f"{train}:{member.name}")
+                    except BetonError:  # a damaged archive: its staged indexes serve no later run
+                        shutil.rmtree(staging)
+                        raise
                     _write_json(cached, index)
                 wnids.append(wnid)
                 offsets += index["offsets"]
@@ -187,6 +191,11 @@ def index_val(inputs: Inputs, wnids: Sequence[str], leaves: dict[int, str], trut
     then file-name order."""
     val = inputs.labels[0]
     images = [k for k in inputs.keys() if k.upper().endswith(".JPEG")]
+    if not images:
+        raise BetonError(
+            f"{val}: holds no validation image ({VAL_IMAGE.format(1)} ...): this is not the validation archive "
+            "(ILSVRC2012_img_val.tar)"
+        )
     if len(images) != len(truth):
         raise BetonError(f"{val}: {len(images)} images, but {GROUND_TRUTH} labels {len(truth)}")
     keys = [inputs.find(VAL_IMAGE.format(n)) for n in range(1, len(truth) + 1)]

@@ -94,7 +94,7 @@ def _caltech(inputs: Inputs, top: str, per_class: int, excluded: set[str], renam
             folders.setdefault(parts[-2], []).append(key)
     classes = sorted(set(folders) - excluded)
     if not classes:
-        raise BetonError(f"{top}/ (its class folders) is missing: it is in none of {', '.join(inputs.labels)}")
+        raise BetonError(f"{top}/ (its class folders) is missing: {inputs.where_missing()}")
     train, test = [], []
     for label, name in enumerate(classes):
         files = sorted(folders[name])
