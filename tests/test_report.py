@@ -294,3 +294,28 @@ def test_counterfactual_command_removes_the_most_negative_class_and_reports_each
     assert "all classes: 0.5500 target accuracy (2 models)" in printed
     assert "without 1 most negative: 0.6000 (2 models; against all classes, seed by seed: +0.0500" in printed
     assert (out / "counterfactual.png").exists() and (out / "counterfactual.json").exists()
+
+
+def test_influence_pools_stores_as_rankings_and_report_do(planted_store, tiny_data, tmp_path, capsys):
+    """`influence S1 S2` writes the influence of both stores' models; a store given twice, or two stores that
+    drew the same masks (equal masks.seed), are refused before anything is written, as `rankings` refuses."""
+    from ffcv_transfer.cli import main as cli_main
+
+    from .conftest import influence_reference
+
+    first = planted_store[0]
+    second = write_planted_store(tmp_path / "second", tiny_data, seed=1)[0]
+    same_seed = write_planted_store(tmp_path / "same_seed", tiny_data, seed=0)[0]
+    out = tmp_path / "infl.npy"
+    assert cli_main(["influence", str(first), str(second), "--out", str(out)]) == 0
+    values = [ResultStore(path).read(["masks", "margins"])[1] for path in (first, second)]
+    expected = influence_reference(*(np.concatenate([v[k] for v in values]) for k in ("masks", "margins")))
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-4)
+    before = out.read_bytes()
+    capsys.readouterr()
+    for stores, message in [([first, first], "given twice"), ([first, same_seed], "drew the same masks")]:
+        assert cli_main(["influence", *map(str, stores), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert cli_main(["rankings", *map(str, stores), "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
+    assert out.read_bytes() == before

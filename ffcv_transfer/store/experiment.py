@@ -259,6 +259,11 @@ def pooled_experiment(store_dirs: Sequence[str | Path]) -> Experiment:
     """The experiment of several stores read as one (`store.open_stores`): they must agree on every
     setting that changes what a row means (POOL_FREE ones may differ), and their masks.seed must differ,
     as equal seeds draw the same masks."""
+    seen: dict[Path, str | Path] = {}
+    for path in store_dirs:
+        if Path(path).resolve() in seen:
+            raise ConfigError(f"{path}: given twice (as {seen[Path(path).resolve()]}): its models would count twice")
+        seen[Path(path).resolve()] = path
     experiments = [open_experiment(path) for path in store_dirs]
     first = experiments[0].to_dict()
     seeds: dict[int, str | Path] = {}
