@@ -163,9 +163,9 @@ def cmd_masks(args: argparse.Namespace) -> None:
     check_folder_can_be(args.store, "--store")
     create = create_example_store if args.examples else create_class_store
     experiment = experiment_from_args(args, args.config)
-    store = create(args.store, experiment)
+    store = create(args.store, experiment, refuse_stuck=True)  # a design where no model can step: no store
     examples = examples_per_row(store, experiment)
-    if len(stuck := rows_without_a_step(experiment, examples)):  # all of them is refused by `create`
+    if len(stuck := rows_without_a_step(experiment, examples)):
         print(f"warning: {describe_rows_without_a_step(experiment, examples, stuck)}; they will be failed rows")
     masks = store.fixed(MASKS)
     fewest, most = masks.sum(1).min(), masks.sum(1).max()

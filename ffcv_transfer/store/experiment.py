@@ -176,7 +176,7 @@ def describe_rows_without_a_step(experiment: Experiment, examples: np.ndarray, r
 
 def check_models_can_step(experiment: Experiment, examples: np.ndarray) -> None:
     """Refuse a design in which no model can take one training step (every row would fail only once
-    training had started)."""
+    training had started); `examples`: each model's source examples in one pass."""
     rows = rows_without_a_step(experiment, examples)
     if len(rows) == len(examples):
         raise ConfigError(
@@ -185,9 +185,10 @@ def check_models_can_step(experiment: Experiment, examples: np.ndarray) -> None:
         )
 
 
-def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
-    """Draw the experiment's class masks and create its store (`ffcv-transfer masks`); a design in which no
-    model can take a training step is refused (`check_models_can_step`)."""
+def create_class_store(path: str | Path, experiment: Experiment, refuse_stuck: bool = False) -> ResultStore:
+    """Draw the experiment's class masks and create its store (`ffcv-transfer masks`); with `refuse_stuck`,
+    a design in which no model can take a training step is refused before anything is written
+    (`check_models_can_step`)."""
     sidecars = read_sidecars(experiment)
     num_classes = sidecars["source_train"]["num_classes"]
     check_draw_fits(experiment, num_classes, "classes")
@@ -195,14 +196,15 @@ def create_class_store(path: str | Path, experiment: Experiment) -> ResultStore:
         masks = class_masks(experiment.masks, num_classes)
     except ValueError as error:  # e.g. more classes than an orthogonal design of num_models holds
         raise ConfigError(f"{experiment.data.path('source_train')}: {num_classes} classes: {error}") from None
-    check_models_can_step(experiment, class_examples_per_row(experiment, masks))
+    if refuse_stuck:
+        check_models_can_step(experiment, class_examples_per_row(experiment, masks))
     return create_store(path, masks, target_test_counts(experiment), experiment=experiment)
 
 
-def create_example_store(path: str | Path, experiment: Experiment) -> ResultStore:
+def create_example_store(path: str | Path, experiment: Experiment, refuse_stuck: bool = False) -> ResultStore:
     """A store whose models train on random subsets of the source *examples* (`ffcv-transfer masks
     --examples`): experiment.masks gives the number of models, alpha (the fraction of examples each one
-    holds) and the seed."""
+    holds) and the seed; `refuse_stuck` as in `create_class_store`."""
     from ffcv_transfer.store.betons import read_labels
 
     sidecars = read_sidecars(experiment)
@@ -210,7 +212,8 @@ def create_example_store(path: str | Path, experiment: Experiment) -> ResultStor
     m = experiment.masks
     check_draw_fits(experiment, len(labels), "examples")
     masks = random_example_masks(m.num_models, len(labels), m.alpha, m.seed)
-    check_models_can_step(experiment, masks.sum(1))
+    if refuse_stuck:
+        check_models_can_step(experiment, masks.sum(1))
     return create_store(
         path,
         classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
