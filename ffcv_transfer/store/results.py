@@ -6,26 +6,33 @@ One directory:
     fixed/NAME.npy       arrays known before training, one entry per row (e.g. the class masks)
     shards/WORKER.rows   one append-only file per writer process: fixed-size records
                          (magic, crc32 of row and payload, row, payload); nobody else writes there
-    claims/ROW.claim     who is training a row (written whole, then linked into place; refreshed by
-                         heartbeats)
+    claims/ROW.claim     who is training a row (written whole as its token, claims/tokens/ROW.ID, then
+                         hard-linked into place; refreshed by heartbeats). Whoever removes a claim
+                         (its owner releasing it, a writer taking over a stale one) first renames its
+                         token, which only one can do: no claim is taken over twice or released by
+                         another writer
     failed/ROW.json      why a row failed (e.g. "NaN loss at epoch 3")
 
 A row is complete once its record is fully written and fsync'ed. Every read checks every record: its
 magic, its length, its row's range and the crc32 over its row index and payload, so a writer killed
 mid-record (SIGKILL, lost host) or a flipped bit anywhere in a record leaves nothing a reader takes as
 data; the record is counted as rejected (`status()["rejected"]`, `verify()`), and its row is pending
-again, to be claimed once its claim expires. (Format version 1 stores, whose crc32 covers the payload
-alone, are still read.) Writers never share a file, so
-page-granular writes on a shared file system cannot corrupt a neighbour. Should two writers ever
-complete the same row (an expired claim taken over while its owner was still alive), readers keep the
-first record in (shard name, offset) order, so a row is never counted twice.
+again, to be claimed once its claim expires. A write that fails (a full disk) is cut back to the last
+whole record and raises StoreError; its rows stay pending. (Format version 1 stores, whose crc32 covers
+the payload alone, are still read.) Writers never share a file, so page-granular writes on a shared file
+system cannot corrupt a neighbour. Should two writers ever complete the same row (an expired claim taken
+over while its owner was still alive), readers keep the first record in (shard name, offset) order, so a
+row is never counted twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -37,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ffcv_transfer.store.files import atomic_path, atomic_write, temporary_path
+from ffcv_transfer.store.files import atomic_path, atomic_write
 
 STORE_FORMAT = "ffcv-transfer/store"
 STORE_VERSION = 2
@@ -60,42 +67,51 @@ def worker_name(label: str | None = None) -> str:
     return "-".join(filter(None, [label, socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:8]]))
 
 
-def _create_whole(path: Path, data: bytes) -> bool:
-    """Create `path` holding `data`, all or nothing: written to a temporary file, then hard-linked into
-    place (which fails if `path` exists); False if it existed. Not fsynced: a claim lost in a crash only
-    leaves its row pending again."""
-    tmp = temporary_path(path)
-    tmp.write_bytes(data)
+def _read_claim(path: Path) -> tuple[os.stat_result, bytes, dict[str, Any] | None]:
+    """A claim file's status, bytes and content (None if unreadable: empty or torn), all of one file: the
+    status is taken on the open file, so it cannot belong to a claim that replaced the one read."""
+    with open(path, "rb") as f:
+        seen, raw = os.fstat(f.fileno()), f.read()
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-    return True
-
-
-def _read_claim(path: Path) -> dict[str, Any] | None:
-    """A claim's content, or None if it is unreadable (empty or torn)."""
-    try:
-        info = json.loads(path.read_text())
+        info = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return info if isinstance(info, dict) else None
+        return seen, raw, None
+    return seen, raw, info if isinstance(info, dict) else None
+
+
+def _claim_id(info: dict[str, Any] | None) -> str | None:
+    """The claim's id, if it has a well-formed one (claims of earlier versions and torn ones have none)."""
+    claim_id = (info or {}).get("id")
+    return claim_id if isinstance(claim_id, str) and re.fullmatch(r"[0-9a-f]{16}", claim_id) else None
+
+
+def _process_is_dead(host: Any, pid: Any) -> bool:
+    """Whether `pid` on `host` is known to no longer exist: only a process on this host can be looked up."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return False
+    return False
 
 
 def _owner_is_dead(claim: dict[str, Any]) -> bool:
     """A claim made on this host by a process that no longer exists (killed, crashed) is stale at once;
     claims from other hosts can only expire."""
-    if claim.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(claim["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError):
-        return False
-    return False
+    return _process_is_dead(claim.get("host"), claim.get("pid"))
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _holder_tag() -> str:
+    """Who holds a claim's token while removing the claim: host and pid (so that a holder that died can be
+    told from a live one), and a random part unique to the call."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class ResultStore:
@@ -335,25 +351,149 @@ class ResultStore:
                 raise StoreError(f"{file}: unreadable failure record") from None
         return found
 
-    def claims(self) -> dict[int, dict[str, Any]]:
-        """row -> claim (worker, host, pid, age_s, stale) for rows being trained."""
-        found, now = {}, time.time()
+    def _claim_file(self, row: int) -> Path:
+        return self.path / "claims" / f"{row}.claim"
+
+    def _tokens(self) -> Path:
+        tokens = self.path / "claims" / "tokens"
+        tokens.mkdir(exist_ok=True)  # stores made before claims had tokens lack it
+        return tokens
+
+    def _claim_files(self) -> Iterator[tuple[int, os.stat_result, bytes, dict[str, Any] | None]]:
+        """(row, status, bytes, content or None if torn) of every claim file; a file whose name is no row
+        of this store (a stray file) is not a claim."""
         for file in (self.path / "claims").glob("*.claim"):
+            if not file.stem.isdigit() or int(file.stem) >= self.num_rows:
+                continue
             try:
-                age = now - file.stat().st_mtime
-                info = _read_claim(file)
+                yield (int(file.stem), *_read_claim(file))
             except FileNotFoundError:
                 continue  # released right now
-            if info is None:  # torn by a crash (claims are written whole): stale once past the grace
-                found[int(file.stem)] = {"worker": "", "age_s": age, "stale": age > CLAIM_WRITE_GRACE_S}
-                continue
-            found[int(file.stem)] = {**info, "age_s": age, "stale": age > self.claim_ttl_s or _owner_is_dead(info)}
+
+    def _is_stale(self, seen: os.stat_result, info: dict[str, Any] | None) -> bool:
+        """Expired, made by a dead process on this host, or torn by a crash (claims are written whole) and
+        older than the grace."""
+        age = time.time() - seen.st_mtime
+        return age > CLAIM_WRITE_GRACE_S if info is None else (age > self.claim_ttl_s or _owner_is_dead(info))
+
+    def claims(self) -> dict[int, dict[str, Any]]:
+        """row -> claim (worker, host, pid, since, id, age_s, stale) for rows being trained."""
+        found, now = {}, time.time()
+        for row, seen, _, info in self._claim_files():
+            fields = info if info is not None else {"worker": ""}
+            found[row] = {**fields, "age_s": now - seen.st_mtime, "stale": self._is_stale(seen, info)}
         return found
+
+    def _create_claim(self, row: int, body: dict[str, Any]) -> bool:
+        """Claim `row` if nobody holds it: the claim is written whole as its token, `claims/tokens/ROW.ID`,
+        then hard-linked to `claims/ROW.claim`, which fails if a claim is there; False if one was."""
+        token, claim = self._tokens() / f"{row}.{body['id']}", self._claim_file(row)
+        try:
+            token.write_bytes(json.dumps(body).encode())
+            os.link(token, claim)
+        except FileExistsError:
+            # on NFS a retransmitted link that had succeeded reports EEXIST: the link count tells
+            if token.stat().st_nlink == 2:
+                return True
+            token.unlink()
+            return False
+        except FileNotFoundError:  # the token was cleared as half-made while this writer stalled
+            return False
+        except OSError as e:
+            token.unlink(missing_ok=True)
+            raise StoreError(f"{claim}: cannot write the claim ({e.strerror})") from None
+        return True
+
+    def _remove_claim(self, row: int, claim_id: str) -> bool:
+        """Remove row's claim if it is still the one with `claim_id`; whether it was removed. Exclusive: the
+        remover first renames the claim's token to a name of its own, which only one can do (a second finds
+        the token gone and leaves the claim alone); the token and the claim are one file (hard links), so
+        while the token is held the claim is the one it names exactly when both are the same file."""
+        tokens = self._tokens()
+        held = tokens / f"{row}.{claim_id}.held-{_holder_tag()}"
+        try:
+            os.rename(tokens / f"{row}.{claim_id}", held)
+        except FileNotFoundError:
+            if not self._steal_token(row, claim_id, held):
+                return False  # another writer is removing it (or has)
+        try:
+            claim = self._claim_file(row)
+            try:
+                removed = _same_file(claim.stat(), held.stat())
+            except FileNotFoundError:
+                return False
+            if removed:
+                claim.unlink()
+            return removed
+        finally:
+            held.unlink(missing_ok=True)
+
+    def _steal_token(self, row: int, claim_id: str, held: Path) -> bool:
+        """Take a claim's token from a remover that died holding it (a dead process on this host, or held for
+        longer than the grace elsewhere): renaming that holder's name, which only one can do."""
+        for left in self._tokens().glob(f"{row}.{claim_id}.held-*"):
+            host, pid, _ = left.name.split(".held-", 1)[1].rsplit("-", 2)
+            try:
+                age = time.time() - left.stat().st_ctime  # a rename sets the ctime
+            except FileNotFoundError:
+                continue
+            if _process_is_dead(host, pid) if host == socket.gethostname() else age > CLAIM_WRITE_GRACE_S:
+                try:
+                    os.rename(left, held)
+                except FileNotFoundError:
+                    continue
+                return True
+        return False
+
+    def _remove_unmarked_claim(self, row: int, seen: os.stat_result, raw: bytes) -> bool:
+        """Remove row's claim if it is still `seen` holding `raw`, for a claim without an id (made by an
+        earlier version, or torn) and so without a token: the remover links the claim itself to
+        `tokens/ROW.inoINODE`, which only one can do while that name exists, and checks that it linked the
+        claim it saw (a remover that links after the first has finished links the claim made since, which
+        has an id). A name left by a remover that died is cleared after the grace."""
+        claim, token = self._claim_file(row), self._tokens() / f"{row}.ino{seen.st_ino}"
+        try:
+            os.link(claim, token)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - token.stat().st_ctime > CLAIM_WRITE_GRACE_S:
+                    token.unlink()
+            return False
+        except FileNotFoundError:
+            return False
+        try:
+            removed = _same_file(token.stat(), seen) and token.read_bytes() == raw
+            if removed:
+                claim.unlink()
+            return removed
+        finally:
+            token.unlink(missing_ok=True)
+
+    def _remove_seen(self, row: int, seen: os.stat_result, raw: bytes, info: dict[str, Any] | None) -> bool:
+        claim_id = _claim_id(info)
+        return self._remove_claim(row, claim_id) if claim_id else self._remove_unmarked_claim(row, seen, raw)
+
+    def _tidy_claims(self, settled: set[int]) -> None:
+        """Clear what killed writers leave in claims/: claims on rows completed or failed since, and tokens
+        and temporary files older than the grace that belong to no claim (a claim and its token are one
+        file, so a token whose claim is gone has a link count of 1)."""
+        for row, seen, raw, info in self._claim_files():
+            if row in settled:
+                self._remove_seen(row, seen, raw, info)
+        now = time.time()
+        left = [*self._tokens().iterdir(), *(self.path / "claims").glob(".*.claim.tmp-*")]
+        for file in left:
+            with contextlib.suppress(FileNotFoundError):
+                status = file.stat()
+                if status.st_nlink == 1 and now - status.st_ctime > CLAIM_WRITE_GRACE_S:
+                    file.unlink()
 
     def status(self) -> dict[str, Any]:
         """Counts of completed, claimed (live claims), pending and failed rows, failure reasons,
         `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one),
-        `rejected`: records that failed their checks (their rows are pending again), and `workers`: per
+        `rejected`: records that failed their checks (their rows are pending again) while any row is neither
+        completed nor failed (a rejected record's row index cannot be trusted, so only once every row is
+        settled are they known to have been recomputed; `verify()` lists them all), and `workers`: per
         writer, the rows it has written and the live claims it holds."""
         failures = self.failures()
         failed = set(failures)
@@ -362,6 +502,7 @@ class ResultStore:
         live = {r: c["worker"] for r, c in self.claims().items() if not c["stale"] and r not in completed | failed}
         written = {name: shard["intact"] for name, shard in counts.items()}
         holding = Counter(live.values())
+        rejected = sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values())
         workers = {
             name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
             for name in sorted(set(written) | set(holding))
@@ -373,7 +514,7 @@ class ResultStore:
             "failed": len(failed),
             "pending": self.num_rows - len(completed | failed | set(live)),
             "duplicates": sum(written.values()) - len(rows),
-            "rejected": sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values()),
+            "rejected": rejected if len(completed | failed) < self.num_rows else 0,
             "workers": workers,
             "failure_reasons": dict(Counter(failures.values()).most_common()),
         }
@@ -382,12 +523,11 @@ class ResultStore:
         """Drop the claims of every writer whose name starts with `worker_prefix`, for a caller that knows
         they have all ended (e.g. every task of a finished job array, on whatever hosts they ran, where
         their claims would otherwise only expire after `claim_ttl_s`); returns how many."""
-        released = 0
-        for row, claim in self.claims().items():
-            if claim.get("worker", "").startswith(worker_prefix):
-                (self.path / "claims" / f"{row}.claim").unlink(missing_ok=True)
-                released += 1
-        return released
+        return sum(
+            self._remove_seen(row, seen, raw, info)
+            for row, seen, raw, info in self._claim_files()
+            if (info or {}).get("worker", "").startswith(worker_prefix)
+        )
 
     def writer(self, worker: str | None = None) -> StoreWriter:
         return StoreWriter(self, worker)
@@ -460,21 +600,28 @@ class StoreWriter:
         self.worker = worker or worker_name()
         self.shard_path = store.path / "shards" / f"{self.worker}.rows"
         self._shard: Any = None
-        self.held: set[int] = set()
+        self._claim_ids: dict[int, str] = {}  # row -> id of this writer's claim on it
 
-    def _claim_file(self, row: int) -> Path:
-        return self.store.path / "claims" / f"{row}.claim"
+    @property
+    def held(self) -> set[int]:
+        """The rows this writer holds claims on."""
+        return set(self._claim_ids)
 
-    def _claim_body(self) -> bytes:
-        return json.dumps(
-            {"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
-        ).encode()
+    def _claim_body(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": _now(),
+            "id": uuid.uuid4().hex[:16],
+        }
 
     def claim(self, count: int = 1, rows: Iterable[int] | None = None) -> list[int]:
         """Claim up to `count` pending rows (from `rows`, default all) in row order. A row that another
         writer completed (and released) between this writer's look at the store and its claim is let go
         at once: rows are written before their claims are released, so a second look after claiming sees
-        every such row, and no row is trained twice."""
+        every such row, and no row is trained twice. Finding nothing to claim, it clears what killed writers
+        left in claims/ (`ResultStore._tidy_claims`)."""
         store = self.store
         candidates = list(range(store.num_rows) if rows is None else rows)
         claimed: list[int] = []
@@ -484,7 +631,7 @@ class StoreWriter:
             for row in candidates:
                 if len(claimed) + len(taken) == count:
                     break
-                if row not in done and row not in self.held and self._try_claim(int(row)):
+                if row not in done and row not in self._claim_ids and self._try_claim(int(row)):
                     taken.append(int(row))
             if not taken:
                 break
@@ -492,38 +639,39 @@ class StoreWriter:
             for row in done.intersection(taken):
                 self.release(row)
             claimed += [row for row in taken if row not in done]
+        if not claimed:
+            store._tidy_claims(done)
         return claimed
 
     def _try_claim(self, row: int) -> bool:
-        file = self._claim_file(row)
-        if not _create_whole(file, self._claim_body()):
+        """Create row's claim, or take over a stale one: remove it exclusively (`ResultStore._remove_claim`),
+        then create this writer's as if none had been there, which another writer may win."""
+        store, body = self.store, self._claim_body()
+        if not store._create_claim(row, body):
             try:
-                age = time.time() - file.stat().st_mtime
-                info = _read_claim(file)
+                seen, raw, info = _read_claim(store._claim_file(row))
             except FileNotFoundError:
                 return False  # just released: leave it to the next round
-            stale = (
-                age > CLAIM_WRITE_GRACE_S if info is None else (age > self.store.claim_ttl_s or _owner_is_dead(info))
-            )
-            if not stale:
+            if not store._is_stale(seen, info) or not store._remove_seen(row, seen, raw, info):
                 return False
-            atomic_write(file, self._claim_body())  # take over an expired or torn claim...
-            if (_read_claim(file) or {}).get("worker") != self.worker:
-                return False  # ...unless another writer took it over at the same time
-        self.held.add(row)
+            if not store._create_claim(row, body):
+                return False
+        self._claim_ids[row] = body["id"]
         return True
 
     def heartbeat(self) -> None:
-        """Refresh this writer's claims so that they do not expire while it is still working."""
-        for row in self.held:
-            try:
-                os.utime(self._claim_file(row))
-            except FileNotFoundError:
-                pass
+        """Refresh this writer's claims so that they do not expire while it is still working: through their
+        tokens, so a claim another writer has taken over since is left as it is."""
+        tokens = self.store._tokens()
+        for row, claim_id in self._claim_ids.items():
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(tokens / f"{row}.{claim_id}")
 
     def release(self, row: int) -> None:
-        self._claim_file(row).unlink(missing_ok=True)
-        self.held.discard(row)
+        """Drop this writer's claim on `row`, if it holds one; another writer's claim is never touched."""
+        claim_id = self._claim_ids.pop(row, None)
+        if claim_id is not None:
+            self.store._remove_claim(row, claim_id)
 
     def write(self, row: int, **values: Any) -> None:
         """Append row's values (every schema field) durably; then the row counts as complete."""
@@ -556,18 +704,51 @@ class StoreWriter:
         records["magic"], records["row"] = store.magic, rows
         raw = records.view(np.uint8).reshape(len(rows), -1)
         records["crc"] = [zlib.crc32(raw[i, store.checked_from :]) for i in range(len(rows))]
+        try:
+            self._append(records.tobytes())
+        except OSError as e:
+            raise StoreError(
+                f"{self.shard_path}: rows {rows[:5].tolist()} not written ({e.strerror or e}); they are pending again"
+            ) from None
+        finally:
+            for row in rows:
+                self.release(int(row))
+
+    def _append(self, data: bytes) -> None:
+        """Append whole records durably, or raise OSError with the shard cut back to its last whole record,
+        so that an error (a full disk: ENOSPC, or EDQUOT; on NFS it may surface only at the fsync) leaves no
+        torn record behind and the next write starts on a record boundary."""
         if self._shard is None:
             self._shard = open(self.shard_path, "ab", buffering=0)
-        self._shard.write(records.tobytes())  # one write call: a crash leaves a short or bad-crc tail
-        os.fsync(self._shard.fileno())
-        for row in rows:
-            self.release(int(row))
+        fd, size = self._shard.fileno(), self.store.record_dtype.itemsize
+        end = os.fstat(fd).st_size
+        whole = end - end % size
+        try:
+            if whole != end:  # a tail torn by a write of this writer whose cut failed: nobody else writes here
+                os.ftruncate(fd, whole)
+            todo = memoryview(data)
+            while todo:  # a short write is continued; when the disk is full, the next write says so
+                written = os.write(fd, todo)
+                if not written:
+                    raise OSError(errno.EIO, "a write wrote nothing")
+                todo = todo[written:]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # should the cut fail too, the next write makes it
+                os.ftruncate(fd, whole)
+                os.fsync(fd)
+            raise
 
     def fail(self, row: int, reason: str) -> None:
         """Mark a row failed (e.g. diverged); failed rows are not claimed again and are skipped by readers."""
+        file = self.store.path / "failed" / f"{row}.json"
         body = json.dumps({"reason": reason, "worker": self.worker, "time": _now()}).encode()
-        atomic_write(self.store.path / "failed" / f"{row}.json", body)
-        self.release(row)
+        try:
+            atomic_write(file, body)
+        except OSError as e:
+            raise StoreError(f"{file}: not written ({e.strerror or e}); row {row} is pending again") from None
+        finally:
+            self.release(row)
 
     def close(self) -> None:
         for row in list(self.held):
