@@ -725,3 +725,22 @@ def test_rejected_records_stop_being_reported_once_every_row_is_recomputed(tmp_p
     status = store.status()
     assert (status["completed"], status["rejected"]) == (4, 0) and "rejected" not in format_status(status, "s")
     assert store.verify() == {"w": {"intact": 4, "rejected": 1, "torn_bytes": 0}}  # still listed for an audit
+
+
+def test_stores_of_other_class_counts_or_one_store_twice_do_not_pool(tmp_path, capsys):
+    """influence over stores that are not one experiment: one-line errors, not a numpy traceback or every
+    model counted twice."""
+    from ffcv_transfer.cli import main as cli_main
+    from ffcv_transfer.store.results import open_stores
+
+    schema = {"margins": ((4,), np.float16)}
+    rng = np.random.default_rng(0)
+    for name, classes in (("a", 5), ("b", 6)):
+        store = ResultStore.create(tmp_path / name, 8, schema, fixed={"masks": rng.random((8, classes)) < 0.5})
+        store.writer().write_many(range(8), margins=rng.normal(size=(8, 4)))
+    with pytest.raises(StoreError, match=r"'masks' holds bool rows of shape \(6,\).*not one experiment"):
+        open_stores([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(StoreError, match="given twice"):
+        open_stores([tmp_path / "a", tmp_path / "a"])
+    assert cli_main(["influence", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "i.npy")]) == 2
+    assert "not one experiment" in capsys.readouterr().err and not (tmp_path / "i.npy").exists()

@@ -133,10 +133,10 @@ def write_influence(
     `stderr_path(out)`; returns the paths written. The arrays are memmaps filled block by block
     (`influence_from_store`), so the result never has to fit in memory; each file appears whole or not
     at all (`store.files.atomic_path`): an error leaves what was there before."""
-    from ffcv_transfer.store.experiment import pooled_experiment
+    from ffcv_transfer.store.experiment import EXPERIMENT_FILE, pooled_experiment
 
-    if len(store_dirs) > 1:  # the same checks as every analysis that reads stores as one
-        pooled_experiment(store_dirs)
+    if len(store_dirs) > 1 and all((Path(path) / EXPERIMENT_FILE).exists() for path in store_dirs):
+        pooled_experiment(store_dirs)  # the recipe checks of every analysis that reads stores as one
     stores, key = transfer_outputs(store_dirs, key, target, mode)
     store = open_stores(stores)
     store.require([mask_key, key])

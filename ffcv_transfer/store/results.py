@@ -539,10 +539,23 @@ class StorePool:
     `len(first) + r`. Reading only; each store is written by its own workers."""
 
     def __init__(self, stores: list[ResultStore]):
-        first = stores[0]
+        first, seen = stores[0], {}
+        for store in stores:
+            if store.path.resolve() in seen:
+                raise StoreError(
+                    f"{store.path}: given twice (as {seen[store.path.resolve()]}): its rows would count twice"
+                )
+            seen[store.path.resolve()] = store.path
         for store in stores[1:]:
             if store.schema != first.schema or sorted(store.fixed_names) != sorted(first.fixed_names):
                 raise StoreError(f"{store.path}: its fields differ from those of {first.path}: not one experiment")
+            for name in first.fixed_names:
+                mine, theirs = store.fixed(name), first.fixed(name)
+                if mine.shape[1:] != theirs.shape[1:] or mine.dtype != theirs.dtype:
+                    raise StoreError(
+                        f"{store.path}: fixed array {name!r} holds {mine.dtype} rows of shape {mine.shape[1:]}, "
+                        f"{first.path}'s {theirs.dtype} {theirs.shape[1:]}: not one experiment"
+                    )
         self.stores, self.path = stores, first.path
         self.schema, self.fixed_names = first.schema, first.fixed_names
         self.offsets = np.cumsum([0] + [store.num_rows for store in stores])
