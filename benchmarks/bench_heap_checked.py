@@ -72,7 +72,7 @@ def layout_rows() -> list[dict]:
                 "threads": threads,
                 "ended": how_it_ended(checked.returncode),
             }
-            if checked.returncode == 0:  # timed again without the debugging allocator, which slows each step
+            if checked.returncode == 0:  # timed again in a plain environment (perturbed frees cost time)
                 timed = subprocess.run(
                     [sys.executable, "-c", code],
                     cwd=ROOT,

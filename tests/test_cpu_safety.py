@@ -1,12 +1,13 @@
 """The CPU models never reach torch 2.13's out-of-bounds oneDNN convolution backward (models.py's docstring).
 
-Each check runs in a child process with glibc's heap checking on (MALLOC_CHECK_=3, with glibc >= 2.34's
-libc_malloc_debug preloaded where present: it aborts on a corrupted heap at the next free, so silent
-corruption fails too) and a given torch thread count; the oneDNN bug kills the
-child, which the parent sees as a non-zero exit status. Before the CPU layout became NCHW, the trainer
+Each check runs in a child process under `heap_checked` (glibc's own checks, which abort at the next free
+when a write ran into a neighbouring chunk: `test_a_planted_heap_overflow_aborts_the_child` shows it on a
+planted overflow) and a given torch thread count; the oneDNN bug kills the child, which the parent sees as
+a non-zero exit status. Before the CPU layout became NCHW, the trainer
 check died at 2 threads (SIGSEGV, or SIGABRT "free(): invalid next size")."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,32 @@ def run_child(call: str, threads: int) -> subprocess.CompletedProcess:
     env = heap_checked({**os.environ, "OMP_NUM_THREADS": str(threads)})
     code = f"import torch; torch.set_num_threads({threads}); from tests.test_cpu_safety import *; {call}"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+PLANTED_OVERFLOW = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+chunk = libc.malloc({size})
+ctypes.memset(chunk, 0x41, {size} + 2)  # two bytes past the end, into the next chunk's header
+libc.free(chunk)
+libc.free(libc.malloc({size}))
+"""
+
+
+@pytest.mark.parametrize("size", [1000, 2008, 5000])  # usable size = request: no slack to hide in
+def test_a_planted_heap_overflow_aborts_the_child(size):
+    """A write two bytes past a malloc'd chunk that reaches the next chunk's header (the kind of damage
+    the oneDNN bug does) kills a child run under `heap_checked` with SIGABRT instead of going unnoticed."""
+    done = subprocess.run(
+        [sys.executable, "-c", PLANTED_OVERFLOW.format(size=size)],
+        env=heap_checked(dict(os.environ)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGABRT, (done.returncode, done.stderr[-500:])
 
 
 def every_convolution_forward_and_backward() -> None:
