@@ -1,0 +1,174 @@
+"""How much one model's accuracy depends on its initial weights, on the demo's planted data and recipe.
+
+    .venv/bin/python benchmarks/bench_model_spread.py [--seeds 16] [--masks fixed demo all] [--mask-row 0]
+        [--variant NAME SETTING=VALUE ...] [--data-seed 0] [--work out/model-spread]
+        [--out benchmarks/results/model-spread-cpu.json]
+
+What it measures: for each recipe variant (the demo's recipe, `rs_configs/demo_cpu.yaml`, with the
+variant's settings over it) and each mask set, per model the source accuracy (on its own classes) and the
+target accuracy of the demo's first transfer mode, trained as the demo trains them (the worker, K models in
+lockstep on one shared loader, in this process). Mask sets: `fixed`, `--seeds` models on one mask of the
+demo's orthogonal design (row `--mask-row`), initial seeds 0.. (the spread is the initial weights' alone);
+`demo`, the demo's own 32 masks and initial seeds (the spread across masks that its rankings read); `all`,
+`--seeds` models on every source class (the counterfactual's baseline arm). The data is the demo's planted
+data (`ffcv_transfer.experiments.demo`), written once under --work. Variants run one after another in one
+process, sharing its loaders; the JSON is rewritten after each and a table printed at the end. Only the
+first transfer mode is run (what the demo's analyses read), unless a variant sets transfer.mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import machine  # noqa: E402
+
+from ffcv_transfer.config import load_experiment  # noqa: E402
+from ffcv_transfer.experiments.demo import DEMO_CONFIG, demo_spec  # noqa: E402
+
+
+def parse_variants(entries: list[list[str]] | None) -> dict[str, dict]:
+    """--variant NAME KEY=VALUE ... -> {NAME: {KEY: VALUE}} (values read as YAML); the recipe itself first."""
+    variants = {"recipe": {}}
+    for name, *settings in entries or []:
+        pairs = (setting.partition("=") for setting in settings)
+        variants[name] = {key: yaml.safe_load(value) for key, _, value in pairs}
+    return variants
+
+
+def mask_set(kind: str, experiment, num_classes: int, seeds: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, init seeds) of the mask set `kind` (see the module's docstring)."""
+    from ffcv_transfer.store.masks import class_masks
+
+    if kind == "demo":
+        masks = class_masks(experiment.masks, num_classes)
+        return masks, np.arange(len(masks))
+    mask = class_masks(experiment.masks, num_classes)[row] if kind == "fixed" else np.ones(num_classes, bool)
+    return np.repeat(mask[None], seeds, axis=0), np.arange(seeds)
+
+
+def summary(values: list[float]) -> dict:
+    median = statistics.median(values)
+    return {
+        "min": min(values),
+        "median": median,
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min_over_median": min(values) / median if median else None,
+    }
+
+
+def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -> dict:
+    """Train the mask set `kind` under `experiment` in a fresh store under `work`; per-model accuracies."""
+    from ffcv_transfer.engine.worker import run_worker
+    from ffcv_transfer.store.experiment import create_store, read_sidecars, target_test_counts, transfer_field
+    from ffcv_transfer.store.results import ResultStore
+
+    sidecars = read_sidecars(experiment)
+    masks, init_seeds = mask_set(kind, experiment, sidecars["source_train"]["num_classes"], seeds, row)
+    store_dir = work / "store"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    create_store(store_dir, masks, target_test_counts(experiment), init_seeds=init_seeds, experiment=experiment)
+    started = time.monotonic()
+    run_worker(store_dir, experiment, progress=False, loaders=loaders)
+    seconds = time.monotonic() - started
+    store = ResultStore(store_dir)
+    target, mode = experiment.transfers[0]
+    field = transfer_field("target_acc", experiment, target, mode)
+    _, values = store.read(["source_acc", field])  # the completed rows
+    source, target_acc = values["source_acc"].tolist(), values[field].tolist()
+    return {
+        "masks": kind,
+        "models": len(masks),
+        "classes_per_model": sorted({int(m.sum()) for m in masks}),
+        "mask_row": row if kind == "fixed" else None,
+        "failed": store.status()["failed"],
+        "seconds": round(seconds, 1),
+        "source_acc": source,
+        "target_acc": target_acc,
+        "source": summary(source),
+        "target": summary(target_acc),
+    }
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"{'variant':22s} {'masks':6s} {'K':>3s} {'source min/med/max':>20s} {'min/med':>7s} "
+        f"{'target mean':>11s} {'target sd':>9s} {'target min-max':>14s} {'s':>6s}"
+    )
+    for name, cases in report["variants"].items():
+        for case in cases:
+            s, t = case["source"], case["target"]
+            print(
+                f"{name:22s} {case['masks']:6s} {case['models']:3d} "
+                f"{s['min']:6.3f}/{s['median']:5.3f}/{s['max']:5.3f}   {s['min_over_median']:7.3f} "
+                f"{t['mean']:11.3f} {t['sd']:9.3f} {t['min']:6.3f}-{t['max']:5.3f} {case['seconds']:6.0f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=16, help="models (initial seeds 0..) per fixed or all mask")
+    parser.add_argument("--masks", nargs="+", choices=("fixed", "demo", "all"), default=["fixed"])
+    parser.add_argument("--mask-row", type=int, default=0, help="the demo design's row used as the fixed mask")
+    parser.add_argument("--variant", nargs="+", action="append", metavar="NAME SETTING=VALUE", help="repeatable")
+    parser.add_argument("--no-recipe", action="store_true", help="run only the --variant recipes")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--work", default="out/model-spread")
+    parser.add_argument("--out", default="benchmarks/results/model-spread-cpu.json")
+    args = parser.parse_args()
+
+    from ffcv_transfer.engine.loader_cache import LoaderCache
+    from ffcv_transfer.writers.common import ImageOptions
+    from ffcv_transfer.writers.synthetic import write_synthetic
+
+    work = Path(args.work)
+    data = work / f"data-seed{args.data_seed}"
+    if not (data / "target_test.beton").exists():
+        write_synthetic(data, seed=args.data_seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
+    variants = parse_variants(args.variant)
+    if args.no_recipe:
+        variants.pop("recipe")
+    base = yaml.safe_load(DEMO_CONFIG.read_text())
+    first_mode = base["transfer"]["mode"].split(",")[0]
+    report = {
+        "machine": machine(),
+        "config": str(DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])),
+        "data_seed": args.data_seed,
+        "command": " ".join(sys.argv),
+        "settings": {},
+        "variants": {},
+    }
+    loaders = LoaderCache()
+    for name, settings in variants.items():
+        overrides = {"data.root": str(data), "transfer.mode": first_mode, **settings}
+        experiment = load_experiment(DEMO_CONFIG, overrides)
+        report["settings"][name] = settings
+        report["variants"][name] = []
+        for kind in args.masks:
+            case = run_case(work, experiment, kind, args.seeds, args.mask_row, loaders)
+            report["variants"][name].append(case)
+            print(
+                f"{name} {kind}: source {case['source']['min']:.3f}-{case['source']['max']:.3f}, target "
+                f"{case['target']['mean']:.3f} ± {case['target']['sd']:.3f} (s.d.), {case['seconds']:.0f} s",
+                flush=True,
+            )
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
