@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ffcv_transfer.store.results import ResultStore
 
@@ -23,6 +24,7 @@ HEADROOM_MB = 384  # the cap above the child's start; the streamed kernels get a
 CHILD_PREAMBLE = """
 import json, resource, sys
 import numpy as np
+import pytest
 import ffcv_transfer.findings.influence, ffcv_transfer.findings.leakage, ffcv_transfer.store.results, ffcv_transfer.cli
 start = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 cap = start + {headroom} * 2**20
@@ -119,3 +121,38 @@ def test_leak_extremes_stream_example_blocks_under_a_memory_cap(tmp_path):
         np.testing.assert_array_equal(saved["positive"][j][clear], order[clear])
         order = np.argsort(expected[:, k], kind="stable")[:keep]
         np.testing.assert_allclose(saved["negative_values"][j], expected[order, k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "auto"])
+def test_influence_max_memory_bounds_the_process_resident_memory(tmp_path, backend):
+    """`write_influence(process_budget=True)` bounds the whole process: the peak resident memory of a child
+    that runs it as `ffcv-transfer influence` does (Python, numpy and the package counted) stays within 10%
+    of the budget, on a store whose outputs (32 MB) read twice or mapped would exceed it; "auto" without a
+    GPU does not import torch."""
+    rng = np.random.default_rng(2)
+    models, classes, width, budget_mib = 800, 200, 20_000, 80
+    masks = rng.random((models, classes)) < 0.5
+    outputs = (rng.standard_normal((models, width)) + 2 * masks[:, :1]).astype(np.float16)
+    store = ResultStore.create(tmp_path / "store", models, {"margins": ((width,), np.float16)}, fixed={"masks": masks})
+    store.writer().write_many(range(models), margins=outputs)
+    script = f"""
+import json, sys
+import ffcv_transfer.cli  # what `ffcv-transfer influence` holds before it computes
+from ffcv_transfer.findings.influence import write_influence
+from ffcv_transfer.findings.kernel import resolve_backend
+write_influence(["store"], "infl.npy", backend=resolve_backend("{backend}"), max_bytes={budget_mib} * 2**20,
+                process_budget=True)
+code = 0
+# VmHWM: this process image's peak; getrusage's ru_maxrss keeps the parent's peak across fork and exec
+peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
+print(json.dumps({{"code": code, "peak": peak, "torch": "torch" in sys.modules}}))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU: "auto" is numpy's BLAS
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["code"] == 0 and not found["torch"]
+    assert found["peak"] <= 1.10 * budget_mib * 2**20, f"peak {found['peak'] / 2**20:.1f} MiB, budget {budget_mib} MiB"
+    result = np.load(tmp_path / "infl.npy")
+    expected = influence_reference(masks, outputs)
+    assert np.abs(result - expected).max() / np.abs(expected).max() < 1e-6

@@ -8,6 +8,7 @@ stack says which extra to install instead of failing with a traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -56,4 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"ffcv-transfer: error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line for a write refused for want of space: the file, the reason, what to do. The commands
+    write their outputs whole or not at all (`store.files.atomic_path`, `ResultStore.create`), and a store
+    writer leaves a row it could not write pending, so running the command again after freeing space
+    finishes the work."""
+    reason = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
+    return f"{error.filename or 'a file'}: {reason}: free some space and run the command again"

@@ -18,8 +18,9 @@ def add_memory_option(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         metavar="GIB",
-        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel "
-        "makes more passes over narrower blocks of target columns",
+        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel makes more passes "
+        "over narrower blocks of target columns. The process holds about 60 MiB more: Python and its "
+        "libraries, the store's read buffer, BLAS's threads (docs/findings.md, Memory)",
     )
 
 

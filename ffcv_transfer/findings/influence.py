@@ -4,6 +4,7 @@ into .npy files."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -20,9 +21,10 @@ from ffcv_transfer.findings.kernel import (
     InfluenceError,
     column_blocks,
     plan_blocks,
+    working_budget,
 )
 from ffcv_transfer.store.files import atomic_path
-from ffcv_transfer.store.results import open_stores
+from ffcv_transfer.store.results import READ_BYTES, open_stores, reserve_space
 
 
 def influence_from_store(
@@ -42,7 +44,8 @@ def influence_from_store(
     read as one, `store.open_stores`), streamed: at most
     `chunk` rows at a time and, when the (C, T) accumulators would not fit `max_bytes`, one block of target
     columns per pass over the store. The next chunk is read from disk while the current one is computed.
-    `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block."""
+    `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block; a block's pages leave
+    this process's resident memory once written (they stay in the file and the page cache)."""
     from concurrent.futures import ThreadPoolExecutor
 
     store = open_stores(store_dir)
@@ -90,7 +93,17 @@ def influence_from_store(
                 out[:, columns], out_stderr[:, columns] = accumulator.result()
             else:
                 out[:, columns] = accumulator.result()
+            for array in (out, out_stderr):
+                drop_resident_pages(array)
     return (out, out_stderr) if stderr else out
+
+
+def drop_resident_pages(array: np.ndarray | None) -> None:
+    """Unmap the pages of a file-backed memmap from this process (a shared mapping: its writes stay in the
+    page cache and the file), so that a result written block by block does not grow the process's resident
+    memory by its whole size; anything else is left as it is."""
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap):
+        array.base.madvise(mmap.MADV_DONTNEED)
 
 
 def transfer_outputs(
@@ -127,12 +140,16 @@ def write_influence(
     stderr: bool = False,
     progress: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    process_budget: bool = False,
 ) -> list[Path]:
     """Write the class influence of the stores (read as one) on output `key` of a transfer
     (`transfer_outputs`) to `out`, a (C, T) float32 .npy, and with `stderr` its standard errors to
     `stderr_path(out)`; returns the paths written. The arrays are memmaps filled block by block
     (`influence_from_store`), so the result never has to fit in memory; each file appears whole or not
-    at all (`store.files.atomic_path`): an error leaves what was there before."""
+    at all (`store.files.atomic_path`): an error leaves what was there before. `max_bytes` bounds the
+    kernel's working set or, with `process_budget`, the whole process's resident memory: what the process
+    holds when the computation starts and the store's read buffer are counted against it
+    (`kernel.working_budget`)."""
     from ffcv_transfer.store.experiment import EXPERIMENT_FILE, pooled_experiment
 
     if len(store_dirs) > 1 and all((Path(path) / EXPERIMENT_FILE).exists() for path in store_dirs):
@@ -147,6 +164,9 @@ def write_influence(
     with ExitStack() as files:
         temporary = [files.enter_context(atomic_path(final)) for final in finals]
         arrays = [np.lib.format.open_memmap(path, "w+", np.float32, shape) for path in temporary]
+        for path, final in zip(temporary, finals):  # a full disk: an error now, not a SIGBUS at the end
+            with open(path, "r+b") as f:
+                reserve_space(f, path.stat().st_size, final)
         influence_from_store(
             stores,
             key,
@@ -155,7 +175,7 @@ def write_influence(
             chunk=chunk,
             stderr=stderr,
             progress=progress,
-            max_bytes=max_bytes,
+            max_bytes=working_budget(max_bytes, reserved=READ_BYTES) if process_budget else max_bytes,
             out=arrays[0],
             out_stderr=arrays[1] if stderr else None,
         )

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -83,11 +85,29 @@ def resolve_backend(backend: str) -> str:
             available = ", ".join(available_backends())
             raise InfluenceError(f"backend {backend}: not available here (available: {available})")
         return backend
+    if not _gpu_present():  # without importing cupy or torch: torch's import alone holds hundreds of MB
+        return "numpy"
     if _cuda_cupy():
         return "cupy"
     if _cuda_torch():
         return "torch"
     return "numpy"
+
+
+def _gpu_present() -> bool:
+    """Whether a GPU that cupy or torch could use may be here: a loaded NVIDIA driver or AMD's compute
+    device node, and CUDA_VISIBLE_DEVICES not hiding every device; or torch already imported (then asking it
+    costs nothing)."""
+    if "torch" in sys.modules:
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (
+        (nvidia.is_dir() and any(nvidia.iterdir()))
+        or any(Path("/dev").glob("nvidia[0-9]*"))
+        or Path("/dev/kfd").exists()
+    )
 
 
 def _has_numba() -> bool:
@@ -738,6 +758,34 @@ def plan_blocks(
                 f"(needs {need / 2**20:.1f} MiB): raise the memory limit"
             )
         chunk = max(1, chunk // 2)
+
+
+# Held once the kernel has run, outside its arrays: BLAS's per-thread buffers, the worker threads and their
+# allocator arenas (about 12 MiB on 2 cores, tests/test_memory_bounds.py); more cores hold more
+RUNTIME_RESERVE = 16 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's /proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def working_budget(max_bytes: int, reserved: int = 0) -> int:
+    """What is left of a budget `max_bytes` for the whole process's resident memory, for the kernel's
+    working set (`plan_blocks`), once what the process already holds (Python, numpy, the libraries imported
+    so far, open stores) is counted against it, with RUNTIME_RESERVE for what the computation's first steps
+    add outside its arrays and `reserved` for the caller's own buffers."""
+    held = resident_bytes() + RUNTIME_RESERVE + reserved
+    if held >= max_bytes:
+        raise InfluenceError(
+            f"{max_bytes / 2**20:.1f} MiB: this process already holds or reserves {held / 2**20:.1f} MiB "
+            "(Python and its libraries, BLAS and its threads, read buffers): raise the memory limit"
+        )
+    return max_bytes - held
 
 
 def column_blocks(num_outputs: int, width: int) -> list[slice]:

@@ -90,12 +90,13 @@ def create_store(
         field = partial(transfer_field, experiment=experiment, target=target, mode=mode)
         schema |= {field(name): ((count,), dtype) for name, dtype in OUTPUT_SCHEMA.items()}
         schema |= {field(name): ((), "float32") for name in TRANSFER_SCALARS}
-    store = ResultStore.create(
-        path, len(masks), schema, fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})}
+    return ResultStore.create(
+        path,
+        len(masks),
+        schema,
+        fixed={MASKS: masks, INIT_SEEDS: seeds.astype(np.int64), **(extra_fixed or {})},
+        files={} if experiment is None else {EXPERIMENT_FILE: experiment.to_yaml().encode()},
     )
-    if experiment is not None:
-        atomic_write(store.path / EXPERIMENT_FILE, experiment.to_yaml().encode())
-    return store
 
 
 def transfer_field(name: str, experiment: Experiment | None, target: str | None = None, mode: str | None = None) -> str:

@@ -33,6 +33,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -50,6 +51,7 @@ STORE_FORMAT = "ffcv-transfer/store"
 STORE_VERSION = 2
 MAGICS = {1: b"FTR1", 2: b"FTR2"}  # record magic by format version
 HEADER = np.dtype([("magic", "S4"), ("crc", "<u4"), ("row", "<u8")])
+READ_BYTES = 8 << 20  # the buffer records are read through
 CLAIM_WRITE_GRACE_S = 5.0  # a claim file still unreadable after this long was torn by a crash: stale
 
 
@@ -114,6 +116,37 @@ def _holder_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def reserve_space(file: Any, size: int, name: str | Path) -> None:
+    """Allocate the first `size` bytes of the open `file` before they are written, so that a full disk is
+    an OSError (ENOSPC, EDQUOT) naming `name`: numpy's writes of a large array report a short write with no
+    error number, and a write through a memory map becomes a SIGBUS. A file system that cannot allocate
+    ahead (EOPNOTSUPP) is written as it goes."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, str(name)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def _move_into_place(built: Path, path: Path) -> None:
+    """Rename the folder `built` to `path` (absent or an empty folder); into a folder that already holds
+    other files, move its entries, the spec last (the spec makes it a store)."""
+    try:
+        os.rename(built, path)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    for entry in sorted(built.iterdir(), key=lambda entry: entry.name == "spec.json"):
+        if entry.is_dir() and (path / entry.name).is_dir() and any((path / entry.name).iterdir()):
+            raise StoreError(f"{path / entry.name}: already there and not empty: not a store's folder")
+    for entry in sorted(built.iterdir(), key=lambda entry: entry.name == "spec.json"):
+        os.replace(entry, path / entry.name)
+    built.rmdir()
+
+
 class ResultStore:
     """Open with `ResultStore(path)`; make with `ResultStore.create(path, num_rows, schema, fixed=...)`."""
 
@@ -156,9 +189,13 @@ class ResultStore:
         *,
         fixed: dict[str, np.ndarray] | None = None,
         claim_ttl_s: float = 1800.0,
+        files: dict[str, bytes] | None = None,
     ) -> ResultStore:
         """Make an empty store for `num_rows` rows, each holding the arrays of `schema`
-        (name -> (shape, dtype)); `fixed` arrays (first axis = rows) are stored once, up front."""
+        (name -> (shape, dtype)); `fixed` arrays (first axis = rows) are stored once, up front; `files`
+        (name -> content) are written beside them. The store appears whole or not at all: it is built in
+        a folder beside `path` and renamed into place, so a failure (a full disk) or a kill leaves no
+        half-made store (a kill may leave the hidden build folder, `.NAME.creating-*`, never a store)."""
         path = Path(path)
         if (path / "spec.json").exists():
             raise StoreError(f"{path}: a store already exists here")
@@ -176,11 +213,6 @@ class ResultStore:
                 "shape": [int(s) for s in np.atleast_1d(shape)] if shape != () else [],
                 "dtype": np.dtype(dtype).str,
             }
-        for sub in ("fixed", "shards", "claims", "failed"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        for name, array in fixed.items():
-            with open(path / "fixed" / f"{name}.npy", "wb") as f:
-                np.save(f, np.asarray(array))
         spec = {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
@@ -190,7 +222,29 @@ class ResultStore:
             "claim_ttl_s": claim_ttl_s,
             "created": _now(),
         }
-        atomic_write(path / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        built = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+        try:
+            for sub in ("fixed", "shards", "claims", "failed"):
+                (built / sub).mkdir(parents=True)
+            for name, array in fixed.items():
+                array = np.asarray(array)
+                with open(built / "fixed" / f"{name}.npy", "w+b") as f:
+                    reserve_space(f, array.nbytes + 4096, path)  # 4096: more than any .npy header
+                    np.save(f, array)
+                    f.truncate()
+            for name, content in (files or {}).items():
+                (built / name).write_bytes(content)
+            atomic_write(built / "spec.json", (json.dumps(spec, indent=1) + "\n").encode())
+            _move_into_place(built, path)
+        except OSError as e:
+            shutil.rmtree(built, ignore_errors=True)
+            if e.filename is None:  # a failed write() names no file: name the store
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
+        except BaseException:
+            shutil.rmtree(built, ignore_errors=True)
+            raise
         return cls(path)
 
     # ------------------------------------------------------------ reading
@@ -247,28 +301,43 @@ class ResultStore:
     def _shards(self) -> list[Path]:
         return sorted((self.path / "shards").glob("*.rows"))
 
+    def _read_records(self, shard: Path) -> Iterator[np.ndarray]:
+        """A shard's whole records, in order, in blocks read into one reused
+        buffer of at most READ_BYTES: reading, unlike a memory map, leaves no shard pages in the process's
+        resident memory, so a pass over a store costs the buffer alone. Each block is valid until the next."""
+        size = self.record_dtype.itemsize
+        count = shard.stat().st_size // size
+        buffer = np.empty(max(1, min(count, READ_BYTES // size)), self.record_dtype)
+        with open(shard, "rb", buffering=0) as f:
+            for first in range(0, count, len(buffer)):
+                block = buffer[: min(len(buffer), count - first)]
+                got = f.readinto(memoryview(block).cast("B")) or 0
+                yield block[: got // size]
+                if got < block.nbytes:  # cut short since its size was taken: what follows is gone
+                    return
+
     def _valid_records(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(records memmap, boolean mask of the records that are complete and intact): every record checked
-        on every read (crc32 runs at over a GB/s, so a paper-size store takes well under a second)."""
-        count = shard.stat().st_size // self.record_dtype.itemsize
-        if count == 0:
-            return np.zeros(0, self.record_dtype), np.zeros(0, bool)
-        records = np.memmap(shard, dtype=self.record_dtype, mode="r", shape=(count,))
-        raw = np.memmap(shard, dtype=np.uint8, mode="r", shape=(count, self.record_dtype.itemsize))
-        ok = (records["magic"] == self.magic) & (records["row"] < self.num_rows)
-        crcs = records["crc"]
-        for i in np.flatnonzero(ok):
-            ok[i] = zlib.crc32(raw[i, self.checked_from :]) == crcs[i]
-        return records, ok
+        """(row index of each whole record, boolean mask of the records that are complete and intact): every
+        record checked on every read (crc32 runs at over a GB/s, so a paper-size store takes well under a
+        second)."""
+        rows, oks = [np.zeros(0, np.uint64)], [np.zeros(0, bool)]
+        for records in self._read_records(shard):
+            ok = (records["magic"] == self.magic) & (records["row"] < self.num_rows)
+            raw = records.view(np.uint8).reshape(len(records), -1)
+            for i in np.flatnonzero(ok):
+                ok[i] = zlib.crc32(raw[i, self.checked_from :]) == records["crc"][i]
+            rows.append(records["row"].copy())
+            oks.append(ok)
+        return np.concatenate(rows), np.concatenate(oks)
 
     def verify(self) -> dict[str, dict[str, int]]:
         """Per shard: intact records, rejected ones (a bad magic, row index or crc32) and the bytes of a
         torn last record (a writer killed mid-write)."""
         return self._index()[4]
 
-    def _index(self) -> tuple[np.ndarray, list[np.memmap], np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
-        """(rows, shard record arrays, shard of each row, record of each row, per-shard counts as in
-        `verify`), rows sorted, each row's first intact record in (shard name, offset) order."""
+    def _index(self) -> tuple[np.ndarray, list[Path], np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
+        """(rows, shard files, shard of each row, record of each row, per-shard counts as in `verify`),
+        rows sorted, each row's first intact record in (shard name, offset) order."""
         shards, rows, shard_ids, record_ids, counts = [], [], [], [], {}
         for shard in self._shards():
             records, ok = self._valid_records(shard)
@@ -278,10 +347,10 @@ class ResultStore:
                 "torn_bytes": shard.stat().st_size % self.record_dtype.itemsize,
             }
             found = np.flatnonzero(ok)
-            rows.append(records["row"][found].astype(np.int64))
+            rows.append(records[found].astype(np.int64))
             shard_ids.append(np.full(len(found), len(shards)))
             record_ids.append(found)
-            shards.append(records)
+            shards.append(shard)
         if not rows:
             empty = np.zeros(0, np.int64)
             return empty, [], empty, empty, counts
@@ -310,26 +379,41 @@ class ResultStore:
         self, names: Iterable[str], chunk: int = 4096, skip_failed: bool = True
     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Completed rows in row order, `chunk` at a time: (rows, {name: array}); fixed arrays too.
-        Memory is bounded by the chunk."""
+        Memory is bounded by the chunk: records are read (never mapped) through a buffer of at most
+        READ_BYTES, and each value is copied once, from that buffer into the chunk's arrays."""
         names = self.require(names)
         rows, shards, shard_ids, record_ids, _ = self._index()
         if skip_failed:
             keep = ~np.isin(rows, list(self.failures()))
             rows, shard_ids, record_ids = rows[keep], shard_ids[keep], record_ids[keep]
-        for start in range(0, len(rows), chunk):
-            part = slice(start, start + chunk)
-            out = {}
-            for name in names:
-                if name in self.fixed_names:
-                    out[name] = np.asarray(self.fixed(name)[rows[part]])
-                    continue
-                shape, dtype = self.schema[name]
-                values = np.empty((len(rows[part]), *shape), dtype)
-                for s in np.unique(shard_ids[part]):
-                    here = shard_ids[part] == s
-                    values[here] = shards[s][name][record_ids[part][here]]
-                out[name] = values
-            yield rows[part], out
+        fields = [name for name in names if name not in self.fixed_names]
+        size = self.record_dtype.itemsize
+        buffer = np.empty(max(1, min(chunk, len(rows), READ_BYTES // size)), self.record_dtype)
+        with contextlib.ExitStack() as files:
+            opened = [files.enter_context(open(shard, "rb", buffering=0)) for shard in shards]
+            for start in range(0, len(rows), chunk):
+                part = slice(start, start + chunk)
+                out = {name: np.asarray(self.fixed(name)[rows[part]]) for name in names if name in self.fixed_names}
+                out.update(
+                    {name: np.empty((len(rows[part]), *self.schema[name][0]), self.schema[name][1]) for name in fields}
+                )
+                # runs of consecutive records of one shard, each read with one call
+                shard_of, record_of = shard_ids[part], record_ids[part]
+                breaks = np.flatnonzero((np.diff(shard_of) != 0) | (np.diff(record_of) != 1)) + 1
+                for first, stop in zip(np.r_[0, breaks], np.r_[breaks, len(record_of)]):
+                    for at in range(first, stop, len(buffer)):
+                        count = min(len(buffer), stop - at)
+                        block = buffer[:count]
+                        got = os.preadv(
+                            opened[shard_of[at]].fileno(), [memoryview(block).cast("B")], int(record_of[at]) * size
+                        )
+                        if got != block.nbytes:
+                            raise StoreError(
+                                f"{shards[shard_of[at]]}: shorter than when it was indexed (truncated while read)"
+                            )
+                        for name in fields:
+                            out[name][at : at + count] = block[name]
+                yield rows[part], out
 
     def read(self, names: Iterable[str], skip_failed: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """All completed rows at once: (rows, {name: array})."""
