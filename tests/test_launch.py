@@ -22,10 +22,9 @@ from .conftest import DEMO_CONFIG, tiny_settings
 from .slurm_cluster import SlurmUnavailable, start_cluster
 
 
-def make_store(data: Path, path: Path, models: int, k: int) -> ResultStore:
-    experiment = load_experiment(
-        DEMO_CONFIG, tiny_settings(data, **{"masks.num_models": models, "run.models_per_process": k})
-    )
+def make_store(data: Path, path: Path, models: int, k: int, epochs: int = 1) -> ResultStore:
+    settings = {"masks.num_models": models, "run.models_per_process": k, "source.epochs": epochs}
+    experiment = load_experiment(DEMO_CONFIG, tiny_settings(data, **settings))
     return create_class_store(path, experiment)
 
 
@@ -234,16 +233,18 @@ def finish(launcher: subprocess.Popen, log: Path, cluster, timeout_s: float = 60
 @pytest.mark.system
 def test_slurm_array_completes_the_store_when_a_task_is_killed_mid_run(slurm, tiny_data, tmp_path):
     """2 array tasks over 6 rows, K=2: once a task has written its first 2 rows and claimed 2 more, it is
-    cancelled (scancel: SIGKILL after KillWait). Its written rows stay; the rows it held are taken over by
-    the other task or by the launcher's next round."""
-    store = make_store(tiny_data, tmp_path / "store", models=6, k=2)
+    killed (scancel --signal=KILL: at once, mid-group; a plain scancel's SIGKILL after KillWait may come
+    after a fast group has finished). Its written rows stay; the rows it held are taken over by the other
+    task or by the launcher's next round."""
+    # 10 source epochs: a group lasts seconds, so the kill lands inside the victim's second group
+    store = make_store(tiny_data, tmp_path / "store", models=6, k=2, epochs=10)
     masks = np.array(store.fixed("masks"))
     log = tmp_path / "launch.log"
     launcher = launch_on_slurm(slurm, store, log, "--tasks", "2", "--cpus-per-task", "1")
     try:
         victim = wait_for_worker(store, launcher, written=2)
         job = victim.split("-")[1]  # slurm-JOB_TASK-host-pid-uid
-        slurm.run("scancel", job)
+        slurm.run("scancel", "--signal=KILL", job)
     finally:
         out = finish(launcher, log, slurm)
     assert f"task {job}: ended without a result (killed or cancelled)" in out
