@@ -3,6 +3,7 @@ job arrays on a real single-node SLURM cluster started for the test (tests/slurm
 array task killed mid-run and one requeued by a preemption signal. Each case asserts that the store ends
 complete with every row written exactly once."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -233,17 +234,22 @@ def finish(launcher: subprocess.Popen, log: Path, cluster, timeout_s: float = 60
 @pytest.mark.system
 def test_slurm_array_completes_the_store_when_a_task_is_killed_mid_run(slurm, tiny_data, tmp_path):
     """2 array tasks over 6 rows, K=2: once a task has written its first 2 rows and claimed 2 more, it is
-    killed (scancel --signal=KILL: at once, mid-group; a plain scancel's SIGKILL after KillWait may come
-    after a fast group has finished). Its written rows stay; the rows it held are taken over by the other
-    task or by the launcher's next round."""
-    # 10 source epochs: a group lasts seconds, so the kill lands inside the victim's second group
+    killed mid-group through SLURM (scancel --signal=KILL). Its written rows stay; the rows it held are
+    taken over by the other task or by the launcher's next round.
+
+    The victim is frozen (SIGSTOP, on this host) the moment its claim shows, then killed: scancel's round
+    trip through slurmctld can outlast a tiny group, so without the freeze the kill may land after the
+    group is written and the test would not be testing a mid-group kill."""
     store = make_store(tiny_data, tmp_path / "store", models=6, k=2, epochs=10)
     masks = np.array(store.fixed("masks"))
     log = tmp_path / "launch.log"
     launcher = launch_on_slurm(slurm, store, log, "--tasks", "2", "--cpus-per-task", "1")
     try:
         victim = wait_for_worker(store, launcher, written=2)
-        job = victim.split("-")[1]  # slurm-JOB_TASK-host-pid-uid
+        job, pid = victim.split("-")[1], int(victim.split("-")[-2])  # slurm-JOB_TASK-host-pid-uid
+        os.kill(pid, signal.SIGSTOP)
+        frozen = store.status()["workers"][victim]
+        assert frozen["written"] == 2 and frozen["claimed"], f"victim not frozen mid-group: {frozen}"
         slurm.run("scancel", "--signal=KILL", job)
     finally:
         out = finish(launcher, log, slurm)
