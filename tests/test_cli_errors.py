@@ -3,6 +3,8 @@ problem, with exit status 2, before any work: nothing computed, nothing written,
 byte-identical. Runs on a store whose outputs are planted (no training)."""
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
 from ffcv_transfer.store.experiment import create_class_store
+from ffcv_transfer.store.results import ResultStore
 
 from .conftest import DEMO_CONFIG
 from .test_report import write_planted_store
@@ -36,6 +39,8 @@ def work(tiny_data, tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("an earlier output\n")
     (root / "a_folder").mkdir()
     np.save(root / "influence.npy", np.arange(6.0).reshape(2, 3))
+    (root / "names.tsv").write_text("# a space, not a tab\ncat kitty\n")
+    (root / "names.tsv.gz").write_bytes(b"cat\tkitty\n")  # not compressed
     return {"root": root, "store": store, "failed": failed.path, "config": config, "checkpoints": checkpoints}
 
 
@@ -66,6 +71,18 @@ CASES = {
         "backend cupy: not available here",
     ),
     "rankings --names missing": (["rankings", S, "--names", f"{R}/missing.tsv"], "missing.tsv: no such names file"),
+    "rankings --names with a malformed line": (
+        ["rankings", S, "--names", f"{R}/names.tsv"],
+        "{root}/names.tsv:2: expected KEY<TAB>NAME, got 'cat kitty'",
+    ),
+    "rankings --names .gz that is not gzip": (
+        ["rankings", S, "--names", f"{R}/names.tsv.gz"],
+        "{root}/names.tsv.gz: not gzip-compressed UTF-8 text of KEY<TAB>NAME lines",
+    ),
+    "report --names with a malformed line": (
+        ["report", S, "--names", f"{R}/names.tsv", "--out", f"{R}/report.html"],
+        "names.tsv:2: expected KEY<TAB>NAME",
+    ),
     "rankings --out a file": (["rankings", S, "--out", f"{R}/a_file"], "a_file: is a file, not a folder"),
     "rankings --k 0": (["rankings", S, "--k", "0", "--out", f"{R}/rankings"], "--k 0: expected a count"),
     "report --counterfactual missing": (
@@ -110,6 +127,42 @@ CASES = {
         "model0.pt: not a readable checkpoint",
     ),
     "write synthetic --noise -1": (["write", "synthetic", f"{R}/synthetic", "--noise", "-1"], "noise -1.0"),
+    "write synthetic OUTDIR under a file": (
+        ["write", "synthetic", f"{R}/a_file/synthetic"],
+        "OUTDIR {root}/a_file/synthetic: {root}/a_file is a file, not a folder",
+    ),
+    "write imagefolder OUT under a file": (
+        ["write", "imagefolder", f"{R}/a_folder", f"{R}/a_file/x.beton"],
+        "OUT {root}/a_file/x.beton: {root}/a_file is a file, not a folder",
+    ),
+    "write imagefolder OUT a folder": (
+        ["write", "imagefolder", f"{R}/a_folder", f"{R}/a_folder"],
+        "OUT {root}/a_folder: is a folder, not a file",
+    ),
+    "write imagefolder --per-class -1": (
+        ["write", "imagefolder", f"{R}/a_folder", f"{R}/x.beton", "--per-class", "-1"],
+        "--per-class -1: expected a number of images of at least 1",
+    ),
+    "write cifar --chunk-size 0": (
+        ["write", "cifar", f"{R}/a_folder", f"{R}/x.beton", "--split", "test", "--chunk-size", "0"],
+        "--chunk-size 0: expected a number of examples of at least 1",
+    ),
+    "write target --num-workers -1": (
+        ["write", "target", "cifar10", f"{R}/a_folder", f"{R}/target", "--num-workers", "-1"],
+        "--num-workers -1: expected a number of writer processes of at least 0",
+    ),
+    "write target: an archive that is no archive": (
+        ["write", "target", "cifar10", f"{R}/a_file", f"{R}/target_out"],
+        "a_file: unreadable or truncated",
+    ),
+    "write cifar: an archive that is no archive": (
+        ["write", "cifar", f"{R}/a_file", f"{R}/x.beton", "--split", "test"],
+        "a_file: unreadable or truncated",
+    ),
+    "write imagenet OUTDIR a file": (
+        ["write", "imagenet", f"{R}/a_file", "--val", f"{R}/a_folder"],
+        "OUTDIR {root}/a_file: is a file, not a folder",
+    ),
     "demo --workers -1": (["demo", "--out", f"{R}/demo", "--workers", "-1"], "--workers -1: expected a number"),
     "demo --data-dir missing": (
         ["demo", "--out", f"{R}/demo", "--data", "tiny-imagenet", "--data-dir", f"{R}/missing"],
@@ -141,3 +194,22 @@ def test_a_run_in_which_every_row_failed_exits_2_with_the_reasons(command, work,
         == f"ffcv-transfer: error: {work['failed']}: every finished row failed (4): 4 x NaN loss at epoch 1\n"
     )
     assert "  completed        0\n" in captured.out and "  failed           4\n" in captured.out, captured.out
+
+
+def test_store_status_skips_what_is_no_claim_and_names_a_claim_it_cannot_read(tmp_path, capsys):
+    """Stray files in claims/ (a name that is no row, content that is no claim) are not live claims; a
+    folder in a claim's place blocks its row, so it is one line naming it."""
+    store = tmp_path / "s"
+    ResultStore.create(store, 4, {"x": ((), "float32")})
+    long_ago = time.time() - 60
+    for name, text in {"notes": "a note", "9": "beyond the rows", "1": '{"worker": 5}', "2": '{"pid": 1}'}.items():
+        (store / "claims" / f"{name}.claim").write_text(text)
+        os.utime(store / "claims" / f"{name}.claim", (long_ago, long_ago))
+    assert cli_main(["store", "status", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "  claimed          0\n  pending          4\n" in out, out
+    (store / "claims" / "3.claim").mkdir()
+    assert cli_main(["store", "status", str(store)]) == 2
+    assert capsys.readouterr().err == (
+        f"ffcv-transfer: error: {store}/claims/3.claim: not a readable claim file (Is a directory); remove it\n"
+    )

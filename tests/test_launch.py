@@ -15,7 +15,14 @@ import pytest
 
 from ffcv_transfer.cli import main as cli_main
 from ffcv_transfer.config import load_experiment
-from ffcv_transfer.engine.launch import LaunchError, SlurmOptions, exit_text, local_workers, run_rounds
+from ffcv_transfer.engine.launch import (
+    LaunchError,
+    ProgressLine,
+    SlurmOptions,
+    exit_text,
+    local_workers,
+    run_rounds,
+)
 from ffcv_transfer.store.experiment import create_class_store
 from ffcv_transfer.store.results import ResultStore
 
@@ -94,6 +101,47 @@ def test_exit_text_names_the_signal():
     assert exit_text(2) == "exited with status 2"
     assert exit_text(-11) == "was killed by SIGSEGV (signal 11)"
     assert exit_text(-200) == "was killed by an unknown signal (signal 200)"
+
+
+def test_progress_line_gives_each_worker_its_own_stage_or_how_it_ended(tmp_path):
+    """A worker's stage is its log's last line while it runs; an ended worker's log ends in the store's
+    status table, whose last line is another worker's row, so for it the line says how it ended."""
+    store = ResultStore.create(tmp_path / "s", 6, {"x": ((), "float32")})
+    store.writer("worker0-host-1").write_many([0, 1], x=np.zeros(2, np.float32))
+    store.writer("worker2-host-3").fail(5, "NaN loss at epoch 1")
+    running = store.writer("worker1-host-2")
+    assert running.claim(1, rows=[2]) == [2]
+    table_end = "  workers 2 (1 holding claims): claimed / written rows\n    worker1-host-2      1        0\n"
+    logs = {
+        "worker0": table_end,
+        "worker1": "round 1: 1 rows\nepoch 1/2: loss 0.93\n",
+        "worker2": "Traceback (most recent call last):\nValueError: boom\n" + table_end,
+    }
+    for label, text in logs.items():
+        (tmp_path / f"{label}.log").write_text(text)
+    ended = [subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"]) for code in (0, 3)]
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    said = []
+    try:
+        for process in ended:
+            process.wait()
+        progress = ProgressLine(store, said.append)
+        progress.workers = {
+            label: (tmp_path / f"{label}.log", process) for label, process in zip(logs, [ended[0], live, ended[1]])
+        }
+        progress()
+        progress()  # nothing changed: nothing said
+        live.kill()
+        live.wait()
+        progress()
+    finally:
+        live.kill()
+        live.wait()
+    counts = "2/6 completed, 1 claimed by 1 worker, 2 pending, 1 failed"
+    assert [line.split("] ", 1)[1] for line in said] == [
+        f"{counts}; worker0: done; worker1: epoch 1/2: loss 0.93; worker2: exited with status 3",
+        f"{counts}; worker0: done; worker1: was killed by SIGKILL (signal 9); worker2: exited with status 3",
+    ]
 
 
 def test_slurm_options_become_sbatch_lines(tmp_path):

@@ -744,3 +744,65 @@ def test_stores_of_other_class_counts_or_one_store_twice_do_not_pool(tmp_path, c
         open_stores([tmp_path / "a", tmp_path / "a"])
     assert cli_main(["influence", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "i.npy")]) == 2
     assert "not one experiment" in capsys.readouterr().err and not (tmp_path / "i.npy").exists()
+
+
+def test_rejected_records_are_reported_until_their_own_rows_are_recomputed(tmp_path, capsys):
+    """While other rows are still pending: a rejected record stops counting in status, and verify exits 0,
+    once the row it was written for has a valid record again; verify still lists it. A flip in the row
+    index is undone by the crc32 (row 1 stored as row 0, a completed row, is still row 1's record); a torn
+    last record counts by the row in its header, or, without a whole header, until every row is settled."""
+    store = ResultStore.create(tmp_path / "s", 6, {"x": ((3,), np.float32)})
+    size = store.record_dtype.itemsize
+    writer = store.writer("w")
+    for row in range(4):
+        writer.write(row, x=np.full(3, row, np.float32))
+    flip(tmp_path / "s" / "shards" / "w.rows", size + 8)  # row 1's row index: 1 -> 0
+    flip(tmp_path / "s" / "shards" / "w.rows", 2 * size + 20)  # row 2's payload
+    store.writer("t").write(4, x=np.full(3, 4, np.float32))
+    os.truncate(tmp_path / "s" / "shards" / "t.rows", 20)  # killed while writing row 4: header and 4 bytes
+    (tmp_path / "s" / "shards" / "u.rows").write_bytes(b"FT")  # killed before a whole header
+    verified = {
+        "t": {"intact": 0, "rejected": 0, "torn_bytes": 20},
+        "u": {"intact": 0, "rejected": 0, "torn_bytes": 2},
+        "w": {"intact": 2, "rejected": 2, "torn_bytes": 0},
+    }
+
+    def verify_cli() -> tuple[int, str, str]:
+        code = cli_main(["store", "verify", str(tmp_path / "s")])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    status = store.status()
+    assert (status["completed"], status["pending"], status["rejected"]) == (2, 4, 4)
+    assert store.rejected_not_recomputed() == {"rejected": 2, "torn": 2} and store.verify() == verified
+    code, out, err = verify_cli()
+    assert code == 2 and "w: 2 intact, 2 rejected" in out
+    assert err == (
+        f"ffcv-transfer: error: {tmp_path / 's'}: 2 rejected records not recomputed yet (their rows are "
+        "pending again; `ffcv-transfer train` recomputes them)\n"
+    )
+
+    recompute = store.writer("r")
+    assert recompute.claim(2, rows=[1, 2]) == [1, 2]
+    for row in (1, 2):
+        recompute.write(row, x=np.full(3, row, np.float32))
+    status = store.status()
+    assert (status["completed"], status["pending"], status["rejected"]) == (4, 2, 2)  # the two torn records
+    assert "  rejected records 2 (torn or corrupt" in format_status(status, "s")
+    assert store.rejected_not_recomputed() == {"rejected": 0, "torn": 2}
+    assert store.verify() == verified | {"r": {"intact": 2, "rejected": 0, "torn_bytes": 0}}
+    code, out, err = verify_cli()
+    assert code == 0 and err == "" and "w: 2 intact, 2 rejected" in out
+    assert "2 rejected records: every row they were written for has been recomputed since" in out
+    assert "2 shard(s) end in a torn record (a writer killed mid-write): 0 of their rows recomputed since" in out
+
+    recompute.write(4, x=np.full(3, 4, np.float32))
+    assert store.status()["rejected"] == 1  # the headerless one, while row 5 is pending
+    recompute.write(5, x=np.full(3, 5, np.float32))
+    status = store.status()
+    assert (status["completed"], status["rejected"]) == (6, 0) and "rejected" not in format_status(status, "s")
+    rows, values = store.read(["x"])
+    assert rows.tolist() == list(range(6))
+    np.testing.assert_array_equal(values["x"], np.repeat(np.arange(6, dtype=np.float32)[:, None], 3, 1))
+    code, out, _ = verify_cli()
+    assert code == 0 and "2 shard(s) end in a torn record (a writer killed mid-write): 2 of their rows" in out

@@ -73,6 +73,23 @@ def check_folder_can_be(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: is a file, not a folder")
+    _check_not_under_a_file(path, option)
+
+
+def check_file_can_be(path: str | Path, option: str) -> None:
+    """Refuse a file to be written that cannot be one: an existing folder, or under a file (before any work)."""
+    from ffcv_transfer.config import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder, not a file")
+    _check_not_under_a_file(path, option)
+
+
+def _check_not_under_a_file(path: Path, option: str) -> None:
+    """Refuse a path one of whose folders is a file."""
+    from ffcv_transfer.config import ConfigError
+
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise ConfigError(f"{option} {path}: {blocking} is a file, not a folder")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ffcv_transfer.cli.common import check_at_least, check_file_can_be, check_folder_can_be
+
 if TYPE_CHECKING:
     from ffcv_transfer.writers.common import ImageOptions
 
@@ -17,7 +19,10 @@ def _image_options(args: argparse.Namespace, base: ImageOptions | None = None) -
     from ffcv_transfer.writers.common import ImageOptions
 
     given = {f.name: getattr(args, f.name) for f in fields(ImageOptions) if hasattr(args, f.name)}
-    return replace(base or ImageOptions(), **given)
+    options = replace(base or ImageOptions(), **given)
+    check_at_least(options.num_workers, 0, "--num-workers", "a number of writer processes")
+    check_at_least(options.chunk_size, 1, "--chunk-size", "a number of examples")
+    return options
 
 
 def _add_image_options(parser: argparse.ArgumentParser, write_mode: str | None) -> None:
@@ -93,6 +98,9 @@ def _print_summary(meta: dict) -> None:
 def cmd_write_imagefolder(args: argparse.Namespace) -> None:
     from ffcv_transfer.writers.imagefolder import write_imagefolder
 
+    check_file_can_be(args.out, "OUT")
+    if args.per_class is not None:
+        check_at_least(args.per_class, 1, "--per-class", "a number of images")
     classes = args.classes.split(",") if args.classes else None
     _print_summary(
         write_imagefolder(
@@ -110,6 +118,7 @@ def cmd_write_imagefolder(args: argparse.Namespace) -> None:
 def cmd_write_cifar(args: argparse.Namespace) -> None:
     from ffcv_transfer.writers.cifar import write_cifar
 
+    check_file_can_be(args.out, "OUT")
     _print_summary(
         write_cifar(args.src, args.out, split=args.split, options=_image_options(args), overwrite=args.overwrite)
     )
@@ -124,6 +133,7 @@ def _print_written(written: dict) -> None:
 def cmd_write_imagenet(args: argparse.Namespace) -> None:
     from ffcv_transfer.writers.imagenet import PRESETS, write_imagenet
 
+    check_folder_can_be(args.outdir, "OUTDIR")
     options = _image_options(args, PRESETS[args.preset or "reference"])
     _print_written(
         write_imagenet(
@@ -145,6 +155,7 @@ def cmd_write_target(args: argparse.Namespace) -> None:
 
     if len(args.paths) < 2:
         raise BetonError(f"write target {args.name}: give its archive(s), then OUTDIR")
+    check_folder_can_be(args.paths[-1], "OUTDIR")
     options = _image_options(args, PRESETS[args.preset] if args.preset else default_options(args.name))
     _print_written(
         write_target(
@@ -162,6 +173,7 @@ def cmd_write_target(args: argparse.Namespace) -> None:
 def cmd_write_synthetic(args: argparse.Namespace) -> None:
     from ffcv_transfer.writers.synthetic import PlantedSpec, write_synthetic
 
+    check_folder_can_be(args.outdir, "OUTDIR")
     spec = PlantedSpec(
         num_targets=args.targets,
         num_unrelated=args.unrelated,

@@ -127,7 +127,7 @@ class StoreTask:
         return DelayedSubmission(self, store_dir, experiment)
 
 
-class _Progress:
+class ProgressLine:
     """Prints one line of store counts, and of each running worker's stage (its log's latest line) or how
     a finished one ended, whenever they change."""
 
@@ -172,7 +172,7 @@ def _last_line(log: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _wait_until(done: Callable[[], bool], poll_s: float, progress: _Progress) -> None:
+def _wait_until(done: Callable[[], bool], poll_s: float, progress: ProgressLine) -> None:
     while not done():
         progress()
         time.sleep(poll_s)
@@ -242,7 +242,7 @@ def launch_local(
     log_dir = _log_dir(store, log_dir, "local")
     config = log_dir / "experiment.yaml"
     experiment.save(config)
-    progress = _Progress(store, say)
+    progress = ProgressLine(store, say)
 
     def run_round(round_no: int, count: int) -> list[str]:
         started: list[tuple[LocalWorker, Path, subprocess.Popen]] = []
@@ -362,7 +362,7 @@ def launch_slurm(
     if options.gpus_per_task:
         experiment = replace(experiment, run=replace(experiment.run, device="cuda"))  # SLURM sets the GPUs visible
     log_dir = _log_dir(store, log_dir, "slurm")
-    progress = _Progress(store, say)
+    progress = ProgressLine(store, say)
 
     def submit(round_no: int, count: int) -> tuple[str, list]:
         """(SLURM job id, submitit job of each task); one task is a plain job, more an array JOB_0, JOB_1..."""

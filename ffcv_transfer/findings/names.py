@@ -9,28 +9,36 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ffcv_transfer.config import ConfigError
+
 WNID = re.compile(r"^n\d{8}$")
 DATA_ENV = "FFCV_TRANSFER_DATA"
 WORDNET_WORDS = Path("imagenet-meta") / "wordnet30_words.txt.gz"
 
 
+class NamesFileError(ConfigError, ValueError):
+    """A names file that is missing or is not KEY<TAB>NAME lines; the message names the file (and line)."""
+
+
 def read_names_file(path: str | Path) -> dict[str, str]:
     """KEY<TAB>NAME per line (WordNet's words.txt format; .gz allowed): KEY a class name or a wnid."""
-    from ffcv_transfer.config import ConfigError
-
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--names {path}: no such names file")
+        raise NamesFileError(f"--names {path}: no such names file")
     opener = gzip.open if path.suffix == ".gz" else open
     names = {}
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            key, sep, name = line.rstrip("\n").partition("\t")
-            if not sep or not name.strip():
-                raise ValueError(f"{path}:{number}: expected KEY<TAB>NAME, got {line.strip()!r}")
-            names[key.strip()] = name.strip()
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip() or line.startswith("#"):
+                    continue
+                key, sep, name = line.rstrip("\n").partition("\t")
+                if not sep or not name.strip():
+                    raise NamesFileError(f"{path}:{number}: expected KEY<TAB>NAME, got {line.strip()!r}")
+                names[key.strip()] = name.strip()
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        kind = "gzip-compressed UTF-8 text" if opener is gzip.open else "UTF-8 text"
+        raise NamesFileError(f"{path}: not {kind} of KEY<TAB>NAME lines ({e})") from None
     return names
 
 

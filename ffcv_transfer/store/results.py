@@ -16,13 +16,13 @@ One directory:
 A row is complete once its record is fully written and fsync'ed. Every read checks every record: its
 magic, its length, its row's range and the crc32 over its row index and payload, so a writer killed
 mid-record (SIGKILL, lost host) or a flipped bit anywhere in a record leaves nothing a reader takes as
-data; the record is counted as rejected (`status()["rejected"]`, `verify()`), and its row is pending
-again, to be claimed once its claim expires. A write that fails (a full disk) is cut back to the last
-whole record and raises StoreError; its rows stay pending. (Format version 1 stores, whose crc32 covers
-the payload alone, are still read.) Writers never share a file, so page-granular writes on a shared file
-system cannot corrupt a neighbour. Should two writers ever complete the same row (an expired claim taken
-over while its owner was still alive), readers keep the first record in (shard name, offset) order, so a
-row is never counted twice.
+data; the record is counted as rejected (`verify()`; `status()["rejected"]` until its row has been
+recomputed), and its row is pending again, to be claimed once its claim expires. A write that fails (a
+full disk) is cut back to the last whole record and raises StoreError; its rows stay pending. (Format
+version 1 stores, whose crc32 covers the payload alone, are still read.) Writers never share a file, so
+page-granular writes on a shared file system cannot corrupt a neighbour. Should two writers ever complete
+the same row (an expired claim taken over while its owner was still alive), readers keep the first record
+in (shard name, offset) order, so a row is never counted twice.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ MAGICS = {1: b"FTR1", 2: b"FTR2"}  # record magic by format version
 HEADER = np.dtype([("magic", "S4"), ("crc", "<u4"), ("row", "<u8")])
 READ_BYTES = 8 << 20  # the buffer records are read through
 CLAIM_WRITE_GRACE_S = 5.0  # a claim file still unreadable after this long was torn by a crash: stale
+# per shard, the rows its rejected records ("rejected") and its torn last record ("torn") were written for
+# (`ResultStore._row_written_for`; None: a row that cannot be told)
+LostRows = dict[str, dict[str, list[int | None]]]
 
 
 class StoreError(Exception):
@@ -70,15 +73,22 @@ def worker_name(label: str | None = None) -> str:
 
 
 def _read_claim(path: Path) -> tuple[os.stat_result, bytes, dict[str, Any] | None]:
-    """A claim file's status, bytes and content (None if unreadable: empty or torn), all of one file: the
-    status is taken on the open file, so it cannot belong to a claim that replaced the one read."""
-    with open(path, "rb") as f:
-        seen, raw = os.fstat(f.fileno()), f.read()
+    """A claim file's status, bytes and content (None if it is not a claim's JSON object naming its worker:
+    empty, torn, or written by something else), all of one file: the status is taken on the open file, so
+    it cannot belong to a claim that replaced the one read. A claim that cannot be opened at all (a folder
+    in its place, no permission) blocks its row for good, so it is an error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            seen, raw = os.fstat(f.fileno()), f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StoreError(f"{path}: not a readable claim file ({e.strerror}); remove it") from None
     try:
         info = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return seen, raw, None
-    return seen, raw, info if isinstance(info, dict) else None
+    return seen, raw, info if isinstance(info, dict) and isinstance(info.get("worker"), str) else None
 
 
 def _claim_id(info: dict[str, Any] | None) -> str | None:
@@ -316,35 +326,79 @@ class ResultStore:
                 if got < block.nbytes:  # cut short since its size was taken: what follows is gone
                     return
 
-    def _valid_records(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(row index of each whole record, boolean mask of the records that are complete and intact): every
+    def _valid_records(self, shard: Path) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+        """(row index of each whole record, boolean mask of the records that are complete and intact, the
+        row each rejected record was written for as far as its bytes tell (`_row_written_for`)): every
         record checked on every read (crc32 runs at over a GB/s, so a paper-size store takes well under a
         second)."""
-        rows, oks = [np.zeros(0, np.uint64)], [np.zeros(0, bool)]
+        rows, oks, lost = [np.zeros(0, np.uint64)], [np.zeros(0, bool)], []
         for records in self._read_records(shard):
             ok = (records["magic"] == self.magic) & (records["row"] < self.num_rows)
             raw = records.view(np.uint8).reshape(len(records), -1)
             for i in np.flatnonzero(ok):
                 ok[i] = zlib.crc32(raw[i, self.checked_from :]) == records["crc"][i]
+            lost += [self._row_written_for(records[i], raw[i]) for i in np.flatnonzero(~ok)]
             rows.append(records["row"].copy())
             oks.append(ok)
-        return np.concatenate(rows), np.concatenate(oks)
+        return np.concatenate(rows), np.concatenate(oks), lost
+
+    def _row_written_for(self, record: np.void, raw: np.ndarray) -> int | None:
+        """The row a rejected record was written for, as far as its bytes tell: the row index its crc32
+        vouches for, as stored (only the magic was damaged) or with one bit flipped back; else, its magic
+        intact, the stored index (the damage lies in the payload or the crc32); else None (unknown). It only
+        tells whether that row has been recomputed since: an index damaged in several bits names another
+        row, which can end the warning early but never serves the record, and the true row stays pending."""
+        row = int(record["row"])
+        if self.version >= 2:
+            payload = raw[HEADER.itemsize :]
+            for candidate in (row, *(row ^ (1 << bit) for bit in range(64))):
+                if zlib.crc32(payload, zlib.crc32(candidate.to_bytes(8, "little"))) == record["crc"]:
+                    return candidate if candidate < self.num_rows else None
+        return row if record["magic"] == self.magic and row < self.num_rows else None
+
+    def _torn_row(self, shard: Path, whole_records: int) -> int | None:
+        """The row a torn last record was being written for, when its header was written whole and names a
+        row of this store with the store's magic (its crc32 cannot be checked without the payload)."""
+        with open(shard, "rb") as f:
+            f.seek(whole_records * self.record_dtype.itemsize)
+            head = f.read(HEADER.itemsize)
+        if len(head) < HEADER.itemsize:
+            return None
+        header = np.frombuffer(head, HEADER)[0]
+        return int(header["row"]) if header["magic"] == self.magic and header["row"] < self.num_rows else None
 
     def verify(self) -> dict[str, dict[str, int]]:
         """Per shard: intact records, rejected ones (a bad magic, row index or crc32) and the bytes of a
         torn last record (a writer killed mid-write)."""
         return self._index()[4]
 
-    def _index(self) -> tuple[np.ndarray, list[Path], np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
-        """(rows, shard files, shard of each row, record of each row, per-shard counts as in `verify`),
-        rows sorted, each row's first intact record in (shard name, offset) order."""
-        shards, rows, shard_ids, record_ids, counts = [], [], [], [], {}
+    def rejected_not_recomputed(self) -> dict[str, int]:
+        """Of the records `verify()` rejects (`rejected`) and the torn last records (`torn`), how many may
+        still be missing from the store: those whose row (`_row_written_for`) has been neither completed
+        nor failed since, and those whose row cannot be told while any row has not."""
+        rows, _, _, _, _, lost = self._index()
+        return self._not_recomputed(lost, set(rows.tolist()) | set(self.failures()))
+
+    def _not_recomputed(self, lost: LostRows, settled: set[int]) -> dict[str, int]:
+        """`rejected_not_recomputed` of `_index`'s lost records, given the completed and failed rows."""
+        every_row = settled.issuperset(range(self.num_rows))
+        return {
+            kind: sum(not every_row if row is None else row not in settled for by in lost.values() for row in by[kind])
+            for kind in ("rejected", "torn")
+        }
+
+    def _index(self) -> tuple[np.ndarray, list[Path], np.ndarray, np.ndarray, dict[str, dict[str, int]], LostRows]:
+        """(rows, shard files, shard of each row, record of each row, per-shard counts as in `verify`, per
+        shard the rows of its rejected and torn records as in `LostRows`), rows sorted, each row's first
+        intact record in (shard name, offset) order."""
+        shards, rows, shard_ids, record_ids, counts, lost = [], [], [], [], {}, {}
         for shard in self._shards():
-            records, ok = self._valid_records(shard)
-            counts[shard.stem] = {
-                "intact": int(ok.sum()),
-                "rejected": int((~ok).sum()),
-                "torn_bytes": shard.stat().st_size % self.record_dtype.itemsize,
+            records, ok, rejected_rows = self._valid_records(shard)
+            torn_bytes = shard.stat().st_size % self.record_dtype.itemsize
+            counts[shard.stem] = {"intact": int(ok.sum()), "rejected": int((~ok).sum()), "torn_bytes": torn_bytes}
+            lost[shard.stem] = {
+                "rejected": rejected_rows,
+                "torn": [self._torn_row(shard, len(records))] if torn_bytes else [],
             }
             found = np.flatnonzero(ok)
             rows.append(records[found].astype(np.int64))
@@ -353,7 +407,7 @@ class ResultStore:
             shards.append(shard)
         if not rows:
             empty = np.zeros(0, np.int64)
-            return empty, [], empty, empty, counts
+            return empty, [], empty, empty, counts, lost
         rows_all = np.concatenate(rows)
         # stable sort keeps (shard, offset) order among duplicates; keep the first of each row
         order = np.argsort(rows_all, kind="stable")
@@ -361,7 +415,8 @@ class ResultStore:
         first = np.ones(len(rows_all), bool)
         first[1:] = rows_all[1:] != rows_all[:-1]
         keep = order[first]
-        return rows_all[first], shards, np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep], counts
+        shard_of, record_of = np.concatenate(shard_ids)[keep], np.concatenate(record_ids)[keep]
+        return rows_all[first], shards, shard_of, record_of, counts, lost
 
     def completed_rows(self) -> np.ndarray:
         return self._index()[0]
@@ -382,7 +437,7 @@ class ResultStore:
         Memory is bounded by the chunk: records are read (never mapped) through a buffer of at most
         READ_BYTES, and each value is copied once, from that buffer into the chunk's arrays."""
         names = self.require(names)
-        rows, shards, shard_ids, record_ids, _ = self._index()
+        rows, shards, shard_ids, record_ids, _, _ = self._index()
         if skip_failed:
             keep = ~np.isin(rows, list(self.failures()))
             rows, shard_ids, record_ids = rows[keep], shard_ids[keep], record_ids[keep]
@@ -575,18 +630,16 @@ class ResultStore:
     def status(self) -> dict[str, Any]:
         """Counts of completed, claimed (live claims), pending and failed rows, failure reasons,
         `duplicates`: intact records beyond the first of their row (a row trained twice; readers keep one),
-        `rejected`: records that failed their checks (their rows are pending again) while any row is neither
-        completed nor failed (a rejected record's row index cannot be trusted, so only once every row is
-        settled are they known to have been recomputed; `verify()` lists them all), and `workers`: per
-        writer, the rows it has written and the live claims it holds."""
+        `rejected`: records that failed their checks, and torn last records, whose rows have not been
+        recomputed since (`rejected_not_recomputed`; `verify()` lists them all), and `workers`: per writer,
+        the rows it has written and the live claims it holds."""
         failures = self.failures()
         failed = set(failures)
-        rows, _, _, _, counts = self._index()
+        rows, _, _, _, counts, lost = self._index()
         completed = set(rows.tolist()) - failed
         live = {r: c["worker"] for r, c in self.claims().items() if not c["stale"] and r not in completed | failed}
         written = {name: shard["intact"] for name, shard in counts.items()}
         holding = Counter(live.values())
-        rejected = sum(shard["rejected"] + bool(shard["torn_bytes"]) for shard in counts.values())
         workers = {
             name: {"written": written.get(name, 0), "claimed": holding.get(name, 0)}
             for name in sorted(set(written) | set(holding))
@@ -598,7 +651,7 @@ class ResultStore:
             "failed": len(failed),
             "pending": self.num_rows - len(completed | failed | set(live)),
             "duplicates": sum(written.values()) - len(rows),
-            "rejected": rejected if len(completed | failed) < self.num_rows else 0,
+            "rejected": sum(self._not_recomputed(lost, completed | failed).values()),
             "workers": workers,
             "failure_reasons": dict(Counter(failures.values()).most_common()),
         }

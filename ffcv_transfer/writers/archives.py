@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from ffcv_transfer.store.betons import BetonError
+from ffcv_transfer.writers.common import unreadable_archive
 from ffcv_transfer.writers.imagefolder import IMAGE_SUFFIXES
 
 BLOCK = tarfile.BLOCKSIZE
@@ -76,7 +77,7 @@ def tar_members(fileobj: IO[bytes], length: int, label: str) -> list[tarfile.Tar
         with tarfile.open(fileobj=fileobj, mode="r:") as archive:
             members = archive.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise BetonError(f"{label}: unreadable or truncated tar ({e})") from None
+        raise unreadable_archive(label, "tar", e) from None
     end = 0
     for member in members:
         if member.offset_data + member.size > length:
@@ -162,7 +163,7 @@ class Inputs:
                     if not info.is_dir() and self._wanted(info.filename, info.file_size):
                         self._store(path, member_key(info.filename), archive.read(info))
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise BetonError(f"{path}: unreadable or truncated zip ({e})") from None
+            raise unreadable_archive(path, "zip", e) from None
         self.pack.flush()  # the writer's processes pread the file, past Python's buffer
 
     def _stream_pending(self) -> None:
@@ -186,7 +187,7 @@ class Inputs:
                     while raw.read(1 << 20):
                         pass
             except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
-                raise BetonError(f"{path}: unreadable or truncated archive ({e})") from None
+                raise unreadable_archive(path, "archive", e) from None
         self.pack.flush()  # the writer's processes pread the file, past Python's buffer
 
     def find(self, path: str, stream: bool = True) -> str | None:

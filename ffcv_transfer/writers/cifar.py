@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ffcv_transfer.store.betons import BetonError
-from ffcv_transfer.writers.common import ArraySource, ImageOptions, write_beton
+from ffcv_transfer.writers.common import ArraySource, ImageOptions, unreadable_archive, write_beton
 
 # split -> batch files, and the file holding class names, per variant
 LAYOUTS = {
@@ -50,7 +50,7 @@ def _read_members(src: Path, wanted: set[str]) -> dict[str, bytes]:
                     if name in wanted and member.isfile():
                         found[name] = archive.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise BetonError(f"{src}: unreadable archive ({e})") from None
+            raise unreadable_archive(src, "archive", e) from None
     else:
         raise BetonError(f"{src}: no such file or folder")
     return found

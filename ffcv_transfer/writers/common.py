@@ -268,3 +268,9 @@ def writer_progress(enabled: bool) -> Iterator[None]:
         yield
     finally:
         ffcv.writer.tqdm = shown
+
+
+def unreadable_archive(path: str | Path, kind: str, error: Exception) -> BetonError:
+    """The one-line error for an archive that cannot be read: the library's reason on one line (tarfile's
+    spans several, one per compression it tried)."""
+    return BetonError(f"{path}: unreadable or truncated {kind} ({' '.join(str(error).split())})")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ffcv_transfer.store.betons import BetonError
-from ffcv_transfer.writers.common import ImageOptions, write_beton
+from ffcv_transfer.writers.common import ImageOptions, unreadable_archive, write_beton
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -191,7 +191,7 @@ def open_tree(
                         pack.write(data)
                         bar.update()
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise BetonError(f"{src}: unreadable archive ({e})") from None
+            raise unreadable_archive(src, "archive", e) from None
         if start != TOP and not tree.subdirs.get(start):
             raise BetonError(f"{src}: no folder {subdir!r} inside the archive")
         pack.flush()

@@ -9,7 +9,8 @@ removed again, so a pair is written whole or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,28 +103,42 @@ def write_target(
         for path in (p for out in outs.values() for p in (out, *sidecar_paths(out))):
             if path.exists():
                 raise BetonError(f"{path}: already exists (pass overwrite to replace it)")
-    outdir.mkdir(parents=True, exist_ok=True)
-    common = {"dataset": name, "archives": [a.name for a in archives]}
-    if name in CIFARS:
-        class_names, sources, extra = _cifar_sources(name, archives)
-        return _write_pair(
-            outs, sources, class_names, {s: common | extra for s in SPLITS}, options, progress, overwrite, archives
-        )
-    with Inputs(archives, outdir, progress) as inputs:
-        layout: Layout = READERS[name](inputs)
-        sources, extras = {}, {}
-        for split, listed in zip(SPLITS, (layout.train, layout.test)):  # every split checked before writing
-            blobs, labels, missing = _find_images(inputs, listed, allow_missing)
-            if not blobs:
-                raise BetonError(f"{listed.listed_in}: no {split} images")
-            sources[split] = BlobSource.of(blobs, labels, layout.crop_bottom)
-            extras[split] = (
-                common
-                | layout.extra
-                | {"rule": layout.rule, "crop_bottom": layout.crop_bottom}
-                | ({"missing": len(missing), "missing_first": missing[:20]} if missing else {})
+    with folder_removed_if_left_empty(outdir):
+        common = {"dataset": name, "archives": [a.name for a in archives]}
+        if name in CIFARS:
+            class_names, sources, extra = _cifar_sources(name, archives)
+            return _write_pair(
+                outs, sources, class_names, {s: common | extra for s in SPLITS}, options, progress, overwrite, archives
             )
-        return _write_pair(outs, sources, layout.class_names, extras, options, progress, overwrite, archives)
+        with Inputs(archives, outdir, progress) as inputs:
+            layout: Layout = READERS[name](inputs)
+            sources, extras = {}, {}
+            for split, listed in zip(SPLITS, (layout.train, layout.test)):  # every split checked before writing
+                blobs, labels, missing = _find_images(inputs, listed, allow_missing)
+                if not blobs:
+                    raise BetonError(f"{listed.listed_in}: no {split} images")
+                sources[split] = BlobSource.of(blobs, labels, layout.crop_bottom)
+                extras[split] = (
+                    common
+                    | layout.extra
+                    | {"rule": layout.rule, "crop_bottom": layout.crop_bottom}
+                    | ({"missing": len(missing), "missing_first": missing[:20]} if missing else {})
+                )
+            return _write_pair(outs, sources, layout.class_names, extras, options, progress, overwrite, archives)
+
+
+@contextmanager
+def folder_removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """Create `folder` (and its parents) for what follows; if that fails and leaves it empty, remove the
+    folder again, so that a refused archive leaves nothing behind (parents made on the way stay)."""
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def _write_pair(
