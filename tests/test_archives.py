@@ -50,7 +50,10 @@ def make_tar(path: Path, members: dict[str, bytes], mode: str = "w") -> Path:
 
 
 def outputs(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.name.endswith((".beton", ".json", ".npy"))}
+    """The outputs in `folder`; a refused write leaves none, nor the folder it would have made."""
+    return (
+        {p.name for p in folder.iterdir() if p.name.endswith((".beton", ".json", ".npy"))} if folder.exists() else set()
+    )
 
 
 def check_beton(out: Path, expected: list[tuple[bytes, int]], class_names: list[str], crop_bottom: int = 0) -> dict:
