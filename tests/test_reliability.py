@@ -10,14 +10,17 @@ import tarfile
 
 import numpy as np
 import pytest
-from scipy.stats import mannwhitneyu, norm, spearmanr
+from scipy.stats import binom, f, mannwhitneyu, norm, spearmanr
 
+from ffcv_transfer.findings.evidence import Evidence, planted_evidence
 from ffcv_transfer.findings.kernel import class_influence
-from ffcv_transfer.findings.rankings import influence_by_target_class, ranking_stderr
+from ffcv_transfer.findings.rankings import influence_by_target_class, ranking_means, ranking_stderr
 from ffcv_transfer.findings.reliability import (
     Reliability,
     assess,
     benjamini_hochberg,
+    f_sf,
+    joint_signal,
     models_needed,
     seeds_to_resolve,
     significance,
@@ -186,11 +189,23 @@ def test_banner_text_by_hand():
     # dog: an irreproducible order, but a significant class; ship: nothing significant, but a reproducible order
     assert summary.flagged() == [0]
     assert summary.banner() == (
-        "Rankings not yet reliable with 100 models (split-half reliability below 0.5 and no source class "
-        "significant at BH q <= 0.05): cat -0.10, 0 significant, no signal measurable yet. Noise falls as "
-        "1/sqrt(models); where no signal is measurable yet, train more models and check again before reading "
-        "those rankings."
+        "No signal shown yet: with 100 models these rankings neither reproduce between halves of the models "
+        "(split-half reliability below 0.5) nor name a source class significant at BH q <= 0.05: cat -0.10, 0 "
+        "significant, its order not reproducible yet, and no test shows the influences differ from noise. Train "
+        "more models and check again before reading those rankings."
     )
+    # the same rankings beside a WordNet check at p = 0.0008 (or a joint test at p <= 0.01): signal, not "none"
+    wordnet = Evidence("WordNet agreement", 0.0008, "mean AUC 0.730")
+    verdict = summary.verdict([wordnet, Evidence("planted twins", 0.2, "1 of 4 planted twins on top")])
+    assert verdict.level == "signal" and "No signal" not in verdict.text
+    assert verdict.text.startswith(
+        "The influences carry signal (WordNet agreement: mean AUC 0.730, p = 0.0008), but with 100 models"
+    )
+    assert summary.to_json([wordnet])["banner"] == verdict.text
+    joint = Reliability(**{**summary.__dict__, "joint_p": (0.5, 0.002, 0.5, 0.5)})
+    assert joint.verdict().level == "signal"
+    assert "joint test of every class on the dog ranking: p = 0.008, Bonferroni over 4 rankings" in joint.banner()
+    assert Reliability(**{**summary.__dict__, "joint_p": (0.5, 0.003, 0.5, 0.5)}).verdict().level == "no signal"
     columns = summary.to_json()["columns"]
     assert columns["cat"]["models_needed"] == {"0.8": None, "0.9": None} and columns["overall"]["reliable"]
 
@@ -369,3 +384,41 @@ def test_findings_check_wordnet_when_the_sources_are_imagenet_classes(data_dir, 
     assert agreement["classes"]["dog"]["members"] == 2
     assert semantic_check(influence, labels, None, targets) is None
     assert semantic_check(influence, labels, wnids, ["apple", "pear", "plum"]) is None
+
+
+def test_f_sf_matches_scipy():
+    for df1, df2 in ((1, 1), (1, 30), (3, 7), (7, 24), (29, 34), (48, 15), (999, 6540)):
+        for value in (0.01, 0.3, 0.9, 1.0, 1.2, 2.0, 5.0, 30.0):
+            assert f_sf(value, df1, df2) == pytest.approx(f.sf(value, df1, df2), rel=1e-7, abs=1e-14), (value, df1, df2)
+    assert f_sf(0.0, 3, 5) == 1.0
+
+
+def test_joint_test_is_calibrated_under_the_null_and_finds_many_small_effects():
+    """Null: 400 replicates of 64 random-mask models on 30 classes with no effect; the joint p-value of each
+    column is near uniform (p <= 0.05 in 5% of 1,600; random masks correlate the classes' estimates, which
+    the F-test allows for). Many small effects (40 classes, 128 models): the joint test shows them where no
+    class is significant, and the verdict says signal."""
+    rng = np.random.default_rng(11)
+    null = World(30, np.zeros(3), noise=1.0, seed=3, deviation=0.0)
+    ps = []
+    for _ in range(400):
+        masks, outputs = null.models(64, rng)
+        ps.append(joint_signal(masks, ranking_means(outputs, null.labels, null.num_classes)))
+    below = np.mean(np.concatenate(ps) <= 0.05)
+    assert 0.03 <= below <= 0.07, below
+    weak = World(40, np.full(3, 0.03), noise=1.0, seed=4, deviation=0.0)
+    masks, outputs = weak.models(128, np.random.default_rng(11))
+    summary = assess(masks, outputs, weak.labels, ["a", "b", "c"])
+    assert sum(map(len, summary.significant)) == 0 and min(summary.joint_p) * 4 <= 0.01, summary.joint_p
+    verdict = summary.verdict()
+    assert verdict.level == "signal" and "joint test of every class on the b ranking" in verdict.text
+
+
+def test_planted_evidence_is_the_binomial_tail_of_twins_on_top():
+    planted = {"twin": {"0": 2, "1": 0, "2": 1, "3": 4}}
+    by_class = np.zeros((7, 4))
+    by_class[[2, 0, 1], [0, 1, 2]] = 1.0  # three twins on top; target 3's top is class 5, not its twin 4
+    by_class[5, 3] = 1.0
+    evidence = planted_evidence(by_class, planted)
+    assert evidence.detail == "3 of 4 planted twins on top"
+    assert evidence.p_value == pytest.approx(binom.sf(2, 4, 1 / 7), rel=1e-12)

@@ -183,7 +183,8 @@ def test_the_findings_state_how_far_their_rankings_can_be_trusted(planted_store,
 
     first, planted = planted_store[:2]
     found = gather(first)
-    assert found.reliability.banner() is None
+    assert found.reliability.banner(found.evidence) is None
+    assert found.reliability.verdict(found.evidence).level == "reliable"
     for t, twin in planted["twin"].items():
         assert twin in found.reliability.significant[int(t)]
     page = write_report(first, tmp_path / "planted.html", found=found).read_text()
@@ -194,10 +195,10 @@ def test_the_findings_state_how_far_their_rankings_can_be_trusted(planted_store,
     margins = np.random.default_rng(5).normal(0, 1, (MODELS, store.schema["margins"][0][0]))
     store.writer().write_many(range(MODELS), **row_values(store, MODELS, margins=margins))
     page = write_report(noise, tmp_path / "noise.html").read_text()
-    assert 'class="banner"' in page and "Rankings not yet reliable with 16 models" in page
+    assert 'class="banner"' in page and "No signal shown yet: with 16 models these rankings" in page
     capsys.readouterr()
     assert cli_main(["rankings", str(noise), "--out", str(tmp_path / "findings")]) == 0
-    assert "NOTE: Rankings not yet reliable" in capsys.readouterr().out
+    assert "No signal shown yet: with 16 models" in capsys.readouterr().out
     saved = json.loads((tmp_path / "findings" / "rankings.json").read_text())
     assert saved["all target examples"]["reliability"]["reliable"] is False
 

@@ -36,8 +36,8 @@ def cmd_rankings(args: argparse.Namespace) -> None:
 
     classes = checked_classes(args)
     found = gather(args.store, output=args.output, classes=classes)
-    if found.reliability and (banner := found.reliability.banner()):
-        print(f"NOTE: {banner}\n")
+    if found.reliability:
+        print(f"{found.reliability.verdict(found.evidence).text}\n")
     rankings, charts, written = write_rankings(found, findings_dir(args.store, args.out), args.k)
     for (name, ranking), chart in zip(rankings.items(), charts):
         stated = ranking["reliability"]

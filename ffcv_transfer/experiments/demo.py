@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ffcv_transfer.findings.evidence import twins_on_top
 from ffcv_transfer.findings.names import DATA_ENV
 
 CONFIGS = Path(__file__).resolve().parents[2] / "rs_configs"
@@ -183,7 +184,7 @@ def run_demo(
         "ranking": rank_sources(by_class, found.source_names, found.target_names, found.stderr[:, :-1]),
     }
     if found.reliability:
-        findings["reliability"] = found.reliability.to_json()
+        findings["reliability"] = found.reliability.to_json(found.evidence)
     if found.wordnet:
         findings["wordnet_agreement"] = found.wordnet
     if planted := found.planted:
@@ -258,7 +259,7 @@ def _checks(by_class: np.ndarray, overall: np.ndarray, planted: dict) -> dict:
     target; each misleading class negative on its target and on the test images that carry its cue, and
     the most negative class over the whole test set."""
     names = planted["target_names"]
-    twin_on_top = {t: int(np.nanargmax(by_class[:, int(t)])) == twin for t, twin in planted["twin"].items()}
+    twin_on_top = twins_on_top(by_class, planted)
     misleading_negative = {
         names[t]: bool(by_class[m["source"], t] < 0)
         for m in planted["misleading"]
@@ -334,8 +335,8 @@ def format_findings(findings: dict) -> str:
                 f"removing the planted harmful class instead of a random one, seed by seed: {change} "
                 f"target accuracy{resolved}"
             )
-    if banner := (findings.get("reliability") or {}).get("banner"):
-        lines.append(f"NOTE: {banner}")
+    if verdict := (findings.get("reliability") or {}).get("verdict"):
+        lines.append(verdict["text"])
     if agreement := findings.get("wordnet_agreement"):
         from ffcv_transfer.findings.wordnet import describe_agreement
 

@@ -17,12 +17,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ffcv_transfer.findings.evidence import Evidence
 from ffcv_transfer.findings.kernel import class_influence
 from ffcv_transfer.findings.rankings import ranking_means
 
 THRESHOLD = 0.5  # a ranking whose full-N split-half reliability is below this gets the banner
 GOALS = (0.8, 0.9)  # reliabilities the models-needed estimates aim at
 Q_LEVEL = 0.05  # Benjamini-Hochberg false-discovery rate
+SIGNAL_P = 0.01  # evidence (the joint test, WordNet, planted twins) at or below this shows signal
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -99,6 +101,68 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def beta_sf(x: float, a: float, b: float) -> float:
+    """1 - I_x(a, b), the upper tail of the Beta(a, b) distribution at x, by the continued fraction of the
+    regularised incomplete beta function (modified Lentz), taken on the side where it converges fast."""
+    if x <= 0:
+        return 1.0
+    if x >= 1:
+        return 0.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - beta_sf(1.0 - x, b, a)
+    log_front = (
+        a * math.log(x) + b * math.log1p(-x) - math.log(a) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    )
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10_000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return max(0.0, 1.0 - math.exp(log_front) * fraction)
+
+
+def f_sf(value: float, df1: int, df2: int) -> float:
+    """P(F >= value) for F ~ F(df1, df2): the Beta(df2 / 2, df1 / 2) lower tail at df2 / (df2 + df1 value)."""
+    if value <= 0:
+        return 1.0
+    return 1.0 - beta_sf(df2 / (df2 + df1 * value), df2 / 2, df1 / 2)
+
+
+def joint_signal(masks: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """(K,) p-values of the joint null "no source class affects the output" per column of `means` (N, K),
+    each model's mean output over a ranking's examples: the F-test of the least-squares fit of the output
+    on every class's inclusion (N x C masks, with an intercept) against the intercept alone. Under the null
+    with independent models it is exact for normal noise, whatever the masks' overlap (a sum of squared
+    per-class z-scores is not: random masks correlate the classes' estimates, and each z-score's own
+    standard error shares the outputs with the others'). Many small effects, none significant alone, show
+    here. NaN where there are not more models than the fit's parameters."""
+    masks = np.asarray(masks, np.float64)
+    means = np.asarray(means, np.float64)
+    design = np.column_stack([np.ones(len(masks)), masks])
+    rank = int(np.linalg.matrix_rank(design))
+    residual_df, model_df = len(masks) - rank, rank - 1
+    p = np.full(means.shape[1], np.nan)
+    if residual_df < 1 or model_df < 1:
+        return p
+    fitted = design @ np.linalg.lstsq(design, means, rcond=None)[0]
+    error = np.square(means - fitted).sum(0)
+    explained = np.square(fitted - means.mean(0)).sum(0)
+    for k in range(means.shape[1]):
+        if error[k] > 0:
+            p[k] = f_sf(float((explained[k] / model_df) / (error[k] / residual_df)), model_df, residual_df)
+    return p
+
+
 class Significance(NamedTuple):
     p: np.ndarray  # (C, K) two-sided z-test p-values
     q: np.ndarray  # (C, K) Benjamini-Hochberg q-values over the source classes of each column
@@ -133,6 +197,7 @@ class Reliability:
     reliability: tuple[float, ...]  # projected to num_models (Spearman-Brown)
     significant: tuple[tuple[int, ...], ...]  # source classes with BH q <= q_level, most significant first
     models_needed: dict[float, tuple[int | None, ...]]  # goal -> models per column (None: not measurable)
+    joint_p: tuple[float, ...] = ()  # per column, `joint_signal`'s p-value (empty: not computed)
     q_level: float = Q_LEVEL
     threshold: float = THRESHOLD
     qvalues: np.ndarray | None = field(default=None, compare=False, repr=False)  # (C, columns)
@@ -144,8 +209,9 @@ class Reliability:
         the null classes between them never reproduces, however many models)."""
         return [k for k, rho in enumerate(self.reliability) if not rho >= self.threshold and not self.significant[k]]
 
-    def to_json(self) -> dict:
-        """A JSON-able summary: settings, per-column statistics, whether all are reliable, the banner."""
+    def to_json(self, evidence: Sequence[Evidence] = ()) -> dict:
+        """A JSON-able summary: settings, per-column statistics, whether all are reliable, and the verdict
+        (with the banner, its text when some ranking is not reliable) given `evidence`."""
         flagged = set(self.flagged())
         columns = {
             name: {
@@ -153,11 +219,13 @@ class Reliability:
                 "reliability": _number(self.reliability[k]),
                 "significant": len(self.significant[k]),
                 "significant_sources": list(self.significant[k]),
+                "joint_p": _number(self.joint_p[k]) if self.joint_p else None,
                 "models_needed": {str(goal): needed[k] for goal, needed in self.models_needed.items()},
                 "reliable": k not in flagged,
             }
             for k, name in enumerate(self.columns)
         }
+        verdict = self.verdict(evidence)
         return {
             "num_models": self.num_models,
             "half_models": self.half_models,
@@ -166,39 +234,83 @@ class Reliability:
             "q_level": self.q_level,
             "reliable": not flagged,
             "columns": columns,
-            "banner": self.banner(),
+            "verdict": verdict._asdict() | {"evidence": [e._asdict() for e in evidence]},
+            "banner": None if verdict.level == "reliable" else verdict.text,
         }
 
-    def banner(self) -> str | None:
-        """None when every ranking is reliable; otherwise which are not, each with the models that would make
-        it reliable (at the first goal)."""
+    def signals(self, evidence: Sequence[Evidence] = ()) -> list[str]:
+        """What shows that the influences are more than noise, in words: each piece of `evidence` at p <=
+        SIGNAL_P, and the smallest joint-test p-value (`joint_signal`) once multiplied by the number of
+        rankings tested (Bonferroni) at or below SIGNAL_P."""
+        shown = [f"{e.name}: {e.detail}, p = {e.p_value:.2g}" for e in evidence if e.p_value <= SIGNAL_P]
+        tested = [(p, k) for k, p in enumerate(self.joint_p) if np.isfinite(p)]
+        if tested:
+            p, k = min(tested)
+            if (adjusted := min(1.0, p * len(tested))) <= SIGNAL_P:
+                shown.append(
+                    f"joint test of every class on the {self.columns[k]} ranking: p = {adjusted:.2g}, Bonferroni over "
+                    f"{len(tested)} rankings"
+                )
+        return shown
+
+    def verdict(self, evidence: Sequence[Evidence] = ()) -> Verdict:
+        """One verdict on the rankings, with its reason. "reliable": every ranking reproduces between halves
+        of the models or names a significant class. "signal": some do not, but the influences are shown to
+        be more than noise (`signals`): those rankings' ends are tendencies, not yet findings class by class.
+        "no signal": some do not, and nothing shows signal yet."""
         flagged = self.flagged()
         if not flagged:
-            return None
+            return Verdict(
+                "reliable",
+                f"Rankings reliable with {self.num_models} models: each reproduces between halves of the models "
+                f"(split-half reliability >= {self.threshold}) or names a source class significant at BH q <= "
+                f"{self.q_level}.",
+            )
         goal = min(self.models_needed)
         parts = []
         for k in flagged:
             needed = self.models_needed[goal][k]
             part = f"{self.columns[k]} {self.reliability[k]:.2f}, {len(self.significant[k])} significant"
             if needed is None:
-                part += ", no signal measurable yet"
+                part += ", its order not reproducible yet"
             elif needed > self.num_models:
                 part += f", ~{needed} models for {goal}"
             parts.append(part)
-        return (
-            f"Rankings not yet reliable with {self.num_models} models (split-half reliability below "
-            f"{self.threshold} and no source class significant at BH q <= {self.q_level}): {'; '.join(parts)}. "
-            f"Noise falls as 1/sqrt(models); where no signal is measurable yet, train more models and check "
-            f"again before reading those rankings."
+        unsettled = (
+            f"with {self.num_models} models these rankings neither reproduce between halves of the models "
+            f"(split-half reliability below {self.threshold}) nor name a source class significant at BH q <= "
+            f"{self.q_level}: {'; '.join(parts)}"
         )
+        if shown := self.signals(evidence):
+            return Verdict(
+                "signal",
+                f"The influences carry signal ({'; '.join(shown)}), but {unsettled}. Read their ends as "
+                f"tendencies, not class-by-class findings; noise falls as 1/sqrt(models).",
+            )
+        return Verdict(
+            "no signal",
+            f"No signal shown yet: {unsettled}, and no test shows the influences differ from noise. Train more "
+            f"models and check again before reading those rankings.",
+        )
+
+    def banner(self, evidence: Sequence[Evidence] = ()) -> str | None:
+        """The verdict's text when some ranking is not reliable, else None."""
+        verdict = self.verdict(evidence)
+        return None if verdict.level == "reliable" else verdict.text
+
+
+class Verdict(NamedTuple):
+    level: str  # "reliable", "signal" or "no signal" (Reliability.verdict)
+    text: str  # the verdict and its reason, in one paragraph
 
 
 def describe_column(column: dict) -> str:
     """One ranking's entry of `Reliability.to_json()["columns"]`, in words."""
     needed = ", ".join(f"{'?' if n is None else n} models for {goal}" for goal, n in column["models_needed"].items())
     reliability = "n/a" if column["reliability"] is None else f"{column['reliability']:.2f}"
+    joint = "" if column.get("joint_p") is None else f", joint p = {column['joint_p']:.2g}"
     return (
-        f"reliability {reliability}, {column['significant']} source classes significant"
+        f"reliability {reliability}, {column['significant']} source classes significant{joint}"
         f" ({needed}){'' if column['reliable'] else ' - not yet reliable'}"
     )
 
@@ -219,10 +331,10 @@ def assess(
     classes, models needed for each goal."""
     masks = np.asarray(masks, bool)
     halves = split_half(masks, outputs, labels, len(target_names), splits=splits, seed=seed)
-    influence, stderr = class_influence(
-        masks, ranking_means(outputs, labels, len(target_names)), backend="numpy", stderr=True
-    )
+    means = ranking_means(outputs, labels, len(target_names))
+    influence, stderr = class_influence(masks, means, backend="numpy", stderr=True)
     tests = significance(influence, stderr, q)
+    joint = joint_signal(masks, means)
     significant = tuple(
         tuple(int(c) for c in np.argsort(tests.q[:, k], kind="stable")[: tests.counts[k]])
         for k in range(influence.shape[1])
@@ -239,6 +351,7 @@ def assess(
         q_level=q,
         threshold=threshold,
         qvalues=tests.q,
+        joint_p=tuple(float(x) for x in joint),
         models_needed={goal: tuple(models_needed(rho, len(masks), goal) for rho in full) for goal in goals},
     )
 

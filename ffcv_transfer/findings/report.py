@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ffcv_transfer.findings.evidence import Evidence, planted_evidence, twins_on_top, wordnet_evidence
 from ffcv_transfer.findings.plots import (
     accuracy_versus_removed,
     image_grid,
@@ -114,6 +115,13 @@ class Findings:
     planted: dict | None
     reliability: Reliability | None  # of every ranking (None with fewer than 4 models)
     wordnet: dict | None  # semantic.wordnet_agreement, for an ImageNet-derived source and CIFAR-10-named target
+
+    @cached_property
+    def evidence(self) -> list[Evidence]:
+        """The checks against a known truth that this store allows (planted twins, WordNet)."""
+        found = [planted_evidence(self.by_class, self.planted)] if self.planted else []
+        wordnet = wordnet_evidence(self.wordnet) if self.wordnet else None
+        return found + ([wordnet] if wordnet else [])
 
     @cached_property
     def by_class(self) -> np.ndarray:
@@ -347,7 +355,7 @@ def write_report(
         f"Influence of a source class on a target example: its mean {found.output} over the models "
         "trained with the class minus over those without."
     )
-    if found.reliability and (banner := found.reliability.banner()):
+    if found.reliability and (banner := found.reliability.banner(found.evidence)):
         page.banner(banner)
 
     by_class = found.by_class
@@ -543,15 +551,15 @@ def _planted_section(page: Page, found: Findings, by_class: np.ndarray) -> None:
         "it should be negative for its target."
     )
     rows = []
+    on_top = twins_on_top(by_class, planted)
     for t, twin in sorted(planted["twin"].items(), key=lambda item: int(item[0])):
-        top = int(np.argmax(by_class[:, int(t)]))
         rows.append(
             (
                 found.target_names[int(t)],
                 found.source_names[twin],
                 float(by_class[twin, int(t)]),
-                found.source_names[top],
-                top == twin,
+                found.source_names[int(np.nanargmax(by_class[:, int(t)]))],
+                on_top[t],
             )
         )
     page.table(["target class", "planted twin", "twin's influence", "most positive class", "twin on top"], rows)
