@@ -6,7 +6,8 @@
 
 What it measures: for each recipe variant (the demo's recipe, `rs_configs/demo_cpu.yaml`, with the
 variant's settings over it) and each mask set, per model the source accuracy (on its own classes) and the
-target accuracy of the demo's first transfer mode, trained as the demo trains them (the worker, K models in
+target accuracy of the demo's first transfer mode, overall and per target class (where the spread lives),
+trained as the demo trains them (the worker, K models in
 lockstep on one shared loader, in this process). Mask sets: `fixed`, `--seeds` models on one mask of the
 demo's orthogonal design (row `--mask-row`), initial seeds 0.. (the spread is the initial weights' alone);
 `demo`, the demo's own 32 masks and initial seeds (the spread across masks that its rankings read); `all`,
@@ -73,6 +74,7 @@ def summary(values: list[float]) -> dict:
 def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -> dict:
     """Train the mask set `kind` under `experiment` in a fresh store under `work`; per-model accuracies."""
     from ffcv_transfer.engine.worker import run_worker
+    from ffcv_transfer.store.betons import read_labels, read_sidecar
     from ffcv_transfer.store.experiment import create_store, read_sidecars, target_test_counts, transfer_field
     from ffcv_transfer.store.results import ResultStore
 
@@ -87,8 +89,15 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
     store = ResultStore(store_dir)
     target, mode = experiment.transfers[0]
     field = transfer_field("target_acc", experiment, target, mode)
-    _, values = store.read(["source_acc", field])  # the completed rows
+    correct = transfer_field("is_correct", experiment, target, mode)
+    _, values = store.read(["source_acc", field, correct])  # the completed rows
     source, target_acc = values["source_acc"].tolist(), values[field].tolist()
+    labels = read_labels(experiment.target(target).path(experiment.data.root, "target_test"))
+    names = read_sidecar(experiment.target(target).path(experiment.data.root, "target_test"))["class_names"]
+    per_class = {  # where the spread lives: each target class's test accuracy, model by model
+        name: np.asarray(values[correct], np.float64)[:, labels == k].mean(1).round(4).tolist()
+        for k, name in enumerate(names)
+    }
     return {
         "masks": kind,
         "models": len(masks),
@@ -100,6 +109,8 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
         "target_acc": target_acc,
         "source": summary(source),
         "target": summary(target_acc),
+        "target_by_class": {name: summary(values) for name, values in per_class.items()},
+        "target_acc_by_class": per_class,
     }
 
 
@@ -168,6 +179,11 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print_table(report)
+    print("\ntarget accuracy by class, mean +- s.d. over the models")
+    for name, cases in report["variants"].items():
+        for case in cases:
+            by_class = ", ".join(f"{c} {v['mean']:.2f}+-{v['sd']:.2f}" for c, v in case["target_by_class"].items())
+            print(f"{name:22s} {case['masks']:6s} {by_class}")
 
 
 if __name__ == "__main__":

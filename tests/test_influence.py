@@ -299,3 +299,66 @@ def test_kernel_and_store_import_without_torch_or_ffcv():
         "sys.exit(bool({'torch', 'ffcv', 'cupy'} & set(sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def least_squares_reference(masks, outputs):
+    """Ordinary least squares in float64 with an intercept: each class's inclusion coefficient and its
+    textbook standard error sqrt(diag((X'X)^-1) RSS / (N - p)), X = [1, masks]."""
+    design = np.column_stack([np.ones(len(masks)), np.asarray(masks, np.float64)])
+    y = np.asarray(outputs, np.float64)
+    beta, *_ = np.linalg.lstsq(design, y, rcond=None)
+    rss = np.square(y - design @ beta).sum(0)
+    covariance = np.linalg.inv(design.T @ design)
+    stderr = np.sqrt(np.diag(covariance)[1:, None] * rss[None, :] / (len(design) - design.shape[1]))
+    return beta[1:], stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_least_squares_matches_ols_in_chunks_and_packed(backend):
+    rng = np.random.default_rng(21)
+    masks, outputs = random_case(rng, 200, 12, 30, np.float32)
+    outputs = outputs + masks[:, 3:4] * 0.8 - masks[:, 5:6] * 0.5  # planted effects on top of noise
+    expected, expected_stderr = least_squares_reference(masks, outputs)
+    result, stderr = class_influence(masks, outputs, backend=backend, stderr=True, chunk=37, estimator="least_squares")
+    assert relative_error(result, expected) < 1e-5 and relative_error(stderr, expected_stderr) < 1e-5
+    packed = InfluenceAccumulator(12, 30, backend=backend, estimator="least_squares")
+    for start in range(0, 200, 64):
+        packed.update_packed(np.packbits(masks[start : start + 64], axis=1), outputs[start : start + 64])
+    assert relative_error(packed.result(), expected) < 1e-5
+
+
+def test_least_squares_is_the_difference_of_means_on_an_orthogonal_design_and_refuses_too_few_models():
+    from ffcv_transfer.store.masks import orthogonal_class_masks
+
+    rng = np.random.default_rng(22)
+    masks = orthogonal_class_masks(32, 7, seed=0)
+    outputs = rng.normal(size=(32, 9)) + masks[:, :1] * 2.0
+    np.testing.assert_allclose(
+        class_influence(masks, outputs, estimator="least_squares"), reference(masks, outputs), atol=1e-5
+    )
+    with pytest.warns(RuntimeWarning, match="included in every model or in none"):
+        everywhere = np.column_stack([masks, np.ones(32, bool)])
+        result = class_influence(everywhere, outputs, estimator="least_squares")
+    assert np.isnan(result[7]).all() and np.allclose(result[:7], reference(masks, outputs), atol=1e-5)
+    with pytest.raises(InfluenceError, match="more models than classes"):
+        class_influence(masks[:8], outputs[:8], estimator="least_squares")
+    with pytest.raises(InfluenceError, match="estimator 'median'"):
+        class_influence(masks, outputs, estimator="median")
+
+
+def test_influence_command_estimates_by_least_squares(tmp_path, capsys):
+    rng = np.random.default_rng(23)
+    masks, outputs = random_case(rng, 40, 6, 10, np.float32)
+    store = ResultStore.create(tmp_path / "store", 40, {"margins": ((10,), np.float32)}, fixed={"masks": masks})
+    store.writer().write_many(range(40), margins=outputs)
+    out = tmp_path / "ls.npy"
+    command = ["influence", str(tmp_path / "store"), "--estimator", "least_squares", "--out", str(out)]
+    assert cli_main(command) == 0
+    assert relative_error(np.load(out), least_squares_reference(masks, outputs)[0]) < 1e-5
+    few = ResultStore.create(tmp_path / "few", 6, {"margins": ((10,), np.float32)}, fixed={"masks": masks[:6]})
+    few.writer().write_many(range(6), margins=outputs[:6])
+    capsys.readouterr()
+    assert cli_main(["influence", str(tmp_path / "few"), "--estimator", "least_squares", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs more models than classes + 1; 6 models, 6 classes" in err and len(err.splitlines()) == 1
+    assert relative_error(np.load(out), least_squares_reference(masks, outputs)[0]) < 1e-5  # kept

@@ -84,6 +84,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
         stderr=args.stderr,
         progress=True,
         max_bytes=max_bytes,
+        estimator=args.estimator,
     )
     classes, outputs = np.load(written[0], mmap_mode="r").shape
     print(f"wrote {written[0]}: influence {classes} classes x {outputs} outputs")
@@ -304,6 +305,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
+    from ffcv_transfer.findings.kernel import ESTIMATORS
+
     store = commands.add_parser("store", help="inspect a results store")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     p = store_commands.add_parser("status", help="completed / claimed / pending / failed rows, failure reasons")
@@ -486,6 +489,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-key", default="masks", help="mask field (default: masks)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "torch", "cupy"])
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk (default: 8192)")
+    p.add_argument(
+        "--estimator",
+        default="difference",
+        choices=ESTIMATORS,
+        help="difference: of means, with and without each class (the reference's; default); least_squares: "
+        "each class's coefficient in a fit on every class's inclusion (needs more models than classes + 1)",
+    )
     add_memory_option(p)
     p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
     p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")

@@ -39,9 +39,10 @@ def influence_from_store(
     max_bytes: int = DEFAULT_MAX_BYTES,
     out: np.ndarray | None = None,
     out_stderr: np.ndarray | None = None,
+    estimator: str = "difference",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Class influence on `key` over the completed, non-failed rows of a results store (or of several
-    read as one, `store.open_stores`), streamed: at most
+    """Class influence on `key` by `estimator` (kernel.class_influence) over the completed, non-failed rows
+    of a results store (or of several read as one, `store.open_stores`), streamed: at most
     `chunk` rows at a time and, when the (C, T) accumulators would not fit `max_bytes`, one block of target
     columns per pass over the store. The next chunk is read from disk while the current one is computed.
     `out` (and `out_stderr`) may be (C, T) float32 memmaps, filled block by block; a block's pages leave
@@ -61,6 +62,11 @@ def influence_from_store(
         raise InfluenceError(f"{store_dir}: {key!r} is a fixed array, not a per-model output")
     shape, dtype = store.schema[key]
     num_classes, num_outputs = store.fixed(mask_key).shape[1], int(np.prod(shape))
+    if estimator == "least_squares" and total <= num_classes + 1:  # before the pass, not after it
+        raise InfluenceError(
+            f"{store_dir}: the least-squares estimator needs more models than classes + 1; "
+            f"{total} models, {num_classes} classes"
+        )
     chunk, width = plan_blocks(
         num_classes,
         num_outputs,
@@ -81,7 +87,7 @@ def influence_from_store(
         for columns in blocks:
             chunks = store.iter_chunks([mask_key, key], chunk=chunk)
             accumulator = InfluenceAccumulator(
-                num_classes, columns.stop - columns.start, backend=backend, stderr=stderr
+                num_classes, columns.stop - columns.start, backend=backend, stderr=stderr, estimator=estimator
             )
             pending = reader.submit(next, chunks, None)
             while (item := pending.result()) is not None:
@@ -141,6 +147,7 @@ def write_influence(
     progress: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     process_budget: bool = False,
+    estimator: str = "difference",
 ) -> list[Path]:
     """Write the class influence of the stores (read as one) on output `key` of a transfer
     (`transfer_outputs`) to `out`, a (C, T) float32 .npy, and with `stderr` its standard errors to
@@ -178,6 +185,7 @@ def write_influence(
             max_bytes=working_budget(max_bytes, reserved=READ_BYTES) if process_budget else max_bytes,
             out=arrays[0],
             out_stderr=arrays[1] if stderr else None,
+            estimator=estimator,
         )
         for array in arrays:
             array.flush()

@@ -27,6 +27,7 @@ import numpy as np
 
 BACKENDS = ("numpy", "numba", "torch", "cupy")
 DEFAULT_CHUNK = 8192
+ESTIMATORS = ("difference", "least_squares")  # InfluenceAccumulator(estimator=...): see class_influence
 DEFAULT_MAX_BYTES = 2 << 30  # the streamed kernels' working set (plan_blocks); --max-memory on the CLI
 # GPU GEMMs accumulate in float32 over at most this many models, then in float64: larger blocks missed the
 # 1e-6 relative-error target at 50,000 models (docs/benchmarks.md#influence-kernel)
@@ -554,10 +555,20 @@ class InfluenceAccumulator:
     """
 
     def __init__(
-        self, num_classes: int, num_outputs: int, *, backend: str | InfluenceBackend = "auto", stderr: bool = False
+        self,
+        num_classes: int,
+        num_outputs: int,
+        *,
+        backend: str | InfluenceBackend = "auto",
+        stderr: bool = False,
+        estimator: str = "difference",
     ):
-        self.num_classes, self.num_outputs, self.stderr = num_classes, num_outputs, stderr
+        if estimator not in ESTIMATORS:
+            raise InfluenceError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        self.num_classes, self.num_outputs, self.stderr, self.estimator = num_classes, num_outputs, stderr, estimator
         self.backend = make_backend(backend)
+        # least squares: the masks' Gram matrix (C, C), float64 on the host; the rest it needs is shared
+        self.gram = np.zeros((num_classes, num_classes)) if estimator == "least_squares" else None
         self.models = 0
         self.seen = 0  # rows passed to update(), including rejected ones
         self.bad_rows: list[int] = []
@@ -574,7 +585,7 @@ class InfluenceAccumulator:
     def update(self, masks: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
         """Add models: masks (n, C) 0/1, outputs (n, T) float; `rows` names them in error messages."""
         masks, outputs = _check_chunk(masks, outputs, self.num_classes, self.num_outputs)
-        self._add(self.backend.put_masks(masks), outputs, rows)
+        self._add(self.backend.put_masks(masks), outputs, rows, masks)
 
     def update_packed(self, packed: np.ndarray, outputs: np.ndarray, rows: Iterable[int] | None = None) -> None:
         """`update` with the masks bit-packed along the classes: packed (n, ceil(C / 8)) uint8 as made by
@@ -586,12 +597,18 @@ class InfluenceAccumulator:
                 f"got {packed.dtype} {packed.shape}"
             )
         outputs = _check_outputs(outputs, len(packed), self.num_outputs)
-        self._add(self.backend.put_packed_masks(packed, self.num_classes), outputs, rows)
+        host = np.unpackbits(packed, axis=1, count=self.num_classes) if self.gram is not None else None
+        self._add(self.backend.put_packed_masks(packed, self.num_classes), outputs, rows, host)
 
-    def _add(self, masks: Any, outputs: np.ndarray, rows: Iterable[int] | None) -> None:
-        """Accumulate a checked chunk (its masks in the backend's format), or record its non-finite rows."""
+    def _add(self, masks: Any, outputs: np.ndarray, rows: Iterable[int] | None, host_masks: Any = None) -> None:
+        """Accumulate a checked chunk (its masks in the backend's format; `host_masks` as given, for least
+        squares' Gram matrix), or record its non-finite rows."""
         n = len(outputs)
-        if n and not self._accumulate(masks, self.backend.put(outputs)):
+        if n and self._accumulate(masks, self.backend.put(outputs)):
+            if self.gram is not None:
+                included = np.asarray(host_masks, np.float64)
+                self.gram += included.T @ included
+        elif n:
             # reported by result(), so that one pass names every bad row
             bad = _non_finite_rows(outputs)
             names = np.asarray(list(rows) if rows is not None else range(self.seen, self.seen + n))
@@ -605,7 +622,9 @@ class InfluenceAccumulator:
 
     def update_device(self, masks: Any, outputs: Any) -> None:
         """`update` for arrays already in the backend's memory (e.g. on the GPU), without input checks:
-        masks as made by the backend's `put_masks`, outputs by its `put`."""
+        masks as made by the backend's `put_masks`, outputs by its `put`. The difference estimator only."""
+        if self.gram is not None:
+            raise InfluenceError("the least-squares estimator needs the masks on the host: use update()")
         if not self._accumulate(masks, outputs):
             raise InfluenceError("non-finite outputs in this chunk")
         self.seen += len(outputs)
@@ -663,6 +682,8 @@ class InfluenceAccumulator:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if self.gram is not None:
+            return self._least_squares(sums, totals, counts, degenerate)
         with np.errstate(divide="ignore", invalid="ignore"):
             if not self.stderr:  # S/n_in - (t - S)/n_out = (S N/n_in - t)/n_out, in place: one (C, T) array
                 sums *= total / n_in
@@ -678,6 +699,35 @@ class InfluenceAccumulator:
             var_out = ((square_totals - squares) - (totals - sums) * mean_out) / (n_out - 1)
             stderr = np.sqrt(np.maximum(var_in, 0) / n_in + np.maximum(var_out, 0) / n_out)
             stderr = np.where((n_in < 2) | (n_out < 2), np.nan, stderr).astype(np.float32)
+        return influence, stderr
+
+    def _least_squares(
+        self, sums: np.ndarray, totals: np.ndarray, counts: np.ndarray, degenerate: np.ndarray
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Each class's coefficient in the least-squares fit of every output on every class's inclusion
+        with an intercept: solve(G~, X~'Y~) over the classes some but not all models include, G~ = M'M -
+        n n'/N and X~'Y~ = S - n t'/N (both shift-invariant, so the shifted sums serve); standard errors
+        sqrt(diag(G~^-1) RSS / (N - C - 1)), RSS = Y~'Y~ - sum_c beta_c (X~'Y~)_c per output."""
+        total, used = self.models, np.flatnonzero(~degenerate)
+        if total <= len(used) + 1:
+            raise InfluenceError(
+                f"least squares needs more models than classes + 1: {total} models, {len(used)} classes"
+            )
+        gram = self.gram[np.ix_(used, used)] - np.outer(counts[used], counts[used]) / total
+        cross = sums[used] - counts[used, None] * totals / total
+        try:
+            inverse = np.linalg.inv(gram)
+        except np.linalg.LinAlgError:
+            raise InfluenceError("least squares: the masks' columns are linearly dependent") from None
+        coefficients = inverse @ cross
+        influence = np.full((self.num_classes, self.num_outputs), np.nan, np.float32)
+        influence[used] = coefficients
+        if not self.stderr:
+            return influence
+        centred_squares = self.backend.host(self.square_totals) - totals[0] ** 2 / total
+        residual = np.maximum(centred_squares - (coefficients * cross).sum(0), 0) / (total - len(used) - 1)
+        stderr = np.full_like(influence, np.nan)
+        stderr[used] = np.sqrt(np.diag(inverse)[:, None] * residual[None, :])
         return influence, stderr
 
 
@@ -799,19 +849,26 @@ def class_influence(
     backend: str | InfluenceBackend = "auto",
     chunk: int = DEFAULT_CHUNK,
     stderr: bool = False,
+    estimator: str = "difference",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Influence [C, T] (float32) of each of C source classes on each of T target outputs.
 
     masks: (N, C) 0/1 (bool or numbers), model i trained on class c iff masks[i, c];
-    outputs: (N, T) float16/32/64, e.g. margins on the target test set. With `stderr`, also the
-    difference-of-means standard errors sqrt(var_in/n_in + var_out/n_out).
+    outputs: (N, T) float16/32/64, e.g. margins on the target test set. `estimator` (ESTIMATORS):
+    "difference", the mean output of the models that include a class minus that of those that do not (the
+    reference's); "least_squares", the class's inclusion coefficient in the least-squares fit of each output
+    on every class's inclusion with an intercept (the same on an orthogonal design; on random masks it
+    removes the other classes' chance overlap; needs more models than classes + 1). With `stderr`, also the
+    standard errors: sqrt(var_in/n_in + var_out/n_out), or the fit's.
     """
     masks, outputs = np.asarray(masks), np.asarray(outputs)
     if masks.ndim != 2 or outputs.ndim != 2:
         raise InfluenceError(f"masks and outputs must be 2-D, got shapes {masks.shape} and {outputs.shape}")
     if chunk < 1:
         raise InfluenceError(f"chunk must be positive, got {chunk}")
-    accumulator = InfluenceAccumulator(masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr)
+    accumulator = InfluenceAccumulator(
+        masks.shape[1], outputs.shape[1], backend=backend, stderr=stderr, estimator=estimator
+    )
     for start in range(0, max(len(masks), 1), chunk):
         accumulator.update(masks[start : start + chunk], outputs[start : start + chunk])
     return accumulator.result()
