@@ -187,8 +187,6 @@ def test_influence_from_store_streams_completed_rows(tmp_path):
                 "--stderr",
                 "--out",
                 str(out),
-                "--max-memory",
-                "0.000001",
             ]
         )
         == 0

@@ -12,15 +12,19 @@ DATA_ENV = "FFCV_TRANSFER_DATA"
 SETTINGS_HELP = "Any setting can be overridden as --section.name=value; `ffcv-transfer settings` lists them all."
 
 
-def add_memory_option(parser: argparse.ArgumentParser) -> None:
+def add_memory_option(parser: argparse.ArgumentParser, whole_process: bool) -> None:
+    """--max-memory GIB: with `whole_process`, the process's resident memory (`influence`); else the
+    kernel's working set, to which the process adds about 60 MiB (`leakage`)."""
+    bounded = (
+        "the whole process's resident memory in GiB (default: 2): what it holds before computing (Python and "
+        "its libraries, about 60 MiB) and the store's read buffer are counted, and the kernel makes more passes "
+        "over narrower blocks to stay within the rest"
+        if whole_process
+        else "the kernel's working set in GiB (default: 2); beyond it the kernel makes more passes over narrower "
+        "blocks. The process holds about 60 MiB more: Python and its libraries, read buffers, BLAS's threads"
+    )
     parser.add_argument(
-        "--max-memory",
-        type=float,
-        default=2.0,
-        metavar="GIB",
-        help="the influence kernel's working set in GiB (default: 2); beyond it the kernel makes more passes "
-        "over narrower blocks of target columns. The process holds about 60 MiB more: Python and its "
-        "libraries, the store's read buffer, BLAS's threads (docs/findings.md, Memory)",
+        "--max-memory", type=float, default=2.0, metavar="GIB", help=f"{bounded} (docs/findings.md, Memory)"
     )
 
 

@@ -301,7 +301,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=MAX_HASH_DISTANCE,
         help=f"or at most this many perceptual-hash bits apart (default: {MAX_HASH_DISTANCE})",
     )
-    add_memory_option(p)
+    add_memory_option(p, whole_process=False)
     add_output_option(p)
     p.add_argument("--out", help="folder for leaks.json and the image grids (default: STORE/leakage)")
     p.set_defaults(run=cmd_leakage)

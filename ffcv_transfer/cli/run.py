@@ -84,6 +84,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
         stderr=args.stderr,
         progress=True,
         max_bytes=max_bytes,
+        process_budget=True,
         estimator=args.estimator,
     )
     classes, outputs = np.load(written[0], mmap_mode="r").shape
@@ -496,7 +497,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="difference: of means, with and without each class (the reference's; default); least_squares: "
         "each class's coefficient in a fit on every class's inclusion (needs more models than classes + 1)",
     )
-    add_memory_option(p)
+    add_memory_option(p, whole_process=True)
     p.add_argument("--stderr", action="store_true", help="also write standard errors (OUT.stderr.npy)")
     p.add_argument("--out", default="influence.npy", help="output .npy [classes, outputs] (default: influence.npy)")
     p.set_defaults(run=cmd_influence)
