@@ -11,7 +11,9 @@ combination):
   rankings and the overall one;
 - top / bottom: how often the two halves name the same most positive / most negative source class;
 - on planted data (the sidecar's ground truth), with half the models and with all: each target's twin on
-  top of its ranking, the misleading class negative on its target and the most negative overall.
+  top of its ranking, the misleading class negative on its target and the most negative overall;
+- on ImageNet-derived sources with CIFAR-10 targets (the replica), with all the models: the WordNet
+  check's mean AUC and p-value (`findings.wordnet`; needs $FFCV_TRANSFER_DATA/imagenet-meta).
 Estimators (all float64 numpy, independent of the package's kernel):
 - difference: mean output of the models that include a class minus that of the models that do not (the
   reference's estimator, the package's default);
@@ -40,6 +42,7 @@ from bench_common import machine  # noqa: E402
 from ffcv_transfer.findings.evidence import twins_on_top  # noqa: E402
 from ffcv_transfer.findings.rankings import ranking_means  # noqa: E402
 from ffcv_transfer.findings.reliability import spearman  # noqa: E402
+from ffcv_transfer.findings.wordnet import CIFAR10_CONCEPTS, load_hierarchy, wordnet_agreement  # noqa: E402
 from ffcv_transfer.store.experiment import MASKS, OUTPUTS, pooled_experiment, read_sidecars, transfer_field  # noqa: E402
 from ffcv_transfer.store.results import ResultStore  # noqa: E402
 
@@ -88,6 +91,13 @@ def measure(store_dir: Path, splits: int) -> dict:
     labels = read_labels(target.path(experiment.data.root, "target_test"))
     classes = int(labels.max()) + 1
     planted = sidecars["target_test"].get("extra", {}).get("planted")
+    wnids, target_names = sidecars["source_train"].get("wnids"), sidecars["target_test"]["class_names"]
+    hierarchy = None
+    if wnids and any(CIFAR10_CONCEPTS.get(name) for name in target_names):
+        try:
+            hierarchy = load_hierarchy()
+        except ValueError:
+            print(f"{store_dir}: no WordNet hierarchy ($FFCV_TRANSFER_DATA/imagenet-meta): no WordNet check")
     store = ResultStore(store_dir)
     present = [o for o in OUTPUTS if transfer_field(o, experiment) in store.schema]
     _, values = store.read([MASKS] + [transfer_field(o, experiment) for o in present])
@@ -116,9 +126,13 @@ def measure(store_dir: Path, splits: int) -> dict:
                 "top_agreement": float(np.mean(tops)),
                 "bottom_agreement": float(np.mean(bottoms)),
             }
+            everything = rankings(estimator, masks, outputs, labels, classes)
             if planted:
                 case["planted_at_half"] = {k: float(np.mean([c[k] for c in half_checks])) for k in half_checks[0]}
-                case["planted_at_all"] = planted_checks(rankings(estimator, masks, outputs, labels, classes), planted)
+                case["planted_at_all"] = planted_checks(everything, planted)
+            if hierarchy is not None:
+                agreement = wordnet_agreement(everything[:, :-1], wnids, target_names, hierarchy=hierarchy)
+                case["wordnet_at_all"] = {"mean_auc": agreement["mean_auc"], "p_value": agreement["p_value"]}
             case["seconds"] = round(time.perf_counter() - started, 2)
             result["cases"][f"{output}/{estimator}"] = case
     return result
@@ -140,9 +154,11 @@ def print_table(report: dict) -> None:
                 if half
                 else ""
             )
+            wordnet = case.get("wordnet_at_all")
+            wordnet = f" WordNet AUC {wordnet['mean_auc']:.3f} (p {wordnet['p_value']:.4f})" if wordnet else ""
             print(
                 f"{name:28s} {case['split_half_spearman']:10.3f} {case['top_agreement']:5.2f} "
-                f"{case['bottom_agreement']:6.2f} {planted}"
+                f"{case['bottom_agreement']:6.2f} {planted}{wordnet}"
             )
 
 
