@@ -2,6 +2,8 @@
 steps on exactly `per_model_batch` of them, its learning rate following its own steps; routing happens on
 the host, with no device-to-host sync per batch; the worker and the counterfactual's removal models use it."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -113,10 +115,20 @@ def test_each_models_learning_rate_follows_its_own_steps():
         assert np.argmax(rates[k]) == per_epoch  # the peak at epoch 1 of its own steps
 
 
-@pytest.mark.parametrize("fusion, per_model_batch", [("sequential", 0), ("sequential", PER_MODEL), ("grouped", 0)])
-def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
+@pytest.mark.parametrize(
+    "fusion, per_model_batch, precision",
+    [
+        ("sequential", 0, "fp32"),
+        ("sequential", PER_MODEL, "fp32"),
+        ("grouped", 0, "fp32"),
+        ("sequential", PER_MODEL, "fp16"),
+        ("grouped", 0, "fp16"),
+    ],
+)
+def test_no_host_sync_per_batch(fusion, per_model_batch, precision, monkeypatch):
     """Counting .item(), .tolist(), .cpu() and nonzero on tensors while training and measuring accuracy: a
-    fixed number per epoch, the same for 4 batches an epoch as for 8."""
+    fixed number per epoch, the same for 4 batches an epoch as for 8. Under fp16 too: the fused SGD step
+    takes the gradient scaler's inf check on the device (an unfused step reads it back every step)."""
     from ffcv_transfer.engine.grouped import GroupedTrainer
     from ffcv_transfer.engine.models import build_model
 
@@ -132,7 +144,7 @@ def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
     for examples in (4 * SHARED, 8 * SHARED):
         labels = rng.integers(0, CLASSES, examples)
         models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
-        config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp32", per_model_batch=per_model_batch)
+        config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, precision=precision, per_model_batch=per_model_batch)
         if fusion == "grouped":
             trainer = GroupedTrainer(models, masks, config, steps_per_epoch=examples // SHARED)
         else:
@@ -152,6 +164,40 @@ def test_no_host_sync_per_batch(fusion, per_model_batch, monkeypatch):
         trainer.accuracy(batches)
         counted.append(len(calls))
     assert counted[0] == counted[1] <= 2 * 4 + 1  # per epoch: the losses and counts read once; accuracy once
+
+
+def test_fused_sgd_under_the_gradient_scaler_steps_as_the_unfused_one():
+    """fp16 on the CPU, 6 steps of a small model, one of them with an infinite gradient: the fused SGD
+    (momentum_sgd's choice under fp16 and on CUDA) and torch's unfused SGD, each behind its own gradient
+    scaler, skip the same step and end with the same weights and the same scale."""
+    from ffcv_transfer.engine.models import build_model
+    from ffcv_transfer.engine.train import momentum_sgd, param_groups
+
+    config = OptimConfig(epochs=2, lr=0.1, lr_peak_epoch=1, precision="fp16", weight_decay=5e-4)
+    torch.manual_seed(0)
+    fused_model = build_model(CLASSES, stem="small", width=0.125)
+    plain_model = build_model(CLASSES, stem="small", width=0.125)
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = momentum_sgd(fused_model, config, "cpu")
+    plain = torch.optim.SGD(param_groups(plain_model, config), lr=0.0, momentum=config.momentum)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    assert not momentum_sgd(fused_model, replace(config, precision="fp32"), "cpu").defaults["fused"]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    rng = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(6, 16, 3, 8, 8, generator=rng), torch.randint(0, CLASSES, (6, 16), generator=rng)
+    for step in range(6):
+        for model, optimizer, scaler in zip((fused_model, plain_model), (fused, plain), scalers):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.05
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(images[step]), labels[step])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss * (float("inf") if step == 3 else 1.0)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9  # halved once, at the inf step
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_worker_and_the_removal_models_step_on_the_per_model_batch(tiny_data, tmp_path, monkeypatch):
@@ -262,9 +308,11 @@ def test_the_compiled_fixed_feature_transfer_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_routing_and_queued_steps_make_no_cuda_sync():
-    """Under torch.cuda.set_sync_debug_mode("error"), routing a batch and the queued per-model steps
-    (bf16: no gradient scaler to read back) run without a device-to-host sync."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_routing_and_queued_steps_make_no_cuda_sync(precision):
+    """Under torch.cuda.set_sync_debug_mode("error"), routing a batch and the queued per-model steps run
+    without a device-to-host sync: in bf16, and in fp16, whose gradient scaler the fused SGD step checks on
+    the device."""
     from ffcv_transfer.engine.data import to_device
     from ffcv_transfer.engine.models import build_model
     from ffcv_transfer.engine.train import RowQueue
@@ -273,7 +321,7 @@ def test_routing_and_queued_steps_make_no_cuda_sync():
     rng = np.random.default_rng(5)
     masks = random_class_masks(2, CLASSES, 0.5, seed=2)
     models = [build_model(CLASSES, stem="small", width=0.25, device=device) for _ in masks]
-    config = OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.5, precision="bf16", per_model_batch=PER_MODEL)
+    config = OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.5, precision=precision, per_model_batch=PER_MODEL)
     trainer = SequentialTrainer(models, masks, config, steps_per_epoch=8, device=device, examples_per_epoch=[256, 256])
     batches = []
     for _ in range(8):

@@ -26,7 +26,7 @@ from torch import nn
 
 from ffcv_transfer.engine.data import Batch, to_device
 from ffcv_transfer.engine.models import BlurPoolConv2d, memory_format_for
-from ffcv_transfer.engine.train import LockstepTrainer, lr_at, param_groups
+from ffcv_transfer.engine.train import LockstepTrainer, lr_at, momentum_sgd
 from ffcv_transfer.settings import COMPILE_MODES, OptimConfig
 
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
@@ -219,7 +219,7 @@ class GroupedTrainer(LockstepTrainer):
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 8 * SHAPE_BUCKETS)
             self.forward = torch.compile(self.network, mode=None if compile == "default" else compile, dynamic=False)
             self.pad_to = max(1, -(-config.batch_size // SHAPE_BUCKETS))
-        self.optimizer = torch.optim.SGD(param_groups(self.network, config), lr=0.0, momentum=config.momentum)
+        self.optimizer = momentum_sgd(self.network, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
     def pack_sub_batches(
