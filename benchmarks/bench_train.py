@@ -395,6 +395,11 @@ def main() -> None:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference case (one model, own loader)")
     parser.add_argument(
+        "--reference-last",
+        action="store_true",
+        help="run the reference after the K-model cases (in --ks order), so that a run cut short keeps them",
+    )
+    parser.add_argument(
         "--per-model-batch",
         action="store_true",
         help="the sequential K-model cases step each model on exactly the size's batch (queues)",
@@ -409,13 +414,15 @@ def main() -> None:
         return
 
     size = SIZES[args.size]
-    plan = [(1, "sequential", "ffcv", True)] * (not args.no_reference) + [
+    reference = [(1, "sequential", "ffcv", True)] * (not args.no_reference)
+    cases = [
         (k, b, loader, False)
         for b in args.fusions
         for loader in args.loaders
         for k in (args.ks or size["ks"])
         if k > 1 or b.startswith("grouped")
     ]
+    plan = cases + reference if args.reference_last else reference + cases
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder), size)
