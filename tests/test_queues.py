@@ -166,6 +166,40 @@ def test_no_host_sync_per_batch(fusion, per_model_batch, precision, monkeypatch)
     assert counted[0] == counted[1] <= 2 * 4 + 1  # per epoch: the losses and counts read once; accuracy once
 
 
+@pytest.mark.parametrize("per_model_batch", [0, PER_MODEL])
+def test_cudnn_autotunes_the_static_training_steps_and_not_the_accuracy_pass(per_model_batch):
+    """cudnn.benchmark, as each forward sees it: on in the training steps when every step has the per-model
+    batch's shape, off in them otherwise and in the accuracy pass (sub-batches of every size); the setting
+    before is restored after each."""
+    from ffcv_transfer.engine.models import build_model
+
+    rng = np.random.default_rng(4)
+    masks = random_class_masks(2, CLASSES, 0.5, seed=3)
+    labels = rng.integers(0, CLASSES, 4 * SHARED)
+    models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
+    seen = []
+    for model in models:
+        model.register_forward_pre_hook(lambda m, i: seen.append((m.training, torch.backends.cudnn.benchmark)))
+    config = OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.5, precision="fp32", per_model_batch=per_model_batch)
+    trainer = SequentialTrainer(
+        models,
+        masks,
+        config,
+        steps_per_epoch=4,
+        examples_per_epoch=masks.astype(int) @ np.bincount(labels, minlength=CLASSES),
+    )
+    batches = [
+        Batch((torch.randn(SHARED, 3, 8, 8), torch.as_tensor(labels[i : i + SHARED])), [labels[i : i + SHARED]])
+        for i in range(0, len(labels), SHARED)
+    ]
+    before = torch.backends.cudnn.benchmark
+    trainer.fit(batches, 1)
+    trainer.accuracy(batches)
+    assert torch.backends.cudnn.benchmark == before
+    assert {flag for training, flag in seen if training} == {bool(per_model_batch)}
+    assert {flag for training, flag in seen if not training} == {False}
+
+
 def test_fused_sgd_under_the_gradient_scaler_steps_as_the_unfused_one():
     """fp16 on the CPU, 6 steps of a small model, one of them with an infinite gradient: the fused SGD
     (momentum_sgd's choice under fp16 and on CUDA) and torch's unfused SGD, each behind its own gradient

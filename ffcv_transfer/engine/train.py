@@ -30,7 +30,8 @@ sub-batches, or on their queued per-model batches), in grouped.py `grouped` (one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -82,6 +83,19 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     decay = [p for p in trainable if id(p) not in batchnorm]
     no_decay = [p for p in trainable if id(p) in batchnorm]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@contextmanager
+def cudnn_autotune(enabled: bool) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark set to `enabled` for what runs inside, the previous setting restored
+    after: on for training steps of static shapes (each shape's fastest convolution is searched for once),
+    off for passes whose batch sizes vary (each new shape would be searched for again). No effect off CUDA."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def momentum_sgd(model: nn.Module, config: OptimConfig, device: str | torch.device) -> torch.optim.SGD:
@@ -164,12 +178,14 @@ class LockstepTrainer:
     ) -> None:
         """The whole run: `epochs` passes over `batches` (an iterable that makes a new epoch each time it is
         iterated), each at `resolution(epoch)` pixels when given (`batches.set_resolution`), reporting
-        "STAGE e/EPOCHS" to `on_epoch` after each; the learning rate follows the step count (lr_at)."""
-        for epoch in range(epochs):
-            if resolution is not None:
-                batches.set_resolution(resolution(epoch))
-            self.train_epoch(batches, epoch)
-            on_epoch(f"{stage} {epoch + 1}/{epochs}")
+        "STAGE e/EPOCHS" to `on_epoch` after each; the learning rate follows the step count (lr_at). With
+        per-model batches every step has one shape per resolution, so cuDNN autotunes them (`cudnn_autotune`)."""
+        with cudnn_autotune(bool(self.config.per_model_batch)):
+            for epoch in range(epochs):
+                if resolution is not None:
+                    batches.set_resolution(resolution(epoch))
+                self.train_epoch(batches, epoch)
+                on_epoch(f"{stage} {epoch + 1}/{epochs}")
         own = "examples" if self.by_example else "classes' examples"
         why = (
             f"fewer of its {own} in an epoch than one per-model batch ({self.config.per_model_batch})"
@@ -189,6 +205,7 @@ class LockstepTrainer:
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     @torch.no_grad()
+    @cudnn_autotune(False)  # routed sub-batches of every size: nothing to gain from a search per shape
     def accuracy(self, batches: Loader, among_own: bool = True) -> list[float]:
         """Each model's accuracy on its own classes' examples, choosing among its classes or, with
         `among_own` false, among every logit (source.val_accuracy; MadryLab/data-transfer measures it so).
