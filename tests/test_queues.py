@@ -373,3 +373,39 @@ def test_routing_and_queued_steps_make_no_cuda_sync(precision):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert trainer.model_steps.sum() > 0
+
+
+def test_every_compiled_model_step_runs_a_compiled_graph(monkeypatch):
+    """K=20 sequential models compiled (a counting backend in place of inductor, so that it runs in seconds),
+    each stepped at 3 resolutions: every one of the 60 steps runs through a compiled graph, none falls back
+    to eager past dynamo's recompile limit (8 per code object; the K models share one forward), and the
+    graphs are one per shape, shared by the models (their parameters are the graph's inputs)."""
+    from ffcv_transfer.engine.models import build_model
+
+    graphs, calls = [], []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return lambda *args: (calls.append(len(graphs)), graph.forward(*args))[1]
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, **kw, backend=counting))
+    for setting in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, setting, getattr(torch._dynamo.config, setting))
+    torch._dynamo.reset()
+    masks = np.ones((20, CLASSES), bool)
+    models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
+    config = OptimConfig(epochs=1, lr=0.1, lr_peak_epoch=0.5, precision="fp32", per_model_batch=8)
+    trainer = SequentialTrainer(models, masks, config, 1, examples_per_epoch=[8] * 20, compile="default")
+    for resolution in (8, 12, 16):
+        for k in range(20):
+            trainer.step_model(k, torch.randn(8, 3, resolution, resolution), torch.randint(0, CLASSES, (8,)), 0.1)
+    assert len(calls) == 60 and len(graphs) == 3, (len(calls), len(graphs))
+    # more shapes than the limit allows: an error, not models quietly running eager
+    torch._dynamo.reset()
+    trainer = SequentialTrainer(models[:1], masks[:1], config, 1, examples_per_epoch=[8], compile="default")
+    torch._dynamo.config.recompile_limit = 2
+    with pytest.raises(Exception, match="recompile_limit"):
+        for resolution in (8, 12, 16):
+            trainer.step_model(0, torch.randn(8, 3, resolution, resolution), torch.randint(0, CLASSES, (8,)), 0.1)
+    torch._dynamo.reset()  # no graph of this test's counting backend stays for later tests

@@ -26,7 +26,7 @@ from torch import nn
 
 from ffcv_transfer.engine.data import Batch, to_device
 from ffcv_transfer.engine.models import BlurPoolConv2d, memory_format_for
-from ffcv_transfer.engine.train import LockstepTrainer, lr_at, momentum_sgd
+from ffcv_transfer.engine.train import LockstepTrainer, lr_at, momentum_sgd, refuse_silent_eager
 from ffcv_transfer.settings import COMPILE_MODES, OptimConfig
 
 SHAPE_BUCKETS = 8  # padded sub-batch lengths per resolution when compiled
@@ -213,10 +213,8 @@ class GroupedTrainer(LockstepTrainer):
         self.forward = self.network
         self.pad_to = 1
         if compile != "none":
-            from torch import _dynamo
-
             # every (resolution, padded length) pair is its own static graph: more than dynamo's default limit
-            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 8 * SHAPE_BUCKETS)
+            refuse_silent_eager(8 * SHAPE_BUCKETS)
             self.forward = torch.compile(self.network, mode=None if compile == "default" else compile, dynamic=False)
             self.pad_to = max(1, -(-config.batch_size // SHAPE_BUCKETS))
         self.optimizer = momentum_sgd(self.network, config, self.device)

@@ -98,6 +98,16 @@ def cudnn_autotune(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous
 
 
+def refuse_silent_eager(graphs: int = 64) -> None:
+    """Let dynamo keep `graphs` graphs per code object (at least; the default is 8, and one process may
+    compile several model shapes at several resolutions) and make a compiled forward that still hits the
+    limit raise, instead of running eager from then on without a word (dynamo's default)."""
+    from torch import _dynamo
+
+    _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, graphs)
+    _dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def momentum_sgd(model: nn.Module, config: OptimConfig, device: str | torch.device) -> torch.optim.SGD:
     """SGD with momentum over `param_groups`, its learning rate set per step. Fused on CUDA and under
     fp16: the fused step takes the gradient scaler's inf check on the device, where the unfused one reads
@@ -259,7 +269,10 @@ class SequentialTrainer(LockstepTrainer):
         super().__init__(models, masks, config, steps_per_epoch, device, example_labels)
         if compile != "none" and not config.per_model_batch:
             raise ValueError("compiling the sequential step needs per_model_batch: static batch shapes")
-        # one graph per model and resolution (dynamic=False: the per-model batch never changes size)
+        # one graph per resolution, shared by the K models (dynamic=False: the per-model batch never changes
+        # size; dynamo passes each model's parameters as the graph's inputs)
+        if compile != "none":
+            refuse_silent_eager()
         self.forwards = (
             models
             if compile == "none"
