@@ -380,8 +380,6 @@ def test_every_compiled_model_step_runs_a_compiled_graph(monkeypatch):
     each stepped at 3 resolutions: every one of the 60 steps runs through a compiled graph, none falls back
     to eager past dynamo's recompile limit (8 per code object; the K models share one forward), and the
     graphs are one per shape, shared by the models (their parameters are the graph's inputs)."""
-    from ffcv_transfer.engine.models import build_model
-
     graphs, calls = [], []
 
     def counting(graph, example_inputs):
@@ -390,8 +388,16 @@ def test_every_compiled_model_step_runs_a_compiled_graph(monkeypatch):
 
     original = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, **kw, backend=counting))
-    for setting in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
-        monkeypatch.setattr(torch._dynamo.config, setting, getattr(torch._dynamo.config, setting))
+    config = torch._dynamo.config
+    settings = {name: getattr(config, name) for name in ("recompile_limit", "fail_on_recompile_limit_hit")}
+    with config.patch(settings):  # restored after the test, whatever the trainers set
+        check_every_compiled_step(graphs, calls)
+
+
+def check_every_compiled_step(graphs: list, calls: list) -> None:
+    """The body of the test above, with its counting backend in place: `graphs` and `calls` fill as it runs."""
+    from ffcv_transfer.engine.models import build_model
+
     torch._dynamo.reset()
     masks = np.ones((20, CLASSES), bool)
     models = [build_model(CLASSES, stem="small", width=0.125) for _ in masks]
