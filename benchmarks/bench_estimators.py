@@ -14,11 +14,12 @@ combination):
   top of its ranking, the misleading class negative on its target and the most negative overall;
 - on ImageNet-derived sources with CIFAR-10 targets (the replica), with all the models: the WordNet
   check's mean AUC and p-value (`findings.wordnet`; needs $FFCV_TRANSFER_DATA/imagenet-meta).
-Estimators (all float64 numpy, independent of the package's kernel):
+Estimators (the package's kernel, `class_influence(..., estimator=...)`, numpy backend):
 - difference: mean output of the models that include a class minus that of the models that do not (the
   reference's estimator, the package's default);
 - least_squares: the coefficient of a class's inclusion in the least-squares fit of each output on every
-  class's inclusion with an intercept (equal to `difference` on an orthogonal design);
+  class's inclusion with an intercept (equal to `difference` on an orthogonal design; it needs more models
+  than classes + 1, so a half with fewer is recorded as not fitted);
 - standardised: `difference` on outputs standardised per model over the test examples (a model's overall
   scale and offset removed).
 Prints a table; writes the JSON.
@@ -40,33 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import machine  # noqa: E402
 
 from ffcv_transfer.findings.evidence import twins_on_top  # noqa: E402
+from ffcv_transfer.findings.kernel import InfluenceError, class_influence  # noqa: E402
 from ffcv_transfer.findings.rankings import ranking_means  # noqa: E402
 from ffcv_transfer.findings.reliability import spearman  # noqa: E402
 from ffcv_transfer.findings.wordnet import CIFAR10_CONCEPTS, load_hierarchy, wordnet_agreement  # noqa: E402
 from ffcv_transfer.store.experiment import MASKS, OUTPUTS, pooled_experiment, read_sidecars, transfer_field  # noqa: E402
 from ffcv_transfer.store.results import ResultStore  # noqa: E402
 
-
-def difference(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    """(C, K): mean over the models that include each class minus mean over those that do not."""
-    m = masks.astype(np.float64)
-    return (m.T @ outputs) / m.sum(0)[:, None] - ((1 - m).T @ outputs) / (1 - m).sum(0)[:, None]
-
-
-def least_squares(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    """(C, K): each class's inclusion coefficient in the least-squares fit with an intercept."""
-    design = np.column_stack([np.ones(len(masks)), masks.astype(np.float64)])
-    return np.linalg.lstsq(design, outputs, rcond=None)[0][1:]
-
-
-ESTIMATORS = {"difference": difference, "least_squares": least_squares, "standardised": difference}
+ESTIMATORS = ("difference", "least_squares", "standardised")
 
 
 def rankings(estimator: str, masks: np.ndarray, outputs: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
-    """(C, classes + 1): the per-target-class rankings, then the overall one, by `estimator`."""
+    """(C, classes + 1): the per-target-class rankings, then the overall one, by `estimator` (an
+    InfluenceError where least squares cannot be fitted)."""
     if estimator == "standardised":
         outputs = (outputs - outputs.mean(1, keepdims=True)) / outputs.std(1, keepdims=True).clip(1e-12)
-    return ESTIMATORS[estimator](masks, ranking_means(outputs, labels, classes))
+    means = ranking_means(outputs, labels, classes)
+    kernel_estimator = "difference" if estimator == "standardised" else estimator
+    return class_influence(masks, means, backend="numpy", estimator=kernel_estimator).astype(np.float64)
 
 
 def planted_checks(by_class: np.ndarray, planted: dict) -> dict[str, float]:
@@ -110,25 +102,30 @@ def measure(store_dir: Path, splits: int) -> dict:
         outputs = np.asarray(values[transfer_field(output, experiment)], np.float64)
         for estimator in ESTIMATORS:
             started = time.perf_counter()
-            spearmans, tops, bottoms, half_checks = [], [], [], []
-            for order in halves:
-                a, b = (
-                    rankings(estimator, masks[part], outputs[part], labels, classes)
-                    for part in (order[: n // 2], order[n // 2 : 2 * (n // 2)])
-                )
-                spearmans.append(float(np.nanmean(spearman(a, b))))
-                tops.append(float(np.mean(a.argmax(0) == b.argmax(0))))
-                bottoms.append(float(np.mean(a.argmin(0) == b.argmin(0))))
-                if planted:
-                    half_checks += [planted_checks(a, planted), planted_checks(b, planted)]
-            case = {
-                "split_half_spearman": float(np.mean(spearmans)),
-                "top_agreement": float(np.mean(tops)),
-                "bottom_agreement": float(np.mean(bottoms)),
+            try:
+                pairs = [
+                    tuple(
+                        rankings(estimator, masks[part], outputs[part], labels, classes)
+                        for part in (order[: n // 2], order[n // 2 : 2 * (n // 2)])
+                    )
+                    for order in halves
+                ]
+            except InfluenceError:  # least squares on halves of fewer models than classes + 1: not fitted
+                pairs = []
+            agreements = {
+                "split_half_spearman": lambda a, b: np.nanmean(spearman(a, b)),
+                "top_agreement": lambda a, b: np.mean(a.argmax(0) == b.argmax(0)),
+                "bottom_agreement": lambda a, b: np.mean(a.argmin(0) == b.argmin(0)),
             }
+            case = {
+                name: float(np.mean([agree(a, b) for a, b in pairs])) if pairs else None
+                for name, agree in agreements.items()
+            }
+            if planted and pairs:
+                half_checks = [planted_checks(ranking, planted) for pair in pairs for ranking in pair]
+                case["planted_at_half"] = {k: float(np.mean([c[k] for c in half_checks])) for k in half_checks[0]}
             everything = rankings(estimator, masks, outputs, labels, classes)
             if planted:
-                case["planted_at_half"] = {k: float(np.mean([c[k] for c in half_checks])) for k in half_checks[0]}
                 case["planted_at_all"] = planted_checks(everything, planted)
             if hierarchy is not None:
                 agreement = wordnet_agreement(everything[:, :-1], wnids, target_names, hierarchy=hierarchy)
@@ -156,10 +153,12 @@ def print_table(report: dict) -> None:
             )
             wordnet = case.get("wordnet_at_all")
             wordnet = f" WordNet AUC {wordnet['mean_auc']:.3f} (p {wordnet['p_value']:.4f})" if wordnet else ""
-            print(
-                f"{name:28s} {case['split_half_spearman']:10.3f} {case['top_agreement']:5.2f} "
-                f"{case['bottom_agreement']:6.2f} {planted}{wordnet}"
+            halves = (
+                f"{case['split_half_spearman']:10.3f} {case['top_agreement']:5.2f} {case['bottom_agreement']:6.2f}"
+                if case["split_half_spearman"] is not None
+                else f"{'not fitted':>10s} {'':5s} {'':6s}"
             )
+            print(f"{name:28s} {halves} {planted}{wordnet}")
 
 
 def main() -> None:

@@ -565,7 +565,7 @@ class InfluenceAccumulator:
     ):
         if estimator not in ESTIMATORS:
             raise InfluenceError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
-        self.num_classes, self.num_outputs, self.stderr, self.estimator = num_classes, num_outputs, stderr, estimator
+        self.num_classes, self.num_outputs, self.stderr = num_classes, num_outputs, stderr
         self.backend = make_backend(backend)
         # least squares: the masks' Gram matrix (C, C), float64 on the host; the rest it needs is shared
         self.gram = np.zeros((num_classes, num_classes)) if estimator == "least_squares" else None

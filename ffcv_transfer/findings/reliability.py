@@ -149,12 +149,12 @@ def joint_signal(masks: np.ndarray, means: np.ndarray) -> np.ndarray:
     masks = np.asarray(masks, np.float64)
     means = np.asarray(means, np.float64)
     design = np.column_stack([np.ones(len(masks)), masks])
-    rank = int(np.linalg.matrix_rank(design))
+    coefficients, _, rank, _ = np.linalg.lstsq(design, means, rcond=None)
     residual_df, model_df = len(masks) - rank, rank - 1
     p = np.full(means.shape[1], np.nan)
     if residual_df < 1 or model_df < 1:
         return p
-    fitted = design @ np.linalg.lstsq(design, means, rcond=None)[0]
+    fitted = design @ coefficients
     error = np.square(means - fitted).sum(0)
     explained = np.square(fitted - means.mean(0)).sum(0)
     for k in range(means.shape[1]):
@@ -235,7 +235,7 @@ class Reliability:
             "reliable": not flagged,
             "columns": columns,
             "verdict": verdict._asdict() | {"evidence": [e._asdict() for e in evidence]},
-            "banner": None if verdict.level == "reliable" else verdict.text,
+            "banner": verdict.banner,
         }
 
     def signals(self, evidence: Sequence[Evidence] = ()) -> list[str]:
@@ -295,13 +295,17 @@ class Reliability:
 
     def banner(self, evidence: Sequence[Evidence] = ()) -> str | None:
         """The verdict's text when some ranking is not reliable, else None."""
-        verdict = self.verdict(evidence)
-        return None if verdict.level == "reliable" else verdict.text
+        return self.verdict(evidence).banner
 
 
 class Verdict(NamedTuple):
     level: str  # "reliable", "signal" or "no signal" (Reliability.verdict)
     text: str  # the verdict and its reason, in one paragraph
+
+    @property
+    def banner(self) -> str | None:
+        """What to show above the rankings: the text, unless every ranking is reliable."""
+        return None if self.level == "reliable" else self.text
 
 
 def describe_column(column: dict) -> str:
