@@ -94,9 +94,9 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
     source, target_acc = values["source_acc"].tolist(), values[field].tolist()
     labels = read_labels(experiment.target(target).path(experiment.data.root, "target_test"))
     names = read_sidecar(experiment.target(target).path(experiment.data.root, "target_test"))["class_names"]
+    is_correct = np.asarray(values[correct], np.float64)
     per_class = {  # where the spread lives: each target class's test accuracy, model by model
-        name: np.asarray(values[correct], np.float64)[:, labels == k].mean(1).round(4).tolist()
-        for k, name in enumerate(names)
+        name: is_correct[:, labels == k].mean(1).round(4).tolist() for k, name in enumerate(names)
     }
     return {
         "masks": kind,

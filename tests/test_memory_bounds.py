@@ -24,7 +24,6 @@ HEADROOM_MB = 384  # the cap above the child's start; the streamed kernels get a
 CHILD_PREAMBLE = """
 import json, resource, sys
 import numpy as np
-import pytest
 import ffcv_transfer.findings.influence, ffcv_transfer.findings.leakage, ffcv_transfer.store.results, ffcv_transfer.cli
 start = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 cap = start + {headroom} * 2**20

@@ -19,7 +19,9 @@ from ffcv_transfer.findings.kernel import (
     InfluenceAccumulator,
     InfluenceBackend,
     InfluenceError,
+    check_least_squares,
     column_blocks,
+    make_backend,
     plan_blocks,
     working_budget,
 )
@@ -62,11 +64,11 @@ def influence_from_store(
         raise InfluenceError(f"{store_dir}: {key!r} is a fixed array, not a per-model output")
     shape, dtype = store.schema[key]
     num_classes, num_outputs = store.fixed(mask_key).shape[1], int(np.prod(shape))
-    if estimator == "least_squares" and total <= num_classes + 1:  # before the pass, not after it
-        raise InfluenceError(
-            f"{store_dir}: the least-squares estimator needs more models than classes + 1; "
-            f"{total} models, {num_classes} classes"
-        )
+    if estimator == "least_squares":  # before the pass, not after it
+        try:
+            check_least_squares(total, num_classes)
+        except InfluenceError as error:
+            raise InfluenceError(f"{store_dir}: {error}") from None
     chunk, width = plan_blocks(
         num_classes,
         num_outputs,
@@ -77,6 +79,7 @@ def influence_from_store(
         chunk=chunk,
     )
     blocks = column_blocks(num_outputs, width)
+    backend = make_backend(backend)  # once: "auto" looks for a GPU, which each block need not repeat
     out = np.empty((num_classes, num_outputs), np.float32) if out is None else out
     if stderr and out_stderr is None:
         out_stderr = np.empty((num_classes, num_outputs), np.float32)

@@ -709,10 +709,7 @@ class InfluenceAccumulator:
         n n'/N and X~'Y~ = S - n t'/N (both shift-invariant, so the shifted sums serve); standard errors
         sqrt(diag(G~^-1) RSS / (N - C - 1)), RSS = Y~'Y~ - sum_c beta_c (X~'Y~)_c per output."""
         total, used = self.models, np.flatnonzero(~degenerate)
-        if total <= len(used) + 1:
-            raise InfluenceError(
-                f"least squares needs more models than classes + 1: {total} models, {len(used)} classes"
-            )
+        check_least_squares(total, len(used))
         gram = self.gram[np.ix_(used, used)] - np.outer(counts[used], counts[used]) / total
         cross = sums[used] - counts[used, None] * totals / total
         try:
@@ -729,6 +726,14 @@ class InfluenceAccumulator:
         stderr = np.full_like(influence, np.nan)
         stderr[used] = np.sqrt(np.diag(inverse)[:, None] * residual[None, :])
         return influence, stderr
+
+
+def check_least_squares(models: int, classes: int) -> None:
+    """Refuse a least-squares fit that cannot be made: it needs more models than classes + 1."""
+    if models <= classes + 1:
+        raise InfluenceError(
+            f"the least-squares estimator needs more models than classes + 1; {models} models, {classes} classes"
+        )
 
 
 def _add(total: Any, part: Any) -> Any:

@@ -92,7 +92,7 @@ def _read_claim(path: Path) -> tuple[os.stat_result, bytes, dict[str, Any] | Non
 
 
 def _claim_id(info: dict[str, Any] | None) -> str | None:
-    """The claim's id, if it has a well-formed one (claims of earlier versions and torn ones have none)."""
+    """The claim's id, if it has a well-formed one (torn claims, and claims written without one, have none)."""
     claim_id = (info or {}).get("id")
     return claim_id if isinstance(claim_id, str) and re.fullmatch(r"[0-9a-f]{16}", claim_id) else None
 
@@ -495,7 +495,7 @@ class ResultStore:
 
     def _tokens(self) -> Path:
         tokens = self.path / "claims" / "tokens"
-        tokens.mkdir(exist_ok=True)  # stores made before claims had tokens lack it
+        tokens.mkdir(exist_ok=True)  # a store made without the folder still takes claims
         return tokens
 
     def _claim_files(self) -> Iterator[tuple[int, os.stat_result, bytes, dict[str, Any] | None]]:
