@@ -1,7 +1,8 @@
 """How much one model's accuracy depends on its initial weights, on the demo's planted data and recipe.
 
-    .venv/bin/python benchmarks/bench_model_spread.py [--seeds 16] [--masks fixed demo all] [--mask-row 0]
-        [--variant NAME SETTING=VALUE ...] [--data-seed 0] [--work out/model-spread]
+    .venv/bin/python benchmarks/bench_model_spread.py [--seeds 16] [--masks fixed demo all harmless]
+        [--mask-row 0] [--variant NAME SETTING=VALUE ...] [--data-seed 0] [--spec FIELD=VALUE ...]
+        [--work out/model-spread]
         [--out benchmarks/results/model-spread-cpu.json]
 
 What it measures: for each recipe variant (the demo's recipe, `rs_configs/demo_cpu.yaml`, with the
@@ -11,10 +12,14 @@ trained as the demo trains them (the worker, K models in
 lockstep on one shared loader, in this process). Mask sets: `fixed`, `--seeds` models on one mask of the
 demo's orthogonal design (row `--mask-row`), initial seeds 0.. (the spread is the initial weights' alone);
 `demo`, the demo's own 32 masks and initial seeds (the spread across masks that its rankings read); `all`,
-`--seeds` models on every source class (the counterfactual's baseline arm). The data is the demo's planted
-data (`ffcv_transfer.experiments.demo`), written once under --work. Variants run one after another in one
-process, sharing its loaders; the JSON is rewritten after each and a table printed at the end. Only the
-first transfer mode is run (what the demo's analyses read), unless a variant sets transfer.mode.
+`--seeds` models on every source class (the counterfactual's baseline arm); `harmless`, `--seeds` models on
+every source class but the planted harmful (misleading) ones, initial seeds 0.. as `all`'s: with both, the
+JSON records, init seed by init seed, what removing the planted harmful classes changes (overall and per
+target class): the effect the demo's counterfactual sets out to find. The data is the demo's planted data
+(`ffcv_transfer.experiments.demo`, with `--spec` fields over it), written once under --work. Variants run
+one after another in one process, sharing its loaders; the JSON is rewritten after each and a table
+printed at the end. Only the first transfer mode is run (what the demo's analyses read), unless a variant
+sets transfer.mode.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +54,47 @@ def parse_variants(entries: list[list[str]] | None) -> dict[str, dict]:
     return variants
 
 
-def mask_set(kind: str, experiment, num_classes: int, seeds: int, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """(masks, init seeds) of the mask set `kind` (see the module's docstring)."""
+def mask_set(
+    kind: str, experiment, num_classes: int, seeds: int, row: int, harmful: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, init seeds) of the mask set `kind` (see the module's docstring); `harmful`: the planted
+    harmful source classes."""
     from ffcv_transfer.store.masks import class_masks
 
     if kind == "demo":
         masks = class_masks(experiment.masks, num_classes)
         return masks, np.arange(len(masks))
     mask = class_masks(experiment.masks, num_classes)[row] if kind == "fixed" else np.ones(num_classes, bool)
+    if kind == "harmless":
+        mask[harmful] = False
     return np.repeat(mask[None], seeds, axis=0), np.arange(seeds)
+
+
+def removal_gain(cases: list[dict]) -> dict | None:
+    """Target accuracy without the planted harmful classes minus with every class, init seed by init seed
+    (the `harmless` and `all` cases share them), overall and per target class; None unless both ran."""
+    by_kind = {case["masks"]: case for case in cases}
+    if not {"all", "harmless"} <= set(by_kind):
+        return None
+    with_all, without = by_kind["all"], by_kind["harmless"]
+
+    def paired(first: list[float], second: list[float]) -> dict:
+        gains = np.subtract(first, second)
+        return {
+            "mean": float(gains.mean()),
+            "stderr": float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None,
+            "sd": float(gains.std(ddof=1)) if len(gains) > 1 else None,
+        }
+
+    return {
+        "removed": without["removed"],
+        "per_seed": np.subtract(without["target_acc"], with_all["target_acc"]).round(4).tolist(),
+        "target": paired(without["target_acc"], with_all["target_acc"]),
+        "by_class": {
+            name: paired(without["target_acc_by_class"][name], values)
+            for name, values in with_all["target_acc_by_class"].items()
+        },
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -79,7 +117,9 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
     from ffcv_transfer.store.results import ResultStore
 
     sidecars = read_sidecars(experiment)
-    masks, init_seeds = mask_set(kind, experiment, sidecars["source_train"]["num_classes"], seeds, row)
+    source_classes = sidecars["source_train"]
+    harmful = sorted({entry["source"] for entry in source_classes["extra"]["planted"]["misleading"]})
+    masks, init_seeds = mask_set(kind, experiment, source_classes["num_classes"], seeds, row, harmful)
     store_dir = work / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
     create_store(store_dir, masks, target_test_counts(experiment), init_seeds=init_seeds, experiment=experiment)
@@ -103,6 +143,7 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
         "models": len(masks),
         "classes_per_model": sorted({int(m.sum()) for m in masks}),
         "mask_row": row if kind == "fixed" else None,
+        "removed": [source_classes["class_names"][c] for c in harmful] if kind == "harmless" else [],
         "failed": store.status()["failed"],
         "seconds": round(seconds, 1),
         "source_acc": source,
@@ -132,11 +173,14 @@ def print_table(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=16, help="models (initial seeds 0..) per fixed or all mask")
-    parser.add_argument("--masks", nargs="+", choices=("fixed", "demo", "all"), default=["fixed"])
+    parser.add_argument("--masks", nargs="+", choices=("fixed", "demo", "all", "harmless"), default=["fixed"])
     parser.add_argument("--mask-row", type=int, default=0, help="the demo design's row used as the fixed mask")
     parser.add_argument("--variant", nargs="+", action="append", metavar="NAME SETTING=VALUE", help="repeatable")
     parser.add_argument("--no-recipe", action="store_true", help="run only the --variant recipes")
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument(
+        "--spec", nargs="+", default=[], metavar="FIELD=VALUE", help="PlantedSpec fields over the demo's data"
+    )
     parser.add_argument("--work", default="out/model-spread")
     parser.add_argument("--out", default="benchmarks/results/model-spread-cpu.json")
     args = parser.parse_args()
@@ -146,9 +190,11 @@ def main() -> None:
     from ffcv_transfer.writers.synthetic import write_synthetic
 
     work = Path(args.work)
-    data = work / f"data-seed{args.data_seed}"
+    spec_fields = parse_variants([["spec", *args.spec]])["spec"]
+    spec = replace(demo_spec(), **spec_fields)
+    data = work / "-".join([f"data-seed{args.data_seed}", *(f"{k}{v}" for k, v in spec_fields.items())])
     if not (data / "target_test.beton").exists():
-        write_synthetic(data, seed=args.data_seed, spec=demo_spec(), options=ImageOptions(write_mode="raw"))
+        write_synthetic(data, seed=args.data_seed, spec=spec, options=ImageOptions(write_mode="raw"))
     variants = parse_variants(args.variant)
     if args.no_recipe:
         variants.pop("recipe")
@@ -158,6 +204,7 @@ def main() -> None:
         "machine": machine(),
         "config": str(DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])),
         "data_seed": args.data_seed,
+        "spec": spec_fields,
         "command": " ".join(sys.argv),
         "settings": {},
         "variants": {},
@@ -176,9 +223,18 @@ def main() -> None:
                 f"{case['target']['mean']:.3f} ± {case['target']['sd']:.3f} (s.d.), {case['seconds']:.0f} s",
                 flush=True,
             )
+            if gain := removal_gain(report["variants"][name]):
+                report.setdefault("removal_gain", {})[name] = gain
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print_table(report)
+    for name, gain in report.get("removal_gain", {}).items():
+        overall = gain["target"]
+        by_class = ", ".join(f"{c} {v['mean']:+.2f}" for c, v in gain["by_class"].items())
+        print(
+            f"{name}: removing {', '.join(gain['removed'])} changes target accuracy by {overall['mean']:+.3f} "
+            f"± {overall['stderr']:.3f} (s.e., paired by init seed; s.d. {overall['sd']:.3f}); by class {by_class}"
+        )
     print("\ntarget accuracy by class, mean +- s.d. over the models")
     for name, cases in report["variants"].items():
         for case in cases:

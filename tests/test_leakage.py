@@ -153,7 +153,7 @@ def test_example_masks_route_each_model_exactly_its_examples():
     trainer = SequentialTrainer(
         models, masks, OptimConfig(epochs=2, lr=0.01, precision="fp32"), steps_per_epoch=5, example_labels=labels
     )
-    np.testing.assert_array_equal(trainer.class_masks, experiment_store.classes_of(masks, labels, 6))
+    np.testing.assert_array_equal(trainer.class_masks, experiment_store.class_masks_from_examples(masks, labels, 6))
     with pytest.raises(ValueError, match="third element"):
         trainer.train_epoch([(images[:8], torch.as_tensor(labels[:8]))], 0)
     for model in models:
@@ -248,7 +248,7 @@ def test_the_worker_trains_each_model_on_its_examples_and_find_leaks_reports(tmp
     masks = experiment_store.example_masks_of(store, len(labels))
     assert masks.shape == (4, len(labels)) and (masks.sum(1) == round(0.5 * len(labels))).all()
     np.testing.assert_array_equal(
-        store.fixed("masks"), experiment_store.classes_of(masks, labels, LEAKY_TINY.num_sources)
+        store.fixed("masks"), experiment_store.class_masks_from_examples(masks, labels, LEAKY_TINY.num_sources)
     )
 
     routed = []

@@ -19,14 +19,14 @@ from ffcv_transfer.cli.common import (
 
 
 def checked_classes(args: argparse.Namespace):
-    """The classes of the store a findings command reads (`report.classes_of`), after checking its --k and
+    """The classes of the store a findings command reads (`report.read_classes`), after checking its --k and
     --out: every argument is refused before the influence is computed."""
-    from ffcv_transfer.findings.report import classes_of
+    from ffcv_transfer.findings.report import read_classes
 
     check_at_least(args.k, 1, "--k", "a count")
     if args.out:
         check_folder_can_be(args.out, "--out")
-    return classes_of(args.store, args.names, mode=args.mode, target=args.target)
+    return read_classes(args.store, args.names, mode=args.mode, target=args.target)
 
 
 def cmd_rankings(args: argparse.Namespace) -> None:
@@ -122,14 +122,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     from ffcv_transfer.config import ConfigError
     from ffcv_transfer.experiments.removals import run_counterfactual
     from ffcv_transfer.findings.counterfactual import format_gain, write_counterfactual
-    from ffcv_transfer.findings.report import classes_of, findings_dir, gather
+    from ffcv_transfer.findings.report import findings_dir, gather, read_classes
 
     ks = parse_rows(args.ks, "--ks")
     check_at_least(args.seeds, 1, "--seeds", "a number of models")
     if args.out:
         check_folder_can_be(args.out, "--out")
     experiment = store_experiment(args)
-    classes = classes_of(args.store, mode=args.mode, target=args.target)
+    classes = read_classes(args.store, mode=args.mode, target=args.target)
     if not 1 <= min(ks) <= max(ks) < len(classes.source_names):
         raise ConfigError(
             f"--ks {args.ks}: the source set has {len(classes.source_names)} classes; remove 1 to "

@@ -132,7 +132,7 @@ class Findings:
 @dataclass(frozen=True)
 class Classes:
     """What a store's findings are about, read from its sidecars without computing anything: what a command
-    checks its arguments against before any work (`classes_of`)."""
+    checks its arguments against before any work (`read_classes`)."""
 
     stores: list[Path]  # the stores `gather` reads (a later transfer's when --target/--mode chose one)
     target: str | None  # of these stores' experiment (None: its first)
@@ -172,7 +172,7 @@ class Classes:
         return j
 
 
-def classes_of(
+def read_classes(
     store_dir: str | Path | Sequence[str | Path],
     names_file: str | Path | None = None,
     mode: str | None = None,
@@ -186,7 +186,7 @@ def classes_of(
 
     store_dirs = [Path(store_dir)] if isinstance(store_dir, (str, Path)) else [Path(p) for p in store_dir]
     if later := later_transfer_stores(store_dirs, target, mode):
-        return classes_of(later, names_file)
+        return read_classes(later, names_file)
     experiment = pooled_experiment(store_dirs)
     sidecars = read_sidecars(experiment)
     chosen = experiment.target(target)
@@ -218,7 +218,7 @@ def gather(
     (`experiment_store.pooled_experiment`; `Findings.store` is then the first), on one of its per-example
     outputs (`experiment_store.OUTPUTS`) of one of its transfers (default: the first target's first
     mode), or of a transfer made later by `ffcv-transfer transfer` (STORE/transfers/TARGET/MODE).
-    `classes`: `classes_of` these arguments when a caller has read them already."""
+    `classes`: `read_classes` these arguments when a caller has read them already."""
     from ffcv_transfer.findings.influence import influence_from_store
     from ffcv_transfer.store.experiment import (
         MASKS,
@@ -230,7 +230,7 @@ def gather(
     )
     from ffcv_transfer.store.results import StoreError, open_stores
 
-    classes = classes or classes_of(store_dir, names_file, mode, target)
+    classes = classes or read_classes(store_dir, names_file, mode, target)
     store_dirs, target, mode = classes.stores, classes.target, classes.mode
     experiment = pooled_experiment(store_dirs)
     chosen = experiment.target(target)

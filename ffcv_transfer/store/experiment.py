@@ -217,7 +217,7 @@ def create_example_store(path: str | Path, experiment: Experiment, refuse_stuck:
         check_models_can_step(experiment, masks.sum(1))
     return create_store(
         path,
-        classes_of(masks, labels, sidecars["source_train"]["num_classes"]),
+        class_masks_from_examples(masks, labels, sidecars["source_train"]["num_classes"]),
         target_test_counts(experiment),
         extra_fixed={EXAMPLE_MASKS: np.packbits(masks, axis=1)},
         experiment=experiment,
@@ -249,7 +249,7 @@ def add_models(store_dir: str | Path, count: int) -> range:
         examples = random_example_masks(count, len(labels), m.alpha, m.seed, first_row=first)
         new |= {
             EXAMPLE_MASKS: np.packbits(examples, axis=1),
-            MASKS: classes_of(examples, labels, store.fixed(MASKS).shape[1]),
+            MASKS: class_masks_from_examples(examples, labels, store.fixed(MASKS).shape[1]),
         }
     else:
         new[MASKS] = random_class_masks(count, store.fixed(MASKS).shape[1], m.alpha, m.seed, first_row=first)
@@ -296,7 +296,7 @@ def pooled_experiment(store_dirs: Sequence[str | Path]) -> Experiment:
     return experiments[0]
 
 
-def classes_of(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+def class_masks_from_examples(example_masks: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(N, C) bool: the classes each model has at least one example of."""
     has = np.zeros((len(example_masks), num_classes), bool)
     for row, mask in zip(has, np.asarray(example_masks, bool)):
