@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,20 @@ def machine() -> dict:
 
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def accuracy_spread(values: list[float]) -> dict:
+    """Lowest, median, highest, mean and s.d. of per-model accuracies, and the lowest over the median (how
+    far the worst model lags: the goal of every model learning is >= 0.9)."""
+    median = statistics.median(values)
+    return {
+        "min": min(values),
+        "median": median,
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min_over_median": min(values) / median if median else None,
+    }
 
 
 def shared_batch(per_model: int, masks, labels) -> int:

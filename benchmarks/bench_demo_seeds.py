@@ -23,13 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import machine  # noqa: E402
+from bench_common import accuracy_spread, machine  # noqa: E402
 
 from ffcv_transfer.experiments.demo import run_demo  # noqa: E402
 
@@ -46,14 +45,13 @@ def model_spread(store_dir: Path) -> dict:
     target, mode = experiment.transfers[0]
     field = transfer_field("target_acc", experiment, target, mode)
     _, values = ResultStore(store_dir).read(["source_acc", field])
-    source, target_acc = np.asarray(values["source_acc"], float), np.asarray(values[field], float)
-    median = float(np.median(source))
+    source, target = (accuracy_spread(values[key].astype(float).tolist()) for key in ("source_acc", field))
     return {
-        "source_min": float(source.min()),
-        "source_median": median,
-        "source_min_over_median": float(source.min() / median),
-        "target_mean": float(target_acc.mean()),
-        "target_sd": float(target_acc.std(ddof=1)),
+        "source_min": source["min"],
+        "source_median": source["median"],
+        "source_min_over_median": source["min_over_median"],
+        "target_mean": target["mean"],
+        "target_sd": target["sd"],
     }
 
 

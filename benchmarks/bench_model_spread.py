@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -39,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import machine  # noqa: E402
+from bench_common import accuracy_spread, machine  # noqa: E402
 
 from ffcv_transfer.config import load_experiment  # noqa: E402
 from ffcv_transfer.experiments.demo import DEMO_CONFIG, demo_spec  # noqa: E402
@@ -71,41 +70,35 @@ def mask_set(
 
 
 def removal_gain(cases: list[dict]) -> dict | None:
-    """Target accuracy without the planted harmful classes minus with every class, init seed by init seed
-    (the `harmless` and `all` cases share them), overall and per target class; None unless both ran."""
+    """Target accuracy without the planted harmful classes minus with every class, paired by initial seed
+    (the `harmless` and `all` cases share them; `counterfactual.paired_gain`), overall and per target class,
+    with the s.d. of the per-seed differences; None unless both ran."""
+    from ffcv_transfer.findings.counterfactual import paired_gain
+
     by_kind = {case["masks"]: case for case in cases}
     if not {"all", "harmless"} <= set(by_kind):
         return None
     with_all, without = by_kind["all"], by_kind["harmless"]
 
-    def paired(first: list[float], second: list[float]) -> dict:
-        gains = np.subtract(first, second)
-        return {
-            "mean": float(gains.mean()),
-            "stderr": float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None,
-            "sd": float(gains.std(ddof=1)) if len(gains) > 1 else None,
-        }
+    removed, every = ("chosen", len(without["removed"])), ("none", 0)  # the counterfactual's arm names
 
+    def paired(first: list[float], second: list[float]) -> dict:
+        """`paired_gain` of `first` (without) over `second` (every class) with the per-seed s.d. beside it."""
+        arms = {removed: dict(zip(without["init_seeds"], first)), every: dict(zip(with_all["init_seeds"], second))}
+        gain = paired_gain(arms, removed, every)
+        sd = None if gain["stderr"] is None else gain["stderr"] * np.sqrt(len(gain["per_seed"]))
+        return {"mean": gain["mean"], "stderr": gain["stderr"], "sd": sd, "per_seed": list(gain["per_seed"].values())}
+
+    overall = paired(without["target_acc"], with_all["target_acc"])
+    by_class = {
+        name: paired(without["target_acc_by_class"][name], values)
+        for name, values in with_all["target_acc_by_class"].items()
+    }
     return {
         "removed": without["removed"],
-        "per_seed": np.subtract(without["target_acc"], with_all["target_acc"]).round(4).tolist(),
-        "target": paired(without["target_acc"], with_all["target_acc"]),
-        "by_class": {
-            name: paired(without["target_acc_by_class"][name], values)
-            for name, values in with_all["target_acc_by_class"].items()
-        },
-    }
-
-
-def summary(values: list[float]) -> dict:
-    median = statistics.median(values)
-    return {
-        "min": min(values),
-        "median": median,
-        "max": max(values),
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min_over_median": min(values) / median if median else None,
+        "per_seed": [round(gain, 4) for gain in overall.pop("per_seed")],
+        "target": overall,
+        "by_class": {name: {k: v for k, v in gain.items() if k != "per_seed"} for name, gain in by_class.items()},
     }
 
 
@@ -130,7 +123,7 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
     target, mode = experiment.transfers[0]
     field = transfer_field("target_acc", experiment, target, mode)
     correct = transfer_field("is_correct", experiment, target, mode)
-    _, values = store.read(["source_acc", field, correct])  # the completed rows
+    rows, values = store.read(["source_acc", field, correct])  # the completed rows
     source, target_acc = values["source_acc"].tolist(), values[field].tolist()
     labels = read_labels(experiment.target(target).path(experiment.data.root, "target_test"))
     names = read_sidecar(experiment.target(target).path(experiment.data.root, "target_test"))["class_names"]
@@ -144,13 +137,14 @@ def run_case(work: Path, experiment, kind: str, seeds: int, row: int, loaders) -
         "classes_per_model": sorted({int(m.sum()) for m in masks}),
         "mask_row": row if kind == "fixed" else None,
         "removed": [source_classes["class_names"][c] for c in harmful] if kind == "harmless" else [],
+        "init_seeds": init_seeds[rows].tolist(),  # of the completed rows, what `removal_gain` pairs by
         "failed": store.status()["failed"],
         "seconds": round(seconds, 1),
         "source_acc": source,
         "target_acc": target_acc,
-        "source": summary(source),
-        "target": summary(target_acc),
-        "target_by_class": {name: summary(values) for name, values in per_class.items()},
+        "source": accuracy_spread(source),
+        "target": accuracy_spread(target_acc),
+        "target_by_class": {name: accuracy_spread(values) for name, values in per_class.items()},
         "target_acc_by_class": per_class,
     }
 
